@@ -1,0 +1,58 @@
+//! What an agent kind is: a policy type with validation and a pure decide function. The
+//! runtime owns everything else (NATS, the config watch, the services API, shutdown), so a
+//! kind is unit-testable without a server.
+
+use bus::{Event, Reason, State};
+use serde::de::DeserializeOwned;
+
+/// A policy with the id it is stored under.
+pub type Stored<P> = (String, P);
+
+pub trait AgentKind: Send + Sync + 'static {
+    /// The policy document, decoded strictly (unknown fields are errors: they are typos).
+    type Policy: DeserializeOwned + Send + Sync + 'static;
+    /// The compiled, immutable form the decide path reads; rebuilt on every policy change.
+    type Rules: Send + Sync + 'static;
+
+    /// The kind's name: its queue group and subject token.
+    fn name(&self) -> &'static str;
+
+    /// Checks what the types cannot (cross-field rules). The message names the field.
+    fn check(&self, policy: &Self::Policy) -> Result<(), String>;
+
+    fn compile(&self, policies: Vec<Stored<Self::Policy>>) -> Self::Rules;
+
+    /// The state keys this agent sets for `event` (a patch, merged by the dispatcher).
+    fn decide(&self, rules: &Self::Rules, event: &Event, state: &State) -> State;
+}
+
+/// Decodes a policy document, naming the field that is wrong (`match.src_service: ...`).
+pub fn parse_policy<K: AgentKind>(kind: &K, bytes: &[u8]) -> Result<K::Policy, String> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    let policy: K::Policy = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." || path.is_empty() {
+            e.inner().to_string()
+        } else {
+            format!("field `{path}`: {}", e.inner())
+        }
+    })?;
+    kind.check(&policy)?;
+    Ok(policy)
+}
+
+/// A patch that denies, with one reason.
+pub fn deny(reason: Reason) -> State {
+    let mut s = State::new();
+    s.insert(bus::state::keys::ACTION, "deny");
+    s.insert(
+        bus::state::keys::REASONS,
+        bus::Value::Array(vec![reason.to_value()]),
+    );
+    s
+}
+
+/// The reasons list of a patch.
+pub fn reasons(list: impl IntoIterator<Item = Reason>) -> bus::Value {
+    bus::Value::Array(list.into_iter().map(|r| r.to_value()).collect())
+}

@@ -1,0 +1,388 @@
+//! ACL: allow or deny by service, peer and direction, narrowing the candidates.
+//!
+//! Rules are ordered by `priority` (lower first), then deny before allow, then id; the first
+//! matching `enforce` rule decides and no match means the agent's default (deny unless
+//! `--default allow`). `audit` rules never change a decision: every audit rule that matches is
+//! reported in `reasons` with effect `audit`.
+//!
+//! - `new-connection`: each candidate in `dst_peers` is checked with the event's attributes
+//!   and `dst_peer` set to that candidate; the candidates no rule allows are removed, and the
+//!   connection is denied when none is left. Without `dst_peers` the rules are checked once
+//!   with no `dst_peer`.
+//! - `expose-service` (`service`, candidates `target_peers`) and `service-list-request`
+//!   (`src_peer`, candidates `services`) ask "may this peer reach this service": each
+//!   candidate is checked as an incoming connection with `src_peer` = the peer and
+//!   `dst_service` = the service. These events have no source service and no destination
+//!   peer, so only rules whose `src_service` and `dst_peer` are absent or `*` count for them;
+//!   a rule naming either applies to connections only.
+//!
+//! Matching uses an index on exact `dst_service`: an event checks the rules for its service
+//! plus the rules with a wildcard or prefix service, never the whole list.
+
+use std::collections::HashMap;
+
+use bus::event::{Direction, Event};
+use bus::state::keys;
+use bus::{Action, Effect, Reason, State};
+use serde::Deserialize;
+
+use crate::kind::{self, AgentKind, Stored};
+use crate::pattern::{self, Pattern};
+
+pub const NAME: &str = "acl";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum DirectionMatch {
+    Any,
+    Only(Direction),
+}
+
+impl TryFrom<String> for DirectionMatch {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "*" => Ok(DirectionMatch::Any),
+            "incoming" => Ok(DirectionMatch::Only(Direction::Incoming)),
+            "outgoing" => Ok(DirectionMatch::Only(Direction::Outgoing)),
+            _ => Err(format!("{s:?} is not one of incoming, outgoing, *")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    pub src_service: Option<Pattern>,
+    pub dst_service: Option<Pattern>,
+    pub src_peer: Option<Pattern>,
+    pub dst_peer: Option<Pattern>,
+    pub direction: Option<DirectionMatch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclPolicy {
+    pub agent: String,
+    pub id: String,
+    #[serde(default)]
+    pub priority: i32,
+    pub action: Action,
+    #[serde(default, rename = "match")]
+    pub matcher: Match,
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// What a rule is checked against. `partial` marks expose and list checks, for which rules
+/// naming a source service or destination peer do not count.
+#[derive(Debug, Clone, Copy)]
+struct Query<'a> {
+    src_service: Option<&'a str>,
+    dst_service: Option<&'a str>,
+    src_peer: Option<&'a str>,
+    dst_peer: Option<&'a str>,
+    direction: Option<Direction>,
+    partial: bool,
+}
+
+#[derive(Debug)]
+struct Rule {
+    id: String,
+    action: Action,
+    m: Match,
+}
+
+impl Rule {
+    fn matches(&self, q: &Query) -> bool {
+        let m = &self.m;
+        if q.partial && !(pattern::is_any(&m.src_service) && pattern::is_any(&m.dst_peer)) {
+            return false;
+        }
+        let dir_ok = match m.direction {
+            None | Some(DirectionMatch::Any) => true,
+            Some(DirectionMatch::Only(d)) => q.direction == Some(d),
+        };
+        dir_ok
+            && pattern::matches(&m.dst_service, q.dst_service)
+            && pattern::matches(&m.src_service, q.src_service)
+            && pattern::matches(&m.src_peer, q.src_peer)
+            && pattern::matches(&m.dst_peer, q.dst_peer)
+    }
+}
+
+/// Rules in evaluation order, indexed by exact `dst_service`.
+#[derive(Debug, Default)]
+struct Index {
+    rules: Vec<Rule>,
+    by_dst: HashMap<String, Vec<u32>>,
+    /// Rules whose `dst_service` is absent, `*` or a prefix: checked for every event.
+    wild: Vec<u32>,
+}
+
+impl Index {
+    fn new(mut rules: Vec<(i32, Rule)>) -> Self {
+        rules.sort_by(|(pa, a), (pb, b)| {
+            let deny_first = |r: &Rule| r.action != Action::Deny;
+            (pa, deny_first(a), &a.id).cmp(&(pb, deny_first(b), &b.id))
+        });
+        let rules: Vec<Rule> = rules.into_iter().map(|(_, r)| r).collect();
+        let mut index = Index::default();
+        for (i, r) in rules.iter().enumerate() {
+            match r.m.dst_service.as_ref().and_then(Pattern::exact) {
+                Some(svc) => index
+                    .by_dst
+                    .entry(svc.to_string())
+                    .or_default()
+                    .push(i as u32),
+                None => index.wild.push(i as u32),
+            }
+        }
+        index.rules = rules;
+        index
+    }
+
+    /// The rules that may match, in evaluation order: a merge of two sorted index lists.
+    fn candidates<'s>(&'s self, dst_service: Option<&str>) -> impl Iterator<Item = &'s Rule> + 's {
+        let exact: &[u32] = dst_service
+            .and_then(|d| self.by_dst.get(d))
+            .map_or(&[], Vec::as_slice);
+        let (mut a, mut b) = (exact.iter().peekable(), self.wild.iter().peekable());
+        std::iter::from_fn(move || {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x < y => a.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, None) => None,
+            }?;
+            Some(&self.rules[*next as usize])
+        })
+    }
+
+    fn first_match(&self, q: &Query) -> Option<&Rule> {
+        self.candidates(q.dst_service).find(|r| r.matches(q))
+    }
+}
+
+pub struct AclRules {
+    enforce: Index,
+    audit: Index,
+}
+
+/// The ACL agent kind. `default` is what happens when no enforce rule matches.
+pub struct Acl {
+    pub default: Action,
+}
+
+impl Default for Acl {
+    fn default() -> Self {
+        Acl {
+            default: Action::Deny,
+        }
+    }
+}
+
+/// Collects reasons, one per rule, in the order rules first decided something.
+#[derive(Default)]
+struct Explain {
+    reasons: Vec<Reason>,
+}
+
+impl Explain {
+    fn add(&mut self, policy: &str, effect: Effect, detail: Option<String>) {
+        if let Some(r) = self.reasons.iter_mut().find(|r| r.policy == policy) {
+            // A rule that allowed some candidates and removed others narrowed.
+            if r.effect != effect && r.effect != Effect::Audit {
+                r.effect = Effect::Narrow;
+            }
+            return;
+        }
+        let mut r = Reason::new(NAME, policy, effect);
+        r.detail = detail;
+        self.reasons.push(r);
+    }
+}
+
+impl Acl {
+    /// Checks each candidate; returns the allowed ones and the explanation.
+    fn narrow<'c>(
+        &self,
+        rules: &AclRules,
+        candidates: &[&'c str],
+        query: impl Fn(&'c str) -> Query<'c>,
+    ) -> (Vec<&'c str>, Explain) {
+        let mut explain = Explain::default();
+        let mut allowed = Vec::with_capacity(candidates.len());
+        for &c in candidates {
+            let q = query(c);
+            let (id, action) = match rules.enforce.first_match(&q) {
+                Some(r) => (r.id.as_str(), r.action),
+                None => ("default", self.default),
+            };
+            if action == Action::Allow {
+                allowed.push(c);
+                explain.add(id, Effect::Allow, None);
+            } else {
+                explain.add(id, Effect::Deny, None);
+            }
+            for r in rules
+                .audit
+                .candidates(q.dst_service)
+                .filter(|r| r.matches(&q))
+            {
+                let detail = format!("would {}", r.action.as_str());
+                explain.add(&r.id, Effect::Audit, Some(detail));
+            }
+        }
+        (allowed, explain)
+    }
+
+    /// Candidate-list events never deny; rules that only removed candidates show as `narrow`.
+    fn narrowed_patch(key: &str, allowed: &[&str], mut explain: Explain) -> State {
+        for r in &mut explain.reasons {
+            if r.effect == Effect::Deny {
+                r.effect = Effect::Narrow;
+            }
+        }
+        let mut patch = State::new();
+        patch.set_strings(key, allowed);
+        patch.insert(keys::REASONS, kind::reasons(explain.reasons));
+        patch
+    }
+
+    fn new_connection(
+        &self,
+        rules: &AclRules,
+        e: &bus::event::NewConnection,
+        state: &State,
+    ) -> State {
+        let base = Query {
+            src_service: Some(&e.src_service),
+            dst_service: Some(&e.dst_service),
+            src_peer: e.src_peer.as_deref(),
+            dst_peer: None,
+            direction: Some(e.direction),
+            partial: false,
+        };
+        let mut patch = State::new();
+        let (action, explain) = match state.get_strings(keys::DST_PEERS) {
+            Some(peers) if peers.is_empty() => {
+                let reason =
+                    Reason::new(NAME, "default", Effect::Deny).with_detail("no candidate peers");
+                return kind::deny(reason);
+            }
+            Some(peers) => {
+                let (allowed, mut explain) = self.narrow(rules, &peers, |p| Query {
+                    dst_peer: Some(p),
+                    ..base
+                });
+                if allowed.is_empty() {
+                    (Action::Deny, explain)
+                } else {
+                    if allowed.len() < peers.len() {
+                        patch.set_strings(keys::DST_PEERS, &allowed);
+                        for r in &mut explain.reasons {
+                            if r.effect == Effect::Deny {
+                                r.effect = Effect::Narrow;
+                            }
+                        }
+                    }
+                    (Action::Allow, explain)
+                }
+            }
+            None => {
+                let (allowed, explain) = self.narrow(rules, &[""], |_| base);
+                let action = if allowed.is_empty() {
+                    Action::Deny
+                } else {
+                    Action::Allow
+                };
+                (action, explain)
+            }
+        };
+        patch.insert(keys::ACTION, action.as_str());
+        patch.insert(keys::REASONS, kind::reasons(explain.reasons));
+        patch
+    }
+}
+
+impl AgentKind for Acl {
+    type Policy = AclPolicy;
+    type Rules = AclRules;
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn check(&self, p: &AclPolicy) -> Result<(), String> {
+        if p.agent != NAME {
+            return Err(format!(
+                "field `agent`: expected {NAME:?}, got {:?}",
+                p.agent
+            ));
+        }
+        bus::admin::check_policy_id(&p.id).map_err(|e| format!("field `id`: {e}"))
+    }
+
+    fn compile(&self, policies: Vec<Stored<AclPolicy>>) -> AclRules {
+        let (mut enforce, mut audit) = (Vec::new(), Vec::new());
+        for (id, p) in policies {
+            let rule = Rule {
+                id,
+                action: p.action,
+                m: p.matcher,
+            };
+            match p.mode {
+                Mode::Enforce => enforce.push((p.priority, rule)),
+                Mode::Audit => audit.push((p.priority, rule)),
+            }
+        }
+        AclRules {
+            enforce: Index::new(enforce),
+            audit: Index::new(audit),
+        }
+    }
+
+    fn decide(&self, rules: &AclRules, event: &Event, state: &State) -> State {
+        match event {
+            Event::NewConnection(e) => self.new_connection(rules, e, state),
+            Event::ExposeService(e) => {
+                let peers = state.get_strings(keys::TARGET_PEERS).unwrap_or_default();
+                let (allowed, explain) = self.narrow(rules, &peers, |p| Query {
+                    src_service: None,
+                    dst_service: Some(&e.service),
+                    src_peer: Some(p),
+                    dst_peer: None,
+                    direction: Some(Direction::Incoming),
+                    partial: true,
+                });
+                Self::narrowed_patch(keys::TARGET_PEERS, &allowed, explain)
+            }
+            Event::ServiceListRequest(e) => {
+                let services = state.get_strings(keys::SERVICES).unwrap_or_default();
+                let (allowed, explain) = self.narrow(rules, &services, |s| Query {
+                    src_service: None,
+                    dst_service: Some(s),
+                    src_peer: Some(&e.src_peer),
+                    dst_peer: None,
+                    direction: Some(Direction::Incoming),
+                    partial: true,
+                });
+                Self::narrowed_patch(keys::SERVICES, &allowed, explain)
+            }
+            Event::ConnectionClosed(_) | Event::Other { .. } => State::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "acl_tests.rs"]
+mod tests;

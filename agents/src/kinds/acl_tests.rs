@@ -1,0 +1,275 @@
+use std::collections::BTreeMap;
+
+use bus::event::{ExposeService, NewConnection, ServiceListRequest};
+use bus::Value;
+
+use super::*;
+use crate::kind::parse_policy;
+
+/// Builds a policy from a tiny YAML-like list of fields through the real decoder.
+fn policy(fields: &[(&str, Value)]) -> Result<AclPolicy, String> {
+    let map: BTreeMap<String, Value> = fields
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    parse_policy(&Acl::default(), &rmp_serde::to_vec_named(&map).unwrap())
+}
+
+fn m(pairs: &[(&str, &str)]) -> Value {
+    Value::Map(
+        pairs
+            .iter()
+            .map(|(k, v)| (Value::from(*k), Value::from(*v)))
+            .collect(),
+    )
+}
+
+fn rule(id: &str, priority: i32, action: &str, matcher: &[(&str, &str)]) -> Stored<AclPolicy> {
+    let p = policy(&[
+        ("agent", "acl".into()),
+        ("id", id.into()),
+        ("priority", priority.into()),
+        ("action", action.into()),
+        ("match", m(matcher)),
+    ])
+    .unwrap();
+    (id.to_string(), p)
+}
+
+fn audit(id: &str, action: &str, matcher: &[(&str, &str)]) -> Stored<AclPolicy> {
+    let (id, mut p) = rule(id, 0, action, matcher);
+    p.mode = Mode::Audit;
+    (id, p)
+}
+
+fn conn(src: &str, dst: &str, peers: &[&str]) -> (Event, State) {
+    let e = NewConnection {
+        src_service: src.into(),
+        dst_service: dst.into(),
+        direction: Direction::Outgoing,
+        src_peer: Some("local".into()),
+        dst_peers: Some(peers.iter().map(|s| s.to_string()).collect()),
+        connection_id: None,
+    };
+    let ev = Event::NewConnection(e);
+    let st = ev.initial_state();
+    (ev, st)
+}
+
+fn effects(patch: &State) -> Vec<(String, String)> {
+    let Some(Value::Array(rs)) = patch.get(keys::REASONS) else {
+        return vec![];
+    };
+    rs.iter()
+        .map(|r| {
+            let get = |k: &str| {
+                r.as_map()
+                    .unwrap()
+                    .iter()
+                    .find(|(kk, _)| kk.as_str() == Some(k))
+                    .unwrap()
+                    .1
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            };
+            (get("policy"), get("effect"))
+        })
+        .collect()
+}
+
+#[test]
+fn first_matching_rule_by_priority_decides_and_deny_wins_ties() {
+    let acl = Acl::default();
+    let rules = acl.compile(vec![
+        rule("allow-web", 10, "allow", &[("src_service", "web*")]),
+        rule("deny-db", 10, "deny", &[("dst_service", "db")]),
+        rule("allow-all", 20, "allow", &[]),
+    ]);
+    let (ev, st) = conn("web-1", "db", &["p1"]);
+    let patch = acl.decide(&rules, &ev, &st);
+    assert_eq!(patch.get_str(keys::ACTION), Some("deny"));
+    assert_eq!(
+        effects(&patch),
+        [("deny-db".to_string(), "deny".to_string())]
+    );
+    let (ev, st) = conn("web-1", "api", &["p1"]);
+    let patch = acl.decide(&rules, &ev, &st);
+    assert_eq!(patch.get_str(keys::ACTION), Some("allow"));
+    assert_eq!(
+        effects(&patch),
+        [("allow-web".to_string(), "allow".to_string())]
+    );
+}
+
+#[test]
+fn no_match_falls_to_the_default() {
+    let rules = Acl::default().compile(vec![rule("r", 0, "allow", &[("dst_service", "x")])]);
+    let (ev, st) = conn("a", "b", &["p1"]);
+    let patch = Acl::default().decide(&rules, &ev, &st);
+    assert_eq!(patch.get_str(keys::ACTION), Some("deny"));
+    assert_eq!(
+        effects(&patch),
+        [("default".to_string(), "deny".to_string())]
+    );
+    let open = Acl {
+        default: Action::Allow,
+    };
+    assert_eq!(
+        open.decide(&rules, &ev, &st).get_str(keys::ACTION),
+        Some("allow")
+    );
+}
+
+#[test]
+fn candidates_are_narrowed_per_peer() {
+    let acl = Acl::default();
+    let rules = acl.compile(vec![
+        rule("no-p2", 0, "deny", &[("dst_peer", "p2")]),
+        rule("all", 1, "allow", &[]),
+    ]);
+    let (ev, st) = conn("a", "b", &["p1", "p2", "p3"]);
+    let patch = acl.decide(&rules, &ev, &st);
+    assert_eq!(patch.get_str(keys::ACTION), Some("allow"));
+    assert_eq!(patch.get_strings(keys::DST_PEERS), Some(vec!["p1", "p3"]));
+    assert!(effects(&patch).contains(&("no-p2".into(), "narrow".into())));
+    let (ev, st) = conn("a", "b", &["p2"]);
+    assert_eq!(
+        acl.decide(&rules, &ev, &st).get_str(keys::ACTION),
+        Some("deny")
+    );
+    let (ev, st) = conn("a", "b", &[]);
+    assert_eq!(
+        acl.decide(&rules, &ev, &st).get_str(keys::ACTION),
+        Some("deny")
+    );
+}
+
+#[test]
+fn audit_rules_report_but_never_decide() {
+    let acl = Acl::default();
+    let rules = acl.compile(vec![
+        rule("all", 1, "allow", &[]),
+        audit("would-block", "deny", &[("dst_service", "b")]),
+    ]);
+    let (ev, st) = conn("a", "b", &["p1"]);
+    let patch = acl.decide(&rules, &ev, &st);
+    assert_eq!(patch.get_str(keys::ACTION), Some("allow"));
+    assert!(effects(&patch).contains(&("would-block".into(), "audit".into())));
+}
+
+#[test]
+fn expose_and_list_count_only_rules_without_src_service_or_dst_peer() {
+    let acl = Acl::default();
+    let rules = acl.compile(vec![
+        rule(
+            "conn-only",
+            0,
+            "allow",
+            &[("src_service", "web"), ("dst_service", "db")],
+        ),
+        rule(
+            "peer-a-db",
+            1,
+            "allow",
+            &[("src_peer", "a"), ("dst_service", "db")],
+        ),
+        rule("all-api", 2, "allow", &[("dst_service", "api")]),
+        rule("outgoing", 3, "allow", &[("direction", "outgoing")]),
+    ]);
+    let ev = Event::ExposeService(ExposeService {
+        service: "db".into(),
+        peers: vec!["a".into(), "b".into()],
+    });
+    let patch = acl.decide(&rules, &ev, &ev.initial_state());
+    assert_eq!(patch.get_strings(keys::TARGET_PEERS), Some(vec!["a"]));
+    assert!(patch.get(keys::ACTION).is_none());
+    let ev = Event::ServiceListRequest(ServiceListRequest {
+        src_peer: "b".into(),
+        services: vec!["db".into(), "api".into(), "cache".into()],
+    });
+    let patch = acl.decide(&rules, &ev, &ev.initial_state());
+    assert_eq!(patch.get_strings(keys::SERVICES), Some(vec!["api"]));
+}
+
+#[test]
+fn the_index_agrees_with_a_full_scan() {
+    let acl = Acl::default();
+    let mut policies = Vec::new();
+    for i in 0..200 {
+        let svc = format!("svc-{}", i % 20);
+        let action = if i % 3 == 0 { "deny" } else { "allow" };
+        let matcher: Vec<(&str, &str)> = match i % 4 {
+            0 => vec![("dst_service", svc.as_str())],
+            1 => vec![("dst_service", "svc-1*"), ("src_peer", "p1")],
+            2 => vec![("src_service", "web")],
+            _ => vec![("dst_service", svc.as_str()), ("dst_peer", "p2")],
+        };
+        policies.push(rule(
+            &format!("r{i:03}"),
+            (i * 7 % 13) as i32,
+            action,
+            &matcher,
+        ));
+    }
+    let rules = acl.compile(policies);
+    for dst in ["svc-1", "svc-13", "svc-7", "other"] {
+        for src_peer in ["p1", "p9"] {
+            let q = Query {
+                src_service: Some("web"),
+                dst_service: Some(dst),
+                src_peer: Some(src_peer),
+                dst_peer: Some("p2"),
+                direction: Some(Direction::Outgoing),
+                partial: false,
+            };
+            let scanned = rules
+                .enforce
+                .rules
+                .iter()
+                .find(|r| r.matches(&q))
+                .map(|r| &r.id);
+            assert_eq!(
+                rules.enforce.first_match(&q).map(|r| &r.id),
+                scanned,
+                "{dst} {src_peer}"
+            );
+        }
+    }
+}
+
+#[test]
+fn invalid_documents_name_the_field() {
+    let err = policy(&[
+        ("agent", "acl".into()),
+        ("id", "x".into()),
+        ("action", "maybe".into()),
+    ])
+    .unwrap_err();
+    assert!(err.contains("action"), "{err}");
+    let err = policy(&[
+        ("agent", "acl".into()),
+        ("id", "x".into()),
+        ("action", "allow".into()),
+        ("match", m(&[("src_service", "a*b")])),
+    ])
+    .unwrap_err();
+    assert!(err.contains("match.src_service"), "{err}");
+    let err = policy(&[
+        ("agent", "acl".into()),
+        ("id", "x".into()),
+        ("action", "allow".into()),
+        ("acton", "x".into()),
+    ])
+    .unwrap_err();
+    assert!(err.contains("acton"), "{err}");
+    let err = policy(&[
+        ("agent", "lb".into()),
+        ("id", "x".into()),
+        ("action", "allow".into()),
+    ])
+    .unwrap_err();
+    assert!(err.contains("agent"), "{err}");
+    let err = policy(&[("agent", "acl".into()), ("action", "allow".into())]).unwrap_err();
+    assert!(err.contains("id"), "{err}");
+}

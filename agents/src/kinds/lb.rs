@@ -1,0 +1,232 @@
+//! Load balancer: picks `target_peer` among the (already narrowed) `dst_peers`.
+//!
+//! One policy per `dst_service` (`*` is a catch-all; with several for one service the lowest
+//! id wins). No policy means `random`. No candidate left means deny, with a reason.
+//! - `random`: uniform.
+//! - `round-robin`: a counter per policy, per agent instance (instances do not coordinate).
+//! - `weighted`: random in proportion to `weights`; candidates without a weight get none, and
+//!   when no candidate has one the pick falls back to random (said in the reason).
+//! - `static`: `peer`, or another candidate when that peer is not one (said in the reason).
+//! - `consistent-hash`: rendezvous hashing of `hash_on` (`src_service` or `src_peer`) over the
+//!   candidates: the same key picks the same peer on every instance, and removing a peer only
+//!   moves the keys that were on it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bus::event::{Event, NewConnection};
+use bus::state::keys;
+use bus::{Effect, Reason, State};
+use rand::Rng;
+use serde::Deserialize;
+
+use crate::kind::{self, AgentKind, Stored};
+
+pub const NAME: &str = "lb";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheme {
+    Random,
+    RoundRobin,
+    Weighted,
+    Static,
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashOn {
+    #[default]
+    SrcService,
+    SrcPeer,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbPolicy {
+    pub agent: String,
+    pub id: String,
+    pub dst_service: String,
+    pub scheme: Scheme,
+    #[serde(default)]
+    pub weights: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub peer: Option<String>,
+    #[serde(default)]
+    pub hash_on: HashOn,
+}
+
+struct Compiled {
+    id: String,
+    policy: LbPolicy,
+    next: AtomicUsize,
+}
+
+pub struct LbRules {
+    by_service: HashMap<String, Compiled>,
+    catch_all: Option<Compiled>,
+}
+
+#[derive(Default)]
+pub struct Lb;
+
+/// FNV-1a with a splitmix64 finish: a fixed hash, so every instance (and every build) maps a
+/// key to the same peer; the finish spreads keys that differ in one byte (`p1`, `p2`).
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes().chain(std::iter::once(0xff)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+fn pick<'c>(c: &Compiled, e: &NewConnection, peers: &[&'c str]) -> (&'c str, Option<String>) {
+    let random = |peers: &[&'c str]| peers[rand::rng().random_range(0..peers.len())];
+    let p = &c.policy;
+    match p.scheme {
+        Scheme::Random => (random(peers), None),
+        Scheme::RoundRobin => (
+            peers[c.next.fetch_add(1, Ordering::Relaxed) % peers.len()],
+            None,
+        ),
+        Scheme::Weighted => {
+            let weight = |peer: &str| u64::from(p.weights.get(peer).copied().unwrap_or(0));
+            let total: u64 = peers.iter().map(|x| weight(x)).sum();
+            if total == 0 {
+                return (
+                    random(peers),
+                    Some("no candidate has a weight: random".into()),
+                );
+            }
+            let mut ticket = rand::rng().random_range(0..total);
+            for &peer in peers {
+                let w = weight(peer);
+                if ticket < w {
+                    return (peer, None);
+                }
+                ticket -= w;
+            }
+            unreachable!("ticket < total")
+        }
+        Scheme::Static => match p.peer.as_deref() {
+            Some(want) if peers.contains(&want) => (
+                peers
+                    .iter()
+                    .copied()
+                    .find(|x| *x == want)
+                    .unwrap_or(peers[0]),
+                None,
+            ),
+            Some(want) => (
+                random(peers),
+                Some(format!("static peer {want} is not a candidate: fell back")),
+            ),
+            None => (random(peers), None),
+        },
+        Scheme::ConsistentHash => {
+            let key = match p.hash_on {
+                HashOn::SrcService => e.src_service.as_str(),
+                HashOn::SrcPeer => e.src_peer.as_deref().unwrap_or(""),
+            };
+            let best = peers
+                .iter()
+                .copied()
+                .max_by_key(|peer| (fnv1a(&[key, peer]), *peer));
+            (best.unwrap_or(peers[0]), None)
+        }
+    }
+}
+
+impl AgentKind for Lb {
+    type Policy = LbPolicy;
+    type Rules = LbRules;
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn check(&self, p: &LbPolicy) -> Result<(), String> {
+        if p.agent != NAME {
+            return Err(format!(
+                "field `agent`: expected {NAME:?}, got {:?}",
+                p.agent
+            ));
+        }
+        bus::admin::check_policy_id(&p.id).map_err(|e| format!("field `id`: {e}"))?;
+        if p.dst_service.is_empty() {
+            return Err("field `dst_service`: must name a service or be `*`".into());
+        }
+        match p.scheme {
+            Scheme::Weighted if p.weights.values().all(|w| *w == 0) => Err(
+                "field `weights`: scheme weighted needs at least one peer with a weight above 0"
+                    .into(),
+            ),
+            Scheme::Static if p.peer.as_deref().is_none_or(str::is_empty) => {
+                Err("field `peer`: scheme static needs the peer to send to".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn compile(&self, mut policies: Vec<Stored<LbPolicy>>) -> LbRules {
+        // Sorted by id, so that with two policies for one service the lowest id wins everywhere.
+        policies.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut rules = LbRules {
+            by_service: HashMap::new(),
+            catch_all: None,
+        };
+        for (id, policy) in policies {
+            let c = Compiled {
+                id,
+                next: AtomicUsize::new(0),
+                policy,
+            };
+            if c.policy.dst_service == "*" {
+                rules.catch_all.get_or_insert(c);
+            } else if let Some(other) = rules.by_service.get(&c.policy.dst_service) {
+                tracing::warn!(service = %c.policy.dst_service, used = %other.id, ignored = %c.id,
+                    "two lb policies for one service; the lowest id wins");
+            } else {
+                rules.by_service.insert(c.policy.dst_service.clone(), c);
+            }
+        }
+        rules
+    }
+
+    fn decide(&self, rules: &LbRules, event: &Event, state: &State) -> State {
+        let Event::NewConnection(e) = event else {
+            return State::new();
+        };
+        let policy = rules
+            .by_service
+            .get(&e.dst_service)
+            .or(rules.catch_all.as_ref());
+        let id = policy.map_or("default", |c| c.id.as_str());
+        let peers = state.get_strings(keys::DST_PEERS).unwrap_or_default();
+        if peers.is_empty() {
+            return kind::deny(
+                Reason::new(NAME, id, Effect::Deny).with_detail("no candidate peer left to pick"),
+            );
+        }
+        let (target, detail) = match policy {
+            Some(c) => pick(c, e, &peers),
+            None => (peers[rand::rng().random_range(0..peers.len())], None),
+        };
+        let mut reason = Reason::new(NAME, id, Effect::Pick);
+        reason.detail = detail;
+        let mut patch = State::new();
+        patch.insert(keys::TARGET_PEER, target);
+        patch.insert(keys::REASONS, kind::reasons([reason]));
+        patch
+    }
+}
+
+#[cfg(test)]
+#[path = "lb_tests.rs"]
+mod tests;

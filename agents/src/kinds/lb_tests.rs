@@ -1,0 +1,116 @@
+use std::collections::HashMap;
+
+use bus::event::Direction;
+
+use super::*;
+
+fn policy(id: &str, service: &str, scheme: Scheme) -> LbPolicy {
+    LbPolicy {
+        agent: NAME.into(),
+        id: id.into(),
+        dst_service: service.into(),
+        scheme,
+        weights: Default::default(),
+        peer: None,
+        hash_on: HashOn::SrcService,
+    }
+}
+
+fn event(src: &str, peers: &[&str]) -> (Event, State) {
+    let ev = Event::NewConnection(NewConnection {
+        src_service: src.into(),
+        dst_service: "db".into(),
+        direction: Direction::Outgoing,
+        src_peer: None,
+        dst_peers: Some(peers.iter().map(|s| s.to_string()).collect()),
+        connection_id: None,
+    });
+    let st = ev.initial_state();
+    (ev, st)
+}
+
+fn picks(rules: &LbRules, src: &str, peers: &[&str], n: usize) -> HashMap<String, usize> {
+    let (ev, st) = event(src, peers);
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let patch = Lb.decide(rules, &ev, &st);
+        *counts
+            .entry(patch.get_str(keys::TARGET_PEER).unwrap().to_string())
+            .or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn round_robin_cycles() {
+    let rules = Lb.compile(vec![("rr".into(), policy("rr", "db", Scheme::RoundRobin))]);
+    let c = picks(&rules, "a", &["p1", "p2", "p3"], 300);
+    assert_eq!(c.values().copied().collect::<Vec<_>>(), vec![100; 3]);
+}
+
+#[test]
+fn weighted_follows_the_weights() {
+    let mut p = policy("w", "db", Scheme::Weighted);
+    p.weights = [("p1".to_string(), 3), ("p2".to_string(), 1)].into();
+    let rules = Lb.compile(vec![("w".into(), p)]);
+    let c = picks(&rules, "a", &["p1", "p2", "p3"], 4000);
+    assert!(!c.contains_key("p3"));
+    let share = c["p1"] as f64 / 4000.0;
+    assert!((0.70..0.80).contains(&share), "p1 share {share}");
+}
+
+#[test]
+fn static_uses_its_peer_or_falls_back() {
+    let mut p = policy("s", "db", Scheme::Static);
+    p.peer = Some("p2".into());
+    let rules = Lb.compile(vec![("s".into(), p)]);
+    assert_eq!(picks(&rules, "a", &["p1", "p2"], 50)["p2"], 50);
+    let (ev, st) = event("a", &["p1", "p3"]);
+    let patch = Lb.decide(&rules, &ev, &st);
+    assert!(["p1", "p3"].contains(&patch.get_str(keys::TARGET_PEER).unwrap()));
+}
+
+#[test]
+fn consistent_hash_is_sticky_and_moves_only_removed_keys() {
+    let rules = Lb.compile(vec![(
+        "h".into(),
+        policy("h", "db", Scheme::ConsistentHash),
+    )]);
+    let peers = ["p1", "p2", "p3", "p4"];
+    let mut moved = 0;
+    let mut spread = HashMap::new();
+    for i in 0..400 {
+        let src = format!("svc-{i}");
+        let first = picks(&rules, &src, &peers, 3);
+        assert_eq!(first.len(), 1, "same key, several peers");
+        let chosen = first.keys().next().unwrap().clone();
+        *spread.entry(chosen.clone()).or_insert(0) += 1;
+        let without_p4 = picks(&rules, &src, &peers[..3], 1);
+        let now = without_p4.keys().next().unwrap();
+        if *now != chosen {
+            assert_eq!(chosen, "p4", "a key not on the removed peer moved");
+            moved += 1;
+        }
+    }
+    assert_eq!(moved, spread["p4"]);
+    assert!(spread.values().all(|n| *n > 50), "{spread:?}");
+}
+
+#[test]
+fn random_without_policy_and_deny_without_candidates() {
+    let rules = Lb.compile(vec![]);
+    let c = picks(&rules, "a", &["p1", "p2"], 400);
+    assert!(c["p1"] > 100 && c["p2"] > 100, "{c:?}");
+    let (ev, st) = event("a", &[]);
+    let patch = Lb.decide(&rules, &ev, &st);
+    assert_eq!(patch.get_str(keys::ACTION), Some("deny"));
+}
+
+#[test]
+fn checks_name_the_field() {
+    let p = policy("w", "db", Scheme::Weighted);
+    assert!(Lb.check(&p).unwrap_err().contains("weights"));
+    let p = policy("s", "db", Scheme::Static);
+    assert!(Lb.check(&p).unwrap_err().contains("peer"));
+    assert!(Lb.check(&policy("ok", "db", Scheme::Random)).is_ok());
+}

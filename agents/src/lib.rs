@@ -1,0 +1,11 @@
+//! Policy agents: one runtime ([`runtime`]) shared by every kind, and the kinds shipped with
+//! policy-bus ([`kinds`]). A kind is a pure module (policy type with validation, decide) that
+//! is unit-testable without NATS.
+#![forbid(unsafe_code)]
+
+pub mod kind;
+pub mod kinds;
+pub mod pattern;
+pub mod runtime;
+
+pub use kind::AgentKind;

@@ -1,0 +1,278 @@
+//! The runtime every agent kind shares: it owns NATS (the kind's queue group, the services
+//! API), the policy watch, request decoding and shutdown, and calls the kind's pure functions.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::service::ServiceExt;
+use async_nats::HeaderMap;
+use bus::admin::Validated;
+use bus::config::{self, Change, ConfigKey};
+use bus::event::EventName;
+use bus::state::keys;
+use bus::subject::VALIDATE_TOKEN;
+use bus::{codec, headers, Effect, ErrorCode, ErrorReply, Event, Kind, Reason, State, Subjects};
+use futures::StreamExt;
+use tracing::Instrument;
+
+use crate::kind::{self, parse_policy, AgentKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Daemon(#[from] daemon::DaemonError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot register with the NATS services API: {0}")]
+    Service(String),
+}
+
+/// The compiled policies, and those stored policies that failed to load. While any failed,
+/// the agent denies: a policy it cannot read might have been a deny (fail closed).
+struct Loaded<R> {
+    rules: R,
+    broken: Vec<(String, String)>,
+}
+
+struct Agent<K: AgentKind> {
+    kind: K,
+    kind_name: Kind,
+    subjects: Subjects,
+    loaded: RwLock<Arc<Loaded<K::Rules>>>,
+}
+
+impl<K: AgentKind> Agent<K>
+where
+    K::Policy: Clone,
+{
+    fn load(&self, docs: &BTreeMap<String, bytes::Bytes>) {
+        let mut valid = Vec::with_capacity(docs.len());
+        let mut broken = Vec::new();
+        for (id, doc) in docs {
+            match parse_policy(&self.kind, doc) {
+                Ok(p) => valid.push((id.clone(), p)),
+                Err(e) => {
+                    tracing::error!(agent = self.kind.name(), policy.id = %id, error = %e,
+                        "stored policy does not load; denying until it is fixed or removed");
+                    broken.push((id.clone(), e));
+                }
+            }
+        }
+        let count = valid.len();
+        let loaded = Arc::new(Loaded {
+            rules: self.kind.compile(valid),
+            broken,
+        });
+        *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = loaded;
+        tracing::info!(
+            agent = self.kind.name(),
+            policies = count,
+            "policies loaded"
+        );
+    }
+
+    fn current(&self) -> Arc<Loaded<K::Rules>> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn decide(&self, op: &str, msg: &async_nats::Message) -> Result<State, ErrorReply> {
+        let bad = |m: String| ErrorReply::new(ErrorCode::BadRequest, m);
+        let name = EventName::new(op).map_err(|e| bad(e.to_string()))?;
+        let event = Event::decode(&name, &msg.payload).map_err(|e| bad(e.to_string()))?;
+        let state = match headers::get(msg.headers.as_ref(), headers::POLICY_STATE) {
+            Some(h) => State::from_header(h).map_err(|e| bad(e.to_string()))?,
+            None => State::new(),
+        };
+        let loaded = self.current();
+        if let Some((id, err)) = loaded.broken.first() {
+            if !matches!(event, Event::ConnectionClosed(_) | Event::Other { .. }) {
+                let reason = Reason::new(self.kind.name(), id, Effect::Deny)
+                    .with_detail(format!("stored policy does not load: {err}"));
+                return Ok(kind::deny(reason));
+            }
+        }
+        Ok(self.kind.decide(&loaded.rules, &event, &state))
+    }
+
+    fn validate(&self, payload: &[u8]) -> Result<State, ErrorReply> {
+        parse_policy(&self.kind, payload)
+            .map(|_| State::new())
+            .map_err(|e| ErrorReply::new(ErrorCode::InvalidPolicy, e))
+    }
+
+    async fn handle(self: Arc<Self>, req: async_nats::service::Request) {
+        let msg = &req.message;
+        let op = self
+            .subjects
+            .agent_op_of(&self.kind_name, &msg.subject)
+            .unwrap_or_default();
+        let mut reply_headers = HeaderMap::new();
+        headers::propagate(msg.headers.as_ref(), &mut reply_headers);
+        let validating = op == VALIDATE_TOKEN;
+        let result = if validating {
+            self.validate(&msg.payload)
+        } else {
+            self.decide(op, msg)
+        };
+        let sent = match result {
+            Ok(_) if validating => {
+                let payload =
+                    codec::encode("validated", &Validated { ok: true }).unwrap_or_default();
+                req.respond_with_headers(Ok(payload.into()), reply_headers)
+                    .await
+            }
+            Ok(patch) => match patch.to_header() {
+                Ok(h) => {
+                    reply_headers.insert(headers::POLICY_STATE, h.as_str());
+                    tracing::debug!(action = patch.get_str(keys::ACTION), "decided");
+                    req.respond_with_headers(Ok(bytes::Bytes::new()), reply_headers)
+                        .await
+                }
+                Err(e) => {
+                    let err = ErrorReply::new(ErrorCode::Internal, e.to_string());
+                    let (h, p) = err.to_reply(reply_headers);
+                    req.respond_with_headers(Ok(p), h).await
+                }
+            },
+            Err(err) => {
+                tracing::warn!(subject = %msg.subject, error = %err, "rejected request");
+                let (h, p) = err.to_reply(reply_headers);
+                req.respond_with_headers(Ok(p), h).await
+            }
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "could not send reply");
+        }
+    }
+}
+
+/// Keeps the agent's policies in step with the bucket. A broken watch (the server restarted,
+/// the stream was lost) is reopened and everything reloaded, so no change is missed.
+async fn watch_policies<K: AgentKind>(
+    agent: Arc<Agent<K>>,
+    store: async_nats::jetstream::kv::Store,
+    mut ready: Option<tokio::sync::oneshot::Sender<()>>,
+) where
+    K::Policy: Clone,
+{
+    let filter = ConfigKey::policies_of(&agent.kind_name);
+    loop {
+        match config::load_and_watch(&store, &filter).await {
+            Ok((current, mut changes)) => {
+                let mut docs = BTreeMap::new();
+                for (key, value) in current {
+                    if let Some(ConfigKey::Policy { id, .. }) = ConfigKey::parse(&key) {
+                        docs.insert(id, value);
+                    }
+                }
+                agent.load(&docs);
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+                while let Some(change) = changes.next().await {
+                    match change {
+                        Ok(Change::Put { key, value }) => {
+                            if let Some(ConfigKey::Policy { id, .. }) = ConfigKey::parse(&key) {
+                                docs.insert(id, value);
+                            }
+                        }
+                        Ok(Change::Delete { key }) => {
+                            if let Some(ConfigKey::Policy { id, .. }) = ConfigKey::parse(&key) {
+                                docs.remove(&id);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "policy watch failed; reloading");
+                            break;
+                        }
+                    }
+                    agent.load(&docs);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot load policies; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Runs an agent of `kind` until `shutdown` resolves, then drains in-flight requests.
+pub async fn run<K: AgentKind>(
+    kind: K,
+    common: &daemon::Common,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError>
+where
+    K::Policy: Clone,
+{
+    let subjects = common.subjects()?;
+    let kind_name = Kind::new(kind.name()).map_err(daemon::DaemonError::from)?;
+    let service_name = headers::agent_service(&kind_name);
+    let client = common.connect(&service_name, true).await?;
+    let store = config::open(&client, &subjects).await?;
+
+    let rules = kind.compile(Vec::new());
+    let agent = Arc::new(Agent {
+        kind,
+        kind_name: kind_name.clone(),
+        subjects: subjects.clone(),
+        loaded: RwLock::new(Arc::new(Loaded {
+            rules,
+            broken: Vec::new(),
+        })),
+    });
+
+    // Load the policies before taking any request, so a new instance never answers from an
+    // empty rule set.
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let watcher = {
+        let agent = agent.clone();
+        let store = store.clone();
+        tokio::spawn(watch_policies(agent, store, Some(ready_tx)))
+    };
+    let _ = ready_rx.await;
+
+    let service = client
+        .service_builder()
+        .description(format!("policy-bus {kind_name} agent"))
+        .queue_group(kind_name.as_str())
+        .start(&service_name, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| AgentError::Service(e.to_string()))?;
+    let mut endpoint = service
+        .endpoint_builder()
+        .name("decide")
+        .queue_group(kind_name.as_str())
+        .add(subjects.agent_wildcard(&kind_name))
+        .await
+        .map_err(|e| AgentError::Service(e.to_string()))?;
+    tracing::info!(agent = %kind_name, subject = %subjects.agent_wildcard(&kind_name), "ready");
+
+    let tracker = daemon::TaskTracker::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            req = endpoint.next() => match req {
+                Some(req) => {
+                    let span = tracing::info_span!("request", agent = %kind_name,
+                        event.id = headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"));
+                    tracker.spawn(agent.clone().handle(req).instrument(span));
+                }
+                None => break,
+            }
+        }
+    }
+    if let Err(e) = endpoint.stop().await {
+        tracing::warn!(error = %e, "could not unsubscribe cleanly");
+    }
+    daemon::drain(&tracker, &client).await;
+    watcher.abort();
+    tracing::info!(agent = %kind_name, "stopped");
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! Admin commands (`<prefix>.admin.<command>`): their arguments and replies.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::InvalidName;
+use crate::event::EventName;
+use crate::state::Value;
+use crate::subject::Kind;
+
+pub const DEFAULT_TIMEOUT_MS: u64 = 250;
+/// Longer than this and a hookpoint would give up first; almost surely a typo.
+pub const MAX_TIMEOUT_MS: u64 = 60_000;
+
+/// What the chain does when an agent does not answer in time, has no live instance, or
+/// answers with an error.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// The decision is deny.
+    #[default]
+    Closed,
+    /// The agent is skipped, the skip is recorded in `reasons` and the decision is `degraded`.
+    Open,
+}
+
+impl FailureMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureMode::Closed => "closed",
+            FailureMode::Open => "open",
+        }
+    }
+}
+
+/// A subscription of an agent kind to an event: the unit of chain configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    pub event: EventName,
+    pub agent: String,
+    /// Lower runs first; equal priorities run concurrently.
+    pub priority: i32,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub failure: FailureMode,
+    /// Observe-only: the agent gets the event (fire-and-forget) but never delays or changes
+    /// the decision.
+    #[serde(default)]
+    pub observe: bool,
+}
+
+fn default_timeout_ms() -> u64 {
+    DEFAULT_TIMEOUT_MS
+}
+
+impl Subscription {
+    pub fn kind(&self) -> Result<Kind, InvalidName> {
+        Kind::new(&self.agent)
+    }
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+    /// Checks what serde cannot: the agent is a valid kind and the timeout is sane.
+    pub fn validate(&self) -> Result<Kind, String> {
+        let kind = self.kind().map_err(|e| e.to_string())?;
+        if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT_MS {
+            return Err(format!(
+                "timeout must be between 1ms and {MAX_TIMEOUT_MS}ms, got {}ms",
+                self.timeout_ms
+            ));
+        }
+        Ok(kind)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unsubscribe {
+    pub event: EventName,
+    pub agent: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListSubscriptions {
+    #[serde(default)]
+    pub event: Option<EventName>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscriptions {
+    pub subscriptions: Vec<Subscription>,
+}
+
+/// `policy-add`: every document is validated by its agent kind before any is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyAdd {
+    pub policies: Vec<Value>,
+}
+
+/// Identifies a stored policy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PolicyRef {
+    pub agent: String,
+    pub id: String,
+}
+
+impl PolicyRef {
+    /// Reads `agent` and `id` from a policy document; both must be usable as KV key tokens.
+    pub fn of(doc: &Value) -> Result<PolicyRef, String> {
+        let Value::Map(entries) = doc else {
+            return Err("a policy document must be a map".into());
+        };
+        let field = |name: &str| -> Result<String, String> {
+            entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(name))
+                .and_then(|(_, v)| v.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| format!("field `{name}`: missing or not a string"))
+        };
+        let agent = field("agent")?;
+        Kind::new(&agent).map_err(|e| format!("field `agent`: {e}"))?;
+        let id = field("id")?;
+        check_policy_id(&id).map_err(|e| format!("field `id`: {e}"))?;
+        Ok(PolicyRef { agent, id })
+    }
+}
+
+/// Policy ids become KV key tokens: `[A-Za-z0-9_-]`, at most 128 characters.
+pub fn check_policy_id(id: &str) -> Result<(), InvalidName> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidName {
+            what: "policy id",
+            name: id.to_string(),
+            rule: "1 to 128 letters, digits, '-' or '_'",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyAdded {
+    pub stored: Vec<PolicyRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRemove {
+    pub agent: String,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyList {
+    #[serde(default)]
+    pub agent: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Policies {
+    pub policies: Vec<Value>,
+}
+
+/// The reply of commands that only change something.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Done {
+    pub ok: bool,
+}
+
+/// An agent's answer to a validation request: the error names the field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Validated {
+    pub ok: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec;
+
+    fn doc(pairs: &[(&str, &str)]) -> Value {
+        Value::Map(
+            pairs
+                .iter()
+                .map(|(k, v)| (Value::from(*k), Value::from(*v)))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn policy_refs_are_read_and_checked() {
+        let r = PolicyRef::of(&doc(&[("agent", "acl"), ("id", "r-1")])).unwrap();
+        assert_eq!(
+            r,
+            PolicyRef {
+                agent: "acl".into(),
+                id: "r-1".into()
+            }
+        );
+        assert!(PolicyRef::of(&doc(&[("agent", "acl")]))
+            .unwrap_err()
+            .contains("`id`"));
+        assert!(PolicyRef::of(&doc(&[("agent", "acl"), ("id", "a.b")]))
+            .unwrap_err()
+            .contains("`id`"));
+        assert!(PolicyRef::of(&doc(&[("agent", "A C L"), ("id", "x")]))
+            .unwrap_err()
+            .contains("`agent`"));
+        assert!(PolicyRef::of(&Value::from(1)).is_err());
+    }
+
+    #[test]
+    fn subscriptions_default_and_validate() {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("event", Value::from("new-connection"));
+        m.insert("agent", Value::from("acl"));
+        m.insert("priority", Value::from(10));
+        let s: Subscription = codec::decode("s", &codec::encode("s", &m).unwrap()).unwrap();
+        assert_eq!(s.timeout_ms, DEFAULT_TIMEOUT_MS);
+        assert_eq!(s.failure, FailureMode::Closed);
+        assert!(!s.observe);
+        assert!(s.validate().is_ok());
+        let bad = Subscription {
+            timeout_ms: 0,
+            ..s.clone()
+        };
+        assert!(bad.validate().unwrap_err().contains("timeout"));
+        let bad = Subscription {
+            agent: "Nope".into(),
+            ..s
+        };
+        assert!(bad.validate().is_err());
+    }
+}

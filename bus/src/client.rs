@@ -1,0 +1,264 @@
+//! Typed async clients: [`Client`] for gateway hookpoints, [`AdminClient`] for operators.
+
+use std::time::Duration;
+
+use async_nats::{client::RequestErrorKind, HeaderMap, Message};
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::admin::{self, Done, PolicyRef};
+use crate::codec::{self, CodecError};
+use crate::decision::{ClosedDecision, ConnectionDecision, ExposeDecision, ListDecision};
+use crate::error::{ErrorReply, InvalidName};
+use crate::event::{self, ConnectionClosed, ExposeService, NewConnection, ServiceListRequest};
+use crate::state::{State, Value};
+use crate::subject::{AdminCommand, Subjects};
+
+/// Long enough for a chain of several agents at their default 250 ms timeouts.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "nothing is answering on {subject}: is policy-dispatcher running with the same --prefix?"
+    )]
+    NoResponders { subject: String },
+    #[error("no answer on {subject} within {timeout:?}")]
+    Timeout { subject: String, timeout: Duration },
+    #[error("request on {subject} failed: {source}")]
+    Request {
+        subject: String,
+        #[source]
+        source: async_nats::RequestError,
+    },
+    /// The engine answered with an error reply (see `ErrorCode`).
+    #[error(transparent)]
+    Remote(#[from] ErrorReply),
+    #[error("reply on {subject}: {source}")]
+    Decode {
+        subject: String,
+        #[source]
+        source: CodecError,
+    },
+    #[error(transparent)]
+    Encode(#[from] CodecError),
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
+}
+
+impl ClientError {
+    /// The error code when the engine itself answered with an error.
+    pub fn code(&self) -> Option<crate::ErrorCode> {
+        match self {
+            ClientError::Remote(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+/// One request/reply. An error reply becomes [`ClientError::Remote`]; "no responders" is
+/// reported at once rather than after the timeout.
+pub async fn call(
+    nats: &async_nats::Client,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+    timeout: Duration,
+) -> Result<Message, ClientError> {
+    let request = async_nats::Request::new()
+        .headers(headers)
+        .payload(payload)
+        .timeout(Some(timeout));
+    let msg = match nats.send_request(subject.clone(), request).await {
+        Ok(msg) => msg,
+        Err(e) => {
+            return Err(match e.kind() {
+                RequestErrorKind::NoResponders => ClientError::NoResponders { subject },
+                RequestErrorKind::TimedOut => ClientError::Timeout { subject, timeout },
+                _ => ClientError::Request { subject, source: e },
+            })
+        }
+    };
+    if let Some(err) = ErrorReply::from_message(msg.headers.as_ref(), &msg.payload) {
+        return Err(ClientError::Remote(err));
+    }
+    Ok(msg)
+}
+
+fn decode_reply<T: DeserializeOwned>(subject: &str, msg: &Message) -> Result<T, ClientError> {
+    codec::decode("reply", &msg.payload).map_err(|source| ClientError::Decode {
+        subject: subject.to_string(),
+        source,
+    })
+}
+
+/// A gateway hookpoint's client: asks the engine for decisions.
+#[derive(Debug, Clone)]
+pub struct Client {
+    nats: async_nats::Client,
+    subjects: Subjects,
+    timeout: Duration,
+}
+
+impl Client {
+    pub fn new(nats: async_nats::Client, subjects: Subjects) -> Self {
+        Client {
+            nats,
+            subjects,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sends an event with any attributes and returns the raw reply: for events this version
+    /// of the contract has no type for, and for callers that set their own headers (an event
+    /// id, a `traceparent`).
+    pub async fn request(
+        &self,
+        event: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<Message, ClientError> {
+        event::EventName::new(event)?;
+        call(
+            &self.nats,
+            self.subjects.event(event),
+            headers,
+            payload,
+            self.timeout,
+        )
+        .await
+    }
+
+    /// Sends an event and decodes the decision as `D`.
+    pub async fn decide<A: Serialize, D: DeserializeOwned>(
+        &self,
+        event: &str,
+        attributes: &A,
+    ) -> Result<D, ClientError> {
+        let payload = codec::encode("event attributes", attributes)?;
+        let msg = self
+            .request(event, HeaderMap::new(), payload.into())
+            .await?;
+        decode_reply(&self.subjects.event(event), &msg)
+    }
+
+    /// Sends an event given as a map and returns the decision as a map.
+    pub async fn emit(&self, event: &str, attributes: &State) -> Result<State, ClientError> {
+        self.decide(event, attributes).await
+    }
+
+    pub async fn new_connection(
+        &self,
+        e: &NewConnection,
+    ) -> Result<ConnectionDecision, ClientError> {
+        self.decide(event::NEW_CONNECTION, e).await
+    }
+
+    pub async fn expose_service(&self, e: &ExposeService) -> Result<ExposeDecision, ClientError> {
+        self.decide(event::EXPOSE_SERVICE, e).await
+    }
+
+    pub async fn list_services(&self, e: &ServiceListRequest) -> Result<ListDecision, ClientError> {
+        self.decide(event::SERVICE_LIST_REQUEST, e).await
+    }
+
+    pub async fn connection_closed(
+        &self,
+        e: &ConnectionClosed,
+    ) -> Result<ClosedDecision, ClientError> {
+        self.decide(event::CONNECTION_CLOSED, e).await
+    }
+}
+
+/// An operator's client: programs subscriptions and policies through the dispatcher.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    nats: async_nats::Client,
+    subjects: Subjects,
+    timeout: Duration,
+}
+
+impl AdminClient {
+    pub fn new(nats: async_nats::Client, subjects: Subjects) -> Self {
+        AdminClient {
+            nats,
+            subjects,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    pub async fn command<A: Serialize, R: DeserializeOwned>(
+        &self,
+        command: AdminCommand,
+        args: &A,
+    ) -> Result<R, ClientError> {
+        let subject = self.subjects.admin(command);
+        let payload = codec::encode("admin command", args)?;
+        let msg = call(
+            &self.nats,
+            subject.clone(),
+            HeaderMap::new(),
+            payload.into(),
+            self.timeout,
+        )
+        .await?;
+        decode_reply(&subject, &msg)
+    }
+
+    pub async fn subscribe(&self, sub: &admin::Subscription) -> Result<(), ClientError> {
+        self.command::<_, Done>(AdminCommand::Subscribe, sub)
+            .await
+            .map(drop)
+    }
+
+    pub async fn unsubscribe(&self, event: &str, agent: &str) -> Result<(), ClientError> {
+        let args = admin::Unsubscribe {
+            event: event::EventName::new(event)?,
+            agent: agent.into(),
+        };
+        self.command::<_, Done>(AdminCommand::Unsubscribe, &args)
+            .await
+            .map(drop)
+    }
+
+    pub async fn subscriptions(
+        &self,
+        event: Option<&str>,
+    ) -> Result<Vec<admin::Subscription>, ClientError> {
+        let args = admin::ListSubscriptions {
+            event: event.map(event::EventName::new).transpose()?,
+        };
+        let r: admin::Subscriptions = self.command(AdminCommand::Subscriptions, &args).await?;
+        Ok(r.subscriptions)
+    }
+
+    pub async fn policy_add(&self, policies: Vec<Value>) -> Result<Vec<PolicyRef>, ClientError> {
+        let r: admin::PolicyAdded = self
+            .command(AdminCommand::PolicyAdd, &admin::PolicyAdd { policies })
+            .await?;
+        Ok(r.stored)
+    }
+
+    pub async fn policy_remove(&self, agent: &str, id: &str) -> Result<(), ClientError> {
+        let args = admin::PolicyRemove {
+            agent: agent.into(),
+            id: id.into(),
+        };
+        self.command::<_, Done>(AdminCommand::PolicyRemove, &args)
+            .await
+            .map(drop)
+    }
+
+    pub async fn policy_list(&self, agent: Option<&str>) -> Result<Vec<Value>, ClientError> {
+        let args = admin::PolicyList {
+            agent: agent.map(str::to_owned),
+        };
+        let r: admin::Policies = self.command(AdminCommand::PolicyList, &args).await?;
+        Ok(r.policies)
+    }
+}

@@ -1,0 +1,195 @@
+//! The configuration bucket: subscriptions and policies in a JetStream key-value store, so
+//! that every instance converges on the same set and restarts lose nothing.
+//!
+//! Keys: `sub.<event>.<kind>` holds a [`crate::admin::Subscription`];
+//! `pol.<kind>.<id>` holds a policy document. Values are MessagePack maps.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+
+use crate::subject::{Kind, Subjects};
+
+/// How many past values JetStream keeps per key; enough to see what an operator just changed.
+const HISTORY: i64 = 5;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigKey {
+    Subscription { event: String, kind: String },
+    Policy { kind: String, id: String },
+}
+
+impl ConfigKey {
+    pub fn subscription(event: &str, kind: &str) -> String {
+        format!("sub.{event}.{kind}")
+    }
+    pub fn policy(kind: &str, id: &str) -> String {
+        format!("pol.{kind}.{id}")
+    }
+    /// The key filter for every subscription.
+    pub fn all_subscriptions() -> &'static str {
+        "sub.>"
+    }
+    /// The key filter for one kind's policies.
+    pub fn policies_of(kind: &Kind) -> String {
+        format!("pol.{kind}.>")
+    }
+    pub fn all_policies() -> &'static str {
+        "pol.>"
+    }
+
+    pub fn parse(key: &str) -> Option<ConfigKey> {
+        let mut parts = key.splitn(3, '.');
+        let (tag, a, b) = (parts.next()?, parts.next()?, parts.next()?);
+        match tag {
+            "sub" => Some(ConfigKey::Subscription {
+                event: a.into(),
+                kind: b.into(),
+            }),
+            "pol" => Some(ConfigKey::Policy {
+                kind: a.into(),
+                id: b.into(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "cannot open the config bucket {bucket:?} (is JetStream enabled on the server?): {source}"
+    )]
+    Open {
+        bucket: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("config bucket: {0}")]
+    Io(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+fn io(e: impl std::error::Error + Send + Sync + 'static) -> ConfigError {
+    ConfigError::Io(Box::new(e))
+}
+
+/// Opens the bucket, creating it on first use. Every process may race to create it; the loser
+/// of the race just opens it.
+pub async fn open(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+) -> Result<kv::Store, ConfigError> {
+    let js = jetstream::new(client.clone());
+    let bucket = subjects.config_bucket();
+    let open_err = |e: Box<dyn std::error::Error + Send + Sync>| ConfigError::Open {
+        bucket: bucket.clone(),
+        source: e,
+    };
+    if let Ok(store) = js.get_key_value(&bucket).await {
+        return Ok(store);
+    }
+    let config = kv::Config {
+        bucket: bucket.clone(),
+        description: "policy-bus subscriptions and policies".into(),
+        history: HISTORY,
+        ..Default::default()
+    };
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        Err(create) => js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|_| open_err(Box::new(create))),
+    }
+}
+
+/// One change to the watched keys.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Put { key: String, value: Bytes },
+    Delete { key: String },
+}
+
+/// Loads the current values under `filter` and returns them with a stream of every later
+/// change. The watch starts just after the stream sequence read before loading, so no change
+/// falls between the load and the watch (a change may be seen twice; applying it is idempotent).
+pub async fn load_and_watch(
+    store: &kv::Store,
+    filter: &str,
+) -> Result<
+    (
+        Vec<(String, Bytes)>,
+        impl Stream<Item = Result<Change, ConfigError>>,
+    ),
+    ConfigError,
+> {
+    let status = store.status().await.map_err(io)?;
+    let last = status.info.state.last_sequence;
+    let prefix = filter.trim_end_matches('>');
+    let keys: Vec<String> = store
+        .keys()
+        .await
+        .map_err(io)?
+        .try_filter(|k| futures::future::ready(k.starts_with(prefix)))
+        .try_collect()
+        .await
+        .map_err(io)?;
+    let mut current = Vec::with_capacity(keys.len());
+    let mut gets = futures::stream::iter(keys)
+        .map(|k| async move {
+            let v = store.get(&k).await;
+            (k, v)
+        })
+        .buffer_unordered(32);
+    while let Some((k, v)) = gets.next().await {
+        if let Some(v) = v.map_err(io)? {
+            current.push((k, v));
+        }
+    }
+    current.sort_by(|a, b| a.0.cmp(&b.0));
+    let watch = store
+        .watch_from_revision(filter, last + 1)
+        .await
+        .map_err(io)?;
+    let changes = watch.map(|entry| {
+        let entry = entry.map_err(io)?;
+        Ok(match entry.operation {
+            kv::Operation::Put => Change::Put {
+                key: entry.key,
+                value: entry.value,
+            },
+            kv::Operation::Delete | kv::Operation::Purge => Change::Delete { key: entry.key },
+        })
+    });
+    Ok((current, changes))
+}
+
+/// How long an admin write may take before the caller is told the bucket is unavailable.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        assert_eq!(
+            ConfigKey::parse(&ConfigKey::subscription("new-connection", "acl")),
+            Some(ConfigKey::Subscription {
+                event: "new-connection".into(),
+                kind: "acl".into()
+            })
+        );
+        assert_eq!(
+            ConfigKey::parse(&ConfigKey::policy("acl", "r-1")),
+            Some(ConfigKey::Policy {
+                kind: "acl".into(),
+                id: "r-1".into()
+            })
+        );
+        assert_eq!(ConfigKey::parse("other.a.b"), None);
+        assert_eq!(ConfigKey::parse("sub.a"), None);
+    }
+}

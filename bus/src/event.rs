@@ -1,0 +1,278 @@
+//! Typed events (version 1 of the contract) and their decoding at the boundary.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, CodecError};
+use crate::error::InvalidName;
+use crate::state::{keys, State, Value};
+use crate::subject::check_event;
+
+pub const NEW_CONNECTION: &str = "new-connection";
+pub const EXPOSE_SERVICE: &str = "expose-service";
+pub const SERVICE_LIST_REQUEST: &str = "service-list-request";
+pub const CONNECTION_CLOSED: &str = "connection-closed";
+/// The events this version of the contract gives a schema to. Others are generic maps.
+pub const V1_EVENTS: [&str; 4] = [
+    NEW_CONNECTION,
+    EXPOSE_SERVICE,
+    SERVICE_LIST_REQUEST,
+    CONNECTION_CLOSED,
+];
+
+/// A validated event name (a kebab-case subject token).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EventName(String);
+
+impl EventName {
+    pub fn new(s: &str) -> Result<Self, InvalidName> {
+        check_event(s)?;
+        Ok(EventName(s.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// Whether the contract defines this event's attributes.
+    pub fn is_v1(&self) -> bool {
+        V1_EVENTS.contains(&self.0.as_str())
+    }
+}
+
+impl TryFrom<String> for EventName {
+    type Error = InvalidName;
+    fn try_from(s: String) -> Result<Self, InvalidName> {
+        EventName::new(&s)
+    }
+}
+
+impl From<EventName> for String {
+    fn from(e: EventName) -> String {
+        e.0
+    }
+}
+
+impl fmt::Display for EventName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Incoming,
+    Outgoing,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Incoming => "incoming",
+            Direction::Outgoing => "outgoing",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewConnection {
+    pub src_service: String,
+    pub dst_service: String,
+    pub direction: Direction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_peer: Option<String>,
+    /// Candidate peers that offer `dst_service`; seeds the state's `dst_peers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_peers: Option<Vec<String>>,
+    /// Set by the hookpoint, or by the dispatcher before the chain runs so that stateful
+    /// agents can key on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExposeService {
+    pub service: String,
+    /// Candidate peers; seeds the state's `target_peers`.
+    pub peers: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceListRequest {
+    pub src_peer: String,
+    /// Candidate services; seeds the state's `services`.
+    pub services: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionClosed {
+    pub connection_id: String,
+    pub src_service: String,
+    pub dst_service: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_peer: Option<String>,
+}
+
+/// An event as an agent or the dispatcher sees it after decoding.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    NewConnection(NewConnection),
+    ExposeService(ExposeService),
+    ServiceListRequest(ServiceListRequest),
+    ConnectionClosed(ConnectionClosed),
+    /// An event this version of the contract has no schema for: its attributes as a map.
+    Other {
+        name: EventName,
+        attributes: BTreeMap<String, Value>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("bad {event} event: {source}")]
+pub struct EventError {
+    pub event: String,
+    #[source]
+    pub source: CodecError,
+}
+
+impl Event {
+    /// Decodes the payload of `name`: strictly typed for v1 events (missing or ill-typed fields
+    /// are errors, unknown extra fields are ignored), a plain map otherwise.
+    pub fn decode(name: &EventName, payload: &[u8]) -> Result<Event, EventError> {
+        let err = |source| EventError {
+            event: name.to_string(),
+            source,
+        };
+        let ev = match name.as_str() {
+            NEW_CONNECTION => {
+                Event::NewConnection(codec::decode("new-connection", payload).map_err(err)?)
+            }
+            EXPOSE_SERVICE => {
+                Event::ExposeService(codec::decode("expose-service", payload).map_err(err)?)
+            }
+            SERVICE_LIST_REQUEST => Event::ServiceListRequest(
+                codec::decode("service-list-request", payload).map_err(err)?,
+            ),
+            CONNECTION_CLOSED => {
+                Event::ConnectionClosed(codec::decode("connection-closed", payload).map_err(err)?)
+            }
+            _ => Event::Other {
+                name: name.clone(),
+                attributes: codec::decode("event attributes", payload).map_err(err)?,
+            },
+        };
+        Ok(ev)
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        match self {
+            Event::NewConnection(e) => codec::encode("new-connection", e),
+            Event::ExposeService(e) => codec::encode("expose-service", e),
+            Event::ServiceListRequest(e) => codec::encode("service-list-request", e),
+            Event::ConnectionClosed(e) => codec::encode("connection-closed", e),
+            Event::Other { attributes, .. } => codec::encode("event attributes", attributes),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Event::NewConnection(_) => NEW_CONNECTION,
+            Event::ExposeService(_) => EXPOSE_SERVICE,
+            Event::ServiceListRequest(_) => SERVICE_LIST_REQUEST,
+            Event::ConnectionClosed(_) => CONNECTION_CLOSED,
+            Event::Other { name, .. } => name.as_str(),
+        }
+    }
+
+    /// The state the chain starts from: the event's candidate lists, under the keys agents
+    /// narrow (`dst_peers`; `peers` as `target_peers`; `services`). A generic event seeds the
+    /// same keys from attributes of those names.
+    pub fn initial_state(&self) -> State {
+        let mut s = State::new();
+        match self {
+            Event::NewConnection(e) => {
+                if let Some(p) = &e.dst_peers {
+                    s.set_strings(keys::DST_PEERS, p);
+                }
+            }
+            Event::ExposeService(e) => s.set_strings(keys::TARGET_PEERS, &e.peers),
+            Event::ServiceListRequest(e) => s.set_strings(keys::SERVICES, &e.services),
+            Event::ConnectionClosed(_) => {}
+            Event::Other { attributes, .. } => {
+                for (from, to) in [
+                    (keys::DST_PEERS, keys::DST_PEERS),
+                    ("peers", keys::TARGET_PEERS),
+                    (keys::SERVICES, keys::SERVICES),
+                ] {
+                    if let Some(v @ Value::Array(_)) = attributes.get(from) {
+                        s.insert(to, v.clone());
+                    }
+                }
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> EventName {
+        EventName::new(s).unwrap()
+    }
+
+    #[test]
+    fn v1_events_round_trip_and_ignore_unknown_fields() {
+        let nc = NewConnection {
+            src_service: "a".into(),
+            dst_service: "b".into(),
+            direction: Direction::Outgoing,
+            src_peer: None,
+            dst_peers: Some(vec!["p1".into()]),
+            connection_id: None,
+        };
+        let mut map: BTreeMap<String, Value> =
+            codec::decode("t", &codec::encode("t", &nc).unwrap()).unwrap();
+        map.insert("future_field".into(), Value::from(1));
+        let bytes = codec::encode("t", &map).unwrap();
+        let ev = Event::decode(&name(NEW_CONNECTION), &bytes).unwrap();
+        assert_eq!(ev, Event::NewConnection(nc));
+        assert_eq!(
+            ev.initial_state().get_strings(keys::DST_PEERS),
+            Some(vec!["p1"])
+        );
+    }
+
+    #[test]
+    fn missing_and_ill_typed_fields_are_named() {
+        let mut map = BTreeMap::new();
+        map.insert("src_service".to_string(), Value::from("a"));
+        let bytes = codec::encode("t", &map).unwrap();
+        let err = Event::decode(&name(NEW_CONNECTION), &bytes).unwrap_err();
+        assert!(err.to_string().contains("dst_service"), "{err}");
+        map.insert("dst_service".into(), Value::from("b"));
+        map.insert("direction".into(), Value::from("sideways"));
+        let bytes = codec::encode("t", &map).unwrap();
+        let err = Event::decode(&name(NEW_CONNECTION), &bytes).unwrap_err();
+        assert!(err.to_string().contains("sideways"), "{err}");
+        assert!(Event::decode(&name(EXPOSE_SERVICE), b"\xc1").is_err());
+    }
+
+    #[test]
+    fn generic_events_seed_candidates_by_name() {
+        let mut map = BTreeMap::new();
+        map.insert("peers".to_string(), Value::Array(vec![Value::from("x")]));
+        let bytes = codec::encode("t", &map).unwrap();
+        let ev = Event::decode(&name("custom-hook"), &bytes).unwrap();
+        assert_eq!(ev.name(), "custom-hook");
+        assert_eq!(
+            ev.initial_state().get_strings(keys::TARGET_PEERS),
+            Some(vec!["x"])
+        );
+        assert!(!name("custom-hook").is_v1());
+        assert!(EventName::new("Bad.Name").is_err());
+    }
+}

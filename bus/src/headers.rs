@@ -1,0 +1,54 @@
+//! Header names. Generated once here so no other crate spells one.
+
+/// Base64 (standard, padded) of a MessagePack map: the shared state between agents.
+pub const POLICY_STATE: &str = "Policy-State";
+/// The event id, echoed on every hop, in the decision and on the tap.
+pub const POLICY_EVENT_ID: &str = "Policy-Event-Id";
+/// Short error code on an error reply (see [`crate::ErrorCode`]).
+pub const POLICY_ERROR: &str = "Policy-Error";
+/// W3C trace context, propagated from the hookpoint through every hop.
+pub const TRACEPARENT: &str = "traceparent";
+/// NATS services API error headers, so standard tooling sees our errors as errors.
+pub const NATS_SERVICE_ERROR: &str = "Nats-Service-Error";
+pub const NATS_SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+
+/// Service names registered with the NATS services API (`$SRV.PING`, `INFO`, `STATS`).
+pub const DISPATCHER_SERVICE: &str = "policy-dispatcher";
+pub fn agent_service(kind: &crate::Kind) -> String {
+    format!("policy-agent-{kind}")
+}
+
+/// Copies the event id and trace context from one hop's headers to the next.
+pub fn propagate(from: Option<&async_nats::HeaderMap>, to: &mut async_nats::HeaderMap) {
+    if let Some(from) = from {
+        for name in [POLICY_EVENT_ID, TRACEPARENT] {
+            if let Some(v) = from.get(name) {
+                to.insert(name, v.as_str());
+            }
+        }
+    }
+}
+
+/// The value of a header as a `&str`, if present.
+pub fn get<'a>(headers: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {
+    headers?.get(name).map(|v| v.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_names_survive_a_header_map() {
+        let mut h = async_nats::HeaderMap::new();
+        for name in [POLICY_STATE, POLICY_EVENT_ID, POLICY_ERROR, TRACEPARENT] {
+            h.insert(name, "v");
+            assert_eq!(get(Some(&h), name), Some("v"), "{name}");
+        }
+        let mut to = async_nats::HeaderMap::new();
+        propagate(Some(&h), &mut to);
+        assert_eq!(get(Some(&to), POLICY_EVENT_ID), Some("v"));
+        assert_eq!(get(Some(&to), TRACEPARENT), Some("v"));
+        assert_eq!(get(Some(&to), POLICY_STATE), None);
+    }
+}

@@ -1,0 +1,24 @@
+//! The policy-bus contract in code (see `DESIGN.md`): every subject, header, payload and merge
+//! rule that crosses NATS is defined here and nowhere else, so that the dispatcher, the agents,
+//! the CLI and third-party Rust hookpoints cannot drift apart.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod client;
+pub mod codec;
+pub mod config;
+pub mod decision;
+pub mod error;
+pub mod event;
+pub mod headers;
+pub mod merge;
+pub mod state;
+pub mod subject;
+pub mod tap;
+
+pub use client::{AdminClient, Client, ClientError};
+pub use decision::{Action, ConnectionDecision, Effect, ExposeDecision, ListDecision, Reason};
+pub use error::{ErrorCode, ErrorReply};
+pub use event::{Direction, Event, EventName};
+pub use state::{State, Value};
+pub use subject::{Kind, Subjects};

@@ -1,0 +1,149 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn strings(s: &State, key: &str) -> Vec<String> {
+    s.get_strings(key)
+        .unwrap()
+        .into_iter()
+        .map(String::from)
+        .collect()
+}
+
+fn reason(agent: &str) -> Value {
+    Value::Map(vec![(Value::from("agent"), Value::from(agent))])
+}
+
+#[test]
+fn deny_is_final() {
+    let mut s = State::new();
+    let mut p = State::new();
+    p.insert(keys::ACTION, "deny");
+    assert_eq!(merge(&mut s, p).unwrap(), Flow::Stop);
+    let mut p = State::new();
+    p.insert(keys::ACTION, "allow");
+    assert_eq!(merge(&mut s, p).unwrap(), Flow::Continue);
+    assert_eq!(s.get_str(keys::ACTION), Some("deny"));
+}
+
+#[test]
+fn candidates_only_narrow_and_may_reorder() {
+    let mut s = State::new();
+    s.set_strings(keys::DST_PEERS, &["a", "b", "c"]);
+    let mut p = State::new();
+    p.set_strings(keys::DST_PEERS, &["c", "x", "a", "c"]);
+    merge(&mut s, p).unwrap();
+    assert_eq!(strings(&s, keys::DST_PEERS), ["c", "a"]);
+}
+
+#[test]
+fn a_list_the_event_never_offered_stays_absent() {
+    let mut s = State::new();
+    let mut p = State::new();
+    p.set_strings(keys::SERVICES, &["x"]);
+    merge(&mut s, p).unwrap();
+    assert!(s.get(keys::SERVICES).is_none());
+}
+
+#[test]
+fn most_restrictive_rate_limit_wins() {
+    let rl = |n: u64| Value::Map(vec![(Value::from("bits_per_second"), Value::from(n))]);
+    let mut s = State::new();
+    for n in [500u64, 100, 300] {
+        let mut p = State::new();
+        p.insert(keys::RATE_LIMIT, rl(n));
+        merge(&mut s, p).unwrap();
+    }
+    assert_eq!(s.get(keys::RATE_LIMIT), Some(&rl(100)));
+}
+
+#[test]
+fn reasons_accumulate_in_order_and_other_keys_replace() {
+    let mut s = State::new();
+    for agent in ["acl", "lb"] {
+        let mut p = State::new();
+        p.insert(keys::REASONS, Value::Array(vec![reason(agent)]));
+        p.insert("note", agent);
+        p.insert(keys::EVENT_ID, "forged");
+        merge(&mut s, p).unwrap();
+    }
+    assert_eq!(
+        s.get(keys::REASONS),
+        Some(&Value::Array(vec![reason("acl"), reason("lb")]))
+    );
+    assert_eq!(s.get_str("note"), Some("lb"));
+    assert!(s.get(keys::EVENT_ID).is_none());
+}
+
+#[test]
+fn degraded_is_sticky() {
+    let mut s = State::new();
+    let mut p = State::new();
+    p.insert(keys::DEGRADED, true);
+    merge(&mut s, p).unwrap();
+    let mut p = State::new();
+    p.insert(keys::DEGRADED, false);
+    merge(&mut s, p).unwrap();
+    assert_eq!(s.get(keys::DEGRADED), Some(&Value::from(true)));
+}
+
+#[test]
+fn malformed_patches_are_rejected_whole() {
+    let mut s = State::new();
+    s.set_strings(keys::DST_PEERS, &["a"]);
+    let before = s.clone();
+    let cases: Vec<(&str, Value)> = vec![
+        (keys::ACTION, Value::from("maybe")),
+        (keys::DST_PEERS, Value::from("a")),
+        (keys::DST_PEERS, Value::Array(vec![Value::from(1)])),
+        (keys::RATE_LIMIT, Value::from(10)),
+        (keys::REASONS, Value::Array(vec![Value::from("x")])),
+        (keys::DEGRADED, Value::from("yes")),
+    ];
+    for (key, value) in cases {
+        let mut p = State::new();
+        p.insert("other", 1);
+        p.insert(key, value);
+        let err = merge(&mut s, p).unwrap_err();
+        assert_eq!(err.key, key);
+        assert_eq!(s, before, "state changed by a rejected {key} patch");
+    }
+}
+
+proptest! {
+    /// Whatever a sequence of agents answers, the candidates stay a subset of the offer, a deny
+    /// stays a deny, and the rate limit is the minimum offered.
+    #[test]
+    fn merge_invariants(
+        offer in proptest::collection::vec("[a-e]", 0..6),
+        patches in proptest::collection::vec(
+            (proptest::collection::vec("[a-g]", 0..6), any::<Option<bool>>(), any::<Option<u32>>()),
+            0..6),
+    ) {
+        let mut s = State::new();
+        s.set_strings(keys::DST_PEERS, &offer);
+        let mut denied = false;
+        let mut min_rate: Option<u64> = None;
+        for (peers, action, rate) in patches {
+            let mut p = State::new();
+            p.set_strings(keys::DST_PEERS, &peers);
+            if let Some(allow) = action {
+                p.insert(keys::ACTION, if allow { "allow" } else { "deny" });
+                denied |= !allow;
+            }
+            if let Some(r) = rate {
+                let r = u64::from(r);
+                p.insert(keys::RATE_LIMIT, Value::Map(vec![(Value::from("bits_per_second"), Value::from(r))]));
+                min_rate = Some(min_rate.map_or(r, |m| m.min(r)));
+            }
+            let before: Vec<String> = strings(&s, keys::DST_PEERS);
+            let flow = merge(&mut s, p).unwrap();
+            prop_assert_eq!(flow == Flow::Stop, action == Some(false));
+            let after = strings(&s, keys::DST_PEERS);
+            prop_assert!(after.iter().all(|x| before.contains(x) && offer.contains(x)));
+            prop_assert!(after.len() <= before.len());
+        }
+        prop_assert_eq!(s.get_str(keys::ACTION) == Some("deny"), denied);
+        prop_assert_eq!(s.get(keys::RATE_LIMIT).and_then(bits_per_second), min_rate);
+    }
+}

@@ -1,0 +1,248 @@
+//! Subject names, built from the deployment prefix. No other crate formats a subject.
+
+use std::fmt;
+
+use crate::error::InvalidName;
+
+/// Checks a token against `[a-z0-9]+(-[a-z0-9]+)*`: event and agent-kind names are single
+/// subject tokens, and kebab-case keeps them valid KV keys, metric labels and CLI words alike.
+fn check_kebab(what: &'static str, s: &str) -> Result<(), InvalidName> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.split('-').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidName {
+            what,
+            name: s.to_string(),
+            rule: "a kebab-case token: lowercase letters and digits separated by single '-'",
+        })
+    }
+}
+
+/// An agent kind (`acl`, `lb`, or any kind a third party writes): the queue group name and the
+/// second token of its subjects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Kind(String);
+
+impl Kind {
+    pub fn new(s: &str) -> Result<Self, InvalidName> {
+        check_kebab("agent kind", s)?;
+        Ok(Kind(s.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub(crate) fn check_event(s: &str) -> Result<(), InvalidName> {
+    check_kebab("event", s)
+}
+
+/// The agent-side token used to ask a kind to validate a policy document. It starts with `_`,
+/// which no event name can, so it never collides with an event subscription.
+pub const VALIDATE_TOKEN: &str = "_validate";
+
+/// Admin commands, each the last token of `<prefix>.admin.<command>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminCommand {
+    Subscribe,
+    Unsubscribe,
+    Subscriptions,
+    PolicyAdd,
+    PolicyRemove,
+    PolicyList,
+}
+
+impl AdminCommand {
+    pub const ALL: [AdminCommand; 6] = [
+        AdminCommand::Subscribe,
+        AdminCommand::Unsubscribe,
+        AdminCommand::Subscriptions,
+        AdminCommand::PolicyAdd,
+        AdminCommand::PolicyRemove,
+        AdminCommand::PolicyList,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminCommand::Subscribe => "subscribe",
+            AdminCommand::Unsubscribe => "unsubscribe",
+            AdminCommand::Subscriptions => "subscriptions",
+            AdminCommand::PolicyAdd => "policy-add",
+            AdminCommand::PolicyRemove => "policy-remove",
+            AdminCommand::PolicyList => "policy-list",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// All subjects of one engine. Several engines share a NATS system by using different prefixes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    /// A prefix is one or more dot-separated tokens of `[A-Za-z0-9_-]`, so that every subject
+    /// built from it is a plain literal and the KV bucket name derived from it is valid.
+    pub fn new(prefix: &str) -> Result<Self, InvalidName> {
+        let ok = !prefix.is_empty()
+            && prefix.split('.').all(|t| {
+                !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !ok {
+            return Err(InvalidName {
+                what: "prefix",
+                name: prefix.to_string(),
+                rule: "dot-separated tokens of letters, digits, '-' and '_'",
+            });
+        }
+        Ok(Subjects {
+            prefix: prefix.to_string(),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn event(&self, event: &str) -> String {
+        format!("{}.event.{event}", self.prefix)
+    }
+    pub fn events_wildcard(&self) -> String {
+        format!("{}.event.>", self.prefix)
+    }
+    /// The event name carried by a subject received on [`Self::events_wildcard`].
+    pub fn event_of<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject.strip_prefix(&self.prefix)?.strip_prefix(".event.")
+    }
+
+    pub fn agent(&self, kind: &Kind, event: &str) -> String {
+        format!("{}.agent.{kind}.{event}", self.prefix)
+    }
+    pub fn agent_validate(&self, kind: &Kind) -> String {
+        self.agent(kind, VALIDATE_TOKEN)
+    }
+    pub fn agent_wildcard(&self, kind: &Kind) -> String {
+        format!("{}.agent.{kind}.>", self.prefix)
+    }
+    /// The token after `<prefix>.agent.<kind>.` (an event name or [`VALIDATE_TOKEN`]).
+    pub fn agent_op_of<'a>(&self, kind: &Kind, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix(&self.prefix)?
+            .strip_prefix(".agent.")?
+            .strip_prefix(kind.as_str())?
+            .strip_prefix('.')
+    }
+
+    pub fn admin(&self, command: AdminCommand) -> String {
+        format!("{}.admin.{}", self.prefix, command.as_str())
+    }
+    pub fn admin_wildcard(&self) -> String {
+        format!("{}.admin.>", self.prefix)
+    }
+    pub fn admin_of<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject.strip_prefix(&self.prefix)?.strip_prefix(".admin.")
+    }
+
+    pub fn tap(&self, event: &str) -> String {
+        format!("{}.tap.{event}", self.prefix)
+    }
+    pub fn tap_wildcard(&self) -> String {
+        format!("{}.tap.>", self.prefix)
+    }
+
+    /// A private echo subject for `policyctl bench`'s raw request/reply floor; the unique
+    /// suffix keeps concurrent benches (and other engines) from answering each other.
+    pub fn bench_echo(&self, unique: &str) -> String {
+        format!("{}._bench.echo.{unique}", self.prefix)
+    }
+
+    /// The NATS services API ping subject of a service name (`$SRV.PING.<name>`): every live
+    /// instance answers it, which is how tools and tests count instances.
+    pub fn service_ping(name: &str) -> String {
+        format!("$SRV.PING.{name}")
+    }
+
+    /// The JetStream key-value bucket holding subscriptions and policies. Bucket names cannot
+    /// contain dots, so the prefix's dots become underscores.
+    pub fn config_bucket(&self) -> String {
+        format!("{}_config", self.prefix.replace('.', "_"))
+    }
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Subjects {
+            prefix: "policy".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_follow_the_design() {
+        let s = Subjects::default();
+        let acl = Kind::new("acl").unwrap();
+        assert_eq!(s.event("new-connection"), "policy.event.new-connection");
+        assert_eq!(
+            s.agent(&acl, "new-connection"),
+            "policy.agent.acl.new-connection"
+        );
+        assert_eq!(s.agent_wildcard(&acl), "policy.agent.acl.>");
+        assert_eq!(s.admin(AdminCommand::PolicyAdd), "policy.admin.policy-add");
+        assert_eq!(s.tap("expose-service"), "policy.tap.expose-service");
+        assert_eq!(s.config_bucket(), "policy_config");
+        assert_eq!(Subjects::new("a.b").unwrap().config_bucket(), "a_b_config");
+    }
+
+    #[test]
+    fn subjects_round_trip_their_tokens() {
+        let s = Subjects::new("team-1.pb").unwrap();
+        let lb = Kind::new("lb").unwrap();
+        assert_eq!(s.event_of(&s.event("x-y")), Some("x-y"));
+        assert_eq!(s.agent_op_of(&lb, &s.agent(&lb, "e")), Some("e"));
+        assert_eq!(
+            s.agent_op_of(&lb, &s.agent_validate(&lb)),
+            Some(VALIDATE_TOKEN)
+        );
+        assert_eq!(
+            s.admin_of(&s.admin(AdminCommand::Subscribe)),
+            Some("subscribe")
+        );
+        for c in AdminCommand::ALL {
+            assert_eq!(AdminCommand::parse(c.as_str()), Some(c));
+        }
+    }
+
+    #[test]
+    fn names_are_validated() {
+        assert!(Kind::new("conn-limit").is_ok());
+        for bad in ["", "Acl", "a.b", "a--b", "-a", "a-", "a b", "_validate"] {
+            assert!(Kind::new(bad).is_err(), "{bad:?} accepted");
+            assert!(check_event(bad).is_err(), "{bad:?} accepted");
+        }
+        for bad in ["", "a..b", "a.*", "a.>", "a b"] {
+            assert!(Subjects::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
