@@ -1,15 +1,13 @@
 //! The runtime every agent kind shares: it owns NATS (the kind's queue group, the services
 //! API), the policy watch, request decoding and shutdown, and calls the kind's pure functions.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use async_nats::service::ServiceExt;
 use async_nats::HeaderMap;
 use bus::admin::Validated;
-use bus::config::{self, Change, ConfigKey};
+use bus::config::{self, ConfigKey};
 use bus::event::EventName;
 use bus::state::keys;
 use bus::subject::VALIDATE_TOKEN;
@@ -47,10 +45,13 @@ impl<K: AgentKind> Agent<K>
 where
     K::Policy: Clone,
 {
-    fn load(&self, docs: &BTreeMap<String, bytes::Bytes>) {
-        let mut valid = Vec::with_capacity(docs.len());
+    fn load(&self, snap: &config::Snapshot) {
+        let mut valid = Vec::with_capacity(snap.values.len());
         let mut broken = Vec::new();
-        for (id, doc) in docs {
+        for (key, doc) in &snap.values {
+            let Some(ConfigKey::Policy { id, .. }) = ConfigKey::parse(key) else {
+                continue;
+            };
             match parse_policy(&self.kind, doc) {
                 Ok(p) => valid.push((id.clone(), p)),
                 Err(e) => {
@@ -151,55 +152,6 @@ where
     }
 }
 
-/// Keeps the agent's policies in step with the bucket. A broken watch (the server restarted,
-/// the stream was lost) is reopened and everything reloaded, so no change is missed.
-async fn watch_policies<K: AgentKind>(
-    agent: Arc<Agent<K>>,
-    store: async_nats::jetstream::kv::Store,
-    mut ready: Option<tokio::sync::oneshot::Sender<()>>,
-) where
-    K::Policy: Clone,
-{
-    let filter = ConfigKey::policies_of(&agent.kind_name);
-    loop {
-        match config::load_and_watch(&store, &filter).await {
-            Ok((current, mut changes)) => {
-                let mut docs = BTreeMap::new();
-                for (key, value) in current {
-                    if let Some(ConfigKey::Policy { id, .. }) = ConfigKey::parse(&key) {
-                        docs.insert(id, value);
-                    }
-                }
-                agent.load(&docs);
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(());
-                }
-                while let Some(change) = changes.next().await {
-                    match change {
-                        Ok(Change::Put { key, value }) => {
-                            if let Some(ConfigKey::Policy { id, .. }) = ConfigKey::parse(&key) {
-                                docs.insert(id, value);
-                            }
-                        }
-                        Ok(Change::Delete { key }) => {
-                            if let Some(ConfigKey::Policy { id, .. }) = ConfigKey::parse(&key) {
-                                docs.remove(&id);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "policy watch failed; reloading");
-                            break;
-                        }
-                    }
-                    agent.load(&docs);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot load policies; retrying"),
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
 /// Runs an agent of `kind` until `shutdown` resolves, then drains in-flight requests.
 pub async fn run<K: AgentKind>(
     kind: K,
@@ -232,7 +184,13 @@ where
     let watcher = {
         let agent = agent.clone();
         let store = store.clone();
-        tokio::spawn(watch_policies(agent, store, Some(ready_tx)))
+        let filter = ConfigKey::policies_of(&kind_name);
+        tokio::spawn(config::follow(
+            store,
+            filter,
+            move |snap| agent.load(snap),
+            Some(ready_tx),
+        ))
     };
     let _ = ready_rx.await;
 

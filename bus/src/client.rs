@@ -85,6 +85,27 @@ pub async fn call(
     Ok(msg)
 }
 
+/// Counts the live instances of a NATS service (by `$SRV.PING`), waiting `window` for
+/// answers. Used to wait for a process to be ready and to check an engine is whole.
+pub async fn count_instances(
+    nats: &async_nats::Client,
+    service: &str,
+    window: Duration,
+) -> Result<usize, async_nats::Error> {
+    use futures::StreamExt;
+    let inbox = nats.new_inbox();
+    let mut sub = nats.subscribe(inbox.clone()).await?;
+    nats.publish_with_reply(Subjects::service_ping(service), inbox, Bytes::new())
+        .await?;
+    nats.flush().await?;
+    let mut seen = 0;
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(Some(_)) = tokio::time::timeout_at(deadline, sub.next()).await {
+        seen += 1;
+    }
+    Ok(seen)
+}
+
 fn decode_reply<T: DeserializeOwned>(subject: &str, msg: &Message) -> Result<T, ClientError> {
     codec::decode("reply", &msg.payload).map_err(|source| ClientError::Decode {
         subject: subject.to_string(),

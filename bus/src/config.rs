@@ -4,11 +4,12 @@
 //! Keys: `sub.<event>.<kind>` holds a [`crate::admin::Subscription`];
 //! `pol.<kind>.<id>` holds a policy document. Values are MessagePack maps.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 
 use crate::subject::{Kind, Subjects};
 
@@ -67,6 +68,8 @@ pub enum ConfigError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("nats-server {version} is too old: policy-bus needs 2.10 or later (scripts/install-nats installs a current one)")]
+    ServerTooOld { version: String },
     #[error("config bucket: {0}")]
     Io(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -105,11 +108,26 @@ pub async fn open(
     }
 }
 
-/// One change to the watched keys.
+/// The engine's JetStream client understands servers from 2.10 on. An empty version means
+/// the connection is not up yet; the request that follows will say so itself.
+pub fn server_supported(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let v = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    version.is_empty() || v >= (2, 10)
+}
+
+/// One change to the watched keys, with the bucket revision it brings the watcher to.
 #[derive(Debug, Clone)]
 pub enum Change {
-    Put { key: String, value: Bytes },
-    Delete { key: String },
+    Put {
+        key: String,
+        value: Bytes,
+        revision: u64,
+    },
+    Delete {
+        key: String,
+        revision: u64,
+    },
 }
 
 /// Loads the current values under `filter` and returns them with a stream of every later
@@ -118,13 +136,7 @@ pub enum Change {
 pub async fn load_and_watch(
     store: &kv::Store,
     filter: &str,
-) -> Result<
-    (
-        Vec<(String, Bytes)>,
-        impl Stream<Item = Result<Change, ConfigError>>,
-    ),
-    ConfigError,
-> {
+) -> Result<(Snapshot, impl Stream<Item = Result<Change, ConfigError>>), ConfigError> {
     let status = store.status().await.map_err(io)?;
     let last = status.info.state.last_sequence;
     let prefix = filter.trim_end_matches('>');
@@ -136,7 +148,10 @@ pub async fn load_and_watch(
         .try_collect()
         .await
         .map_err(io)?;
-    let mut current = Vec::with_capacity(keys.len());
+    let mut current = Snapshot {
+        values: BTreeMap::new(),
+        revision: last,
+    };
     let mut gets = futures::stream::iter(keys)
         .map(|k| async move {
             let v = store.get(&k).await;
@@ -145,10 +160,9 @@ pub async fn load_and_watch(
         .buffer_unordered(32);
     while let Some((k, v)) = gets.next().await {
         if let Some(v) = v.map_err(io)? {
-            current.push((k, v));
+            current.values.insert(k, v);
         }
     }
-    current.sort_by(|a, b| a.0.cmp(&b.0));
     let watch = store
         .watch_from_revision(filter, last + 1)
         .await
@@ -159,11 +173,73 @@ pub async fn load_and_watch(
             kv::Operation::Put => Change::Put {
                 key: entry.key,
                 value: entry.value,
+                revision: entry.revision,
             },
-            kv::Operation::Delete | kv::Operation::Purge => Change::Delete { key: entry.key },
+            kv::Operation::Delete | kv::Operation::Purge => Change::Delete {
+                key: entry.key,
+                revision: entry.revision,
+            },
         })
     });
     Ok((current, changes))
+}
+
+/// The values under a filter as of a bucket revision.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub values: BTreeMap<String, Bytes>,
+    pub revision: u64,
+}
+
+/// Keeps `apply` in step with the keys under `filter` for as long as the task runs: it is
+/// called with the whole current set after the first load and after every batch of changes
+/// (changes already waiting are applied together, so a bulk load is not rebuilt key by key).
+/// A broken watch (the server restarted, the stream was lost) is reopened and everything
+/// reloaded, so no change is missed. `ready` fires after the first load.
+pub async fn follow(
+    store: kv::Store,
+    filter: String,
+    mut apply: impl FnMut(&Snapshot),
+    mut ready: Option<tokio::sync::oneshot::Sender<()>>,
+) {
+    loop {
+        match load_and_watch(&store, &filter).await {
+            Ok((mut snap, changes)) => {
+                apply(&snap);
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+                let mut changes = std::pin::pin!(changes);
+                'watch: while let Some(first) = changes.next().await {
+                    let mut next = Some(first);
+                    while let Some(change) = next.take() {
+                        match change {
+                            Ok(Change::Put {
+                                key,
+                                value,
+                                revision,
+                            }) => {
+                                snap.values.insert(key, value);
+                                snap.revision = revision;
+                            }
+                            Ok(Change::Delete { key, revision }) => {
+                                snap.values.remove(&key);
+                                snap.revision = revision;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, %filter, "config watch failed; reloading");
+                                break 'watch;
+                            }
+                        }
+                        next = changes.next().now_or_never().flatten();
+                    }
+                    apply(&snap);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, %filter, "cannot load config; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// How long an admin write may take before the caller is told the bucket is unavailable.
@@ -172,6 +248,14 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_versions() {
+        assert!(!server_supported("2.9.10"));
+        assert!(server_supported("2.10.0"));
+        assert!(server_supported("2.12.8"));
+        assert!(server_supported("3.0.0"));
+    }
 
     #[test]
     fn keys_round_trip() {

@@ -22,6 +22,11 @@ pub const V1_EVENTS: [&str; 4] = [
     CONNECTION_CLOSED,
 ];
 
+/// A new unique id (NUID): for event ids and connection ids the hookpoint did not set.
+pub fn new_id() -> String {
+    nuid::next().to_string()
+}
+
 /// A validated event name (a kebab-case subject token).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

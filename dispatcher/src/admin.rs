@@ -1,0 +1,262 @@
+//! Admin commands on `<prefix>.admin.<command>`: subscriptions and policies, stored in the
+//! config bucket. A policy is validated by its agent kind before anything is stored.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bus::admin::{
+    Done, ListSubscriptions, Policies, PolicyAdd, PolicyAdded, PolicyList, PolicyRef, PolicyRemove,
+    Subscription, Subscriptions, Unsubscribe,
+};
+use bus::client::{call, ClientError};
+use bus::config::{ConfigKey, WRITE_TIMEOUT};
+use bus::subject::AdminCommand;
+use bus::{codec, ErrorCode, ErrorReply, Kind, Value};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::Dispatcher;
+
+/// How long an agent may take to validate one policy document.
+const VALIDATE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn args<T: DeserializeOwned>(command: &str, payload: &[u8]) -> Result<T, ErrorReply> {
+    codec::decode("admin arguments", payload)
+        .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, format!("{command}: {e}")))
+}
+
+fn reply<T: Serialize>(value: &T) -> Result<Bytes, ErrorReply> {
+    codec::encode("admin reply", value)
+        .map(Bytes::from)
+        .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::Internal,
+        format!("config bucket unavailable: {e}"),
+    )
+}
+
+pub async fn handle(d: &Dispatcher, command: &str, payload: &[u8]) -> Result<Bytes, ErrorReply> {
+    let Some(cmd) = AdminCommand::parse(command) else {
+        let known: Vec<&str> = AdminCommand::ALL.iter().map(|c| c.as_str()).collect();
+        return Err(ErrorReply::new(
+            ErrorCode::NotFound,
+            format!(
+                "unknown admin command {command:?}; known: {}",
+                known.join(", ")
+            ),
+        ));
+    };
+    match cmd {
+        AdminCommand::Subscribe => subscribe(d, args(command, payload)?).await,
+        AdminCommand::Unsubscribe => unsubscribe(d, args(command, payload)?).await,
+        AdminCommand::Subscriptions => subscriptions(d, args(command, payload)?).await,
+        AdminCommand::PolicyAdd => policy_add(d, args(command, payload)?).await,
+        AdminCommand::PolicyRemove => policy_remove(d, args(command, payload)?).await,
+        AdminCommand::PolicyList => policy_list(d, args(command, payload)?).await,
+    }
+}
+
+/// Writes a key, then waits (briefly) until this dispatcher's table shows the write, so an
+/// operator's next event through this instance already sees it.
+async fn put(d: &Dispatcher, key: String, value: Vec<u8>) -> Result<(), ErrorReply> {
+    let revision = tokio::time::timeout(WRITE_TIMEOUT, d.store.put(&key, value.into()))
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)?;
+    if key.starts_with("sub.") {
+        let mut seen = d.table.revision();
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, seen.wait_for(|r| *r >= revision)).await;
+    }
+    Ok(())
+}
+
+async fn delete(d: &Dispatcher, key: &str) -> Result<(), ErrorReply> {
+    match d.store.get(key).await.map_err(unavailable)? {
+        None => Err(ErrorReply::new(
+            ErrorCode::NotFound,
+            format!("nothing stored under {key}"),
+        )),
+        Some(_) => {
+            tokio::time::timeout(WRITE_TIMEOUT, d.store.delete(key))
+                .await
+                .map_err(unavailable)?
+                .map_err(unavailable)?;
+            Ok(())
+        }
+    }
+}
+
+/// The values of every key under `prefix`, in key order.
+async fn list(d: &Dispatcher, prefix: &str) -> Result<Vec<(String, Bytes)>, ErrorReply> {
+    let mut keys: Vec<String> = d
+        .store
+        .keys()
+        .await
+        .map_err(unavailable)?
+        .try_filter(|k| futures::future::ready(k.starts_with(prefix)))
+        .try_collect()
+        .await
+        .map_err(unavailable)?;
+    keys.sort();
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        if let Some(v) = d.store.get(&k).await.map_err(unavailable)? {
+            out.push((k, v));
+        }
+    }
+    Ok(out)
+}
+
+async fn subscribe(d: &Dispatcher, sub: Subscription) -> Result<Bytes, ErrorReply> {
+    let kind = sub
+        .validate()
+        .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e))?;
+    let value = codec::encode("subscription", &sub)
+        .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+    put(
+        d,
+        ConfigKey::subscription(sub.event.as_str(), kind.as_str()),
+        value,
+    )
+    .await?;
+    reply(&Done { ok: true })
+}
+
+async fn unsubscribe(d: &Dispatcher, u: Unsubscribe) -> Result<Bytes, ErrorReply> {
+    delete(d, &ConfigKey::subscription(u.event.as_str(), &u.agent)).await?;
+    reply(&Done { ok: true })
+}
+
+async fn subscriptions(d: &Dispatcher, q: ListSubscriptions) -> Result<Bytes, ErrorReply> {
+    let prefix = match &q.event {
+        Some(e) => format!("sub.{e}."),
+        None => "sub.".to_string(),
+    };
+    let mut subs: Vec<Subscription> = Vec::new();
+    for (key, value) in list(d, &prefix).await? {
+        match codec::decode("subscription", &value) {
+            Ok(s) => subs.push(s),
+            Err(e) => tracing::warn!(%key, error = %e, "stored subscription does not decode"),
+        }
+    }
+    subs.sort_by(|a: &Subscription, b| {
+        (a.event.as_str(), a.priority, &a.agent).cmp(&(b.event.as_str(), b.priority, &b.agent))
+    });
+    reply(&Subscriptions {
+        subscriptions: subs,
+    })
+}
+
+/// Asks the agent kind whether a document is a valid policy of its kind.
+async fn validate(
+    d: &Dispatcher,
+    index: usize,
+    r: &PolicyRef,
+    doc: &[u8],
+) -> Result<(), ErrorReply> {
+    let at = format!("document {} ({}/{})", index + 1, r.agent, r.id);
+    let kind = Kind::new(&r.agent)
+        .map_err(|e| ErrorReply::new(ErrorCode::InvalidPolicy, format!("{at}: {e}")))?;
+    let subject = d.subjects.agent_validate(&kind);
+    match call(
+        &d.nats,
+        subject,
+        HeaderMap::new(),
+        Bytes::copy_from_slice(doc),
+        VALIDATE_TIMEOUT,
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(ClientError::Remote(e)) if e.code == ErrorCode::InvalidPolicy => Err(ErrorReply::new(
+            ErrorCode::InvalidPolicy,
+            format!("{at}: {}", e.message),
+        )),
+        Err(ClientError::NoResponders { .. }) => Err(ErrorReply::new(
+            ErrorCode::AgentError,
+            format!(
+                "{at}: no live {} agent to validate it; start `policy-agent {}` first",
+                r.agent, r.agent
+            ),
+        )),
+        Err(ClientError::Timeout { .. }) => Err(ErrorReply::new(
+            ErrorCode::AgentTimeout,
+            format!(
+                "{at}: the {} agent did not validate it within {VALIDATE_TIMEOUT:?}",
+                r.agent
+            ),
+        )),
+        Err(e) => Err(ErrorReply::new(ErrorCode::AgentError, format!("{at}: {e}"))),
+    }
+}
+
+async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, ErrorReply> {
+    if add.policies.is_empty() {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidPolicy,
+            "no policy documents given",
+        ));
+    }
+    let mut docs = Vec::with_capacity(add.policies.len());
+    for (i, doc) in add.policies.iter().enumerate() {
+        let r = PolicyRef::of(doc).map_err(|e| {
+            ErrorReply::new(ErrorCode::InvalidPolicy, format!("document {}: {e}", i + 1))
+        })?;
+        if let Some(j) = docs
+            .iter()
+            .position(|(other, _): &(PolicyRef, Vec<u8>)| *other == r)
+        {
+            return Err(ErrorReply::new(
+                ErrorCode::InvalidPolicy,
+                format!(
+                    "document {}: {}/{} is also document {}",
+                    i + 1,
+                    r.agent,
+                    r.id,
+                    j + 1
+                ),
+            ));
+        }
+        let bytes = codec::encode("policy", doc)
+            .map_err(|e| ErrorReply::new(ErrorCode::InvalidPolicy, e.to_string()))?;
+        docs.push((r, bytes));
+    }
+    // Every document is validated before any is stored: a bad file changes nothing.
+    for (n, chunk) in docs.chunks(16).enumerate() {
+        let checks = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, (r, bytes))| validate(d, n * 16 + i, r, bytes));
+        futures::future::try_join_all(checks).await?;
+    }
+    for (r, bytes) in &docs {
+        put(d, ConfigKey::policy(&r.agent, &r.id), bytes.clone()).await?;
+    }
+    reply(&PolicyAdded {
+        stored: docs.into_iter().map(|(r, _)| r).collect(),
+    })
+}
+
+async fn policy_remove(d: &Dispatcher, r: PolicyRemove) -> Result<Bytes, ErrorReply> {
+    delete(d, &ConfigKey::policy(&r.agent, &r.id)).await?;
+    reply(&Done { ok: true })
+}
+
+async fn policy_list(d: &Dispatcher, q: PolicyList) -> Result<Bytes, ErrorReply> {
+    let prefix = match &q.agent {
+        Some(a) => format!("pol.{a}."),
+        None => "pol.".to_string(),
+    };
+    let mut policies = Vec::new();
+    for (key, value) in list(d, &prefix).await? {
+        match codec::decode::<Value>("policy", &value) {
+            Ok(v) => policies.push(v),
+            Err(e) => tracing::warn!(%key, error = %e, "stored policy does not decode"),
+        }
+    }
+    reply(&Policies { policies })
+}

@@ -1,0 +1,234 @@
+//! Running an event's chain.
+//!
+//! Order, exactly: stages run one after another in priority order (lower first). The agents of
+//! one stage are called concurrently, and their answers are merged in the stage's order
+//! (agent name), so a decision does not depend on which answered first. Each agent gets the
+//! event's attributes as payload and the state so far in `Policy-State`; its answer is folded
+//! in with [`bus::merge::merge`]. A deny ends the chain after its stage. Observe-only agents
+//! are sent the event without waiting and never change the state.
+//!
+//! An agent that times out, has no live instance, answers with an error or answers with a
+//! patch that cannot be merged has *failed*: with failure mode `closed` the decision is deny;
+//! with `open` it is skipped, the skip is a reason (effect `skipped`) and the decision is
+//! `degraded`. "No responders" comes back from NATS at once, not after the timeout.
+
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use bus::admin::FailureMode;
+use bus::client::{call, ClientError};
+use bus::merge::{merge, Flow};
+use bus::state::keys;
+use bus::tap::{AgentTiming, Outcome};
+use bus::{headers, Effect, Reason, State, Value};
+use bytes::Bytes;
+
+use crate::table::{Chain, Member};
+
+/// What running a chain produced: the final state (before the dispatcher's own keys) and the
+/// per-agent timings for the tap.
+pub struct Run {
+    pub state: State,
+    pub degraded: bool,
+    pub timings: Vec<AgentTiming>,
+}
+
+struct Failure {
+    outcome: Outcome,
+    code: &'static str,
+    detail: String,
+}
+
+fn patch_of(
+    member: &Member,
+    reply: Result<async_nats::Message, ClientError>,
+) -> Result<State, Failure> {
+    let msg = reply.map_err(|e| match e {
+        ClientError::Timeout { timeout, .. } => Failure {
+            outcome: Outcome::Timeout,
+            code: "agent-timeout",
+            detail: format!("no answer within {timeout:?}"),
+        },
+        ClientError::NoResponders { .. } => Failure {
+            outcome: Outcome::NoResponders,
+            code: "no-responders",
+            detail: format!("no live {} agent", member.kind),
+        },
+        other => Failure {
+            outcome: Outcome::Error,
+            code: "agent-error",
+            detail: other.to_string(),
+        },
+    })?;
+    let bad = |detail: String| Failure {
+        outcome: Outcome::Error,
+        code: "agent-error",
+        detail,
+    };
+    match headers::get(msg.headers.as_ref(), headers::POLICY_STATE) {
+        Some(h) => State::from_header(h).map_err(|e| bad(e.to_string())),
+        None if msg.payload.is_empty() => Ok(State::new()),
+        None => State::decode(&msg.payload).map_err(|e| bad(e.to_string())),
+    }
+}
+
+pub struct Call<'a> {
+    pub nats: &'a async_nats::Client,
+    pub payload: Bytes,
+    /// Event id and trace context, copied onto every hop.
+    pub trace: HeaderMap,
+}
+
+impl Call<'_> {
+    fn headers(&self, state_header: &str) -> HeaderMap {
+        let mut h = self.trace.clone();
+        h.insert(headers::POLICY_STATE, state_header);
+        h
+    }
+
+    async fn ask(&self, m: &Member, state_header: &str) -> (Result<State, Failure>, Duration) {
+        let start = Instant::now();
+        let reply = call(
+            self.nats,
+            m.subject.clone(),
+            self.headers(state_header),
+            self.payload.clone(),
+            m.timeout,
+        )
+        .await;
+        (patch_of(m, reply), start.elapsed())
+    }
+
+    /// Runs the chain from `state`.
+    pub async fn run(&self, chain: &Chain, mut state: State) -> Run {
+        let mut timings = Vec::new();
+        let mut degraded = false;
+        for stage in &chain.stages {
+            let header = match state.to_header() {
+                Ok(h) => h,
+                Err(e) => {
+                    // Our own state always encodes; if not, fail closed rather than guess.
+                    tracing::error!(error = %e, "cannot encode state");
+                    deny(
+                        &mut state,
+                        Reason::new("dispatcher", "internal", Effect::Deny)
+                            .with_detail(e.to_string()),
+                    );
+                    break;
+                }
+            };
+            let (observers, callers): (Vec<&Member>, Vec<&Member>) =
+                stage.members.iter().partition(|m| m.observe);
+            for m in observers {
+                if let Err(e) = self
+                    .nats
+                    .publish_with_headers(
+                        m.subject.clone(),
+                        self.headers(&header),
+                        self.payload.clone(),
+                    )
+                    .await
+                {
+                    tracing::warn!(agent = %m.kind, error = %e, "could not publish to observer");
+                }
+                timings.push(timing(m, Duration::ZERO, Outcome::Observed));
+            }
+            let answers = match callers.as_slice() {
+                [] => Vec::new(),
+                [one] => vec![self.ask(one, &header).await],
+                many => futures::future::join_all(many.iter().map(|m| self.ask(m, &header))).await,
+            };
+            let mut stop = false;
+            for (m, (answer, took)) in callers.iter().zip(answers) {
+                let merged = answer.and_then(|patch| {
+                    merge(&mut state, patch).map_err(|e| Failure {
+                        outcome: Outcome::Error,
+                        code: "agent-error",
+                        detail: e.to_string(),
+                    })
+                });
+                match merged {
+                    Ok(flow) => {
+                        timings.push(timing(m, took, Outcome::Answered));
+                        stop |= flow == Flow::Stop;
+                    }
+                    Err(f) => {
+                        tracing::warn!(agent = %m.kind, code = f.code, detail = %f.detail, failure = m.failure.as_str(), "agent failed");
+                        timings.push(timing(m, took, f.outcome));
+                        let reason = Reason::new(m.kind.as_str(), f.code, Effect::Deny)
+                            .with_detail(f.detail);
+                        match m.failure {
+                            FailureMode::Closed => {
+                                deny(&mut state, reason);
+                                stop = true;
+                            }
+                            FailureMode::Open => {
+                                degraded = true;
+                                push_reason(
+                                    &mut state,
+                                    Reason {
+                                        effect: Effect::Skipped,
+                                        ..reason
+                                    },
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            if stop {
+                break;
+            }
+        }
+        Run {
+            state,
+            degraded,
+            timings,
+        }
+    }
+}
+
+fn timing(m: &Member, took: Duration, outcome: Outcome) -> AgentTiming {
+    AgentTiming {
+        agent: m.kind.to_string(),
+        priority: m.priority,
+        latency_us: took.as_micros().min(u128::from(u64::MAX)) as u64,
+        outcome,
+    }
+}
+
+fn push_reason(state: &mut State, reason: Reason) {
+    match state.0.get_mut(keys::REASONS) {
+        Some(Value::Array(list)) => list.push(reason.to_value()),
+        _ => state.insert(keys::REASONS, Value::Array(vec![reason.to_value()])),
+    }
+}
+
+fn deny(state: &mut State, reason: Reason) {
+    state.insert(keys::ACTION, "deny");
+    push_reason(state, reason);
+}
+
+/// Adds the dispatcher's keys to the final state. A connection nobody denied is allowed; a
+/// denied event offers no candidates and no target.
+pub fn finalize(run: &mut Run, event_id: &str, is_connection: bool) {
+    let s = &mut run.state;
+    let denied = s.get_str(keys::ACTION) == Some("deny");
+    if denied {
+        for key in keys::CANDIDATES {
+            if s.get(key).is_some() {
+                s.insert(key, Value::Array(Vec::new()));
+            }
+        }
+        s.remove(keys::TARGET_PEER);
+    } else if is_connection {
+        s.insert(keys::ACTION, "allow");
+    }
+    if !s.get(keys::REASONS).is_some_and(Value::is_array) {
+        s.insert(keys::REASONS, Value::Array(Vec::new()));
+    }
+    if run.degraded {
+        s.insert(keys::DEGRADED, true);
+    }
+    s.insert(keys::EVENT_ID, event_id);
+}

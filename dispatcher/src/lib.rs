@@ -1,0 +1,309 @@
+//! The dispatcher: takes events from hookpoints, runs their chains, answers with the merged
+//! decision, publishes it on the tap, and serves the admin commands.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod chain;
+pub mod table;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::service::ServiceExt;
+use async_nats::HeaderMap;
+use bus::config::{self, ConfigKey};
+use bus::event::{new_id, Event, EventName};
+use bus::state::keys;
+use bus::tap::TapRecord;
+use bus::{codec, headers, ErrorCode, ErrorReply, Subjects};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::chain::{finalize, Call};
+use crate::table::Table;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatcherError {
+    #[error(transparent)]
+    Daemon(#[from] daemon::DaemonError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot register with the NATS services API: {0}")]
+    Service(String),
+}
+
+/// Tunables that are not part of the contract.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Events handled at once by this instance; past it, new events wait in NATS.
+    pub max_in_flight: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_in_flight: 4096,
+        }
+    }
+}
+
+pub struct Dispatcher {
+    pub(crate) nats: async_nats::Client,
+    pub(crate) subjects: Subjects,
+    pub(crate) table: Table,
+    pub(crate) store: async_nats::jetstream::kv::Store,
+}
+
+type Reply = (HeaderMap, Bytes);
+
+impl Dispatcher {
+    /// Decides one event. Errors are the caller's or the configuration's: a failed agent is
+    /// not an error but a (deny or degraded) decision.
+    async fn decide(
+        &self,
+        msg: &async_nats::Message,
+        started: Instant,
+    ) -> Result<Reply, ErrorReply> {
+        let raw = self.subjects.event_of(&msg.subject).unwrap_or_default();
+        let name = EventName::new(raw)
+            .map_err(|e| ErrorReply::new(ErrorCode::UnknownEvent, e.to_string()))?;
+        let Some(chain) = self.table.chain(name.as_str()) else {
+            return Err(if name.is_v1() {
+                ErrorReply::new(
+                    ErrorCode::NoSubscribers,
+                    format!("no agent is subscribed to {name}: policyctl subscribe {name} <agent> --priority N"),
+                )
+            } else {
+                ErrorReply::new(
+                    ErrorCode::UnknownEvent,
+                    format!("unknown event {name:?}: not an event of the contract and no agent is subscribed to it"),
+                )
+            });
+        };
+        let mut event = Event::decode(&name, &msg.payload)
+            .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
+
+        let mut trace = HeaderMap::new();
+        headers::propagate(msg.headers.as_ref(), &mut trace);
+        let event_id = match headers::get(msg.headers.as_ref(), headers::POLICY_EVENT_ID) {
+            Some(id) if !id.is_empty() => id.to_string(),
+            _ => {
+                let id = new_id();
+                trace.insert(headers::POLICY_EVENT_ID, id.as_str());
+                id
+            }
+        };
+        tracing::Span::current().record("event.id", event_id.as_str());
+
+        // Stateful agents key on the connection id, so it must exist before the chain runs.
+        let mut payload = msg.payload.clone();
+        let mut connection_id = None;
+        if let Event::NewConnection(nc) = &mut event {
+            if nc.connection_id.is_none() {
+                nc.connection_id = Some(new_id());
+                payload = event
+                    .encode()
+                    .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?
+                    .into();
+            }
+            if let Event::NewConnection(nc) = &event {
+                connection_id = nc.connection_id.clone();
+            }
+        }
+
+        let mut state = event.initial_state();
+        if let Some(id) = &connection_id {
+            state.insert(keys::CONNECTION_ID, id.as_str());
+        }
+        let call = Call {
+            nats: &self.nats,
+            payload: payload.clone(),
+            trace: trace.clone(),
+        };
+        let mut run = call.run(&chain, state).await;
+        finalize(&mut run, &event_id, connection_id.is_some());
+
+        let body = run
+            .state
+            .encode()
+            .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+        let total_us = started.elapsed().as_micros() as u64;
+        tracing::debug!(event = %name, action = run.state.get_str(keys::ACTION), total_us, "decided");
+        self.tap(&name, &event_id, &payload, run, total_us, &trace)
+            .await;
+        Ok((trace, body.into()))
+    }
+
+    async fn tap(
+        &self,
+        name: &EventName,
+        event_id: &str,
+        payload: &[u8],
+        run: chain::Run,
+        total_us: u64,
+        trace: &HeaderMap,
+    ) {
+        let attributes = rmp_serde::from_slice::<bus::Value>(payload).unwrap_or(bus::Value::Nil);
+        let record = TapRecord {
+            event: name.to_string(),
+            event_id: event_id.to_string(),
+            attributes,
+            decision: run.state,
+            total_us,
+            agents: run.timings,
+            at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        match codec::encode("tap record", &record) {
+            Ok(bytes) => {
+                let subject = self.subjects.tap(name.as_str());
+                if let Err(e) = self
+                    .nats
+                    .publish_with_headers(subject, trace.clone(), bytes.into())
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not publish tap record");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not encode tap record"),
+        }
+    }
+
+    async fn handle_event(self: Arc<Self>, req: async_nats::service::Request) {
+        let started = Instant::now();
+        let reply = match self.decide(&req.message, started).await {
+            Ok(reply) => reply,
+            Err(err) => {
+                tracing::warn!(subject = %req.message.subject, error = %err, "event rejected");
+                let mut h = HeaderMap::new();
+                headers::propagate(req.message.headers.as_ref(), &mut h);
+                err.to_reply(h)
+            }
+        };
+        respond(&req, reply).await;
+    }
+
+    async fn handle_admin(self: Arc<Self>, req: async_nats::service::Request) {
+        let command = self
+            .subjects
+            .admin_of(&req.message.subject)
+            .unwrap_or_default()
+            .to_string();
+        let reply = match admin::handle(&self, &command, &req.message.payload).await {
+            Ok(body) => {
+                tracing::info!(%command, "admin command done");
+                (HeaderMap::new(), body)
+            }
+            Err(err) => {
+                tracing::warn!(%command, error = %err, "admin command failed");
+                err.to_reply(HeaderMap::new())
+            }
+        };
+        respond(&req, reply).await;
+    }
+}
+
+async fn respond(req: &async_nats::service::Request, (headers, body): Reply) {
+    if req.message.reply.is_none() {
+        return;
+    }
+    if let Err(e) = req.respond_with_headers(Ok(body), headers).await {
+        tracing::warn!(error = %e, "could not send reply");
+    }
+}
+
+/// Runs a dispatcher until `shutdown` resolves, then stops taking events and finishes those
+/// in flight.
+pub async fn run(
+    common: &daemon::Common,
+    options: Options,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DispatcherError> {
+    let subjects = common.subjects()?;
+    let nats = common.connect(headers::DISPATCHER_SERVICE, true).await?;
+    let store = config::open(&nats, &subjects).await?;
+    let dispatcher = Arc::new(Dispatcher {
+        nats: nats.clone(),
+        subjects: subjects.clone(),
+        table: Table::default(),
+        store: store.clone(),
+    });
+
+    // Subscriptions are loaded before the first event is taken, so a new instance never
+    // answers `no-subscribers` for an event that has them.
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let watcher = {
+        let d = dispatcher.clone();
+        tokio::spawn(config::follow(
+            store,
+            ConfigKey::all_subscriptions().to_string(),
+            move |snap| d.table.load(&d.subjects, snap),
+            Some(ready_tx),
+        ))
+    };
+    let _ = ready_rx.await;
+
+    let service = nats
+        .service_builder()
+        .description("policy-bus dispatcher")
+        .queue_group("dispatcher")
+        .start(headers::DISPATCHER_SERVICE, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| DispatcherError::Service(e.to_string()))?;
+    let add = |name: &'static str, subject: String| {
+        service
+            .endpoint_builder()
+            .name(name)
+            .queue_group("dispatcher")
+            .add(subject)
+    };
+    let mut events = add("events", subjects.events_wildcard())
+        .await
+        .map_err(|e| DispatcherError::Service(e.to_string()))?;
+    let mut admin = add("admin", subjects.admin_wildcard())
+        .await
+        .map_err(|e| DispatcherError::Service(e.to_string()))?;
+    tracing::info!(events = %subjects.events_wildcard(), admin = %subjects.admin_wildcard(), "ready");
+
+    let limit = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
+    let tracker = daemon::TaskTracker::new();
+    tokio::pin!(shutdown);
+    loop {
+        // Waiting for a permit before taking an event leaves excess events queued in NATS.
+        let next_event = async {
+            let permit = limit.clone().acquire_owned().await;
+            (permit, events.next().await)
+        };
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            req = admin.next() => match req {
+                Some(req) => { tracker.spawn(dispatcher.clone().handle_admin(req)); }
+                None => break,
+            },
+            (permit, req) = next_event => {
+                let (Ok(permit), Some(req)) = (permit, req) else { break };
+                let span = tracing::info_span!("event", event.id = tracing::field::Empty, subject = %req.message.subject);
+                let d = dispatcher.clone();
+                tracker.spawn(async move {
+                    d.handle_event(req).await;
+                    drop(permit);
+                }.instrument(span));
+            }
+        }
+    }
+    for (name, ep) in [("events", &mut events), ("admin", &mut admin)] {
+        if let Err(e) = ep.stop().await {
+            tracing::warn!(endpoint = name, error = %e, "could not unsubscribe cleanly");
+        }
+    }
+    daemon::drain(&tracker, &nats).await;
+    watcher.abort();
+    tracing::info!("stopped");
+    Ok(())
+}

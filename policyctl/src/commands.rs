@@ -1,0 +1,213 @@
+//! The one-shot commands: each prints its result (a table, or JSON with `--json`) or fails
+//! with one clear line.
+
+use anyhow::{anyhow, Context};
+use bus::admin::{PolicyRef, Subscription};
+use bus::state::State;
+use bus::tap::TapRecord;
+use bus::{codec, AdminClient, Client, ClientError, ErrorCode, EventName, Value};
+use futures::StreamExt;
+
+use crate::{files, Cli, Command, PolicyCommand};
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let subjects = cli.common.subjects()?;
+    if let Command::Up { examples, every } = &cli.command {
+        return crate::up::run(&cli.common, examples, *every).await;
+    }
+    let nats = cli.common.connect("policyctl", false).await?;
+    let admin = AdminClient::new(nats.clone(), subjects.clone());
+    match cli.command {
+        Command::Subscribe {
+            event,
+            agent,
+            priority,
+            timeout,
+            failure,
+            observe,
+        } => {
+            let sub = Subscription {
+                event: EventName::new(&event)?,
+                agent,
+                priority,
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                failure: failure.into(),
+                observe,
+            };
+            sub.validate().map_err(|e| anyhow!(e))?;
+            admin.subscribe(&sub).await?;
+            println!(
+                "subscribed {} to {} at priority {}",
+                sub.agent, sub.event, sub.priority
+            );
+        }
+        Command::Unsubscribe { event, agent } => {
+            admin.unsubscribe(&event, &agent).await?;
+            println!("unsubscribed {agent} from {event}");
+        }
+        Command::Subscriptions { event, json } => {
+            let subs = admin.subscriptions(event.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&subs)?);
+            } else {
+                println!(
+                    "{:<24} {:<14} {:>8} {:>9} {:<8} observe",
+                    "EVENT", "AGENT", "PRIORITY", "TIMEOUT", "FAILURE"
+                );
+                for s in subs {
+                    println!(
+                        "{:<24} {:<14} {:>8} {:>7}ms {:<8} {}",
+                        s.event,
+                        s.agent,
+                        s.priority,
+                        s.timeout_ms,
+                        s.failure.as_str(),
+                        s.observe
+                    );
+                }
+            }
+        }
+        Command::Policy(PolicyCommand::Add { files: paths }) => {
+            let docs = files::read_policies(&paths)?;
+            let values = docs.iter().map(|d| d.value.clone()).collect();
+            match admin.policy_add(values).await {
+                Ok(stored) => {
+                    for r in stored {
+                        println!("stored {}/{}", r.agent, r.id);
+                    }
+                }
+                Err(ClientError::Remote(e))
+                    if e.code == ErrorCode::InvalidPolicy
+                        || e.code == ErrorCode::AgentError
+                        || e.code == ErrorCode::AgentTimeout =>
+                {
+                    return Err(anyhow!(
+                        "{}; nothing was stored",
+                        files::locate(&e.message, &docs)
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Command::Policy(PolicyCommand::Remove { agent, id }) => {
+            admin.policy_remove(&agent, &id).await?;
+            println!("removed {agent}/{id}");
+        }
+        Command::Policy(PolicyCommand::List { agent, json }) => {
+            let policies = admin.policy_list(agent.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&policies)?);
+            } else {
+                println!("{:<14} {:<28} DOCUMENT", "AGENT", "ID");
+                for p in policies {
+                    let r = PolicyRef::of(&p).unwrap_or(PolicyRef {
+                        agent: "?".into(),
+                        id: "?".into(),
+                    });
+                    println!(
+                        "{:<14} {:<28} {}",
+                        r.agent,
+                        r.id,
+                        serde_json::to_string(&p)?
+                    );
+                }
+            }
+        }
+        Command::Emit { event, attributes } => {
+            let attrs = parse_attributes(&attributes)?;
+            let decision = Client::new(nats, subjects).emit(&event, &attrs).await?;
+            println!("{}", serde_json::to_string_pretty(&decision)?);
+        }
+        Command::Tap { event } => tap(&nats, &subjects, event.as_deref()).await?,
+        Command::Bench {
+            event,
+            concurrency,
+            duration,
+            attributes,
+            json,
+        } => {
+            let attrs = if attributes.is_empty() {
+                sample_attributes(&event)?
+            } else {
+                parse_attributes(&attributes)?
+            };
+            crate::bench::run(
+                &cli.common,
+                &nats,
+                &subjects,
+                &event,
+                attrs,
+                concurrency,
+                duration,
+                json,
+            )
+            .await?;
+        }
+        Command::Up { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+/// `key=value` pairs; a value in brackets (`[a,b]`) or braces is parsed as YAML, so lists and
+/// maps can be given, anything else is a string.
+pub fn parse_attributes(pairs: &[String]) -> anyhow::Result<State> {
+    let mut state = State::new();
+    for pair in pairs {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| anyhow!("attribute {pair:?} is not key=value"))?;
+        let value = if v.starts_with('[') || v.starts_with('{') {
+            serde_norway::from_str::<Value>(v)
+                .with_context(|| format!("attribute {k}: {v:?} is not a YAML list or map"))?
+        } else {
+            Value::from(v)
+        };
+        state.insert(k, value);
+    }
+    Ok(state)
+}
+
+/// A representative event for `bench` when no attributes are given.
+fn sample_attributes(event: &str) -> anyhow::Result<State> {
+    let pairs: &[&str] = match event {
+        bus::event::NEW_CONNECTION => &[
+            "src_service=web",
+            "dst_service=db",
+            "direction=outgoing",
+            "src_peer=local",
+            "dst_peers=[peer-a,peer-b,peer-c]",
+        ],
+        bus::event::EXPOSE_SERVICE => &["service=db", "peers=[peer-a,peer-b,peer-c]"],
+        bus::event::SERVICE_LIST_REQUEST => &["src_peer=peer-a", "services=[db,web,api]"],
+        _ => {
+            return Err(anyhow!(
+                "no sample attributes for {event}: give them as key=value"
+            ))
+        }
+    };
+    parse_attributes(&pairs.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+}
+
+async fn tap(
+    nats: &async_nats::Client,
+    subjects: &bus::Subjects,
+    event: Option<&str>,
+) -> anyhow::Result<()> {
+    let subject = match event {
+        Some(e) => subjects.tap(EventName::new(e)?.as_str()),
+        None => subjects.tap_wildcard(),
+    };
+    let mut sub = nats.subscribe(subject).await?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            msg = sub.next() => {
+                let Some(msg) = msg else { return Err(anyhow!("tap subscription closed")) };
+                match codec::decode::<TapRecord>("tap record", &msg.payload) {
+                    Ok(rec) => println!("{}", serde_json::to_string(&rec)?),
+                    Err(e) => eprintln!("policyctl: skipped a tap message on {}: {e}", msg.subject),
+                }
+            }
+        }
+    }
+}

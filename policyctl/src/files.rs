@@ -1,0 +1,138 @@
+//! Reading operator files: YAML policy documents (one or many, separated by `---`) and
+//! subscription lists, with errors that name the file and the document.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use bus::admin::{PolicyRef, Subscription};
+use bus::Value;
+use serde::Deserialize;
+
+/// One policy document and where it came from, to name it in errors.
+#[derive(Debug)]
+pub struct Doc {
+    pub file: PathBuf,
+    /// 1-based position in its file.
+    pub index: usize,
+    pub value: Value,
+}
+
+impl Doc {
+    pub fn place(&self) -> String {
+        format!("{}: document {}", self.file.display(), self.index)
+    }
+}
+
+/// Reads every document of every file, checking the fields every policy needs (`agent`,
+/// `id`) here so a typo is reported before anything is sent.
+pub fn read_policies(files: &[PathBuf]) -> anyhow::Result<Vec<Doc>> {
+    let mut docs = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let mut index = 0;
+        for de in serde_norway::Deserializer::from_str(&text) {
+            index += 1;
+            let value = Value::deserialize(de).map_err(|e| {
+                anyhow::anyhow!("{}: document {index}: not valid YAML: {e}", file.display())
+            })?;
+            if value.is_nil() {
+                continue; // an empty document, as after a trailing `---`
+            }
+            let doc = Doc {
+                file: file.clone(),
+                index,
+                value,
+            };
+            PolicyRef::of(&doc.value).map_err(|e| anyhow::anyhow!("{}: {e}", doc.place()))?;
+            docs.push(doc);
+        }
+    }
+    if docs.is_empty() {
+        bail!(
+            "no policy documents in {}",
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(docs)
+}
+
+/// The dispatcher names a bad document by its position in the request (`document K (...)`);
+/// this puts the file and the position in that file in its place.
+pub fn locate(message: &str, docs: &[Doc]) -> String {
+    let parsed = message
+        .strip_prefix("document ")
+        .and_then(|rest| rest.split_once(' '))
+        .and_then(|(k, rest)| Some((k.parse::<usize>().ok()?, rest)));
+    match parsed {
+        Some((k, rest)) if k >= 1 && k <= docs.len() => format!("{} {rest}", docs[k - 1].place()),
+        _ => message.to_string(),
+    }
+}
+
+/// A subscriptions file: a YAML list of `{event, agent, priority, timeout_ms, failure, observe}`.
+pub fn read_subscriptions(file: &Path) -> anyhow::Result<Vec<Subscription>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let subs: Vec<Subscription> = serde_norway::from_str(&text)
+        .with_context(|| format!("{}: not a list of subscriptions", file.display()))?;
+    for s in &subs {
+        s.validate()
+            .map_err(|e| anyhow::anyhow!("{}: {}/{}: {e}", file.display(), s.event, s.agent))?;
+    }
+    Ok(subs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.yaml");
+        std::fs::write(&p, text).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn multi_document_files_are_read_in_order() {
+        let (_d, p) = write("agent: acl\nid: a\naction: allow\n---\nagent: lb\nid: b\ndst_service: x\nscheme: random\n---\n");
+        let docs = read_policies(std::slice::from_ref(&p)).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[1].index, 2);
+        assert_eq!(PolicyRef::of(&docs[1].value).unwrap().agent, "lb");
+    }
+
+    #[test]
+    fn errors_name_file_and_document() {
+        let (_d, p) = write("agent: acl\nid: a\n---\nagent: acl\naction: deny\n");
+        let err = read_policies(std::slice::from_ref(&p))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("p.yaml: document 2") && err.contains("`id`"),
+            "{err}"
+        );
+        let (_d, p) = write("agent: [unclosed\n");
+        let err = read_policies(std::slice::from_ref(&p))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("document 1: not valid YAML"), "{err}");
+    }
+
+    #[test]
+    fn dispatcher_positions_map_back_to_files() {
+        let (_d, p) = write("agent: acl\nid: a\n---\nagent: acl\nid: b\n");
+        let docs = read_policies(std::slice::from_ref(&p)).unwrap();
+        let msg = locate("document 2 (acl/b): field `action`: missing", &docs);
+        assert!(
+            msg.ends_with("p.yaml: document 2 (acl/b): field `action`: missing"),
+            "{msg}"
+        );
+        assert_eq!(locate("something else", &docs), "something else");
+    }
+}

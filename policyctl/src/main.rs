@@ -1,0 +1,155 @@
+//! `policyctl`: the operator's CLI for policy-bus.
+#![forbid(unsafe_code)]
+
+mod bench;
+mod commands;
+mod files;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bus::admin::FailureMode;
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "policyctl",
+    version,
+    about = "Operate a policy-bus engine over NATS"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: daemon::Common,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Failure {
+    Closed,
+    Open,
+}
+
+impl From<Failure> for FailureMode {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Closed => FailureMode::Closed,
+            Failure::Open => FailureMode::Open,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Subscribe an agent kind to an event at a priority (lower runs first).
+    Subscribe {
+        event: String,
+        agent: String,
+        #[arg(long, allow_negative_numbers = true)]
+        priority: i32,
+        /// How long the dispatcher waits for this agent.
+        #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// What a timeout or a dead agent does: `closed` denies, `open` skips (degraded).
+        #[arg(long, value_enum, default_value = "closed")]
+        failure: Failure,
+        /// Send the event to the agent without waiting; it never changes the decision.
+        #[arg(long)]
+        observe: bool,
+    },
+    /// Remove an agent kind from an event's chain.
+    Unsubscribe { event: String, agent: String },
+    /// List subscriptions, in chain order.
+    Subscriptions {
+        event: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add, remove and list policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Act as a hookpoint: send an event and print the decision. Values `[a,b]` are lists.
+    Emit {
+        event: String,
+        /// Attributes as key=value.
+        attributes: Vec<String>,
+    },
+    /// Stream decisions from the tap, one JSON object a line.
+    Tap { event: Option<String> },
+    /// Start a local stack (NATS if none answers, dispatcher, every agent kind), load the
+    /// examples and send sample traffic. Ctrl-C stops everything it started.
+    Up {
+        /// Folder with subscriptions.yaml and policy files.
+        #[arg(long, default_value = "examples")]
+        examples: PathBuf,
+        /// Pause between sample events; 0 sends none (for `policyctl bench`).
+        #[arg(long, default_value = "700ms", value_parser = humantime::parse_duration)]
+        every: Duration,
+    },
+    /// Drive load and report decisions/s and latency next to the raw NATS request/reply floor.
+    Bench {
+        #[arg(long, default_value = "new-connection")]
+        event: String,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// How long each of the two phases (floor, then events) runs.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Event attributes as key=value (defaults to a sample of the event).
+        attributes: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Add policies from YAML files; every document is validated before any is stored.
+    Add {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Remove one policy.
+    Remove { agent: String, id: String },
+    /// List policies.
+    List {
+        agent: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if matches!(cli.command, Command::Up { .. }) {
+        daemon::init_logging(cli.common.log_json);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("policyctl: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line a person can act on: the context chain, outermost first.
+            // Causes already quoted by their parent's message are left out.
+            let mut line = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                if !line.contains(&text) {
+                    if !line.is_empty() {
+                        line.push_str(": ");
+                    }
+                    line.push_str(&text);
+                }
+            }
+            eprintln!("policyctl: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}

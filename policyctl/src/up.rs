@@ -1,0 +1,351 @@
+//! `policyctl up`: a whole local engine in one command, for a first look and for `bench`.
+//! It starts a nats-server when none answers at `--nats-url`, a dispatcher and every agent
+//! kind, loads the examples, and sends sample traffic while printing each decision.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use bus::{headers, AdminClient, Client, Kind, State, Value};
+use tokio::process::{Child, Command};
+
+use crate::commands::parse_attributes;
+use crate::files;
+
+/// The agent kinds `up` runs.
+const KINDS: [&str; 2] = ["acl", "lb"];
+
+struct Stack {
+    children: Vec<(String, Child)>,
+    _store: Option<tempfile::TempDir>,
+}
+
+impl Stack {
+    /// SIGTERM to every child (newest first), then wait for each to drain and exit.
+    async fn stop(mut self) {
+        for (name, child) in self.children.iter_mut().rev() {
+            if let Some(pid) = child.id() {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .await;
+            }
+            match tokio::time::timeout(Duration::from_secs(12), child.wait()).await {
+                Ok(_) => eprintln!("stopped {name}"),
+                Err(_) => {
+                    let _ = child.kill().await;
+                    eprintln!("killed {name} (did not stop in time)");
+                }
+            }
+        }
+    }
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find policyctl's own path")?;
+    let p = exe.with_file_name(name);
+    if !p.exists() {
+        bail!(
+            "{} not found next to policyctl: build the workspace first (scripts/up does)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn nats_server_bin() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let local = PathBuf::from(".nats/bin/nats-server");
+    if local.exists() {
+        return Ok(local);
+    }
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join("nats-server"))
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            anyhow!("no nats-server found: run scripts/install-nats, or set NATS_SERVER_BIN")
+        })
+}
+
+/// Connects to the URL's server, or starts one there.
+async fn nats(common: &daemon::Common, stack: &mut Stack) -> anyhow::Result<async_nats::Client> {
+    if let Ok(client) = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(1))
+        .connect(common.nats_url.as_str())
+        .await
+    {
+        let info = client.server_info();
+        if !bus::config::server_supported(&info.version) {
+            bail!(
+                "nats-server {} answers at {}, but policy-bus needs 2.10 or later (with JetStream); \
+                 give another --nats-url and `up` starts a current one there",
+                info.version, common.nats_url
+            );
+        }
+        eprintln!("using nats-server {} at {}", info.version, common.nats_url);
+        return Ok(client);
+    }
+    let hostport = common.nats_url.trim_start_matches("nats://");
+    let (host, port) = hostport
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("--nats-url {} has no port", common.nats_url))?;
+    let store = tempfile::tempdir()?;
+    let bin = nats_server_bin()?;
+    let child = Command::new(&bin)
+        .args(["-a", host, "-p", port, "-js", "-sd"])
+        .arg(store.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    stack.children.push(("nats-server".into(), child));
+    stack._store = Some(store);
+    let client = common.connect("policyctl", true).await?;
+    eprintln!(
+        "started nats-server {} at {}",
+        client.server_info().version,
+        common.nats_url
+    );
+    Ok(client)
+}
+
+fn spawn(
+    stack: &mut Stack,
+    common: &daemon::Common,
+    bin: &str,
+    args: &[&str],
+) -> anyhow::Result<()> {
+    let mut cmd = Command::new(sibling(bin)?);
+    cmd.args(["--nats-url", &common.nats_url, "--prefix", &common.prefix])
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .kill_on_drop(true);
+    if common.log_json {
+        cmd.arg("--log-json");
+    }
+    let child = cmd.spawn().with_context(|| format!("cannot start {bin}"))?;
+    stack
+        .children
+        .push((format!("{bin} {}", args.join(" ")), child));
+    Ok(())
+}
+
+async fn wait_ready(nats: &async_nats::Client, service: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bus::client::count_instances(nats, service, Duration::from_millis(200))
+        .await
+        .unwrap_or(0)
+        == 0
+    {
+        if Instant::now() > deadline {
+            bail!("{service} did not come up within 20s");
+        }
+    }
+    Ok(())
+}
+
+async fn load_examples(admin: &AdminClient, dir: &Path) -> anyhow::Result<()> {
+    let subs = files::read_subscriptions(&dir.join("subscriptions.yaml"))?;
+    for s in &subs {
+        admin
+            .subscribe(s)
+            .await
+            .with_context(|| format!("subscribe {} to {}", s.agent, s.event))?;
+    }
+    let mut policy_files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "yaml") && !p.ends_with("subscriptions.yaml")
+        })
+        .collect();
+    policy_files.sort();
+    let docs = files::read_policies(&policy_files)?;
+    let values = docs.iter().map(|d| d.value.clone()).collect();
+    let stored = admin
+        .policy_add(values)
+        .await
+        .map_err(|e| anyhow!("{}", files::locate(&e.to_string(), &docs)))?;
+    eprintln!(
+        "loaded {} subscriptions and {} policies from {}",
+        subs.len(),
+        stored.len(),
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Sample hookpoint traffic: (event, attributes).
+const TRAFFIC: &[(&str, &[&str])] = &[
+    (
+        "new-connection",
+        &[
+            "src_service=web",
+            "dst_service=db",
+            "direction=outgoing",
+            "src_peer=local",
+            "dst_peers=[peer-a,peer-b,peer-c]",
+        ],
+    ),
+    (
+        "new-connection",
+        &[
+            "src_service=web",
+            "dst_service=api",
+            "direction=outgoing",
+            "src_peer=local",
+            "dst_peers=[peer-a,peer-b,peer-c]",
+        ],
+    ),
+    (
+        "new-connection",
+        &[
+            "src_service=batch",
+            "dst_service=billing",
+            "direction=outgoing",
+            "src_peer=local",
+            "dst_peers=[peer-a,peer-b]",
+        ],
+    ),
+    (
+        "new-connection",
+        &[
+            "src_service=web",
+            "dst_service=cache",
+            "direction=outgoing",
+            "src_peer=local",
+            "dst_peers=[peer-a,peer-b,peer-c]",
+        ],
+    ),
+    (
+        "expose-service",
+        &["service=db", "peers=[peer-a,peer-b,partner-x]"],
+    ),
+    (
+        "service-list-request",
+        &["src_peer=partner-x", "services=[db,api,billing,cache]"],
+    ),
+];
+
+fn list(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => "-".into(),
+    }
+}
+
+fn describe(event: &str, attrs: &State, d: &State, took: Duration) -> String {
+    let reasons: Vec<String> = match d.get("reasons") {
+        Some(Value::Array(rs)) => rs
+            .iter()
+            .filter_map(|r| {
+                let m = r.as_map()?;
+                let get = |k: &str| {
+                    m.iter()
+                        .find(|(kk, _)| kk.as_str() == Some(k))
+                        .and_then(|(_, v)| v.as_str())
+                        .unwrap_or("?")
+                };
+                Some(format!(
+                    "{}/{} {}",
+                    get("agent"),
+                    get("policy"),
+                    get("effect")
+                ))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let what = match event {
+        "new-connection" => format!(
+            "{} -> {} [{}] => {} {}",
+            attrs.get_str("src_service").unwrap_or("?"),
+            attrs.get_str("dst_service").unwrap_or("?"),
+            list(attrs.get("dst_peers")),
+            d.get_str("action").unwrap_or("?"),
+            d.get_str("target_peer")
+                .map(|p| format!("to {p}"))
+                .unwrap_or_default()
+        ),
+        "expose-service" => format!(
+            "{} to [{}] => [{}]",
+            attrs.get_str("service").unwrap_or("?"),
+            list(attrs.get("peers")),
+            list(d.get("target_peers"))
+        ),
+        _ => format!(
+            "{} sees [{}] => [{}]",
+            attrs.get_str("src_peer").unwrap_or("?"),
+            list(attrs.get("services")),
+            list(d.get("services"))
+        ),
+    };
+    format!(
+        "{event:<21} {what}  ({})  {:.1}ms",
+        reasons.join(", "),
+        took.as_secs_f64() * 1000.0
+    )
+}
+
+pub async fn run(common: &daemon::Common, examples: &Path, every: Duration) -> anyhow::Result<()> {
+    let subjects = common.subjects()?;
+    let mut stack = Stack {
+        children: Vec::new(),
+        _store: None,
+    };
+    let result = async {
+        let nats = nats(common, &mut stack).await?;
+        spawn(&mut stack, common, "policy-dispatcher", &[])?;
+        for kind in KINDS {
+            spawn(&mut stack, common, "policy-agent", &[kind])?;
+        }
+        wait_ready(&nats, headers::DISPATCHER_SERVICE).await?;
+        for kind in KINDS {
+            wait_ready(&nats, &headers::agent_service(&Kind::new(kind)?)).await?;
+        }
+        eprintln!("engine up: dispatcher and agents {}", KINDS.join(", "));
+        load_examples(&AdminClient::new(nats.clone(), subjects.clone()), examples).await?;
+        eprintln!(
+            "try, in another terminal: policyctl --nats-url {} tap   (Ctrl-C here stops everything)",
+            common.nats_url
+        );
+        let hook = Client::new(nats, subjects);
+        let mut i = 0usize;
+        loop {
+            if every.is_zero() {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                continue;
+            }
+            let (event, pairs) = TRAFFIC[i % TRAFFIC.len()];
+            i += 1;
+            let attrs = parse_attributes(&pairs.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+            let t0 = Instant::now();
+            match hook.emit(event, &attrs).await {
+                Ok(d) => println!("{}", describe(event, &attrs, &d, t0.elapsed())),
+                Err(e) => println!("{event:<21} error: {e}"),
+            }
+            tokio::time::sleep(every).await;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), anyhow::Error>(())
+    };
+    let outcome = tokio::select! {
+        r = result => r,
+        _ = daemon::shutdown_signal() => Ok(()),
+    };
+    stack.stop().await;
+    outcome
+}
