@@ -180,6 +180,12 @@ impl Subjects {
         format!("$SRV.PING.{name}")
     }
 
+    /// The NATS services API stats subject (`$SRV.STATS.<name>`): per-endpoint request counts
+    /// of every live instance.
+    pub fn service_stats(name: &str) -> String {
+        format!("$SRV.STATS.{name}")
+    }
+
     /// The JetStream key-value bucket holding subscriptions and policies. Bucket names cannot
     /// contain dots, so the prefix's dots become underscores.
     pub fn config_bucket(&self) -> String {

@@ -1,1 +1,309 @@
+//! The chain: priority order, state passing, concurrency, timeouts and failure modes, and a
+//! third-party agent that knows only the contract.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bus::Action;
+use e2e::Engine;
+use futures::StreamExt;
+use rmpv::Value as V;
+use serde_json::json;
+
+use crate::*;
+
+type Map = BTreeMap<String, V>;
+
+/// A third-party agent written against DESIGN.md only: raw NATS, MessagePack and base64, and
+/// the subjects spelled as the contract spells them. `handle` gets the event's attributes and
+/// the state, and returns the patch to answer with (`None`: never answer).
+async fn foreign_agent<F, Fut>(url: &str, kind: &str, event: &str, handle: F)
+where
+    F: Fn(V, Map) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Option<Map>> + Send + 'static,
+{
+    let client = async_nats::connect(url).await.expect("connect");
+    let mut sub = client
+        .queue_subscribe(format!("policy.agent.{kind}.{event}"), kind.to_string())
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    let handle = Arc::new(handle);
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let (client, handle) = (client.clone(), handle.clone());
+            tokio::spawn(async move {
+                let attrs: V = rmp_serde::from_slice(&msg.payload).expect("attributes are msgpack");
+                let header = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Policy-State"))
+                    .expect("state header");
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(header.as_str())
+                    .expect("base64");
+                let state: Map = rmp_serde::from_slice(&raw).expect("state is a msgpack map");
+                if let Some(patch) = handle(attrs, state).await {
+                    let mut h = async_nats::HeaderMap::new();
+                    let encoded = base64::engine::general_purpose::STANDARD
+                        .encode(rmp_serde::to_vec_named(&patch).expect("encode"));
+                    h.insert("Policy-State", encoded.as_str());
+                    if let Some(reply) = msg.reply {
+                        client
+                            .publish_with_headers(reply, h, bytes::Bytes::new())
+                            .await
+                            .expect("reply");
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn strings(v: Option<&V>) -> Vec<String> {
+    match v {
+        Some(V::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn reason(agent: &str, policy: &str, effect: &str) -> V {
+    V::Map(vec![
+        (V::from("agent"), V::from(agent)),
+        (V::from("policy"), V::from(policy)),
+        (V::from("effect"), V::from(effect)),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn priority_order_state_passing_and_a_kind_the_code_never_heard_of() {
+    let mut engine = Engine::new();
+    engine.start(&["acl", "lb"]).await;
+    let seen = Arc::new(Mutex::new(Vec::<Vec<String>>::new()));
+    let log = seen.clone();
+    // Narrows to the candidates in "eu", tries to add one the event never offered, and
+    // hands the gateway a key of its own.
+    foreign_agent(
+        &engine.nats.url(),
+        "geo",
+        "new-connection",
+        move |_attrs, state| {
+            let offered = strings(state.get("dst_peers"));
+            log.lock().unwrap().push(offered.clone());
+            async move {
+                let mut keep: Vec<V> = offered
+                    .iter()
+                    .filter(|p| p.ends_with("-eu"))
+                    .map(|p| V::from(p.as_str()))
+                    .collect();
+                keep.push(V::from("smuggled-eu"));
+                let mut patch = Map::new();
+                patch.insert("dst_peers".into(), V::Array(keep));
+                patch.insert("zone".into(), V::from("eu"));
+                patch.insert(
+                    "reasons".into(),
+                    V::Array(vec![reason("geo", "eu-only", "narrow")]),
+                );
+                Some(patch)
+            }
+        },
+    )
+    .await;
+    let admin = engine.admin().await;
+    subscribe(
+        &admin,
+        &[
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "geo", 15),
+            sub("new-connection", "lb", 20),
+        ],
+    )
+    .await;
+    admin
+        .policy_add(vec![
+            doc(json!({"agent": "acl", "id": "not-b", "priority": 1, "action": "deny", "match": {"dst_peer": "b-*"}})),
+            doc(json!({"agent": "acl", "id": "rest", "priority": 2, "action": "allow"})),
+        ])
+        .await
+        .expect("policy add");
+    let hook = engine.hook().await;
+    eventually("acl narrows before geo", || async {
+        seen.lock().unwrap().clear();
+        let d = hook
+            .new_connection(&conn("web", "db", &["a-us", "b-eu", "c-eu"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        // acl (10) removed b-eu; geo (15) saw that and kept c-eu; lb (20) could only pick it.
+        if seen.lock().unwrap().as_slice() != [vec!["a-us".to_string(), "c-eu".to_string()]] {
+            return Err(format!("geo saw {:?}", seen.lock().unwrap()));
+        }
+        assert_eq!(d.action, Action::Allow);
+        assert_eq!(d.target_peer.as_deref(), Some("c-eu"));
+        assert_eq!(
+            strings(d.extra.get("dst_peers")),
+            ["c-eu"],
+            "a candidate was added"
+        );
+        assert_eq!(d.extra.get("zone"), Some(&V::from("eu")));
+        let order: Vec<&str> = d.reasons.iter().map(|r| r.agent.as_str()).collect();
+        assert_eq!(order, ["acl", "acl", "geo", "lb"]);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn equal_priorities_run_concurrently() {
+    let mut engine = Engine::new();
+    engine.start(&[]).await;
+    // Each agent answers only once both have been asked: run one after the other, the first
+    // would wait for the second forever and the chain would time out.
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    for kind in ["left", "right"] {
+        let barrier = barrier.clone();
+        foreign_agent(
+            &engine.nats.url(),
+            kind,
+            "expose-service",
+            move |_, state| {
+                let barrier = barrier.clone();
+                async move {
+                    tokio::time::timeout(Duration::from_secs(3), barrier.wait())
+                        .await
+                        .ok()?;
+                    let mut patch = Map::new();
+                    patch.insert(
+                        "target_peers".into(),
+                        state.get("target_peers").cloned().unwrap_or(V::Nil),
+                    );
+                    Some(patch)
+                }
+            },
+        )
+        .await;
+    }
+    let admin = engine.admin().await;
+    let mut subs = vec![
+        sub("expose-service", "left", 5),
+        sub("expose-service", "right", 5),
+    ];
+    for s in &mut subs {
+        s.timeout_ms = 5000;
+    }
+    subscribe(&admin, &subs).await;
+    let hook = engine.hook().await;
+    let d = hook
+        .expose_service(&bus::event::ExposeService {
+            service: "db".into(),
+            peers: vec!["p1".into()],
+        })
+        .await
+        .expect("decision");
+    assert_eq!(d.target_peers, ["p1"]);
+    assert!(!d.degraded);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timeouts_fail_closed_or_open_and_no_responders_is_immediate() {
+    let mut engine = Engine::new();
+    engine.start(&["lb"]).await;
+    foreign_agent(&engine.nats.url(), "slow", "new-connection", |_, _| async {
+        None
+    })
+    .await;
+    let admin = engine.admin().await;
+    let mut slow = sub("new-connection", "slow", 10);
+    slow.timeout_ms = 100;
+    subscribe(&admin, &[slow.clone(), sub("new-connection", "lb", 20)]).await;
+    let hook = engine.hook().await;
+
+    let d = hook
+        .new_connection(&conn("web", "db", &["p1"]))
+        .await
+        .expect("decision");
+    assert_eq!(d.action, Action::Deny);
+    assert_eq!(effects(&d.reasons, "slow"), [pair("agent-timeout", "deny")]);
+    assert!(
+        effects(&d.reasons, "lb").is_empty(),
+        "chain went on after a fail-closed timeout"
+    );
+
+    slow.failure = bus::admin::FailureMode::Open;
+    subscribe(&admin, &[slow]).await;
+    let d = hook
+        .new_connection(&conn("web", "db", &["p1"]))
+        .await
+        .expect("decision");
+    assert_eq!(d.action, Action::Allow);
+    assert!(d.degraded);
+    assert_eq!(
+        effects(&d.reasons, "slow"),
+        [pair("agent-timeout", "skipped")]
+    );
+    assert_eq!(d.target_peer.as_deref(), Some("p1"));
+
+    // No live instance at all: answered at once, long before its 5 s timeout.
+    let mut ghost = sub("new-connection", "ghost", 5);
+    ghost.timeout_ms = 5000;
+    subscribe(&admin, &[ghost]).await;
+    let t0 = Instant::now();
+    let d = hook
+        .new_connection(&conn("web", "db", &["p1"]))
+        .await
+        .expect("decision");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "waited {:?} for a kind with no instance",
+        t0.elapsed()
+    );
+    assert_eq!(d.action, Action::Deny);
+    assert_eq!(
+        effects(&d.reasons, "ghost"),
+        [pair("no-responders", "deny")]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_observer_gets_the_event_and_never_delays_it() {
+    let mut engine = Engine::new();
+    engine.start(&["lb"]).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    foreign_agent(
+        &engine.nats.url(),
+        "watcher",
+        "new-connection",
+        move |attrs, _| {
+            let _ = tx.send(attrs);
+            async { None }
+        },
+    )
+    .await;
+    let admin = engine.admin().await;
+    let mut watcher = sub("new-connection", "watcher", 1);
+    watcher.observe = true;
+    watcher.timeout_ms = 5000;
+    subscribe(&admin, &[watcher, sub("new-connection", "lb", 20)]).await;
+    let t0 = Instant::now();
+    let d = engine
+        .hook()
+        .await
+        .new_connection(&conn("web", "db", &["p1"]))
+        .await
+        .expect("decision");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert_eq!(d.action, Action::Allow);
+    let attrs = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("observer got the event")
+        .expect("open");
+    let src = attrs
+        .as_map()
+        .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("src_service")))
+        .map(|(_, v)| v.clone());
+    assert_eq!(src, Some(V::from("web")));
+}

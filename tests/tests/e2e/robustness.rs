@@ -1,1 +1,338 @@
+//! Bad input, dead and restarted processes, load sharing and shutdown.
 
+use std::time::Duration;
+
+use bus::{Action, ErrorCode, Subjects};
+use e2e::{bin, Engine};
+use serde_json::json;
+
+use crate::*;
+
+async fn raw_request(
+    engine: &Engine,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: &'static [u8],
+) -> Result<async_nats::Message, bus::ClientError> {
+    let client = engine.client().await;
+    bus::client::call(
+        &client,
+        subject,
+        headers,
+        bytes::Bytes::from_static(payload),
+        WAIT,
+    )
+    .await
+}
+
+fn code(r: Result<async_nats::Message, bus::ClientError>) -> (ErrorCode, String) {
+    match r {
+        Err(bus::ClientError::Remote(e)) => (e.code, e.message),
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+async fn allow_all(engine: &mut Engine) -> (AdminClient, bus::Client) {
+    engine.start(&["acl"]).await;
+    let admin = engine.admin().await;
+    subscribe(&admin, &[sub("new-connection", "acl", 10)]).await;
+    admin
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "open", "action": "allow"}),
+        )])
+        .await
+        .expect("policy add");
+    let hook = engine.hook().await;
+    wait_allowed(&hook).await;
+    (admin, hook)
+}
+
+async fn wait_allowed(hook: &bus::Client) {
+    eventually("rule `open` allows", || async {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        if d.action == Action::Allow && effects(&d.reasons, "acl") == [pair("open", "allow")] {
+            Ok(())
+        } else {
+            Err(format!("{d:?}"))
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_events_and_events_without_subscribers() {
+    let mut engine = Engine::new();
+    engine.start(&[]).await;
+    let hook = engine.hook().await;
+    let err = hook.emit("made-up", &bus::State::new()).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::UnknownEvent), "{err}");
+    let err = hook.new_connection(&conn("a", "b", &[])).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NoSubscribers), "{err}");
+    assert!(
+        err.to_string()
+            .contains("policyctl subscribe new-connection"),
+        "{err}"
+    );
+    let (c, msg) = code(
+        raw_request(
+            &engine,
+            "policy.event.Not_An.Event".into(),
+            Default::default(),
+            b"",
+        )
+        .await,
+    );
+    assert_eq!(c, ErrorCode::UnknownEvent, "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_messages_get_clear_errors_and_processes_keep_serving() {
+    let mut engine = Engine::new();
+    let (_admin, hook) = allow_all(&mut engine).await;
+    let subjects = Subjects::default();
+    let event = subjects.event("new-connection");
+
+    let (c, msg) = code(
+        raw_request(
+            &engine,
+            event.clone(),
+            Default::default(),
+            b"\xc1\xff not msgpack",
+        )
+        .await,
+    );
+    assert_eq!(c, ErrorCode::BadRequest);
+    assert!(msg.contains("new-connection"), "{msg}");
+    // A map missing a required field names the field.
+    let (c, msg) = code(
+        raw_request(
+            &engine,
+            event.clone(),
+            Default::default(),
+            b"\x81\xabsrc_service\xa1a",
+        )
+        .await,
+    );
+    assert_eq!(c, ErrorCode::BadRequest);
+    assert!(msg.contains("dst_service"), "{msg}");
+
+    // Straight at an agent, with a state header that is not base64 of a map.
+    let acl = subjects.agent(&bus::Kind::new("acl").expect("kind"), "new-connection");
+    let payload = rmp_serde::to_vec_named(&conn("web", "db", &["p1"])).expect("encode");
+    let payload: &'static [u8] = Box::leak(payload.into_boxed_slice());
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Policy-State", "!!!not base64");
+    let (c, msg) = code(raw_request(&engine, acl.clone(), h, payload).await);
+    assert_eq!(c, ErrorCode::BadRequest);
+    assert!(msg.contains("Policy-State"), "{msg}");
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Policy-State", "kQE="); // base64 of a MessagePack array [1]
+    let (c, msg) = code(raw_request(&engine, acl, h, payload).await);
+    assert_eq!(c, ErrorCode::BadRequest, "{msg}");
+
+    // Both processes still decide.
+    let d = hook
+        .new_connection(&conn("web", "db", &["p1"]))
+        .await
+        .expect("still serving");
+    assert_eq!(d.action, Action::Allow);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_policy_file_names_file_document_and_field_and_stores_nothing() {
+    let mut engine = Engine::new();
+    engine.start(&["acl"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(
+        &file,
+        "agent: acl\nid: good\naction: allow\n---\nagent: acl\nid: bad\naction: maybe\nmatch: {dst_service: db}\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(bin("policyctl"))
+        .args(["--nats-url", &engine.nats.url(), "policy", "add", "-f"])
+        .arg(&file)
+        .output()
+        .expect("run policyctl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+    for part in [
+        "rules.yaml: document 2 (acl/bad)",
+        "action",
+        "maybe",
+        "nothing was stored",
+    ] {
+        assert!(stderr.contains(part), "{part:?} missing from: {stderr}");
+    }
+    assert!(engine
+        .admin()
+        .await
+        .policy_list(None)
+        .await
+        .expect("list")
+        .is_empty());
+
+    // A document without an id never leaves policyctl.
+    std::fs::write(&file, "agent: acl\naction: allow\n").expect("write");
+    let out = std::process::Command::new(bin("policyctl"))
+        .args(["--nats-url", &engine.nats.url(), "policy", "add", "-f"])
+        .arg(&file)
+        .output()
+        .expect("run policyctl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("document 1") && stderr.contains("`id`"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarting_every_process_and_the_server_loses_nothing() {
+    let mut engine = Engine::new();
+    let (_admin, _hook) = allow_all(&mut engine).await;
+
+    // The server restarts under running processes: they reconnect and keep watching.
+    engine.nats.restart();
+    let hook = engine.hook().await;
+    wait_allowed(&hook).await;
+    let admin = engine.admin().await;
+    admin
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "no-db", "priority": -1, "action": "deny",
+            "match": {"dst_service": "db"}}),
+        )])
+        .await
+        .expect("policy add after a server restart");
+    eventually("a policy added after the restart applies", || async {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        (effects(&d.reasons, "acl") == [pair("no-db", "deny")])
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+
+    // Everything stops, then starts again from the stored state alone.
+    engine.kill_all();
+    engine.nats.restart();
+    engine.start(&["acl"]).await;
+    let hook = engine.hook().await;
+    let d = hook
+        .new_connection(&conn("web", "db", &["p1"]))
+        .await
+        .expect("decision after restart");
+    assert_eq!(effects(&d.reasons, "acl"), [pair("no-db", "deny")]);
+    let d = hook
+        .new_connection(&conn("web", "api", &["p1"]))
+        .await
+        .expect("decision after restart");
+    assert_eq!(effects(&d.reasons, "acl"), [pair("open", "allow")]);
+    assert_eq!(
+        engine
+            .admin()
+            .await
+            .subscriptions(None)
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+}
+
+async fn requests_per_instance(engine: &Engine, service: &str, endpoint: &str) -> Vec<u64> {
+    use futures::StreamExt;
+    let client = engine.client().await;
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client
+        .publish_with_reply(Subjects::service_stats(service), inbox, bytes::Bytes::new())
+        .await
+        .expect("publish");
+    let mut counts = Vec::new();
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+        let stats: serde_json::Value = serde_json::from_slice(&msg.payload).expect("stats json");
+        let n = stats["endpoints"]
+            .as_array()
+            .and_then(|eps| eps.iter().find(|e| e["name"] == endpoint))
+            .and_then(|e| e["num_requests"].as_u64())
+            .unwrap_or(0);
+        counts.push(n);
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_dispatchers_and_two_agents_share_the_load() {
+    let mut engine = Engine::new();
+    let (_admin, hook) = allow_all(&mut engine).await;
+    engine.dispatcher();
+    engine.agent("acl", &[]);
+    engine.wait_instances("policy-dispatcher", 2).await;
+    engine.wait_instances("policy-agent-acl", 2).await;
+    let sends = (0..200).map(|_| {
+        let hook = hook.clone();
+        async move { hook.new_connection(&conn("web", "db", &["p1"])).await }
+    });
+    for d in futures::future::join_all(sends).await {
+        assert_eq!(d.expect("decision").action, Action::Allow);
+    }
+    for (service, endpoint) in [
+        ("policy-dispatcher", "events"),
+        ("policy-agent-acl", "decide"),
+    ] {
+        let counts = requests_per_instance(&engine, service, endpoint).await;
+        assert_eq!(counts.len(), 2, "{service}: {counts:?}");
+        assert!(
+            counts.iter().all(|n| *n > 10),
+            "{service} did not share: {counts:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_in_flight_decisions_before_exiting() {
+    let mut engine = Engine::new();
+    let (admin, hook) = allow_all(&mut engine).await;
+    // A slow third party keeps a decision in flight while the dispatcher is told to stop.
+    let client = engine.client().await;
+    let mut slow = client
+        .subscribe("policy.agent.slow.new-connection")
+        .await
+        .expect("subscribe");
+    let mut s = sub("new-connection", "slow", 20);
+    s.timeout_ms = 5000;
+    subscribe(&admin, &[s]).await;
+    let pending =
+        tokio::spawn(async move { hook.new_connection(&conn("web", "db", &["p1"])).await });
+    use futures::StreamExt;
+    let asked = tokio::time::timeout(WAIT, slow.next())
+        .await
+        .expect("slow agent asked")
+        .expect("message");
+    let dispatcher = engine.take("policy-dispatcher");
+    let stopping = tokio::task::spawn_blocking(move || dispatcher.terminate());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client
+        .publish_with_headers(
+            asked.reply.expect("reply subject"),
+            async_nats::HeaderMap::new(),
+            bytes::Bytes::new(),
+        )
+        .await
+        .expect("answer");
+    let d = pending
+        .await
+        .expect("join")
+        .expect("the in-flight decision was answered");
+    assert_eq!(d.action, Action::Allow);
+    assert!(
+        stopping.await.expect("join"),
+        "dispatcher did not exit cleanly after SIGTERM"
+    );
+}
