@@ -30,9 +30,8 @@ pub fn read_policies(files: &[PathBuf]) -> anyhow::Result<Vec<Doc>> {
     for file in files {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read {}", file.display()))?;
-        let mut index = 0;
-        for de in serde_norway::Deserializer::from_str(&text) {
-            index += 1;
+        for (i, de) in serde_norway::Deserializer::from_str(&text).enumerate() {
+            let index = i + 1;
             let value = Value::deserialize(de).map_err(|e| {
                 anyhow::anyhow!("{}: document {index}: not valid YAML: {e}", file.display())
             })?;

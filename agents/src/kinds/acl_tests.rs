@@ -205,12 +205,7 @@ fn the_index_agrees_with_a_full_scan() {
             2 => vec![("src_service", "web")],
             _ => vec![("dst_service", svc.as_str()), ("dst_peer", "p2")],
         };
-        policies.push(rule(
-            &format!("r{i:03}"),
-            (i * 7 % 13) as i32,
-            action,
-            &matcher,
-        ));
+        policies.push(rule(&format!("r{i:03}"), i * 7 % 13, action, &matcher));
     }
     let rules = acl.compile(policies);
     for dst in ["svc-1", "svc-13", "svc-7", "other"] {
