@@ -108,6 +108,10 @@ where
 
     async fn handle(self: Arc<Self>, req: async_nats::service::Request) {
         let msg = &req.message;
+        if msg.reply.is_none() {
+            // Sent to an observer: decide nothing, answer nothing.
+            return;
+        }
         let op = self
             .subjects
             .agent_op_of(&self.kind_name, &msg.subject)
@@ -165,7 +169,7 @@ where
     let kind_name = Kind::new(kind.name()).map_err(daemon::DaemonError::from)?;
     let service_name = headers::agent_service(&kind_name);
     let client = common.connect(&service_name, true).await?;
-    let store = config::open(&client, &subjects).await?;
+    let store = config::open(&client, &subjects, common.kv_replicas).await?;
 
     let rules = kind.compile(Vec::new());
     let agent = Arc::new(Agent {

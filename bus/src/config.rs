@@ -83,7 +83,15 @@ fn io(e: impl std::error::Error + Send + Sync + 'static) -> ConfigError {
 pub async fn open(
     client: &async_nats::Client,
     subjects: &Subjects,
+    replicas: usize,
 ) -> Result<kv::Store, ConfigError> {
+    let too_old = || {
+        let version = client.server_info().version;
+        (!server_supported(&version)).then_some(ConfigError::ServerTooOld { version })
+    };
+    if let Some(e) = too_old() {
+        return Err(e);
+    }
     let js = jetstream::new(client.clone());
     let bucket = subjects.config_bucket();
     let open_err = |e: Box<dyn std::error::Error + Send + Sync>| ConfigError::Open {
@@ -97,6 +105,7 @@ pub async fn open(
         bucket: bucket.clone(),
         description: "policy-bus subscriptions and policies".into(),
         history: HISTORY,
+        num_replicas: replicas.max(1),
         ..Default::default()
     };
     match js.create_key_value(config).await {
@@ -104,7 +113,7 @@ pub async fn open(
         Err(create) => js
             .get_key_value(&bucket)
             .await
-            .map_err(|_| open_err(Box::new(create))),
+            .map_err(|_| too_old().unwrap_or_else(|| open_err(Box::new(create)))),
     }
 }
 

@@ -16,10 +16,8 @@ pub enum Outcome {
     NoResponders,
     /// Answered with an error, or with an answer that could not be merged.
     Error,
-    /// Observe-only: sent without waiting.
+    /// Observe-only: sent without waiting. (Agents after a deny are not called and not listed.)
     Observed,
-    /// Not called because an earlier agent denied.
-    NotCalled,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -21,6 +21,10 @@ pub struct Common {
     /// Subject prefix, so several engines can share one NATS system.
     #[arg(long, env = "POLICY_PREFIX", default_value = "policy", global = true)]
     pub prefix: String,
+    /// Replicas of the config bucket when this process is the one to create it (a NATS
+    /// cluster wants 3).
+    #[arg(long, env = "POLICY_KV_REPLICAS", default_value_t = 1, global = true)]
+    pub kv_replicas: usize,
     /// Log JSON lines instead of human-readable text.
     #[arg(long, env = "POLICY_LOG_JSON", global = true)]
     pub log_json: bool,

@@ -68,10 +68,19 @@ async fn put(d: &Dispatcher, key: String, value: Vec<u8>) -> Result<(), ErrorRep
         .map_err(unavailable)?
         .map_err(unavailable)?;
     if key.starts_with("sub.") {
-        let mut seen = d.table.revision();
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, seen.wait_for(|r| *r >= revision)).await;
+        seen_here(d, revision).await;
     }
     Ok(())
+}
+
+/// Waits (briefly) until this dispatcher's table reflects bucket revision `revision`.
+async fn seen_here(d: &Dispatcher, revision: u64) {
+    let mut seen = d.table.revision();
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, seen.wait_for(|r| *r >= revision)).await;
+}
+
+fn bad_name(e: impl std::fmt::Display) -> ErrorReply {
+    ErrorReply::new(ErrorCode::BadRequest, e.to_string())
 }
 
 async fn delete(d: &Dispatcher, key: &str) -> Result<(), ErrorReply> {
@@ -85,6 +94,12 @@ async fn delete(d: &Dispatcher, key: &str) -> Result<(), ErrorReply> {
                 .await
                 .map_err(unavailable)?
                 .map_err(unavailable)?;
+            if key.starts_with("sub.") {
+                // The delete marker is the stream's newest message: wait until it is applied.
+                if let Ok(status) = d.store.status().await {
+                    seen_here(d, status.info.state.last_sequence).await;
+                }
+            }
             Ok(())
         }
     }
@@ -127,7 +142,8 @@ async fn subscribe(d: &Dispatcher, sub: Subscription) -> Result<Bytes, ErrorRepl
 }
 
 async fn unsubscribe(d: &Dispatcher, u: Unsubscribe) -> Result<Bytes, ErrorReply> {
-    delete(d, &ConfigKey::subscription(u.event.as_str(), &u.agent)).await?;
+    let kind = Kind::new(&u.agent).map_err(bad_name)?;
+    delete(d, &ConfigKey::subscription(u.event.as_str(), kind.as_str())).await?;
     reply(&Done { ok: true })
 }
 
@@ -242,13 +258,15 @@ async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, ErrorReply>
 }
 
 async fn policy_remove(d: &Dispatcher, r: PolicyRemove) -> Result<Bytes, ErrorReply> {
-    delete(d, &ConfigKey::policy(&r.agent, &r.id)).await?;
+    let kind = Kind::new(&r.agent).map_err(bad_name)?;
+    bus::admin::check_policy_id(&r.id).map_err(bad_name)?;
+    delete(d, &ConfigKey::policy(kind.as_str(), &r.id)).await?;
     reply(&Done { ok: true })
 }
 
 async fn policy_list(d: &Dispatcher, q: PolicyList) -> Result<Bytes, ErrorReply> {
     let prefix = match &q.agent {
-        Some(a) => format!("pol.{a}."),
+        Some(a) => format!("pol.{}.", Kind::new(a).map_err(bad_name)?),
         None => "pol.".to_string(),
     };
     let mut policies = Vec::new();

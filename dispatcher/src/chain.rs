@@ -20,7 +20,7 @@ use bus::client::{call, ClientError};
 use bus::merge::{merge, Flow};
 use bus::state::keys;
 use bus::tap::{AgentTiming, Outcome};
-use bus::{headers, Effect, Reason, State, Value};
+use bus::{headers, Effect, Event, Reason, State, Value};
 use bytes::Bytes;
 
 use crate::table::{Chain, Member};
@@ -211,7 +211,8 @@ fn deny(state: &mut State, reason: Reason) {
 
 /// Adds the dispatcher's keys to the final state. A connection nobody denied is allowed; a
 /// denied event offers no candidates and no target.
-pub fn finalize(run: &mut Run, event_id: &str, is_connection: bool) {
+pub fn finalize(run: &mut Run, event_id: &str, event: &Event) {
+    let is_connection = matches!(event, Event::NewConnection(_));
     let s = &mut run.state;
     let denied = s.get_str(keys::ACTION) == Some("deny");
     if denied {
@@ -224,7 +225,9 @@ pub fn finalize(run: &mut Run, event_id: &str, is_connection: bool) {
     } else if is_connection {
         s.insert(keys::ACTION, "allow");
     }
-    if !s.get(keys::REASONS).is_some_and(Value::is_array) {
+    // `connection-closed` is acknowledged with its event id alone.
+    let explained = !matches!(event, Event::ConnectionClosed(_));
+    if explained && !s.get(keys::REASONS).is_some_and(Value::is_array) {
         s.insert(keys::REASONS, Value::Array(Vec::new()));
     }
     if run.degraded {

@@ -124,7 +124,7 @@ impl Dispatcher {
             trace: trace.clone(),
         };
         let mut run = call.run(&chain, state).await;
-        finalize(&mut run, &event_id, connection_id.is_some());
+        finalize(&mut run, &event_id, &event);
 
         let body = run
             .state
@@ -226,7 +226,7 @@ pub async fn run(
 ) -> Result<(), DispatcherError> {
     let subjects = common.subjects()?;
     let nats = common.connect(headers::DISPATCHER_SERVICE, true).await?;
-    let store = config::open(&nats, &subjects).await?;
+    let store = config::open(&nats, &subjects, common.kv_replicas).await?;
     let dispatcher = Arc::new(Dispatcher {
         nats: nats.clone(),
         subjects: subjects.clone(),

@@ -195,6 +195,7 @@ pub async fn run(
             "ratio": {
                 "throughput": ratio(engine.per_second, floor.per_second),
                 "p50": ratio(engine.p50_ms, floor.p50_ms),
+                "p90": ratio(engine.p90_ms, floor.p90_ms),
                 "p99": ratio(engine.p99_ms, floor.p99_ms),
             },
         });

@@ -5,7 +5,7 @@ use anyhow::{anyhow, Context};
 use bus::admin::{PolicyRef, Subscription};
 use bus::state::State;
 use bus::tap::TapRecord;
-use bus::{codec, AdminClient, Client, ClientError, ErrorCode, EventName, Value};
+use bus::{codec, AdminClient, Client, EventName, Value};
 use futures::StreamExt;
 
 use crate::{files, Cli, Command, PolicyCommand};
@@ -69,24 +69,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Policy(PolicyCommand::Add { files: paths }) => {
             let docs = files::read_policies(&paths)?;
-            let values = docs.iter().map(|d| d.value.clone()).collect();
-            match admin.policy_add(values).await {
-                Ok(stored) => {
-                    for r in stored {
-                        println!("stored {}/{}", r.agent, r.id);
-                    }
-                }
-                Err(ClientError::Remote(e))
-                    if e.code == ErrorCode::InvalidPolicy
-                        || e.code == ErrorCode::AgentError
-                        || e.code == ErrorCode::AgentTimeout =>
-                {
-                    return Err(anyhow!(
-                        "{}; nothing was stored",
-                        files::locate(&e.message, &docs)
-                    ));
-                }
-                Err(e) => return Err(e.into()),
+            for r in files::add_policies(&admin, &docs).await? {
+                println!("stored {}/{}", r.agent, r.id);
             }
         }
         Command::Policy(PolicyCommand::Remove { agent, id }) => {
@@ -113,6 +97,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Load { dir } => crate::up::load_examples(&admin, &dir).await?,
         Command::Emit { event, attributes } => {
             let attrs = parse_attributes(&attributes)?;
             let decision = Client::new(nats, subjects).emit(&event, &attrs).await?;

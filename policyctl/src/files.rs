@@ -73,6 +73,23 @@ pub fn locate(message: &str, docs: &[Doc]) -> String {
     }
 }
 
+/// Sends the documents in one `policy-add`, so that all are validated before any is stored,
+/// and reports a rejected one by its file and position.
+pub async fn add_policies(
+    admin: &bus::AdminClient,
+    docs: &[Doc],
+) -> anyhow::Result<Vec<PolicyRef>> {
+    let values = docs.iter().map(|d| d.value.clone()).collect();
+    match admin.policy_add(values).await {
+        Ok(stored) => Ok(stored),
+        Err(bus::ClientError::Remote(e)) => Err(anyhow::anyhow!(
+            "{}; nothing was stored",
+            locate(&e.message, docs)
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// A subscriptions file: a YAML list of `{event, agent, priority, timeout_ms, failure, observe}`.
 pub fn read_subscriptions(file: &Path) -> anyhow::Result<Vec<Subscription>> {
     let text =

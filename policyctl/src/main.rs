@@ -70,6 +70,9 @@ pub enum Command {
     /// Add, remove and list policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Load a folder of configuration: its subscriptions.yaml, then every other *.yaml as
+    /// policies (all validated before any is stored).
+    Load { dir: PathBuf },
     /// Act as a hookpoint: send an event and print the decision. Values `[a,b]` are lists.
     Emit {
         event: String,

@@ -153,7 +153,7 @@ async fn wait_ready(nats: &async_nats::Client, service: &str) -> anyhow::Result<
     Ok(())
 }
 
-async fn load_examples(admin: &AdminClient, dir: &Path) -> anyhow::Result<()> {
+pub async fn load_examples(admin: &AdminClient, dir: &Path) -> anyhow::Result<()> {
     let subs = files::read_subscriptions(&dir.join("subscriptions.yaml"))?;
     for s in &subs {
         admin
@@ -170,11 +170,7 @@ async fn load_examples(admin: &AdminClient, dir: &Path) -> anyhow::Result<()> {
         .collect();
     policy_files.sort();
     let docs = files::read_policies(&policy_files)?;
-    let values = docs.iter().map(|d| d.value.clone()).collect();
-    let stored = admin
-        .policy_add(values)
-        .await
-        .map_err(|e| anyhow!("{}", files::locate(&e.to_string(), &docs)))?;
+    let stored = files::add_policies(admin, &docs).await?;
     eprintln!(
         "loaded {} subscriptions and {} policies from {}",
         subs.len(),
@@ -319,7 +315,8 @@ pub async fn run(common: &daemon::Common, examples: &Path, every: Duration) -> a
         eprintln!("engine up: dispatcher and agents {}", KINDS.join(", "));
         load_examples(&AdminClient::new(nats.clone(), subjects.clone()), examples).await?;
         eprintln!(
-            "try, in another terminal: policyctl --nats-url {} tap   (Ctrl-C here stops everything)",
+            "watch decisions from another terminal: {} --nats-url {} tap   (Ctrl-C here stops everything)",
+            std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "policyctl".into()),
             common.nats_url
         );
         let hook = Client::new(nats, subjects);

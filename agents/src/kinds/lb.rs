@@ -1,7 +1,8 @@
 //! Load balancer: picks `target_peer` among the (already narrowed) `dst_peers`.
 //!
 //! One policy per `dst_service` (`*` is a catch-all; with several for one service the lowest
-//! id wins). No policy means `random`. No candidate left means deny, with a reason.
+//! id wins). No policy means `random`. No candidate left means deny, with a reason; an event
+//! that offered no `dst_peers` at all gets no pick (the gateway chooses).
 //! - `random`: uniform.
 //! - `round-robin`: a counter per policy, per agent instance (instances do not coordinate).
 //! - `weighted`: random in proportion to `weights`; candidates without a weight get none, and
@@ -208,7 +209,10 @@ impl AgentKind for Lb {
             .get(&e.dst_service)
             .or(rules.catch_all.as_ref());
         let id = policy.map_or("default", |c| c.id.as_str());
-        let peers = state.get_strings(keys::DST_PEERS).unwrap_or_default();
+        // An event that offered no candidates leaves the choice to the gateway.
+        let Some(peers) = state.get_strings(keys::DST_PEERS) else {
+            return State::new();
+        };
         if peers.is_empty() {
             return kind::deny(
                 Reason::new(NAME, id, Effect::Deny).with_detail("no candidate peer left to pick"),

@@ -104,6 +104,11 @@ fn random_without_policy_and_deny_without_candidates() {
     let (ev, st) = event("a", &[]);
     let patch = Lb.decide(&rules, &ev, &st);
     assert_eq!(patch.get_str(keys::ACTION), Some("deny"));
+    let (ev, _) = event("a", &["p1"]);
+    assert!(
+        Lb.decide(&rules, &ev, &State::new()).is_empty(),
+        "no candidates offered: no pick"
+    );
 }
 
 #[test]
