@@ -41,7 +41,7 @@ enum KindCmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    daemon::init_logging(cli.common.log_json);
+    daemon::init_logging(cli.common.log_json, "info");
     let shutdown = daemon::shutdown_signal();
     match cli.kind {
         KindCmd::Acl { default } => {

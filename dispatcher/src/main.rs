@@ -21,7 +21,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    daemon::init_logging(cli.common.log_json);
+    daemon::init_logging(cli.common.log_json, "info");
     let options = dispatcher::Options {
         max_in_flight: cli.max_in_flight,
     };

@@ -127,7 +127,8 @@ pub enum PolicyCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Up { .. }) {
-        daemon::init_logging(cli.common.log_json);
+        // The decisions are the output; only warnings from policyctl itself.
+        daemon::init_logging(cli.common.log_json, "warn");
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
