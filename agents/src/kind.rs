@@ -2,8 +2,21 @@
 //! runtime owns everything else (NATS, the config watch, the services API, shutdown), so a
 //! kind is unit-testable without a server.
 
-use bus::{Event, Reason, State};
+use std::future::Future;
+
+use bus::{Event, Reason, State, Subjects};
 use serde::de::DeserializeOwned;
+
+/// What a kind that keeps state in NATS gets when the runtime has connected.
+pub struct Attach<'a> {
+    pub nats: &'a async_nats::Client,
+    pub subjects: &'a Subjects,
+    /// Replicas for any bucket the kind creates.
+    pub kv_replicas: usize,
+}
+
+/// A kind's own failure to start (its bucket, its tasks).
+pub type AttachError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A policy with the id it is stored under.
 pub type Stored<P> = (String, P);
@@ -24,6 +37,23 @@ pub trait AgentKind: Send + Sync + 'static {
 
     /// The state keys this agent sets for `event` (a patch, merged by the dispatcher).
     fn decide(&self, rules: &Self::Rules, event: &Event, state: &State) -> State;
+
+    /// What the runtime calls per request. Pure kinds keep this default; kinds that keep
+    /// state in NATS (the limiters) do their I/O here, around their pure logic.
+    fn decide_async<'a>(
+        &'a self,
+        rules: &'a Self::Rules,
+        event: &'a Event,
+        state: &'a State,
+    ) -> impl Future<Output = State> + Send + 'a {
+        std::future::ready(self.decide(rules, event, state))
+    }
+
+    /// Called once, after connecting and before the first request: a stateful kind opens its
+    /// bucket and starts its background tasks here.
+    fn attach(&mut self, _ctx: Attach<'_>) -> impl Future<Output = Result<(), AttachError>> + Send {
+        std::future::ready(Ok(()))
+    }
 }
 
 /// Decodes a policy document, naming the field that is wrong (`match.src_service: ...`).

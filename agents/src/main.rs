@@ -1,6 +1,12 @@
 //! `policy-agent <kind>`: runs one agent kind in its queue group.
 #![forbid(unsafe_code)]
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use agents::kinds::conn_limit::{ConnLimiter, DEFAULT_LEASE};
+use agents::kinds::monitor::Monitor;
+use agents::kinds::rate_limit::RateLimiter;
 use agents::kinds::{acl::Acl, lb::Lb};
 use agents::runtime;
 use anyhow::Context;
@@ -36,6 +42,22 @@ enum KindCmd {
     },
     /// Load balancer: picks the target peer among the candidates.
     Lb,
+    /// Connection limiter: at most N live connections per policy, across all instances.
+    ConnLimit {
+        /// How long a slot is held when its close never arrives (the slot bucket's max age;
+        /// fixed by the first instance that creates the bucket).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        lease: Duration,
+    },
+    /// Rate limiter: new connections per key (GCRA, shared by all instances) and a
+    /// per-connection bandwidth cap.
+    RateLimit,
+    /// Monitor: counts and latency histograms from the tap, served for Prometheus.
+    Monitor {
+        /// Where to serve GET /metrics.
+        #[arg(long, env = "POLICY_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+        metrics_addr: SocketAddr,
+    },
 }
 
 #[tokio::main]
@@ -52,6 +74,18 @@ async fn main() -> anyhow::Result<()> {
             runtime::run(Acl { default }, &cli.common, shutdown).await
         }
         KindCmd::Lb => runtime::run(Lb, &cli.common, shutdown).await,
+        KindCmd::ConnLimit { lease } => {
+            let lease = if lease.is_zero() {
+                DEFAULT_LEASE
+            } else {
+                lease
+            };
+            runtime::run(ConnLimiter::new(lease), &cli.common, shutdown).await
+        }
+        KindCmd::RateLimit => runtime::run(RateLimiter::default(), &cli.common, shutdown).await,
+        KindCmd::Monitor { metrics_addr } => {
+            runtime::run(Monitor::new(metrics_addr), &cli.common, shutdown).await
+        }
     }
     .context("policy-agent failed")
 }

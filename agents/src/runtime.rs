@@ -25,6 +25,12 @@ pub enum AgentError {
     Config(#[from] config::ConfigError),
     #[error("cannot register with the NATS services API: {0}")]
     Service(String),
+    #[error("cannot start the {kind} agent: {source}")]
+    Attach {
+        kind: String,
+        #[source]
+        source: kind::AttachError,
+    },
 }
 
 /// The compiled policies, and those stored policies that failed to load. While any failed,
@@ -81,7 +87,7 @@ where
             .clone()
     }
 
-    fn decide(&self, op: &str, msg: &async_nats::Message) -> Result<State, ErrorReply> {
+    async fn decide(&self, op: &str, msg: &async_nats::Message) -> Result<State, ErrorReply> {
         let bad = |m: String| ErrorReply::new(ErrorCode::BadRequest, m);
         let name = EventName::new(op).map_err(|e| bad(e.to_string()))?;
         let event = Event::decode(&name, &msg.payload).map_err(|e| bad(e.to_string()))?;
@@ -97,7 +103,7 @@ where
                 return Ok(kind::deny(reason));
             }
         }
-        Ok(self.kind.decide(&loaded.rules, &event, &state))
+        Ok(self.kind.decide_async(&loaded.rules, &event, &state).await)
     }
 
     fn validate(&self, payload: &[u8]) -> Result<State, ErrorReply> {
@@ -122,7 +128,7 @@ where
         let result = if validating {
             self.validate(&msg.payload)
         } else {
-            self.decide(op, msg)
+            self.decide(op, msg).await
         };
         let sent = match result {
             Ok(_) if validating => {
@@ -158,7 +164,7 @@ where
 
 /// Runs an agent of `kind` until `shutdown` resolves, then drains in-flight requests.
 pub async fn run<K: AgentKind>(
-    kind: K,
+    mut kind: K,
     common: &daemon::Common,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError>
@@ -170,6 +176,16 @@ where
     let service_name = headers::agent_service(&kind_name);
     let client = common.connect(&service_name, true).await?;
     let store = config::open(&client, &subjects, common.kv_replicas).await?;
+    kind.attach(kind::Attach {
+        nats: &client,
+        subjects: &subjects,
+        kv_replicas: common.kv_replicas,
+    })
+    .await
+    .map_err(|source| AgentError::Attach {
+        kind: kind_name.to_string(),
+        source,
+    })?;
 
     let rules = kind.compile(Vec::new());
     let agent = Arc::new(Agent {

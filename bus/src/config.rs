@@ -78,12 +78,27 @@ fn io(e: impl std::error::Error + Send + Sync + 'static) -> ConfigError {
     ConfigError::Io(Box::new(e))
 }
 
-/// Opens the bucket, creating it on first use. Every process may race to create it; the loser
-/// of the race just opens it.
+/// Opens the config bucket, creating it on first use.
 pub async fn open(
     client: &async_nats::Client,
     subjects: &Subjects,
     replicas: usize,
+) -> Result<kv::Store, ConfigError> {
+    let config = kv::Config {
+        bucket: subjects.config_bucket(),
+        description: "policy-bus subscriptions and policies".into(),
+        history: HISTORY,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    };
+    open_bucket(client, config).await
+}
+
+/// Opens a bucket, creating it with `config` on first use. Every process may race to create
+/// it; the loser of the race just opens it. An existing bucket keeps its own settings.
+pub async fn open_bucket(
+    client: &async_nats::Client,
+    config: kv::Config,
 ) -> Result<kv::Store, ConfigError> {
     let too_old = || {
         let version = client.server_info().version;
@@ -93,27 +108,18 @@ pub async fn open(
         return Err(e);
     }
     let js = jetstream::new(client.clone());
-    let bucket = subjects.config_bucket();
-    let open_err = |e: Box<dyn std::error::Error + Send + Sync>| ConfigError::Open {
-        bucket: bucket.clone(),
-        source: e,
-    };
+    let bucket = config.bucket.clone();
     if let Ok(store) = js.get_key_value(&bucket).await {
         return Ok(store);
     }
-    let config = kv::Config {
-        bucket: bucket.clone(),
-        description: "policy-bus subscriptions and policies".into(),
-        history: HISTORY,
-        num_replicas: replicas.max(1),
-        ..Default::default()
-    };
     match js.create_key_value(config).await {
         Ok(store) => Ok(store),
-        Err(create) => js
-            .get_key_value(&bucket)
-            .await
-            .map_err(|_| too_old().unwrap_or_else(|| open_err(Box::new(create)))),
+        Err(create) => js.get_key_value(&bucket).await.map_err(|_| {
+            too_old().unwrap_or_else(|| ConfigError::Open {
+                bucket: bucket.clone(),
+                source: Box::new(create),
+            })
+        }),
     }
 }
 

@@ -191,6 +191,16 @@ impl Subjects {
     pub fn config_bucket(&self) -> String {
         format!("{}_config", self.prefix.replace('.', "_"))
     }
+
+    /// The connection limiter's bucket: one key per taken slot, shared by its instances.
+    pub fn conn_bucket(&self) -> String {
+        format!("{}_conns", self.prefix.replace('.', "_"))
+    }
+
+    /// The rate limiter's bucket: one GCRA state per limited key, shared by its instances.
+    pub fn rate_bucket(&self) -> String {
+        format!("{}_rates", self.prefix.replace('.', "_"))
+    }
 }
 
 impl Default for Subjects {

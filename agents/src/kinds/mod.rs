@@ -1,4 +1,10 @@
 //! The agent kinds shipped with policy-bus. Others, in any language, join by subscription.
 
 pub mod acl;
+pub mod conn_limit;
+mod conn_limit_tasks;
 pub mod lb;
+pub mod limit_match;
+pub mod monitor;
+pub mod rate;
+pub mod rate_limit;

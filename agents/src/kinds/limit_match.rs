@@ -1,0 +1,108 @@
+//! The `match` of the limiters' policies: which connections a limit applies to, and the key
+//! a connection is counted under.
+
+use bus::event::NewConnection;
+use serde::Deserialize;
+
+use crate::pattern::{self, Pattern};
+
+/// Every field optional (absent or `*` is any, a trailing `*` a prefix). `target_peer` is the
+/// peer the load balancer picked, so a limiter that names it belongs after `lb` in the chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitMatch {
+    pub src_service: Option<Pattern>,
+    pub dst_service: Option<Pattern>,
+    pub src_peer: Option<Pattern>,
+    pub target_peer: Option<Pattern>,
+}
+
+impl LimitMatch {
+    pub fn matches(&self, e: &NewConnection, target_peer: Option<&str>) -> bool {
+        pattern::matches(&self.dst_service, Some(&e.dst_service))
+            && pattern::matches(&self.src_service, Some(&e.src_service))
+            && pattern::matches(&self.src_peer, e.src_peer.as_deref())
+            && pattern::matches(&self.target_peer, target_peer)
+    }
+
+    /// The values of the attributes the match names: connections that share them share a
+    /// limit (`src_service: "web*"` limits each `web-…` service separately).
+    pub fn key(&self, e: &NewConnection, target_peer: Option<&str>) -> String {
+        let mut key = String::new();
+        let fields = [
+            (&self.src_service, Some(e.src_service.as_str())),
+            (&self.dst_service, Some(e.dst_service.as_str())),
+            (&self.src_peer, e.src_peer.as_deref()),
+            (&self.target_peer, target_peer),
+        ];
+        for (i, (p, value)) in fields.into_iter().enumerate() {
+            if p.is_some() {
+                key.push_str(&format!("{i}={};", value.unwrap_or("")));
+            }
+        }
+        key
+    }
+}
+
+/// A KV key token for any string: kept when it is already `[A-Za-z0-9_-]`, otherwise the hex
+/// of a fixed 64-bit hash (so every instance maps it the same way).
+pub fn key_token(s: &str) -> String {
+    if !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return s.to_string();
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("h{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bus::event::Direction;
+
+    fn conn(src: &str) -> NewConnection {
+        NewConnection {
+            src_service: src.into(),
+            dst_service: "db".into(),
+            direction: Direction::Outgoing,
+            src_peer: None,
+            dst_peers: None,
+            connection_id: None,
+        }
+    }
+
+    #[test]
+    fn keys_hold_the_named_attributes_only() {
+        let m = LimitMatch {
+            src_service: Some(Pattern::Prefix("web".into())),
+            ..Default::default()
+        };
+        assert!(m.matches(&conn("web-1"), None));
+        assert!(!m.matches(&conn("api"), None));
+        assert_ne!(
+            m.key(&conn("web-1"), Some("p1")),
+            m.key(&conn("web-2"), Some("p1"))
+        );
+        assert_eq!(
+            m.key(&conn("web-1"), Some("p1")),
+            m.key(&conn("web-1"), Some("p2"))
+        );
+        assert_eq!(LimitMatch::default().key(&conn("x"), None), "");
+    }
+
+    #[test]
+    fn key_tokens_are_safe_and_stable() {
+        assert_eq!(key_token("abc-1_2"), "abc-1_2");
+        let t = key_token("0=web;1=db;");
+        assert!(t.starts_with('h') && t.len() == 17);
+        assert_eq!(t, key_token("0=web;1=db;"));
+        assert_ne!(key_token(""), "");
+    }
+}

@@ -1,0 +1,287 @@
+//! The monitor's metrics, fed from tap records. Labels carry services, peers and policy ids,
+//! so their cardinality is that of the deployment's names.
+
+use bus::state::keys;
+use bus::tap::{Outcome, TapRecord};
+use bus::Value;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    event: String,
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    event: String,
+    agent: String,
+    policy: String,
+    effect: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    event: String,
+    service: String,
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    event: String,
+    peer: String,
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    event: String,
+    agent: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    event: String,
+    agent: String,
+    outcome: String,
+}
+
+type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// 50 µs to ~1.6 s, doubling.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    reasons: Family<ReasonLabels, Counter>,
+    by_service: Family<ServiceLabels, Counter>,
+    by_peer: Family<PeerLabels, Counter>,
+    decision_seconds: HistFamily<EventLabels>,
+    agent_seconds: HistFamily<AgentLabels>,
+    agent_outcomes: Family<OutcomeLabels, Counter>,
+    pub tap_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> Option<&'a str> {
+    v.as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(name))?
+        .1
+        .as_str()
+}
+
+fn outcome(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Answered => "answered",
+        Outcome::Timeout => "timeout",
+        Outcome::NoResponders => "no-responders",
+        Outcome::Error => "error",
+        Outcome::Observed => "observed",
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("policy");
+        let m = Metrics {
+            decisions: Family::default(),
+            reasons: Family::default(),
+            by_service: Family::default(),
+            by_peer: Family::default(),
+            decision_seconds: HistFamily::new_with_constructor(latency_histogram),
+            agent_seconds: HistFamily::new_with_constructor(latency_histogram),
+            agent_outcomes: Family::default(),
+            tap_errors: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "decisions",
+            "Decisions by event and action",
+            m.decisions.clone(),
+        );
+        registry.register(
+            "reasons",
+            "Decision reasons by agent, policy and effect",
+            m.reasons.clone(),
+        );
+        registry.register(
+            "service_decisions",
+            "Decisions by destination or exposed service",
+            m.by_service.clone(),
+        );
+        registry.register(
+            "peer_decisions",
+            "Decisions by target peer (new-connection) or asking peer (service-list-request)",
+            m.by_peer.clone(),
+        );
+        registry.register(
+            "decision_seconds",
+            "Whole-decision latency in the dispatcher",
+            m.decision_seconds.clone(),
+        );
+        registry.register(
+            "agent_seconds",
+            "Per-agent call latency as the dispatcher saw it",
+            m.agent_seconds.clone(),
+        );
+        registry.register(
+            "agent_calls",
+            "Agent calls by outcome",
+            m.agent_outcomes.clone(),
+        );
+        registry.register(
+            "tap_errors",
+            "Tap records that could not be decoded",
+            m.tap_errors.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn record(&self, r: &TapRecord) {
+        let event = r.event.clone();
+        let d = &r.decision;
+        let action = d.get_str(keys::ACTION).unwrap_or("allow").to_string();
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                event: event.clone(),
+                action: action.clone(),
+            })
+            .inc();
+        if let Some(Value::Array(reasons)) = d.get(keys::REASONS) {
+            for reason in reasons {
+                let labels = ReasonLabels {
+                    event: event.clone(),
+                    agent: field(reason, "agent").unwrap_or("?").into(),
+                    policy: field(reason, "policy").unwrap_or("?").into(),
+                    effect: field(reason, "effect").unwrap_or("?").into(),
+                };
+                self.reasons.get_or_create(&labels).inc();
+            }
+        }
+        let service =
+            field(&r.attributes, "dst_service").or_else(|| field(&r.attributes, "service"));
+        if let Some(service) = service {
+            let labels = ServiceLabels {
+                event: event.clone(),
+                service: service.into(),
+                action: action.clone(),
+            };
+            self.by_service.get_or_create(&labels).inc();
+        }
+        let peer = d.get_str(keys::TARGET_PEER).or_else(|| {
+            field(&r.attributes, "src_peer").filter(|_| event == "service-list-request")
+        });
+        if let Some(peer) = peer {
+            let labels = PeerLabels {
+                event: event.clone(),
+                peer: peer.into(),
+                action,
+            };
+            self.by_peer.get_or_create(&labels).inc();
+        }
+        self.decision_seconds
+            .get_or_create(&EventLabels {
+                event: event.clone(),
+            })
+            .observe(r.total_us as f64 / 1e6);
+        for a in &r.agents {
+            let agent = AgentLabels {
+                event: event.clone(),
+                agent: a.agent.clone(),
+            };
+            if a.outcome != Outcome::Observed {
+                self.agent_seconds
+                    .get_or_create(&agent)
+                    .observe(a.latency_us as f64 / 1e6);
+            }
+            let labels = OutcomeLabels {
+                event: event.clone(),
+                agent: a.agent.clone(),
+                outcome: outcome(a.outcome).into(),
+            };
+            self.agent_outcomes.get_or_create(&labels).inc();
+        }
+    }
+
+    /// The metrics in the text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bus::tap::AgentTiming;
+    use bus::{Effect, Reason, State};
+
+    fn tap(action: &str, target: Option<&str>) -> TapRecord {
+        let mut d = State::new();
+        d.insert(keys::ACTION, action);
+        if let Some(t) = target {
+            d.insert(keys::TARGET_PEER, t);
+        }
+        d.insert(
+            keys::REASONS,
+            Value::Array(vec![Reason::new("acl", "r1", Effect::Allow).to_value()]),
+        );
+        TapRecord {
+            event: "new-connection".into(),
+            event_id: "e".into(),
+            attributes: Value::Map(vec![(Value::from("dst_service"), Value::from("db"))]),
+            decision: d,
+            total_us: 1500,
+            agents: vec![AgentTiming {
+                agent: "acl".into(),
+                priority: 1,
+                latency_us: 700,
+                outcome: Outcome::Answered,
+            }],
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn counts_and_histograms_follow_the_tap() {
+        let m = Metrics::new();
+        m.record(&tap("allow", Some("p1")));
+        m.record(&tap("allow", Some("p1")));
+        m.record(&tap("deny", None));
+        let text = m.encode();
+        for line in [
+            r#"policy_decisions_total{event="new-connection",action="allow"} 2"#,
+            r#"policy_decisions_total{event="new-connection",action="deny"} 1"#,
+            r#"policy_reasons_total{event="new-connection",agent="acl",policy="r1",effect="allow"} 3"#,
+            r#"policy_service_decisions_total{event="new-connection",service="db",action="allow"} 2"#,
+            r#"policy_peer_decisions_total{event="new-connection",peer="p1",action="allow"} 2"#,
+            r#"policy_decision_seconds_count{event="new-connection"} 3"#,
+            r#"policy_agent_seconds_count{event="new-connection",agent="acl"} 3"#,
+            r#"policy_agent_calls_total{event="new-connection",agent="acl",outcome="answered"} 3"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in:\n{text}");
+        }
+    }
+}
