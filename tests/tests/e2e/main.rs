@@ -3,9 +3,17 @@
 
 mod chain;
 mod decisions;
+mod limits;
+mod monitor;
 mod robustness;
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use futures::StreamExt;
+use rmpv::Value as V;
 use std::time::{Duration, Instant};
 
 use bus::admin::{FailureMode, Subscription};
@@ -74,4 +82,52 @@ pub fn effects(reasons: &[bus::Reason], agent: &str) -> Vec<(String, String)> {
 
 pub fn pair(a: &str, b: &str) -> (String, String) {
     (a.to_string(), b.to_string())
+}
+
+pub type Map = BTreeMap<String, V>;
+
+/// A third-party agent written against DESIGN.md only: raw NATS, MessagePack and base64, and
+/// the subjects spelled as the contract spells them. `handle` gets the event's attributes and
+/// the state, and returns the patch to answer with (`None`: never answer).
+pub async fn foreign_agent<F, Fut>(url: &str, kind: &str, event: &str, handle: F)
+where
+    F: Fn(V, Map) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Option<Map>> + Send + 'static,
+{
+    let client = async_nats::connect(url).await.expect("connect");
+    let mut sub = client
+        .queue_subscribe(format!("policy.agent.{kind}.{event}"), kind.to_string())
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    let handle = Arc::new(handle);
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let (client, handle) = (client.clone(), handle.clone());
+            tokio::spawn(async move {
+                let attrs: V = rmp_serde::from_slice(&msg.payload).expect("attributes are msgpack");
+                let header = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Policy-State"))
+                    .expect("state header");
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(header.as_str())
+                    .expect("base64");
+                let state: Map = rmp_serde::from_slice(&raw).expect("state is a msgpack map");
+                if let Some(patch) = handle(attrs, state).await {
+                    let mut h = async_nats::HeaderMap::new();
+                    let encoded = base64::engine::general_purpose::STANDARD
+                        .encode(rmp_serde::to_vec_named(&patch).expect("encode"));
+                    h.insert("Policy-State", encoded.as_str());
+                    if let Some(reply) = msg.reply {
+                        client
+                            .publish_with_headers(reply, h, bytes::Bytes::new())
+                            .await
+                            .expect("reply");
+                    }
+                }
+            });
+        }
+    });
 }

@@ -1,0 +1,212 @@
+//! The monitor: counts from the tap, served as Prometheus text, and observe-only in a chain.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+
+use bus::Action;
+use e2e::Engine;
+use serde_json::json;
+
+use crate::*;
+
+/// One sample of the text exposition format: `name{label="value",...} number`.
+fn parse_sample(line: &str) -> Result<(String, HashMap<String, String>, f64), String> {
+    let (head, value) = line.rsplit_once(' ').ok_or("no value")?;
+    let value: f64 = value
+        .parse()
+        .map_err(|_| format!("bad value in {line:?}"))?;
+    let (name, labels) = match head.split_once('{') {
+        Some((n, rest)) => (
+            n,
+            rest.strip_suffix('}')
+                .ok_or(format!("unclosed labels in {line:?}"))?,
+        ),
+        None => (head, ""),
+    };
+    let name_ok = !name.is_empty()
+        && name.chars().enumerate().all(|(i, c)| {
+            c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+        });
+    if !name_ok {
+        return Err(format!("bad metric name in {line:?}"));
+    }
+    let mut map = HashMap::new();
+    if !labels.is_empty() {
+        for pair in labels.split("\",") {
+            let (k, v) = pair
+                .split_once("=\"")
+                .ok_or(format!("bad label in {line:?}"))?;
+            map.insert(k.to_string(), v.trim_end_matches('"').to_string());
+        }
+    }
+    Ok((name.to_string(), map, value))
+}
+
+fn scrape(addr: &str) -> Vec<(String, HashMap<String, String>, f64)> {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .expect("request");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("response");
+    let (head, body) = resp.split_once("\r\n\r\n").expect("http response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        body.trim_end().ends_with("# EOF"),
+        "not a complete exposition"
+    );
+    body.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| parse_sample(l).unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}
+
+fn sum(
+    samples: &[(String, HashMap<String, String>, f64)],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn monitor_counts_equal_the_decisions_sent_and_it_never_changes_one() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut engine = Engine::new();
+    engine.agent("monitor", &["--metrics-addr", &addr]);
+    engine.start(&["acl", "lb"]).await;
+    engine.wait_instances("policy-agent-monitor", 1).await;
+    let admin = engine.admin().await;
+    // In the chain twice over: observe-only at the front, and as a plain agent at the end.
+    let mut observe = sub("new-connection", "monitor", 1);
+    observe.observe = true;
+    subscribe(
+        &admin,
+        &[
+            observe,
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "lb", 20),
+        ],
+    )
+    .await;
+    subscribe(
+        &admin,
+        &[
+            sub("expose-service", "acl", 10),
+            sub("expose-service", "monitor", 99),
+        ],
+    )
+    .await;
+    admin
+        .policy_add(vec![doc(json!({"agent": "acl", "id": "to-db", "action": "allow", "match": {"dst_service": "db"}}))])
+        .await
+        .expect("policy add");
+    let hook = engine.hook().await;
+    eventually("rule loaded", || async {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        (d.action == Action::Allow)
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+    let before = scrape(&addr);
+    let base = |action: &str| {
+        sum(
+            &before,
+            "policy_decisions_total",
+            &[("event", "new-connection"), ("action", action)],
+        )
+    };
+    let (allow0, deny0) = (base("allow"), base("deny"));
+
+    for i in 0..30 {
+        let dst = if i % 3 == 0 { "billing" } else { "db" };
+        let d = hook
+            .new_connection(&conn("web", dst, &["p1", "p2"]))
+            .await
+            .expect("decision");
+        assert_eq!(d.action == Action::Allow, dst == "db");
+        assert!(
+            effects(&d.reasons, "monitor").is_empty(),
+            "the monitor changed a decision"
+        );
+    }
+    let d = hook
+        .expose_service(&bus::event::ExposeService {
+            service: "db".into(),
+            peers: vec!["p1".into()],
+        })
+        .await
+        .expect("expose decision");
+    assert_eq!(
+        d.target_peers,
+        ["p1"],
+        "to-db counts for exposing db: {d:?}"
+    );
+
+    eventually("monitor counted every decision", || async {
+        let s = scrape(&addr);
+        let allow = sum(
+            &s,
+            "policy_decisions_total",
+            &[("event", "new-connection"), ("action", "allow")],
+        ) - allow0;
+        let deny = sum(
+            &s,
+            "policy_decisions_total",
+            &[("event", "new-connection"), ("action", "deny")],
+        ) - deny0;
+        if (allow, deny) != (20.0, 10.0) {
+            return Err(format!("allow {allow}, deny {deny}"));
+        }
+        assert!(sum(&s, "policy_decisions_total", &[("event", "expose-service")]) >= 1.0);
+        assert!(
+            sum(
+                &s,
+                "policy_reasons_total",
+                &[("agent", "acl"), ("policy", "to-db"), ("effect", "allow")]
+            ) >= 20.0
+        );
+        assert!(
+            sum(
+                &s,
+                "policy_service_decisions_total",
+                &[("service", "billing"), ("action", "deny")]
+            ) >= 10.0
+        );
+        assert!(sum(&s, "policy_peer_decisions_total", &[("action", "allow")]) >= 20.0);
+        assert!(
+            sum(
+                &s,
+                "policy_decision_seconds_count",
+                &[("event", "new-connection")]
+            ) >= 30.0
+        );
+        assert!(sum(&s, "policy_agent_seconds_count", &[("agent", "lb")]) >= 20.0);
+        assert!(
+            sum(
+                &s,
+                "policy_agent_calls_total",
+                &[("agent", "monitor"), ("outcome", "observed")]
+            ) >= 30.0
+        );
+        Ok(())
+    })
+    .await;
+}
