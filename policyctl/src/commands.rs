@@ -104,6 +104,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&decision)?);
         }
         Command::Tap { event } => tap(&nats, &subjects, event.as_deref()).await?,
+        Command::Top { interval, count } => {
+            crate::top::run(&nats, &subjects, interval, count).await?
+        }
         Command::Bench {
             event,
             concurrency,

@@ -4,6 +4,7 @@
 mod bench;
 mod commands;
 mod files;
+mod top;
 mod up;
 
 use std::path::PathBuf;
@@ -81,6 +82,15 @@ pub enum Command {
     },
     /// Stream decisions from the tap, one JSON object a line.
     Tap { event: Option<String> },
+    /// A live view of the tap: decisions/s, deny ratio and latency percentiles per event and
+    /// per agent, refreshed in place.
+    Top {
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Stop after this many refreshes.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Start a local stack (NATS if none answers, dispatcher, every agent kind), load the
     /// examples and send sample traffic. Ctrl-C stops everything it started.
     Up {

@@ -14,7 +14,7 @@ use crate::commands::parse_attributes;
 use crate::files;
 
 /// The agent kinds `up` runs.
-const KINDS: [&str; 2] = ["acl", "lb"];
+const KINDS: [&str; 5] = ["acl", "lb", "conn-limit", "rate-limit", "monitor"];
 
 struct Stack {
     children: Vec<(String, Child)>,
@@ -107,6 +107,8 @@ async fn nats(common: &daemon::Common, stack: &mut Stack) -> anyhow::Result<asyn
     stack.children.push(("nats-server".into(), child));
     stack._store = Some(store);
     let client = common.connect("policyctl", true).await?;
+    // The first round trip waits for the server to be up (the connection retries until then).
+    let _ = client.flush().await;
     eprintln!(
         "started nats-server {} at {}",
         client.server_info().version,
@@ -243,6 +245,36 @@ fn list(v: Option<&Value>) -> String {
     }
 }
 
+/// The `connection-closed` event for an allowed connection.
+fn closing(attrs: &State, decision: &State) -> State {
+    let mut closed = State::new();
+    for (from, keys) in [
+        (decision, ["connection_id", "target_peer"]),
+        (attrs, ["src_service", "dst_service"]),
+    ] {
+        for k in keys {
+            if let Some(v) = from.get(k) {
+                closed.insert(k, v.clone());
+            }
+        }
+    }
+    closed
+}
+
+/// The bandwidth cap of a decision, for display.
+fn cap(d: &State) -> String {
+    let bps = d
+        .get("rate_limit")
+        .and_then(|r| r.as_map())
+        .and_then(|m| {
+            m.iter()
+                .find(|(k, _)| k.as_str() == Some("bits_per_second"))
+        })
+        .and_then(|(_, v)| v.as_u64());
+    bps.map(|b| format!(", cap {} Mbit/s", b / 1_000_000))
+        .unwrap_or_default()
+}
+
 fn describe(event: &str, attrs: &State, d: &State, took: Duration) -> String {
     let reasons: Vec<String> = match d.get("reasons") {
         Some(Value::Array(rs)) => rs
@@ -267,15 +299,17 @@ fn describe(event: &str, attrs: &State, d: &State, took: Duration) -> String {
     };
     let what = match event {
         "new-connection" => format!(
-            "{} -> {} [{}] => {} {}",
+            "{} -> {} [{}] => {} {}{}",
             attrs.get_str("src_service").unwrap_or("?"),
             attrs.get_str("dst_service").unwrap_or("?"),
             list(attrs.get("dst_peers")),
             d.get_str("action").unwrap_or("?"),
             d.get_str("target_peer")
                 .map(|p| format!("to {p}"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            cap(d)
         ),
+        "connection-closed" => format!("{} closed", attrs.get_str("connection_id").unwrap_or("?")),
         "expose-service" => format!(
             "{} to [{}] => [{}]",
             attrs.get_str("service").unwrap_or("?"),
@@ -321,6 +355,8 @@ pub async fn run(common: &daemon::Common, examples: &Path, every: Duration) -> a
         );
         let hook = Client::new(nats, subjects);
         let mut i = 0usize;
+        // Allowed connections, closed a few events later so conn-limit sees them go.
+        let mut open: std::collections::VecDeque<State> = Default::default();
         loop {
             if every.is_zero() {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -331,8 +367,25 @@ pub async fn run(common: &daemon::Common, examples: &Path, every: Duration) -> a
             let attrs = parse_attributes(&pairs.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
             let t0 = Instant::now();
             match hook.emit(event, &attrs).await {
-                Ok(d) => println!("{}", describe(event, &attrs, &d, t0.elapsed())),
+                Ok(d) => {
+                    println!("{}", describe(event, &attrs, &d, t0.elapsed()));
+                    if event == "new-connection" && d.get_str("action") == Some("allow") {
+                        open.push_back(closing(&attrs, &d));
+                    }
+                }
                 Err(e) => println!("{event:<21} error: {e}"),
+            }
+            if open.len() > 4 {
+                if let Some(closed) = open.pop_front() {
+                    let t0 = Instant::now();
+                    match hook.emit("connection-closed", &closed).await {
+                        Ok(d) => println!(
+                            "{}",
+                            describe("connection-closed", &closed, &d, t0.elapsed())
+                        ),
+                        Err(e) => println!("connection-closed     error: {e}"),
+                    }
+                }
             }
             tokio::time::sleep(every).await;
         }

@@ -210,3 +210,49 @@ async fn monitor_counts_equal_the_decisions_sent_and_it_never_changes_one() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policyctl_top_shows_rates_denies_and_agents_from_the_tap() {
+    let mut engine = Engine::new();
+    engine.start(&["acl"]).await;
+    let admin = engine.admin().await;
+    subscribe(&admin, &[sub("new-connection", "acl", 10)]).await;
+    let hook = engine.hook().await;
+    let top = std::process::Command::new(e2e::bin("policyctl"))
+        .args([
+            "--nats-url",
+            &engine.nats.url(),
+            "top",
+            "--interval",
+            "500ms",
+            "--count",
+            "4",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start policyctl top");
+    // Default deny: every decision is a deny.
+    let traffic = tokio::spawn(async move {
+        for _ in 0..60 {
+            let _ = hook.new_connection(&conn("web", "db", &["p1"])).await;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    });
+    let out = tokio::task::spawn_blocking(move || top.wait_with_output())
+        .await
+        .expect("join")
+        .expect("top output");
+    traffic.abort();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let busy = text
+        .lines()
+        .filter(|l| l.starts_with("new-connection") && l.contains("100.0%"))
+        .count();
+    assert!(busy >= 1, "no frame showed the denied traffic:\n{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("new-connection") && l.contains(" acl ")),
+        "{text}"
+    );
+}
