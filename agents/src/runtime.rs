@@ -114,10 +114,6 @@ where
 
     async fn handle(self: Arc<Self>, req: async_nats::service::Request) {
         let msg = &req.message;
-        if msg.reply.is_none() {
-            // Sent to an observer: decide nothing, answer nothing.
-            return;
-        }
         let op = self
             .subjects
             .agent_op_of(&self.kind_name, &msg.subject)
@@ -130,6 +126,13 @@ where
         } else {
             self.decide(op, msg).await
         };
+        if msg.reply.is_none() {
+            // Sent to an observer: the kind has done its work (a release, say); nobody waits.
+            if let Err(err) = result {
+                tracing::warn!(subject = %msg.subject, error = %err, "rejected observed event");
+            }
+            return;
+        }
         let sent = match result {
             Ok(_) if validating => {
                 let payload =

@@ -186,9 +186,12 @@ async fn tap(
         None => subjects.tap_wildcard(),
     };
     let mut sub = nats.subscribe(subject).await?;
+    // One Ctrl-C future for the whole loop, so a press is never lost between messages.
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut stop => return Ok(()),
             msg = sub.next() => {
                 let Some(msg) = msg else { return Err(anyhow!("tap subscription closed")) };
                 match codec::decode::<TapRecord>("tap record", &msg.payload) {

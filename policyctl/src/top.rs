@@ -135,9 +135,12 @@ pub async fn run(
     let mut window = Window::default();
     let mut started = Instant::now();
     let mut frames = 0u64;
+    // One Ctrl-C future for the whole loop, so a press is never lost between messages.
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut stop => return Ok(()),
             msg = tap.next() => {
                 let Some(msg) = msg else { anyhow::bail!("tap subscription closed") };
                 if let Ok(r) = codec::decode::<TapRecord>("tap record", &msg.payload) {

@@ -4,15 +4,17 @@
 //! A policy's limit is a fixed set of *slots*, keys `slot.<policy>.<n>` for `n` below the
 //! limit, in the bucket `<prefix>_conns`. Admitting a connection is creating a free slot's key,
 //! which JetStream does for one writer only, so no two instances can take the same slot and
-//! the count can never pass the limit. Each instance watches the bucket to know which slots
-//! look free (a restarted or added instance loads them first), and a slot it sees as taken is
-//! only ever a reason to try another. `conn.<connection>` records the slots of a connection so
-//! any instance can release them on `connection-closed`.
+//! the count can never pass the limit. A slot's value is its holder, `<connection>#<nonce>`.
+//! Each instance watches the bucket to know which slots look free and who holds them (a
+//! restarted or added instance loads them first), so any instance can release a connection's
+//! slots; the view is only a hint, the create decides.
 //!
-//! Slots are released on `connection-closed`, on a final deny by a later agent (read from the
-//! tap by one instance of the queue group), and by the lease: the bucket's `max_age`, so
-//! JetStream itself drops a slot whose close never came (`--lease`, default 1 h; a connection
-//! that lives longer than the lease stops counting).
+//! Slots are released on `connection-closed`; on a final deny by a later agent (read from the
+//! tap by one instance of the queue group: exactly the slots the admission recorded in the
+//! state key `conn_limit`, or, when conn-limit itself failed or timed out in that chain, every
+//! slot of the connection); and by the lease: the bucket's `max_age`, so JetStream itself drops
+//! a slot whose close never came (`--lease`, default 1 h; a connection that lives longer than
+//! the lease stops counting).
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use bus::event::{Event, NewConnection};
 use bus::state::keys;
-use bus::{Effect, Reason, State};
+use bus::{Effect, Reason, State, Value};
 use serde::Deserialize;
 
 use super::limit_match::{key_token, LimitMatch};
@@ -47,11 +49,19 @@ pub struct Compiled {
     max: u32,
 }
 
-/// What this instance knows of the slots: who holds each, since when it has seen it.
+/// A slot as this instance knows it: who holds it (`<connection>#<nonce>`, empty when only
+/// a failed create told us it is taken) and since when this instance has seen it held.
+#[derive(Debug, Clone)]
+pub(crate) struct Held {
+    holder: String,
+    seen: Instant,
+}
+
+/// What this instance knows of the slots. Only a hint: the atomic create decides.
 #[derive(Default)]
 pub(crate) struct View {
-    /// policy id -> slot number -> (connection token, first seen here)
-    slots: HashMap<String, HashMap<u32, (String, Instant)>>,
+    /// policy id -> slot number -> holder
+    slots: HashMap<String, HashMap<u32, Held>>,
 }
 
 impl View {
@@ -61,10 +71,18 @@ impl View {
         };
         match holder {
             Some(h) => {
-                self.slots
-                    .entry(policy.to_string())
-                    .or_default()
-                    .insert(n, (h, Instant::now()));
+                let slots = self.slots.entry(policy.to_string()).or_default();
+                // A failed create says "taken" but not by whom: keep a known holder.
+                if h.is_empty() && slots.contains_key(&n) {
+                    return;
+                }
+                slots.insert(
+                    n,
+                    Held {
+                        holder: h,
+                        seen: Instant::now(),
+                    },
+                );
             }
             None => {
                 if let Some(m) = self.slots.get_mut(policy) {
@@ -74,37 +92,60 @@ impl View {
         }
     }
 
-    /// A slot to try: free here, starting from `start` so instances spread out; else the one
-    /// seen longest ago (the lease may have dropped it on the server).
-    pub(crate) fn candidate(
-        &self,
-        policy: &str,
-        max: u32,
-        start: u32,
-        tried: &[u32],
-    ) -> Option<(u32, bool)> {
+    /// A failed create: the slot is held (by whom the watch will say), seen held from now on so
+    /// it is not probed again before a lease.
+    fn mark_taken(&mut self, key: &str) {
+        let Some((policy, n)) = parse_slot(key) else {
+            return;
+        };
+        let held = self
+            .slots
+            .entry(policy.to_string())
+            .or_default()
+            .entry(n)
+            .or_insert(Held {
+                holder: String::new(),
+                seen: Instant::now(),
+            });
+        held.seen = Instant::now();
+    }
+
+    /// A slot below `max` that looks free, starting from `start` so instances spread out.
+    fn free_slot(&self, policy: &str, max: u32, start: u32, tried: &[u32]) -> Option<u32> {
         let taken = self.slots.get(policy);
-        for i in 0..max {
-            let n = (start + i) % max;
-            if !tried.contains(&n) && !taken.is_some_and(|t| t.contains_key(&n)) {
-                return Some((n, true));
-            }
-        }
-        taken?
-            .iter()
-            .filter(|(n, _)| **n < max && !tried.contains(n))
-            .min_by_key(|(_, (_, seen))| *seen)
-            .map(|(n, _)| (*n, false))
+        (0..max)
+            .map(|i| (start + i) % max)
+            .find(|n| !tried.contains(n) && !taken.is_some_and(|t| t.contains_key(n)))
     }
 
-    fn is_free(&self, policy: &str, n: u32) -> bool {
-        !self.slots.get(policy).is_some_and(|m| m.contains_key(&n))
-    }
-
-    pub(crate) fn in_use(&self, policy: &str, max: u32) -> usize {
+    /// The slot held longest, if it has been held past the lease (JetStream may have dropped
+    /// it: the watch does not report expiries).
+    fn expired_slot(&self, policy: &str, max: u32, lease: Duration) -> Option<u32> {
         self.slots
-            .get(policy)
-            .map_or(0, |m| m.keys().filter(|n| **n < max).count())
+            .get(policy)?
+            .iter()
+            .filter(|(n, h)| **n < max && h.seen.elapsed() >= lease)
+            .min_by_key(|(_, h)| h.seen)
+            .map(|(n, _)| *n)
+    }
+
+    /// Slots of the policy this instance knows to be held, above the limit too (after the
+    /// limit was lowered they still count).
+    pub(crate) fn in_use(&self, policy: &str) -> usize {
+        self.slots.get(policy).map_or(0, HashMap::len)
+    }
+
+    /// The slots a connection holds, by its token.
+    fn held_by(&self, token: &str) -> Vec<(String, String)> {
+        let prefix = format!("{token}#");
+        self.slots
+            .iter()
+            .flat_map(|(p, m)| {
+                m.iter()
+                    .filter(|(_, h)| h.holder.starts_with(&prefix))
+                    .map(move |(n, h)| (slot_key(p, *n), h.holder.clone()))
+            })
+            .collect()
     }
 }
 
@@ -118,96 +159,103 @@ fn parse_slot(key: &str) -> Option<(&str, u32)> {
     Some((policy, n.parse().ok()?))
 }
 
-fn conn_key(token: &str) -> String {
-    format!("conn.{token}")
-}
+/// The state key where an admission records its slots and holder, so that a later deny seen on
+/// the tap frees exactly those (and not a retry's that reuses the connection id).
+pub(crate) const STATE_KEY: &str = "conn_limit";
+/// Create attempts for one admission before it is denied as contended.
+const ATTEMPTS: usize = 8;
 
 /// The shared slot store and this instance's view of it.
 pub(crate) struct Slots {
     store: kv::Store,
+    lease: Duration,
     pub(crate) view: Mutex<View>,
 }
 
 impl Slots {
+    pub(crate) fn new(store: kv::Store, lease: Duration) -> Self {
+        Slots {
+            store,
+            lease,
+            view: Mutex::new(View::default()),
+        }
+    }
+
     pub(crate) fn store_handle(&self) -> kv::Store {
         self.store.clone()
     }
 
-    fn view(&self) -> std::sync::MutexGuard<'_, View> {
+    pub(crate) fn view(&self) -> std::sync::MutexGuard<'_, View> {
         self.view.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes one slot of `c` for `token`: `Ok(Some(slot))`, `Ok(None)` when all are taken.
-    async fn take(&self, c: &Compiled, token: &str) -> Result<Option<u32>, String> {
-        let start = (fnv(token) % u64::from(c.max)) as u32;
+    /// Takes one slot of `c` for `holder`: `Ok(Some(slot))`, `Ok(None)` when all are taken.
+    async fn take(&self, c: &Compiled, holder: &str, start: u32) -> Result<Option<u32>, String> {
         let mut tried = Vec::new();
-        loop {
-            let Some((n, free)) = self.view().candidate(&c.id, c.max, start, &tried) else {
-                return Ok(None);
+        for _ in 0..ATTEMPTS {
+            let next = {
+                let view = self.view();
+                if view.in_use(&c.id) >= c.max as usize {
+                    view.expired_slot(&c.id, c.max, self.lease)
+                        .filter(|n| !tried.contains(n))
+                } else {
+                    view.free_slot(&c.id, c.max, start, &tried).or_else(|| {
+                        view.expired_slot(&c.id, c.max, self.lease)
+                            .filter(|n| !tried.contains(n))
+                    })
+                }
             };
-            if !free && tried.iter().any(|t| !self.view().is_free(&c.id, *t)) {
-                // One look at the longest-held slot (the lease may have dropped it) is enough.
-                return Ok(None);
-            }
+            let Some(n) = next else { return Ok(None) };
             tried.push(n);
             let key = slot_key(&c.id, n);
             match self
                 .store
-                .create(&key, bytes::Bytes::copy_from_slice(token.as_bytes()))
+                .create(&key, bytes::Bytes::copy_from_slice(holder.as_bytes()))
                 .await
             {
                 Ok(_) => {
-                    self.view().apply(&key, Some(token.to_string()));
+                    self.view().apply(&key, Some(holder.to_string()));
                     return Ok(Some(n));
                 }
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                    self.view().apply(&key, Some(String::new()));
+                    self.view().mark_taken(&key)
                 }
                 Err(e) => return Err(e.to_string()),
             }
         }
+        Ok(None)
     }
 
-    async fn record(&self, token: &str, taken: &[String]) {
-        let value = rmp_serde::to_vec(taken).unwrap_or_default();
-        if let Err(err) = self.store.put(conn_key(token), value.into()).await {
-            tracing::warn!(error = %err, "could not record the connection's slots; the lease will free them");
-        }
-    }
-
-    /// Frees the slots of a connection, wherever they were taken. A slot is deleted only if it
-    /// still holds this connection (after a lease it may belong to another one).
-    pub(crate) async fn release(&self, token: &str) {
-        let keys: Vec<String> = match self.store.get(conn_key(token)).await {
-            Ok(Some(v)) => rmp_serde::from_slice(&v).unwrap_or_default(),
-            _ => self
-                .view()
-                .slots
-                .iter()
-                .flat_map(|(p, m)| {
-                    m.iter()
-                        .filter(|(_, (h, _))| h == token)
-                        .map(move |(n, _)| slot_key(p, *n))
-                })
-                .collect(),
-        };
-        for key in keys {
-            if let Ok(Some(e)) = self.store.entry(&key).await {
-                if e.operation == kv::Operation::Put && e.value.as_ref() == token.as_bytes() {
-                    match self
-                        .store
-                        .delete_expect_revision(&key, Some(e.revision))
-                        .await
-                    {
-                        Ok(()) => self.view().apply(&key, None),
-                        Err(err) => {
-                            tracing::debug!(%key, error = %err, "slot changed before release")
-                        }
-                    }
+    /// Frees the given slots if they still hold `holder` (after a lease a slot may belong to
+    /// another connection, and a reused connection id to another admission).
+    pub(crate) async fn release_exact(&self, slots: &[(String, String)]) {
+        for (key, holder) in slots {
+            let Ok(Some(e)) = self.store.entry(key).await else {
+                continue;
+            };
+            if e.operation == kv::Operation::Put && e.value.as_ref() == holder.as_bytes() {
+                match self
+                    .store
+                    .delete_expect_revision(key, Some(e.revision))
+                    .await
+                {
+                    Ok(()) => self.view().apply(key, None),
+                    Err(err) => tracing::debug!(%key, error = %err, "slot changed before release"),
                 }
             }
         }
-        let _ = self.store.delete(conn_key(token)).await;
+    }
+
+    /// Frees every slot a connection holds, wherever it was admitted. A close can reach this
+    /// instance before its watch has seen the admission, so an empty answer is asked again
+    /// once, a moment later.
+    pub(crate) async fn release_connection(&self, token: &str) {
+        let mut held = self.view().held_by(token);
+        if held.is_empty() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            held = self.view().held_by(token);
+        }
+        self.release_exact(&held).await;
     }
 }
 
@@ -240,14 +288,15 @@ impl ConnLimiter {
             );
         };
         let token = key_token(conn);
-        let mut taken: Vec<String> = Vec::new();
+        let holder = format!("{token}#{}", bus::event::new_id());
+        let start = (fnv(&holder) % u64::from(u32::MAX)) as u32;
+        let mut taken: Vec<(String, String)> = Vec::new();
         let mut reasons = Vec::new();
         for c in &matched {
-            let outcome = slots.take(c, &token).await;
-            let refused = match outcome {
+            let refused = match slots.take(c, &holder, start % c.max).await {
                 Ok(Some(n)) => {
-                    taken.push(slot_key(&c.id, n));
-                    let used = slots.view().in_use(&c.id, c.max);
+                    taken.push((slot_key(&c.id, n), holder.clone()));
+                    let used = slots.view().in_use(&c.id);
                     reasons.push(
                         Reason::new(NAME, &c.id, Effect::Allow)
                             .with_detail(format!("{used} of {} in use", c.max)),
@@ -258,15 +307,19 @@ impl ConnLimiter {
                 Err(why) => Some(format!("slot store unavailable, failing closed: {why}")),
             };
             if let Some(detail) = refused {
-                if !taken.is_empty() {
-                    slots.record(&token, &taken).await;
-                    slots.release(&token).await;
-                }
+                slots.release_exact(&taken).await;
                 return deny(c, detail);
             }
         }
-        slots.record(&token, &taken).await;
         let mut patch = State::new();
+        let slot_list = Value::Array(taken.iter().map(|(k, _)| Value::from(k.as_str())).collect());
+        patch.insert(
+            STATE_KEY,
+            Value::Map(vec![
+                (Value::from("holder"), Value::from(holder.as_str())),
+                (Value::from("slots"), slot_list),
+            ]),
+        );
         patch.insert(keys::REASONS, kind::reasons(reasons));
         patch
     }
@@ -322,7 +375,7 @@ impl AgentKind for ConnLimiter {
             Event::NewConnection(e) => self.new_connection(rules, e, state).await,
             Event::ConnectionClosed(e) => {
                 if let Some(slots) = &self.slots {
-                    slots.release(&key_token(&e.connection_id)).await;
+                    slots.release_connection(&key_token(&e.connection_id)).await;
                 }
                 State::new()
             }
@@ -346,10 +399,7 @@ impl AgentKind for ConnLimiter {
                 "the slot bucket already exists with another lease; using the bucket's");
             self.lease = actual;
         }
-        let slots = Arc::new(Slots {
-            store,
-            view: Mutex::new(View::default()),
-        });
+        let slots = Arc::new(Slots::new(store, self.lease));
         self.slots = Some(slots.clone());
         super::conn_limit_tasks::start(ctx, slots).await
     }

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use bus::config::{self, Change};
 use bus::state::keys;
-use bus::tap::TapRecord;
+use bus::tap::{Outcome, TapRecord};
 use bus::{codec, Value};
 use futures::StreamExt;
 
-use super::conn_limit::{Slots, View, NAME};
+use super::conn_limit::{Slots, View, NAME, STATE_KEY};
 use super::limit_match::key_token;
 use crate::kind::{Attach, AttachError};
 
@@ -23,17 +23,38 @@ pub(crate) async fn start(ctx: Attach<'_>, slots: Arc<Slots>) -> Result<(), Atta
 
     let tap = ctx.subjects.tap(bus::event::NEW_CONNECTION);
     let mut sub = ctx.nats.queue_subscribe(tap, format!("{NAME}-tap")).await?;
+    // Releases run concurrently, bounded, so a flood of denies does not back up the tap.
+    let limit = Arc::new(tokio::sync::Semaphore::new(64));
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
             let Ok(record) = codec::decode::<TapRecord>("tap record", &msg.payload) else {
                 continue;
             };
-            if let Some(conn) = denied_after_admission(&record) {
-                slots.release(&key_token(conn)).await;
-            }
+            let Some(release) = to_release(&record) else {
+                continue;
+            };
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
+            let slots = slots.clone();
+            tokio::spawn(async move {
+                match release {
+                    Release::Exact(list) => slots.release_exact(&list).await,
+                    Release::Connection(token) => slots.release_connection(&token).await,
+                }
+                drop(permit);
+            });
         }
     });
     Ok(())
+}
+
+enum Release {
+    /// The slots an admission recorded, with their holder.
+    Exact(Vec<(String, String)>),
+    /// Every slot of a connection: conn-limit failed in the chain, so its answer (and what it
+    /// took) is unknown.
+    Connection(String),
 }
 
 fn slots_store(slots: &Slots) -> async_nats::jetstream::kv::Store {
@@ -81,23 +102,33 @@ async fn follow(slots: Arc<Slots>, store: async_nats::jetstream::kv::Store, mut 
     }
 }
 
-/// The connection id of a tap record whose connection this kind admitted but the chain
-/// denied in the end.
-fn denied_after_admission(record: &TapRecord) -> Option<&str> {
+/// What to free for a tap record: nothing unless the chain ended in a deny after conn-limit
+/// was asked.
+fn to_release(record: &TapRecord) -> Option<Release> {
     let d = &record.decision;
     if d.get_str(keys::ACTION) != Some("deny") {
         return None;
     }
-    let Some(Value::Array(reasons)) = d.get(keys::REASONS) else {
-        return None;
-    };
-    let admitted = reasons.iter().any(|r| {
-        let field = |k: &str| {
-            r.as_map()
-                .and_then(|m| m.iter().find(|(kk, _)| kk.as_str() == Some(k)))
-                .and_then(|(_, v)| v.as_str())
+    if let Some(Value::Map(m)) = d.get(STATE_KEY) {
+        let get = |k: &str| {
+            m.iter()
+                .find(|(kk, _)| kk.as_str() == Some(k))
+                .map(|(_, v)| v)
         };
-        field("agent") == Some(NAME) && field("effect") == Some("allow")
-    });
-    admitted.then(|| d.get_str(keys::CONNECTION_ID)).flatten()
+        let holder = get("holder")?.as_str()?.to_string();
+        let Value::Array(keys) = get("slots")? else {
+            return None;
+        };
+        let list = keys
+            .iter()
+            .filter_map(|k| Some((k.as_str()?.to_string(), holder.clone())))
+            .collect();
+        return Some(Release::Exact(list));
+    }
+    let failed = record
+        .agents
+        .iter()
+        .any(|a| a.agent == NAME && !matches!(a.outcome, Outcome::Answered | Outcome::Observed));
+    let conn = d.get_str(keys::CONNECTION_ID)?;
+    failed.then(|| Release::Connection(key_token(conn)))
 }

@@ -67,9 +67,14 @@ impl Clock for SystemClock {
     }
 }
 
+/// Lock stripes: requests of one instance for one key take turns, so an instance never loses
+/// a compare-and-set to itself; only other instances can make it retry.
+const STRIPES: usize = 64;
+
 pub struct RateLimiter {
     store: Option<kv::Store>,
     clock: Box<dyn Clock>,
+    stripes: Vec<tokio::sync::Mutex<()>>,
     /// Last (TAT, revision) this instance saw per key, to skip a read before the write.
     cache: Mutex<HashMap<String, (Option<u64>, u64)>>,
 }
@@ -79,6 +84,7 @@ impl Default for RateLimiter {
         RateLimiter {
             store: None,
             clock: Box::new(SystemClock),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -130,6 +136,10 @@ impl RateLimiter {
     /// One GCRA step on the shared entry, by compare-and-set. A deny read from a stale cache
     /// is still right: the TAT only moves forward, so the stored one is at least as late.
     async fn admit(&self, store: &kv::Store, key: &str, gcra: &Gcra) -> Admit {
+        let stripe = key.bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        }) % STRIPES;
+        let _turn = self.stripes[stripe].lock().await;
         for _ in 0..ATTEMPTS {
             let (tat, revision) = match self.cached(key) {
                 Some(c) => c,
@@ -239,6 +249,17 @@ impl AgentKind for RateLimiter {
         }
         if p.rate.is_none() && p.burst > 0 {
             return Err("field `burst`: only means something with a `rate`".into());
+        }
+        if let Some(rate) = p.rate {
+            // The stored timestamp runs at most (burst + 1) periods ahead; it must outlive that.
+            let ahead = u128::from(rate.period_ns()) * (u128::from(p.burst) + 1);
+            if ahead > IDLE_EXPIRY.as_nanos() {
+                return Err(format!(
+                    "fields `rate`, `burst`: {rate} with burst {} spans more than the {}h the limiter keeps state",
+                    p.burst,
+                    IDLE_EXPIRY.as_secs() / 3600
+                ));
+            }
         }
         Ok(())
     }

@@ -63,8 +63,33 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
+/// Distinct service, peer or policy names a family takes before the rest are counted as
+/// `other`: the names come from the network, and every one is a time series.
+const MAX_NAMES: usize = 1000;
+
+/// Caps the distinct values of one label.
+#[derive(Default)]
+struct Names(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl Names {
+    fn admit(&self, name: &str) -> String {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(name) {
+            return name.to_string();
+        }
+        if seen.len() < MAX_NAMES {
+            seen.insert(name.to_string());
+            return name.to_string();
+        }
+        "other".to_string()
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    services: Names,
+    peers: Names,
+    policies: Names,
     decisions: Family<DecisionLabels, Counter>,
     reasons: Family<ReasonLabels, Counter>,
     by_service: Family<ServiceLabels, Counter>,
@@ -112,6 +137,9 @@ impl Metrics {
             agent_outcomes: Family::default(),
             tap_errors: Counter::default(),
             registry: Registry::default(),
+            services: Names::default(),
+            peers: Names::default(),
+            policies: Names::default(),
         };
         registry.register(
             "decisions",
@@ -171,7 +199,7 @@ impl Metrics {
                 let labels = ReasonLabels {
                     event: event.clone(),
                     agent: field(reason, "agent").unwrap_or("?").into(),
-                    policy: field(reason, "policy").unwrap_or("?").into(),
+                    policy: self.policies.admit(field(reason, "policy").unwrap_or("?")),
                     effect: field(reason, "effect").unwrap_or("?").into(),
                 };
                 self.reasons.get_or_create(&labels).inc();
@@ -182,7 +210,7 @@ impl Metrics {
         if let Some(service) = service {
             let labels = ServiceLabels {
                 event: event.clone(),
-                service: service.into(),
+                service: self.services.admit(service),
                 action: action.clone(),
             };
             self.by_service.get_or_create(&labels).inc();
@@ -193,7 +221,7 @@ impl Metrics {
         if let Some(peer) = peer {
             let labels = PeerLabels {
                 event: event.clone(),
-                peer: peer.into(),
+                peer: self.peers.admit(peer),
                 action,
             };
             self.by_peer.get_or_create(&labels).inc();
