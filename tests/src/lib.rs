@@ -61,6 +61,7 @@ fn free_port() -> u16 {
 
 /// A nats-server of our own. Dropping it kills it and removes its store.
 pub struct NatsServer {
+    bin: PathBuf,
     child: Option<Child>,
     port: u16,
     store: tempfile::TempDir,
@@ -68,7 +69,13 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> Self {
+        Self::start_with(nats_server_bin())
+    }
+
+    /// Starts a particular nats-server build (to check how the engine treats other versions).
+    pub fn start_with(bin: PathBuf) -> Self {
         let mut s = NatsServer {
+            bin,
             child: None,
             port: free_port(),
             store: tempfile::tempdir().expect("temp dir"),
@@ -78,7 +85,7 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(nats_server_bin())
+        let child = Command::new(&self.bin)
             .args([
                 "-a",
                 "127.0.0.1",
@@ -169,8 +176,12 @@ pub struct Engine {
 
 impl Engine {
     pub fn new() -> Self {
+        Self::on(NatsServer::start())
+    }
+
+    pub fn on(nats: NatsServer) -> Self {
         Engine {
-            nats: NatsServer::start(),
+            nats,
             prefix: "policy".into(),
             procs: Vec::new(),
         }
@@ -180,15 +191,22 @@ impl Engine {
         Subjects::new(&self.prefix).expect("prefix")
     }
 
-    /// Starts a binary with the engine's `--nats-url` and `--prefix`.
-    pub fn spawn(&mut self, binary: &str, args: &[&str]) -> &Proc {
-        let child = Command::new(bin(binary))
-            .args(["--nats-url", &self.nats.url(), "--prefix", &self.prefix])
+    /// The command line of a binary with the engine's `--nats-url` and `--prefix`.
+    pub fn command(&self, binary: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin(binary));
+        cmd.args(["--nats-url", &self.nats.url(), "--prefix", &self.prefix])
             .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            );
+        cmd
+    }
+
+    /// Starts a binary with the engine's `--nats-url` and `--prefix`.
+    pub fn spawn(&mut self, binary: &str, args: &[&str]) -> &Proc {
+        let child = self
+            .command(binary, args)
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("start {binary}: {e}"));

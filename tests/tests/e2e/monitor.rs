@@ -256,3 +256,42 @@ async fn policyctl_top_shows_rates_denies_and_agents_from_the_tap() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policyctl_tap_streams_one_json_decision_a_line() {
+    let mut engine = Engine::new();
+    engine.start(&["lb"]).await;
+    let admin = engine.admin().await;
+    subscribe(&admin, &[sub("new-connection", "lb", 20)]).await;
+    let mut tap = engine
+        .command("policyctl", &["tap", "new-connection"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start policyctl tap");
+    let stdout = tap.stdout.take().expect("stdout");
+    let lines = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .take(3)
+            .collect::<Result<Vec<String>, _>>()
+    });
+    let hook = engine.hook().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !lines.is_finished() && std::time::Instant::now() < deadline {
+        hook.new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .expect("decision");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = tap.kill();
+    let lines = lines.join().expect("reader").expect("lines");
+    assert_eq!(lines.len(), 3);
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON object per line");
+        assert_eq!(v["event"], "new-connection");
+        assert_eq!(v["decision"]["action"], "allow");
+        assert_eq!(v["decision"]["target_peer"], "p1");
+        assert!(v["agents"][0]["latency_us"].is_u64());
+    }
+}

@@ -336,3 +336,118 @@ async fn sigterm_finishes_in_flight_decisions_before_exiting() {
         "dispatcher did not exit cleanly after SIGTERM"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn event_id_and_traceparent_travel_every_hop() {
+    let mut engine = Engine::new();
+    engine.start(&["lb"]).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // A hop the test can see: a foreign agent records the headers it is called with.
+    let client = engine.client().await;
+    let mut hop = client
+        .subscribe("policy.agent.spy.new-connection")
+        .await
+        .expect("subscribe");
+    let spy = client.clone();
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        while let Some(msg) = hop.next().await {
+            let _ = tx.send(msg.headers.clone());
+            if let Some(reply) = msg.reply {
+                let _ = spy.publish(reply, bytes::Bytes::new()).await;
+            }
+        }
+    });
+    let admin = engine.admin().await;
+    subscribe(
+        &admin,
+        &[
+            sub("new-connection", "spy", 10),
+            sub("new-connection", "lb", 20),
+        ],
+    )
+    .await;
+    let mut tap = client
+        .subscribe("policy.tap.new-connection")
+        .await
+        .expect("tap");
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Policy-Event-Id", "evt-42");
+    h.insert("traceparent", trace);
+    let payload = rmp_serde::to_vec_named(&conn("web", "db", &["p1"])).expect("encode");
+    let reply = engine
+        .hook()
+        .await
+        .request("new-connection", h, payload.into())
+        .await
+        .expect("decision");
+    let got = |h: Option<&async_nats::HeaderMap>, k: &str| {
+        h.and_then(|h| h.get(k)).map(|v| v.as_str().to_string())
+    };
+    assert_eq!(
+        got(reply.headers.as_ref(), "Policy-Event-Id").as_deref(),
+        Some("evt-42")
+    );
+    assert_eq!(
+        got(reply.headers.as_ref(), "traceparent").as_deref(),
+        Some(trace)
+    );
+    let decision: bus::ConnectionDecision =
+        rmp_serde::from_slice(&reply.payload).expect("decision");
+    assert_eq!(decision.event_id, "evt-42");
+    let seen = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("agent called")
+        .expect("open");
+    assert_eq!(
+        got(seen.as_ref(), "Policy-Event-Id").as_deref(),
+        Some("evt-42")
+    );
+    assert_eq!(got(seen.as_ref(), "traceparent").as_deref(), Some(trace));
+    use futures::StreamExt;
+    let tapped = tokio::time::timeout(WAIT, tap.next())
+        .await
+        .expect("tap")
+        .expect("open");
+    assert_eq!(
+        got(tapped.headers.as_ref(), "traceparent").as_deref(),
+        Some(trace)
+    );
+    let record: bus::tap::TapRecord = rmp_serde::from_slice(&tapped.payload).expect("tap record");
+    assert_eq!(record.event_id, "evt-42");
+    assert_eq!(record.agents.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_older_than_2_10_is_refused_with_its_version() {
+    // Debian's package is 2.9; where it is installed, the engine must name the problem.
+    let debian = std::path::PathBuf::from("/usr/sbin/nats-server");
+    let version = std::process::Command::new(&debian)
+        .arg("--version")
+        .output();
+    let Ok(version) = version else {
+        eprintln!("skipped: no /usr/sbin/nats-server on this machine");
+        return;
+    };
+    let version = String::from_utf8_lossy(&version.stdout).to_string();
+    if !version.contains("v2.9.") {
+        eprintln!("skipped: /usr/sbin/nats-server is {version}, not 2.9");
+        return;
+    }
+    let engine = Engine::on(e2e::NatsServer::start_with(debian));
+    let out = tokio::task::spawn_blocking(move || {
+        engine
+            .command("policy-dispatcher", &[])
+            .output()
+            .expect("run dispatcher")
+    })
+    .await
+    .expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("2.9") && stderr.contains("too old") && stderr.contains("2.10"),
+        "{stderr}"
+    );
+}
