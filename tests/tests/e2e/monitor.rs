@@ -285,6 +285,7 @@ async fn policyctl_tap_streams_one_json_decision_a_line() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let _ = tap.kill();
+    let _ = tap.wait();
     let lines = lines.join().expect("reader").expect("lines");
     assert_eq!(lines.len(), 3);
     for line in lines {
