@@ -71,6 +71,14 @@ pub fn parse_policy<K: AgentKind>(kind: &K, bytes: &[u8]) -> Result<K::Policy, S
     Ok(policy)
 }
 
+/// The checks every policy document shares: it names this kind, and its id is a valid key.
+pub fn check_identity(kind: &str, agent: &str, id: &str) -> Result<(), String> {
+    if agent != kind {
+        return Err(format!("field `agent`: expected {kind:?}, got {agent:?}"));
+    }
+    bus::admin::check_policy_id(id).map_err(|e| format!("field `id`: {e}"))
+}
+
 /// A patch that denies, with one reason.
 pub fn deny(reason: Reason) -> State {
     let mut s = State::new();

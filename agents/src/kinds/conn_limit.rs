@@ -340,13 +340,7 @@ impl AgentKind for ConnLimiter {
     }
 
     fn check(&self, p: &ConnLimitPolicy) -> Result<(), String> {
-        if p.agent != NAME {
-            return Err(format!(
-                "field `agent`: expected {NAME:?}, got {:?}",
-                p.agent
-            ));
-        }
-        bus::admin::check_policy_id(&p.id).map_err(|e| format!("field `id`: {e}"))
+        kind::check_identity(NAME, &p.agent, &p.id)
     }
 
     fn compile(&self, mut policies: Vec<Stored<ConnLimitPolicy>>) -> Vec<Compiled> {

@@ -153,13 +153,7 @@ impl AgentKind for Lb {
     }
 
     fn check(&self, p: &LbPolicy) -> Result<(), String> {
-        if p.agent != NAME {
-            return Err(format!(
-                "field `agent`: expected {NAME:?}, got {:?}",
-                p.agent
-            ));
-        }
-        bus::admin::check_policy_id(&p.id).map_err(|e| format!("field `id`: {e}"))?;
+        kind::check_identity(NAME, &p.agent, &p.id)?;
         if p.dst_service.is_empty() {
             return Err("field `dst_service`: must name a service or be `*`".into());
         }

@@ -237,13 +237,7 @@ impl AgentKind for RateLimiter {
     }
 
     fn check(&self, p: &RateLimitPolicy) -> Result<(), String> {
-        if p.agent != NAME {
-            return Err(format!(
-                "field `agent`: expected {NAME:?}, got {:?}",
-                p.agent
-            ));
-        }
-        bus::admin::check_policy_id(&p.id).map_err(|e| format!("field `id`: {e}"))?;
+        kind::check_identity(NAME, &p.agent, &p.id)?;
         if p.rate.is_none() && p.bandwidth.is_none() {
             return Err("fields `rate`, `bandwidth`: give at least one".into());
         }
