@@ -102,15 +102,13 @@ impl Dispatcher {
         let mut payload = msg.payload.clone();
         let mut connection_id = None;
         if let Event::NewConnection(nc) = &mut event {
-            if nc.connection_id.is_none() {
-                nc.connection_id = Some(new_id());
+            let assigned = nc.connection_id.is_none();
+            connection_id = Some(nc.connection_id.get_or_insert_with(new_id).clone());
+            if assigned {
                 payload = event
                     .encode()
                     .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?
                     .into();
-            }
-            if let Event::NewConnection(nc) = &event {
-                connection_id = nc.connection_id.clone();
             }
         }
 

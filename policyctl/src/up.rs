@@ -330,6 +330,45 @@ fn describe(event: &str, attrs: &State, d: &State, took: Duration) -> String {
     )
 }
 
+/// Sends the sample events, printing each decision, until the task is dropped.
+async fn traffic(hook: Client, every: Duration) -> anyhow::Result<()> {
+    let mut i = 0usize;
+    // Allowed connections, closed a few events later so conn-limit sees them go.
+    let mut open: std::collections::VecDeque<State> = Default::default();
+    loop {
+        if every.is_zero() {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            continue;
+        }
+        let (event, pairs) = TRAFFIC[i % TRAFFIC.len()];
+        i += 1;
+        let attrs = parse_attributes(&pairs.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        let t0 = Instant::now();
+        match hook.emit(event, &attrs).await {
+            Ok(d) => {
+                println!("{}", describe(event, &attrs, &d, t0.elapsed()));
+                if event == "new-connection" && d.get_str("action") == Some("allow") {
+                    open.push_back(closing(&attrs, &d));
+                }
+            }
+            Err(e) => println!("{event:<21} error: {e}"),
+        }
+        if open.len() > 4 {
+            if let Some(closed) = open.pop_front() {
+                let t0 = Instant::now();
+                match hook.emit("connection-closed", &closed).await {
+                    Ok(d) => println!(
+                        "{}",
+                        describe("connection-closed", &closed, &d, t0.elapsed())
+                    ),
+                    Err(e) => println!("connection-closed     error: {e}"),
+                }
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 pub async fn run(common: &daemon::Common, examples: &Path, every: Duration) -> anyhow::Result<()> {
     let subjects = common.subjects()?;
     let mut stack = Stack {
@@ -353,44 +392,7 @@ pub async fn run(common: &daemon::Common, examples: &Path, every: Duration) -> a
             std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "policyctl".into()),
             common.nats_url
         );
-        let hook = Client::new(nats, subjects);
-        let mut i = 0usize;
-        // Allowed connections, closed a few events later so conn-limit sees them go.
-        let mut open: std::collections::VecDeque<State> = Default::default();
-        loop {
-            if every.is_zero() {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-                continue;
-            }
-            let (event, pairs) = TRAFFIC[i % TRAFFIC.len()];
-            i += 1;
-            let attrs = parse_attributes(&pairs.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-            let t0 = Instant::now();
-            match hook.emit(event, &attrs).await {
-                Ok(d) => {
-                    println!("{}", describe(event, &attrs, &d, t0.elapsed()));
-                    if event == "new-connection" && d.get_str("action") == Some("allow") {
-                        open.push_back(closing(&attrs, &d));
-                    }
-                }
-                Err(e) => println!("{event:<21} error: {e}"),
-            }
-            if open.len() > 4 {
-                if let Some(closed) = open.pop_front() {
-                    let t0 = Instant::now();
-                    match hook.emit("connection-closed", &closed).await {
-                        Ok(d) => println!(
-                            "{}",
-                            describe("connection-closed", &closed, &d, t0.elapsed())
-                        ),
-                        Err(e) => println!("connection-closed     error: {e}"),
-                    }
-                }
-            }
-            tokio::time::sleep(every).await;
-        }
-        #[allow(unreachable_code)]
-        Ok::<(), anyhow::Error>(())
+        traffic(Client::new(nats, subjects), every).await
     };
     let outcome = tokio::select! {
         r = result => r,
