@@ -178,7 +178,7 @@ where
     let kind_name = Kind::new(kind.name()).map_err(daemon::DaemonError::from)?;
     let service_name = headers::agent_service(&kind_name);
     let client = common.connect(&service_name, true).await?;
-    let store = config::open(&client, &subjects, common.kv_replicas).await?;
+    let store = config::open_waiting(&client, &subjects, common.kv_replicas).await?;
     kind.attach(kind::Attach {
         nats: &client,
         subjects: &subjects,

@@ -94,6 +94,29 @@ pub async fn open(
     open_bucket(client, config).await
 }
 
+/// Opens the config bucket for a long-running process that may start before the server (or
+/// its JetStream) is ready: it tries for about a minute, with a warning each time, before it
+/// gives up. A server too old for the engine is final at once.
+pub async fn open_waiting(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    replicas: usize,
+) -> Result<kv::Store, ConfigError> {
+    let mut attempt = 0;
+    loop {
+        match open(client, subjects, replicas).await {
+            Ok(store) => return Ok(store),
+            Err(e @ ConfigError::ServerTooOld { .. }) => return Err(e),
+            Err(e) if attempt >= 60 => return Err(e),
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "config bucket not available yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
 /// Opens a bucket, creating it with `config` on first use. Every process may race to create
 /// it; the loser of the race just opens it. An existing bucket keeps its own settings.
 pub async fn open_bucket(

@@ -224,7 +224,7 @@ pub async fn run(
 ) -> Result<(), DispatcherError> {
     let subjects = common.subjects()?;
     let nats = common.connect(headers::DISPATCHER_SERVICE, true).await?;
-    let store = config::open(&nats, &subjects, common.kv_replicas).await?;
+    let store = config::open_waiting(&nats, &subjects, common.kv_replicas).await?;
     let dispatcher = Arc::new(Dispatcher {
         nats: nats.clone(),
         subjects: subjects.clone(),

@@ -247,15 +247,21 @@ impl Slots {
     }
 
     /// Frees every slot a connection holds, wherever it was admitted. A close can reach this
-    /// instance before its watch has seen the admission, so an empty answer is asked again
-    /// once, a moment later.
-    pub(crate) async fn release_connection(&self, token: &str) {
-        let mut held = self.view().held_by(token);
-        if held.is_empty() {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            held = self.view().held_by(token);
+    /// instance before its watch has seen the admission, so when the view knows no slot of the
+    /// connection it looks again a moment later, in the background: most connections match no
+    /// limit, and their close must not wait.
+    pub(crate) async fn release_connection(self: &Arc<Self>, token: &str) {
+        let held = self.view().held_by(token);
+        if !held.is_empty() {
+            self.release_exact(&held).await;
+            return;
         }
-        self.release_exact(&held).await;
+        let (slots, token) = (self.clone(), token.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let held = slots.view().held_by(&token);
+            slots.release_exact(&held).await;
+        });
     }
 }
 

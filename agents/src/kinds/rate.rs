@@ -44,7 +44,13 @@ impl TryFrom<String> for Rate {
 
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.count, humantime::format_duration(self.per))
+        let unit = match (self.per.as_secs(), self.per.subsec_nanos()) {
+            (1, 0) => "s".to_string(),
+            (60, 0) => "m".to_string(),
+            (3600, 0) => "h".to_string(),
+            _ => humantime::format_duration(self.per).to_string(),
+        };
+        write!(f, "{}/{unit}", self.count)
     }
 }
 
@@ -133,6 +139,13 @@ mod tests {
         );
         for bad in ["50", "0/s", "x/s", "5/never", "5/0s"] {
             assert!(Rate::try_from(bad.to_string()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rates_print_as_written() {
+        for s in ["50/s", "3000/m", "10/h", "5/250ms"] {
+            assert_eq!(Rate::try_from(s.to_string()).unwrap().to_string(), s);
         }
     }
 

@@ -370,3 +370,33 @@ async fn the_bandwidth_cap_is_the_most_restrictive_and_a_rate_deny_names_its_pol
         [pair("one-api", "deny")]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn closing_a_connection_no_limit_counted_is_answered_at_once() {
+    let (_engine, admin, hook) = conn_limit_engine(1, &[], 5).await;
+    // A tight timeout, failing closed: a close that waited on anything would be denied.
+    let mut closing = sub("connection-closed", "conn-limit", 30);
+    closing.timeout_ms = 100;
+    subscribe(&admin, &[closing]).await;
+    let d = hook
+        .new_connection(&conn("web", "cache", &["p1"]))
+        .await
+        .expect("decision");
+    assert_eq!(d.action, Action::Allow);
+    assert!(
+        effects(&d.reasons, "conn-limit").is_empty(),
+        "no policy matches cache"
+    );
+    for _ in 0..3 {
+        let ack = hook
+            .connection_closed(&ConnectionClosed {
+                connection_id: d.connection_id.clone().expect("id"),
+                src_service: "web".into(),
+                dst_service: "cache".into(),
+                target_peer: d.target_peer.clone(),
+            })
+            .await
+            .expect("close");
+        assert_eq!(ack.extra.get("action"), None, "the close failed: {ack:?}");
+    }
+}

@@ -111,13 +111,16 @@ async fn monitor_counts_equal_the_decisions_sent_and_it_never_changes_one() {
     )
     .await;
     admin
-        .policy_add(vec![doc(json!({"agent": "acl", "id": "to-db", "action": "allow", "match": {"dst_service": "db"}}))])
+        .policy_add(vec![
+            doc(json!({"agent": "acl", "id": "to-db", "action": "allow", "match": {"dst_service": "db"}})),
+            doc(json!({"agent": "acl", "id": "to-ledger", "action": "allow", "match": {"dst_service": "ledger"}})),
+        ])
         .await
         .expect("policy add");
     let hook = engine.hook().await;
-    eventually("rule loaded", || async {
+    eventually("rules loaded", || async {
         let d = hook
-            .new_connection(&conn("web", "db", &["p1"]))
+            .new_connection(&conn("web", "ledger", &["p1"]))
             .await
             .map_err(|e| e.to_string())?;
         (d.action == Action::Allow)
@@ -125,23 +128,38 @@ async fn monitor_counts_equal_the_decisions_sent_and_it_never_changes_one() {
             .ok_or(format!("{d:?}"))
     })
     .await;
-    let before = scrape(&addr);
-    let base = |action: &str| {
-        sum(
-            &before,
-            "policy_decisions_total",
-            &[("event", "new-connection"), ("action", action)],
-        )
+    // Counts settle once the warm-up's tap records have all reached the monitor.
+    let counts = || {
+        let s = scrape(&addr);
+        let allow = sum(
+            &s,
+            "policy_service_decisions_total",
+            &[("service", "ledger"), ("action", "allow")],
+        );
+        let deny = sum(
+            &s,
+            "policy_service_decisions_total",
+            &[("service", "billing"), ("action", "deny")],
+        );
+        (allow, deny)
     };
-    let (allow0, deny0) = (base("allow"), base("deny"));
+    let mut base = counts();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let now = counts();
+        if now == base {
+            break;
+        }
+        base = now;
+    }
 
     for i in 0..30 {
-        let dst = if i % 3 == 0 { "billing" } else { "db" };
+        let dst = if i % 3 == 0 { "billing" } else { "ledger" };
         let d = hook
             .new_connection(&conn("web", dst, &["p1", "p2"]))
             .await
             .expect("decision");
-        assert_eq!(d.action == Action::Allow, dst == "db");
+        assert_eq!(d.action == Action::Allow, dst == "ledger");
         assert!(
             effects(&d.reasons, "monitor").is_empty(),
             "the monitor changed a decision"
@@ -161,35 +179,44 @@ async fn monitor_counts_equal_the_decisions_sent_and_it_never_changes_one() {
     );
 
     eventually("monitor counted every decision", || async {
-        let s = scrape(&addr);
-        let allow = sum(
-            &s,
-            "policy_decisions_total",
-            &[("event", "new-connection"), ("action", "allow")],
-        ) - allow0;
-        let deny = sum(
-            &s,
-            "policy_decisions_total",
-            &[("event", "new-connection"), ("action", "deny")],
-        ) - deny0;
-        if (allow, deny) != (20.0, 10.0) {
-            return Err(format!("allow {allow}, deny {deny}"));
+        let (allow, deny) = counts();
+        if (allow - base.0, deny - base.1) != (20.0, 10.0) {
+            return Err(format!("allow {allow}, deny {deny}, from {base:?}"));
         }
-        assert!(sum(&s, "policy_decisions_total", &[("event", "expose-service")]) >= 1.0);
+        let s = scrape(&addr);
+        assert_eq!(
+            sum(
+                &s,
+                "policy_service_decisions_total",
+                &[("service", "ledger"), ("action", "deny")]
+            ),
+            0.0
+        );
+        let ledger = sum(
+            &s,
+            "policy_reasons_total",
+            &[
+                ("agent", "acl"),
+                ("policy", "to-ledger"),
+                ("effect", "allow"),
+            ],
+        );
+        assert_eq!(ledger, allow, "reasons and decisions disagree");
         assert!(
             sum(
                 &s,
-                "policy_reasons_total",
-                &[("agent", "acl"), ("policy", "to-db"), ("effect", "allow")]
+                "policy_decisions_total",
+                &[("event", "new-connection"), ("action", "allow")]
             ) >= 20.0
         );
         assert!(
             sum(
                 &s,
-                "policy_service_decisions_total",
-                &[("service", "billing"), ("action", "deny")]
+                "policy_decisions_total",
+                &[("event", "new-connection"), ("action", "deny")]
             ) >= 10.0
         );
+        assert!(sum(&s, "policy_decisions_total", &[("event", "expose-service")]) >= 1.0);
         assert!(sum(&s, "policy_peer_decisions_total", &[("action", "allow")]) >= 20.0);
         assert!(
             sum(
