@@ -305,6 +305,8 @@ async fn sigterm_finishes_in_flight_decisions_before_exiting() {
         .subscribe("policy.agent.slow.new-connection")
         .await
         .expect("subscribe");
+    // Make sure the server has the subscription before anything is sent to it.
+    client.flush().await.expect("flush");
     let mut s = sub("new-connection", "slow", 20);
     s.timeout_ms = 5000;
     subscribe(&admin, &[s]).await;
@@ -348,6 +350,8 @@ async fn event_id_and_traceparent_travel_every_hop() {
         .subscribe("policy.agent.spy.new-connection")
         .await
         .expect("subscribe");
+    // Make sure the server has the subscription before anything is sent to it.
+    client.flush().await.expect("flush");
     let spy = client.clone();
     tokio::spawn(async move {
         use futures::StreamExt;
@@ -371,6 +375,8 @@ async fn event_id_and_traceparent_travel_every_hop() {
         .subscribe("policy.tap.new-connection")
         .await
         .expect("tap");
+    // Make sure the server has the subscription before anything is sent to it.
+    client.flush().await.expect("flush");
     let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let mut h = async_nats::HeaderMap::new();
     h.insert("Policy-Event-Id", "evt-42");
