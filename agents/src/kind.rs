@@ -18,6 +18,27 @@ pub struct Attach<'a> {
 /// A kind's own failure to start (its bucket, its tasks).
 pub type AttachError = Box<dyn std::error::Error + Send + Sync>;
 
+impl Attach<'_> {
+    /// Opens (or first creates) a bucket of the kind's shared state: one value per key, no
+    /// history, entries dropped by JetStream after `max_age`.
+    pub async fn state_bucket(
+        &self,
+        bucket: String,
+        description: &str,
+        max_age: std::time::Duration,
+    ) -> Result<async_nats::jetstream::kv::Store, AttachError> {
+        let config = async_nats::jetstream::kv::Config {
+            bucket,
+            description: description.into(),
+            history: 1,
+            max_age,
+            num_replicas: self.kv_replicas.max(1),
+            ..Default::default()
+        };
+        Ok(bus::config::open_bucket(self.nats, config).await?)
+    }
+}
+
 /// A policy with the id it is stored under.
 pub type Stored<P> = (String, P);
 
@@ -35,8 +56,12 @@ pub trait AgentKind: Send + Sync + 'static {
 
     fn compile(&self, policies: Vec<Stored<Self::Policy>>) -> Self::Rules;
 
-    /// The state keys this agent sets for `event` (a patch, merged by the dispatcher).
-    fn decide(&self, rules: &Self::Rules, event: &Event, state: &State) -> State;
+    /// The state keys this agent sets for `event` (a patch, merged by the dispatcher). Pure
+    /// kinds implement this; kinds that keep state in NATS implement `decide_async` instead.
+    /// The default sets nothing, as an observer does.
+    fn decide(&self, _rules: &Self::Rules, _event: &Event, _state: &State) -> State {
+        State::new()
+    }
 
     /// What the runtime calls per request. Pure kinds keep this default; kinds that keep
     /// state in NATS (the limiters) do their I/O here, around their pure logic.

@@ -276,6 +276,20 @@ impl Engine {
         }
     }
 
+    /// Starts a dispatcher and `n` instances of one agent kind (with `args`), and waits until
+    /// all are ready.
+    pub async fn start_scaled(&mut self, kind: &str, n: usize, args: &[&str]) {
+        self.dispatcher();
+        for _ in 0..n {
+            self.agent(kind, args);
+        }
+        self.wait_instances(bus::headers::DISPATCHER_SERVICE, 1)
+            .await;
+        let kind = bus::Kind::new(kind).expect("kind");
+        self.wait_instances(&bus::headers::agent_service(&kind), n)
+            .await;
+    }
+
     /// Starts a dispatcher and the given agent kinds and waits until all are ready.
     pub async fn start(&mut self, kinds: &[&str]) {
         self.dispatcher();

@@ -361,10 +361,6 @@ impl AgentKind for ConnLimiter {
             .collect()
     }
 
-    fn decide(&self, _rules: &Vec<Compiled>, _event: &Event, _state: &State) -> State {
-        State::new()
-    }
-
     async fn decide_async<'a>(
         &'a self,
         rules: &'a Vec<Compiled>,
@@ -384,15 +380,13 @@ impl AgentKind for ConnLimiter {
     }
 
     async fn attach(&mut self, ctx: Attach<'_>) -> Result<(), AttachError> {
-        let config = kv::Config {
-            bucket: ctx.subjects.conn_bucket(),
-            description: "policy-bus connection limiter slots".into(),
-            history: 1,
-            max_age: self.lease,
-            num_replicas: ctx.kv_replicas.max(1),
-            ..Default::default()
-        };
-        let store = bus::config::open_bucket(ctx.nats, config).await?;
+        let store = ctx
+            .state_bucket(
+                ctx.subjects.conn_bucket(),
+                "policy-bus connection limiter slots",
+                self.lease,
+            )
+            .await?;
         let actual = store.status().await?.max_age();
         if actual != self.lease {
             tracing::warn!(bucket = %ctx.subjects.conn_bucket(), lease = ?self.lease, bucket_max_age = ?actual,

@@ -271,11 +271,6 @@ impl AgentKind for RateLimiter {
             .collect()
     }
 
-    fn decide(&self, _rules: &Vec<Compiled>, _event: &Event, _state: &State) -> State {
-        // Everything happens in `decide_async`, which needs the shared store.
-        State::new()
-    }
-
     async fn decide_async<'a>(
         &'a self,
         rules: &'a Vec<Compiled>,
@@ -289,15 +284,15 @@ impl AgentKind for RateLimiter {
     }
 
     async fn attach(&mut self, ctx: Attach<'_>) -> Result<(), AttachError> {
-        let config = kv::Config {
-            bucket: ctx.subjects.rate_bucket(),
-            description: "policy-bus rate limiter state (GCRA per key)".into(),
-            history: 1,
-            max_age: IDLE_EXPIRY,
-            num_replicas: ctx.kv_replicas.max(1),
-            ..Default::default()
-        };
-        self.store = Some(bus::config::open_bucket(ctx.nats, config).await?);
+        let bucket = ctx.subjects.rate_bucket();
+        self.store = Some(
+            ctx.state_bucket(
+                bucket,
+                "policy-bus rate limiter state (GCRA per key)",
+                IDLE_EXPIRY,
+            )
+            .await?,
+        );
         Ok(())
     }
 }

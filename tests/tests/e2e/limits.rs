@@ -15,14 +15,7 @@ async fn conn_limit_engine(
     limit: u32,
 ) -> (Engine, AdminClient, bus::Client) {
     let mut engine = Engine::new();
-    engine.dispatcher();
-    for _ in 0..instances {
-        engine.agent("conn-limit", args);
-    }
-    engine.wait_instances("policy-dispatcher", 1).await;
-    engine
-        .wait_instances("policy-agent-conn-limit", instances)
-        .await;
+    engine.start_scaled("conn-limit", instances, args).await;
     let admin = engine.admin().await;
     subscribe(
         &admin,
@@ -276,14 +269,7 @@ async fn the_rate_bound_holds_with_one_and_with_two_instances() {
     let (rate, burst_size) = (20.0, 5.0);
     for instances in [1, 2] {
         let mut engine = Engine::new();
-        engine.dispatcher();
-        for _ in 0..instances {
-            engine.agent("rate-limit", &[]);
-        }
-        engine.wait_instances("policy-dispatcher", 1).await;
-        engine
-            .wait_instances("policy-agent-rate-limit", instances)
-            .await;
+        engine.start_scaled("rate-limit", instances, &[]).await;
         let admin = engine.admin().await;
         subscribe(&admin, &[sub("new-connection", "rate-limit", 40)]).await;
         admin

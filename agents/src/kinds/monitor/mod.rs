@@ -10,8 +10,8 @@ pub mod metrics;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bus::codec;
 use bus::tap::TapRecord;
-use bus::{codec, Event, State};
 use futures::StreamExt;
 
 use crate::kind::{AgentKind, Attach, AttachError, Stored};
@@ -47,10 +47,6 @@ impl AgentKind for Monitor {
     }
 
     fn compile(&self, _policies: Vec<Stored<serde::de::IgnoredAny>>) {}
-
-    fn decide(&self, _rules: &(), _event: &Event, _state: &State) -> State {
-        State::new()
-    }
 
     async fn attach(&mut self, ctx: Attach<'_>) -> Result<(), AttachError> {
         let listener = tokio::net::TcpListener::bind(self.metrics_addr)
