@@ -61,8 +61,18 @@ enum KindCmd {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("policy-agent: {}", daemon::one_line(e.chain()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     daemon::init_logging(cli.common.log_json, "info");
     let shutdown = daemon::shutdown_signal();
     match cli.kind {

@@ -100,8 +100,12 @@ pub async fn count_instances(
     nats.flush().await?;
     let mut seen = 0;
     let deadline = tokio::time::Instant::now() + window;
-    while let Ok(Some(_)) = tokio::time::timeout_at(deadline, sub.next()).await {
-        seen += 1;
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
+        // With no instance at all the server answers "no responders" (a status, no payload):
+        // that is not an instance.
+        if msg.status.is_none() && !msg.payload.is_empty() {
+            seen += 1;
+        }
     }
     Ok(seen)
 }

@@ -88,6 +88,22 @@ impl Common {
     }
 }
 
+/// An error and its causes on one line, each cause once (a message that already quotes its
+/// cause does not get it again): what a failed process prints last.
+pub fn one_line<'a>(chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>) -> String {
+    let mut line = String::new();
+    for cause in chain {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 /// Installs the global subscriber. `RUST_LOG` filters (default `default_level`).
 pub fn init_logging(json: bool, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

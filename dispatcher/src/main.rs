@@ -19,8 +19,18 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("policy-dispatcher: {}", daemon::one_line(e.chain()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     daemon::init_logging(cli.common.log_json, "info");
     let options = dispatcher::Options {
         max_in_flight: cli.max_in_flight,

@@ -12,8 +12,13 @@ use crate::{files, Cli, Command, PolicyCommand};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let subjects = cli.common.subjects()?;
-    if let Command::Up { examples, every } = &cli.command {
-        return crate::up::run(&cli.common, examples, *every).await;
+    if let Command::Up {
+        examples,
+        every,
+        metrics_addr,
+    } = &cli.command
+    {
+        return crate::up::run(&cli.common, examples, *every, metrics_addr).await;
     }
     let nats = cli.common.connect("policyctl", false).await?;
     let admin = AdminClient::new(nats.clone(), subjects.clone());

@@ -100,6 +100,9 @@ pub enum Command {
         /// Pause between sample events; 0 sends none (for `policyctl bench`).
         #[arg(long, default_value = "700ms", value_parser = humantime::parse_duration)]
         every: Duration,
+        /// Where the monitor serves GET /metrics.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics_addr: String,
     },
     /// Drive load and report decisions/s and latency next to the raw NATS request/reply floor.
     Bench {
@@ -151,18 +154,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line a person can act on: the context chain, outermost first.
-            // Causes already quoted by their parent's message are left out.
-            let mut line = String::new();
-            for cause in e.chain() {
-                let text = cause.to_string();
-                if !line.contains(&text) {
-                    if !line.is_empty() {
-                        line.push_str(": ");
-                    }
-                    line.push_str(&text);
-                }
-            }
-            eprintln!("policyctl: {line}");
+            eprintln!("policyctl: {}", daemon::one_line(e.chain()));
             ExitCode::FAILURE
         }
     }

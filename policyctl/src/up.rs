@@ -141,13 +141,24 @@ fn spawn(
     Ok(())
 }
 
-async fn wait_ready(nats: &async_nats::Client, service: &str) -> anyhow::Result<()> {
+/// Waits until `service` answers its ping. A process of the stack that exits meanwhile ends
+/// the wait at once: its own error is just above on the terminal.
+async fn wait_ready(
+    stack: &mut Stack,
+    nats: &async_nats::Client,
+    service: &str,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while bus::client::count_instances(nats, service, Duration::from_millis(200))
         .await
         .unwrap_or(0)
         == 0
     {
+        for (name, child) in &mut stack.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("{name} exited ({status}) before it was ready; see its error above");
+            }
+        }
         if Instant::now() > deadline {
             bail!("{service} did not come up within 20s");
         }
@@ -369,7 +380,12 @@ async fn traffic(hook: Client, every: Duration) -> anyhow::Result<()> {
     }
 }
 
-pub async fn run(common: &daemon::Common, examples: &Path, every: Duration) -> anyhow::Result<()> {
+pub async fn run(
+    common: &daemon::Common,
+    examples: &Path,
+    every: Duration,
+    metrics_addr: &str,
+) -> anyhow::Result<()> {
     let subjects = common.subjects()?;
     let mut stack = Stack {
         children: Vec::new(),
@@ -379,11 +395,23 @@ pub async fn run(common: &daemon::Common, examples: &Path, every: Duration) -> a
         let nats = nats(common, &mut stack).await?;
         spawn(&mut stack, common, "policy-dispatcher", &[])?;
         for kind in KINDS {
-            spawn(&mut stack, common, "policy-agent", &[kind])?;
+            let metrics = ["--metrics-addr", metrics_addr];
+            let args: &[&str] = if kind == "monitor" { &metrics } else { &[] };
+            spawn(
+                &mut stack,
+                common,
+                "policy-agent",
+                &[&[kind][..], args].concat(),
+            )?;
         }
-        wait_ready(&nats, headers::DISPATCHER_SERVICE).await?;
+        wait_ready(&mut stack, &nats, headers::DISPATCHER_SERVICE).await?;
         for kind in KINDS {
-            wait_ready(&nats, &headers::agent_service(&Kind::new(kind)?)).await?;
+            wait_ready(
+                &mut stack,
+                &nats,
+                &headers::agent_service(&Kind::new(kind)?),
+            )
+            .await?;
         }
         eprintln!("engine up: dispatcher and agents {}", KINDS.join(", "));
         load_examples(&AdminClient::new(nats.clone(), subjects.clone()), examples).await?;

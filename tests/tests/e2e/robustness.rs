@@ -457,3 +457,19 @@ async fn a_server_older_than_2_10_is_refused_with_its_version() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instance_counts_ignore_the_servers_no_responders_answer() {
+    let mut engine = Engine::new();
+    engine.start(&["acl"]).await;
+    let client = engine.client().await;
+    let window = Duration::from_millis(300);
+    let none = bus::client::count_instances(&client, "policy-agent-absent", window)
+        .await
+        .expect("ping");
+    assert_eq!(none, 0, "a kind with no instance was counted");
+    let one = bus::client::count_instances(&client, "policy-agent-acl", window)
+        .await
+        .expect("ping");
+    assert_eq!(one, 1);
+}
