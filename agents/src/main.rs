@@ -9,7 +9,6 @@ use agents::kinds::monitor::Monitor;
 use agents::kinds::rate_limit::RateLimiter;
 use agents::kinds::{acl::Acl, lb::Lb};
 use agents::runtime;
-use anyhow::Context;
 use bus::Action;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -62,17 +61,10 @@ enum KindCmd {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    match run(cli).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("policy-agent: {}", daemon::one_line(e.chain()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    daemon::exit("policy-agent", run(Cli::parse()).await)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> Result<(), runtime::AgentError> {
     daemon::init_logging(cli.common.log_json, "info");
     let shutdown = daemon::shutdown_signal();
     match cli.kind {
@@ -97,5 +89,4 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             runtime::run(Monitor::new(metrics_addr), &cli.common, shutdown).await
         }
     }
-    .context("policy-agent failed")
 }

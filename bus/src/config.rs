@@ -37,9 +37,6 @@ impl ConfigKey {
     pub fn policies_of(kind: &Kind) -> String {
         format!("pol.{kind}.>")
     }
-    pub fn all_policies() -> &'static str {
-        "pol.>"
-    }
 
     pub fn parse(key: &str) -> Option<ConfigKey> {
         let mut parts = key.splitn(3, '.');
@@ -229,41 +226,58 @@ pub struct Snapshot {
     pub revision: u64,
 }
 
-/// Keeps `apply` in step with the keys under `filter` for as long as the task runs: it is
-/// called with the whole current set after the first load and after every batch of changes
-/// (changes already waiting are applied together, so a bulk load is not rebuilt key by key).
-/// A broken watch (the server restarted, the stream was lost) is reopened and everything
-/// reloaded, so no change is missed. `ready` fires after the first load.
-pub async fn follow(
+/// What a watcher of the bucket is told.
+pub enum Update<'a> {
+    /// The whole current set: after the first load, and again after a broken watch was
+    /// reopened.
+    Loaded(&'a Snapshot),
+    /// A batch of changes, in order (the ones already waiting are handed over together, so a
+    /// bulk load is not applied key by key).
+    Changed(&'a [Change]),
+}
+
+impl Snapshot {
+    pub fn apply(&mut self, change: &Change) {
+        match change {
+            Change::Put {
+                key,
+                value,
+                revision,
+            } => {
+                self.values.insert(key.clone(), value.clone());
+                self.revision = *revision;
+            }
+            Change::Delete { key, revision } => {
+                self.values.remove(key);
+                self.revision = *revision;
+            }
+        }
+    }
+}
+
+/// Keeps `on` in step with the keys under `filter` for as long as the task runs. A broken
+/// watch (the server restarted, the stream was lost) is reopened and everything reloaded, so
+/// no change is missed. `ready` fires after the first load.
+pub async fn watch(
     store: kv::Store,
     filter: String,
-    mut apply: impl FnMut(&Snapshot),
+    mut on: impl FnMut(Update<'_>),
     mut ready: Option<tokio::sync::oneshot::Sender<()>>,
 ) {
     loop {
         match load_and_watch(&store, &filter).await {
-            Ok((mut snap, changes)) => {
-                apply(&snap);
+            Ok((snap, changes)) => {
+                on(Update::Loaded(&snap));
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(());
                 }
                 let mut changes = std::pin::pin!(changes);
+                let mut batch = Vec::new();
                 'watch: while let Some(first) = changes.next().await {
                     let mut next = Some(first);
                     while let Some(change) = next.take() {
                         match change {
-                            Ok(Change::Put {
-                                key,
-                                value,
-                                revision,
-                            }) => {
-                                snap.values.insert(key, value);
-                                snap.revision = revision;
-                            }
-                            Ok(Change::Delete { key, revision }) => {
-                                snap.values.remove(&key);
-                                snap.revision = revision;
-                            }
+                            Ok(c) => batch.push(c),
                             Err(e) => {
                                 tracing::warn!(error = %e, %filter, "config watch failed; reloading");
                                 break 'watch;
@@ -271,13 +285,33 @@ pub async fn follow(
                         }
                         next = changes.next().now_or_never().flatten();
                     }
-                    apply(&snap);
+                    on(Update::Changed(&batch));
+                    batch.clear();
                 }
             }
             Err(e) => tracing::warn!(error = %e, %filter, "cannot load config; retrying"),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// [`watch`] for a watcher that rebuilds from the whole set: `apply` gets the current set
+/// after the first load and after every batch of changes.
+pub async fn follow(
+    store: kv::Store,
+    filter: String,
+    mut apply: impl FnMut(&Snapshot),
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+) {
+    let mut current = Snapshot::default();
+    let on = move |update: Update<'_>| {
+        match update {
+            Update::Loaded(snap) => current = snap.clone(),
+            Update::Changed(changes) => changes.iter().for_each(|c| current.apply(c)),
+        }
+        apply(&current);
+    };
+    watch(store, filter, on, ready).await
 }
 
 /// How long an admin write may take before the caller is told the bucket is unavailable.
@@ -293,6 +327,24 @@ mod tests {
         assert!(server_supported("2.10.0"));
         assert!(server_supported("2.12.8"));
         assert!(server_supported("3.0.0"));
+    }
+
+    #[test]
+    fn a_snapshot_follows_puts_and_deletes() {
+        let mut snap = Snapshot::default();
+        let put = |key: &str, revision| Change::Put {
+            key: key.into(),
+            value: Bytes::from_static(b"v"),
+            revision,
+        };
+        snap.apply(&put("sub.a.b", 1));
+        snap.apply(&put("sub.a.c", 2));
+        snap.apply(&Change::Delete {
+            key: "sub.a.b".into(),
+            revision: 3,
+        });
+        assert_eq!(snap.values.keys().collect::<Vec<_>>(), ["sub.a.c"]);
+        assert_eq!(snap.revision, 3);
     }
 
     #[test]

@@ -104,6 +104,25 @@ pub fn one_line<'a>(chain: impl Iterator<Item = &'a (dyn std::error::Error + 'st
     line
 }
 
+/// How a long-running process ends: success, or its error and causes on one line after the
+/// program's name, and a failure status.
+pub fn exit<E: std::error::Error + 'static>(
+    program: &str,
+    result: Result<(), E>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let chain =
+                std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                });
+            eprintln!("{program}: {}", one_line(chain));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG` filters (default `default_level`).
 pub fn init_logging(json: bool, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -163,5 +182,27 @@ pub async fn drain(tracker: &TaskTracker, client: &async_nats::Client) {
     }
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "could not flush NATS before exit");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {0}")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("inner")]
+    struct Inner;
+
+    #[test]
+    fn one_line_quotes_each_cause_once() {
+        let e = Outer(Inner);
+        let chain = std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        });
+        assert_eq!(one_line(chain), "outer: inner");
     }
 }

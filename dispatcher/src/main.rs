@@ -1,7 +1,6 @@
 //! `policy-dispatcher`: runs the agent chains. Start several to share load.
 #![forbid(unsafe_code)]
 
-use anyhow::Context;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -20,22 +19,13 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    match run(cli).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("policy-dispatcher: {}", daemon::one_line(e.chain()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    daemon::exit("policy-dispatcher", run(Cli::parse()).await)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> Result<(), dispatcher::DispatcherError> {
     daemon::init_logging(cli.common.log_json, "info");
     let options = dispatcher::Options {
         max_in_flight: cli.max_in_flight,
     };
-    dispatcher::run(&cli.common, options, daemon::shutdown_signal())
-        .await
-        .context("policy-dispatcher failed")
+    dispatcher::run(&cli.common, options, daemon::shutdown_signal()).await
 }

@@ -167,7 +167,7 @@ const ATTEMPTS: usize = 8;
 
 /// The shared slot store and this instance's view of it.
 pub(crate) struct Slots {
-    store: kv::Store,
+    pub(crate) store: kv::Store,
     lease: Duration,
     pub(crate) view: Mutex<View>,
 }
@@ -179,10 +179,6 @@ impl Slots {
             lease,
             view: Mutex::new(View::default()),
         }
-    }
-
-    pub(crate) fn store_handle(&self) -> kv::Store {
-        self.store.clone()
     }
 
     pub(crate) fn view(&self) -> std::sync::MutexGuard<'_, View> {

@@ -2,9 +2,8 @@
 //! and releasing the slots of connections a later agent denied (read from the tap).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use bus::config::{self, Change};
+use bus::config::{self, Change, Update};
 use bus::state::keys;
 use bus::tap::{Outcome, TapRecord};
 use bus::{codec, Value};
@@ -15,11 +14,40 @@ use super::limit_match::key_token;
 use crate::kind::{Attach, AttachError};
 
 pub(crate) async fn start(ctx: Attach<'_>, slots: Arc<Slots>) -> Result<(), AttachError> {
-    let store = slots_store(&slots);
     // Load the slots before the first request, so a new instance knows the live connections.
-    let (snapshot, changes) = config::load_and_watch(&store, "slot.>").await?;
-    replace_view(&slots, &snapshot);
-    tokio::spawn(follow(slots.clone(), store, Box::pin(changes)));
+    // Changes are applied one by one: a rebuild would forget how long each slot was held.
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let watched = slots.clone();
+    let on = move |update: Update<'_>| {
+        let mut view = watched.view();
+        match update {
+            Update::Loaded(snap) => {
+                *view = View::default();
+                for (key, value) in &snap.values {
+                    view.apply(key, Some(String::from_utf8_lossy(value).into_owned()));
+                }
+            }
+            Update::Changed(changes) => {
+                for change in changes {
+                    match change {
+                        Change::Put { key, value, .. } => {
+                            view.apply(key, Some(String::from_utf8_lossy(value).into_owned()))
+                        }
+                        Change::Delete { key, .. } => view.apply(key, None),
+                    }
+                }
+            }
+        }
+    };
+    tokio::spawn(config::watch(
+        slots.store.clone(),
+        "slot.>".into(),
+        on,
+        Some(ready_tx),
+    ));
+    ready
+        .await
+        .map_err(|_| "the slot watch stopped before loading")?;
 
     let tap = ctx.subjects.tap(bus::event::NEW_CONNECTION);
     let mut sub = ctx.nats.queue_subscribe(tap, format!("{NAME}-tap")).await?;
@@ -55,51 +83,6 @@ enum Release {
     /// Every slot of a connection: conn-limit failed in the chain, so its answer (and what it
     /// took) is unknown.
     Connection(String),
-}
-
-fn slots_store(slots: &Slots) -> async_nats::jetstream::kv::Store {
-    slots.store_handle()
-}
-
-fn replace_view(slots: &Slots, snapshot: &config::Snapshot) {
-    let mut view = View::default();
-    for (key, value) in &snapshot.values {
-        view.apply(key, Some(String::from_utf8_lossy(value).into_owned()));
-    }
-    *slots.view.lock().unwrap_or_else(|e| e.into_inner()) = view;
-}
-
-type Changes =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<Change, config::ConfigError>> + Send>>;
-
-/// Applies slot changes as they come; a broken watch is reopened and the view reloaded.
-async fn follow(slots: Arc<Slots>, store: async_nats::jetstream::kv::Store, mut changes: Changes) {
-    loop {
-        while let Some(change) = changes.next().await {
-            let mut view = slots.view.lock().unwrap_or_else(|e| e.into_inner());
-            match change {
-                Ok(Change::Put { key, value, .. }) => {
-                    view.apply(&key, Some(String::from_utf8_lossy(&value).into_owned()))
-                }
-                Ok(Change::Delete { key, .. }) => view.apply(&key, None),
-                Err(e) => {
-                    tracing::warn!(error = %e, "slot watch failed; reloading");
-                    break;
-                }
-            }
-        }
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            match config::load_and_watch(&store, "slot.>").await {
-                Ok((snapshot, next)) => {
-                    replace_view(&slots, &snapshot);
-                    changes = Box::pin(next);
-                    break;
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot reload slots; retrying"),
-            }
-        }
-    }
 }
 
 /// What to free for a tap record: nothing unless the chain ended in a deny after conn-limit
