@@ -34,8 +34,11 @@ impl FailureMode {
     }
 }
 
-/// A subscription of an agent kind to an event: the unit of chain configuration.
+/// A subscription of an agent kind to an event: the unit of chain configuration. Unknown
+/// fields are refused (`timout_ms` is a typo, not a wish), in admin arguments, in files and in
+/// the stored record alike; a stored record that does not decode fails its event closed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Subscription {
     pub event: EventName,
     pub agent: String,
@@ -75,13 +78,68 @@ impl Subscription {
     }
 }
 
+/// The arguments of `subscribe`: a subscription, and whether to store it although the dispatcher
+/// finds no live instance of the kind or does not know the event (a typo such as `acll` would
+/// otherwise make every decision of the event deny).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscribe {
+    pub event: EventName,
+    pub agent: String,
+    pub priority: i32,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub failure: FailureMode,
+    #[serde(default)]
+    pub observe: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+}
+
+impl Subscribe {
+    pub fn new(sub: Subscription, force: bool) -> Self {
+        let Subscription {
+            event,
+            agent,
+            priority,
+            timeout_ms,
+            failure,
+            observe,
+        } = sub;
+        Subscribe {
+            event,
+            agent,
+            priority,
+            timeout_ms,
+            failure,
+            observe,
+            force,
+        }
+    }
+
+    /// The record to store (everything but `force`).
+    pub fn subscription(&self) -> Subscription {
+        Subscription {
+            event: self.event.clone(),
+            agent: self.agent.clone(),
+            priority: self.priority,
+            timeout_ms: self.timeout_ms,
+            failure: self.failure,
+            observe: self.observe,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Unsubscribe {
     pub event: EventName,
     pub agent: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListSubscriptions {
     #[serde(default)]
     pub event: Option<EventName>,
@@ -94,6 +152,7 @@ pub struct Subscriptions {
 
 /// `policy-add`: every document is validated by its agent kind before any is stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PolicyAdd {
     pub policies: Vec<Value>,
 }
@@ -151,12 +210,14 @@ pub struct PolicyAdded {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PolicyRemove {
     pub agent: String,
     pub id: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PolicyList {
     #[serde(default)]
     pub agent: Option<String>,
@@ -236,5 +297,25 @@ mod tests {
             ..s
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn unknown_argument_fields_are_refused() {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("event", Value::from("new-connection"));
+        m.insert("agent", Value::from("acl"));
+        m.insert("priority", Value::from(10));
+        m.insert("timout_ms", Value::from(100));
+        let bytes = codec::encode("s", &m).unwrap();
+        let err = codec::decode::<Subscribe>("s", &bytes).unwrap_err();
+        assert!(err.to_string().contains("timout_ms"), "{err}");
+        assert!(codec::decode::<Subscription>("s", &bytes).is_err());
+        m.remove("timout_ms");
+        m.insert("force", Value::from(true));
+        let args: Subscribe = codec::decode("s", &codec::encode("s", &m).unwrap()).unwrap();
+        assert!(args.force);
+        let stored = codec::encode("s", &args.subscription()).unwrap();
+        let back: Subscription = codec::decode("s", &stored).unwrap();
+        assert_eq!(Subscribe::new(back, true), args);
     }
 }

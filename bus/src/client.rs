@@ -92,6 +92,25 @@ pub async fn count_instances(
     service: &str,
     window: Duration,
 ) -> Result<usize, async_nats::Error> {
+    ping(nats, service, window, usize::MAX).await
+}
+
+/// Whether any instance of a NATS service answers `$SRV.PING` within `window`; returns at the
+/// first answer.
+pub async fn any_instance(
+    nats: &async_nats::Client,
+    service: &str,
+    window: Duration,
+) -> Result<bool, async_nats::Error> {
+    Ok(ping(nats, service, window, 1).await? > 0)
+}
+
+async fn ping(
+    nats: &async_nats::Client,
+    service: &str,
+    window: Duration,
+    enough: usize,
+) -> Result<usize, async_nats::Error> {
     use futures::StreamExt;
     let inbox = nats.new_inbox();
     let mut sub = nats.subscribe(inbox.clone()).await?;
@@ -105,6 +124,9 @@ pub async fn count_instances(
         // that is not an instance.
         if msg.status.is_none() && !msg.payload.is_empty() {
             seen += 1;
+            if seen >= enough {
+                break;
+            }
         }
     }
     Ok(seen)
@@ -235,8 +257,15 @@ impl AdminClient {
         decode_reply(&subject, &msg)
     }
 
+    /// Subscribes a kind to an event. The dispatcher refuses a kind with no live instance and
+    /// an event it does not know; see [`Self::subscribe_with`] to insist.
     pub async fn subscribe(&self, sub: &admin::Subscription) -> Result<(), ClientError> {
-        self.command::<_, Done>(AdminCommand::Subscribe, sub)
+        self.subscribe_with(&admin::Subscribe::new(sub.clone(), false))
+            .await
+    }
+
+    pub async fn subscribe_with(&self, args: &admin::Subscribe) -> Result<(), ClientError> {
+        self.command::<_, Done>(AdminCommand::Subscribe, args)
             .await
             .map(drop)
     }

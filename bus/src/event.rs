@@ -21,6 +21,19 @@ pub const V1_EVENTS: [&str; 4] = [
     SERVICE_LIST_REQUEST,
     CONNECTION_CLOSED,
 ];
+/// Every event DESIGN.md names, ClusterLink's among them: with no subscription they are
+/// `no-subscribers`, any other name `unknown-event`; `subscribe` takes them without `--force`.
+pub const CONTRACT_EVENTS: [&str; 9] = [
+    NEW_CONNECTION,
+    EXPOSE_SERVICE,
+    SERVICE_LIST_REQUEST,
+    CONNECTION_CLOSED,
+    "connection-status",
+    "peer-added",
+    "peer-removed",
+    "remote-service-added",
+    "remote-service-removed",
+];
 
 /// A new unique id (NUID): for event ids and connection ids the hookpoint did not set.
 pub fn new_id() -> String {
@@ -40,9 +53,13 @@ impl EventName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-    /// Whether the contract defines this event's attributes.
+    /// Whether this crate decodes the event's attributes into a type.
     pub fn is_v1(&self) -> bool {
         V1_EVENTS.contains(&self.0.as_str())
+    }
+    /// Whether DESIGN.md names this event.
+    pub fn is_contract(&self) -> bool {
+        CONTRACT_EVENTS.contains(&self.0.as_str())
     }
 }
 
@@ -192,18 +209,25 @@ impl Event {
     }
 
     /// The state the chain starts from: the event's candidate lists, under the keys agents
-    /// narrow (`dst_peers`; `peers` as `target_peers`; `services`). A generic event seeds the
+    /// narrow (`dst_peers`; `peers` as `target_peers`; `services`), each candidate once (a
+    /// duplicate would let a load balancer weigh one peer twice). A generic event seeds the
     /// same keys from attributes of those names.
     pub fn initial_state(&self) -> State {
         let mut s = State::new();
         match self {
             Event::NewConnection(e) => {
                 if let Some(p) = &e.dst_peers {
-                    s.set_strings(keys::DST_PEERS, p);
+                    s.set_strings(keys::DST_PEERS, &unique(p.iter().map(String::as_str)));
                 }
             }
-            Event::ExposeService(e) => s.set_strings(keys::TARGET_PEERS, &e.peers),
-            Event::ServiceListRequest(e) => s.set_strings(keys::SERVICES, &e.services),
+            Event::ExposeService(e) => s.set_strings(
+                keys::TARGET_PEERS,
+                &unique(e.peers.iter().map(String::as_str)),
+            ),
+            Event::ServiceListRequest(e) => s.set_strings(
+                keys::SERVICES,
+                &unique(e.services.iter().map(String::as_str)),
+            ),
             Event::ConnectionClosed(_) => {}
             Event::Other { attributes, .. } => {
                 for (from, to) in [
@@ -211,14 +235,41 @@ impl Event {
                     ("peers", keys::TARGET_PEERS),
                     (keys::SERVICES, keys::SERVICES),
                 ] {
-                    if let Some(v @ Value::Array(_)) = attributes.get(from) {
-                        s.insert(to, v.clone());
+                    if let Some(Value::Array(items)) = attributes.get(from) {
+                        // Only a list of strings is a candidate list; anything else stays an
+                        // ordinary attribute.
+                        if let Some(names) =
+                            items.iter().map(Value::as_str).collect::<Option<Vec<_>>>()
+                        {
+                            s.set_strings(to, &unique(names.into_iter()));
+                        }
                     }
                 }
             }
         }
         s
     }
+}
+
+/// The names in first-seen order, each once.
+fn unique<'a>(names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut seen = std::collections::HashSet::new();
+    names.filter(|n| seen.insert(*n)).collect()
+}
+
+/// Sets one attribute in an event payload and keeps every other, including those this version
+/// of the contract does not know: the dispatcher adds a `connection_id` this way, so that a
+/// newer hookpoint's attributes still reach the agents.
+pub fn set_attribute(payload: &[u8], key: &str, value: Value) -> Result<Vec<u8>, CodecError> {
+    let mut map: Vec<(Value, Value)> = match codec::decode::<Value>("event attributes", payload)? {
+        Value::Map(m) => m,
+        _ => Vec::new(),
+    };
+    match map.iter_mut().find(|(k, _)| k.as_str() == Some(key)) {
+        Some((_, v)) => *v = value,
+        None => map.push((Value::from(key), value)),
+    }
+    codec::encode("event attributes", &Value::Map(map))
 }
 
 #[cfg(test)]
@@ -279,5 +330,31 @@ mod tests {
         );
         assert!(!name("custom-hook").is_v1());
         assert!(EventName::new("Bad.Name").is_err());
+    }
+
+    #[test]
+    fn duplicate_candidates_are_offered_once() {
+        let e = Event::ExposeService(ExposeService {
+            service: "db".into(),
+            peers: vec!["b".into(), "a".into(), "b".into(), "a".into()],
+        });
+        assert_eq!(
+            e.initial_state().get_strings(keys::TARGET_PEERS),
+            Some(vec!["b", "a"])
+        );
+    }
+
+    #[test]
+    fn setting_an_attribute_keeps_the_unknown_ones() {
+        let mut map = BTreeMap::new();
+        map.insert("src_service".to_string(), Value::from("a"));
+        map.insert("x_future".to_string(), Value::from(7));
+        map.insert("connection_id".to_string(), Value::from(""));
+        let bytes = codec::encode("t", &map).unwrap();
+        let out = set_attribute(&bytes, "connection_id", Value::from("c1")).unwrap();
+        let back: BTreeMap<String, Value> = codec::decode("t", &out).unwrap();
+        assert_eq!(back["x_future"], Value::from(7));
+        assert_eq!(back["connection_id"], Value::from("c1"));
+        assert_eq!(back.len(), 3);
     }
 }

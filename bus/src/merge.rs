@@ -10,9 +10,12 @@
 //!    the current candidates. A list the event never offered stays absent.
 //! 3. `rate_limit` (`{bits_per_second}`) keeps the most restrictive (smallest) value.
 //! 4. `reasons` accumulate in chain order.
-//! 5. `degraded` is sticky: once a decision is degraded nothing makes it whole again.
-//!    `event_id` belongs to the dispatcher and is ignored in a patch.
-//! 6. Any other key: the later agent's value replaces the earlier one.
+//! 5. The dispatcher's own keys (`event_id`, `connection_id`, `degraded`) are ignored in a
+//!    patch: no agent can re-key a connection, forge an event id, or mark a decision degraded
+//!    or whole. The dispatcher sets them itself.
+//! 6. Any other key: the later agent's value replaces the earlier one. `target_peer` is one of
+//!    these, but must be a string; that it is one of the final `dst_peers` is checked once the
+//!    chain is over (a later agent may still narrow the candidates).
 //!
 //! A patch whose well-known keys have the wrong shape is rejected whole ([`MergeError`]) and
 //! the state is left untouched, so a buggy agent cannot half-apply an answer.
@@ -78,9 +81,9 @@ fn check(patch: &State) -> Result<(), MergeError> {
             return Err(bad(keys::REASONS, "a list of maps {agent, policy, effect}"));
         }
     }
-    if let Some(d) = patch.get(keys::DEGRADED) {
-        if !d.is_bool() {
-            return Err(bad(keys::DEGRADED, "a boolean"));
+    if let Some(t) = patch.get(keys::TARGET_PEER) {
+        if t.as_str().is_none() {
+            return Err(bad(keys::TARGET_PEER, "a string (one of the candidates)"));
         }
     }
     Ok(())
@@ -131,12 +134,7 @@ pub fn merge(state: &mut State, patch: State) -> Result<Flow, MergeError> {
                     _ => state.insert(keys::REASONS, Value::Array(new)),
                 }
             }
-            keys::DEGRADED => {
-                if value.as_bool() == Some(true) {
-                    state.insert(key, true);
-                }
-            }
-            keys::EVENT_ID => {}
+            keys::EVENT_ID | keys::CONNECTION_ID | keys::DEGRADED => {}
             _ => state.insert(key, value),
         }
     }

@@ -76,15 +76,23 @@ fn reasons_accumulate_in_order_and_other_keys_replace() {
 }
 
 #[test]
-fn degraded_is_sticky() {
+fn the_dispatchers_keys_cannot_be_set_by_a_patch() {
+    let mut s = State::new();
+    s.insert(keys::CONNECTION_ID, "c1");
+    s.insert(keys::DEGRADED, true);
+    let before = s.clone();
+    let mut p = State::new();
+    p.insert(keys::CONNECTION_ID, "forged");
+    p.insert(keys::EVENT_ID, "forged");
+    p.insert(keys::DEGRADED, false);
+    merge(&mut s, p).unwrap();
+    assert_eq!(s, before);
     let mut s = State::new();
     let mut p = State::new();
     p.insert(keys::DEGRADED, true);
+    p.insert(keys::CONNECTION_ID, "forged");
     merge(&mut s, p).unwrap();
-    let mut p = State::new();
-    p.insert(keys::DEGRADED, false);
-    merge(&mut s, p).unwrap();
-    assert_eq!(s.get(keys::DEGRADED), Some(&Value::from(true)));
+    assert!(s.is_empty(), "{s:?}");
 }
 
 #[test]
@@ -98,7 +106,7 @@ fn malformed_patches_are_rejected_whole() {
         (keys::DST_PEERS, Value::Array(vec![Value::from(1)])),
         (keys::RATE_LIMIT, Value::from(10)),
         (keys::REASONS, Value::Array(vec![Value::from("x")])),
-        (keys::DEGRADED, Value::from("yes")),
+        (keys::TARGET_PEER, Value::from(7)),
     ];
     for (key, value) in cases {
         let mut p = State::new();

@@ -47,6 +47,21 @@ impl fmt::Display for Kind {
     }
 }
 
+/// The agent kinds shipped with policy-bus. Others join by subscription.
+pub const SHIPPED_KINDS: [&str; 5] = ["acl", "lb", "conn-limit", "rate-limit", "monitor"];
+
+/// The closest of `known` to a mistyped `word`, if one is close enough to be what was meant.
+pub fn did_you_mean<'a>(word: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (word.chars().count() / 3).max(2);
+    known
+        .into_iter()
+        .filter(|k| *k != word)
+        .map(|k| (strsim::levenshtein(word, k), k))
+        .filter(|(d, _)| *d <= limit)
+        .min()
+        .map(|(_, k)| k)
+}
+
 pub(crate) fn check_event(s: &str) -> Result<(), InvalidName> {
     check_kebab("event", s)
 }
@@ -248,6 +263,17 @@ mod tests {
         for c in AdminCommand::ALL {
             assert_eq!(AdminCommand::parse(c.as_str()), Some(c));
         }
+    }
+
+    #[test]
+    fn typos_get_a_suggestion() {
+        assert_eq!(did_you_mean("acll", SHIPPED_KINDS), Some("acl"));
+        assert_eq!(did_you_mean("conn-limt", SHIPPED_KINDS), Some("conn-limit"));
+        assert_eq!(
+            did_you_mean("new-conection", crate::event::CONTRACT_EVENTS),
+            Some("new-connection")
+        );
+        assert_eq!(did_you_mean("billing", SHIPPED_KINDS), None);
     }
 
     #[test]

@@ -6,11 +6,11 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use bus::admin::{
     Done, ListSubscriptions, Policies, PolicyAdd, PolicyAdded, PolicyList, PolicyRef, PolicyRemove,
-    Subscription, Subscriptions, Unsubscribe,
+    Subscribe, Subscription, Subscriptions, Unsubscribe,
 };
 use bus::client::{call, ClientError};
 use bus::config::{ConfigKey, WRITE_TIMEOUT};
-use bus::subject::AdminCommand;
+use bus::subject::{did_you_mean, AdminCommand, SHIPPED_KINDS};
 use bus::{codec, ErrorCode, ErrorReply, Kind, Value};
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -20,6 +20,8 @@ use crate::Dispatcher;
 
 /// How long an agent may take to validate one policy document.
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `subscribe` waits for a kind's instance to answer `$SRV.PING`.
+const PING_WINDOW: Duration = Duration::from_millis(500);
 
 fn args<T: DeserializeOwned>(command: &str, payload: &[u8]) -> Result<T, ErrorReply> {
     codec::decode("admin arguments", payload)
@@ -126,10 +128,64 @@ async fn list(d: &Dispatcher, prefix: &str) -> Result<Vec<(String, Bytes)>, Erro
     Ok(out)
 }
 
-async fn subscribe(d: &Dispatcher, sub: Subscription) -> Result<Bytes, ErrorReply> {
+/// ` (did you mean `x`?)` when a known name is close to a mistyped one.
+fn suggestion(word: &str, known: &[String]) -> String {
+    did_you_mean(word, known.iter().map(String::as_str))
+        .map(|k| format!(" (did you mean `{k}`?)"))
+        .unwrap_or_default()
+}
+
+/// Refuses what is almost surely a typo: an event neither in the contract nor subscribed, or
+/// a kind with no live instance. A chain with a kind nobody runs denies every decision.
+async fn check_subscribe(
+    d: &Dispatcher,
+    sub: &Subscription,
+    kind: &Kind,
+) -> Result<(), ErrorReply> {
+    let events = d.table.events();
+    if !sub.event.is_contract() && !events.iter().any(|e| e == sub.event.as_str()) {
+        let mut known: Vec<String> = bus::event::CONTRACT_EVENTS
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        known.extend(events);
+        return Err(ErrorReply::new(
+            ErrorCode::UnknownEvent,
+            format!(
+                "event `{}` is not an event of the contract and nothing is subscribed to it{}; \
+                 subscribe with --force (force: true) to start a new event",
+                sub.event,
+                suggestion(sub.event.as_str(), &known)
+            ),
+        ));
+    }
+    let service = bus::headers::agent_service(kind);
+    let live = bus::client::any_instance(&d.nats, &service, PING_WINDOW)
+        .await
+        .unwrap_or(false);
+    if !live {
+        let mut known: Vec<String> = SHIPPED_KINDS.iter().map(|k| k.to_string()).collect();
+        known.extend(d.table.kinds());
+        return Err(ErrorReply::new(
+            ErrorCode::NotFound,
+            format!(
+                "no live instance of agent kind `{kind}` answers $SRV.PING.{service}{}; \
+                 start `policy-agent {kind}` first, or subscribe with --force (force: true)",
+                suggestion(kind.as_str(), &known)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn subscribe(d: &Dispatcher, args: Subscribe) -> Result<Bytes, ErrorReply> {
+    let sub = args.subscription();
     let kind = sub
         .validate()
         .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e))?;
+    if !args.force {
+        check_subscribe(d, &sub, &kind).await?;
+    }
     let value = codec::encode("subscription", &sub)
         .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
     put(

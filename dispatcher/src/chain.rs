@@ -209,11 +209,43 @@ fn deny(state: &mut State, reason: Reason) {
     push_reason(state, reason);
 }
 
-/// Adds the dispatcher's keys to the final state. A connection nobody denied is allowed; a
-/// denied event offers no candidates and no target.
+/// The reason policy of a deny the dispatcher makes because an agent routed a connection to a
+/// peer that is not among the candidates left.
+pub const INVALID_TARGET_PEER: &str = "invalid-target-peer";
+
+/// A `target_peer` must be one of the final `dst_peers`: an agent at the ACL's priority, or one
+/// that answered before a later agent narrowed the candidates, must not route a connection to
+/// a peer the chain removed. Such a decision is a deny, never an allow to that peer.
+fn check_target_peer(s: &mut State) {
+    let Some(target) = s.get_str(keys::TARGET_PEER) else {
+        return;
+    };
+    let candidates = s.get_strings(keys::DST_PEERS);
+    if candidates.as_ref().is_some_and(|c| c.contains(&target)) {
+        return;
+    }
+    let detail = match candidates {
+        Some(c) => format!(
+            "target_peer {target:?} is not one of the candidates left [{}]",
+            c.join(", ")
+        ),
+        None => format!("target_peer {target:?} was set but the event offered no dst_peers"),
+    };
+    tracing::warn!(%detail, "decision denied: an agent picked a peer that is not a candidate");
+    deny(
+        s,
+        Reason::new("dispatcher", INVALID_TARGET_PEER, Effect::Deny).with_detail(detail),
+    );
+}
+
+/// Adds the dispatcher's keys to the final state. A connection nobody denied is allowed (once
+/// its target peer is checked); a denied event offers no candidates and no target.
 pub fn finalize(run: &mut Run, event_id: &str, event: &Event) {
     let is_connection = matches!(event, Event::NewConnection(_));
     let s = &mut run.state;
+    if s.get_str(keys::ACTION) != Some("deny") {
+        check_target_peer(s);
+    }
     let denied = s.get_str(keys::ACTION) == Some("deny");
     if denied {
         for key in keys::CANDIDATES {
@@ -234,4 +266,82 @@ pub fn finalize(run: &mut Run, event_id: &str, event: &Event) {
         s.insert(keys::DEGRADED, true);
     }
     s.insert(keys::EVENT_ID, event_id);
+}
+
+/// The decision for an event whose stored subscriptions do not all load: deny, naming each
+/// broken record. A record nobody can read might have been the ACL's, so the chain does not run
+/// without it (fail closed, as an agent does with a broken policy).
+pub fn broken_chain(state: State, broken: &[crate::table::Broken]) -> Run {
+    let mut run = Run {
+        state,
+        degraded: false,
+        timings: Vec::new(),
+    };
+    for b in broken {
+        deny(
+            &mut run.state,
+            Reason::new("dispatcher", &b.key, Effect::Deny)
+                .with_detail(format!("stored subscription does not load: {}", b.error)),
+        );
+    }
+    run
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bus::event::{Direction, NewConnection};
+
+    fn connection(peers: &[&str]) -> Event {
+        Event::NewConnection(NewConnection {
+            src_service: "a".into(),
+            dst_service: "b".into(),
+            direction: Direction::Outgoing,
+            src_peer: None,
+            dst_peers: Some(peers.iter().map(|p| p.to_string()).collect()),
+            connection_id: Some("c".into()),
+        })
+    }
+
+    fn run_with(state: State) -> Run {
+        Run {
+            state,
+            degraded: false,
+            timings: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_target_peer_outside_the_candidates_is_a_deny() {
+        let mut s = State::new();
+        s.set_strings(keys::DST_PEERS, &["p1"]);
+        s.insert(keys::TARGET_PEER, "p2");
+        let mut run = run_with(s);
+        finalize(&mut run, "e", &connection(&["p1", "p2"]));
+        let s = &run.state;
+        assert_eq!(s.get_str(keys::ACTION), Some("deny"));
+        assert_eq!(s.get(keys::TARGET_PEER), None);
+        assert_eq!(s.get_strings(keys::DST_PEERS), Some(vec![]));
+        let reasons = format!("{:?}", s.get(keys::REASONS));
+        assert!(reasons.contains(INVALID_TARGET_PEER), "{reasons}");
+
+        // Without any candidate list, a target cannot be checked: deny too.
+        let mut s = State::new();
+        s.insert(keys::TARGET_PEER, "p2");
+        let mut run = run_with(s);
+        finalize(&mut run, "e", &connection(&[]));
+        assert_eq!(run.state.get_str(keys::ACTION), Some("deny"));
+    }
+
+    #[test]
+    fn a_target_peer_among_the_candidates_is_allowed() {
+        let mut s = State::new();
+        s.set_strings(keys::DST_PEERS, &["p1", "p2"]);
+        s.insert(keys::TARGET_PEER, "p2");
+        let mut run = run_with(s);
+        finalize(&mut run, "e", &connection(&["p1", "p2"]));
+        assert_eq!(run.state.get_str(keys::ACTION), Some("allow"));
+        assert_eq!(run.state.get_str(keys::TARGET_PEER), Some("p2"));
+        assert_eq!(run.state.get_str(keys::EVENT_ID), Some("e"));
+    }
 }

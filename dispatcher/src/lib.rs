@@ -71,7 +71,7 @@ impl Dispatcher {
         let name = EventName::new(raw)
             .map_err(|e| ErrorReply::new(ErrorCode::UnknownEvent, e.to_string()))?;
         let Some(chain) = self.table.chain(name.as_str()) else {
-            return Err(if name.is_v1() {
+            return Err(if name.is_contract() {
                 ErrorReply::new(
                     ErrorCode::NoSubscribers,
                     format!("no agent is subscribed to {name}: policyctl subscribe {name} <agent> --priority N"),
@@ -98,30 +98,53 @@ impl Dispatcher {
         };
         tracing::Span::current().record("event.id", event_id.as_str());
 
-        // Stateful agents key on the connection id, so it must exist before the chain runs.
+        // Stateful agents key on the connection id, so it must exist before the chain runs. It
+        // is written into the hookpoint's own payload, so attributes this version does not know
+        // still reach the agents.
         let mut payload = msg.payload.clone();
         let mut connection_id = None;
-        if let Event::NewConnection(nc) = &mut event {
-            let assigned = nc.connection_id.is_none();
-            connection_id = Some(nc.connection_id.get_or_insert_with(new_id).clone());
-            if assigned {
-                payload = event
-                    .encode()
-                    .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?
-                    .into();
+        match &mut event {
+            Event::NewConnection(nc) => {
+                let id = match event_connection_id(nc) {
+                    Some(id) => id,
+                    None => {
+                        let id = new_id();
+                        payload = bus::event::set_attribute(
+                            &msg.payload,
+                            keys::CONNECTION_ID,
+                            id.as_str().into(),
+                        )
+                        .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?
+                        .into();
+                        nc.connection_id = Some(id.clone());
+                        id
+                    }
+                };
+                connection_id = Some(id);
             }
+            Event::ConnectionClosed(cc) if cc.connection_id.is_empty() => {
+                return Err(ErrorReply::new(
+                    ErrorCode::BadRequest,
+                    "bad connection-closed event: connection_id is empty",
+                ));
+            }
+            _ => {}
         }
 
         let mut state = event.initial_state();
         if let Some(id) = &connection_id {
             state.insert(keys::CONNECTION_ID, id.as_str());
         }
-        let call = Call {
-            nats: &self.nats,
-            payload: payload.clone(),
-            trace: trace.clone(),
+        let mut run = if chain.broken.is_empty() {
+            let call = Call {
+                nats: &self.nats,
+                payload: payload.clone(),
+                trace: trace.clone(),
+            };
+            call.run(&chain, state).await
+        } else {
+            chain::broken_chain(state, &chain.broken)
         };
-        let mut run = call.run(&chain, state).await;
         finalize(&mut run, &event_id, &event);
 
         let body = run
@@ -174,6 +197,16 @@ impl Dispatcher {
 
     async fn handle_event(self: Arc<Self>, req: async_nats::service::Request) {
         let started = Instant::now();
+        if req.message.reply.is_none() {
+            // Nobody would get the decision, and the chain would still take conn-limit slots
+            // and rate budget that no close ever returns.
+            tracing::warn!(
+                subject = %req.message.subject,
+                event.id = headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"),
+                "event refused: sent without a reply subject (publish it as a request)"
+            );
+            return;
+        }
         let reply = match self.decide(&req.message, started).await {
             Ok(reply) => reply,
             Err(err) => {
@@ -204,6 +237,11 @@ impl Dispatcher {
         };
         respond(&req, reply).await;
     }
+}
+
+/// The hookpoint's connection id; an empty one counts as absent.
+fn event_connection_id(nc: &bus::event::NewConnection) -> Option<String> {
+    nc.connection_id.clone().filter(|c| !c.is_empty())
 }
 
 async fn respond(req: &async_nats::service::Request, (headers, body): Reply) {

@@ -27,10 +27,19 @@ pub struct Stage {
     pub members: Vec<Member>,
 }
 
+/// A stored subscription record that does not decode or validate.
+#[derive(Debug, Clone)]
+pub struct Broken {
+    pub key: String,
+    pub error: String,
+}
+
 #[derive(Debug, Default)]
 pub struct Chain {
     /// In priority order, lowest first.
     pub stages: Vec<Stage>,
+    /// Records of this event that do not load: while any is here, the event is denied.
+    pub broken: Vec<Broken>,
 }
 
 pub struct Table {
@@ -62,20 +71,65 @@ impl Table {
             .cloned()
     }
 
-    /// Rebuilds every chain from the stored subscriptions. A record that does not decode is
-    /// logged and left out (it was validated when stored, so this means version skew).
+    /// The events that have a chain (working or broken).
+    pub fn events(&self) -> Vec<String> {
+        let chains = self
+            .chains
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        chains.keys().cloned().collect()
+    }
+
+    /// The agent kinds subscribed to any event.
+    pub fn kinds(&self) -> Vec<String> {
+        let chains = self
+            .chains
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut kinds: Vec<String> = chains
+            .values()
+            .flat_map(|c| c.stages.iter().flat_map(|s| &s.members))
+            .map(|m| m.kind.to_string())
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        kinds
+    }
+
+    /// Rebuilds every chain from the stored subscriptions. A record that does not decode or
+    /// validate (version skew, or a write that bypassed the dispatcher) fails its event closed:
+    /// it might have been the ACL's.
     pub fn load(&self, subjects: &Subjects, snap: &Snapshot) {
         let mut subs: Vec<Subscription> = Vec::new();
+        let mut broken: Vec<(String, Broken)> = Vec::new();
         for (key, value) in &snap.values {
-            if !matches!(ConfigKey::parse(key), Some(ConfigKey::Subscription { .. })) {
+            let Some(ConfigKey::Subscription { event, kind }) = ConfigKey::parse(key) else {
                 continue;
-            }
-            match codec::decode::<Subscription>("subscription", value) {
+            };
+            match check_record(&event, &kind, value) {
                 Ok(s) => subs.push(s),
-                Err(e) => tracing::error!(%key, error = %e, "stored subscription does not load"),
+                Err(error) => {
+                    tracing::error!(%key, %error, "stored subscription does not load; denying its event until it is fixed or removed");
+                    broken.push((
+                        event,
+                        Broken {
+                            key: key.clone(),
+                            error,
+                        },
+                    ));
+                }
             }
         }
-        let chains = build(subjects, subs);
+        let mut chains = build(subjects, subs);
+        for (event, b) in broken {
+            let chain = chains.entry(event).or_default();
+            Arc::get_mut(chain)
+                .expect("chains are not shared until swapped in")
+                .broken
+                .push(b);
+        }
         tracing::info!(
             events = chains.len(),
             revision = snap.revision,
@@ -86,18 +140,28 @@ impl Table {
     }
 }
 
+/// Decodes a stored record and checks it against its key, so that a record under
+/// `sub.new-connection.acl` cannot put another kind in the chain.
+fn check_record(event: &str, kind: &str, value: &[u8]) -> Result<Subscription, String> {
+    let s = codec::decode::<Subscription>("subscription", value).map_err(|e| e.to_string())?;
+    s.validate()?;
+    if s.event.as_str() != event || s.agent != kind {
+        return Err(format!(
+            "the record is for {}/{} but stored under {event}/{kind}",
+            s.event, s.agent
+        ));
+    }
+    Ok(s)
+}
+
 fn build(subjects: &Subjects, mut subs: Vec<Subscription>) -> HashMap<String, Arc<Chain>> {
     subs.sort_by(|a, b| {
         (a.event.as_str(), a.priority, &a.agent).cmp(&(b.event.as_str(), b.priority, &b.agent))
     });
     let mut chains: HashMap<String, Chain> = HashMap::new();
     for s in subs {
-        let kind = match s.validate() {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::error!(event = %s.event, agent = %s.agent, error = %e, "invalid stored subscription");
-                continue;
-            }
+        let Ok(kind) = s.validate() else {
+            continue; // checked by the caller
         };
         let member = Member {
             subject: subjects.agent(&kind, s.event.as_str()),
@@ -156,5 +220,30 @@ mod tests {
         assert_eq!(names, vec![vec!["acl", "mon"], vec!["lb"]]);
         assert_eq!(e.stages[1].members[0].subject, "policy.agent.lb.e");
         assert_eq!(chains["f"].stages.len(), 1);
+    }
+
+    #[test]
+    fn a_record_that_does_not_load_breaks_its_event_only() {
+        let good = codec::encode("s", &sub("e", "acl", 1)).unwrap();
+        let mut snap = Snapshot::default();
+        snap.values
+            .insert("sub.e.acl".into(), bytes::Bytes::from(good.clone()));
+        snap.values
+            .insert("sub.f.acl".into(), bytes::Bytes::from_static(b"\xc1"));
+        // A valid record under another record's key.
+        snap.values
+            .insert("sub.g.lb".into(), bytes::Bytes::from(good));
+        let table = Table::default();
+        table.load(&Subjects::default(), &snap);
+        assert!(table.chain("e").unwrap().broken.is_empty());
+        let f = table.chain("f").unwrap();
+        assert_eq!(f.broken[0].key, "sub.f.acl");
+        assert!(f.stages.is_empty());
+        let g = table.chain("g").unwrap();
+        assert!(
+            g.broken[0].error.contains("stored under g/lb"),
+            "{:?}",
+            g.broken
+        );
     }
 }

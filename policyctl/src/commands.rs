@@ -30,6 +30,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             timeout,
             failure,
             observe,
+            force,
         } => {
             let sub = Subscription {
                 event: EventName::new(&event)?,
@@ -40,7 +41,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 observe,
             };
             sub.validate().map_err(|e| anyhow!(e))?;
-            admin.subscribe(&sub).await?;
+            admin
+                .subscribe_with(&bus::admin::Subscribe::new(sub.clone(), force))
+                .await?;
             println!(
                 "subscribed {} to {} at priority {}",
                 sub.agent, sub.event, sub.priority

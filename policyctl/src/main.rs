@@ -59,6 +59,9 @@ pub enum Command {
         /// Send the event to the agent without waiting; it never changes the decision.
         #[arg(long)]
         observe: bool,
+        /// Store it even if no instance of the agent kind is live, or the event is new.
+        #[arg(long)]
+        force: bool,
     },
     /// Remove an agent kind from an event's chain.
     Unsubscribe { event: String, agent: String },

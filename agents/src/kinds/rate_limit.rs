@@ -8,6 +8,10 @@
 //! `rate × window + burst + 1` whatever the number of instances. The only error term is clock
 //! skew between the instances' hosts (each uses its own wall clock): at most
 //! `rate × skew` extra connections, none on one machine.
+//!
+//! A connection that matches several rate policies spends from all of them or from none: all
+//! are checked before any is written, and a write that loses a race and then finds its policy
+//! refusing gives the earlier writes back.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -90,11 +94,23 @@ impl Default for RateLimiter {
     }
 }
 
-enum Admit {
-    Yes,
-    No,
+/// Why a connection is not admitted.
+enum Refusal {
+    /// Over the rate of this policy.
+    Over,
+    /// The shared state could not be read or written: fail closed.
     Unavailable(String),
 }
+
+/// One rate policy a connection must pass: its GCRA on its key.
+struct Step<'a> {
+    policy: &'a Compiled,
+    key: String,
+    gcra: Gcra,
+}
+
+/// A write that landed: the key, and the revision it left the entry at.
+type Committed = (String, u64);
 
 impl RateLimiter {
     fn cached(&self, key: &str) -> Option<(Option<u64>, u64)> {
@@ -133,80 +149,195 @@ impl RateLimiter {
         }
     }
 
-    /// One GCRA step on the shared entry, by compare-and-set. A deny read from a stale cache
-    /// is still right: the TAT only moves forward, so the stored one is at least as late.
-    async fn admit(&self, store: &kv::Store, key: &str, gcra: &Gcra) -> Admit {
-        let stripe = key.bytes().fold(0usize, |h, b| {
-            h.wrapping_mul(31).wrapping_add(usize::from(b))
-        }) % STRIPES;
-        let _turn = self.stripes[stripe].lock().await;
-        for _ in 0..ATTEMPTS {
-            let (tat, revision) = match self.cached(key) {
-                Some(c) => c,
-                None => match Self::read(store, key).await {
-                    Ok(c) => c,
-                    Err(e) => return Admit::Unavailable(e),
-                },
-            };
-            let Ok(new_tat) = gcra.check(tat, self.clock.now_ns()) else {
-                return Admit::No;
-            };
-            let value = bytes::Bytes::copy_from_slice(&new_tat.to_be_bytes());
-            let written = if revision == 0 {
-                store
-                    .create(key, value)
-                    .await
-                    .map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists)
-            } else {
-                store
-                    .update(key, value, revision)
-                    .await
-                    .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision)
-            };
-            match written {
-                Ok(rev) => {
-                    self.remember(key, Some((Some(new_tat), rev)));
-                    return Admit::Yes;
-                }
-                // Another instance moved the entry on: read it again and retry.
-                Err(true) => self.remember(key, None),
-                Err(false) => {
-                    self.remember(key, None);
-                    return Admit::Unavailable(format!("cannot write {key}"));
+    /// The entry as this instance last saw it, or as stored. A stale cached entry is caught by
+    /// the compare-and-set; a stale deny errs on the strict side.
+    async fn current(&self, store: &kv::Store, key: &str) -> Result<(Option<u64>, u64), String> {
+        match self.cached(key) {
+            Some(c) => Ok(c),
+            None => Self::read(store, key).await,
+        }
+    }
+
+    /// A compare-and-set of the entry from `revision`: `Ok(Some(new revision))`, `Ok(None)`
+    /// when another instance moved the entry on first.
+    async fn write(
+        &self,
+        store: &kv::Store,
+        key: &str,
+        tat: u64,
+        revision: u64,
+    ) -> Result<Option<u64>, String> {
+        let value = bytes::Bytes::copy_from_slice(&tat.to_be_bytes());
+        let written = if revision == 0 {
+            store
+                .create(key, value)
+                .await
+                .map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists)
+        } else {
+            store
+                .update(key, value, revision)
+                .await
+                .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision)
+        };
+        match written {
+            Ok(rev) => {
+                self.remember(key, Some((Some(tat), rev)));
+                Ok(Some(rev))
+            }
+            Err(conflict) => {
+                self.remember(key, None);
+                if conflict {
+                    Ok(None)
+                } else {
+                    Err(format!("cannot write {key}"))
                 }
             }
         }
-        Admit::Unavailable(format!("{key} too contended"))
+    }
+
+    /// Admits a connection through every matching rate policy, or through none: each is checked
+    /// before any is written, and if a write then loses a race and the policy now refuses, the
+    /// writes already made are given back. A connection denied by a second policy never spends
+    /// the first one's budget.
+    async fn admit_all(
+        &self,
+        store: &kv::Store,
+        steps: &[Step<'_>],
+    ) -> Result<(), (usize, Refusal)> {
+        // This instance's requests on the same keys take turns (in one global order, so two
+        // requests never wait on each other); only other instances can make a write retry.
+        let mut stripes: Vec<usize> = steps.iter().map(|s| stripe(&s.key)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut _turns = Vec::with_capacity(stripes.len());
+        for i in stripes {
+            _turns.push(self.stripes[i].lock().await);
+        }
+
+        let now = self.clock.now_ns();
+        let mut planned = Vec::with_capacity(steps.len());
+        for (i, step) in steps.iter().enumerate() {
+            let (tat, revision) = self
+                .current(store, &step.key)
+                .await
+                .map_err(|e| (i, Refusal::Unavailable(e)))?;
+            let new_tat = step.gcra.check(tat, now).map_err(|_| (i, Refusal::Over))?;
+            planned.push((new_tat, revision));
+        }
+
+        let mut committed: Vec<Committed> = Vec::with_capacity(steps.len());
+        for (i, (step, (mut new_tat, mut revision))) in steps.iter().zip(planned).enumerate() {
+            let mut landed = None;
+            for _ in 0..ATTEMPTS {
+                match self.write(store, &step.key, new_tat, revision).await {
+                    Ok(Some(rev)) => {
+                        landed = Some(rev);
+                        break;
+                    }
+                    Ok(None) => {
+                        // Another instance moved the entry on: decide again from what it wrote.
+                        let fresh = Self::read(store, &step.key).await;
+                        let refusal = match fresh {
+                            Ok((tat, rev)) => match step.gcra.check(tat, self.clock.now_ns()) {
+                                Ok(t) => {
+                                    (new_tat, revision) = (t, rev);
+                                    continue;
+                                }
+                                Err(_) => Refusal::Over,
+                            },
+                            Err(e) => Refusal::Unavailable(e),
+                        };
+                        self.give_back(store, steps, &committed).await;
+                        return Err((i, refusal));
+                    }
+                    Err(e) => {
+                        self.give_back(store, steps, &committed).await;
+                        return Err((i, Refusal::Unavailable(e)));
+                    }
+                }
+            }
+            match landed {
+                Some(rev) => committed.push((step.key.clone(), rev)),
+                None => {
+                    self.give_back(store, steps, &committed).await;
+                    let why = format!("{} too contended", step.key);
+                    return Err((i, Refusal::Unavailable(why)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns one period to each entry written for a connection that was refused after all:
+    /// its TAT moves back by one period, as if that admission never happened. If the give-back
+    /// itself fails, the budget stays spent (the strict side) and a warning says so.
+    async fn give_back(&self, store: &kv::Store, steps: &[Step<'_>], committed: &[Committed]) {
+        for (key, _) in committed {
+            let Some(step) = steps.iter().find(|s| &s.key == key) else {
+                continue;
+            };
+            let mut returned = false;
+            for _ in 0..ATTEMPTS {
+                let Ok((Some(tat), revision)) = Self::read(store, key).await else {
+                    break;
+                };
+                let back = tat.saturating_sub(step.gcra.period_ns);
+                match self.write(store, key, back, revision).await {
+                    Ok(Some(_)) => {
+                        returned = true;
+                        break;
+                    }
+                    Ok(None) => continue,
+                    Err(_) => break,
+                }
+            }
+            if !returned {
+                tracing::warn!(%key, "could not give back a rate token of a refused connection");
+            }
+        }
     }
 
     async fn new_connection(&self, rules: &[Compiled], e: &NewConnection, state: &State) -> State {
         let target = state.get_str(keys::TARGET_PEER);
+        let matched: Vec<&Compiled> = rules
+            .iter()
+            .filter(|c| c.matcher.matches(e, target))
+            .collect();
+        let steps: Vec<Step> = matched
+            .iter()
+            .filter_map(|c| {
+                let (gcra, _, _) = c.gcra.as_ref()?;
+                Some(Step {
+                    policy: c,
+                    key: format!("{}.{}", c.id, key_token(&c.matcher.key(e, target))),
+                    gcra: *gcra,
+                })
+            })
+            .collect();
+        if let Some(first) = steps.first() {
+            let deny = |c: &Compiled, detail: String| {
+                kind::deny(Reason::new(NAME, &c.id, Effect::Deny).with_detail(detail))
+            };
+            let Some(store) = &self.store else {
+                return deny(first.policy, "no rate state store".into());
+            };
+            if let Err((i, refusal)) = self.admit_all(store, &steps).await {
+                let c = steps[i].policy;
+                let detail = match refusal {
+                    Refusal::Over => match &c.gcra {
+                        Some((_, rate, burst)) => format!("over {rate} (burst {burst})"),
+                        None => "over its rate".into(),
+                    },
+                    Refusal::Unavailable(why) => {
+                        format!("rate state unavailable, failing closed: {why}")
+                    }
+                };
+                return deny(c, detail);
+            }
+        }
         let mut reasons = Vec::new();
         let mut cap: Option<u64> = None;
-        for c in rules.iter().filter(|c| c.matcher.matches(e, target)) {
-            if let Some((gcra, rate, burst)) = &c.gcra {
-                let Some(store) = &self.store else {
-                    return kind::deny(
-                        Reason::new(NAME, &c.id, Effect::Deny).with_detail("no rate state store"),
-                    );
-                };
-                let key = format!("{}.{}", c.id, key_token(&c.matcher.key(e, target)));
-                match self.admit(store, &key, gcra).await {
-                    Admit::Yes => {}
-                    Admit::No => {
-                        let detail = format!("over {rate} (burst {burst})");
-                        return kind::deny(
-                            Reason::new(NAME, &c.id, Effect::Deny).with_detail(detail),
-                        );
-                    }
-                    Admit::Unavailable(why) => {
-                        let detail = format!("rate state unavailable, failing closed: {why}");
-                        return kind::deny(
-                            Reason::new(NAME, &c.id, Effect::Deny).with_detail(detail),
-                        );
-                    }
-                }
-            }
+        for c in &matched {
             if let Some(bps) = c.bandwidth {
                 cap = Some(cap.map_or(bps, |old| old.min(bps)));
                 reasons.push(
@@ -226,6 +357,12 @@ impl RateLimiter {
         }
         patch
     }
+}
+
+fn stripe(key: &str) -> usize {
+    key.bytes().fold(0usize, |h, b| {
+        h.wrapping_mul(31).wrapping_add(usize::from(b))
+    }) % STRIPES
 }
 
 impl AgentKind for RateLimiter {

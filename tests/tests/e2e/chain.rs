@@ -199,7 +199,7 @@ async fn timeouts_fail_closed_or_open_and_no_responders_is_immediate() {
     // No live instance at all: answered at once, long before its 5 s timeout.
     let mut ghost = sub("new-connection", "ghost", 5);
     ghost.timeout_ms = 5000;
-    subscribe(&admin, &[ghost]).await;
+    subscribe_forced(&admin, &[ghost]).await;
     let t0 = Instant::now();
     let d = hook
         .new_connection(&conn("web", "db", &["p1"]))

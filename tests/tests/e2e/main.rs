@@ -3,6 +3,7 @@
 
 mod chain;
 mod decisions;
+mod integrity;
 mod limits;
 mod monitor;
 mod robustness;
@@ -40,6 +41,17 @@ pub fn sub(event: &str, agent: &str, priority: i32) -> Subscription {
 pub async fn subscribe(admin: &AdminClient, subs: &[Subscription]) {
     for s in subs {
         admin.subscribe(s).await.expect("subscribe");
+    }
+}
+
+/// Subscribes with `force`: for a kind that does not answer `$SRV.PING` (a bare subscriber, or
+/// no instance at all) or an event the contract does not name.
+pub async fn subscribe_forced(admin: &AdminClient, subs: &[Subscription]) {
+    for s in subs {
+        admin
+            .subscribe_with(&bus::admin::Subscribe::new(s.clone(), true))
+            .await
+            .expect("subscribe --force");
     }
 }
 
@@ -99,7 +111,23 @@ where
         .queue_subscribe(format!("policy.agent.{kind}.{event}"), kind.to_string())
         .await
         .expect("subscribe");
+    // The services API's ping, as the contract asks of every agent: the dispatcher checks a
+    // kind is live before it puts it in a chain.
+    let mut pings = client
+        .subscribe(format!("$SRV.PING.policy-agent-{kind}"))
+        .await
+        .expect("subscribe ping");
     client.flush().await.expect("flush");
+    let (pinged, name) = (client.clone(), format!("policy-agent-{kind}"));
+    tokio::spawn(async move {
+        while let Some(msg) = pings.next().await {
+            let pong = serde_json::json!({"type": "io.nats.micro.v1.ping_response",
+                "name": name, "id": "foreign-1", "version": "0.0.1", "metadata": {}});
+            if let Some(reply) = msg.reply {
+                let _ = pinged.publish(reply, pong.to_string().into()).await;
+            }
+        }
+    });
     let handle = Arc::new(handle);
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {

@@ -309,7 +309,7 @@ async fn sigterm_finishes_in_flight_decisions_before_exiting() {
     client.flush().await.expect("flush");
     let mut s = sub("new-connection", "slow", 20);
     s.timeout_ms = 5000;
-    subscribe(&admin, &[s]).await;
+    subscribe_forced(&admin, &[s]).await;
     let pending =
         tokio::spawn(async move { hook.new_connection(&conn("web", "db", &["p1"])).await });
     use futures::StreamExt;
@@ -363,7 +363,7 @@ async fn event_id_and_traceparent_travel_every_hop() {
         }
     });
     let admin = engine.admin().await;
-    subscribe(
+    subscribe_forced(
         &admin,
         &[
             sub("new-connection", "spy", 10),
