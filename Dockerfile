@@ -7,7 +7,8 @@ RUN cargo build --locked --release --bins \
  && cp target/release/policy-dispatcher target/release/policy-agent target/release/policyctl /out/
 
 FROM debian:bookworm-slim
-RUN useradd --system --no-create-home policy
+RUN useradd --system --no-create-home policy \
+ && mkdir /auth && chown policy /auth
 COPY --from=build /out/ /usr/local/bin/
 COPY examples/ /etc/policy-bus/examples/
 USER policy

@@ -35,7 +35,7 @@ impl Attach<'_> {
             num_replicas: self.kv_replicas.max(1),
             ..Default::default()
         };
-        Ok(bus::config::open_bucket(self.nats, config).await?)
+        Ok(bus::config::open_bucket(self.nats, config, true).await?)
     }
 }
 

@@ -177,8 +177,15 @@ where
     let subjects = common.subjects()?;
     let kind_name = Kind::new(kind.name()).map_err(daemon::DaemonError::from)?;
     let service_name = headers::agent_service(&kind_name);
-    let client = common.connect(&service_name, true).await?;
-    let store = config::open_waiting(&client, &subjects, common.kv_replicas).await?;
+    let role = bus::roles::Role::of_kind(&kind_name);
+    let client = common.connect(&service_name, true, &role).await?;
+    let store = config::open_waiting(
+        &client,
+        &subjects,
+        common.kv_replicas,
+        config::Access::Reader,
+    )
+    .await?;
     kind.attach(kind::Attach {
         nats: &client,
         subjects: &subjects,

@@ -75,11 +75,20 @@ fn io(e: impl std::error::Error + Send + Sync + 'static) -> ConfigError {
     ConfigError::Io(Box::new(e))
 }
 
-/// Opens the config bucket, creating it on first use.
+/// Who opens the config bucket: the dispatcher owns it (creates and writes it); every other
+/// process only reads it, and waits for a dispatcher to create it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Owner,
+    Reader,
+}
+
+/// Opens the config bucket; its owner creates it on first use.
 pub async fn open(
     client: &async_nats::Client,
     subjects: &Subjects,
     replicas: usize,
+    access: Access,
 ) -> Result<kv::Store, ConfigError> {
     let config = kv::Config {
         bucket: subjects.config_bucket(),
@@ -88,37 +97,46 @@ pub async fn open(
         num_replicas: replicas.max(1),
         ..Default::default()
     };
-    open_bucket(client, config).await
+    open_bucket(client, config, access == Access::Owner).await
 }
 
 /// Opens the config bucket for a long-running process that may start before the server (or
-/// its JetStream) is ready: it tries for about a minute, with a warning each time, before it
-/// gives up. A server too old for the engine is final at once.
+/// its JetStream, or the dispatcher that creates the bucket) is ready: it tries for about a
+/// minute, with a warning each time, before it gives up. A server too old for the engine is
+/// final at once.
 pub async fn open_waiting(
     client: &async_nats::Client,
     subjects: &Subjects,
     replicas: usize,
+    access: Access,
 ) -> Result<kv::Store, ConfigError> {
     let mut attempt = 0;
     loop {
-        match open(client, subjects, replicas).await {
+        match open(client, subjects, replicas, access).await {
             Ok(store) => return Ok(store),
             Err(e @ ConfigError::ServerTooOld { .. }) => return Err(e),
             Err(e) if attempt >= 60 => return Err(e),
             Err(e) => {
                 attempt += 1;
-                tracing::warn!(error = %e, attempt, "config bucket not available yet; retrying");
+                // A reader started next to the dispatcher usually just waits for it a moment.
+                if access == Access::Reader && attempt <= 5 {
+                    tracing::info!(error = %e, attempt, "waiting for policy-dispatcher to create the config bucket");
+                } else {
+                    tracing::warn!(error = %e, attempt, "config bucket not available yet; retrying");
+                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
 }
 
-/// Opens a bucket, creating it with `config` on first use. Every process may race to create
-/// it; the loser of the race just opens it. An existing bucket keeps its own settings.
+/// Opens a bucket, creating it with `config` on first use when `create`. Every owner may race
+/// to create it; the loser of the race just opens it. An existing bucket keeps its own
+/// settings.
 pub async fn open_bucket(
     client: &async_nats::Client,
     config: kv::Config,
+    create: bool,
 ) -> Result<kv::Store, ConfigError> {
     let too_old = || {
         let version = client.server_info().version;
@@ -129,18 +147,23 @@ pub async fn open_bucket(
     }
     let js = jetstream::new(client.clone());
     let bucket = config.bucket.clone();
-    if let Ok(store) = js.get_key_value(&bucket).await {
-        return Ok(store);
-    }
-    match js.create_key_value(config).await {
-        Ok(store) => Ok(store),
-        Err(create) => js.get_key_value(&bucket).await.map_err(|_| {
-            too_old().unwrap_or_else(|| ConfigError::Open {
-                bucket: bucket.clone(),
-                source: Box::new(create),
-            })
-        }),
-    }
+    let missing = match js.get_key_value(&bucket).await {
+        Ok(store) => return Ok(store),
+        Err(e) => e,
+    };
+    let source: Box<dyn std::error::Error + Send + Sync> = if create {
+        match js.create_key_value(config).await {
+            Ok(store) => return Ok(store),
+            // Another owner may have won the race to create it.
+            Err(e) => match js.get_key_value(&bucket).await {
+                Ok(store) => return Ok(store),
+                Err(_) => Box::new(e),
+            },
+        }
+    } else {
+        format!("{missing} (policy-dispatcher creates it)").into()
+    };
+    Err(too_old().unwrap_or(ConfigError::Open { bucket, source }))
 }
 
 /// The engine's JetStream client understands servers from 2.10 on. An empty version means

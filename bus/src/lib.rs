@@ -12,6 +12,7 @@ pub mod error;
 pub mod event;
 pub mod headers;
 pub mod merge;
+pub mod roles;
 pub mod state;
 pub mod subject;
 pub mod tap;

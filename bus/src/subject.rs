@@ -154,6 +154,10 @@ impl Subjects {
     pub fn agent_validate(&self, kind: &Kind) -> String {
         self.agent(kind, VALIDATE_TOKEN)
     }
+    /// Every agent kind's subjects: what the dispatcher calls.
+    pub fn agents_wildcard(&self) -> String {
+        format!("{}.agent.>", self.prefix)
+    }
     pub fn agent_wildcard(&self, kind: &Kind) -> String {
         format!("{}.agent.{kind}.>", self.prefix)
     }
@@ -187,6 +191,10 @@ impl Subjects {
     /// suffix keeps concurrent benches (and other engines) from answering each other.
     pub fn bench_echo(&self, unique: &str) -> String {
         format!("{}._bench.echo.{unique}", self.prefix)
+    }
+
+    pub fn bench_wildcard(&self) -> String {
+        format!("{}._bench.>", self.prefix)
     }
 
     /// The NATS services API ping subject of a service name (`$SRV.PING.<name>`): every live

@@ -2,32 +2,72 @@
 //! `--prefix`), logging (human or JSON), the NATS connection, and the shutdown signal.
 #![forbid(unsafe_code)]
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use bus::roles::Role;
 use bus::Subjects;
 pub use tokio_util::task::TaskTracker;
 
 /// Flags every process takes, with the environment variables of the contract.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Common {
-    /// NATS server URL (several may be given, comma-separated).
+    /// NATS server URL; several, comma-separated, for a cluster. `tls://` requires TLS;
+    /// `nats://user:password@host` logs in with a user and password.
     #[arg(
         long,
         env = "NATS_URL",
         default_value = "nats://127.0.0.1:4222",
-        global = true
+        global = true,
+        hide_env_values = true
     )]
     pub nats_url: String,
     /// Subject prefix, so several engines can share one NATS system.
     #[arg(long, env = "POLICY_PREFIX", default_value = "policy", global = true)]
     pub prefix: String,
-    /// Replicas of the config bucket when this process is the one to create it (a NATS
-    /// cluster wants 3).
+    /// Replicas of a bucket when this process is the one to create it (a NATS cluster
+    /// wants 3).
     #[arg(long, env = "POLICY_KV_REPLICAS", default_value_t = 1, global = true)]
     pub kv_replicas: usize,
     /// Log JSON lines instead of human-readable text.
     #[arg(long, env = "POLICY_LOG_JSON", global = true)]
     pub log_json: bool,
+    #[command(flatten)]
+    pub auth: Auth,
+}
+
+/// How a process proves who it is to NATS, and how it trusts the server. At most one of
+/// creds, nkey, user/password and token.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Auth {
+    /// NATS credentials file (a user JWT and its nkey seed, as `nsc` writes them).
+    #[arg(long, env = "NATS_CREDS", global = true, value_name = "FILE")]
+    pub creds: Option<PathBuf>,
+    /// File holding an nkey seed (`SU...`), as `policyctl auth init` writes one per role.
+    #[arg(long, env = "NATS_NKEY_FILE", global = true, value_name = "FILE")]
+    pub nkey_file: Option<PathBuf>,
+    /// User name (the password comes from NATS_PASSWORD, or from the URL).
+    #[arg(long, env = "NATS_USER", global = true)]
+    pub user: Option<String>,
+    /// Password for --user. Prefer the NATS_PASSWORD variable: arguments show in `ps`.
+    #[arg(long, env = "NATS_PASSWORD", global = true, hide_env_values = true)]
+    pub password: Option<String>,
+    /// Authentication token. Prefer the NATS_TOKEN variable: arguments show in `ps`.
+    #[arg(long, env = "NATS_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to verify the server with; implies TLS.
+    #[arg(long, env = "NATS_TLS_CA_FILE", global = true, value_name = "FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that verify clients; needs --tls-key-file.
+    #[arg(long, env = "NATS_TLS_CERT_FILE", global = true, value_name = "FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "NATS_TLS_KEY_FILE", global = true, value_name = "FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Where this process's replies arrive. Default `_INBOX.<prefix>.<role>`, the inbox the
+    /// role's permissions allow (see `policyctl auth`).
+    #[arg(long, env = "NATS_INBOX_PREFIX", global = true)]
+    pub inbox_prefix: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,10 +76,83 @@ pub enum DaemonError {
     Prefix(#[from] bus::error::InvalidName),
     #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
+        /// Redacted: no password or token.
         url: String,
         #[source]
         source: async_nats::ConnectError,
     },
+    #[error("NATS URL {url}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("{0}")]
+    Auth(String),
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A URL list with every user name, password and token replaced by `***`: what may be
+/// printed or logged.
+pub fn redact(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let url = url.trim();
+            let (scheme, rest) = match url.split_once("://") {
+                Some((scheme, rest)) => (format!("{scheme}://"), rest),
+                None => (String::new(), url),
+            };
+            let host_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..host_end].rfind('@') {
+                Some(at) => format!("{scheme}***{}", &rest[at..]),
+                None => url.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Parses a comma-separated URL list; an error names the URL, redacted.
+pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, DaemonError> {
+    let list: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if list.is_empty() {
+        return Err(DaemonError::Url {
+            url: String::new(),
+            reason: "no URL given".into(),
+        });
+    }
+    list.into_iter()
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| DaemonError::Url {
+                    url: redact(u),
+                    // The parser may quote the URL back: keep only what it says is wrong.
+                    reason: redact_message(&e.to_string(), u),
+                })
+        })
+        .collect()
+}
+
+/// Removes a secret-bearing URL (and its user information) from a message.
+fn redact_message(message: &str, url: &str) -> String {
+    let mut out = message.replace(url, &redact(url));
+    if let Some(userinfo) = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split_once('@')
+        .map(|(u, _)| u)
+    {
+        if !userinfo.is_empty() {
+            out = out.replace(userinfo, "***");
+        }
+    }
+    out
 }
 
 impl Common {
@@ -47,16 +160,32 @@ impl Common {
         Ok(Subjects::new(&self.prefix)?)
     }
 
-    /// Connects to NATS. A long-running process (`retry`) waits for the server to come up and
-    /// reconnects forever; a one-shot command fails at once with a message a person can act on.
+    /// The URL list as it may be printed.
+    pub fn redacted_url(&self) -> String {
+        redact(&self.nats_url)
+    }
+
+    /// Connects to NATS as `role`. A long-running process (`retry`) waits for the server to
+    /// come up and reconnects forever; a one-shot command fails at once with a message a person
+    /// can act on.
     pub async fn connect(
         &self,
         name: &str,
         retry: bool,
+        role: &Role,
     ) -> Result<async_nats::Client, DaemonError> {
+        let addrs = server_addrs(&self.nats_url)?;
+        let inbox = match &self.auth.inbox_prefix {
+            Some(p) => p.clone(),
+            None => role.inbox_prefix(&self.subjects()?),
+        };
+        let auth = self.auth.with_url_credentials(&addrs)?;
         let name_owned = name.to_string();
-        let mut opts = async_nats::ConnectOptions::new()
+        let mut opts = auth
+            .options()
+            .await?
             .name(name)
+            .custom_inbox_prefix(inbox)
             .connection_timeout(Duration::from_secs(3))
             .subscription_capacity(16 * 1024)
             .event_callback(move |event| {
@@ -70,6 +199,9 @@ impl Common {
                         async_nats::Event::SlowConsumer(sid) => {
                             tracing::warn!(%name, sid, "slow consumer: messages were dropped")
                         }
+                        async_nats::Event::ServerError(e) => {
+                            tracing::warn!(%name, error = %e, "NATS server error")
+                        }
                         other => tracing::info!(%name, event = %other, "NATS event"),
                     }
                 }
@@ -79,13 +211,154 @@ impl Common {
         } else {
             opts = opts.max_reconnects(Some(3));
         }
-        opts.connect(self.nats_url.as_str())
+        opts.connect(addrs)
             .await
             .map_err(|source| DaemonError::Connect {
-                url: self.nats_url.clone(),
+                url: self.redacted_url(),
                 source,
             })
     }
+}
+
+impl Auth {
+    fn has_login(&self) -> bool {
+        self.creds.is_some()
+            || self.nkey_file.is_some()
+            || self.user.is_some()
+            || self.token.is_some()
+    }
+
+    /// Takes a user and password (`nats://user:password@host`) or a token (`nats://token@host`)
+    /// from the URLs, which async-nats would not send by itself. Credentials in both the URL and
+    /// a flag are refused: which one wins would be a guess.
+    pub fn with_url_credentials(
+        &self,
+        addrs: &[async_nats::ServerAddr],
+    ) -> Result<Auth, DaemonError> {
+        let Some(addr) = addrs.iter().find(|a| a.username().is_some()) else {
+            return Ok(self.clone());
+        };
+        if self.has_login() {
+            return Err(DaemonError::Auth(
+                "credentials are given both in --nats-url and as flags or environment: give them once".into(),
+            ));
+        }
+        let mut auth = self.clone();
+        let user = percent_decode(addr.username().unwrap_or_default());
+        match addr.password() {
+            Some(password) => {
+                auth.user = Some(user);
+                auth.password = Some(percent_decode(password));
+            }
+            None => auth.token = Some(user),
+        }
+        Ok(auth)
+    }
+
+    /// The async-nats options for these credentials and TLS settings.
+    pub async fn options(&self) -> Result<async_nats::ConnectOptions, DaemonError> {
+        let given: Vec<&str> = [
+            ("--creds", self.creds.is_some()),
+            ("--nkey-file", self.nkey_file.is_some()),
+            ("--user", self.user.is_some()),
+            ("--token", self.token.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, set)| set.then_some(flag))
+        .collect();
+        if given.len() > 1 {
+            return Err(DaemonError::Auth(format!(
+                "give one way to log in, not {}",
+                given.join(" and ")
+            )));
+        }
+        if self.password.is_some() && self.user.is_none() {
+            return Err(DaemonError::Auth(
+                "a password (NATS_PASSWORD) needs a user (--user or NATS_USER)".into(),
+            ));
+        }
+        let mut opts = async_nats::ConnectOptions::new();
+        if let Some(path) = &self.creds {
+            opts = opts
+                .credentials_file(path)
+                .await
+                .map_err(|source| DaemonError::Read {
+                    what: "credentials file",
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        if let Some(path) = &self.nkey_file {
+            let text = std::fs::read_to_string(path).map_err(|source| DaemonError::Read {
+                what: "nkey seed file",
+                path: path.clone(),
+                source,
+            })?;
+            let seed = seed_of(&text).ok_or_else(|| {
+                DaemonError::Auth(format!(
+                    "{} holds no nkey seed (a line starting with SU)",
+                    path.display()
+                ))
+            })?;
+            opts = opts.nkey(seed.to_string());
+        }
+        if let Some(user) = &self.user {
+            opts = opts.user_and_password(user.clone(), self.password.clone().unwrap_or_default());
+        }
+        if let Some(token) = &self.token {
+            opts = opts.token(token.clone());
+        }
+        if let Some(ca) = &self.tls_ca_file {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                opts = opts
+                    .add_client_certificate(cert.clone(), key.clone())
+                    .require_tls(true)
+            }
+            (None, None) => {}
+            _ => {
+                return Err(DaemonError::Auth(
+                    "--tls-cert-file and --tls-key-file go together".into(),
+                ))
+            }
+        }
+        Ok(opts)
+    }
+}
+
+/// Undoes a URL's percent-encoding (a password may hold `@` or `:` as `%40`, `%3A`).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).and_then(|b| hex(*b)),
+            bytes.get(i + 2).and_then(|b| hex(*b)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The seed in an nkey file: the first line that looks like a user seed (comments and blank
+/// lines allowed around it).
+fn seed_of(text: &str) -> Option<&str> {
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("SU") && l.len() > 50)
 }
 
 /// An error and its causes on one line, each cause once (a message that already quotes its
@@ -204,5 +477,43 @@ mod tests {
             e.source()
         });
         assert_eq!(one_line(chain), "outer: inner");
+    }
+
+    #[test]
+    fn secrets_never_survive_redaction() {
+        assert_eq!(
+            redact("nats://alice:s3cret@h1:4222, tls://tok3n@h2:4443/x,nats://h3"),
+            "nats://***@h1:4222,tls://***@h2:4443/x,nats://h3"
+        );
+        assert_eq!(redact("bob:pw@host:4222"), "***@host:4222");
+        let err = server_addrs("nats://alice:s3cret@h1:notaport")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("s3cret") && !err.contains("alice"), "{err}");
+        assert_eq!(server_addrs("nats://a:1, nats://b:2,").unwrap().len(), 2);
+        assert!(server_addrs(" , ").is_err());
+    }
+
+    #[test]
+    fn url_credentials_become_a_login() {
+        let addrs = server_addrs("nats://h1,nats://al%40ice:p%3Aw@h2").unwrap();
+        let auth = Auth::default().with_url_credentials(&addrs).unwrap();
+        assert_eq!(auth.user.as_deref(), Some("al@ice"));
+        assert_eq!(auth.password.as_deref(), Some("p:w"));
+        let addrs = server_addrs("tls://t0ken@h1").unwrap();
+        let auth = Auth::default().with_url_credentials(&addrs).unwrap();
+        assert_eq!(auth.token.as_deref(), Some("t0ken"));
+        let twice = Auth {
+            token: Some("x".into()),
+            ..Default::default()
+        };
+        assert!(twice.with_url_credentials(&addrs).is_err());
+    }
+
+    #[test]
+    fn nkey_files_may_carry_comments() {
+        let seed = "SUAGMJH5XLGZKQQWAWKRZJIGMOU4HPFUYLXJMXOO5NLFEO2OOQJ5LPRDPM";
+        assert_eq!(seed_of(&format!("# role: gateway\n\n{seed}\n")), Some(seed));
+        assert_eq!(seed_of("not a seed"), None);
     }
 }

@@ -14,6 +14,7 @@ use async_nats::service::ServiceExt;
 use async_nats::HeaderMap;
 use bus::config::{self, ConfigKey};
 use bus::event::{new_id, Event, EventName};
+use bus::roles::Role;
 use bus::state::keys;
 use bus::tap::TapRecord;
 use bus::{codec, headers, ErrorCode, ErrorReply, Subjects};
@@ -261,8 +262,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DispatcherError> {
     let subjects = common.subjects()?;
-    let nats = common.connect(headers::DISPATCHER_SERVICE, true).await?;
-    let store = config::open_waiting(&nats, &subjects, common.kv_replicas).await?;
+    let nats = common
+        .connect(headers::DISPATCHER_SERVICE, true, &Role::Dispatcher)
+        .await?;
+    let store =
+        config::open_waiting(&nats, &subjects, common.kv_replicas, config::Access::Owner).await?;
     let dispatcher = Arc::new(Dispatcher {
         nats: nats.clone(),
         subjects: subjects.clone(),

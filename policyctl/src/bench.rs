@@ -146,7 +146,9 @@ pub async fn run(
     })?;
 
     // The echo responder gets its own connection, like a separate process would.
-    let echo = common.connect("policyctl-bench-echo", false).await?;
+    let echo = common
+        .connect("policyctl-bench-echo", false, &bus::roles::Role::Gateway)
+        .await?;
     let echo_subject = subjects.bench_echo(&bus::event::new_id());
     let mut sub = echo.subscribe(echo_subject.clone()).await?;
     let responder = {

@@ -3,24 +3,36 @@
 
 use anyhow::{anyhow, Context};
 use bus::admin::{PolicyRef, Subscription};
+use bus::roles::Role;
 use bus::state::State;
 use bus::tap::TapRecord;
 use bus::{codec, AdminClient, Client, EventName, Value};
 use futures::StreamExt;
 
-use crate::{files, Cli, Command, PolicyCommand};
+use crate::{auth, files, AuthCommand, Cli, Command, PolicyCommand};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let subjects = cli.common.subjects()?;
-    if let Command::Up {
-        examples,
-        every,
-        metrics_addr,
-    } = &cli.command
-    {
-        return crate::up::run(&cli.common, examples, *every, metrics_addr).await;
+    match &cli.command {
+        Command::Up {
+            examples,
+            every,
+            metrics_addr,
+            secure,
+            auth_dir,
+        } => {
+            let auth = secure.then_some(auth_dir.as_path());
+            return crate::up::run(&cli.common, examples, *every, metrics_addr, auth).await;
+        }
+        Command::Auth(cmd) => return auth(cmd, &subjects),
+        _ => {}
     }
-    let nats = cli.common.connect("policyctl", false).await?;
+    // `emit` and `bench` act as a gateway; everything else is the operator's.
+    let role = match cli.command {
+        Command::Emit { .. } | Command::Bench { .. } => Role::Gateway,
+        _ => Role::Operator,
+    };
+    let nats = cli.common.connect("policyctl", false, &role).await?;
     let admin = AdminClient::new(nats.clone(), subjects.clone());
     match cli.command {
         Command::Subscribe {
@@ -139,7 +151,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
         }
-        Command::Up { .. } => unreachable!("handled above"),
+        Command::Up { .. } | Command::Auth(_) => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+fn auth(cmd: &AuthCommand, subjects: &bus::Subjects) -> anyhow::Result<()> {
+    match cmd {
+        AuthCommand::Init { auth_dir } => {
+            let written = auth::ensure(auth_dir, subjects, &Role::shipped())?;
+            for path in &written {
+                println!("wrote {}", path.display());
+            }
+            println!(
+                "{}: users and permissions for every role ({} new seeds); {}: a server configuration \
+                 with JetStream that includes it (run nats-server -c {} in the directory for its store)",
+                auth::accounts_file(auth_dir).display(),
+                written.len(),
+                auth::conf_file(auth_dir).display(),
+                auth::conf_file(auth_dir).display()
+            );
+        }
+        AuthCommand::AddAgent { kind, auth_dir } => {
+            let seed = auth::add_agent(auth_dir, subjects, kind)?;
+            println!(
+                "{}: the seed for agent kind {kind}; {} now has its user: reload the server (nats-server --signal reload)",
+                seed.display(),
+                auth::accounts_file(auth_dir).display()
+            );
+        }
+        AuthCommand::Template => print!("{}", auth::template(subjects, &Role::shipped())),
     }
     Ok(())
 }

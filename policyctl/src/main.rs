@@ -1,6 +1,7 @@
 //! `policyctl`: the operator's CLI for policy-bus.
 #![forbid(unsafe_code)]
 
+mod auth;
 mod bench;
 mod commands;
 mod files;
@@ -106,7 +107,18 @@ pub enum Command {
         /// Where the monitor serves GET /metrics.
         #[arg(long, default_value = "127.0.0.1:9464")]
         metrics_addr: String,
+        /// Run the bus secured: one nkey and least-privilege permissions per role (see
+        /// `policyctl auth`); starts its own nats-server with them.
+        #[arg(long)]
+        secure: bool,
+        /// Where --secure keeps nats.conf and the seeds (kept across runs).
+        #[arg(long, default_value = auth::DEFAULT_DIR, requires = "secure")]
+        auth_dir: PathBuf,
     },
+    /// Credentials and permissions for a secured bus: one nkey per role, and the nats-server
+    /// configuration that gives each role exactly what it needs.
+    #[command(subcommand)]
+    Auth(AuthCommand),
     /// Drive load and report decisions/s and latency next to the raw NATS request/reply floor.
     Bench {
         #[arg(long, default_value = "new-connection")]
@@ -121,6 +133,25 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum AuthCommand {
+    /// Write a seed for every shipped role (existing ones are kept) and DIR/nats.conf.
+    Init {
+        #[arg(long, default_value = auth::DEFAULT_DIR)]
+        auth_dir: PathBuf,
+    },
+    /// Add a role for a third-party agent kind (DIR/agent-<kind>.nk) and rewrite
+    /// DIR/nats.conf; reload the server afterwards.
+    AddAgent {
+        kind: String,
+        #[arg(long, default_value = auth::DEFAULT_DIR)]
+        auth_dir: PathBuf,
+    },
+    /// Print the permission set as a nats-server configuration template for your own NATS,
+    /// with each role's public nkey taken from an environment variable.
+    Template,
 }
 
 #[derive(Subcommand)]

@@ -7,14 +7,13 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use bus::roles::Role;
+use bus::subject::SHIPPED_KINDS;
 use bus::{headers, AdminClient, Client, Kind, State, Value};
 use tokio::process::{Child, Command};
 
 use crate::commands::parse_attributes;
 use crate::files;
-
-/// The agent kinds `up` runs.
-const KINDS: [&str; 5] = ["acl", "lb", "conn-limit", "rate-limit", "monitor"];
 
 struct Stack {
     children: Vec<(String, Child)>,
@@ -60,7 +59,8 @@ fn nats_server_bin() -> anyhow::Result<PathBuf> {
     }
     let local = PathBuf::from(".nats/bin/nats-server");
     if local.exists() {
-        return Ok(local);
+        // Absolute: the server may run in another directory (its store's).
+        return Ok(std::path::absolute(local)?);
     }
     std::env::var("PATH")
         .unwrap_or_default()
@@ -72,33 +72,85 @@ fn nats_server_bin() -> anyhow::Result<PathBuf> {
         })
 }
 
-/// Connects to the URL's server, or starts one there.
-async fn nats(common: &daemon::Common, stack: &mut Stack) -> anyhow::Result<async_nats::Client> {
-    if let Ok(client) = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(1))
-        .connect(common.nats_url.as_str())
-        .await
-    {
-        let info = client.server_info();
-        if !bus::config::server_supported(&info.version) {
-            bail!(
-                "nats-server {} answers at {}, but policy-bus needs 2.10 or later (with JetStream); \
-                 give another --nats-url and `up` starts a current one there",
-                info.version, common.nats_url
-            );
-        }
-        eprintln!("using nats-server {} at {}", info.version, common.nats_url);
-        return Ok(client);
+/// `common` with the seed of `role` when the bus is secured (`auth` is the seeds' directory).
+fn as_role(common: &daemon::Common, auth: Option<&Path>, role: &Role) -> daemon::Common {
+    let mut c = common.clone();
+    if let Some(dir) = auth {
+        c.auth = daemon::Auth {
+            nkey_file: Some(crate::auth::seed_file(dir, role)),
+            ..Default::default()
+        };
     }
-    let hostport = common.nats_url.trim_start_matches("nats://");
-    let (host, port) = hostport
-        .rsplit_once(':')
-        .ok_or_else(|| anyhow!("--nats-url {} has no port", common.nats_url))?;
+    c
+}
+
+/// Connects as the operator to the URL's server, or starts one there (with the generated
+/// users and permissions when `auth` is given).
+async fn nats(
+    common: &daemon::Common,
+    stack: &mut Stack,
+    auth: Option<&Path>,
+) -> anyhow::Result<async_nats::Client> {
+    let url = common.redacted_url();
+    let operator = as_role(common, auth, &Role::Operator);
+    let addrs = daemon::server_addrs(&common.nats_url)?;
+    let probe = operator
+        .auth
+        .options()
+        .await?
+        .connection_timeout(Duration::from_secs(1))
+        .custom_inbox_prefix(Role::Operator.inbox_prefix(&common.subjects()?))
+        .connect(addrs.clone())
+        .await;
+    match probe {
+        Ok(client) => {
+            let info = client.server_info();
+            if !bus::config::server_supported(&info.version) {
+                bail!(
+                    "nats-server {} answers at {url}, but policy-bus needs 2.10 or later (with JetStream); \
+                     give another --nats-url and `up` starts a current one there",
+                    info.version
+                );
+            }
+            if auth.is_some() && !info.auth_required {
+                bail!(
+                    "nats-server {} answers at {url} without authentication: --secure needs a \
+                     server of its own; give a free --nats-url and `up` starts one there",
+                    info.version
+                );
+            }
+            eprintln!("using nats-server {} at {url}", info.version);
+            return Ok(client);
+        }
+        Err(e) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation => {
+            let hint = match auth {
+                Some(dir) => format!(
+                    "is it running with {}? give a free --nats-url and `up` starts one",
+                    crate::auth::conf_file(dir).display()
+                ),
+                None => "give its credentials, --secure, or a free --nats-url".into(),
+            };
+            bail!("the nats-server at {url} refuses this login: {hint}");
+        }
+        Err(_) => {}
+    }
+    let first = addrs
+        .first()
+        .ok_or_else(|| anyhow!("--nats-url is empty"))?;
+    let (host, port) = (first.host().to_string(), first.port().to_string());
     let store = tempfile::tempdir()?;
     let bin = nats_server_bin()?;
-    let child = Command::new(&bin)
-        .args(["-a", host, "-p", port, "-js", "-sd"])
-        .arg(store.path())
+    let mut cmd = Command::new(&bin);
+    cmd.args(["-a", &host, "-p", &port]);
+    match auth {
+        // The configuration enables JetStream, with its store relative to where it runs.
+        Some(dir) => {
+            let conf = std::path::absolute(crate::auth::conf_file(dir))?;
+            cmd.arg("-c").arg(conf).current_dir(store.path())
+        }
+        None => cmd.arg("-js").arg("-sd").arg(store.path()),
+    };
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -106,13 +158,13 @@ async fn nats(common: &daemon::Common, stack: &mut Stack) -> anyhow::Result<asyn
         .with_context(|| format!("cannot start {}", bin.display()))?;
     stack.children.push(("nats-server".into(), child));
     stack._store = Some(store);
-    let client = common.connect("policyctl", true).await?;
+    let client = operator.connect("policyctl", true, &Role::Operator).await?;
     // The first round trip waits for the server to be up (the connection retries until then).
     let _ = client.flush().await;
     eprintln!(
-        "started nats-server {} at {}",
+        "started nats-server {} at {url}{}",
         client.server_info().version,
-        common.nats_url
+        if auth.is_some() { " (secured)" } else { "" }
     );
     Ok(client)
 }
@@ -120,8 +172,10 @@ async fn nats(common: &daemon::Common, stack: &mut Stack) -> anyhow::Result<asyn
 fn spawn(
     stack: &mut Stack,
     common: &daemon::Common,
+    auth: Option<&Path>,
     bin: &str,
     args: &[&str],
+    role: &Role,
 ) -> anyhow::Result<()> {
     let mut cmd = Command::new(sibling(bin)?);
     cmd.args(["--nats-url", &common.nats_url, "--prefix", &common.prefix])
@@ -131,6 +185,10 @@ fn spawn(
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .kill_on_drop(true);
+    if let Some(dir) = auth {
+        cmd.arg("--nkey-file")
+            .arg(crate::auth::seed_file(dir, role));
+    }
     if common.log_json {
         cmd.arg("--log-json");
     }
@@ -385,6 +443,7 @@ pub async fn run(
     examples: &Path,
     every: Duration,
     metrics_addr: &str,
+    auth: Option<&Path>,
 ) -> anyhow::Result<()> {
     let subjects = common.subjects()?;
     let mut stack = Stack {
@@ -392,20 +451,43 @@ pub async fn run(
         _store: None,
     };
     let result = async {
-        let nats = nats(common, &mut stack).await?;
-        spawn(&mut stack, common, "policy-dispatcher", &[])?;
-        for kind in KINDS {
+        if let Some(dir) = auth {
+            let written = crate::auth::ensure(dir, &subjects, &Role::shipped())?;
+            eprintln!(
+                "secured bus: users and permissions in {}, one seed per role in {}/<role>.nk{}",
+                crate::auth::accounts_file(dir).display(),
+                dir.display(),
+                if written.is_empty() {
+                    ""
+                } else {
+                    " (new seeds written)"
+                }
+            );
+        }
+        let nats = nats(common, &mut stack, auth).await?;
+        spawn(
+            &mut stack,
+            common,
+            auth,
+            "policy-dispatcher",
+            &[],
+            &Role::Dispatcher,
+        )?;
+        for kind in SHIPPED_KINDS {
             let metrics = ["--metrics-addr", metrics_addr];
             let args: &[&str] = if kind == "monitor" { &metrics } else { &[] };
+            let role = Role::of_kind(&Kind::new(kind)?);
             spawn(
                 &mut stack,
                 common,
+                auth,
                 "policy-agent",
                 &[&[kind][..], args].concat(),
+                &role,
             )?;
         }
         wait_ready(&mut stack, &nats, headers::DISPATCHER_SERVICE).await?;
-        for kind in KINDS {
+        for kind in SHIPPED_KINDS {
             wait_ready(
                 &mut stack,
                 &nats,
@@ -413,14 +495,27 @@ pub async fn run(
             )
             .await?;
         }
-        eprintln!("engine up: dispatcher and agents {}", KINDS.join(", "));
-        load_examples(&AdminClient::new(nats.clone(), subjects.clone()), examples).await?;
         eprintln!(
-            "watch decisions from another terminal: {} --nats-url {} tap   (Ctrl-C here stops everything)",
-            std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "policyctl".into()),
-            common.nats_url
+            "engine up: dispatcher and agents {}",
+            SHIPPED_KINDS.join(", ")
         );
-        traffic(Client::new(nats, subjects), every).await
+        load_examples(&AdminClient::new(nats.clone(), subjects.clone()), examples).await?;
+        let login = match auth {
+            Some(dir) => format!(
+                " --nkey-file {}",
+                crate::auth::seed_file(dir, &Role::Operator).display()
+            ),
+            None => String::new(),
+        };
+        eprintln!(
+            "watch decisions from another terminal: {} --nats-url {}{login} tap   (Ctrl-C here stops everything)",
+            std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "policyctl".into()),
+            common.redacted_url()
+        );
+        let gateway = as_role(common, auth, &Role::Gateway)
+            .connect("policyctl-traffic", true, &Role::Gateway)
+            .await?;
+        traffic(Client::new(gateway, subjects), every).await
     };
     let outcome = tokio::select! {
         r = result => r,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bus::roles::Role;
 use bus::{AdminClient, Client, Subjects};
 
 /// Every receive in a test is bounded by this.
@@ -52,7 +53,7 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -65,6 +66,13 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     store: tempfile::TempDir,
+    /// Arguments before ours (`-c nats.conf`, `--user`, ...).
+    args: Vec<String>,
+    /// Environment for the server (a configuration's `$VARIABLES`).
+    envs: Vec<(String, String)>,
+    /// Whether JetStream comes from our `-js -sd` flags; a configuration that enables it
+    /// itself keeps its store relative to the server's directory, the temp store.
+    js_flags: bool,
 }
 
 impl NatsServer {
@@ -74,27 +82,68 @@ impl NatsServer {
 
     /// Starts a particular nats-server build (to check how the engine treats other versions).
     pub fn start_with(bin: PathBuf) -> Self {
+        Self::start_args(bin, Vec::new(), Vec::new(), true)
+    }
+
+    /// Starts the current nats-server (JetStream on) with extra arguments: users, a token.
+    pub fn start_configured(args: &[&str]) -> Self {
+        Self::start_args(
+            nats_server_bin(),
+            args.iter().map(|a| a.to_string()).collect(),
+            Vec::new(),
+            true,
+        )
+    }
+
+    /// Starts the current nats-server with a configuration file that enables JetStream itself
+    /// (store relative to the server's directory), and environment variables for it.
+    pub fn start_with_conf(conf: &Path, envs: Vec<(String, String)>) -> Self {
+        let conf = conf.to_str().expect("utf-8 path").to_string();
+        Self::start_args(nats_server_bin(), vec!["-c".into(), conf], envs, false)
+    }
+
+    fn start_args(
+        bin: PathBuf,
+        args: Vec<String>,
+        envs: Vec<(String, String)>,
+        js_flags: bool,
+    ) -> Self {
         let mut s = NatsServer {
             bin,
             child: None,
             port: free_port(),
             store: tempfile::tempdir().expect("temp dir"),
+            args,
+            envs,
+            js_flags,
         };
         s.spawn();
         s
     }
 
+    /// Asks the server to reload its configuration (SIGHUP), as after `auth add-agent`.
+    pub fn reload(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-HUP", &child.id().to_string()])
+                .status();
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     fn spawn(&mut self) {
-        let child = Command::new(&self.bin)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.store.path())
+        let mut cmd = Command::new(&self.bin);
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .current_dir(self.store.path())
+            .args(&self.args)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        if self.js_flags {
+            cmd.arg("-js").arg("-sd").arg(self.store.path());
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -172,6 +221,24 @@ pub struct Engine {
     pub nats: NatsServer,
     pub prefix: String,
     procs: Vec<Proc>,
+    /// On a secured bus: the directory `policyctl auth init` wrote the seeds and nats.conf to.
+    pub auth: Option<tempfile::TempDir>,
+    /// Every process's stderr, one file each, to look for what they complained about.
+    logs: tempfile::TempDir,
+}
+
+/// Writes the roles' seeds and nats.conf with the real `policyctl auth init`.
+pub fn auth_init(dir: &Path) {
+    let out = Command::new(bin("policyctl"))
+        .args(["auth", "init", "--auth-dir"])
+        .arg(dir)
+        .output()
+        .expect("run policyctl auth init");
+    assert!(
+        out.status.success(),
+        "policyctl auth init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Engine {
@@ -184,30 +251,111 @@ impl Engine {
             nats,
             prefix: "policy".into(),
             procs: Vec::new(),
+            auth: None,
+            logs: tempfile::tempdir().expect("temp dir"),
         }
+    }
+
+    /// An engine on a secured bus: a server started with the generated users and
+    /// permissions, and every process (and client) logging in with its own role's seed.
+    pub fn secured() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        auth_init(dir.path());
+        let conf = dir.path().join("nats.conf");
+        let mut engine = Self::on(NatsServer::start_with_conf(&conf, Vec::new()));
+        engine.auth = Some(dir);
+        engine
+    }
+
+    /// As [`Self::secured`], but the server runs the shipped template
+    /// (`deploy/nats/policy-bus.conf`), each role's public key given in its variable, as an
+    /// operator running their own NATS would.
+    pub fn secured_by_template() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        auth_init(dir.path());
+        let mut envs = Vec::new();
+        for role in Role::shipped() {
+            let seed = std::fs::read_to_string(dir.path().join(format!("{}.nk", role.name())))
+                .expect("seed file");
+            let public = seed
+                .lines()
+                .find_map(|l| l.strip_prefix("# public key "))
+                .expect("a public key line")
+                .trim()
+                .to_string();
+            let var = format!(
+                "POLICY_NKEY_{}",
+                role.name().to_uppercase().replace('-', "_")
+            );
+            envs.push((var, public));
+        }
+        // The operator's own configuration: JetStream, and the template included.
+        std::fs::copy(
+            workspace_root().join("deploy/nats/policy-bus.conf"),
+            dir.path().join("policy-bus.conf"),
+        )
+        .expect("copy the template");
+        let conf = dir.path().join("server.conf");
+        std::fs::write(
+            &conf,
+            "jetstream { store_dir: \"jetstream\" }\ninclude policy-bus.conf\n",
+        )
+        .expect("write server.conf");
+        let mut engine = Self::on(NatsServer::start_with_conf(&conf, envs));
+        engine.auth = Some(dir);
+        engine
     }
 
     pub fn subjects(&self) -> Subjects {
         Subjects::new(&self.prefix).expect("prefix")
     }
 
-    /// The command line of a binary with the engine's `--nats-url` and `--prefix`.
+    /// The seed file of a role on a secured bus.
+    pub fn seed(&self, role: &Role) -> Option<PathBuf> {
+        self.auth
+            .as_ref()
+            .map(|d| d.path().join(format!("{}.nk", role.name())))
+    }
+
+    /// The role a binary runs as: the dispatcher's, an agent kind's, else the operator's.
+    fn role_of(binary: &str, args: &[&str]) -> Role {
+        match (binary, args.first()) {
+            ("policy-dispatcher", _) => Role::Dispatcher,
+            ("policy-agent", Some(kind)) => {
+                Role::of_kind(&bus::Kind::new(kind).expect("agent kind"))
+            }
+            _ => Role::Operator,
+        }
+    }
+
+    /// The command line of a binary with the engine's `--nats-url` and `--prefix` (and, on a
+    /// secured bus, its role's seed).
     pub fn command(&self, binary: &str, args: &[&str]) -> Command {
+        self.command_as(binary, args, &Self::role_of(binary, args))
+    }
+
+    pub fn command_as(&self, binary: &str, args: &[&str], role: &Role) -> Command {
         let mut cmd = Command::new(bin(binary));
-        cmd.args(["--nats-url", &self.nats.url(), "--prefix", &self.prefix])
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()),
-            );
+        cmd.args(["--nats-url", &self.nats.url(), "--prefix", &self.prefix]);
+        if let Some(seed) = self.seed(role) {
+            cmd.arg("--nkey-file").arg(seed);
+        }
+        cmd.args(args).env(
+            "RUST_LOG",
+            std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()),
+        );
         cmd
     }
 
-    /// Starts a binary with the engine's `--nats-url` and `--prefix`.
+    /// Starts a binary with the engine's `--nats-url` and `--prefix`. Its stderr is kept (see
+    /// [`Self::logs`]).
     pub fn spawn(&mut self, binary: &str, args: &[&str]) -> &Proc {
+        let log = self.logs.path().join(format!("{}.log", self.procs.len()));
+        let stderr = std::fs::File::create(&log).expect("log file");
         let child = self
             .command(binary, args)
             .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("start {binary}: {e}"));
         self.procs.push(Proc {
@@ -215,6 +363,17 @@ impl Engine {
             child,
         });
         self.procs.last().expect("just pushed")
+    }
+
+    /// What every process started so far wrote to stderr.
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.logs.path()) {
+            for e in entries.flatten() {
+                all.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        all
     }
 
     pub fn dispatcher(&mut self) -> &Proc {
@@ -242,20 +401,60 @@ impl Engine {
         self.procs.clear();
     }
 
+    /// A client; on a secured bus, the operator's.
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::ConnectOptions::new()
+        self.client_as(&Role::Operator).await
+    }
+
+    /// A client logged in as `role` (on an open bus, just a client with its inbox).
+    pub async fn client_as(&self, role: &Role) -> async_nats::Client {
+        self.watched_client(role).await.0
+    }
+
+    /// A client of `role`, and the errors the server reports to it (permission violations).
+    pub async fn watched_client(
+        &self,
+        role: &Role,
+    ) -> (
+        async_nats::Client,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut opts = match self.seed(role) {
+            Some(seed) => {
+                let text = std::fs::read_to_string(seed).expect("seed file");
+                let seed = text
+                    .lines()
+                    .find(|l| l.starts_with("SU"))
+                    .expect("a seed line");
+                async_nats::ConnectOptions::with_nkey(seed.to_string())
+            }
+            None => async_nats::ConnectOptions::new(),
+        };
+        opts = opts
+            .custom_inbox_prefix(role.inbox_prefix(&self.subjects()))
+            .event_callback(move |event| {
+                let tx = tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        let _ = tx.send(e.to_string());
+                    }
+                }
+            });
+        let client = opts
             .retry_on_initial_connect()
             .connect(self.nats.url())
             .await
-            .expect("connect to test nats-server")
+            .expect("connect to test nats-server");
+        (client, rx)
     }
 
     pub async fn hook(&self) -> Client {
-        Client::new(self.client().await, self.subjects())
+        Client::new(self.client_as(&Role::Gateway).await, self.subjects())
     }
 
     pub async fn admin(&self) -> AdminClient {
-        AdminClient::new(self.client().await, self.subjects())
+        AdminClient::new(self.client_as(&Role::Operator).await, self.subjects())
     }
 
     /// Waits until `n` instances of a NATS service answer `$SRV.PING`.

@@ -50,7 +50,10 @@ pub(crate) async fn start(ctx: Attach<'_>, slots: Arc<Slots>) -> Result<(), Atta
         .map_err(|_| "the slot watch stopped before loading")?;
 
     let tap = ctx.subjects.tap(bus::event::NEW_CONNECTION);
-    let mut sub = ctx.nats.queue_subscribe(tap, format!("{NAME}-tap")).await?;
+    let mut sub = ctx
+        .nats
+        .queue_subscribe(tap, bus::roles::CONN_LIMIT_TAP_GROUP.to_string())
+        .await?;
     // Releases run concurrently, bounded, so a flood of denies does not back up the tap.
     let limit = Arc::new(tokio::sync::Semaphore::new(64));
     tokio::spawn(async move {

@@ -7,6 +7,7 @@ mod integrity;
 mod limits;
 mod monitor;
 mod robustness;
+mod security;
 
 use std::collections::BTreeMap;
 use std::future::Future;
