@@ -13,6 +13,10 @@ pub struct Attach<'a> {
     pub subjects: &'a Subjects,
     /// Replicas for any bucket the kind creates.
     pub kv_replicas: usize,
+    /// Bytes any bucket the kind creates may hold. Keys come from the network (connection
+    /// ids, attribute values), so the bucket refuses new writes when full rather than grow:
+    /// the limiters then fail closed.
+    pub max_bytes: i64,
 }
 
 /// A kind's own failure to start (its bucket, its tasks).
@@ -32,6 +36,7 @@ impl Attach<'_> {
             description: description.into(),
             history: 1,
             max_age,
+            max_bytes: self.max_bytes,
             num_replicas: self.kv_replicas.max(1),
             ..Default::default()
         };
@@ -83,6 +88,8 @@ pub trait AgentKind: Send + Sync + 'static {
 
 /// Decodes a policy document, naming the field that is wrong (`match.src_service: ...`).
 pub fn parse_policy<K: AgentKind>(kind: &K, bytes: &[u8]) -> Result<K::Policy, String> {
+    bus::codec::check_depth(bytes, bus::codec::MAX_DEPTH)
+        .map_err(|e| format!("not valid MessagePack: {e}"))?;
     let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
     let policy: K::Policy = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

@@ -21,6 +21,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 struct Cli {
     #[command(flatten)]
     common: daemon::Common,
+    /// Requests this instance handles at once; past it, new ones wait in NATS.
+    #[arg(long, default_value_t = 1024, global = true)]
+    max_in_flight: usize,
+    /// Bytes a stateful kind's bucket (conn-limit's slots, rate-limit's budgets) may hold,
+    /// set by the instance that creates it; a full bucket makes the limiter deny.
+    #[arg(long, default_value_t = 256 * 1024 * 1024, global = true)]
+    state_max_bytes: i64,
     #[command(subcommand)]
     kind: KindCmd,
 }
@@ -67,26 +74,32 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<(), runtime::AgentError> {
     daemon::init_logging(cli.common.log_json, "info");
     let shutdown = daemon::shutdown_signal();
+    let options = runtime::Options {
+        max_in_flight: cli.max_in_flight,
+        state_max_bytes: cli.state_max_bytes,
+    };
     match cli.kind {
         KindCmd::Acl { default } => {
             let default = match default {
                 Default::Allow => Action::Allow,
                 Default::Deny => Action::Deny,
             };
-            runtime::run(Acl { default }, &cli.common, shutdown).await
+            runtime::run(Acl { default }, &cli.common, options, shutdown).await
         }
-        KindCmd::Lb => runtime::run(Lb, &cli.common, shutdown).await,
+        KindCmd::Lb => runtime::run(Lb, &cli.common, options, shutdown).await,
         KindCmd::ConnLimit { lease } => {
             let lease = if lease.is_zero() {
                 DEFAULT_LEASE
             } else {
                 lease
             };
-            runtime::run(ConnLimiter::new(lease), &cli.common, shutdown).await
+            runtime::run(ConnLimiter::new(lease), &cli.common, options, shutdown).await
         }
-        KindCmd::RateLimit => runtime::run(RateLimiter::default(), &cli.common, shutdown).await,
+        KindCmd::RateLimit => {
+            runtime::run(RateLimiter::default(), &cli.common, options, shutdown).await
+        }
         KindCmd::Monitor { metrics_addr } => {
-            runtime::run(Monitor::new(metrics_addr), &cli.common, shutdown).await
+            runtime::run(Monitor::new(metrics_addr), &cli.common, options, shutdown).await
         }
     }
 }

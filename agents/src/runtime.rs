@@ -165,10 +165,30 @@ where
     }
 }
 
+/// Tunables of the runtime that are not part of the contract.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Requests one instance handles at once; past it, new ones wait in NATS (and the
+    /// dispatcher's hedges and timeouts see a busy instance as slow, not as a crash).
+    pub max_in_flight: usize,
+    /// Bytes a stateful kind's bucket may hold, when this instance creates it.
+    pub state_max_bytes: i64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_in_flight: 1024,
+            state_max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
 /// Runs an agent of `kind` until `shutdown` resolves, then drains in-flight requests.
 pub async fn run<K: AgentKind>(
     mut kind: K,
     common: &daemon::Common,
+    options: Options,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError>
 where
@@ -190,6 +210,7 @@ where
         nats: &client,
         subjects: &subjects,
         kv_replicas: common.kv_replicas,
+        max_bytes: options.state_max_bytes,
     })
     .await
     .map_err(|source| AgentError::Attach {
@@ -241,18 +262,26 @@ where
     tracing::info!(agent = %kind_name, subject = %subjects.agent_wildcard(&kind_name), "ready");
 
     let tracker = daemon::TaskTracker::new();
+    let limit = Arc::new(tokio::sync::Semaphore::new(options.max_in_flight.max(1)));
     tokio::pin!(shutdown);
     loop {
+        // A permit before the next request: past the bound, requests wait in NATS.
+        let next = async {
+            let permit = limit.clone().acquire_owned().await;
+            (permit, endpoint.next().await)
+        };
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            req = endpoint.next() => match req {
-                Some(req) => {
-                    let span = tracing::info_span!("request", agent = %kind_name,
-                        event.id = headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"));
-                    tracker.spawn(agent.clone().handle(req).instrument(span));
-                }
-                None => break,
+            (permit, req) = next => {
+                let (Ok(permit), Some(req)) = (permit, req) else { break };
+                let span = tracing::info_span!("request", agent = %kind_name,
+                    event.id = headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"));
+                let agent = agent.clone();
+                tracker.spawn(async move {
+                    agent.handle(req).await;
+                    drop(permit);
+                }.instrument(span));
             }
         }
     }

@@ -4,12 +4,16 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::InvalidName;
+use crate::error::{ErrorCode, ErrorReply, InvalidName};
 use crate::event::EventName;
 use crate::state::Value;
+use crate::subject::AdminCommand;
 use crate::subject::Kind;
 
 pub const DEFAULT_TIMEOUT_MS: u64 = 250;
+/// Documents in one `policy-add`: each is validated by its agent before any is stored, so the
+/// request holds the dispatcher's attention until all are; split larger sets.
+pub const MAX_POLICIES_PER_ADD: usize = 1000;
 /// Longer than this and a hookpoint would give up first; almost surely a typo.
 pub const MAX_TIMEOUT_MS: u64 = 60_000;
 
@@ -155,6 +159,52 @@ pub struct Subscriptions {
 #[serde(deny_unknown_fields)]
 pub struct PolicyAdd {
     pub policies: Vec<Value>,
+}
+
+/// An admin command with its arguments, decoded at the boundary.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    Subscribe(Subscribe),
+    Unsubscribe(Unsubscribe),
+    Subscriptions(ListSubscriptions),
+    PolicyAdd(PolicyAdd),
+    PolicyRemove(PolicyRemove),
+    PolicyList(PolicyList),
+}
+
+impl Request {
+    /// Decodes `<prefix>.admin.<command>`'s payload: an unknown command is `not-found`, bad
+    /// arguments (an unknown field among them) `bad-request`.
+    pub fn decode(command: &str, payload: &[u8]) -> Result<Request, ErrorReply> {
+        fn args<T: serde::de::DeserializeOwned>(
+            command: &str,
+            payload: &[u8],
+        ) -> Result<T, ErrorReply> {
+            crate::codec::decode("admin arguments", payload)
+                .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, format!("{command}: {e}")))
+        }
+        let Some(cmd) = AdminCommand::parse(command) else {
+            let known: Vec<&str> = AdminCommand::ALL.iter().map(|c| c.as_str()).collect();
+            let hint = crate::subject::did_you_mean(command, known.iter().copied())
+                .map(|k| format!(" (did you mean `{k}`?)"))
+                .unwrap_or_default();
+            return Err(ErrorReply::new(
+                ErrorCode::NotFound,
+                format!(
+                    "unknown admin command {command:?}{hint}; known: {}",
+                    known.join(", ")
+                ),
+            ));
+        };
+        Ok(match cmd {
+            AdminCommand::Subscribe => Request::Subscribe(args(command, payload)?),
+            AdminCommand::Unsubscribe => Request::Unsubscribe(args(command, payload)?),
+            AdminCommand::Subscriptions => Request::Subscriptions(args(command, payload)?),
+            AdminCommand::PolicyAdd => Request::PolicyAdd(args(command, payload)?),
+            AdminCommand::PolicyRemove => Request::PolicyRemove(args(command, payload)?),
+            AdminCommand::PolicyList => Request::PolicyList(args(command, payload)?),
+        })
+    }
 }
 
 /// Identifies a stored policy.

@@ -1,7 +1,16 @@
 //! MessagePack with named fields: payloads are maps so that any language's plain MessagePack
 //! library reads them and new fields can be added without breaking old readers.
+//!
+//! Every decode of bytes from the network first walks them without recursion ([`check_depth`]):
+//! the MessagePack decoders recurse once per nesting level, and a payload of a few kilobytes
+//! of nested one-element lists overflowed the stack of the process that decoded it (found by
+//! the fuzzer: rmpv's own 1024-level limit overflows a debug build's 2 MiB thread stack at 500).
 
 use serde::{de::DeserializeOwned, Serialize};
+
+/// Nesting of lists and maps any message of the contract may have. The deepest real one, a
+/// tap record carrying an event's per-peer labels, is about 8.
+pub const MAX_DEPTH: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -11,6 +20,20 @@ pub enum CodecError {
         #[source]
         source: rmp_serde::decode::Error,
     },
+    /// Decoded, but a field is missing or has the wrong type: the path names it.
+    #[error("bad {what}: field `{path}`: {source}")]
+    Field {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: rmp_serde::decode::Error,
+    },
+    #[error("not valid MessagePack for {what}: {source}")]
+    Shape {
+        what: &'static str,
+        #[source]
+        source: ShapeError,
+    },
     #[error("cannot encode {what}: {source}")]
     Encode {
         what: &'static str,
@@ -19,10 +42,157 @@ pub enum CodecError {
     },
 }
 
+/// What the non-recursive walk found wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    #[error("lists and maps nested deeper than {limit}")]
+    TooDeep { limit: usize },
+    #[error("cut short at byte {at}")]
+    Truncated { at: usize },
+    #[error("reserved byte 0xc1 at byte {at}")]
+    Reserved { at: usize },
+}
+
 pub fn encode<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<Vec<u8>, CodecError> {
     rmp_serde::to_vec_named(value).map_err(|source| CodecError::Encode { what, source })
 }
 
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, CodecError> {
-    rmp_serde::from_slice(bytes).map_err(|source| CodecError::Decode { what, source })
+    check_depth(bytes, MAX_DEPTH).map_err(|source| CodecError::Shape { what, source })?;
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let source = e.into_inner();
+        if path == "." || path.is_empty() {
+            CodecError::Decode { what, source }
+        } else {
+            CodecError::Field { what, path, source }
+        }
+    })
+}
+
+/// Walks the first MessagePack value in `bytes` with an explicit stack, checking that lists
+/// and maps nest at most `max_depth` deep and that every length fits in the bytes. Linear in
+/// the input whatever it claims (a list of four billion items in ten bytes ends at byte ten).
+pub fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), ShapeError> {
+    // Values still to read at each open level; the bottom entry is the one top-level value.
+    let mut pending: Vec<u64> = vec![1];
+    let mut pos = 0usize;
+    let need = |pos: usize, n: usize| -> Result<usize, ShapeError> {
+        pos.checked_add(n)
+            .filter(|end| *end <= bytes.len())
+            .ok_or(ShapeError::Truncated { at: bytes.len() })
+    };
+    let uint = |pos: usize, n: usize| -> Result<u64, ShapeError> {
+        let end = need(pos, n)?;
+        Ok(bytes[pos..end]
+            .iter()
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+    };
+    while let Some(top) = pending.last_mut() {
+        if *top == 0 {
+            pending.pop();
+            continue;
+        }
+        *top -= 1;
+        let marker = *bytes.get(pos).ok_or(ShapeError::Truncated { at: pos })?;
+        pos += 1;
+        // (bytes to skip, items of a container opened here)
+        let (skip, open): (usize, Option<u64>) = match marker {
+            0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xe0..=0xff => (0, None),
+            0x80..=0x8f => (0, Some(2 * u64::from(marker & 0x0f))),
+            0x90..=0x9f => (0, Some(u64::from(marker & 0x0f))),
+            0xa0..=0xbf => (usize::from(marker & 0x1f), None),
+            0xc1 => return Err(ShapeError::Reserved { at: pos - 1 }),
+            0xc4 | 0xd9 => (1 + uint(pos, 1)? as usize, None),
+            0xc5 | 0xda => (2 + uint(pos, 2)? as usize, None),
+            0xc6 | 0xdb => (4 + uint(pos, 4)? as usize, None),
+            0xc7 => (2 + uint(pos, 1)? as usize, None),
+            0xc8 => (3 + uint(pos, 2)? as usize, None),
+            0xc9 => (5 + uint(pos, 4)? as usize, None),
+            0xca | 0xce | 0xd2 => (4, None),
+            0xcb | 0xcf | 0xd3 => (8, None),
+            0xcc | 0xd0 => (1, None),
+            0xcd | 0xd1 => (2, None),
+            0xd4 => (2, None),
+            0xd5 => (3, None),
+            0xd6 => (5, None),
+            0xd7 => (9, None),
+            0xd8 => (17, None),
+            0xdc => (2, Some(uint(pos, 2)?)),
+            0xdd => (4, Some(uint(pos, 4)?)),
+            0xde => (2, Some(2 * uint(pos, 2)?)),
+            0xdf => (4, Some(2 * uint(pos, 4)?)),
+        };
+        pos = need(pos, skip)?;
+        if let Some(items) = open {
+            if pending.len() > max_depth {
+                return Err(ShapeError::TooDeep { limit: max_depth });
+            }
+            pending.push(items);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Value;
+
+    #[test]
+    fn nesting_is_bounded_without_recursion() {
+        let nested = |depth: usize| {
+            let mut v = [0x81u8, 0xa1, b'k'].repeat(depth);
+            v.push(0xc0);
+            v
+        };
+        assert_eq!(check_depth(&nested(32), 32), Ok(()));
+        assert_eq!(
+            check_depth(&nested(33), 32),
+            Err(ShapeError::TooDeep { limit: 32 })
+        );
+        // A million levels is an error, not a crash.
+        let err = decode::<Value>("t", &[0x91u8].repeat(1_000_000)).unwrap_err();
+        assert!(err.to_string().contains("deeper than 32"), "{err}");
+    }
+
+    #[test]
+    fn lengths_that_lie_are_truncations() {
+        let mut v = vec![0xddu8];
+        v.extend_from_slice(&u32::MAX.to_be_bytes());
+        v.push(0xc0);
+        assert_eq!(check_depth(&v, 32), Err(ShapeError::Truncated { at: 6 }));
+        assert_eq!(
+            check_depth(&[0xdb, 0xff, 0xff, 0xff, 0xff, b'a'], 32),
+            Err(ShapeError::Truncated { at: 6 })
+        );
+        assert_eq!(
+            check_depth(&[0xc1], 32),
+            Err(ShapeError::Reserved { at: 0 })
+        );
+        assert_eq!(check_depth(&[], 32), Err(ShapeError::Truncated { at: 0 }));
+    }
+
+    #[test]
+    fn every_valid_message_passes() {
+        let v = Value::Map(vec![
+            (
+                Value::from("a"),
+                Value::Array(vec![Value::from(1), Value::from(-300), Value::from(1.5)]),
+            ),
+            (Value::from("b"), Value::Binary(vec![0; 300])),
+            (Value::from("c"), Value::Ext(3, vec![1, 2, 3, 4])),
+            (Value::from("d"), Value::from("x".repeat(70_000))),
+            (Value::from("e"), Value::from(u64::MAX)),
+            (
+                Value::from("f"),
+                Value::Array((0..70_000).map(Value::from).collect()),
+            ),
+        ]);
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &v).unwrap();
+        assert_eq!(check_depth(&bytes, 2), Ok(()));
+        assert_eq!(decode::<Value>("t", &bytes).unwrap(), v);
+    }
 }

@@ -15,6 +15,9 @@ use crate::subject::{Kind, Subjects};
 
 /// How many past values JetStream keeps per key; enough to see what an operator just changed.
 const HISTORY: i64 = 5;
+/// Bytes the config bucket may hold: thousands of policies with their history. Only the
+/// dispatcher writes it, and a full bucket refuses a `policy-add` rather than grow.
+const MAX_BYTES: i64 = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigKey {
@@ -94,6 +97,7 @@ pub async fn open(
         bucket: subjects.config_bucket(),
         description: "policy-bus subscriptions and policies".into(),
         history: HISTORY,
+        max_bytes: MAX_BYTES,
         num_replicas: replicas.max(1),
         ..Default::default()
     };

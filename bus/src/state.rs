@@ -95,6 +95,27 @@ impl State {
         let bytes = base64::engine::general_purpose::STANDARD.decode(value.trim())?;
         Ok(Self::decode(&bytes)?)
     }
+
+    /// An agent's answer (a patch): the `Policy-State` header when there is one, else the
+    /// payload, an empty payload being an empty patch. An answer over `max_bytes` is refused
+    /// before it is decoded. The error says what is wrong, for the failed agent's reason.
+    pub fn from_reply(
+        header: Option<&str>,
+        payload: &[u8],
+        max_bytes: usize,
+    ) -> Result<Self, String> {
+        let size = header.map_or(payload.len(), str::len);
+        if size > max_bytes {
+            return Err(format!(
+                "answer of {size} bytes is over the limit of {max_bytes} (--max-patch-bytes)"
+            ));
+        }
+        match header {
+            Some(h) => Self::from_header(h).map_err(|e| e.to_string()),
+            None if payload.is_empty() => Ok(State::new()),
+            None => Self::decode(payload).map_err(|e| e.to_string()),
+        }
+    }
 }
 
 impl FromIterator<(String, Value)> for State {

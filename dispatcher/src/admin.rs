@@ -6,15 +6,15 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use bus::admin::{
     Done, ListSubscriptions, Policies, PolicyAdd, PolicyAdded, PolicyList, PolicyRef, PolicyRemove,
-    Subscribe, Subscription, Subscriptions, Unsubscribe,
+    Request, Subscribe, Subscription, Subscriptions, Unsubscribe,
 };
 use bus::client::{call, ClientError};
 use bus::config::{ConfigKey, WRITE_TIMEOUT};
-use bus::subject::{did_you_mean, AdminCommand, SHIPPED_KINDS};
+use bus::subject::{did_you_mean, SHIPPED_KINDS};
 use bus::{codec, ErrorCode, ErrorReply, Kind, Value};
 use bytes::Bytes;
 use futures::TryStreamExt;
-use serde::{de::DeserializeOwned, Serialize};
+use serde::Serialize;
 
 use crate::Dispatcher;
 
@@ -22,11 +22,6 @@ use crate::Dispatcher;
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long `subscribe` waits for a kind's instance to answer `$SRV.PING`.
 const PING_WINDOW: Duration = Duration::from_millis(500);
-
-fn args<T: DeserializeOwned>(command: &str, payload: &[u8]) -> Result<T, ErrorReply> {
-    codec::decode("admin arguments", payload)
-        .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, format!("{command}: {e}")))
-}
 
 fn reply<T: Serialize>(value: &T) -> Result<Bytes, ErrorReply> {
     codec::encode("admin reply", value)
@@ -42,23 +37,13 @@ fn unavailable(e: impl std::fmt::Display) -> ErrorReply {
 }
 
 pub async fn handle(d: &Dispatcher, command: &str, payload: &[u8]) -> Result<Bytes, ErrorReply> {
-    let Some(cmd) = AdminCommand::parse(command) else {
-        let known: Vec<&str> = AdminCommand::ALL.iter().map(|c| c.as_str()).collect();
-        return Err(ErrorReply::new(
-            ErrorCode::NotFound,
-            format!(
-                "unknown admin command {command:?}; known: {}",
-                known.join(", ")
-            ),
-        ));
-    };
-    match cmd {
-        AdminCommand::Subscribe => subscribe(d, args(command, payload)?).await,
-        AdminCommand::Unsubscribe => unsubscribe(d, args(command, payload)?).await,
-        AdminCommand::Subscriptions => subscriptions(d, args(command, payload)?).await,
-        AdminCommand::PolicyAdd => policy_add(d, args(command, payload)?).await,
-        AdminCommand::PolicyRemove => policy_remove(d, args(command, payload)?).await,
-        AdminCommand::PolicyList => policy_list(d, args(command, payload)?).await,
+    match Request::decode(command, payload)? {
+        Request::Subscribe(a) => subscribe(d, a).await,
+        Request::Unsubscribe(a) => unsubscribe(d, a).await,
+        Request::Subscriptions(a) => subscriptions(d, a).await,
+        Request::PolicyAdd(a) => policy_add(d, a).await,
+        Request::PolicyRemove(a) => policy_remove(d, a).await,
+        Request::PolicyList(a) => policy_list(d, a).await,
     }
 }
 
@@ -271,6 +256,16 @@ async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, ErrorReply>
         return Err(ErrorReply::new(
             ErrorCode::InvalidPolicy,
             "no policy documents given",
+        ));
+    }
+    if add.policies.len() > bus::admin::MAX_POLICIES_PER_ADD {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidPolicy,
+            format!(
+                "{} documents in one policy-add; the limit is {}: split them",
+                add.policies.len(),
+                bus::admin::MAX_POLICIES_PER_ADD
+            ),
         ));
     }
     let mut docs = Vec::with_capacity(add.policies.len());

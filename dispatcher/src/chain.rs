@@ -42,6 +42,7 @@ struct Failure {
 fn patch_of(
     member: &Member,
     reply: Result<async_nats::Message, ClientError>,
+    max_bytes: usize,
 ) -> Result<State, Failure> {
     let msg = reply.map_err(|e| match e {
         ClientError::Timeout { timeout, .. } => Failure {
@@ -60,16 +61,12 @@ fn patch_of(
             detail: other.to_string(),
         },
     })?;
-    let bad = |detail: String| Failure {
+    let header = headers::get(msg.headers.as_ref(), headers::POLICY_STATE);
+    State::from_reply(header, &msg.payload, max_bytes).map_err(|detail| Failure {
         outcome: Outcome::Error,
         code: "agent-error",
         detail,
-    };
-    match headers::get(msg.headers.as_ref(), headers::POLICY_STATE) {
-        Some(h) => State::from_header(h).map_err(|e| bad(e.to_string())),
-        None if msg.payload.is_empty() => Ok(State::new()),
-        None => State::decode(&msg.payload).map_err(|e| bad(e.to_string())),
-    }
+    })
 }
 
 pub struct Call<'a> {
@@ -77,6 +74,8 @@ pub struct Call<'a> {
     pub payload: Bytes,
     /// Event id and trace context, copied onto every hop.
     pub trace: HeaderMap,
+    /// Bytes of one agent's answer.
+    pub max_patch_bytes: usize,
 }
 
 impl Call<'_> {
@@ -96,7 +95,7 @@ impl Call<'_> {
             m.timeout,
         )
         .await;
-        (patch_of(m, reply), start.elapsed())
+        (patch_of(m, reply, self.max_patch_bytes), start.elapsed())
     }
 
     /// Runs the chain from `state`.

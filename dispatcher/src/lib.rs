@@ -14,6 +14,7 @@ use async_nats::service::ServiceExt;
 use async_nats::HeaderMap;
 use bus::config::{self, ConfigKey};
 use bus::event::{new_id, Event, EventName};
+use bus::limits::Limits;
 use bus::roles::Role;
 use bus::state::keys;
 use bus::tap::TapRecord;
@@ -41,12 +42,22 @@ pub enum DispatcherError {
 pub struct Options {
     /// Events handled at once by this instance; past it, new events wait in NATS.
     pub max_in_flight: usize,
+    /// Admin commands handled at once; past it, they wait in NATS.
+    pub max_admin_in_flight: usize,
+    /// Bounds on an event payload, checked before it is decoded.
+    pub limits: Limits,
+    /// Bytes of one agent's answer (its `Policy-State` header or payload); a larger answer
+    /// counts as a failed agent.
+    pub max_patch_bytes: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             max_in_flight: 4096,
+            max_admin_in_flight: 16,
+            limits: Limits::default(),
+            max_patch_bytes: 512 * 1024,
         }
     }
 }
@@ -56,6 +67,7 @@ pub struct Dispatcher {
     pub(crate) subjects: Subjects,
     pub(crate) table: Table,
     pub(crate) store: async_nats::jetstream::kv::Store,
+    pub(crate) options: Options,
 }
 
 type Reply = (HeaderMap, Bytes);
@@ -84,6 +96,10 @@ impl Dispatcher {
                 )
             });
         };
+        self.options
+            .limits
+            .check_event(&msg.payload)
+            .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, format!("{name} event: {e}")))?;
         let mut event = Event::decode(&name, &msg.payload)
             .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
 
@@ -141,6 +157,7 @@ impl Dispatcher {
                 nats: &self.nats,
                 payload: payload.clone(),
                 trace: trace.clone(),
+                max_patch_bytes: self.options.max_patch_bytes,
             };
             call.run(&chain, state).await
         } else {
@@ -152,6 +169,18 @@ impl Dispatcher {
             .state
             .encode()
             .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+        // The agents' keys all end up in the decision: if they made it larger than the server
+        // carries, say so rather than leave the gateway waiting for a reply that cannot be sent.
+        let max = self.nats.server_info().max_payload;
+        if max > 0 && body.len() + 1024 > max {
+            return Err(ErrorReply::new(
+                ErrorCode::Internal,
+                format!(
+                    "the decision is {} bytes, more than the server's max_payload of {max}: the agents put too much in the state",
+                    body.len()
+                ),
+            ));
+        }
         let total_us = started.elapsed().as_micros() as u64;
         tracing::debug!(event = %name, action = run.state.get_str(keys::ACTION), total_us, "decided");
         self.tap(&name, &event_id, &payload, run, total_us, &trace)
@@ -168,7 +197,8 @@ impl Dispatcher {
         total_us: u64,
         trace: &HeaderMap,
     ) {
-        let attributes = rmp_serde::from_slice::<bus::Value>(payload).unwrap_or(bus::Value::Nil);
+        let attributes =
+            codec::decode::<bus::Value>("event attributes", payload).unwrap_or(bus::Value::Nil);
         let record = TapRecord {
             event: name.to_string(),
             event_id: event_id.to_string(),
@@ -272,6 +302,7 @@ pub async fn run(
         subjects: subjects.clone(),
         table: Table::default(),
         store: store.clone(),
+        options: options.clone(),
     });
 
     // Subscriptions are loaded before the first event is taken, so a new instance never
@@ -311,6 +342,7 @@ pub async fn run(
     tracing::info!(events = %subjects.events_wildcard(), admin = %subjects.admin_wildcard(), "ready");
 
     let limit = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
+    let admin_limit = Arc::new(Semaphore::new(options.max_admin_in_flight.max(1)));
     let tracker = daemon::TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
@@ -319,13 +351,22 @@ pub async fn run(
             let permit = limit.clone().acquire_owned().await;
             (permit, events.next().await)
         };
+        // Likewise for admin commands: a flood of them waits in NATS, not in memory.
+        let next_admin = async {
+            let permit = admin_limit.clone().acquire_owned().await;
+            (permit, admin.next().await)
+        };
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            req = admin.next() => match req {
-                Some(req) => { tracker.spawn(dispatcher.clone().handle_admin(req)); }
-                None => break,
-            },
+            (permit, req) = next_admin => {
+                let (Ok(permit), Some(req)) = (permit, req) else { break };
+                let d = dispatcher.clone();
+                tracker.spawn(async move {
+                    d.handle_admin(req).await;
+                    drop(permit);
+                });
+            }
             (permit, req) = next_event => {
                 let (Ok(permit), Some(req)) = (permit, req) else { break };
                 let span = tracing::info_span!("event", event.id = tracing::field::Empty, subject = %req.message.subject);

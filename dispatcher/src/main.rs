@@ -15,6 +15,21 @@ struct Cli {
     /// Events this instance handles at once; past it, new events wait in NATS.
     #[arg(long, default_value_t = 4096)]
     max_in_flight: usize,
+    /// Admin commands this instance handles at once.
+    #[arg(long, default_value_t = 16)]
+    max_admin_in_flight: usize,
+    /// Largest event payload, in bytes; a larger one is refused as bad-request.
+    #[arg(long, default_value_t = 256 * 1024)]
+    max_event_bytes: usize,
+    /// Most items in any list (candidates) or map (labels) of an event.
+    #[arg(long, default_value_t = 10_000)]
+    max_candidates: usize,
+    /// Longest string (a service, peer or label name) in an event, in bytes.
+    #[arg(long, default_value_t = 1024)]
+    max_string_bytes: usize,
+    /// Largest answer an agent may give, in bytes; a larger one counts as a failed agent.
+    #[arg(long, default_value_t = 512 * 1024)]
+    max_patch_bytes: usize,
 }
 
 #[tokio::main]
@@ -26,6 +41,14 @@ async fn run(cli: Cli) -> Result<(), dispatcher::DispatcherError> {
     daemon::init_logging(cli.common.log_json, "info");
     let options = dispatcher::Options {
         max_in_flight: cli.max_in_flight,
+        max_admin_in_flight: cli.max_admin_in_flight,
+        limits: bus::limits::Limits {
+            max_event_bytes: cli.max_event_bytes,
+            max_candidates: cli.max_candidates,
+            max_string_bytes: cli.max_string_bytes,
+            ..Default::default()
+        },
+        max_patch_bytes: cli.max_patch_bytes,
     };
     dispatcher::run(&cli.common, options, daemon::shutdown_signal()).await
 }

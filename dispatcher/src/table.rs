@@ -142,7 +142,7 @@ impl Table {
 
 /// Decodes a stored record and checks it against its key, so that a record under
 /// `sub.new-connection.acl` cannot put another kind in the chain.
-fn check_record(event: &str, kind: &str, value: &[u8]) -> Result<Subscription, String> {
+pub fn check_record(event: &str, kind: &str, value: &[u8]) -> Result<Subscription, String> {
     let s = codec::decode::<Subscription>("subscription", value).map_err(|e| e.to_string())?;
     s.validate()?;
     if s.event.as_str() != event || s.agent != kind {

@@ -396,6 +396,17 @@ impl Engine {
         self.procs.remove(i)
     }
 
+    /// The processes that have exited (crashed, or stopped on their own), by name.
+    pub fn exited(&mut self) -> Vec<String> {
+        self.procs
+            .iter_mut()
+            .filter_map(|p| match p.child.try_wait() {
+                Ok(Some(status)) => Some(format!("{} ({status})", p.name)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Kills every process (not the server).
     pub fn kill_all(&mut self) {
         self.procs.clear();

@@ -80,7 +80,7 @@ pub(crate) async fn start(ctx: Attach<'_>, slots: Arc<Slots>) -> Result<(), Atta
     Ok(())
 }
 
-enum Release {
+pub enum Release {
     /// The slots an admission recorded, with their holder.
     Exact(Vec<(String, String)>),
     /// Every slot of a connection: conn-limit failed in the chain, so its answer (and what it
@@ -90,7 +90,7 @@ enum Release {
 
 /// What to free for a tap record: nothing unless the chain ended in a deny after conn-limit
 /// was asked.
-fn to_release(record: &TapRecord) -> Option<Release> {
+pub fn to_release(record: &TapRecord) -> Option<Release> {
     let d = &record.decision;
     if d.get_str(keys::ACTION) != Some("deny") {
         return None;

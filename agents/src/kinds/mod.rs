@@ -2,9 +2,10 @@
 
 pub mod acl;
 pub mod conn_limit;
-mod conn_limit_tasks;
+pub mod conn_limit_tasks;
 pub mod lb;
 pub mod limit_match;
 pub mod monitor;
 pub mod rate;
+pub mod rate_keys;
 pub mod rate_limit;

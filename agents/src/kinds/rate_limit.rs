@@ -25,6 +25,7 @@ use serde::Deserialize;
 
 use super::limit_match::{key_token, LimitMatch};
 use super::rate::{Bandwidth, Gcra, Rate};
+use super::rate_keys::KeySet;
 use crate::kind::{self, AgentKind, Attach, AttachError, Stored};
 
 pub const NAME: &str = "rate-limit";
@@ -46,13 +47,20 @@ pub struct RateLimitPolicy {
     #[serde(default)]
     pub burst: u32,
     pub bandwidth: Option<Bandwidth>,
+    /// Distinct keys counted apart, per instance (see [`super::rate_keys`]).
+    #[serde(default)]
+    pub max_keys: Option<std::num::NonZeroU32>,
 }
+
+/// Keys a rate policy counts apart unless it says otherwise.
+pub const DEFAULT_MAX_KEYS: usize = 10_000;
 
 pub struct Compiled {
     id: String,
     matcher: LimitMatch,
     gcra: Option<(Gcra, Rate, u32)>,
     bandwidth: Option<u64>,
+    max_keys: usize,
 }
 
 /// Wall-clock nanoseconds: shared by instances on one host, close across NTP-synced hosts.
@@ -81,6 +89,7 @@ pub struct RateLimiter {
     stripes: Vec<tokio::sync::Mutex<()>>,
     /// Last (TAT, revision) this instance saw per key, to skip a read before the write.
     cache: Mutex<HashMap<String, (Option<u64>, u64)>>,
+    keys: KeySet,
 }
 
 impl Default for RateLimiter {
@@ -90,6 +99,7 @@ impl Default for RateLimiter {
             clock: Box::new(SystemClock),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             cache: Mutex::new(HashMap::new()),
+            keys: KeySet::new(IDLE_EXPIRY.as_nanos() as u64),
         }
     }
 }
@@ -309,7 +319,12 @@ impl RateLimiter {
                 let (gcra, _, _) = c.gcra.as_ref()?;
                 Some(Step {
                     policy: c,
-                    key: format!("{}.{}", c.id, key_token(&c.matcher.key(e, target))),
+                    key: self.keys.key(
+                        &c.id,
+                        key_token(&c.matcher.key(e, target)),
+                        c.max_keys,
+                        self.clock.now_ns(),
+                    ),
                     gcra: *gcra,
                 })
             })
@@ -403,6 +418,7 @@ impl AgentKind for RateLimiter {
                 id,
                 gcra: p.rate.map(|r| (Gcra::new(r, p.burst), r, p.burst)),
                 bandwidth: p.bandwidth.map(|b| b.0),
+                max_keys: p.max_keys.map_or(DEFAULT_MAX_KEYS, |n| n.get() as usize),
                 matcher: p.matcher,
             })
             .collect()

@@ -1,6 +1,7 @@
 //! End-to-end tests: a real nats-server, the real `policy-dispatcher` and `policy-agent`
 //! binaries, and the typed clients of the `bus` crate.
 
+mod battery;
 mod chain;
 mod decisions;
 mod integrity;

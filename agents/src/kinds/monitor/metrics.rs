@@ -1,5 +1,6 @@
-//! The monitor's metrics, fed from tap records. Labels carry services, peers and policy ids,
-//! so their cardinality is that of the deployment's names.
+//! The monitor's metrics, fed from tap records. Every label value comes from the network (an
+//! event name anyone may send, an agent's reasons, the gateway's service names), so each
+//! label takes at most [`MAX_NAMES`] distinct values and counts the rest as `other`.
 
 use bus::state::keys;
 use bus::tap::{Outcome, TapRecord};
@@ -87,6 +88,9 @@ impl Names {
 
 pub struct Metrics {
     registry: Registry,
+    events: Names,
+    agents: Names,
+    effects: Names,
     services: Names,
     peers: Names,
     policies: Names,
@@ -137,6 +141,9 @@ impl Metrics {
             agent_outcomes: Family::default(),
             tap_errors: Counter::default(),
             registry: Registry::default(),
+            events: Names::default(),
+            agents: Names::default(),
+            effects: Names::default(),
             services: Names::default(),
             peers: Names::default(),
             policies: Names::default(),
@@ -185,9 +192,14 @@ impl Metrics {
     }
 
     pub fn record(&self, r: &TapRecord) {
-        let event = r.event.clone();
+        let event = self.events.admit(&r.event);
         let d = &r.decision;
-        let action = d.get_str(keys::ACTION).unwrap_or("allow").to_string();
+        let action = match d.get_str(keys::ACTION) {
+            None | Some("allow") => "allow",
+            Some("deny") => "deny",
+            Some(_) => "other",
+        }
+        .to_string();
         self.decisions
             .get_or_create(&DecisionLabels {
                 event: event.clone(),
@@ -198,9 +210,9 @@ impl Metrics {
             for reason in reasons {
                 let labels = ReasonLabels {
                     event: event.clone(),
-                    agent: field(reason, "agent").unwrap_or("?").into(),
+                    agent: self.agents.admit(field(reason, "agent").unwrap_or("?")),
                     policy: self.policies.admit(field(reason, "policy").unwrap_or("?")),
-                    effect: field(reason, "effect").unwrap_or("?").into(),
+                    effect: self.effects.admit(field(reason, "effect").unwrap_or("?")),
                 };
                 self.reasons.get_or_create(&labels).inc();
             }
@@ -232,9 +244,10 @@ impl Metrics {
             })
             .observe(r.total_us as f64 / 1e6);
         for a in &r.agents {
+            let name = self.agents.admit(&a.agent);
             let agent = AgentLabels {
                 event: event.clone(),
-                agent: a.agent.clone(),
+                agent: name.clone(),
             };
             if a.outcome != Outcome::Observed {
                 self.agent_seconds
@@ -243,7 +256,7 @@ impl Metrics {
             }
             let labels = OutcomeLabels {
                 event: event.clone(),
-                agent: a.agent.clone(),
+                agent: name,
                 outcome: outcome(a.outcome).into(),
             };
             self.agent_outcomes.get_or_create(&labels).inc();
@@ -289,6 +302,40 @@ mod tests {
                 outcome: Outcome::Answered,
             }],
             at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn every_label_is_capped() {
+        let m = Metrics::new();
+        for i in 0..(MAX_NAMES + 50) {
+            let mut r = tap("allow", Some("p1"));
+            r.event = format!("made-up-{i}");
+            r.decision.insert(keys::ACTION, format!("verdict-{i}"));
+            r.decision.insert(
+                keys::REASONS,
+                Value::Array(vec![Reason::new(
+                    &format!("a{i}"),
+                    "x",
+                    Effect::Other(format!("e{i}")),
+                )
+                .to_value()]),
+            );
+            m.record(&r);
+        }
+        let text = m.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("policy_decisions_total"))
+            .count();
+        assert!(series <= MAX_NAMES + 1, "{series} decision series");
+        for label in [
+            "event=\"other\"",
+            "agent=\"other\"",
+            "effect=\"other\"",
+            "action=\"other\"",
+        ] {
+            assert!(text.contains(label), "{label} missing");
         }
     }
 
