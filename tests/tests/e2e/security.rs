@@ -583,3 +583,113 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made with openssl.
+fn certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (Debian package openssl) is needed for the TLS test");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=policy-bus test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn binaries_connect_over_tls_with_a_ca_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    certificates(dir.path());
+    let path = |f: &str| dir.path().join(f).to_str().expect("utf-8").to_string();
+    let server = NatsServer::start_configured(&[
+        "--tls",
+        "--tlscert",
+        &path("server.pem"),
+        "--tlskey",
+        &path("server.key"),
+    ]);
+    let url = format!("tls://127.0.0.1:{}", server.port());
+    let _dispatcher = ChildGuard(
+        std::process::Command::new(bin("policy-dispatcher"))
+            .args(["--nats-url", &url, "--tls-ca-file", &path("ca.pem")])
+            .env("RUST_LOG", "warn")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dispatcher"),
+    );
+    let ca = path("ca.pem");
+    eventually("policyctl talks to the dispatcher over TLS", || {
+        let out = std::process::Command::new(bin("policyctl"))
+            .args(["--nats-url", &url, "--tls-ca-file", &ca, "subscriptions"])
+            .output()
+            .expect("policyctl");
+        async move {
+            out.status
+                .success()
+                .then_some(())
+                .ok_or(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    })
+    .await;
+    // Without the CA, the server's certificate is not trusted: one line, and no connection.
+    let out = std::process::Command::new(bin("policyctl"))
+        .args(["--nats-url", &url, "subscriptions"])
+        .output()
+        .expect("policyctl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "connected without trusting the server"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    drop(server);
+}
