@@ -63,6 +63,10 @@ async fn secured_engine(metrics: &str) -> (Engine, AdminClient, bus::Client) {
             doc(json!({"agent": "lb", "id": "db", "dst_service": "db", "scheme": "static", "peer": "p2"})),
             doc(json!({"agent": "conn-limit", "id": "db-one", "match": {"dst_service": "db"}, "max_connections": 1})),
             doc(json!({"agent": "rate-limit", "id": "cap", "bandwidth": "10Mbit/s"})),
+            // Billing: two live connections, but one new one an hour, so the second is admitted
+            // by conn-limit and then denied by rate-limit (a release through the tap).
+            doc(json!({"agent": "conn-limit", "id": "billing-two", "match": {"dst_service": "billing"}, "max_connections": 2})),
+            doc(json!({"agent": "rate-limit", "id": "billing-once", "match": {"dst_service": "billing"}, "rate": "1/h"})),
         ])
         .await
         .expect("the operator adds policies");
@@ -140,13 +144,45 @@ async fn every_role_does_its_job_on_the_secured_bus() {
     assert!(!record.payload.is_empty());
 
     // The operator lists what it stored; the monitor counted the decisions from the tap.
-    assert_eq!(admin.policy_list(None).await.expect("list").len(), 4);
+    assert_eq!(admin.policy_list(None).await.expect("list").len(), 6);
     assert_eq!(admin.subscriptions(None).await.expect("list").len(), 5);
     let body = reqwest_free_get(&metrics).await;
     assert!(
         body.contains("policy_decisions_total{event=\"new-connection\",action=\"allow\"}"),
         "{body}"
     );
+    // The rate limiter writes its bucket; conn-limit releases, from the tap, the slot of a
+    // connection the rate limiter then denied.
+    let first = hook
+        .new_connection(&conn("web", "billing", &["p1"]))
+        .await
+        .expect("decision");
+    assert_eq!(first.action, Action::Allow, "{first:?}");
+    let second = hook
+        .new_connection(&conn("web", "billing", &["p1"]))
+        .await
+        .expect("decision");
+    assert_eq!(
+        effects(&second.reasons, "rate-limit"),
+        [pair("billing-once", "deny")]
+    );
+    let conns = async_nats::jetstream::new(engine.client_as(&role("agent-conn-limit")).await)
+        .get_key_value("policy_conns")
+        .await
+        .expect("conn-limit reads its bucket");
+    eventually("the denied connection's slot is released", || async {
+        let mut held = 0;
+        for n in 0..2 {
+            if let Ok(Some(_)) = conns.get(format!("slot.billing-two.{n}")).await {
+                held += 1;
+            }
+        }
+        (held == 1)
+            .then_some(())
+            .ok_or(format!("{held} slots held"))
+    })
+    .await;
+
     // And not one process was refused anything it does.
     let logs = engine.logs();
     assert!(
