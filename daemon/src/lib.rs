@@ -174,6 +174,25 @@ impl Common {
         retry: bool,
         role: &Role,
     ) -> Result<async_nats::Client, DaemonError> {
+        Ok(self.connect_watched(name, retry, role).await?.0)
+    }
+
+    /// [`Self::connect`], and the errors the server reports on the connection (a permissions
+    /// violation above all): a one-shot command can fail with it at once instead of waiting for
+    /// a reply that the server never let through.
+    pub async fn connect_watched(
+        &self,
+        name: &str,
+        retry: bool,
+        role: &Role,
+    ) -> Result<
+        (
+            async_nats::Client,
+            tokio::sync::mpsc::UnboundedReceiver<String>,
+        ),
+        DaemonError,
+    > {
+        let (errors, reported) = tokio::sync::mpsc::unbounded_channel();
         let addrs = server_addrs(&self.nats_url)?;
         let inbox = match &self.auth.inbox_prefix {
             Some(p) => p.clone(),
@@ -190,6 +209,7 @@ impl Common {
             .subscription_capacity(16 * 1024)
             .event_callback(move |event| {
                 let name = name_owned.clone();
+                let errors = errors.clone();
                 async move {
                     match event {
                         async_nats::Event::Connected => tracing::info!(%name, "connected to NATS"),
@@ -200,7 +220,8 @@ impl Common {
                             tracing::warn!(%name, sid, "slow consumer: messages were dropped")
                         }
                         async_nats::Event::ServerError(e) => {
-                            tracing::warn!(%name, error = %e, "NATS server error")
+                            tracing::warn!(%name, error = %e, "NATS server error");
+                            let _ = errors.send(e.to_string());
                         }
                         other => tracing::info!(%name, event = %other, "NATS event"),
                     }
@@ -211,12 +232,14 @@ impl Common {
         } else {
             opts = opts.max_reconnects(Some(3));
         }
-        opts.connect(addrs)
+        let client = opts
+            .connect(addrs)
             .await
             .map_err(|source| DaemonError::Connect {
                 url: self.redacted_url(),
                 source,
-            })
+            })?;
+        Ok((client, reported))
     }
 }
 

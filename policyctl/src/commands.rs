@@ -32,7 +32,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Emit { .. } | Command::Bench { .. } => Role::Gateway,
         _ => Role::Operator,
     };
-    let nats = cli.common.connect("policyctl", false, &role).await?;
+    let (nats, mut refused) = cli
+        .common
+        .connect_watched("policyctl", false, &role)
+        .await?;
+    let login = cli
+        .common
+        .auth
+        .nkey_file
+        .as_ref()
+        .map_or("this login".to_string(), |f| {
+            format!("the login {}", f.display())
+        });
+    // A command the server does not permit would otherwise wait out its timeout.
+    tokio::select! {
+        done = command(cli, nats, subjects) => done,
+        Some(e) = refused.recv() => Err(anyhow!(
+            "the NATS server refused it: {e}. It needs the {role} role, and {login} does not have its permissions"
+        )),
+    }
+}
+
+async fn command(
+    cli: Cli,
+    nats: async_nats::Client,
+    subjects: bus::Subjects,
+) -> anyhow::Result<()> {
     let admin = AdminClient::new(nats.clone(), subjects.clone());
     match cli.command {
         Command::Subscribe {

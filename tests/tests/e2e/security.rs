@@ -340,6 +340,26 @@ async fn every_cross_role_attempt_is_refused_by_the_server_and_changes_nothing()
             refused(&mut errors, name, &subject).await;
         }
     }
+    // policyctl with the wrong role's seed says so at once, rather than time out.
+    let started = std::time::Instant::now();
+    let out = engine
+        .command_as("policyctl", &["policy", "list"], &role("gateway"))
+        .output()
+        .expect("policyctl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("refused")
+            && stderr.contains("operator role")
+            && stderr.contains("gateway.nk"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+
     // An anonymous client is not let in at all.
     assert!(async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(2))
