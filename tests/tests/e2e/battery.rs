@@ -111,16 +111,7 @@ async fn acl_lb_engine() -> Engine {
         .await
         .expect("policy add");
     let hook = engine.hook().await;
-    eventually("allow-all loaded", || async {
-        let d = hook
-            .new_connection(&conn("web", "db", &["p1"]))
-            .await
-            .map_err(|e| e.to_string())?;
-        (d.action == Action::Allow)
-            .then_some(())
-            .ok_or(format!("{d:?}"))
-    })
-    .await;
+    eventually_allowed(&hook, "allow-all loaded").await;
     engine
 }
 

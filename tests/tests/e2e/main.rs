@@ -85,6 +85,21 @@ where
     }
 }
 
+/// Waits until `web -> db` over `p1` is allowed: the policies just stored have reached the
+/// agents.
+pub async fn eventually_allowed(hook: &bus::Client, what: &str) {
+    eventually(what, || async {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        (d.action == bus::Action::Allow)
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+}
+
 /// The `(policy, effect)` pairs of a decision's reasons, for one agent.
 pub fn effects(reasons: &[bus::Reason], agent: &str) -> Vec<(String, String)> {
     reasons
