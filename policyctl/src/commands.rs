@@ -210,6 +210,15 @@ fn auth(cmd: &AuthCommand, subjects: &bus::Subjects) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes one line to stdout; fails when nobody reads it any more (a closed pipe), where
+/// `println!` would panic.
+pub fn line(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()
+}
+
 /// `key=value` pairs; a value in brackets (`[a,b]`) or braces is parsed as YAML, so lists and
 /// maps can be given, anything else is a string.
 pub fn parse_attributes(pairs: &[String]) -> anyhow::Result<State> {
@@ -269,7 +278,12 @@ async fn tap(
             msg = sub.next() => {
                 let Some(msg) = msg else { return Err(anyhow!("tap subscription closed")) };
                 match codec::decode::<TapRecord>("tap record", &msg.payload) {
-                    Ok(rec) => println!("{}", serde_json::to_string(&rec)?),
+                    Ok(rec) => {
+                        // A reader that went away (`policyctl tap | head`) ends the stream.
+                        if line(&serde_json::to_string(&rec)?).is_err() {
+                            return Ok(());
+                        }
+                    }
                     Err(e) => eprintln!("policyctl: skipped a tap message on {}: {e}", msg.subject),
                 }
             }

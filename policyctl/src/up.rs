@@ -415,22 +415,28 @@ async fn traffic(hook: Client, every: Duration) -> anyhow::Result<()> {
         let t0 = Instant::now();
         match hook.emit(event, &attrs).await {
             Ok(d) => {
-                println!("{}", describe(event, &attrs, &d, t0.elapsed()));
+                crate::commands::line(&describe(event, &attrs, &d, t0.elapsed()))
+                    .context("stdout closed")?;
                 if event == "new-connection" && d.get_str("action") == Some("allow") {
                     open.push_back(closing(&attrs, &d));
                 }
             }
-            Err(e) => println!("{event:<21} error: {e}"),
+            Err(e) => crate::commands::line(&format!("{event:<21} error: {e}"))
+                .context("stdout closed")?,
         }
         if open.len() > 4 {
             if let Some(closed) = open.pop_front() {
                 let t0 = Instant::now();
                 match hook.emit("connection-closed", &closed).await {
-                    Ok(d) => println!(
-                        "{}",
-                        describe("connection-closed", &closed, &d, t0.elapsed())
-                    ),
-                    Err(e) => println!("connection-closed     error: {e}"),
+                    Ok(d) => crate::commands::line(&describe(
+                        "connection-closed",
+                        &closed,
+                        &d,
+                        t0.elapsed(),
+                    ))
+                    .context("stdout closed")?,
+                    Err(e) => crate::commands::line(&format!("connection-closed     error: {e}"))
+                        .context("stdout closed")?,
                 }
             }
         }

@@ -311,10 +311,22 @@ async fn policyctl_tap_streams_one_json_decision_a_line() {
             .expect("decision");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let _ = tap.kill();
-    let _ = tap.wait();
     let lines = lines.join().expect("reader").expect("lines");
     assert_eq!(lines.len(), 3);
+    // The reader is gone (as with `policyctl tap | head -3`): the next record ends the stream
+    // quietly, not with a panic.
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        hook.new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .expect("decision");
+        if let Some(status) = tap.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "tap kept running");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "tap ended with {status}");
     for line in lines {
         let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON object per line");
         assert_eq!(v["event"], "new-connection");
