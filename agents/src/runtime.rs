@@ -186,7 +186,7 @@ impl Default for Options {
 
 /// Runs an agent of `kind` until `shutdown` resolves, then drains in-flight requests.
 pub async fn run<K: AgentKind>(
-    mut kind: K,
+    kind: K,
     common: &daemon::Common,
     options: Options,
     shutdown: impl Future<Output = ()>,
@@ -196,19 +196,80 @@ where
 {
     let subjects = common.subjects()?;
     let kind_name = Kind::new(kind.name()).map_err(daemon::DaemonError::from)?;
-    let service_name = headers::agent_service(&kind_name);
-    let role = bus::roles::Role::of_kind(&kind_name);
+    tokio::pin!(shutdown);
+    // An agent still waiting for NATS or for the config bucket stops on a signal too.
+    let startup = start(kind, common, &options, &subjects, &kind_name);
+    let (client, agent, watcher, mut endpoint, _service) = tokio::select! {
+        started = startup => started?,
+        _ = &mut shutdown => {
+            tracing::info!(agent = %kind_name, "stopped before it was ready");
+            return Ok(());
+        }
+    };
+
+    let tracker = daemon::TaskTracker::new();
+    let limit = Arc::new(tokio::sync::Semaphore::new(options.max_in_flight.max(1)));
+    loop {
+        // A permit before the next request: past the bound, requests wait in NATS.
+        let next = async {
+            let permit = limit.clone().acquire_owned().await;
+            (permit, endpoint.next().await)
+        };
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            (permit, req) = next => {
+                let (Ok(permit), Some(req)) = (permit, req) else { break };
+                let span = tracing::info_span!("request", agent = %kind_name,
+                    event.id = headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"));
+                let agent = agent.clone();
+                tracker.spawn(async move {
+                    agent.handle(req).await;
+                    drop(permit);
+                }.instrument(span));
+            }
+        }
+    }
+    daemon::stop_endpoint("decide", &mut endpoint).await;
+    daemon::drain(&tracker, &client).await;
+    watcher.abort();
+    tracing::info!(agent = %kind_name, "stopped");
+    Ok(())
+}
+
+type Started<K> = (
+    async_nats::Client,
+    Arc<Agent<K>>,
+    tokio::task::JoinHandle<()>,
+    async_nats::service::endpoint::Endpoint,
+    // Kept for as long as the endpoint serves: dropping the service ends it.
+    async_nats::service::Service,
+);
+
+/// Connects, opens the config bucket, attaches the kind, loads its policies and subscribes.
+async fn start<K: AgentKind>(
+    mut kind: K,
+    common: &daemon::Common,
+    options: &Options,
+    subjects: &Subjects,
+    kind_name: &Kind,
+) -> Result<Started<K>, AgentError>
+where
+    K::Policy: Clone,
+{
+    let service_name = headers::agent_service(kind_name);
+    let role = bus::roles::Role::of_kind(kind_name);
     let client = common.connect(&service_name, true, &role).await?;
     let store = config::open_waiting(
         &client,
-        &subjects,
+        subjects,
         common.kv_replicas,
         config::Access::Reader,
     )
     .await?;
     kind.attach(kind::Attach {
         nats: &client,
-        subjects: &subjects,
+        subjects,
         kv_replicas: common.kv_replicas,
         max_bytes: options.state_max_bytes,
     })
@@ -235,7 +296,7 @@ where
     let watcher = {
         let agent = agent.clone();
         let store = store.clone();
-        let filter = ConfigKey::policies_of(&kind_name);
+        let filter = ConfigKey::policies_of(kind_name);
         tokio::spawn(config::follow(
             store,
             filter,
@@ -252,44 +313,13 @@ where
         .start(&service_name, env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| AgentError::Service(e.to_string()))?;
-    let mut endpoint = service
+    let endpoint = service
         .endpoint_builder()
         .name("decide")
         .queue_group(kind_name.as_str())
-        .add(subjects.agent_wildcard(&kind_name))
+        .add(subjects.agent_wildcard(kind_name))
         .await
         .map_err(|e| AgentError::Service(e.to_string()))?;
-    tracing::info!(agent = %kind_name, subject = %subjects.agent_wildcard(&kind_name), "ready");
-
-    let tracker = daemon::TaskTracker::new();
-    let limit = Arc::new(tokio::sync::Semaphore::new(options.max_in_flight.max(1)));
-    tokio::pin!(shutdown);
-    loop {
-        // A permit before the next request: past the bound, requests wait in NATS.
-        let next = async {
-            let permit = limit.clone().acquire_owned().await;
-            (permit, endpoint.next().await)
-        };
-        tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            (permit, req) = next => {
-                let (Ok(permit), Some(req)) = (permit, req) else { break };
-                let span = tracing::info_span!("request", agent = %kind_name,
-                    event.id = headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"));
-                let agent = agent.clone();
-                tracker.spawn(async move {
-                    agent.handle(req).await;
-                    drop(permit);
-                }.instrument(span));
-            }
-        }
-    }
-    if let Err(e) = endpoint.stop().await {
-        tracing::warn!(error = %e, "could not unsubscribe cleanly");
-    }
-    daemon::drain(&tracker, &client).await;
-    watcher.abort();
-    tracing::info!(agent = %kind_name, "stopped");
-    Ok(())
+    tracing::info!(agent = %kind_name, subject = %subjects.agent_wildcard(kind_name), "ready");
+    Ok((client, agent, watcher, endpoint, service))
 }

@@ -17,6 +17,15 @@ use crate::subject::{AdminCommand, Subjects};
 /// Long enough for a chain of several agents at their default 250 ms timeouts.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The pause before reconnect attempt `attempts`, for `ConnectOptions::reconnect_delay_callback`:
+/// short, capped and jittered, so a server that comes back is used within about half a second
+/// however long it was away (async-nats's own back-off grows to seconds), and a fleet of
+/// clients does not reconnect in lockstep. Every policy-bus process uses it; a hookpoint should.
+pub fn reconnect_delay(attempts: usize) -> Duration {
+    let base = 50 * attempts.clamp(1, 8) as u64;
+    Duration::from_millis(base + rand::random_range(0..=base / 2))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
@@ -25,6 +34,10 @@ pub enum ClientError {
     NoResponders { subject: String },
     #[error("no answer on {subject} within {timeout:?}")]
     Timeout { subject: String, timeout: Duration },
+    /// The connection to NATS is down (reconnecting), or dropped while the request waited: a
+    /// caller gets this promptly rather than after its timeout, and can apply its own fallback.
+    #[error("not connected to NATS (reconnecting): no answer on {subject}")]
+    Disconnected { subject: String },
     #[error("request on {subject} failed: {source}")]
     Request {
         subject: String,
@@ -65,11 +78,29 @@ pub async fn call(
     payload: Bytes,
     timeout: Duration,
 ) -> Result<Message, ClientError> {
+    if nats.connection_state() == async_nats::connection::State::Disconnected {
+        return Err(ClientError::Disconnected { subject });
+    }
     let request = async_nats::Request::new()
         .headers(headers)
         .payload(payload)
         .timeout(Some(timeout));
-    let msg = match nats.send_request(subject.clone(), request).await {
+    // A reply cannot come over a connection that dropped: fail then, not at the timeout. The
+    // watch starts late, so a request answered in the usual millisecond pays for no polling.
+    let dropped = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        loop {
+            if nats.connection_state() == async_nats::connection::State::Disconnected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    let sent = tokio::select! {
+        sent = nats.send_request(subject.clone(), request) => sent,
+        _ = dropped => return Err(ClientError::Disconnected { subject }),
+    };
+    let msg = match sent {
         Ok(msg) => msg,
         Err(e) => {
             return Err(match e.kind() {
@@ -314,5 +345,24 @@ impl AdminClient {
         };
         let r: admin::Policies = self.command(AdminCommand::PolicyList, &args).await?;
         Ok(r.policies)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delays_are_short_capped_and_jittered() {
+        for attempts in 0..1000 {
+            let d = reconnect_delay(attempts);
+            assert!(
+                d >= Duration::from_millis(50) && d <= Duration::from_millis(600),
+                "{d:?}"
+            );
+        }
+        let late: std::collections::HashSet<Duration> =
+            (0..50).map(|_| reconnect_delay(100)).collect();
+        assert!(late.len() > 1, "no jitter");
     }
 }

@@ -206,6 +206,7 @@ impl Common {
             .name(name)
             .custom_inbox_prefix(inbox)
             .connection_timeout(Duration::from_secs(3))
+            .reconnect_delay_callback(bus::client::reconnect_delay)
             .subscription_capacity(16 * 1024)
             .event_callback(move |event| {
                 let name = name_owned.clone();
@@ -433,8 +434,26 @@ pub fn init_logging(json: bool, default_level: &str) {
     }
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
+/// Resolves on the first SIGINT or SIGTERM. A second one, a second or more later, exits at
+/// once: an operator who presses Ctrl-C again does not want to wait for the drain. One that
+/// comes right after the first is the same request twice (a terminal's Ctrl-C reaches the whole
+/// process group, and `policyctl up` then sends its own SIGTERM) and is ignored.
 pub async fn shutdown_signal() {
+    signal().await;
+    let first = tokio::time::Instant::now();
+    tracing::info!("shutdown requested: finishing in-flight work (a second signal exits at once)");
+    tokio::spawn(async move {
+        loop {
+            signal().await;
+            if first.elapsed() >= Duration::from_secs(1) {
+                tracing::warn!("second shutdown signal: exiting without finishing in-flight work");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+async fn signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -457,27 +476,62 @@ pub async fn shutdown_signal() {
     {
         let _ = ctrl_c.await;
     }
-    tracing::info!("shutdown requested: finishing in-flight work");
 }
 
 /// How long in-flight work may take to finish after a shutdown signal.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
-/// Waits for `tracker`'s tasks to finish, up to [`DRAIN_GRACE`], then flushes NATS so the
-/// replies they sent leave the process.
+/// How long a shutdown waits for a lost NATS connection to come back before it abandons the
+/// in-flight work that could not be answered without it.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(1);
+
+/// Waits for `tracker`'s tasks to finish, then flushes NATS so the replies they sent leave the
+/// process. It never hangs: past [`DRAIN_GRACE`], or when NATS has been unreachable for
+/// [`RECONNECT_GRACE`] (nothing in flight could be answered anyway), it abandons what is left
+/// and says how much.
 pub async fn drain(tracker: &TaskTracker, client: &async_nats::Client) {
+    use async_nats::connection::State;
     tracker.close();
-    if tokio::time::timeout(DRAIN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            left = tracker.len(),
-            "drain grace period over; abandoning in-flight work"
-        );
+    let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+    let mut unreachable_since: Option<tokio::time::Instant> = None;
+    loop {
+        let tick = tokio::time::sleep(Duration::from_millis(50));
+        tokio::select! {
+            _ = tracker.wait() => break,
+            _ = tick => {}
+        }
+        let now = tokio::time::Instant::now();
+        if client.connection_state() == State::Connected {
+            unreachable_since = None;
+        } else if now - *unreachable_since.get_or_insert(now) >= RECONNECT_GRACE {
+            tracing::warn!(
+                abandoned = tracker.len(),
+                "NATS is unreachable: abandoning in-flight work that could not be answered"
+            );
+            return;
+        }
+        if now >= deadline {
+            tracing::warn!(
+                abandoned = tracker.len(),
+                "drain grace period over; abandoning in-flight work"
+            );
+            break;
+        }
     }
-    if let Err(e) = client.flush().await {
-        tracing::warn!(error = %e, "could not flush NATS before exit");
+    match tokio::time::timeout(RECONNECT_GRACE, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not flush NATS before exit"),
+        Err(_) => tracing::warn!("could not flush NATS before exit: unreachable"),
+    }
+}
+
+/// Stops taking work on a subscription within a bounded time: unsubscribing needs the
+/// connection, and a process must exit even when it is gone.
+pub async fn stop_endpoint(name: &str, endpoint: &mut async_nats::service::endpoint::Endpoint) {
+    match tokio::time::timeout(RECONNECT_GRACE, endpoint.stop()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(endpoint = name, error = %e, "could not unsubscribe cleanly"),
+        Err(_) => tracing::warn!(endpoint = name, "could not unsubscribe: NATS unreachable"),
     }
 }
 

@@ -10,7 +10,8 @@
 //! An agent that times out, has no live instance, answers with an error or answers with a
 //! patch that cannot be merged has *failed*: with failure mode `closed` the decision is deny;
 //! with `open` it is skipped, the skip is a reason (effect `skipped`) and the decision is
-//! `degraded`. "No responders" comes back from NATS at once, not after the timeout.
+//! `degraded`. "No responders" is asked again until the timeout (an instance may be
+//! reconnecting); only a kind with no instance for the whole timeout fails as `no-responders`.
 
 use std::time::{Duration, Instant};
 
@@ -85,16 +86,33 @@ impl Call<'_> {
         h
     }
 
+    /// Calls one agent within its subscription's timeout. "No responders" (no instance
+    /// subscribed right now) is asked again after a short pause until the timeout: an instance
+    /// may be reconnecting after a server restart, or starting, and a deny for that would be a
+    /// wrong decision. Only a kind with no instance for the whole timeout fails as
+    /// `no-responders`.
     async fn ask(&self, m: &Member, state_header: &str) -> (Result<State, Failure>, Duration) {
         let start = Instant::now();
-        let reply = call(
-            self.nats,
-            m.subject.clone(),
-            self.headers(state_header),
-            self.payload.clone(),
-            m.timeout,
-        )
-        .await;
+        let deadline = start + m.timeout;
+        let mut pause = Duration::from_millis(5);
+        let reply = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let reply = call(
+                self.nats,
+                m.subject.clone(),
+                self.headers(state_header),
+                self.payload.clone(),
+                left.max(Duration::from_millis(1)),
+            )
+            .await;
+            match reply {
+                Err(ClientError::NoResponders { .. }) if Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                other => break other,
+            }
+        };
         (patch_of(m, reply, self.max_patch_bytes), start.elapsed())
     }
 

@@ -291,6 +291,32 @@ pub async fn run(
     options: Options,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DispatcherError> {
+    tokio::pin!(shutdown);
+    // A dispatcher still waiting for NATS or its bucket stops on a signal too.
+    let serving = tokio::select! {
+        serving = start(common, options) => serving?,
+        _ = &mut shutdown => {
+            tracing::info!("stopped before it was ready");
+            return Ok(());
+        }
+    };
+    serving.serve(shutdown).await;
+    Ok(())
+}
+
+/// A dispatcher that has loaded its subscriptions and subscribed its endpoints.
+struct Serving {
+    dispatcher: Arc<Dispatcher>,
+    nats: async_nats::Client,
+    events: async_nats::service::endpoint::Endpoint,
+    admin: async_nats::service::endpoint::Endpoint,
+    watcher: tokio::task::JoinHandle<()>,
+    options: Options,
+    /// Dropping the service ends its endpoints.
+    _service: async_nats::service::Service,
+}
+
+async fn start(common: &daemon::Common, options: Options) -> Result<Serving, DispatcherError> {
     let subjects = common.subjects()?;
     let nats = common
         .connect(headers::DISPATCHER_SERVICE, true, &Role::Dispatcher)
@@ -333,58 +359,77 @@ pub async fn run(
             .queue_group("dispatcher")
             .add(subject)
     };
-    let mut events = add("events", subjects.events_wildcard())
+    let events = add("events", subjects.events_wildcard())
         .await
         .map_err(|e| DispatcherError::Service(e.to_string()))?;
-    let mut admin = add("admin", subjects.admin_wildcard())
+    let admin = add("admin", subjects.admin_wildcard())
         .await
         .map_err(|e| DispatcherError::Service(e.to_string()))?;
     tracing::info!(events = %subjects.events_wildcard(), admin = %subjects.admin_wildcard(), "ready");
+    Ok(Serving {
+        dispatcher,
+        nats,
+        events,
+        admin,
+        watcher,
+        options,
+        _service: service,
+    })
+}
 
-    let limit = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
-    let admin_limit = Arc::new(Semaphore::new(options.max_admin_in_flight.max(1)));
-    let tracker = daemon::TaskTracker::new();
-    tokio::pin!(shutdown);
-    loop {
-        // Waiting for a permit before taking an event leaves excess events queued in NATS.
-        let next_event = async {
-            let permit = limit.clone().acquire_owned().await;
-            (permit, events.next().await)
-        };
-        // Likewise for admin commands: a flood of them waits in NATS, not in memory.
-        let next_admin = async {
-            let permit = admin_limit.clone().acquire_owned().await;
-            (permit, admin.next().await)
-        };
-        tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            (permit, req) = next_admin => {
-                let (Ok(permit), Some(req)) = (permit, req) else { break };
-                let d = dispatcher.clone();
-                tracker.spawn(async move {
-                    d.handle_admin(req).await;
-                    drop(permit);
-                });
-            }
-            (permit, req) = next_event => {
-                let (Ok(permit), Some(req)) = (permit, req) else { break };
-                let span = tracing::info_span!("event", event.id = tracing::field::Empty, subject = %req.message.subject);
-                let d = dispatcher.clone();
-                tracker.spawn(async move {
-                    d.handle_event(req).await;
-                    drop(permit);
-                }.instrument(span));
+impl Serving {
+    /// Takes events and admin commands until `shutdown` resolves, then stops taking them and
+    /// finishes (or, past the grace period or without NATS, abandons) those in flight.
+    async fn serve(self, mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>) {
+        let Serving {
+            dispatcher,
+            nats,
+            mut events,
+            mut admin,
+            watcher,
+            options,
+            _service,
+        } = self;
+        let limit = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
+        let admin_limit = Arc::new(Semaphore::new(options.max_admin_in_flight.max(1)));
+        let tracker = daemon::TaskTracker::new();
+        loop {
+            // Waiting for a permit before taking an event leaves excess events queued in NATS.
+            let next_event = async {
+                let permit = limit.clone().acquire_owned().await;
+                (permit, events.next().await)
+            };
+            // Likewise for admin commands: a flood of them waits in NATS, not in memory.
+            let next_admin = async {
+                let permit = admin_limit.clone().acquire_owned().await;
+                (permit, admin.next().await)
+            };
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                (permit, req) = next_admin => {
+                    let (Ok(permit), Some(req)) = (permit, req) else { break };
+                    let d = dispatcher.clone();
+                    tracker.spawn(async move {
+                        d.handle_admin(req).await;
+                        drop(permit);
+                    });
+                }
+                (permit, req) = next_event => {
+                    let (Ok(permit), Some(req)) = (permit, req) else { break };
+                    let span = tracing::info_span!("event", event.id = tracing::field::Empty, subject = %req.message.subject);
+                    let d = dispatcher.clone();
+                    tracker.spawn(async move {
+                        d.handle_event(req).await;
+                        drop(permit);
+                    }.instrument(span));
+                }
             }
         }
+        daemon::stop_endpoint("events", &mut events).await;
+        daemon::stop_endpoint("admin", &mut admin).await;
+        daemon::drain(&tracker, &nats).await;
+        watcher.abort();
+        tracing::info!("stopped");
     }
-    for (name, ep) in [("events", &mut events), ("admin", &mut admin)] {
-        if let Err(e) = ep.stop().await {
-            tracing::warn!(endpoint = name, error = %e, "could not unsubscribe cleanly");
-        }
-    }
-    daemon::drain(&tracker, &nats).await;
-    watcher.abort();
-    tracing::info!("stopped");
-    Ok(())
 }

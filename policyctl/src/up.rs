@@ -21,24 +21,38 @@ struct Stack {
 }
 
 impl Stack {
-    /// SIGTERM to every child (newest first), then wait for each to drain and exit.
+    /// Stops the engine's processes all at once (SIGTERM, then each drains, which they do in a
+    /// few seconds even when NATS is already gone), then NATS itself, so that the processes
+    /// drain against a live server when it is still up.
     async fn stop(mut self) {
-        for (name, child) in self.children.iter_mut().rev() {
-            if let Some(pid) = child.id() {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status()
-                    .await;
-            }
-            match tokio::time::timeout(Duration::from_secs(12), child.wait()).await {
-                Ok(_) => eprintln!("stopped {name}"),
-                Err(_) => {
-                    let _ = child.kill().await;
-                    eprintln!("killed {name} (did not stop in time)");
-                }
-            }
+        let (nats, engine): (Vec<_>, Vec<_>) = std::mem::take(&mut self.children)
+            .into_iter()
+            .partition(|(name, _)| name == "nats-server");
+        stop_all(engine, Duration::from_secs(12)).await;
+        stop_all(nats, Duration::from_secs(5)).await;
+    }
+}
+
+/// SIGTERM to every child, then waits for them together; one that outlives `grace` is killed.
+async fn stop_all(mut children: Vec<(String, Child)>, grace: Duration) {
+    for (_, child) in &children {
+        if let Some(pid) = child.id() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
         }
     }
+    let waits = children.iter_mut().map(|(name, child)| async move {
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(_) => eprintln!("stopped {name}"),
+            Err(_) => {
+                let _ = child.kill().await;
+                eprintln!("killed {name} (did not stop within {grace:?})");
+            }
+        }
+    });
+    futures::future::join_all(waits).await;
 }
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {

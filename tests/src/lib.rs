@@ -396,6 +396,37 @@ impl Engine {
         self.procs.remove(i)
     }
 
+    /// SIGTERM to every process at once; for each, how long it took to exit (`None`: still
+    /// running after `within`, then killed) and whether it exited cleanly.
+    pub fn terminate_all(&mut self, within: Duration) -> Vec<(String, Option<Duration>, bool)> {
+        let started = Instant::now();
+        for p in &self.procs {
+            let _ = Command::new("kill")
+                .args(["-TERM", &p.child.id().to_string()])
+                .status();
+        }
+        let mut results: Vec<(String, Option<Duration>, bool)> = self
+            .procs
+            .iter()
+            .map(|p| (p.name.clone(), None, false))
+            .collect();
+        while Instant::now() < started + within {
+            for (p, r) in self.procs.iter_mut().zip(results.iter_mut()) {
+                if r.1.is_none() {
+                    if let Ok(Some(status)) = p.child.try_wait() {
+                        *r = (r.0.clone(), Some(started.elapsed()), status.success());
+                    }
+                }
+            }
+            if results.iter().all(|r| r.1.is_some()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.procs.clear();
+        results
+    }
+
     /// The processes that have exited (crashed, or stopped on their own), by name.
     pub fn exited(&mut self) -> Vec<String> {
         self.procs
@@ -444,6 +475,7 @@ impl Engine {
         };
         opts = opts
             .custom_inbox_prefix(role.inbox_prefix(&self.subjects()))
+            .reconnect_delay_callback(bus::client::reconnect_delay)
             .event_callback(move |event| {
                 let tx = tx.clone();
                 async move {

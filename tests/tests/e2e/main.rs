@@ -4,6 +4,7 @@
 mod battery;
 mod chain;
 mod decisions;
+mod faults;
 mod integrity;
 mod limits;
 mod monitor;

@@ -1,0 +1,291 @@
+//! Faults under load, with every outcome counted: correct, wrong, error, timeout. A retry or a
+//! sleep that hid a lost decision would be a defect, so the load never retries: each request
+//! is one outcome.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bus::Action;
+use e2e::{bin, free_port, Engine};
+use serde_json::json;
+
+use crate::*;
+
+/// What one request of the load came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Correct,
+    Wrong,
+    Error,
+    Timeout,
+}
+
+#[derive(Default)]
+struct Tally {
+    /// (when, what), in the order they came back.
+    outcomes: Vec<(Instant, Kind, Duration)>,
+    wrong: Vec<String>,
+}
+
+impl Tally {
+    fn count(&self, kind: Kind) -> usize {
+        self.outcomes.iter().filter(|(_, k, _)| *k == kind).count()
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} decisions: {} correct, {} wrong, {} errors, {} timeouts",
+            self.outcomes.len(),
+            self.count(Kind::Correct),
+            self.count(Kind::Wrong),
+            self.count(Kind::Error),
+            self.count(Kind::Timeout)
+        )
+    }
+}
+
+/// A closed loop of `workers` gateways, each sending `web -> db` over `[p1, p2]` and counting
+/// what comes back, until `stop` is set. Correct is the allow-all ACL's allow to p1 or p2.
+fn load(
+    engine: &Engine,
+    workers: usize,
+) -> (
+    Arc<Mutex<Tally>>,
+    tokio::sync::watch::Sender<bool>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let url = engine.nats.url();
+    let subjects = engine.subjects();
+    let handles = (0..workers)
+        .map(|_| {
+            let (tally, stopped, url, subjects) = (
+                tally.clone(),
+                stopped.clone(),
+                url.clone(),
+                subjects.clone(),
+            );
+            tokio::spawn(async move {
+                let nats = async_nats::ConnectOptions::new()
+                    .retry_on_initial_connect()
+                    .reconnect_delay_callback(bus::client::reconnect_delay)
+                    .connect(url)
+                    .await
+                    .expect("connect");
+                let hook = bus::Client::new(nats, subjects).with_timeout(Duration::from_secs(2));
+                while !*stopped.borrow() {
+                    let t0 = Instant::now();
+                    let r = hook.new_connection(&conn("web", "db", &["p1", "p2"])).await;
+                    let (kind, wrong) = match r {
+                        Ok(d)
+                            if d.action == Action::Allow
+                                && matches!(d.target_peer.as_deref(), Some("p1" | "p2"))
+                                && effects(&d.reasons, "acl") == [pair("open", "allow")] =>
+                        {
+                            (Kind::Correct, None)
+                        }
+                        Ok(d) => (Kind::Wrong, Some(format!("{d:?}"))),
+                        Err(bus::ClientError::Timeout { .. }) => (Kind::Timeout, None),
+                        Err(_) => (Kind::Error, None),
+                    };
+                    {
+                        let mut t = tally.lock().unwrap();
+                        t.outcomes.push((Instant::now(), kind, t0.elapsed()));
+                        t.wrong.extend(wrong);
+                    }
+                    if kind != Kind::Correct {
+                        // Not a retry: the next request is a new decision, counted on its own.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    (tally, stop, handles)
+}
+
+async fn allow_all_acl_lb() -> Engine {
+    let mut engine = Engine::new();
+    engine.start(&["acl", "lb"]).await;
+    let admin = engine.admin().await;
+    subscribe(
+        &admin,
+        &[
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "lb", 20),
+        ],
+    )
+    .await;
+    admin
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "open", "action": "allow"}),
+        )])
+        .await
+        .expect("policy add");
+    let hook = engine.hook().await;
+    eventually_allowed(&hook, "allow-all loaded").await;
+    engine
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_long_outage_the_server_is_used_again_within_a_second() {
+    let mut engine = allow_all_acl_lb().await;
+    let (tally, stop, workers) = load(&engine, 4);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    engine.nats.stop();
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    engine.nats.restart();
+    let back = Instant::now();
+    // Run on until a few seconds after the server is back, whatever happens.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.send_replace(true);
+    for w in workers {
+        let _ = w.await;
+    }
+    let t = tally.lock().unwrap();
+    println!("server restart after 6 s: {}", t.summary());
+    assert!(t.wrong.is_empty(), "wrong decisions: {:?}", t.wrong);
+    let first_correct = t
+        .outcomes
+        .iter()
+        .find(|(at, k, _)| *at > back && *k == Kind::Correct)
+        .map(|(at, _, _)| *at - back)
+        .expect("no correct decision after the server came back");
+    println!("first correct decision {first_correct:?} after the server was back");
+    assert!(
+        first_correct <= Duration::from_millis(1500),
+        "{first_correct:?}"
+    );
+    // During the outage the gateway got prompt errors, not a hang until its timeout.
+    let slowest_error = t
+        .outcomes
+        .iter()
+        .filter(|(at, k, _)| {
+            *at > down + Duration::from_millis(500) && *at < back && *k != Kind::Correct
+        })
+        .map(|(_, _, took)| *took)
+        .max()
+        .unwrap_or_default();
+    assert!(
+        slowest_error < Duration::from_millis(500),
+        "an error took {slowest_error:?}"
+    );
+    assert_eq!(t.count(Kind::Timeout), 0, "{}", t.summary());
+    assert!(engine.exited().is_empty(), "{:?}", engine.exited());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_nats_unreachable_stops_every_process_within_three_seconds() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut engine = Engine::new();
+    engine.agent("monitor", &["--metrics-addr", &metrics]);
+    engine.dispatcher();
+    engine
+        .start(&["acl", "lb", "conn-limit", "rate-limit"])
+        .await;
+    engine.wait_instances("policy-agent-monitor", 1).await;
+    engine.wait_instances("policy-dispatcher", 2).await;
+    engine.nats.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let results = engine.terminate_all(Duration::from_secs(5));
+    assert_eq!(results.len(), 7);
+    for (name, took, clean) in &results {
+        println!("{name}: {took:?}, clean {clean}");
+        let took = took.unwrap_or_else(|| panic!("{name} did not exit within 5 s"));
+        assert!(took <= Duration::from_secs(3), "{name} took {took:?}");
+        assert!(clean, "{name} exited with an error");
+    }
+    let logs = engine.logs();
+    assert!(
+        logs.contains("NATS is unreachable: abandoning") || logs.contains("could not"),
+        "{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_ctrl_c_stops_policyctl_up_and_everything_it_started() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut up = std::process::Command::new(bin("policyctl"))
+        .args([
+            "--nats-url",
+            &url,
+            "up",
+            "--every",
+            "50ms",
+            "--metrics-addr",
+            &metrics,
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/..")
+        .env("RUST_LOG", "warn")
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("policyctl up");
+    let pgid = up.id();
+    // The signal below goes to this group: make sure it is up's own, not the test's.
+    let group = std::process::Command::new("ps")
+        .args(["-o", "pgid=", "-p", &pgid.to_string()])
+        .output()
+        .expect("ps");
+    assert_eq!(
+        String::from_utf8_lossy(&group.stdout).trim(),
+        pgid.to_string(),
+        "policyctl up is not in a process group of its own"
+    );
+    let stderr = up.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("policyctl up never said it loaded the examples");
+        if line.starts_with("loaded ") {
+            break;
+        }
+    }
+    let members = || {
+        let out = std::process::Command::new("pgrep")
+            .args(["-g", &pgid.to_string()])
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert!(
+        members() >= 7,
+        "up, nats-server, the dispatcher and five agents"
+    );
+    // What a terminal does on Ctrl-C: SIGINT to the whole process group, NATS included.
+    let pressed = Instant::now();
+    // `--`: without it, procps's kill does not take `-<pgid>` as a process group.
+    let _ = std::process::Command::new("kill")
+        .args(["-s", "INT", "--", &format!("-{pgid}")])
+        .status();
+    // Reap policyctl up as soon as it exits: a zombie still counts as a member of its group.
+    while up.try_wait().expect("wait").is_none() || members() > 0 {
+        assert!(
+            pressed.elapsed() < Duration::from_secs(8),
+            "{} processes left after 8 s",
+            members()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "policyctl up and everything it started gone {:?} after Ctrl-C",
+        pressed.elapsed()
+    );
+    let _ = up.wait();
+}
