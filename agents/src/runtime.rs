@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::sync::{Arc, RwLock};
 
-use async_nats::service::ServiceExt;
 use async_nats::HeaderMap;
 use bus::admin::Validated;
 use bus::config::{self, ConfigKey};
@@ -12,7 +11,7 @@ use bus::event::EventName;
 use bus::state::keys;
 use bus::subject::VALIDATE_TOKEN;
 use bus::{codec, headers, Effect, ErrorCode, ErrorReply, Event, Kind, Reason, State, Subjects};
-use futures::StreamExt;
+use daemon::service::{Endpoint, EndpointSpec, Request, Service};
 use tracing::Instrument;
 
 use crate::kind::{self, parse_policy, AgentKind};
@@ -112,7 +111,7 @@ where
             .map_err(|e| ErrorReply::new(ErrorCode::InvalidPolicy, e))
     }
 
-    async fn handle(self: Arc<Self>, req: async_nats::service::Request) {
+    async fn handle(self: Arc<Self>, req: Request) {
         let msg = &req.message;
         let op = self
             .subjects
@@ -133,32 +132,28 @@ where
             }
             return;
         }
-        let sent = match result {
+        let (reply_headers, body) = match result {
             Ok(_) if validating => {
                 let payload =
                     codec::encode("validated", &Validated { ok: true }).unwrap_or_default();
-                req.respond_with_headers(Ok(payload.into()), reply_headers)
-                    .await
+                (reply_headers, payload.into())
             }
             Ok(patch) => match patch.to_header() {
                 Ok(h) => {
                     reply_headers.insert(headers::POLICY_STATE, h.as_str());
                     tracing::debug!(action = patch.get_str(keys::ACTION), "decided");
-                    req.respond_with_headers(Ok(bytes::Bytes::new()), reply_headers)
-                        .await
+                    (reply_headers, bytes::Bytes::new())
                 }
                 Err(e) => {
-                    let err = ErrorReply::new(ErrorCode::Internal, e.to_string());
-                    let (h, p) = err.to_reply(reply_headers);
-                    req.respond_with_headers(Ok(p), h).await
+                    ErrorReply::new(ErrorCode::Internal, e.to_string()).to_reply(reply_headers)
                 }
             },
             Err(err) => {
                 tracing::warn!(subject = %msg.subject, error = %err, "rejected request");
-                let (h, p) = err.to_reply(reply_headers);
-                req.respond_with_headers(Ok(p), h).await
+                err.to_reply(reply_headers)
             }
         };
+        let sent = req.respond(reply_headers, body).await;
         if let Err(e) = sent {
             tracing::warn!(error = %e, "could not send reply");
         }
@@ -209,15 +204,25 @@ where
 
     let tracker = daemon::TaskTracker::new();
     let limit = Arc::new(tokio::sync::Semaphore::new(options.max_in_flight.max(1)));
+    let mut drain = daemon::Drain::default();
     loop {
         // A permit before the next request: past the bound, requests wait in NATS.
         let next = async {
             let permit = limit.clone().acquire_owned().await;
             (permit, endpoint.next().await)
         };
+        let deadline = drain.deadline();
         tokio::select! {
             biased;
-            _ = &mut shutdown => break,
+            _ = &mut shutdown, if !drain.started() => {
+                // Stop taking new requests; those the server already sent still come, and are
+                // answered, before the endpoint ends.
+                drain.start(&client, &mut [&mut endpoint]).await;
+            }
+            _ = daemon::until(deadline) => {
+                tracing::warn!("the endpoint did not end within the drain window");
+                break;
+            }
             (permit, req) = next => {
                 let (Ok(permit), Some(req)) = (permit, req) else { break };
                 let span = tracing::info_span!("request", agent = %kind_name,
@@ -230,7 +235,6 @@ where
             }
         }
     }
-    daemon::stop_endpoint("decide", &mut endpoint).await;
     daemon::drain(&tracker, &client).await;
     watcher.abort();
     tracing::info!(agent = %kind_name, "stopped");
@@ -241,9 +245,9 @@ type Started<K> = (
     async_nats::Client,
     Arc<Agent<K>>,
     tokio::task::JoinHandle<()>,
-    async_nats::service::endpoint::Endpoint,
-    // Kept for as long as the endpoint serves: dropping the service ends it.
-    async_nats::service::Service,
+    Endpoint,
+    // Answers the services API for as long as the agent runs.
+    Service,
 );
 
 /// Connects, opens the config bucket, attaches the kind, loads its policies and subscribes.
@@ -306,20 +310,22 @@ where
     };
     let _ = ready_rx.await;
 
-    let service = client
-        .service_builder()
-        .description(format!("policy-bus {kind_name} agent"))
-        .queue_group(kind_name.as_str())
-        .start(&service_name, env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(|e| AgentError::Service(e.to_string()))?;
-    let endpoint = service
-        .endpoint_builder()
-        .name("decide")
-        .queue_group(kind_name.as_str())
-        .add(subjects.agent_wildcard(kind_name))
-        .await
-        .map_err(|e| AgentError::Service(e.to_string()))?;
+    let (service, mut endpoints) = Service::start(
+        &client,
+        &service_name,
+        &format!("policy-bus {kind_name} agent"),
+        env!("CARGO_PKG_VERSION"),
+        vec![EndpointSpec {
+            name: "decide",
+            subject: subjects.agent_wildcard(kind_name),
+            queue_group: kind_name.to_string(),
+        }],
+    )
+    .await
+    .map_err(|e| AgentError::Service(e.to_string()))?;
+    let endpoint = endpoints
+        .pop()
+        .ok_or_else(|| AgentError::Service("endpoint missing".into()))?;
     tracing::info!(agent = %kind_name, subject = %subjects.agent_wildcard(kind_name), "ready");
     Ok((client, agent, watcher, endpoint, service))
 }

@@ -2,6 +2,8 @@
 //! `--prefix`), logging (human or JSON), the NATS connection, and the shutdown signal.
 #![forbid(unsafe_code)]
 
+pub mod service;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -525,13 +527,54 @@ pub async fn drain(tracker: &TaskTracker, client: &async_nats::Client) {
     }
 }
 
-/// Stops taking work on a subscription within a bounded time: unsubscribing needs the
-/// connection, and a process must exit even when it is gone.
-pub async fn stop_endpoint(name: &str, endpoint: &mut async_nats::service::endpoint::Endpoint) {
-    match tokio::time::timeout(RECONNECT_GRACE, endpoint.stop()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(endpoint = name, error = %e, "could not unsubscribe cleanly"),
-        Err(_) => tracing::warn!(endpoint = name, "could not unsubscribe: NATS unreachable"),
+/// How long the endpoints may take to hand over what the server had already sent them, once
+/// they are drained (a round trip to the server, normally).
+pub const DRAIN_WINDOW: Duration = Duration::from_secs(2);
+
+/// A serving loop's way out: on the shutdown signal it drains every endpoint, so the server
+/// routes new requests to the other instances while those already sent still arrive here and
+/// are answered; the loop ends when the endpoints end, or at the deadline (without NATS the
+/// endpoints never end: the deadline is then now).
+#[derive(Debug, Default)]
+pub struct Drain {
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Drain {
+    pub fn started(&self) -> bool {
+        self.deadline.is_some()
+    }
+
+    /// When the loop should stop waiting for the endpoints to end.
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadline
+    }
+
+    pub async fn start(
+        &mut self,
+        client: &async_nats::Client,
+        endpoints: &mut [&mut service::Endpoint],
+    ) {
+        let now = tokio::time::Instant::now();
+        if client.connection_state() != async_nats::connection::State::Connected {
+            tracing::warn!("NATS is unreachable: not draining the endpoints");
+            self.deadline = Some(now);
+            return;
+        }
+        for e in endpoints.iter_mut() {
+            if let Err(err) = e.drain().await {
+                tracing::warn!(endpoint = e.name, error = %err, "could not drain the endpoint");
+            }
+        }
+        self.deadline = Some(now + DRAIN_WINDOW);
+    }
+}
+
+/// Resolves at `deadline`, or never without one.
+pub async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -10,7 +10,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::service::ServiceExt;
 use async_nats::HeaderMap;
 use bus::config::{self, ConfigKey};
 use bus::event::{new_id, Event, EventName};
@@ -20,7 +19,7 @@ use bus::state::keys;
 use bus::tap::TapRecord;
 use bus::{codec, headers, ErrorCode, ErrorReply, Subjects};
 use bytes::Bytes;
-use futures::StreamExt;
+use daemon::service::{Endpoint, EndpointSpec, Request, Service};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
@@ -226,7 +225,7 @@ impl Dispatcher {
         }
     }
 
-    async fn handle_event(self: Arc<Self>, req: async_nats::service::Request) {
+    async fn handle_event(self: Arc<Self>, req: Request) {
         let started = Instant::now();
         if req.message.reply.is_none() {
             // Nobody would get the decision, and the chain would still take conn-limit slots
@@ -236,6 +235,7 @@ impl Dispatcher {
                 event.id = headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"),
                 "event refused: sent without a reply subject (publish it as a request)"
             );
+            req.refused("event sent without a reply subject");
             return;
         }
         let reply = match self.decide(&req.message, started).await {
@@ -247,10 +247,10 @@ impl Dispatcher {
                 err.to_reply(h)
             }
         };
-        respond(&req, reply).await;
+        respond(req, reply).await;
     }
 
-    async fn handle_admin(self: Arc<Self>, req: async_nats::service::Request) {
+    async fn handle_admin(self: Arc<Self>, req: Request) {
         let command = self
             .subjects
             .admin_of(&req.message.subject)
@@ -266,7 +266,7 @@ impl Dispatcher {
                 err.to_reply(HeaderMap::new())
             }
         };
-        respond(&req, reply).await;
+        respond(req, reply).await;
     }
 }
 
@@ -275,11 +275,8 @@ fn event_connection_id(nc: &bus::event::NewConnection) -> Option<String> {
     nc.connection_id.clone().filter(|c| !c.is_empty())
 }
 
-async fn respond(req: &async_nats::service::Request, (headers, body): Reply) {
-    if req.message.reply.is_none() {
-        return;
-    }
-    if let Err(e) = req.respond_with_headers(Ok(body), headers).await {
+async fn respond(req: Request, (headers, body): Reply) {
+    if let Err(e) = req.respond(headers, body).await {
         tracing::warn!(error = %e, "could not send reply");
     }
 }
@@ -308,12 +305,12 @@ pub async fn run(
 struct Serving {
     dispatcher: Arc<Dispatcher>,
     nats: async_nats::Client,
-    events: async_nats::service::endpoint::Endpoint,
-    admin: async_nats::service::endpoint::Endpoint,
+    events: Endpoint,
+    admin: Endpoint,
     watcher: tokio::task::JoinHandle<()>,
     options: Options,
-    /// Dropping the service ends its endpoints.
-    _service: async_nats::service::Service,
+    /// Answers the services API for as long as the dispatcher runs.
+    _service: Service,
 }
 
 async fn start(common: &daemon::Common, options: Options) -> Result<Serving, DispatcherError> {
@@ -345,26 +342,26 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
     };
     let _ = ready_rx.await;
 
-    let service = nats
-        .service_builder()
-        .description("policy-bus dispatcher")
-        .queue_group("dispatcher")
-        .start(headers::DISPATCHER_SERVICE, env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(|e| DispatcherError::Service(e.to_string()))?;
-    let add = |name: &'static str, subject: String| {
-        service
-            .endpoint_builder()
-            .name(name)
-            .queue_group("dispatcher")
-            .add(subject)
+    let endpoint = |name, subject| EndpointSpec {
+        name,
+        subject,
+        queue_group: "dispatcher".into(),
     };
-    let events = add("events", subjects.events_wildcard())
-        .await
-        .map_err(|e| DispatcherError::Service(e.to_string()))?;
-    let admin = add("admin", subjects.admin_wildcard())
-        .await
-        .map_err(|e| DispatcherError::Service(e.to_string()))?;
+    let (service, mut endpoints) = Service::start(
+        &nats,
+        headers::DISPATCHER_SERVICE,
+        "policy-bus dispatcher",
+        env!("CARGO_PKG_VERSION"),
+        vec![
+            endpoint("events", subjects.events_wildcard()),
+            endpoint("admin", subjects.admin_wildcard()),
+        ],
+    )
+    .await
+    .map_err(|e| DispatcherError::Service(e.to_string()))?;
+    let (Some(admin), Some(events)) = (endpoints.pop(), endpoints.pop()) else {
+        return Err(DispatcherError::Service("endpoints missing".into()));
+    };
     tracing::info!(events = %subjects.events_wildcard(), admin = %subjects.admin_wildcard(), "ready");
     Ok(Serving {
         dispatcher,
@@ -393,7 +390,9 @@ impl Serving {
         let limit = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
         let admin_limit = Arc::new(Semaphore::new(options.max_admin_in_flight.max(1)));
         let tracker = daemon::TaskTracker::new();
-        loop {
+        let mut drain = daemon::Drain::default();
+        let (mut events_open, mut admin_open) = (true, true);
+        while events_open || admin_open {
             // Waiting for a permit before taking an event leaves excess events queued in NATS.
             let next_event = async {
                 let permit = limit.clone().acquire_owned().await;
@@ -404,19 +403,34 @@ impl Serving {
                 let permit = admin_limit.clone().acquire_owned().await;
                 (permit, admin.next().await)
             };
+            let deadline = drain.deadline();
             tokio::select! {
                 biased;
-                _ = &mut shutdown => break,
-                (permit, req) = next_admin => {
-                    let (Ok(permit), Some(req)) = (permit, req) else { break };
+                _ = &mut shutdown, if !drain.started() => {
+                    // Stop taking new work; what the server already sent still comes, and is
+                    // decided, before the endpoints end.
+                    drain.start(&nats, &mut [&mut events, &mut admin]).await;
+                }
+                _ = daemon::until(deadline) => {
+                    tracing::warn!("the endpoints did not end within the drain window");
+                    break;
+                }
+                (permit, req) = next_admin, if admin_open => {
+                    let (Ok(permit), Some(req)) = (permit, req) else {
+                        admin_open = false;
+                        continue;
+                    };
                     let d = dispatcher.clone();
                     tracker.spawn(async move {
                         d.handle_admin(req).await;
                         drop(permit);
                     });
                 }
-                (permit, req) = next_event => {
-                    let (Ok(permit), Some(req)) = (permit, req) else { break };
+                (permit, req) = next_event, if events_open => {
+                    let (Ok(permit), Some(req)) = (permit, req) else {
+                        events_open = false;
+                        continue;
+                    };
                     let span = tracing::info_span!("event", event.id = tracing::field::Empty, subject = %req.message.subject);
                     let d = dispatcher.clone();
                     tracker.spawn(async move {
@@ -426,8 +440,6 @@ impl Serving {
                 }
             }
         }
-        daemon::stop_endpoint("events", &mut events).await;
-        daemon::stop_endpoint("admin", &mut admin).await;
         daemon::drain(&tracker, &nats).await;
         watcher.abort();
         tracing::info!("stopped");

@@ -386,6 +386,16 @@ impl Engine {
         self.spawn("policy-agent", &all)
     }
 
+    /// Takes the first started process matching `name` still here, for a rolling restart.
+    pub fn take_oldest(&mut self, name: &str) -> Proc {
+        let i = self
+            .procs
+            .iter()
+            .position(|p| p.name.starts_with(name))
+            .unwrap_or_else(|| panic!("no process {name}"));
+        self.procs.remove(i)
+    }
+
     /// Takes the most recently started process matching `name`, to stop or restart it.
     pub fn take(&mut self, name: &str) -> Proc {
         let i = self

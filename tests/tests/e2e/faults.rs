@@ -289,3 +289,71 @@ async fn a_terminal_ctrl_c_stops_policyctl_up_and_everything_it_started() {
     );
     let _ = up.wait();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_restart_of_every_process_fails_no_decision() {
+    let mut engine = Engine::new();
+    engine.dispatcher();
+    engine.agent("acl", &[]);
+    engine.agent("lb", &[]);
+    engine.start(&["acl", "lb"]).await;
+    engine.wait_instances("policy-dispatcher", 2).await;
+    engine.wait_instances("policy-agent-acl", 2).await;
+    engine.wait_instances("policy-agent-lb", 2).await;
+    let admin = engine.admin().await;
+    subscribe(
+        &admin,
+        &[
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "lb", 20),
+        ],
+    )
+    .await;
+    admin
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "open", "action": "allow"}),
+        )])
+        .await
+        .expect("policy add");
+    eventually_allowed(&engine.hook().await, "allow-all loaded").await;
+
+    let (tally, stop, workers) = load(&engine, 8);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // One at a time, oldest first: SIGTERM, wait for it to exit, start its replacement, wait
+    // until it is ready. Each kind always has an instance serving.
+    for (name, service) in [
+        ("policy-dispatcher", "policy-dispatcher"),
+        ("policy-dispatcher", "policy-dispatcher"),
+        ("policy-agent acl", "policy-agent-acl"),
+        ("policy-agent acl", "policy-agent-acl"),
+        ("policy-agent lb", "policy-agent-lb"),
+        ("policy-agent lb", "policy-agent-lb"),
+    ] {
+        let old = engine.take_oldest(name);
+        let clean = tokio::task::spawn_blocking(move || old.terminate())
+            .await
+            .expect("terminate");
+        assert!(clean, "{name} did not stop cleanly");
+        match name {
+            "policy-dispatcher" => engine.dispatcher(),
+            _ => engine.agent(name.trim_start_matches("policy-agent "), &[]),
+        };
+        engine.wait_instances(service, 2).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send_replace(true);
+    for w in workers {
+        let _ = w.await;
+    }
+    let t = tally.lock().unwrap();
+    println!("rolling restart of 6 processes: {}", t.summary());
+    assert!(t.count(Kind::Correct) > 100, "{}", t.summary());
+    assert_eq!(
+        t.count(Kind::Correct),
+        t.outcomes.len(),
+        "{}; wrong: {:?}",
+        t.summary(),
+        t.wrong.iter().take(3).collect::<Vec<_>>()
+    );
+}
