@@ -267,6 +267,61 @@ async fn requests_per_instance(engine: &Engine, service: &str, endpoint: &str) -
     counts
 }
 
+/// Every instance's `$SRV.STATS` for one endpoint, as JSON.
+async fn endpoint_stats(engine: &Engine, service: &str, endpoint: &str) -> Vec<serde_json::Value> {
+    use futures::StreamExt;
+    let client = engine.client().await;
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await.expect("subscribe");
+    client
+        .publish_with_reply(Subjects::service_stats(service), inbox, bytes::Bytes::new())
+        .await
+        .expect("publish");
+    let mut found = Vec::new();
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+        let stats: serde_json::Value = serde_json::from_slice(&msg.payload).expect("stats json");
+        assert_eq!(stats["type"], "io.nats.micro.v1.stats_response");
+        if let Some(e) = stats["endpoints"]
+            .as_array()
+            .and_then(|eps| eps.iter().find(|e| e["name"] == endpoint))
+        {
+            found.push(e.clone());
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn services_stats_count_error_replies_as_errors() {
+    let mut engine = Engine::new();
+    let (_admin, hook) = allow_all(&mut engine).await;
+    let before = endpoint_stats(&engine, "policy-dispatcher", "events").await;
+    let errors = |s: &[serde_json::Value]| s[0]["num_errors"].as_u64().unwrap_or(0);
+    let (c, _) = code(
+        raw_request(
+            &engine,
+            "policy.event.new-connection".into(),
+            Default::default(),
+            b"\xc1",
+        )
+        .await,
+    );
+    assert_eq!(c, ErrorCode::BadRequest);
+    hook.new_connection(&conn("web", "db", &["p1"]))
+        .await
+        .expect("decision");
+    let after = endpoint_stats(&engine, "policy-dispatcher", "events").await;
+    assert_eq!(errors(&after), errors(&before) + 1, "{after:?}");
+    assert!(
+        after[0]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("400:"),
+        "{after:?}"
+    );
+    assert!(after[0]["num_requests"].as_u64() > before[0]["num_requests"].as_u64());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_dispatchers_and_two_agents_share_the_load() {
     let mut engine = Engine::new();
