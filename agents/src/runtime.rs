@@ -120,6 +120,13 @@ where
         let mut reply_headers = HeaderMap::new();
         headers::propagate(msg.headers.as_ref(), &mut reply_headers);
         let validating = op == VALIDATE_TOKEN;
+        if bus::hedge::past_deadline(msg.headers.as_ref()) {
+            // The dispatcher has given up on this one (a hedge answered it, or the timeout
+            // passed): starting it now would only take what nobody will use.
+            tracing::debug!(subject = %msg.subject, "request past its deadline: not started");
+            req.refused("past its deadline");
+            return;
+        }
         let result = if validating {
             self.validate(&msg.payload)
         } else {

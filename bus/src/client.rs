@@ -163,6 +163,30 @@ async fn ping(
     Ok(seen)
 }
 
+/// A `new-connection` payload with a connection id: the hookpoint's own, else a new one, so
+/// that a repeated copy of the event is the same connection. A payload that does not decode is
+/// left alone, for the dispatcher to refuse.
+fn with_connection_id(payload: Bytes) -> Bytes {
+    let has_id =
+        codec::decode::<std::collections::BTreeMap<String, Value>>("event", &payload).map(|m| {
+            match m.get(crate::state::keys::CONNECTION_ID) {
+                None | Some(Value::Nil) => false,
+                // Anything else but an empty id is the hookpoint's to get right (or be told).
+                Some(v) => v.as_str() != Some(""),
+            }
+        });
+    match has_id {
+        Ok(false) => event::set_attribute(
+            &payload,
+            crate::state::keys::CONNECTION_ID,
+            event::new_id().into(),
+        )
+        .map(Bytes::from)
+        .unwrap_or(payload),
+        _ => payload,
+    }
+}
+
 fn decode_reply<T: DeserializeOwned>(subject: &str, msg: &Message) -> Result<T, ClientError> {
     codec::decode("reply", &msg.payload).map_err(|source| ClientError::Decode {
         subject: subject.to_string(),
@@ -170,12 +194,24 @@ fn decode_reply<T: DeserializeOwned>(subject: &str, msg: &Message) -> Result<T, 
     })
 }
 
-/// A gateway hookpoint's client: asks the engine for decisions.
+/// The earliest a hookpoint repeats an event that has no answer yet: well past a decision's
+/// usual milliseconds, so that only a lost request (a dispatcher killed, or stopping in the
+/// instant its subscription ends) is sent again.
+const EVENT_HEDGE_FLOOR: Duration = Duration::from_millis(100);
+/// Copies of one event a hookpoint sends at most.
+const EVENT_MAX_SENDS: u32 = 3;
+
+/// A gateway hookpoint's client: asks the engine for decisions. An event with no answer after a
+/// while (four times the usual decision time, at least 100 ms) is sent again, up to three times
+/// within the timeout, to whichever dispatcher the queue group picks; every copy carries the
+/// same event id (and, for `new-connection`, the same connection id), so the engine's stateful
+/// agents treat the copies as one event, and a dispatcher skips a copy whose deadline passed.
 #[derive(Debug, Clone)]
 pub struct Client {
     nats: async_nats::Client,
     subjects: Subjects,
     timeout: Duration,
+    latency: std::sync::Arc<crate::hedge::Latency>,
 }
 
 impl Client {
@@ -184,6 +220,10 @@ impl Client {
             nats,
             subjects,
             timeout: DEFAULT_TIMEOUT,
+            latency: std::sync::Arc::new(crate::hedge::Latency::new(
+                EVENT_HEDGE_FLOOR,
+                EVENT_MAX_SENDS,
+            )),
         }
     }
 
@@ -198,16 +238,23 @@ impl Client {
     pub async fn request(
         &self,
         event: &str,
-        headers: HeaderMap,
-        payload: Bytes,
+        mut headers: HeaderMap,
+        mut payload: Bytes,
     ) -> Result<Message, ClientError> {
         event::EventName::new(event)?;
-        call(
+        if headers.get(crate::headers::POLICY_EVENT_ID).is_none() {
+            headers.insert(crate::headers::POLICY_EVENT_ID, event::new_id().as_str());
+        }
+        if event == event::NEW_CONNECTION {
+            payload = with_connection_id(payload);
+        }
+        crate::hedge::ask(
             &self.nats,
-            self.subjects.event(event),
+            &self.subjects.event(event),
             headers,
             payload,
             self.timeout,
+            &self.latency,
         )
         .await
     }

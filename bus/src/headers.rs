@@ -4,6 +4,10 @@
 pub const POLICY_STATE: &str = "Policy-State";
 /// The event id, echoed on every hop, in the decision and on the tap.
 pub const POLICY_EVENT_ID: &str = "Policy-Event-Id";
+/// When the dispatcher stops waiting for an agent's answer, in Unix milliseconds: an agent
+/// does not start work on a request its caller has given up on (hedged calls leave such
+/// duplicates queued at a frozen instance). Hosts' clocks are assumed NTP-close.
+pub const POLICY_DEADLINE: &str = "Policy-Deadline";
 /// Short error code on an error reply (see [`crate::ErrorCode`]).
 pub const POLICY_ERROR: &str = "Policy-Error";
 /// W3C trace context, propagated from the hookpoint through every hop.

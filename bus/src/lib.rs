@@ -11,6 +11,7 @@ pub mod decision;
 pub mod error;
 pub mod event;
 pub mod headers;
+pub mod hedge;
 pub mod limits;
 pub mod merge;
 pub mod roles;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use bus::admin::FailureMode;
-use bus::client::{call, ClientError};
+use bus::client::ClientError;
 use bus::merge::{merge, Flow};
 use bus::state::keys;
 use bus::tap::{AgentTiming, Outcome};
@@ -86,33 +86,18 @@ impl Call<'_> {
         h
     }
 
-    /// Calls one agent within its subscription's timeout. "No responders" (no instance
-    /// subscribed right now) is asked again after a short pause until the timeout: an instance
-    /// may be reconnecting after a server restart, or starting, and a deny for that would be a
-    /// wrong decision. Only a kind with no instance for the whole timeout fails as
-    /// `no-responders`.
+    /// Calls one agent within its subscription's timeout, hedged (see [`bus::hedge`]).
     async fn ask(&self, m: &Member, state_header: &str) -> (Result<State, Failure>, Duration) {
         let start = Instant::now();
-        let deadline = start + m.timeout;
-        let mut pause = Duration::from_millis(5);
-        let reply = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let reply = call(
-                self.nats,
-                m.subject.clone(),
-                self.headers(state_header),
-                self.payload.clone(),
-                left.max(Duration::from_millis(1)),
-            )
-            .await;
-            match reply {
-                Err(ClientError::NoResponders { .. }) if Instant::now() + pause < deadline => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
-                }
-                other => break other,
-            }
-        };
+        let reply = bus::hedge::ask(
+            self.nats,
+            &m.subject,
+            self.headers(state_header),
+            self.payload.clone(),
+            m.timeout,
+            &m.latency,
+        )
+        .await;
         (patch_of(m, reply, self.max_patch_bytes), start.elapsed())
     }
 

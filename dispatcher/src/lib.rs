@@ -151,6 +151,9 @@ impl Dispatcher {
         if let Some(id) = &connection_id {
             state.insert(keys::CONNECTION_ID, id.as_str());
         }
+        // Agents may key on the event (conn-limit's slots do, so a hedged duplicate's slot is
+        // freed with the original's); like the connection id, no patch can change it.
+        state.insert(keys::EVENT_ID, event_id.as_str());
         let mut run = if chain.broken.is_empty() {
             let call = Call {
                 nats: &self.nats,
@@ -236,6 +239,13 @@ impl Dispatcher {
                 "event refused: sent without a reply subject (publish it as a request)"
             );
             req.refused("event sent without a reply subject");
+            return;
+        }
+        if bus::hedge::past_deadline(req.message.headers.as_ref()) {
+            // The hookpoint has stopped waiting (another dispatcher answered its hedge, or its
+            // timeout passed): a chain run now would only take slots and budget.
+            tracing::debug!(subject = %req.message.subject, "event past its deadline: not decided");
+            req.refused("past its deadline");
             return;
         }
         let reply = match self.decide(&req.message, started).await {

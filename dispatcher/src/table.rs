@@ -19,6 +19,8 @@ pub struct Member {
     pub timeout: Duration,
     pub failure: FailureMode,
     pub observe: bool,
+    /// The kind's answer latency on this dispatcher, for its hedge delay.
+    pub latency: std::sync::Arc<bus::hedge::Latency>,
 }
 
 /// Agents of one priority: they run concurrently.
@@ -170,6 +172,7 @@ fn build(subjects: &Subjects, mut subs: Vec<Subscription>) -> HashMap<String, Ar
             timeout: s.timeout(),
             failure: s.failure,
             observe: s.observe,
+            latency: Default::default(),
         };
         let chain = chains.entry(s.event.as_str().to_string()).or_default();
         match chain.stages.last_mut() {

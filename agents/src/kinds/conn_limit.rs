@@ -135,6 +135,15 @@ impl View {
         self.slots.get(policy).map_or(0, HashMap::len)
     }
 
+    /// The slot of `policy` that `holder` holds, if this instance has seen it.
+    fn slot_of(&self, policy: &str, holder: &str) -> Option<u32> {
+        self.slots
+            .get(policy)?
+            .iter()
+            .find(|(_, h)| h.holder == holder)
+            .map(|(n, _)| *n)
+    }
+
     /// The slots a connection holds, by its token.
     fn held_by(&self, token: &str) -> Vec<(String, String)> {
         let prefix = format!("{token}#");
@@ -187,6 +196,10 @@ impl Slots {
 
     /// Takes one slot of `c` for `holder`: `Ok(Some(slot))`, `Ok(None)` when all are taken.
     async fn take(&self, c: &Compiled, holder: &str, start: u32) -> Result<Option<u32>, String> {
+        // The same request twice (a hedge) on this instance: the same slot.
+        if let Some(n) = self.view().slot_of(&c.id, holder) {
+            return Ok(Some(n));
+        }
         let mut tried = Vec::new();
         for _ in 0..ATTEMPTS {
             let next = {
@@ -290,7 +303,13 @@ impl ConnLimiter {
             );
         };
         let token = key_token(conn);
-        let holder = format!("{token}#{}", bus::event::new_id());
+        // The event id, not a random nonce: a hedged duplicate of this request, answered by
+        // another instance, holds its slot under the same holder, and is freed with it.
+        let event = state
+            .get_str(keys::EVENT_ID)
+            .map(key_token)
+            .unwrap_or_else(bus::event::new_id);
+        let holder = format!("{token}#{event}");
         let start = (fnv(&holder) % u64::from(u32::MAX)) as u32;
         let mut taken: Vec<(String, String)> = Vec::new();
         let mut reasons = Vec::new();

@@ -357,3 +357,90 @@ async fn a_rolling_restart_of_every_process_fails_no_decision() {
         t.wrong.iter().take(3).collect::<Vec<_>>()
     );
 }
+
+/// Two instances each of acl and lb behind one dispatcher, with the default 250 ms timeout.
+async fn two_of_each() -> Engine {
+    let mut engine = Engine::new();
+    engine.agent("acl", &[]);
+    engine.agent("lb", &[]);
+    engine.start(&["acl", "lb"]).await;
+    engine.wait_instances("policy-agent-acl", 2).await;
+    engine.wait_instances("policy-agent-lb", 2).await;
+    let admin = engine.admin().await;
+    let mut subs = [
+        sub("new-connection", "acl", 10),
+        sub("new-connection", "lb", 20),
+    ];
+    for s in &mut subs {
+        s.timeout_ms = bus::admin::DEFAULT_TIMEOUT_MS;
+    }
+    subscribe(&admin, &subs).await;
+    admin
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "open", "action": "allow"}),
+        )])
+        .await
+        .expect("policy add");
+    eventually_allowed(&engine.hook().await, "allow-all loaded").await;
+    engine
+}
+
+async fn finish(
+    tally: Arc<Mutex<Tally>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+    what: &str,
+) {
+    stop.send_replace(true);
+    for w in workers {
+        let _ = w.await;
+    }
+    let t = tally.lock().unwrap();
+    println!("{what}: {}", t.summary());
+    assert!(t.count(Kind::Correct) > 100, "{}", t.summary());
+    assert_eq!(
+        t.count(Kind::Correct),
+        t.outcomes.len(),
+        "{}; wrong: {:?}",
+        t.summary(),
+        t.wrong.iter().take(3).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_an_instance_under_load_makes_no_wrong_decision() {
+    let mut engine = two_of_each().await;
+    let (tally, stop, workers) = load(&engine, 8);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for kind in ["acl", "lb", "acl", "lb"] {
+        // Dropping a process is kill -9: it answers nothing it had received.
+        drop(engine.take_oldest(&format!("policy-agent {kind}")));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        engine.agent(kind, &[]);
+        engine
+            .wait_instances(&format!("policy-agent-{kind}"), 2)
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    finish(tally, stop, workers, "4 kill -9 of one of two instances").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_instance_under_load_makes_no_wrong_decision() {
+    let mut engine = two_of_each().await;
+    let (tally, stop, workers) = load(&engine, 8);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // SIGSTOP: its connection stays open, so the server keeps routing to it.
+    let frozen = engine.take_oldest("policy-agent acl");
+    let pid = frozen.pid().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    finish(tally, stop, workers, "one of two acl instances frozen 3 s").await;
+    drop(frozen);
+}

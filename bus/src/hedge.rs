@@ -1,0 +1,217 @@
+//! A request to a queue group, hedged, so that a dead, frozen or stopping member does not fail
+//! it while another member is alive. The dispatcher calls agents this way, and the hookpoint
+//! client ([`crate::Client`]) calls dispatchers this way.
+//!
+//! NATS gives no signal that a queue member died (after `kill -9` the server drops its
+//! subscription, but a request already routed to it is lost) or froze (after SIGSTOP its
+//! connection stays open and the server keeps routing to it). So the dispatcher *hedges*: when
+//! no answer has come after a delay learned from the kind's own latency, it sends the same
+//! request again, which the queue group routes to an instance picked at random, and again
+//! after each further delay, until an answer comes or the timeout. The first answer wins; later
+//! ones are dropped. "No responders" (no instance subscribed right now: reconnecting, starting)
+//! is asked again after a short pause, also until the timeout.
+//!
+//! An agent may so receive the same request twice: it must answer it the same way, or undo
+//! what the duplicate took (conn-limit's slots carry the event id, so a duplicate's are freed
+//! with the connection's). Every request carries its deadline (`Policy-Deadline`), so an agent
+//! does not start work on a request the dispatcher has already given up on.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+use crate::client::{call, ClientError};
+use crate::headers;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::time::Instant;
+
+/// Requests per agent call at most: the first and its hedges. With one of two instances frozen,
+/// the chance that every one of them lands on it is 2^-16.
+pub const MAX_SENDS: u32 = 16;
+/// Hedge delay before the latency is known.
+const FIRST_DELAY: Duration = Duration::from_millis(20);
+/// The shortest hedge delay for an agent call: not so short that a busy agent is flooded.
+const MIN_DELAY: Duration = Duration::from_millis(2);
+
+/// A queue group's recent answer latency (an exponentially weighted mean), from which its
+/// hedge delay follows, and how far to hedge. Shared by every call to the same group.
+#[derive(Debug)]
+pub struct Latency {
+    ewma_us: AtomicU64,
+    floor: Duration,
+    max_sends: u32,
+}
+
+impl Default for Latency {
+    /// An agent kind's: hedged early and often, since agents answer in about a millisecond and
+    /// a frozen instance may hold half of them.
+    fn default() -> Self {
+        Latency::new(MIN_DELAY, MAX_SENDS)
+    }
+}
+
+impl Latency {
+    /// A hedge no sooner than `floor`, and at most `max_sends` requests per call.
+    pub fn new(floor: Duration, max_sends: u32) -> Self {
+        Latency {
+            ewma_us: AtomicU64::new(0),
+            floor,
+            max_sends: max_sends.max(1),
+        }
+    }
+
+    pub fn observe(&self, took: Duration) {
+        let us = took.as_micros().min(u128::from(u64::MAX / 8)) as u64;
+        // Races between concurrent updates lose an observation at worst.
+        let old = self.ewma_us.load(Ordering::Relaxed);
+        let new = if old == 0 { us } else { (old * 7 + us) / 8 };
+        self.ewma_us.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// Four times the usual answer time: long enough that a healthy instance has answered,
+    /// short enough that a dead one costs little of the timeout.
+    pub fn hedge_delay(&self, timeout: Duration) -> Duration {
+        let us = self.ewma_us.load(Ordering::Relaxed);
+        let delay = if us == 0 {
+            FIRST_DELAY
+        } else {
+            Duration::from_micros(us * 4)
+        };
+        delay.max(self.floor).min((timeout / 2).max(MIN_DELAY))
+    }
+}
+
+/// Whether a request's `Policy-Deadline` (Unix ms) has passed: its sender has stopped waiting.
+pub fn past_deadline(h: Option<&HeaderMap>) -> bool {
+    let Some(deadline) =
+        headers::get(h, headers::POLICY_DEADLINE).and_then(|v| v.parse::<u128>().ok())
+    else {
+        return false;
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    now > deadline
+}
+
+/// The deadline header's value: Unix milliseconds.
+fn deadline_ms(after: Duration) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (now + after).as_millis().to_string()
+}
+
+/// One request, hedged. Returns the first answer (an error reply is an answer), or the last
+/// failure once the timeout is over.
+pub async fn ask(
+    nats: &async_nats::Client,
+    subject: &str,
+    mut headers: HeaderMap,
+    payload: Bytes,
+    timeout: Duration,
+    latency: &Latency,
+) -> Result<async_nats::Message, ClientError> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    headers.insert(headers::POLICY_DEADLINE, deadline_ms(timeout).as_str());
+    let delay = latency.hedge_delay(timeout);
+    // Each request remembers when it left: the latency learned is the answering request's
+    // own, not the call's (which includes the wait for the hedge, and would feed back into an
+    // ever longer hedge delay while an instance is frozen).
+    let send = |left: Duration| {
+        let sent_at = Instant::now();
+        let request = call(
+            nats,
+            subject.to_string(),
+            headers.clone(),
+            payload.clone(),
+            left.max(Duration::from_millis(1)),
+        );
+        async move { (request.await, sent_at) }
+    };
+    let mut pending = FuturesUnordered::new();
+    pending.push(send(timeout));
+    let mut sent = 1;
+    let mut next_hedge = start + delay;
+    let mut pause = Duration::from_millis(5);
+    let mut retry_at: Option<Instant> = None;
+    let mut last = None;
+    loop {
+        let hedge_due = sent < latency.max_sends && next_hedge < deadline && retry_at.is_none();
+        tokio::select! {
+            Some((reply, sent_at)) = pending.next() => match reply {
+                Ok(msg) => {
+                    latency.observe(sent_at.elapsed());
+                    return Ok(msg);
+                }
+                // An error reply is an answer; a dropped connection will not answer a hedge.
+                Err(e @ (ClientError::Remote(_) | ClientError::Disconnected { .. })) => return Err(e),
+                Err(e @ ClientError::NoResponders { .. }) => {
+                    last = Some(e);
+                    if pending.is_empty() && Instant::now() + pause < deadline {
+                        retry_at = Some(Instant::now() + pause);
+                        pause = (pause * 2).min(Duration::from_millis(50));
+                    }
+                }
+                Err(e) => {
+                    last = Some(e);
+                    if pending.is_empty() && !hedge_due && retry_at.is_none() {
+                        break;
+                    }
+                }
+            },
+            _ = tokio::time::sleep_until(next_hedge), if hedge_due => {
+                tracing::debug!(subject, sent, after = ?start.elapsed(), "no answer yet: hedging");
+                pending.push(send(deadline - Instant::now()));
+                sent += 1;
+                next_hedge += delay;
+            }
+            _ = tokio::time::sleep_until(retry_at.unwrap_or(deadline)), if retry_at.is_some() => {
+                retry_at = None;
+                pending.push(send(deadline - Instant::now()));
+            }
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    Err(match last {
+        Some(e @ ClientError::NoResponders { .. }) => e,
+        Some(e) if !matches!(e, ClientError::Timeout { .. }) && Instant::now() < deadline => e,
+        _ => ClientError::Timeout {
+            subject: subject.to_string(),
+            timeout,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hedge_delay_follows_the_kinds_latency_within_bounds() {
+        let l = Latency::default();
+        let timeout = Duration::from_millis(250);
+        assert_eq!(l.hedge_delay(timeout), FIRST_DELAY);
+        for _ in 0..50 {
+            l.observe(Duration::from_micros(500));
+        }
+        assert_eq!(l.hedge_delay(timeout), Duration::from_millis(2));
+        for _ in 0..50 {
+            l.observe(Duration::from_millis(10));
+        }
+        let d = l.hedge_delay(timeout);
+        assert!(
+            d > Duration::from_millis(35) && d <= Duration::from_millis(40),
+            "{d:?}"
+        );
+        for _ in 0..50 {
+            l.observe(Duration::from_millis(200));
+        }
+        assert_eq!(l.hedge_delay(timeout), timeout / 2);
+    }
+}
