@@ -44,6 +44,25 @@ struct Agent<K: AgentKind> {
     kind_name: Kind,
     subjects: Subjects,
     loaded: RwLock<Arc<Loaded<K::Rules>>>,
+    /// Requests being worked on, by event id and subject: a hedged copy of one of them that
+    /// lands here is dropped (the original's answer serves the dispatcher), so hedging never
+    /// makes one instance do the same work twice.
+    working: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Takes a request's place in [`Agent::working`] until dropped.
+struct Working<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+    key: String,
+}
+
+impl Drop for Working<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
 }
 
 impl<K: AgentKind> Agent<K>
@@ -127,6 +146,26 @@ where
             req.refused("past its deadline");
             return;
         }
+        let _working = match headers::get(msg.headers.as_ref(), headers::POLICY_EVENT_ID) {
+            Some(id) if msg.reply.is_some() && !validating => {
+                let key = format!("{id} {}", msg.subject);
+                let fresh = self
+                    .working
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key.clone());
+                if !fresh {
+                    tracing::debug!(subject = %msg.subject, "hedged copy of a request in progress: dropped");
+                    req.refused("copy of a request in progress");
+                    return;
+                }
+                Some(Working {
+                    set: &self.working,
+                    key,
+                })
+            }
+            _ => None,
+        };
         let result = if validating {
             self.validate(&msg.payload)
         } else {
@@ -299,6 +338,7 @@ where
             rules,
             broken: Vec::new(),
         })),
+        working: Default::default(),
     });
 
     // Load the policies before taking any request, so a new instance never answers from an

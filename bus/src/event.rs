@@ -251,6 +251,29 @@ impl Event {
     }
 }
 
+/// The event's payload as agents get it: the candidate lists (`dst_peers`, `peers`,
+/// `services`) emptied, since the agents read the current candidates from the state, and a
+/// list that travelled twice (in the payload and, base64, in `Policy-State`) would halve the
+/// candidates an event can carry. The lists stay, empty, so a typed decode still finds them.
+pub fn without_candidates(payload: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let Value::Map(mut map) = codec::decode::<Value>("event attributes", payload)? else {
+        return Ok(payload.to_vec());
+    };
+    let mut emptied = false;
+    for (k, v) in map.iter_mut() {
+        let candidate = matches!(k.as_str(), Some("dst_peers" | "peers" | "services"));
+        if candidate && matches!(v, Value::Array(items) if !items.is_empty()) {
+            *v = Value::Array(Vec::new());
+            emptied = true;
+        }
+    }
+    if emptied {
+        codec::encode("event attributes", &Value::Map(map))
+    } else {
+        Ok(payload.to_vec())
+    }
+}
+
 /// The names in first-seen order, each once.
 fn unique<'a>(names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
     let mut seen = std::collections::HashSet::new();
@@ -342,6 +365,28 @@ mod tests {
             e.initial_state().get_strings(keys::TARGET_PEERS),
             Some(vec!["b", "a"])
         );
+    }
+
+    #[test]
+    fn agents_get_the_candidates_once() {
+        let e = ExposeService {
+            service: "db".into(),
+            peers: vec!["a".into(), "b".into()],
+        };
+        let bytes = codec::encode("t", &e).unwrap();
+        let slim = without_candidates(&bytes).unwrap();
+        assert!(slim.len() < bytes.len());
+        let back = Event::decode(&name(EXPOSE_SERVICE), &slim).unwrap();
+        assert_eq!(
+            back,
+            Event::ExposeService(ExposeService {
+                service: "db".into(),
+                peers: vec![]
+            })
+        );
+        let none =
+            codec::encode("t", &BTreeMap::from([("x".to_string(), Value::from(1))])).unwrap();
+        assert_eq!(without_candidates(&none).unwrap(), none);
     }
 
     #[test]

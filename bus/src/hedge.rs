@@ -72,7 +72,10 @@ impl Latency {
     }
 
     /// Four times the usual answer time: long enough that a healthy instance has answered,
-    /// short enough that a dead one costs little of the timeout.
+    /// short enough that a dead one costs little of the timeout; and short enough that every
+    /// copy fits in the timeout (under load the usual time grows, and a frozen instance must
+    /// still be outnumbered). An instance drops a copy of a request it is already working on,
+    /// so short delays do not multiply the work.
     pub fn hedge_delay(&self, timeout: Duration) -> Duration {
         let us = self.ewma_us.load(Ordering::Relaxed);
         let delay = if us == 0 {
@@ -80,7 +83,8 @@ impl Latency {
         } else {
             Duration::from_micros(us * 4)
         };
-        delay.max(self.floor).min((timeout / 2).max(MIN_DELAY))
+        let spread = (timeout / self.max_sends).max(MIN_DELAY);
+        delay.max(self.floor).min(spread)
     }
 }
 
@@ -193,14 +197,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_hedge_delay_follows_the_kinds_latency_within_bounds() {
+    fn the_hedge_delay_follows_the_latency_and_every_copy_fits_the_timeout() {
         let l = Latency::default();
-        let timeout = Duration::from_millis(250);
+        let timeout = Duration::from_secs(1);
         assert_eq!(l.hedge_delay(timeout), FIRST_DELAY);
         for _ in 0..50 {
-            l.observe(Duration::from_micros(500));
+            l.observe(Duration::from_micros(300));
         }
-        assert_eq!(l.hedge_delay(timeout), Duration::from_millis(2));
+        assert_eq!(l.hedge_delay(timeout), MIN_DELAY);
         for _ in 0..50 {
             l.observe(Duration::from_millis(10));
         }
@@ -209,9 +213,17 @@ mod tests {
             d > Duration::from_millis(35) && d <= Duration::from_millis(40),
             "{d:?}"
         );
+        // Slower than the timeout allows: every copy still fits in it.
         for _ in 0..50 {
             l.observe(Duration::from_millis(200));
         }
-        assert_eq!(l.hedge_delay(timeout), timeout / 2);
+        assert_eq!(l.hedge_delay(timeout), timeout / MAX_SENDS);
+        // A hookpoint's: never sooner than its floor.
+        let gw = Latency::new(Duration::from_millis(100), 3);
+        gw.observe(Duration::from_millis(1));
+        assert_eq!(
+            gw.hedge_delay(Duration::from_secs(5)),
+            Duration::from_millis(100)
+        );
     }
 }

@@ -154,10 +154,29 @@ impl Dispatcher {
         // Agents may key on the event (conn-limit's slots do, so a hedged duplicate's slot is
         // freed with the original's); like the connection id, no patch can change it.
         state.insert(keys::EVENT_ID, event_id.as_str());
+        // The candidates travel to the agents once, in the state.
+        let to_agents = bus::event::without_candidates(&payload)
+            .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
+        let state_bytes = state
+            .encode()
+            .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?
+            .len();
+        // What each agent call carries: the payload, the state in base64, the headers. An event
+        // the server could not carry to an agent is refused here, not blamed on the agent.
+        let per_call = to_agents.len() + state_bytes.div_ceil(3) * 4 + 1024;
+        let max = self.nats.server_info().max_payload;
+        if max > 0 && per_call > max {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "{name} event: with its candidates in the state, a call to an agent would be {per_call} bytes, more than the server's max_payload of {max}"
+                ),
+            ));
+        }
         let mut run = if chain.broken.is_empty() {
             let call = Call {
                 nats: &self.nats,
-                payload: payload.clone(),
+                payload: to_agents.into(),
                 trace: trace.clone(),
                 max_patch_bytes: self.options.max_patch_bytes,
             };

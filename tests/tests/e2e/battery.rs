@@ -438,3 +438,55 @@ async fn rogue_agents_fail_closed_and_the_engine_keeps_deciding() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(engine.exited().is_empty(), "{:?}", engine.exited());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn candidates_travel_once_and_an_event_too_big_for_an_agent_call_is_refused_up_front() {
+    let mut engine = Engine::new();
+    let big = ["--max-candidates", "200000", "--max-event-bytes", "2000000"];
+    engine.spawn("policy-dispatcher", &big);
+    engine.agent("acl", &[]);
+    engine.agent("lb", &[]);
+    engine.wait_instances("policy-dispatcher", 1).await;
+    engine.wait_instances("policy-agent-acl", 1).await;
+    engine.wait_instances("policy-agent-lb", 1).await;
+    let admin = engine.admin().await;
+    // Debug builds take a while over 55 000 candidates.
+    let mut subs = [
+        sub("new-connection", "acl", 10),
+        sub("new-connection", "lb", 20),
+    ];
+    for s in &mut subs {
+        s.timeout_ms = 8000;
+    }
+    subscribe(&admin, &subs).await;
+    admin
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "open", "action": "allow"}),
+        )])
+        .await
+        .expect("policy add");
+    eventually_allowed(&engine.hook().await, "allow-all loaded").await;
+
+    // 55 000 candidates, about 660 KB: it used to be denied and blamed on the acl (the payload
+    // and the state both carried them, past the server's 1 MB).
+    let peers: Vec<String> = (0..55_000).map(|i| format!("peer-{i:06}")).collect();
+    let mut p = good_payload();
+    p["dst_peers"] = json!(peers);
+    match event(&engine, msgpack(p)).await {
+        Outcome::Decision(d) => {
+            assert_eq!(d.action, Action::Allow, "{:?}", d.reasons);
+            assert!(peers.contains(&d.target_peer.expect("a pick")));
+        }
+        other => panic!("55 000 candidates: {other:?}"),
+    }
+    // 75 000 (900 KB) fit the server, but not a call to an agent with them in the state.
+    let peers: Vec<String> = (0..75_000).map(|i| format!("peer-{i:06}")).collect();
+    let mut p = good_payload();
+    p["dst_peers"] = json!(peers);
+    bad_request(
+        event(&engine, msgpack(p)).await,
+        "75 000 candidates",
+        &["max_payload", "call to an agent"],
+    );
+    still_correct(&mut engine, "a too big event").await;
+}
