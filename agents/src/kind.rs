@@ -79,6 +79,14 @@ pub trait AgentKind: Send + Sync + 'static {
         std::future::ready(self.decide(rules, event, state))
     }
 
+    /// The event this agent answered was denied in the end (the final decision is given):
+    /// give back what was taken for it. Called at least once per denied event that this kind
+    /// answered or failed on, possibly after a duplicate; must be idempotent. Pure kinds take
+    /// nothing and keep this default.
+    fn undo<'a>(&'a self, _decision: &'a State) -> impl Future<Output = ()> + Send + 'a {
+        std::future::ready(())
+    }
+
     /// Called once, after connecting and before the first request: a stateful kind opens its
     /// bucket and starts its background tasks here.
     fn attach(&mut self, _ctx: Attach<'_>) -> impl Future<Output = Result<(), AttachError>> + Send {

@@ -9,7 +9,7 @@ use bus::admin::Validated;
 use bus::config::{self, ConfigKey};
 use bus::event::EventName;
 use bus::state::keys;
-use bus::subject::VALIDATE_TOKEN;
+use bus::subject::{UNDO_TOKEN, VALIDATE_TOKEN};
 use bus::{codec, headers, Effect, ErrorCode, ErrorReply, Event, Kind, Reason, State, Subjects};
 use daemon::service::{Endpoint, EndpointSpec, Request, Service};
 use tracing::Instrument;
@@ -139,6 +139,26 @@ where
         let mut reply_headers = HeaderMap::new();
         headers::propagate(msg.headers.as_ref(), &mut reply_headers);
         let validating = op == VALIDATE_TOKEN;
+        if op == UNDO_TOKEN {
+            let reply = match State::decode(&msg.payload) {
+                Ok(decision) => {
+                    self.kind.undo(&decision).await;
+                    (
+                        reply_headers,
+                        codec::encode("undone", &Validated { ok: true })
+                            .unwrap_or_default()
+                            .into(),
+                    )
+                }
+                Err(e) => {
+                    ErrorReply::new(ErrorCode::BadRequest, e.to_string()).to_reply(reply_headers)
+                }
+            };
+            if let Err(e) = req.respond(reply.0, reply.1).await {
+                tracing::warn!(error = %e, "could not answer an undo");
+            }
+            return;
+        }
         if bus::hedge::past_deadline(msg.headers.as_ref()) {
             // The dispatcher has given up on this one (a hedge answered it, or the timeout
             // passed): starting it now would only take what nobody will use.

@@ -139,15 +139,7 @@ impl Role {
                 p.publish.extend(read_bucket(&s.config_bucket()));
                 match kind.as_str() {
                     "monitor" => p.subscribe.push(s.tap_wildcard()),
-                    "conn-limit" => {
-                        p.publish.extend(write_bucket(&s.conn_bucket()));
-                        // Releases the slots of connections a later agent denied.
-                        p.subscribe.push(format!(
-                            "{} {}",
-                            s.tap(crate::event::NEW_CONNECTION),
-                            CONN_LIMIT_TAP_GROUP
-                        ));
-                    }
+                    "conn-limit" => p.publish.extend(write_bucket(&s.conn_bucket())),
                     "rate-limit" => p.publish.extend(write_bucket(&s.rate_bucket())),
                     _ => {}
                 }
@@ -163,9 +155,6 @@ impl fmt::Display for Role {
         f.write_str(&self.name())
     }
 }
-
-/// The queue group in which one conn-limit instance reads each tap record.
-pub const CONN_LIMIT_TAP_GROUP: &str = "conn-limit-tap";
 
 /// A role's NATS permissions: allow lists, everything else denied.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -70,6 +70,12 @@ pub(crate) fn check_event(s: &str) -> Result<(), InvalidName> {
 /// which no event name can, so it never collides with an event subscription.
 pub const VALIDATE_TOKEN: &str = "_validate";
 
+/// The agent-side token the dispatcher uses, after a chain ended in deny, to tell each kind it
+/// called that the event was denied, so that a kind that took something for it (a
+/// conn-limit slot) gives it back. The payload is the final decision. Request/reply, so that
+/// unlike the tap it is not lost when nobody happens to listen.
+pub const UNDO_TOKEN: &str = "_undo";
+
 /// Admin commands, each the last token of `<prefix>.admin.<command>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdminCommand {
@@ -153,6 +159,9 @@ impl Subjects {
     }
     pub fn agent_validate(&self, kind: &Kind) -> String {
         self.agent(kind, VALIDATE_TOKEN)
+    }
+    pub fn agent_undo(&self, kind: &Kind) -> String {
+        self.agent(kind, UNDO_TOKEN)
     }
     /// Every agent kind's subjects: what the dispatcher calls.
     pub fn agents_wildcard(&self) -> String {

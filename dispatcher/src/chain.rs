@@ -270,6 +270,56 @@ pub fn finalize(run: &mut Run, event_id: &str, event: &Event) {
     s.insert(keys::EVENT_ID, event_id);
 }
 
+/// What a denied event's agents must give back: who to ask, with the final decision.
+pub struct Undo {
+    pub kinds: Vec<bus::Kind>,
+    pub decision: Bytes,
+    pub trace: HeaderMap,
+}
+
+/// The failure codes a dispatcher's reason carries as `policy` for an agent that failed.
+const FAILURE_CODES: [&str; 3] = ["agent-timeout", "no-responders", "agent-error"];
+
+/// The kinds to tell that their event was denied: those that answered, or failed (a late
+/// answer may still have taken something), except the ones that denied it themselves (a kind
+/// that refuses keeps nothing) and observers. `None` for an event that was not denied.
+pub fn undo_for(run: &Run, decision: &Bytes, trace: &HeaderMap) -> Option<Undo> {
+    if run.state.get_str(keys::ACTION) != Some("deny") {
+        return None;
+    }
+    let deniers: Vec<&str> = match run.state.get(keys::REASONS) {
+        Some(Value::Array(reasons)) => reasons
+            .iter()
+            .filter_map(|r| {
+                let m = r.as_map()?;
+                let get = |k: &str| m.iter().find(|(kk, _)| kk.as_str() == Some(k))?.1.as_str();
+                (get("effect") == Some("deny") && !FAILURE_CODES.contains(&get("policy")?))
+                    .then_some(get("agent")?)
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut kinds: Vec<bus::Kind> = run
+        .timings
+        .iter()
+        .filter(|t| {
+            matches!(
+                t.outcome,
+                Outcome::Answered | Outcome::Timeout | Outcome::Error
+            )
+        })
+        .filter(|t| !deniers.contains(&t.agent.as_str()))
+        .filter_map(|t| bus::Kind::new(&t.agent).ok())
+        .collect();
+    kinds.sort();
+    kinds.dedup();
+    (!kinds.is_empty()).then(|| Undo {
+        kinds,
+        decision: decision.clone(),
+        trace: trace.clone(),
+    })
+}
+
 /// The decision for an event whose stored subscriptions do not all load: deny, naming each
 /// broken record. A record nobody can read might have been the ACL's, so the chain does not run
 /// without it (fail closed, as an agent does with a broken policy).

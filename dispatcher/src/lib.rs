@@ -16,7 +16,7 @@ use bus::event::{new_id, Event, EventName};
 use bus::limits::Limits;
 use bus::roles::Role;
 use bus::state::keys;
-use bus::tap::TapRecord;
+use bus::tap::{Outcome, TapRecord};
 use bus::{codec, headers, ErrorCode, ErrorReply, Subjects};
 use bytes::Bytes;
 use daemon::service::{Endpoint, EndpointSpec, Request, Service};
@@ -71,6 +71,9 @@ pub struct Dispatcher {
 
 type Reply = (HeaderMap, Bytes);
 
+/// How long a kind has to confirm an undo, hedged like any agent call.
+const UNDO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Dispatcher {
     /// Decides one event. Errors are the caller's or the configuration's: a failed agent is
     /// not an error but a (deny or degraded) decision.
@@ -78,7 +81,7 @@ impl Dispatcher {
         &self,
         msg: &async_nats::Message,
         started: Instant,
-    ) -> Result<Reply, ErrorReply> {
+    ) -> Result<(Reply, Option<chain::Undo>), ErrorReply> {
         let raw = self.subjects.event_of(&msg.subject).unwrap_or_default();
         let name = EventName::new(raw)
             .map_err(|e| ErrorReply::new(ErrorCode::UnknownEvent, e.to_string()))?;
@@ -184,6 +187,30 @@ impl Dispatcher {
         } else {
             chain::broken_chain(state, &chain.broken)
         };
+        // A close is an acknowledgement, not a decision: if an agent subscribed to it failed
+        // (conn-limit down, say), acking it would hide that its slots were not freed. The
+        // hookpoint gets an error instead, and sends the close again.
+        if let Event::ConnectionClosed(_) = &event {
+            if let Some(failed) = run.timings.iter().find(|t| {
+                matches!(
+                    t.outcome,
+                    Outcome::Timeout | Outcome::NoResponders | Outcome::Error
+                )
+            }) {
+                let code = match failed.outcome {
+                    Outcome::Timeout => ErrorCode::AgentTimeout,
+                    _ => ErrorCode::AgentError,
+                };
+                return Err(ErrorReply::new(
+                    code,
+                    format!(
+                        "the close was not confirmed by {} ({}): send it again",
+                        failed.agent,
+                        outcome_name(failed.outcome)
+                    ),
+                ));
+            }
+        }
         finalize(&mut run, &event_id, &event);
 
         let body = run
@@ -204,9 +231,39 @@ impl Dispatcher {
         }
         let total_us = started.elapsed().as_micros() as u64;
         tracing::debug!(event = %name, action = run.state.get_str(keys::ACTION), total_us, "decided");
+        let body = Bytes::from(body);
+        let undo = chain::undo_for(&run, &body, &trace);
         self.tap(&name, &event_id, &payload, run, total_us, &trace)
             .await;
-        Ok((trace, body.into()))
+        Ok(((trace, body), undo))
+    }
+
+    /// Tells each kind that answered (or failed) on a denied event to give back what it took
+    /// for it. After the reply, so the hookpoint does not wait; before the task ends, so a
+    /// stopping dispatcher still sends it. What cannot be undone is left to the kind's lease.
+    async fn undo(&self, undo: chain::Undo) {
+        let calls = undo.kinds.iter().map(|kind| {
+            let subject = self.subjects.agent_undo(kind);
+            let (trace, decision) = (undo.trace.clone(), undo.decision.clone());
+            async move {
+                let latency = bus::hedge::Latency::default();
+                let r = bus::hedge::ask(
+                    &self.nats,
+                    &subject,
+                    trace,
+                    decision,
+                    UNDO_TIMEOUT,
+                    &latency,
+                )
+                .await;
+                (kind, r)
+            }
+        });
+        for (kind, r) in futures::future::join_all(calls).await {
+            if let Err(e) = r {
+                tracing::warn!(agent = %kind, error = %e, "could not undo what the agent took for a denied event; its lease will");
+            }
+        }
     }
 
     async fn tap(
@@ -267,16 +324,19 @@ impl Dispatcher {
             req.refused("past its deadline");
             return;
         }
-        let reply = match self.decide(&req.message, started).await {
-            Ok(reply) => reply,
+        let (reply, undo) = match self.decide(&req.message, started).await {
+            Ok(decided) => decided,
             Err(err) => {
                 tracing::warn!(subject = %req.message.subject, error = %err, "event rejected");
                 let mut h = HeaderMap::new();
                 headers::propagate(req.message.headers.as_ref(), &mut h);
-                err.to_reply(h)
+                (err.to_reply(h), None)
             }
         };
         respond(req, reply).await;
+        if let Some(undo) = undo {
+            self.undo(undo).await;
+        }
     }
 
     async fn handle_admin(self: Arc<Self>, req: Request) {
@@ -296,6 +356,15 @@ impl Dispatcher {
             }
         };
         respond(req, reply).await;
+    }
+}
+
+fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Timeout => "no answer in time",
+        Outcome::NoResponders => "no live instance",
+        Outcome::Error => "it answered with an error",
+        Outcome::Answered | Outcome::Observed => "answered",
     }
 }
 

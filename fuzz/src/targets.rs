@@ -5,7 +5,6 @@
 use agents::kind::{parse_policy, AgentKind};
 use agents::kinds::acl::Acl;
 use agents::kinds::conn_limit::ConnLimiter;
-use agents::kinds::conn_limit_tasks::to_release;
 use agents::kinds::lb::Lb;
 use agents::kinds::monitor::metrics::Metrics;
 use agents::kinds::rate_limit::RateLimiter;
@@ -214,11 +213,10 @@ fn policy(input: &[u8]) {
     }
 }
 
-/// A tap record, as the monitor and conn-limit's releaser read it.
+/// A tap record, as the monitor reads it.
 fn tap(input: &[u8]) {
     if let Ok(record) = codec::decode::<TapRecord>("tap record", input) {
         Metrics::new().record(&record);
-        let _ = to_release(&record);
     }
 }
 

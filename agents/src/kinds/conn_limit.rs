@@ -9,12 +9,13 @@
 //! restarted or added instance loads them first), so any instance can release a connection's
 //! slots; the view is only a hint, the create decides.
 //!
-//! Slots are released on `connection-closed`; on a final deny by a later agent (read from the
-//! tap by one instance of the queue group: exactly the slots the admission recorded in the
-//! state key `conn_limit`, or, when conn-limit itself failed or timed out in that chain, every
-//! slot of the connection); and by the lease: the bucket's `max_age`, so JetStream itself drops
-//! a slot whose close never came (`--lease`, default 1 h; a connection that lives longer than
-//! the lease stops counting).
+//! A slot's holder is `<connection>#<event id>`. Slots are released on `connection-closed`
+//! (every slot of the connection); on a final deny after conn-limit answered or failed, by the
+//! dispatcher's `_undo` request, a request/reply rather than the at-most-once tap (every slot
+//! of that connection and event, a hedged duplicate's too; an admission of an undone holder
+//! still under way here gives its slots back as it ends); and by the lease: the bucket's
+//! `max_age`, so JetStream itself drops a slot whose close never came (`--lease`, default 1 h;
+//! a connection that lives longer than the lease stops counting).
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
+use bus::config::{self, Change, Update};
 use bus::event::{Event, NewConnection};
 use bus::state::keys;
 use bus::{Effect, Reason, State, Value};
@@ -144,6 +146,18 @@ impl View {
             .map(|(n, _)| *n)
     }
 
+    /// The slots held by exactly `holder`.
+    fn held_as(&self, holder: &str) -> Vec<(String, String)> {
+        self.slots
+            .iter()
+            .flat_map(|(p, m)| {
+                m.iter()
+                    .filter(|(_, h)| h.holder == holder)
+                    .map(move |(n, h)| (slot_key(p, *n), h.holder.clone()))
+            })
+            .collect()
+    }
+
     /// The slots a connection holds, by its token.
     fn held_by(&self, token: &str) -> Vec<(String, String)> {
         let prefix = format!("{token}#");
@@ -168,8 +182,8 @@ fn parse_slot(key: &str) -> Option<(&str, u32)> {
     Some((policy, n.parse().ok()?))
 }
 
-/// The state key where an admission records its slots and holder, so that a later deny seen on
-/// the tap frees exactly those (and not a retry's that reuses the connection id).
+/// The state key where an admission records its slots and holder: what it took, in the
+/// decision, for the gateway and the monitor to see.
 pub(crate) const STATE_KEY: &str = "conn_limit";
 /// Create attempts for one admission before it is denied as contended.
 const ATTEMPTS: usize = 8;
@@ -179,7 +193,13 @@ pub(crate) struct Slots {
     pub(crate) store: kv::Store,
     lease: Duration,
     pub(crate) view: Mutex<View>,
+    /// Holders whose event was denied in the end, with when this instance heard: an admission
+    /// of theirs still in progress here (a late or duplicate request) gives its slots back.
+    undone: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long an undone holder is remembered: longer than any subscription timeout.
+const UNDONE_FOR: Duration = Duration::from_secs(120);
 
 impl Slots {
     pub(crate) fn new(store: kv::Store, lease: Duration) -> Self {
@@ -187,7 +207,27 @@ impl Slots {
             store,
             lease,
             view: Mutex::new(View::default()),
+            undone: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Gives back every slot `holder` holds that this instance knows of, and remembers the
+    /// holder so that an admission of it still in progress here gives its slots back too.
+    pub(crate) async fn undo(&self, holder: &str) {
+        {
+            let mut undone = self.undone.lock().unwrap_or_else(|e| e.into_inner());
+            undone.retain(|_, at| at.elapsed() < UNDONE_FOR);
+            undone.insert(holder.to_string(), Instant::now());
+        }
+        let held = self.view().held_as(holder);
+        self.release_exact(&held).await;
+    }
+
+    fn is_undone(&self, holder: &str) -> bool {
+        self.undone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(holder)
     }
 
     pub(crate) fn view(&self) -> std::sync::MutexGuard<'_, View> {
@@ -309,7 +349,7 @@ impl ConnLimiter {
             .get_str(keys::EVENT_ID)
             .map(key_token)
             .unwrap_or_else(bus::event::new_id);
-        let holder = format!("{token}#{event}");
+        let holder = holder(&token, &event);
         let start = (fnv(&holder) % u64::from(u32::MAX)) as u32;
         let mut taken: Vec<(String, String)> = Vec::new();
         let mut reasons = Vec::new();
@@ -332,6 +372,11 @@ impl ConnLimiter {
                 return deny(c, detail);
             }
         }
+        if slots.is_undone(&holder) {
+            // The event was denied while this (late or duplicate) admission was under way.
+            slots.release_exact(&taken).await;
+            return deny(matched[0], "the event was already denied".into());
+        }
         let mut patch = State::new();
         let slot_list = Value::Array(taken.iter().map(|(k, _)| Value::from(k.as_str())).collect());
         patch.insert(
@@ -344,6 +389,51 @@ impl ConnLimiter {
         patch.insert(keys::REASONS, kind::reasons(reasons));
         patch
     }
+}
+
+/// Keeps this instance's view of the slots in step with the bucket, loading them before the
+/// first request so a new instance knows the live connections. Changes are applied one by one:
+/// a rebuild would forget how long each slot was held.
+async fn watch_slots(slots: Arc<Slots>) -> Result<(), AttachError> {
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let watched = slots.clone();
+    let on = move |update: Update<'_>| {
+        let mut view = watched.view();
+        match update {
+            Update::Loaded(snap) => {
+                *view = View::default();
+                for (key, value) in &snap.values {
+                    view.apply(key, Some(String::from_utf8_lossy(value).into_owned()));
+                }
+            }
+            Update::Changed(changes) => {
+                for change in changes {
+                    match change {
+                        Change::Put { key, value, .. } => {
+                            view.apply(key, Some(String::from_utf8_lossy(value).into_owned()))
+                        }
+                        Change::Delete { key, .. } => view.apply(key, None),
+                    }
+                }
+            }
+        }
+    };
+    tokio::spawn(config::watch(
+        slots.store.clone(),
+        "slot.>".into(),
+        on,
+        Some(ready_tx),
+    ));
+    ready
+        .await
+        .map_err(|_| "the slot watch stopped before loading")?;
+
+    Ok(())
+}
+
+/// The holder of a connection's slots for one event: `<connection>#<event>`, as key tokens.
+fn holder(connection: &str, event: &str) -> String {
+    format!("{connection}#{event}")
 }
 
 fn fnv(s: &str) -> u64 {
@@ -394,6 +484,21 @@ impl AgentKind for ConnLimiter {
         }
     }
 
+    /// The event was denied after this kind answered (or failed) on it: its slots, taken
+    /// under `<connection>#<event>`, go back.
+    async fn undo<'a>(&'a self, decision: &'a State) {
+        let (Some(slots), Some(conn), Some(event)) = (
+            &self.slots,
+            decision.get_str(keys::CONNECTION_ID),
+            decision.get_str(keys::EVENT_ID),
+        ) else {
+            return;
+        };
+        slots
+            .undo(&holder(&key_token(conn), &key_token(event)))
+            .await;
+    }
+
     async fn attach(&mut self, ctx: Attach<'_>) -> Result<(), AttachError> {
         let store = ctx
             .state_bucket(
@@ -410,6 +515,6 @@ impl AgentKind for ConnLimiter {
         }
         let slots = Arc::new(Slots::new(store, self.lease));
         self.slots = Some(slots.clone());
-        super::conn_limit_tasks::start(ctx, slots).await
+        watch_slots(slots).await
     }
 }

@@ -2,7 +2,6 @@
 
 pub mod acl;
 pub mod conn_limit;
-pub mod conn_limit_tasks;
 pub mod lb;
 pub mod limit_match;
 pub mod monitor;

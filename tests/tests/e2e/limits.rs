@@ -386,3 +386,46 @@ async fn closing_a_connection_no_limit_counted_is_answered_at_once() {
         assert_eq!(ack.extra.get("action"), None, "the close failed: {ack:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_close_conn_limit_cannot_confirm_is_an_error_and_sending_it_again_frees_the_slot() {
+    let (mut engine, _admin, hook) = conn_limit_engine(1, &[], 1).await;
+    let held = hook
+        .new_connection(&conn("web", "db", &["p1"]))
+        .await
+        .expect("decision");
+    assert_eq!(held.action, Action::Allow);
+    let limiter = engine.take("policy-agent conn-limit");
+    assert!(limiter.terminate(), "conn-limit did not stop cleanly");
+    let closed = ConnectionClosed {
+        connection_id: held.connection_id.clone().expect("connection id"),
+        src_service: "web".into(),
+        dst_service: "db".into(),
+        target_peer: held.target_peer.clone(),
+    };
+    // An ack here would hide that the slot is still held.
+    let err = hook.connection_closed(&closed).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Some(bus::ErrorCode::AgentError | bus::ErrorCode::AgentTimeout)
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("send it again"), "{err}");
+    engine.agent("conn-limit", &[]);
+    engine.wait_instances("policy-agent-conn-limit", 1).await;
+    hook.connection_closed(&closed)
+        .await
+        .expect("the close, again");
+    eventually("the slot is free again", || async {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        (d.action == Action::Allow)
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+}
