@@ -151,7 +151,7 @@ async fn every_role_does_its_job_on_the_secured_bus() {
         body.contains("policy_decisions_total{event=\"new-connection\",action=\"allow\"}"),
         "{body}"
     );
-    // The rate limiter writes its bucket; conn-limit releases, from the tap, the slot of a
+    // The rate limiter writes its bucket; conn-limit gives back, on the dispatcher's undo, the slot of a
     // connection the rate limiter then denied.
     let first = hook
         .new_connection(&conn("web", "billing", &["p1"]))
