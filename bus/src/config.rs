@@ -225,10 +225,10 @@ pub async fn load_and_watch(
             current.values.insert(k, v);
         }
     }
-    let watch = store
-        .watch_from_revision(filter, last + 1)
-        .await
-        .map_err(io)?;
+    // The whole bucket is watched, and changes outside `filter` dropped by the caller: so every
+    // message of the stream passes here, and a watch that fell behind the stream (its consumer
+    // lost with a node, say) shows as such.
+    let watch = store.watch_from_revision(">", last + 1).await.map_err(io)?;
     let changes = watch.map(|entry| {
         let entry = entry.map_err(io)?;
         Ok(match entry.operation {
@@ -244,6 +244,24 @@ pub async fn load_and_watch(
         })
     });
     Ok((current, changes))
+}
+
+/// How often a watch checks that it keeps up with the bucket. A watch whose consumer was lost
+/// (its node died) may stay silent, leaving a process on stale policies: one that has not
+/// reached, a check later, the sequence the stream had at a check is reloaded.
+const STALL_CHECK: Duration = Duration::from_secs(1);
+
+impl Change {
+    pub fn key(&self) -> &str {
+        match self {
+            Change::Put { key, .. } | Change::Delete { key, .. } => key,
+        }
+    }
+    pub fn revision(&self) -> u64 {
+        match self {
+            Change::Put { revision, .. } | Change::Delete { revision, .. } => *revision,
+        }
+    }
 }
 
 /// The values under a filter as of a bucket revision.
@@ -300,11 +318,40 @@ pub async fn watch(
                 }
                 let mut changes = std::pin::pin!(changes);
                 let mut batch = Vec::new();
-                'watch: while let Some(first) = changes.next().await {
+                let prefix = filter.trim_end_matches('>');
+                let mut seen = snap.revision;
+                let mut check = tokio::time::interval(STALL_CHECK);
+                check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                // The stream's last sequence at the previous check: by now the watch must
+                // have passed it.
+                let mut due: Option<u64> = None;
+                'watch: loop {
+                    let first = tokio::select! {
+                        first = changes.next() => match first {
+                            Some(first) => first,
+                            None => break 'watch,
+                        },
+                        _ = check.tick() => {
+                            if due.is_some_and(|d| seen < d) {
+                                tracing::warn!(%filter, seen, behind = ?due, "config watch stalled behind the bucket; reloading");
+                                break 'watch;
+                            }
+                            due = match tokio::time::timeout(STALL_CHECK, store.status()).await {
+                                Ok(Ok(status)) => Some(status.info.state.last_sequence),
+                                _ => None,
+                            };
+                            continue;
+                        }
+                    };
                     let mut next = Some(first);
                     while let Some(change) = next.take() {
                         match change {
-                            Ok(c) => batch.push(c),
+                            Ok(c) => {
+                                seen = seen.max(c.revision());
+                                if c.key().starts_with(prefix) {
+                                    batch.push(c);
+                                }
+                            }
                             Err(e) => {
                                 tracing::warn!(error = %e, %filter, "config watch failed; reloading");
                                 break 'watch;
@@ -312,8 +359,10 @@ pub async fn watch(
                         }
                         next = changes.next().now_or_never().flatten();
                     }
-                    on(Update::Changed(&batch));
-                    batch.clear();
+                    if !batch.is_empty() {
+                        on(Update::Changed(&batch));
+                        batch.clear();
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, %filter, "cannot load config; retrying"),

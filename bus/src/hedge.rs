@@ -43,13 +43,19 @@ pub struct Latency {
     ewma_us: AtomicU64,
     floor: Duration,
     max_sends: u32,
+    /// Whether a call that finds its own connection down waits for it (within the timeout)
+    /// and asks again, rather than failing at once.
+    wait_reconnect: bool,
 }
 
 impl Default for Latency {
     /// An agent kind's: hedged early and often, since agents answer in about a millisecond and
-    /// a frozen instance may hold half of them.
+    /// a frozen instance may hold half of them; and through a reconnect of the dispatcher.
     fn default() -> Self {
-        Latency::new(MIN_DELAY, MAX_SENDS)
+        Latency {
+            wait_reconnect: true,
+            ..Latency::new(MIN_DELAY, MAX_SENDS)
+        }
     }
 }
 
@@ -60,6 +66,7 @@ impl Latency {
             ewma_us: AtomicU64::new(0),
             floor,
             max_sends: max_sends.max(1),
+            wait_reconnect: false,
         }
     }
 
@@ -153,9 +160,13 @@ pub async fn ask(
                     latency.observe(sent_at.elapsed());
                     return Ok(msg);
                 }
-                // An error reply is an answer; a dropped connection will not answer a hedge.
-                Err(e @ (ClientError::Remote(_) | ClientError::Disconnected { .. })) => return Err(e),
-                Err(e @ ClientError::NoResponders { .. }) => {
+                // An error reply is an answer.
+                Err(e @ ClientError::Remote(_)) => return Err(e),
+                // Our own connection dropped: a hookpoint wants to know at once; a dispatcher
+                // reconnects in a fraction of its budget and asks again, rather than decide
+                // from calls its own outage cut (a node lost under it).
+                Err(e @ ClientError::Disconnected { .. }) if !latency.wait_reconnect => return Err(e),
+                Err(e @ (ClientError::NoResponders { .. } | ClientError::Disconnected { .. })) => {
                     last = Some(e);
                     if pending.is_empty() && Instant::now() + pause < deadline {
                         retry_at = Some(Instant::now() + pause);

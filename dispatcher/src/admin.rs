@@ -94,6 +94,14 @@ async fn delete(d: &Dispatcher, key: &str) -> Result<(), ErrorReply> {
 
 /// The values of every key under `prefix`, in key order.
 async fn list(d: &Dispatcher, prefix: &str) -> Result<Vec<(String, Bytes)>, ErrorReply> {
+    // While the bucket's stream has no leader (a node was just lost) its reads hang: the
+    // operator gets a prompt "unavailable" instead.
+    tokio::time::timeout(WRITE_TIMEOUT, list_now(d, prefix))
+        .await
+        .map_err(|_| unavailable("no answer from JetStream in time"))?
+}
+
+async fn list_now(d: &Dispatcher, prefix: &str) -> Result<Vec<(String, Bytes)>, ErrorReply> {
     let mut keys: Vec<String> = d
         .store
         .keys()

@@ -102,6 +102,25 @@ impl NatsServer {
         Self::start_args(nats_server_bin(), vec!["-c".into(), conf], envs, false)
     }
 
+    /// One node of a local JetStream cluster: its name, its route port, and the routes to
+    /// every node.
+    fn start_node(name: &str, route_port: u16, routes: &str) -> Self {
+        let args = [
+            "-n",
+            name,
+            "--cluster_name",
+            "policy-e2e",
+            "-cluster",
+            &format!("nats://127.0.0.1:{route_port}"),
+            "-routes",
+            routes,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        Self::start_args(nats_server_bin(), args, Vec::new(), true)
+    }
+
     fn start_args(
         bin: PathBuf,
         args: Vec<String>,
@@ -184,6 +203,41 @@ impl Drop for NatsServer {
     }
 }
 
+/// A local JetStream cluster of `n` nodes, named `node-0` ...: each its own server, port and
+/// store, routed to the others.
+pub fn start_cluster(n: usize) -> Vec<NatsServer> {
+    let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let all = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    routes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| NatsServer::start_node(&format!("node-{i}"), *p, &all))
+        .collect()
+}
+
+/// Waits until the cluster's JetStream has a meta leader (account info answers), so that the
+/// first process does not spend its start retrying.
+pub async fn wait_for_jetstream(url: &str) {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(url)
+        .await
+        .expect("connect to the cluster");
+    let js = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while js.query_account().await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "JetStream never got a meta leader"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A running binary. Dropping it kills it.
 pub struct Proc {
     pub name: String,
@@ -223,6 +277,8 @@ impl Drop for Proc {
 /// A whole engine under test: a server, and the processes started against it.
 pub struct Engine {
     pub nats: NatsServer,
+    /// The other nodes, when the engine runs on a cluster.
+    pub nodes: Vec<NatsServer>,
     pub prefix: String,
     procs: Vec<Proc>,
     /// On a secured bus: the directory `policyctl auth init` wrote the seeds and nats.conf to.
@@ -253,11 +309,58 @@ impl Engine {
     pub fn on(nats: NatsServer) -> Self {
         Engine {
             nats,
+            nodes: Vec::new(),
             prefix: "policy".into(),
             procs: Vec::new(),
             auth: None,
             logs: tempfile::tempdir().expect("temp dir"),
         }
+    }
+
+    /// An engine on a cluster: `node(0)` is `nats`, the rest are `nodes`; clients get every
+    /// node's URL.
+    pub fn on_cluster(mut nodes: Vec<NatsServer>) -> Self {
+        let first = nodes.remove(0);
+        let mut engine = Self::on(first);
+        engine.nodes = nodes;
+        engine
+    }
+
+    /// A node of the cluster (0 is `nats`).
+    pub fn node(&mut self, i: usize) -> &mut NatsServer {
+        if i == 0 {
+            &mut self.nats
+        } else {
+            &mut self.nodes[i - 1]
+        }
+    }
+
+    /// Every node's URL, comma-separated.
+    pub fn url(&self) -> String {
+        std::iter::once(&self.nats)
+            .chain(&self.nodes)
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts a binary connected to one node only (it learns the others from the server, and
+    /// goes to them if its node is lost).
+    pub fn spawn_on(&mut self, node: usize, binary: &str, args: &[&str]) -> &Proc {
+        let url = self.node(node).url();
+        let log = self.logs.path().join(format!("{}.log", self.procs.len()));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let child = self
+            .command_with(binary, args, &Self::role_of(binary, args), &url)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {binary}: {e}"));
+        self.procs.push(Proc {
+            name: format!("{binary} {} @node-{node}", args.join(" ")),
+            child,
+        });
+        self.procs.last().expect("just pushed")
     }
 
     /// An engine on a secured bus: a server started with the generated users and
@@ -339,8 +442,12 @@ impl Engine {
     }
 
     pub fn command_as(&self, binary: &str, args: &[&str], role: &Role) -> Command {
+        self.command_with(binary, args, role, &self.url())
+    }
+
+    fn command_with(&self, binary: &str, args: &[&str], role: &Role, url: &str) -> Command {
         let mut cmd = Command::new(bin(binary));
-        cmd.args(["--nats-url", &self.nats.url(), "--prefix", &self.prefix]);
+        cmd.args(["--nats-url", url, "--prefix", &self.prefix]);
         if let Some(seed) = self.seed(role) {
             cmd.arg("--nkey-file").arg(seed);
         }
@@ -500,7 +607,12 @@ impl Engine {
             });
         let client = opts
             .retry_on_initial_connect()
-            .connect(self.nats.url())
+            .connect(
+                self.url()
+                    .split(',')
+                    .map(str::to_string)
+                    .collect::<Vec<_>>(),
+            )
             .await
             .expect("connect to test nats-server");
         (client, rx)

@@ -13,7 +13,7 @@ use crate::*;
 
 /// What one request of the load came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Correct,
     Wrong,
     Error,
@@ -21,18 +21,18 @@ enum Kind {
 }
 
 #[derive(Default)]
-struct Tally {
+pub(crate) struct Tally {
     /// (when, what), in the order they came back.
-    outcomes: Vec<(Instant, Kind, Duration)>,
-    wrong: Vec<String>,
+    pub(crate) outcomes: Vec<(Instant, Kind, Duration)>,
+    pub(crate) wrong: Vec<String>,
 }
 
 impl Tally {
-    fn count(&self, kind: Kind) -> usize {
+    pub(crate) fn count(&self, kind: Kind) -> usize {
         self.outcomes.iter().filter(|(_, k, _)| *k == kind).count()
     }
 
-    fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         format!(
             "{} decisions: {} correct, {} wrong, {} errors, {} timeouts",
             self.outcomes.len(),
@@ -46,17 +46,21 @@ impl Tally {
 
 /// A closed loop of `workers` gateways, each sending `web -> db` over `[p1, p2]` and counting
 /// what comes back, until `stop` is set. Correct is the allow-all ACL's allow to p1 or p2.
-fn load(
-    engine: &Engine,
-    workers: usize,
-) -> (
+type Load = (
     Arc<Mutex<Tally>>,
     tokio::sync::watch::Sender<bool>,
     Vec<tokio::task::JoinHandle<()>>,
-) {
+);
+
+fn load(engine: &Engine, workers: usize) -> Load {
+    load_at(engine, &engine.url(), workers)
+}
+
+/// [`load`], with the gateways connected to `url` (a list, or one node of a cluster).
+pub(crate) fn load_at(engine: &Engine, url: &str, workers: usize) -> Load {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let url = engine.nats.url();
+    let url: Vec<String> = url.split(',').map(str::to_string).collect();
     let subjects = engine.subjects();
     let handles = (0..workers)
         .map(|_| {

@@ -3,6 +3,7 @@
 
 mod battery;
 mod chain;
+mod cluster;
 mod decisions;
 mod faults;
 mod integrity;
@@ -71,12 +72,21 @@ pub fn conn(src: &str, dst: &str, peers: &[&str]) -> NewConnection {
 
 /// Retries `check` until it passes or [`WAIT`] runs out: agents apply stored policies a few
 /// milliseconds after `policy add` returns.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
-    let deadline = Instant::now() + WAIT;
+    eventually_within(what, WAIT, check).await
+}
+
+/// [`eventually`], with a bound of its own.
+pub async fn eventually_within<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + within;
     loop {
         match check().await {
             Ok(()) => return,
