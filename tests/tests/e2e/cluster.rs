@@ -115,14 +115,18 @@ async fn losing_the_node_that_leads_the_config_and_serves_half_the_engine_makes_
     })
     .await;
     let hook = engine.hook().await;
-    eventually("the new policy applies on the surviving nodes", || async {
-        let d = hook
-            .new_connection(&conn("web", "db", &["p1"]))
-            .await
-            .map_err(|e| e.to_string())?;
-        (d.action == Action::Deny && effects(&d.reasons, "acl") == [pair("no-db", "deny")])
-            .then_some(())
-            .ok_or(format!("{d:?}"))
-    })
+    eventually_within(
+        "the new policy applies on the surviving nodes",
+        recovery,
+        || async {
+            let d = hook
+                .new_connection(&conn("web", "db", &["p1"]))
+                .await
+                .map_err(|e| e.to_string())?;
+            (d.action == Action::Deny && effects(&d.reasons, "acl") == [pair("no-db", "deny")])
+                .then_some(())
+                .ok_or(format!("{d:?}"))
+        },
+    )
     .await;
 }
