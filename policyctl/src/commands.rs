@@ -11,6 +11,14 @@ use futures::StreamExt;
 
 use crate::{auth, files, AuthCommand, Cli, Command, PolicyCommand};
 
+/// Prints a line of a command's output; a reader that went away (`| head`) ends the command
+/// quietly instead of a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        line(&format!($($arg)*)).map_err(anyhow::Error::from)?
+    };
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let subjects = cli.common.subjects()?;
     match &cli.command {
@@ -20,9 +28,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_addr,
             secure,
             auth_dir,
+            cluster,
         } => {
             let auth = secure.then_some(auth_dir.as_path());
-            return crate::up::run(&cli.common, examples, *every, metrics_addr, auth).await;
+            let nodes = usize::from(*cluster);
+            return crate::up::run(&cli.common, examples, *every, metrics_addr, auth, nodes).await;
         }
         Command::Auth(cmd) => return auth(cmd, &subjects),
         _ => {}
@@ -81,26 +91,32 @@ async fn command(
             admin
                 .subscribe_with(&bus::admin::Subscribe::new(sub.clone(), force))
                 .await?;
-            println!(
+            out!(
                 "subscribed {} to {} at priority {}",
-                sub.agent, sub.event, sub.priority
+                sub.agent,
+                sub.event,
+                sub.priority
             );
         }
         Command::Unsubscribe { event, agent } => {
             admin.unsubscribe(&event, &agent).await?;
-            println!("unsubscribed {agent} from {event}");
+            out!("unsubscribed {agent} from {event}");
         }
         Command::Subscriptions { event, json } => {
             let subs = admin.subscriptions(event.as_deref()).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&subs)?);
+                out!("{}", serde_json::to_string_pretty(&subs)?);
             } else {
-                println!(
+                out!(
                     "{:<24} {:<14} {:>8} {:>9} {:<8} observe",
-                    "EVENT", "AGENT", "PRIORITY", "TIMEOUT", "FAILURE"
+                    "EVENT",
+                    "AGENT",
+                    "PRIORITY",
+                    "TIMEOUT",
+                    "FAILURE"
                 );
                 for s in subs {
-                    println!(
+                    out!(
                         "{:<24} {:<14} {:>8} {:>7}ms {:<8} {}",
                         s.event,
                         s.agent,
@@ -115,25 +131,25 @@ async fn command(
         Command::Policy(PolicyCommand::Add { files: paths }) => {
             let docs = files::read_policies(&paths)?;
             for r in files::add_policies(&admin, &docs).await? {
-                println!("stored {}/{}", r.agent, r.id);
+                out!("stored {}/{}", r.agent, r.id);
             }
         }
         Command::Policy(PolicyCommand::Remove { agent, id }) => {
             admin.policy_remove(&agent, &id).await?;
-            println!("removed {agent}/{id}");
+            out!("removed {agent}/{id}");
         }
         Command::Policy(PolicyCommand::List { agent, json }) => {
             let policies = admin.policy_list(agent.as_deref()).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&policies)?);
+                out!("{}", serde_json::to_string_pretty(&policies)?);
             } else {
-                println!("{:<14} {:<28} DOCUMENT", "AGENT", "ID");
+                out!("{:<14} {:<28} DOCUMENT", "AGENT", "ID");
                 for p in policies {
                     let r = PolicyRef::of(&p).unwrap_or(PolicyRef {
                         agent: "?".into(),
                         id: "?".into(),
                     });
-                    println!(
+                    out!(
                         "{:<14} {:<28} {}",
                         r.agent,
                         r.id,
@@ -146,7 +162,7 @@ async fn command(
         Command::Emit { event, attributes } => {
             let attrs = parse_attributes(&attributes)?;
             let decision = Client::new(nats, subjects).emit(&event, &attrs).await?;
-            println!("{}", serde_json::to_string_pretty(&decision)?);
+            out!("{}", serde_json::to_string_pretty(&decision)?);
         }
         Command::Tap { event } => tap(&nats, &subjects, event.as_deref()).await?,
         Command::Top { interval, count } => {
@@ -186,9 +202,9 @@ fn auth(cmd: &AuthCommand, subjects: &bus::Subjects) -> anyhow::Result<()> {
         AuthCommand::Init { auth_dir } => {
             let written = auth::ensure(auth_dir, subjects, &Role::shipped())?;
             for path in &written {
-                println!("wrote {}", path.display());
+                out!("wrote {}", path.display());
             }
-            println!(
+            out!(
                 "{}: users and permissions for every role ({} new seeds); {}: a server configuration \
                  with JetStream that includes it (run nats-server -c {} in the directory for its store)",
                 auth::accounts_file(auth_dir).display(),
@@ -199,7 +215,7 @@ fn auth(cmd: &AuthCommand, subjects: &bus::Subjects) -> anyhow::Result<()> {
         }
         AuthCommand::AddAgent { kind, auth_dir } => {
             let seed = auth::add_agent(auth_dir, subjects, kind)?;
-            println!(
+            out!(
                 "{}: the seed for agent kind {kind}; {} now has its user: reload the server (nats-server --signal reload)",
                 seed.display(),
                 auth::accounts_file(auth_dir).display()

@@ -5,6 +5,7 @@ mod auth;
 mod bench;
 mod commands;
 mod files;
+mod servers;
 mod top;
 mod up;
 
@@ -114,6 +115,10 @@ pub enum Command {
         /// Where --secure keeps nats.conf and the seeds (kept across runs).
         #[arg(long, default_value = auth::DEFAULT_DIR, requires = "secure")]
         auth_dir: PathBuf,
+        /// Start a local JetStream cluster of this many nats-servers (client ports from
+        /// --nats-url's up), the engine spread over it and its buckets replicated.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
+        cluster: u16,
     },
     /// Credentials and permissions for a secured bus: one nkey per role, and the nats-server
     /// configuration that gives each role exactly what it needs.
@@ -186,6 +191,15 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(commands::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            // The reader of the output went away (`policyctl ... | head`): nothing to say.
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             // One line a person can act on: the context chain, outermost first.
             eprintln!("policyctl: {}", daemon::one_line(e.chain()));

@@ -3,7 +3,6 @@
 //! kind, loads the examples, and sends sample traffic while printing each decision.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -17,7 +16,7 @@ use crate::files;
 
 struct Stack {
     children: Vec<(String, Child)>,
-    _store: Option<tempfile::TempDir>,
+    stores: Vec<tempfile::TempDir>,
 }
 
 impl Stack {
@@ -67,25 +66,6 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-fn nats_server_bin() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let local = PathBuf::from(".nats/bin/nats-server");
-    if local.exists() {
-        // Absolute: the server may run in another directory (its store's).
-        return Ok(std::path::absolute(local)?);
-    }
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| Path::new(d).join("nats-server"))
-        .find(|p| p.exists())
-        .ok_or_else(|| {
-            anyhow!("no nats-server found: run scripts/install-nats, or set NATS_SERVER_BIN")
-        })
-}
-
 /// `common` with the seed of `role` when the bus is secured (`auth` is the seeds' directory).
 fn as_role(common: &daemon::Common, auth: Option<&Path>, role: &Role) -> daemon::Common {
     let mut c = common.clone();
@@ -100,11 +80,14 @@ fn as_role(common: &daemon::Common, auth: Option<&Path>, role: &Role) -> daemon:
 
 /// Connects as the operator to the URL's server, or starts one there (with the generated
 /// users and permissions when `auth` is given).
+/// Connects as the operator to the URL's server, or starts `nodes` there (a cluster with more
+/// than one); returns the client and every server's URL.
 async fn nats(
     common: &daemon::Common,
     stack: &mut Stack,
     auth: Option<&Path>,
-) -> anyhow::Result<async_nats::Client> {
+    nodes: usize,
+) -> anyhow::Result<(async_nats::Client, String)> {
     let url = common.redacted_url();
     let operator = as_role(common, auth, &Role::Operator);
     let addrs = daemon::server_addrs(&common.nats_url)?;
@@ -133,8 +116,15 @@ async fn nats(
                     info.version
                 );
             }
+            if nodes > 1 {
+                bail!(
+                    "nats-server {} already answers at {url}: --cluster starts servers of its own; \
+                     give a free --nats-url",
+                    info.version
+                );
+            }
             eprintln!("using nats-server {} at {url}", info.version);
-            return Ok(client);
+            return Ok((client, common.nats_url.clone()));
         }
         Err(e) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation => {
             let hint = match auth {
@@ -151,36 +141,28 @@ async fn nats(
     let first = addrs
         .first()
         .ok_or_else(|| anyhow!("--nats-url is empty"))?;
-    let (host, port) = (first.host().to_string(), first.port().to_string());
-    let store = tempfile::tempdir()?;
-    let bin = nats_server_bin()?;
-    let mut cmd = Command::new(&bin);
-    cmd.args(["-a", &host, "-p", &port]);
-    match auth {
-        // The configuration enables JetStream, with its store relative to where it runs.
-        Some(dir) => {
-            let conf = std::path::absolute(crate::auth::conf_file(dir))?;
-            cmd.arg("-c").arg(conf).current_dir(store.path())
-        }
-        None => cmd.arg("-js").arg("-sd").arg(store.path()),
-    };
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    stack.children.push(("nats-server".into(), child));
-    stack._store = Some(store);
-    let client = operator.connect("policyctl", true, &Role::Operator).await?;
+    let started = crate::servers::start(first.host(), first.port(), nodes.max(1), auth)?;
+    stack.children.extend(started.children);
+    stack.stores.extend(started.stores);
+    let mut all = operator.clone();
+    all.nats_url = started.urls.clone();
+    let client = all.connect("policyctl", true, &Role::Operator).await?;
     // The first round trip waits for the server to be up (the connection retries until then).
     let _ = client.flush().await;
+    let what = if nodes > 1 {
+        format!(
+            "a {nodes}-node nats-server {} cluster",
+            client.server_info().version
+        )
+    } else {
+        format!("nats-server {}", client.server_info().version)
+    };
     eprintln!(
-        "started nats-server {} at {url}{}",
-        client.server_info().version,
+        "started {what} at {}{}",
+        daemon::redact(&started.urls),
         if auth.is_some() { " (secured)" } else { "" }
     );
-    Ok(client)
+    Ok((client, started.urls))
 }
 
 fn spawn(
@@ -193,6 +175,7 @@ fn spawn(
 ) -> anyhow::Result<()> {
     let mut cmd = Command::new(sibling(bin)?);
     cmd.args(["--nats-url", &common.nats_url, "--prefix", &common.prefix])
+        .args(["--kv-replicas", &common.kv_replicas.to_string()])
         .args(args)
         .env(
             "RUST_LOG",
@@ -464,11 +447,12 @@ pub async fn run(
     every: Duration,
     metrics_addr: &str,
     auth: Option<&Path>,
+    cluster: usize,
 ) -> anyhow::Result<()> {
     let subjects = common.subjects()?;
     let mut stack = Stack {
         children: Vec::new(),
-        _store: None,
+        stores: Vec::new(),
     };
     let result = async {
         if let Some(dir) = auth {
@@ -484,22 +468,35 @@ pub async fn run(
                 }
             );
         }
-        let nats = nats(common, &mut stack, auth).await?;
+        let (nats, urls) = nats(common, &mut stack, auth, cluster).await?;
+        // Every client of `up` gets all the servers; each process one node of its own, spread
+        // round the cluster (it learns the others from it, and goes there if its node is lost).
+        let mut all = common.clone();
+        all.nats_url = urls.clone();
+        let nodes: Vec<&str> = urls.split(',').collect();
+        let on = |i: usize| {
+            let mut c = all.clone();
+            if nodes.len() > 1 {
+                c.nats_url = nodes[i % nodes.len()].to_string();
+                c.kv_replicas = nodes.len().min(3);
+            }
+            c
+        };
         spawn(
             &mut stack,
-            common,
+            &on(0),
             auth,
             "policy-dispatcher",
             &[],
             &Role::Dispatcher,
         )?;
-        for kind in SHIPPED_KINDS {
+        for (i, kind) in SHIPPED_KINDS.into_iter().enumerate() {
             let metrics = ["--metrics-addr", metrics_addr];
             let args: &[&str] = if kind == "monitor" { &metrics } else { &[] };
             let role = Role::of_kind(&Kind::new(kind)?);
             spawn(
                 &mut stack,
-                common,
+                &on(i + 1),
                 auth,
                 "policy-agent",
                 &[&[kind][..], args].concat(),
@@ -530,9 +527,9 @@ pub async fn run(
         eprintln!(
             "watch decisions from another terminal: {} --nats-url {}{login} tap   (Ctrl-C here stops everything)",
             std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "policyctl".into()),
-            common.redacted_url()
+            all.redacted_url()
         );
-        let gateway = as_role(common, auth, &Role::Gateway)
+        let gateway = as_role(&all, auth, &Role::Gateway)
             .connect("policyctl-traffic", true, &Role::Gateway)
             .await?;
         traffic(Client::new(gateway, subjects), every).await

@@ -572,3 +572,102 @@ async fn kill_9_of_a_conn_limit_instance_leaks_no_slot() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policyctl_up_cluster_3_runs_the_engine_spread_over_three_servers() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    // Three consecutive free client ports from here.
+    let port = loop {
+        let p = free_port();
+        if (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            break p;
+        }
+    };
+    let url = format!("nats://127.0.0.1:{port}");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut up = std::process::Command::new(bin("policyctl"))
+        .args([
+            "--nats-url",
+            &url,
+            "up",
+            "--cluster",
+            "3",
+            "--every",
+            "0",
+            "--metrics-addr",
+            &metrics,
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/..")
+        .env("RUST_LOG", "warn")
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("policyctl up --cluster 3");
+    let pgid = up.id();
+    let stderr = up.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut said = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("policyctl up never loaded the examples: {said:?}"));
+        let done = line.starts_with("loaded ");
+        said.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(said.iter().any(|l| l.contains("3-node")), "{said:?}");
+    let servers = std::process::Command::new("pgrep")
+        .args(["-g", &pgid.to_string(), "nats-server"])
+        .output()
+        .expect("pgrep");
+    assert_eq!(String::from_utf8_lossy(&servers.stdout).lines().count(), 3);
+    // A hookpoint on the third server is decided, and the config bucket has three replicas.
+    let third = format!("nats://127.0.0.1:{}", port + 2);
+    let out = std::process::Command::new(bin("policyctl"))
+        .args([
+            "--nats-url",
+            &third,
+            "emit",
+            "expose-service",
+            "service=db",
+            "peers=[peer-a,peer-b]",
+        ])
+        .output()
+        .expect("policyctl emit");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let js =
+        async_nats::jetstream::new(async_nats::connect(third.as_str()).await.expect("connect"));
+    let mut stream = js
+        .get_stream("KV_policy_config")
+        .await
+        .expect("config stream");
+    assert_eq!(stream.info().await.expect("info").config.num_replicas, 3);
+    let _ = std::process::Command::new("kill")
+        .args(["-s", "INT", "--", &format!("-{pgid}")])
+        .status();
+    let pressed = Instant::now();
+    while up.try_wait().expect("wait").is_none() {
+        assert!(
+            pressed.elapsed() < Duration::from_secs(10),
+            "policyctl up did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

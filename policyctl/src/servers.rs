@@ -1,0 +1,103 @@
+//! The nats-servers `policyctl up` starts: one, or a local JetStream cluster of several (each
+//! its own port, store and name, routed to the others), with the generated users and
+//! permissions when the bus is secured.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{anyhow, Context};
+use tokio::process::{Child, Command};
+
+/// Servers started, with what must live as long as they do.
+pub struct Started {
+    /// (name, process), in start order.
+    pub children: Vec<(String, Child)>,
+    /// Each server's JetStream store, removed when `up` ends.
+    pub stores: Vec<tempfile::TempDir>,
+    /// Every server's client URL, comma-separated, as `--nats-url` takes them.
+    pub urls: String,
+}
+
+pub fn nats_server_bin() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let local = PathBuf::from(".nats/bin/nats-server");
+    if local.exists() {
+        // Absolute: a server runs in its store's directory.
+        return Ok(std::path::absolute(local)?);
+    }
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join("nats-server"))
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            anyhow!("no nats-server found: run scripts/install-nats, or set NATS_SERVER_BIN")
+        })
+}
+
+/// A free TCP port on the host, for the cluster's routes (nobody connects to them but the
+/// servers).
+fn free_port(host: &str) -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind((host, 0))
+        .and_then(|l| l.local_addr())
+        .context("no free port for the cluster's routes")?
+        .port())
+}
+
+/// Starts `nodes` servers on `host`, client ports `port`, `port + 1`, ... With more than one
+/// they form a JetStream cluster named `policy-up`, servers `node-0`, `node-1`, ...
+pub fn start(host: &str, port: u16, nodes: usize, auth: Option<&Path>) -> anyhow::Result<Started> {
+    let bin = nats_server_bin()?;
+    let routes: Vec<u16> = if nodes > 1 {
+        (0..nodes)
+            .map(|_| free_port(host))
+            .collect::<anyhow::Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let all_routes = routes
+        .iter()
+        .map(|p| format!("nats://{host}:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut started = Started {
+        children: Vec::new(),
+        stores: Vec::new(),
+        urls: String::new(),
+    };
+    let mut urls = Vec::new();
+    for i in 0..nodes {
+        let client_port = port
+            .checked_add(i as u16)
+            .ok_or_else(|| anyhow!("no room for {nodes} ports above {port}"))?;
+        let store = tempfile::tempdir()?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(["-a", host, "-p", &client_port.to_string()]);
+        if nodes > 1 {
+            cmd.args(["-n", &format!("node-{i}"), "--cluster_name", "policy-up"])
+                .args(["-cluster", &format!("nats://{host}:{}", routes[i])])
+                .args(["-routes", &all_routes]);
+        }
+        match auth {
+            // The configuration enables JetStream, with its store relative to where it runs.
+            Some(dir) => {
+                let conf = std::path::absolute(crate::auth::conf_file(dir))?;
+                cmd.arg("-c").arg(conf).current_dir(store.path())
+            }
+            None => cmd.arg("-js").arg("-sd").arg(store.path()),
+        };
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        started.children.push(("nats-server".into(), child));
+        started.stores.push(store);
+        urls.push(format!("nats://{host}:{client_port}"));
+    }
+    started.urls = urls.join(",");
+    Ok(started)
+}
