@@ -75,9 +75,9 @@ pub fn start(host: &str, port: u16, nodes: usize, auth: Option<&Path>) -> anyhow
         let store = tempfile::tempdir()?;
         let mut cmd = Command::new(&bin);
         cmd.args(["-a", host, "-p", &client_port.to_string()]);
-        if nodes > 1 {
+        if let Some(route) = routes.get(i) {
             cmd.args(["-n", &format!("node-{i}"), "--cluster_name", "policy-up"])
-                .args(["-cluster", &format!("nats://{host}:{}", routes[i])])
+                .args(["-cluster", &format!("nats://{host}:{route}")])
                 .args(["-routes", &all_routes]);
         }
         match auth {
