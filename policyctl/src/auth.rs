@@ -314,4 +314,59 @@ mod tests {
             "{nats:?}"
         );
     }
+
+    /// The clustered overlay: three servers routed to each other, and every process of the
+    /// engine given all three with buckets at three replicas.
+    #[test]
+    fn the_cluster_overlay_spreads_every_process_over_three_servers() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let base: serde_norway::Value =
+            serde_norway::from_str(&std::fs::read_to_string(root.join("compose.yaml")).unwrap())
+                .unwrap();
+        let overlay: serde_norway::Value = serde_norway::from_str(
+            &std::fs::read_to_string(root.join("compose.cluster.yaml")).unwrap(),
+        )
+        .unwrap();
+        let nodes = ["nats", "nats-2", "nats-3"];
+        let mut names = Vec::new();
+        for node in nodes {
+            let cmd: Vec<&str> = overlay["services"][node]["command"]
+                .as_sequence()
+                .unwrap_or_else(|| panic!("{node} has no command"))
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect();
+            let after = |flag: &str| {
+                cmd.windows(2)
+                    .find(|w| w[0] == flag)
+                    .map(|w| w[1])
+                    .unwrap_or_else(|| panic!("{node}: no {flag}"))
+            };
+            assert_eq!(after("-c"), "/auth/nats.conf");
+            names.push(after("-n"));
+            for other in nodes {
+                assert!(
+                    after("-routes").contains(&format!("nats://{other}:6222")),
+                    "{node}"
+                );
+            }
+        }
+        names.dedup();
+        assert_eq!(names.len(), 3, "server names must differ");
+        for (name, svc) in base["services"].as_mapping().unwrap() {
+            let name = name.as_str().unwrap();
+            if svc["environment"]["NATS_NKEY_FILE"].is_null() {
+                continue;
+            }
+            let env = &overlay["services"][name]["environment"];
+            let url = env["NATS_URL"].as_str().unwrap_or_else(|| panic!("{name}"));
+            for node in nodes {
+                assert!(
+                    url.contains(&format!("nats://{node}:4222")),
+                    "{name}: {url}"
+                );
+            }
+            assert_eq!(env["POLICY_KV_REPLICAS"].as_str(), Some("3"), "{name}");
+        }
+    }
 }
