@@ -34,6 +34,8 @@ use crate::kind::{self, AgentKind, Attach, AttachError, Stored};
 
 pub const NAME: &str = "conn-limit";
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(3600);
+/// ClusterLink's periodic report on a live connection.
+const CONNECTION_STATUS: &str = "connection-status";
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -295,6 +297,27 @@ impl Slots {
         }
     }
 
+    /// Renews every slot a connection holds: writing the same holder again restarts the
+    /// bucket's `max_age`, so a connection that reports itself open outlives the lease. A
+    /// failed renewal (the slot changed, the bucket is away) is left to the next report.
+    pub(crate) async fn renew_connection(&self, token: &str) -> usize {
+        let held = self.view().held_by(token);
+        let mut renewed = 0;
+        for (key, holder) in held {
+            let Ok(Some(e)) = self.store.entry(&key).await else {
+                continue;
+            };
+            if e.operation != kv::Operation::Put || e.value.as_ref() != holder.as_bytes() {
+                continue;
+            }
+            match self.store.update(&key, e.value.clone(), e.revision).await {
+                Ok(_) => renewed += 1,
+                Err(err) => tracing::debug!(%key, error = %err, "slot changed before renewal"),
+            }
+        }
+        renewed
+    }
+
     /// Frees every slot a connection holds, wherever it was admitted. A close can reach this
     /// instance before its watch has seen the admission, so when the view knows no slot of the
     /// connection it looks again a moment later, in the background: most connections match no
@@ -477,6 +500,25 @@ impl AgentKind for ConnLimiter {
             Event::ConnectionClosed(e) => {
                 if let Some(slots) = &self.slots {
                     slots.release_connection(&key_token(&e.connection_id)).await;
+                }
+                State::new()
+            }
+            // ClusterLink's connection status: `open` renews the lease of the connection's
+            // slots, `closed` and `failed` release them as a close does.
+            Event::Other { name, attributes } if name.as_str() == CONNECTION_STATUS => {
+                let (Some(slots), Some(conn)) = (
+                    &self.slots,
+                    attributes.get(keys::CONNECTION_ID).and_then(Value::as_str),
+                ) else {
+                    return State::new();
+                };
+                let token = key_token(conn);
+                match attributes.get("state").and_then(Value::as_str) {
+                    Some("open") => {
+                        slots.renew_connection(&token).await;
+                    }
+                    Some("closed" | "failed") => slots.release_connection(&token).await,
+                    _ => {}
                 }
                 State::new()
             }

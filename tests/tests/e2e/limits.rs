@@ -429,3 +429,59 @@ async fn a_close_conn_limit_cannot_confirm_is_an_error_and_sending_it_again_free
     })
     .await;
 }
+
+/// A `connection-status` report for a connection.
+fn status(d: &ConnectionDecision, state: &str) -> bus::State {
+    let mut s = bus::State::new();
+    s.insert(
+        "connection_id",
+        d.connection_id.clone().expect("connection id"),
+    );
+    s.insert("state", state);
+    s.insert("bytes_in", 10);
+    s.insert("bytes_out", 20);
+    s
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_reports_itself_open_keeps_its_slot_past_the_lease() {
+    let (_engine, admin, hook) = conn_limit_engine(1, &["--lease", "1s"], 1).await;
+    subscribe(&admin, &[sub("connection-status", "conn-limit", 30)]).await;
+    let live = hook
+        .new_connection(&conn("web", "db", &["p1"]))
+        .await
+        .expect("decision");
+    assert_eq!(live.action, Action::Allow);
+    // Three leases long, reporting every 300 ms: the slot stays held.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        hook.emit("connection-status", &status(&live, "open"))
+            .await
+            .expect("status");
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .expect("decision");
+        assert_eq!(
+            d.action,
+            Action::Deny,
+            "the live connection lost its slot after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A `closed` status frees it as a close does.
+    hook.emit("connection-status", &status(&live, "closed"))
+        .await
+        .expect("status");
+    eventually("the closed connection's slot is free", || async {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        (d.action == Action::Allow)
+            .then_some(())
+            .ok_or("still held".to_string())
+    })
+    .await;
+}
