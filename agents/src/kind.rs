@@ -69,14 +69,17 @@ pub trait AgentKind: Send + Sync + 'static {
     }
 
     /// What the runtime calls per request. Pure kinds keep this default; kinds that keep
-    /// state in NATS (the limiters) do their I/O here, around their pure logic.
+    /// state in NATS (the limiters) do their I/O here, around their pure logic. An `Err` is
+    /// work that could not be done and must not be acknowledged (a close whose slots could not
+    /// be found yet): the agent answers with an error, and the sender sends it again. A
+    /// decision that cannot be made is a deny with a reason, not an `Err`.
     fn decide_async<'a>(
         &'a self,
         rules: &'a Self::Rules,
         event: &'a Event,
         state: &'a State,
-    ) -> impl Future<Output = State> + Send + 'a {
-        std::future::ready(self.decide(rules, event, state))
+    ) -> impl Future<Output = Result<State, String>> + Send + 'a {
+        std::future::ready(Ok(self.decide(rules, event, state)))
     }
 
     /// The event this agent answered was denied in the end (the final decision is given):

@@ -121,7 +121,10 @@ where
                 return Ok(kind::deny(reason));
             }
         }
-        Ok(self.kind.decide_async(&loaded.rules, &event, &state).await)
+        self.kind
+            .decide_async(&loaded.rules, &event, &state)
+            .await
+            .map_err(|e| ErrorReply::new(ErrorCode::AgentError, e))
     }
 
     fn validate(&self, payload: &[u8]) -> Result<State, ErrorReply> {

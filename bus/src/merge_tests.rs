@@ -80,10 +80,12 @@ fn the_dispatchers_keys_cannot_be_set_by_a_patch() {
     let mut s = State::new();
     s.insert(keys::CONNECTION_ID, "c1");
     s.insert(keys::DEGRADED, true);
+    s.insert(keys::RUN_ID, "r1");
     let before = s.clone();
     let mut p = State::new();
     p.insert(keys::CONNECTION_ID, "forged");
     p.insert(keys::EVENT_ID, "forged");
+    p.insert(keys::RUN_ID, "forged");
     p.insert(keys::DEGRADED, false);
     merge(&mut s, p).unwrap();
     assert_eq!(s, before);

@@ -23,6 +23,10 @@ pub mod keys {
     pub const REASONS: &str = "reasons";
     pub const CONNECTION_ID: &str = "connection_id";
     pub const EVENT_ID: &str = "event_id";
+    /// One dispatcher's run of the event's chain. A hookpoint that hedges sends the same event
+    /// (same `event_id`) to two dispatchers; what an agent takes for one run is undone by that
+    /// run's id, never the other's.
+    pub const RUN_ID: &str = "run_id";
     pub const DEGRADED: &str = "degraded";
     /// Candidate lists: they only narrow along the chain.
     pub const CANDIDATES: [&str; 3] = [DST_PEERS, TARGET_PEERS, SERVICES];

@@ -339,6 +339,22 @@ pub fn broken_chain(state: State, broken: &[crate::table::Broken]) -> Run {
     run
 }
 
+/// The policy named in a decision made after the hookpoint's deadline.
+pub const PAST_DEADLINE: &str = "past-deadline";
+
+/// A run that ended after the hookpoint stopped waiting (its `Policy-Deadline` passed: it
+/// timed out, or took another dispatcher's answer to its hedged copy) becomes a deny, so that
+/// what the agents took for it is undone: an allow nobody received would hold a conn-limit
+/// slot no close ever frees. If clock skew lets the hookpoint still read it, it reads a deny.
+pub fn deny_late(run: &mut Run) {
+    deny(
+        &mut run.state,
+        Reason::new("dispatcher", PAST_DEADLINE, Effect::Deny).with_detail(
+            "decided after the hookpoint's deadline: it no longer waits for this answer, so nothing is kept for it",
+        ),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,5 +411,33 @@ mod tests {
         assert_eq!(run.state.get_str(keys::ACTION), Some("allow"));
         assert_eq!(run.state.get_str(keys::TARGET_PEER), Some("p2"));
         assert_eq!(run.state.get_str(keys::EVENT_ID), Some("e"));
+    }
+
+    #[test]
+    fn a_late_allow_becomes_a_deny_that_every_answering_kind_undoes() {
+        let mut s = State::new();
+        s.set_strings(keys::DST_PEERS, &["p1"]);
+        s.insert(keys::TARGET_PEER, "p1");
+        let mut run = run_with(s);
+        let kind = |agent: &str, outcome| AgentTiming {
+            agent: agent.into(),
+            priority: 0,
+            latency_us: 1,
+            outcome,
+        };
+        run.timings = vec![
+            kind("acl", Outcome::Answered),
+            kind("conn-limit", Outcome::Answered),
+            kind("monitor", Outcome::Observed),
+        ];
+        deny_late(&mut run);
+        finalize(&mut run, "e", &connection(&["p1"]));
+        assert_eq!(run.state.get_str(keys::ACTION), Some("deny"));
+        assert_eq!(run.state.get(keys::TARGET_PEER), None);
+        let reasons = format!("{:?}", run.state.get(keys::REASONS));
+        assert!(reasons.contains(PAST_DEADLINE), "{reasons}");
+        let undo = undo_for(&run, &Bytes::new(), &HeaderMap::new()).expect("an undo");
+        let kinds: Vec<&str> = undo.kinds.iter().map(|k| k.as_str()).collect();
+        assert_eq!(kinds, ["acl", "conn-limit"]);
     }
 }

@@ -157,6 +157,7 @@ impl Dispatcher {
         // Agents may key on the event (conn-limit's slots do, so a hedged duplicate's slot is
         // freed with the original's); like the connection id, no patch can change it.
         state.insert(keys::EVENT_ID, event_id.as_str());
+        state.insert(keys::RUN_ID, new_id().as_str());
         // The candidates travel to the agents once, in the state.
         let to_agents = bus::event::without_candidates(&payload)
             .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
@@ -210,6 +211,12 @@ impl Dispatcher {
                     ),
                 ));
             }
+        }
+        if !matches!(event, Event::ConnectionClosed(_))
+            && bus::hedge::past_deadline(msg.headers.as_ref())
+        {
+            tracing::info!(event = %name, "decided after the hookpoint's deadline: denied and undone");
+            chain::deny_late(&mut run);
         }
         finalize(&mut run, &event_id, &event);
 

@@ -2,6 +2,7 @@
 
 pub mod acl;
 pub mod conn_limit;
+mod conn_slots;
 pub mod lb;
 pub mod limit_match;
 pub mod monitor;

@@ -429,10 +429,10 @@ impl AgentKind for RateLimiter {
         rules: &'a Vec<Compiled>,
         event: &'a Event,
         state: &'a State,
-    ) -> State {
+    ) -> Result<State, String> {
         match event {
-            Event::NewConnection(e) => self.new_connection(rules, e, state).await,
-            _ => State::new(),
+            Event::NewConnection(e) => Ok(self.new_connection(rules, e, state).await),
+            _ => Ok(State::new()),
         }
     }
 

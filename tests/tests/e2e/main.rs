@@ -11,6 +11,7 @@ mod limits;
 mod monitor;
 mod robustness;
 mod security;
+mod slots;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -1,0 +1,319 @@
+//! conn-limit's slots under faults: a slot is never left held by a connection that is gone (or
+//! never opened), well before the lease would drop it.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bus::Action;
+use e2e::Engine;
+use serde_json::json;
+
+use crate::*;
+
+/// The connection limiter's bucket.
+async fn slot_bucket(engine: &Engine) -> async_nats::jetstream::kv::Store {
+    async_nats::jetstream::new(engine.client().await)
+        .get_key_value("policy_conns")
+        .await
+        .expect("conn bucket")
+}
+
+/// Slots held in the connection limiter's bucket: `slot = holder` each.
+async fn slots_held(engine: &Engine) -> Vec<String> {
+    use futures::TryStreamExt;
+    let kv = slot_bucket(engine).await;
+    let keys: Vec<String> = kv
+        .keys()
+        .await
+        .expect("keys")
+        .try_collect()
+        .await
+        .expect("keys");
+    let mut held = Vec::new();
+    for k in keys {
+        if let Ok(Some(v)) = kv.get(&k).await {
+            held.push(format!("{k} = {}", String::from_utf8_lossy(&v)));
+        }
+    }
+    held.sort();
+    held
+}
+
+/// Waits up to `within` for every slot to be free; fails naming the ones still held.
+async fn no_slot_held(engine: &Engine, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    loop {
+        let held = slots_held(engine).await;
+        if held.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} slots still held after {within:?}: {held:?}",
+            held.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_a_conn_limit_instance_leaks_no_slot() {
+    let mut engine = Engine::new();
+    engine.agent("conn-limit", &[]);
+    engine.start(&["acl", "conn-limit"]).await;
+    engine.wait_instances("policy-agent-conn-limit", 2).await;
+    let admin = engine.admin().await;
+    subscribe(
+        &admin,
+        &[
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "conn-limit", 30),
+            sub("connection-closed", "conn-limit", 30),
+        ],
+    )
+    .await;
+    admin
+        .policy_add(vec![
+            doc(json!({"agent": "acl", "id": "open", "action": "allow"})),
+            doc(json!({"agent": "conn-limit", "id": "db", "match": {"dst_service": "db"}, "max_connections": 10000})),
+        ])
+        .await
+        .expect("policy add");
+    let hook = engine.hook().await;
+    eventually("the limit applies", || async {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        hook.connection_closed(&bus::event::ConnectionClosed {
+            connection_id: d.connection_id.clone().unwrap_or_default(),
+            src_service: "web".into(),
+            dst_service: "db".into(),
+            target_peer: None,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        (effects(&d.reasons, "conn-limit") == [pair("db", "allow")])
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+
+    // Gateways that open a connection and close it, as the contract asks: a close the engine
+    // cannot confirm is sent again.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let counts = Arc::new(Mutex::new((0usize, 0usize, 0usize)));
+    let workers: Vec<_> = (0..6)
+        .map(|_| {
+            let (hook, stop, counts) = (hook.clone(), stop.clone(), counts.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok(d) = hook.new_connection(&conn("web", "db", &["p1"])).await else {
+                        counts.lock().unwrap().2 += 1;
+                        continue;
+                    };
+                    counts.lock().unwrap().0 += 1;
+                    if d.action != Action::Allow {
+                        continue;
+                    }
+                    let closed = bus::event::ConnectionClosed {
+                        connection_id: d.connection_id.clone().expect("connection id"),
+                        src_service: "web".into(),
+                        dst_service: "db".into(),
+                        target_peer: d.target_peer.clone(),
+                    };
+                    while hook.connection_closed(&closed).await.is_err() {
+                        counts.lock().unwrap().1 += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..2 {
+        drop(engine.take_oldest("policy-agent conn-limit"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        engine.agent("conn-limit", &[]);
+        engine.wait_instances("policy-agent-conn-limit", 2).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    let (decisions, resent, errors) = *counts.lock().unwrap();
+    println!("conn-limit killed twice: {decisions} decisions, {resent} closes sent again, {errors} errors");
+    assert!(decisions > 100);
+    // Every admitted connection was closed, and every denied one undone (after the reply, so
+    // the last may still be on its way): no slot is left, well before the 1 h lease.
+    no_slot_held(&engine, Duration::from_secs(5), "conn-limit killed twice").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_confirmed_close_has_freed_slots_another_instance_took_a_moment_before() {
+    let mut engine = Engine::new();
+    engine.start(&["acl", "conn-limit"]).await;
+    let admin = engine.admin().await;
+    subscribe(
+        &admin,
+        &[
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "conn-limit", 30),
+            sub("connection-closed", "conn-limit", 30),
+        ],
+    )
+    .await;
+    admin
+        .policy_add(vec![
+            doc(json!({"agent": "acl", "id": "open", "action": "allow"})),
+            doc(json!({"agent": "conn-limit", "id": "db", "match": {"dst_service": "db"}, "max_connections": 1000})),
+        ])
+        .await
+        .expect("policy add");
+    let hook = engine.hook().await;
+    eventually("the limit applies", || async {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        hook_closes(&engine, &d).await;
+        (effects(&d.reasons, "conn-limit") == [pair("db", "allow")])
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+    no_slot_held(&engine, Duration::from_secs(5), "the probe's slot").await;
+    // Another instance takes a slot (written to the bucket as it would) and the gateway closes
+    // the connection at once: the close reaches this instance before, or just after, its watch
+    // has seen the slot. Once the close is confirmed, the slot must already be free.
+    let kv = slot_bucket(&engine).await;
+    // Other instances busy with the bucket, so the watch has a backlog to work through.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut noise = Vec::new();
+    for w in 0..4 {
+        let (kv, stop) = (kv.clone(), stop.clone());
+        noise.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = kv
+                    .put(format!("slot.noise.{w}"), n.to_string().into())
+                    .await;
+                n += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..50 {
+        let connection = format!("gw-{i}");
+        kv.create(
+            format!("slot.db.{}", 900 + i),
+            format!("{connection}#elsewhere").into(),
+        )
+        .await
+        .expect("take a slot as another instance");
+        hook.connection_closed(&bus::event::ConnectionClosed {
+            connection_id: connection.clone(),
+            src_service: "web".into(),
+            dst_service: "db".into(),
+            target_peer: None,
+        })
+        .await
+        .expect("close confirmed");
+        let held = kv.get(format!("slot.db.{}", 900 + i)).await.expect("read");
+        assert!(
+            held.is_none(),
+            "close {i} confirmed, yet its slot is still held: {held:?}"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for n in noise {
+        let _ = n.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_decision_made_after_the_hookpoints_deadline_is_a_deny_and_gives_its_slot_back() {
+    let mut engine = Engine::new();
+    engine.start(&["acl", "conn-limit"]).await;
+    // An agent after conn-limit that answers in 800 ms: every run ends after the gateway's
+    // 300 ms timeout, with a slot already taken.
+    foreign_agent(&engine.nats.url(), "slow", "new-connection", |_, _| async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        Some(Map::new())
+    })
+    .await;
+    let admin = engine.admin().await;
+    subscribe(
+        &admin,
+        &[
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "conn-limit", 20),
+            sub("new-connection", "slow", 30),
+            sub("connection-closed", "conn-limit", 30),
+        ],
+    )
+    .await;
+    admin
+        .policy_add(vec![
+            doc(json!({"agent": "acl", "id": "open", "action": "allow"})),
+            doc(json!({"agent": "conn-limit", "id": "db", "match": {"dst_service": "db"}, "max_connections": 10})),
+        ])
+        .await
+        .expect("policy add");
+    let d = engine
+        .hook()
+        .await
+        .new_connection(&conn("web", "db", &["p1"]))
+        .await
+        .expect("a patient gateway's decision");
+    assert_eq!(d.action, Action::Allow, "{d:?}");
+    hook_closes(&engine, &d).await;
+    no_slot_held(
+        &engine,
+        Duration::from_secs(2),
+        "the patient gateway's close",
+    )
+    .await;
+
+    let mut tap = engine
+        .client()
+        .await
+        .subscribe("policy.tap.new-connection")
+        .await
+        .expect("tap");
+    let impatient = engine.hook().await.with_timeout(Duration::from_millis(300));
+    let r = impatient.new_connection(&conn("web", "db", &["p1"])).await;
+    assert!(r.is_err(), "the gateway gave up, yet got {r:?}");
+    // Each copy the gateway sent was decided after it stopped waiting: denied, and its slot
+    // given back rather than held for the lease.
+    let record = tokio::time::timeout(Duration::from_secs(3), tap.next())
+        .await
+        .expect("a tap record")
+        .expect("tap open");
+    let record: bus::tap::TapRecord =
+        bus::codec::decode("tap record", &record.payload).expect("tap record");
+    assert_eq!(
+        record.decision.get_str("action"),
+        Some("deny"),
+        "{record:?}"
+    );
+    let reasons = format!("{:?}", record.decision.get("reasons"));
+    assert!(reasons.contains("past-deadline"), "{reasons}");
+    no_slot_held(&engine, Duration::from_secs(3), "decisions nobody received").await;
+}
+
+/// The gateway closes a connection it was allowed.
+async fn hook_closes(engine: &Engine, d: &bus::decision::ConnectionDecision) {
+    engine
+        .hook()
+        .await
+        .connection_closed(&bus::event::ConnectionClosed {
+            connection_id: d.connection_id.clone().expect("connection id"),
+            src_service: "web".into(),
+            dst_service: "db".into(),
+            target_peer: d.target_peer.clone(),
+        })
+        .await
+        .expect("close confirmed");
+}
