@@ -47,22 +47,7 @@ struct Agent<K: AgentKind> {
     /// Requests being worked on, by event id and subject: a hedged copy of one of them that
     /// lands here is dropped (the original's answer serves the dispatcher), so hedging never
     /// makes one instance do the same work twice.
-    working: std::sync::Mutex<std::collections::HashSet<String>>,
-}
-
-/// Takes a request's place in [`Agent::working`] until dropped.
-struct Working<'a> {
-    set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
-    key: String,
-}
-
-impl Drop for Working<'_> {
-    fn drop(&mut self) {
-        self.set
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
-    }
+    working: bus::hedge::InProgress,
 }
 
 impl<K: AgentKind> Agent<K>
@@ -171,21 +156,12 @@ where
         }
         let _working = match headers::get(msg.headers.as_ref(), headers::POLICY_EVENT_ID) {
             Some(id) if msg.reply.is_some() && !validating => {
-                let key = format!("{id} {}", msg.subject);
-                let fresh = self
-                    .working
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key.clone());
-                if !fresh {
+                let Some(working) = self.working.start(format!("{id} {}", msg.subject)) else {
                     tracing::debug!(subject = %msg.subject, "hedged copy of a request in progress: dropped");
                     req.refused("copy of a request in progress");
                     return;
-                }
-                Some(Working {
-                    set: &self.working,
-                    key,
-                })
+                };
+                Some(working)
             }
             _ => None,
         };

@@ -201,6 +201,25 @@ const EVENT_HEDGE_FLOOR: Duration = Duration::from_millis(100);
 /// Copies of one event a hookpoint sends at most.
 const EVENT_MAX_SENDS: u32 = 3;
 
+/// How long the client keeps sending the close of a connection whose decision never arrived.
+pub const CANCEL_FOR: Duration = Duration::from_secs(120);
+/// The pause between those closes.
+const CANCEL_PAUSE: Duration = Duration::from_millis(250);
+
+/// Whether a failed `new-connection` may still have been admitted by the engine: anything but
+/// an error the engine answered before running the chain, or one raised before sending.
+fn may_have_admitted(e: &ClientError) -> bool {
+    use crate::ErrorCode;
+    match e {
+        ClientError::Remote(r) => !matches!(
+            r.code,
+            ErrorCode::BadRequest | ErrorCode::UnknownEvent | ErrorCode::NoSubscribers
+        ),
+        ClientError::Encode(_) | ClientError::InvalidName(_) => false,
+        _ => true,
+    }
+}
+
 /// A gateway hookpoint's client: asks the engine for decisions. An event with no answer after a
 /// while (four times the usual decision time, at least 100 ms) is sent again, up to three times
 /// within the timeout, to whichever dispatcher the queue group picks; every copy carries the
@@ -277,11 +296,52 @@ impl Client {
         self.decide(event, attributes).await
     }
 
+    /// Asks whether a connection may open. When no decision comes back (a timeout, the
+    /// connection to NATS lost, an error after the chain ran), the engine may still have
+    /// admitted it, and a conn-limit slot would then be held until its lease: so the client
+    /// sends `connection-closed` for it, in the background, until the engine confirms it
+    /// (for up to [`CANCEL_FOR`], through a reconnect). The gateway itself does nothing more:
+    /// it treats the connection as refused.
     pub async fn new_connection(
         &self,
         e: &NewConnection,
     ) -> Result<ConnectionDecision, ClientError> {
-        self.decide(event::NEW_CONNECTION, e).await
+        let mut e = e.clone();
+        let id = match e.connection_id.as_deref() {
+            Some(id) if !id.is_empty() => id.to_string(),
+            _ => e.connection_id.insert(event::new_id()).clone(),
+        };
+        let decided = self.decide(event::NEW_CONNECTION, &e).await;
+        if let Err(err) = &decided {
+            if may_have_admitted(err) {
+                self.cancel(ConnectionClosed {
+                    connection_id: id,
+                    src_service: e.src_service.clone(),
+                    dst_service: e.dst_service.clone(),
+                    target_peer: None,
+                });
+            }
+        }
+        decided
+    }
+
+    /// Closes, in the background, a connection whose decision never arrived.
+    fn cancel(&self, closed: ConnectionClosed) {
+        let client = self.clone();
+        tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + CANCEL_FOR;
+            loop {
+                match client.connection_closed(&closed).await {
+                    Ok(_) => return,
+                    Err(e) if tokio::time::Instant::now() >= until => {
+                        tracing::warn!(connection_id = %closed.connection_id, error = %e,
+                            "could not cancel a connection whose decision never arrived; a conn-limit slot may be held until its lease");
+                        return;
+                    }
+                    Err(_) => tokio::time::sleep(CANCEL_PAUSE).await,
+                }
+            }
+        });
     }
 
     pub async fn expose_service(&self, e: &ExposeService) -> Result<ExposeDecision, ClientError> {

@@ -95,6 +95,40 @@ impl Latency {
     }
 }
 
+/// The requests a process is working on, by key (event id and subject): a hedged copy of one
+/// of them that reaches the same process is dropped rather than done twice; the sender's
+/// copies on other instances, or the first, answer it.
+#[derive(Debug, Default)]
+pub struct InProgress(std::sync::Mutex<std::collections::HashSet<String>>);
+
+/// A request's place in [`InProgress`], given up when dropped.
+pub struct Working<'a> {
+    set: &'a InProgress,
+    key: String,
+}
+
+impl InProgress {
+    /// Takes `key`'s place; `None` when a request with that key is already in progress here.
+    pub fn start(&self, key: String) -> Option<Working<'_>> {
+        let fresh = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone());
+        fresh.then_some(Working { set: self, key })
+    }
+}
+
+impl Drop for Working<'_> {
+    fn drop(&mut self) {
+        self.set
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
 /// Whether a request's `Policy-Deadline` (Unix ms) has passed: its sender has stopped waiting.
 pub fn past_deadline(h: Option<&HeaderMap>) -> bool {
     let Some(deadline) =

@@ -67,6 +67,10 @@ pub struct Dispatcher {
     pub(crate) table: Table,
     pub(crate) store: async_nats::jetstream::kv::Store,
     pub(crate) options: Options,
+    /// Events being decided here, by event id: a hookpoint's hedged copy that lands on the
+    /// same dispatcher is dropped (the first run answers it), rather than run the chain twice,
+    /// which would take a second conn-limit slot and count twice against a rate limit.
+    pub(crate) working: bus::hedge::InProgress,
 }
 
 type Reply = (HeaderMap, Bytes);
@@ -331,6 +335,18 @@ impl Dispatcher {
             req.refused("past its deadline");
             return;
         }
+        let _working = match headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID) {
+            Some(id) if !id.is_empty() => {
+                let Some(working) = self.working.start(format!("{id} {}", req.message.subject))
+                else {
+                    tracing::debug!(subject = %req.message.subject, "hedged copy of an event in progress: dropped");
+                    req.refused("copy of an event in progress");
+                    return;
+                };
+                Some(working)
+            }
+            _ => None,
+        };
         let (reply, undo) = match self.decide(&req.message, started).await {
             Ok(decided) => decided,
             Err(err) => {
@@ -431,6 +447,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
         table: Table::default(),
         store: store.clone(),
         options: options.clone(),
+        working: Default::default(),
     });
 
     // Subscriptions are loaded before the first event is taken, so a new instance never

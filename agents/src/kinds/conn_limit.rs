@@ -29,7 +29,7 @@ use bus::state::keys;
 use bus::{Effect, Reason, State, Value};
 use serde::Deserialize;
 
-use super::conn_slots::{slot_key, Slots, View};
+use super::conn_slots::{slot_key, Slots, Taken};
 use super::limit_match::{key_token, LimitMatch};
 use crate::kind::{self, AgentKind, Attach, AttachError, Stored};
 
@@ -96,7 +96,7 @@ impl ConnLimiter {
         let mut reasons = Vec::new();
         for c in &matched {
             let refused = match slots.take(&c.id, c.max, &holder, start % c.max).await {
-                Ok(Some(n)) => {
+                Ok(Taken::Slot(n)) => {
                     taken.push((slot_key(&c.id, n), holder.clone()));
                     let used = slots.view().in_use(&c.id);
                     reasons.push(
@@ -105,7 +105,10 @@ impl ConnLimiter {
                     );
                     None
                 }
-                Ok(None) => Some(format!("limit of {} live connections reached", c.max)),
+                Ok(Taken::Full) => Some(format!("limit of {} live connections reached", c.max)),
+                Ok(Taken::Released) => {
+                    Some("the connection was closed, or its event denied, while this copy of its admission was under way".into())
+                }
                 Err(why) => Some(format!("slot store unavailable, failing closed: {why}")),
             };
             if let Some(detail) = refused {
@@ -147,7 +150,7 @@ async fn watch_slots(slots: Arc<Slots>) -> Result<(), AttachError> {
             let mut view = watched.view();
             match update {
                 Update::Loaded(snap) => {
-                    *view = View::default();
+                    view.clear_slots();
                     for (key, value) in &snap.values {
                         view.apply(key, Some(String::from_utf8_lossy(value).into_owned()));
                     }
@@ -159,7 +162,7 @@ async fn watch_slots(slots: Arc<Slots>) -> Result<(), AttachError> {
                             Change::Put { key, value, .. } => {
                                 view.apply(key, Some(String::from_utf8_lossy(value).into_owned()))
                             }
-                            Change::Delete { key, .. } => view.apply(key, None),
+                            Change::Delete { key, revision } => view.apply_at(key, None, *revision),
                         }
                     }
                     changes.iter().map(Change::revision).max().unwrap_or(0)

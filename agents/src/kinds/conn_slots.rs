@@ -12,6 +12,9 @@ use async_nats::jetstream::kv;
 const ATTEMPTS: usize = 8;
 /// How long a close waits for the bucket, and for the view to catch up with it.
 const CATCH_UP: Duration = Duration::from_secs(1);
+/// How long a connection's release is remembered: longer than the longest agent call
+/// (`MAX_TIMEOUT_MS`) plus a KV request, so no copy of its admission can still be under way.
+const RELEASED_FOR: Duration = Duration::from_secs(65);
 
 /// A slot as this instance knows it: who holds it (`<connection>#<nonce>`, empty when only
 /// a failed create told us it is taken) and since when this instance has seen it held.
@@ -26,9 +29,58 @@ pub(crate) struct Held {
 pub(crate) struct View {
     /// policy id -> slot number -> holder
     slots: HashMap<String, HashMap<u32, Held>>,
+    /// connection token -> the first revision at which one of its slots was freed (closed,
+    /// undone, refused), for [`RELEASED_FOR`]: a copy of its admission that creates a slot
+    /// after that revision gives it back.
+    released: HashMap<String, (u64, Instant)>,
+    /// `released` is pruned when it grows past this.
+    prune_at: usize,
+}
+
+/// What an admission came to.
+pub(crate) enum Taken {
+    Slot(u32),
+    /// Every slot is taken.
+    Full,
+    /// A slot was taken, but the connection's slots had been freed before (closed, or its
+    /// event denied, while this copy of the admission was under way): it was given back.
+    Released,
 }
 
 impl View {
+    /// Forgets the slots (before a reload), keeping what was released.
+    pub(crate) fn clear_slots(&mut self) {
+        self.slots.clear();
+    }
+
+    /// A change the watch read at `revision`.
+    pub(crate) fn apply_at(&mut self, key: &str, holder: Option<String>, revision: u64) {
+        if holder.is_none() {
+            // Who held it, before it goes from the view.
+            if let Some((policy, n)) = parse_slot(key) {
+                let freed = self.slots.get(policy).and_then(|m| m.get(&n));
+                if let Some(token) = freed.and_then(|h| h.holder.split_once('#')).map(|(t, _)| t) {
+                    self.released
+                        .entry(token.to_string())
+                        .or_insert((revision, Instant::now()));
+                    if self.released.len() > self.prune_at.max(1024) {
+                        self.released
+                            .retain(|_, (_, at)| at.elapsed() < RELEASED_FOR);
+                        self.prune_at = self.released.len() * 2;
+                    }
+                }
+            }
+        }
+        self.apply(key, holder);
+    }
+
+    /// Whether a slot of the connection was freed before `revision`.
+    fn released_before(&self, token: &str, revision: u64) -> bool {
+        self.released
+            .get(token)
+            .is_some_and(|(r, at)| *r < revision && at.elapsed() < RELEASED_FOR)
+    }
+
     pub(crate) fn apply(&mut self, key: &str, holder: Option<String>) {
         let Some((policy, n)) = parse_slot(key) else {
             return;
@@ -194,16 +246,20 @@ impl Slots {
         if state.messages == 0 {
             return Ok(());
         }
-        let last = state.last_sequence;
+        self.applied_up_to(state.last_sequence).await
+    }
+
+    /// Waits until the watch has applied the bucket up to `revision`.
+    async fn applied_up_to(&self, revision: u64) -> Result<(), String> {
         let mut applied = self.applied.subscribe();
-        let waited = tokio::time::timeout(CATCH_UP, applied.wait_for(|r| *r >= last))
+        let waited = tokio::time::timeout(CATCH_UP, applied.wait_for(|r| *r >= revision))
             .await
             .map(|r| r.map(|_| ()));
         match waited {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err("the slot watch stopped".into()),
             Err(_) => Err(format!(
-                "this instance's view of the slots is behind the bucket (at revision {}, the bucket at {last})",
+                "this instance's view of the slots is behind the bucket (at revision {}, the bucket at {revision})",
                 *self.applied.borrow()
             )),
         }
@@ -216,6 +272,11 @@ impl Slots {
             let mut undone = self.undone.lock().unwrap_or_else(|e| e.into_inner());
             undone.retain(|_, at| at.elapsed() < UNDONE_FOR);
             undone.insert(holder.to_string(), Instant::now());
+        }
+        // The run's slot was taken before its decision, perhaps by another instance: look
+        // once the view has caught up.
+        if let Err(e) = self.caught_up().await {
+            tracing::debug!(%holder, error = %e, "undo with a view behind the bucket");
         }
         let held = self.view().held_as(holder);
         if let Err(e) = self.release_exact(&held).await {
@@ -234,17 +295,17 @@ impl Slots {
         self.view.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes one slot of `c` for `holder`: `Ok(Some(slot))`, `Ok(None)` when all are taken.
+    /// Takes one slot of the policy for `holder` (`<connection>#<run>`).
     pub(crate) async fn take(
         &self,
         policy: &str,
         max: u32,
         holder: &str,
         start: u32,
-    ) -> Result<Option<u32>, String> {
+    ) -> Result<Taken, String> {
         // The same request twice (a hedge) on this instance: the same slot.
         if let Some(n) = self.view().slot_of(policy, holder) {
-            return Ok(Some(n));
+            return Ok(Taken::Slot(n));
         }
         let mut tried = Vec::new();
         for _ in 0..ATTEMPTS {
@@ -260,7 +321,9 @@ impl Slots {
                     })
                 }
             };
-            let Some(n) = next else { return Ok(None) };
+            let Some(n) = next else {
+                return Ok(Taken::Full);
+            };
             tried.push(n);
             let key = slot_key(policy, n);
             match self
@@ -268,9 +331,9 @@ impl Slots {
                 .create(&key, bytes::Bytes::copy_from_slice(holder.as_bytes()))
                 .await
             {
-                Ok(_) => {
+                Ok(revision) => {
                     self.view().apply(&key, Some(holder.to_string()));
-                    return Ok(Some(n));
+                    return self.after_create(&key, n, holder, revision).await;
                 }
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                     // A hedged copy of this request, on another instance, may have taken it
@@ -280,7 +343,7 @@ impl Slots {
                             && e.value.as_ref() == holder.as_bytes()
                         {
                             self.view().apply(&key, Some(holder.to_string()));
-                            return Ok(Some(n));
+                            return Ok(Taken::Slot(n));
                         }
                     }
                     self.view().mark_taken(&key)
@@ -288,7 +351,35 @@ impl Slots {
                 Err(e) => return Err(e.to_string()),
             }
         }
-        Ok(None)
+        Ok(Taken::Full)
+    }
+
+    /// A copy of an admission (another dispatcher's run of a hedged event, or a late agent
+    /// call) can create its slot after the connection was closed or its event denied: a close
+    /// cannot free a slot that does not exist yet. So once the view has the new slot, an
+    /// admission checks whether a slot of the same connection was freed before it, and if
+    /// so gives its own back. Every slot then is either created before the close's second
+    /// look at the bucket (and freed by it) or after the close's first delete (and given back
+    /// here).
+    async fn after_create(
+        &self,
+        key: &str,
+        n: u32,
+        holder: &str,
+        revision: u64,
+    ) -> Result<Taken, String> {
+        if let Err(e) = self.applied_up_to(revision).await {
+            tracing::debug!(%key, error = %e, "could not check the new slot against releases");
+            return Ok(Taken::Slot(n));
+        }
+        let token = holder.split_once('#').map_or(holder, |(t, _)| t);
+        if !self.view().released_before(token, revision) {
+            return Ok(Taken::Slot(n));
+        }
+        tracing::debug!(%key, %holder, "the connection was released before this admission took its slot: given back");
+        self.release_exact(&[(key.to_string(), holder.to_string())])
+            .await?;
+        Ok(Taken::Released)
     }
 
     /// Frees the given slots if they still hold `holder` (after a lease a slot may belong to
@@ -313,7 +404,8 @@ impl Slots {
                 .delete_expect_revision(key, Some(e.revision))
                 .await
             {
-                Ok(()) => self.view().apply(key, None),
+                // The view learns of it from the watch, with its revision (see `released`).
+                Ok(()) => {}
                 Err(err) => {
                     // Changed since it was read (freed by another instance, renewed): fine,
                     // unless it still holds this holder.
@@ -350,13 +442,27 @@ impl Slots {
     }
 
     /// Frees every slot a connection holds, wherever it was admitted: once the view has caught
-    /// up with the bucket, so a slot taken by another instance a moment ago is freed too. The
-    /// close is confirmed only then; if it cannot be, what the view knows is freed anyway and
-    /// the error makes the gateway send the close again.
+    /// up with the bucket, so a slot taken by another instance a moment ago is freed too; then
+    /// once more after a second catch-up, for a slot created while the first pass ran (a later
+    /// one is given back by its admission, see `after_create`). The close is confirmed only
+    /// then; if it cannot be, what the view knows is freed anyway and the error makes the
+    /// gateway send the close again.
     pub(crate) async fn release_connection(&self, token: &str) -> Result<(), String> {
         let caught_up = self.caught_up().await;
         let held = self.view().held_by(token);
+        if held.is_empty() {
+            return caught_up;
+        }
         let released = self.release_exact(&held).await;
+        caught_up.and(released)?;
+        let caught_up = self.caught_up().await;
+        let late: Vec<_> = self
+            .view()
+            .held_by(token)
+            .into_iter()
+            .filter(|slot| !held.contains(slot))
+            .collect();
+        let released = self.release_exact(&late).await;
         caught_up.and(released)
     }
 }

@@ -56,12 +56,17 @@ async fn no_slot_held(engine: &Engine, within: Duration, what: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn kill_9_of_a_conn_limit_instance_leaks_no_slot() {
+/// acl (allow all) and `instances` conn-limit instances with a limit the load never reaches,
+/// on `new-connection` and `connection-closed`; the limit is checked to apply.
+async fn limited_engine(instances: usize) -> Engine {
     let mut engine = Engine::new();
-    engine.agent("conn-limit", &[]);
+    for _ in 1..instances {
+        engine.agent("conn-limit", &[]);
+    }
     engine.start(&["acl", "conn-limit"]).await;
-    engine.wait_instances("policy-agent-conn-limit", 2).await;
+    engine
+        .wait_instances("policy-agent-conn-limit", instances)
+        .await;
     let admin = engine.admin().await;
     subscribe(
         &admin,
@@ -85,51 +90,80 @@ async fn kill_9_of_a_conn_limit_instance_leaks_no_slot() {
             .new_connection(&conn("web", "db", &["p1"]))
             .await
             .map_err(|e| e.to_string())?;
-        hook.connection_closed(&bus::event::ConnectionClosed {
-            connection_id: d.connection_id.clone().unwrap_or_default(),
-            src_service: "web".into(),
-            dst_service: "db".into(),
-            target_peer: None,
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+        hook_closes(&engine, &d).await;
         (effects(&d.reasons, "conn-limit") == [pair("db", "allow")])
             .then_some(())
             .ok_or(format!("{d:?}"))
     })
     .await;
+    engine
+}
 
-    // Gateways that open a connection and close it, as the contract asks: a close the engine
-    // cannot confirm is sent again.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let counts = Arc::new(Mutex::new((0usize, 0usize, 0usize)));
-    let workers: Vec<_> = (0..6)
-        .map(|_| {
-            let (hook, stop, counts) = (hook.clone(), stop.clone(), counts.clone());
-            tokio::spawn(async move {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let Ok(d) = hook.new_connection(&conn("web", "db", &["p1"])).await else {
-                        counts.lock().unwrap().2 += 1;
-                        continue;
-                    };
-                    counts.lock().unwrap().0 += 1;
-                    if d.action != Action::Allow {
-                        continue;
+/// Gateways that open connections and close them, as the contract asks: a close the engine
+/// cannot confirm is sent again. A connection refused or undecided is not opened (the client
+/// cancels an undecided one itself).
+struct Gateways {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// decisions, closes sent again, errors
+    counts: Arc<Mutex<(usize, usize, usize)>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateways {
+    fn start(hook: &bus::Client, n: usize) -> Gateways {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let counts = Arc::new(Mutex::new((0usize, 0usize, 0usize)));
+        let workers = (0..n)
+            .map(|_| {
+                let (hook, stop, counts) = (hook.clone(), stop.clone(), counts.clone());
+                tokio::spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let Ok(d) = hook.new_connection(&conn("web", "db", &["p1"])).await else {
+                            counts.lock().unwrap().2 += 1;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            continue;
+                        };
+                        counts.lock().unwrap().0 += 1;
+                        if d.action != Action::Allow {
+                            continue;
+                        }
+                        let closed = bus::event::ConnectionClosed {
+                            connection_id: d.connection_id.clone().expect("connection id"),
+                            src_service: "web".into(),
+                            dst_service: "db".into(),
+                            target_peer: d.target_peer.clone(),
+                        };
+                        while hook.connection_closed(&closed).await.is_err() {
+                            counts.lock().unwrap().1 += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
                     }
-                    let closed = bus::event::ConnectionClosed {
-                        connection_id: d.connection_id.clone().expect("connection id"),
-                        src_service: "web".into(),
-                        dst_service: "db".into(),
-                        target_peer: d.target_peer.clone(),
-                    };
-                    while hook.connection_closed(&closed).await.is_err() {
-                        counts.lock().unwrap().1 += 1;
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
+                })
             })
-        })
-        .collect();
+            .collect();
+        Gateways {
+            stop,
+            counts,
+            workers,
+        }
+    }
+
+    /// Stops them once every connection they opened is closed: (decisions, closes sent
+    /// again, errors).
+    async fn finish(self) -> (usize, usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for w in self.workers {
+            let _ = w.await;
+        }
+        let counts = *self.counts.lock().unwrap();
+        counts
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_a_conn_limit_instance_leaks_no_slot() {
+    let mut engine = limited_engine(2).await;
+    let gateways = Gateways::start(&engine.hook().await, 6);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for _ in 0..2 {
         drop(engine.take_oldest("policy-agent conn-limit"));
@@ -138,16 +172,30 @@ async fn kill_9_of_a_conn_limit_instance_leaks_no_slot() {
         engine.wait_instances("policy-agent-conn-limit", 2).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for w in workers {
-        let _ = w.await;
-    }
-    let (decisions, resent, errors) = *counts.lock().unwrap();
+    let (decisions, resent, errors) = gateways.finish().await;
     println!("conn-limit killed twice: {decisions} decisions, {resent} closes sent again, {errors} errors");
     assert!(decisions > 100);
     // Every admitted connection was closed, and every denied one undone (after the reply, so
     // the last may still be on its way): no slot is left, well before the 1 h lease.
     no_slot_held(&engine, Duration::from_secs(5), "conn-limit killed twice").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_restart_under_gateways_leaks_no_slot() {
+    let mut engine = limited_engine(1).await;
+    let gateways = Gateways::start(&engine.hook().await, 6);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Decisions the server drops on its way down (an admission made, its answer lost) are
+    // cancelled by the gateways' client once it is back.
+    engine.nats.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    engine.nats.restart();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (decisions, resent, errors) = gateways.finish().await;
+    println!("server down 2 s: {decisions} decisions, {resent} closes sent again, {errors} errors");
+    assert!(decisions > 100);
+    no_slot_held(&engine, Duration::from_secs(5), "server down 2 s").await;
+    assert!(engine.exited().is_empty(), "{:?}", engine.exited());
 }
 
 #[tokio::test(flavor = "multi_thread")]
