@@ -192,6 +192,14 @@ pub enum Change {
     },
 }
 
+/// The bucket's stream state as the server has it now. `kv::Store::status` returns the stream
+/// info cached when the store was opened (async-nats 0.51), so its sequence never moves.
+pub async fn stream_state(
+    store: &kv::Store,
+) -> Result<async_nats::jetstream::stream::State, ConfigError> {
+    Ok(store.stream.get_info().await.map_err(io)?.state)
+}
+
 /// Loads the current values under `filter` and returns them with a stream of every later
 /// change. The watch starts just after the stream sequence read before loading, so no change
 /// falls between the load and the watch (a change may be seen twice; applying it is idempotent).
@@ -199,8 +207,7 @@ pub async fn load_and_watch(
     store: &kv::Store,
     filter: &str,
 ) -> Result<(Snapshot, impl Stream<Item = Result<Change, ConfigError>>), ConfigError> {
-    let status = store.status().await.map_err(io)?;
-    let last = status.info.state.last_sequence;
+    let last = stream_state(store).await?.last_sequence;
     let prefix = filter.trim_end_matches('>');
     let keys: Vec<String> = store
         .keys()
@@ -336,8 +343,8 @@ pub async fn watch(
                                 tracing::warn!(%filter, seen, behind = ?due, "config watch stalled behind the bucket; reloading");
                                 break 'watch;
                             }
-                            due = match tokio::time::timeout(STALL_CHECK, store.status()).await {
-                                Ok(Ok(status)) => Some(status.info.state.last_sequence),
+                            due = match tokio::time::timeout(STALL_CHECK, stream_state(&store)).await {
+                                Ok(Ok(state)) => Some(state.last_sequence),
                                 _ => None,
                             };
                             continue;

@@ -83,8 +83,8 @@ async fn delete(d: &Dispatcher, key: &str) -> Result<(), ErrorReply> {
                 .map_err(unavailable)?;
             if key.starts_with("sub.") {
                 // The delete marker is the stream's newest message: wait until it is applied.
-                if let Ok(status) = d.store.status().await {
-                    seen_here(d, status.info.state.last_sequence).await;
+                if let Ok(state) = bus::config::stream_state(&d.store).await {
+                    seen_here(d, state.last_sequence).await;
                 }
             }
             Ok(())

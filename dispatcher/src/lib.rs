@@ -8,7 +8,7 @@ pub mod table;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
 use bus::config::{self, ConfigKey};
@@ -75,8 +75,11 @@ pub struct Dispatcher {
 
 type Reply = (HeaderMap, Bytes);
 
+/// How long an undo no kind instance confirmed is asked again, in the background.
+const UNDO_RETRY_FOR: Duration = Duration::from_secs(120);
+
 /// How long a kind has to confirm an undo, hedged like any agent call.
-const UNDO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+const UNDO_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Dispatcher {
     /// Decides one event. Errors are the caller's or the configuration's: a failed agent is
@@ -253,28 +256,31 @@ impl Dispatcher {
     /// for it. After the reply, so the hookpoint does not wait; before the task ends, so a
     /// stopping dispatcher still sends it. What cannot be undone is left to the kind's lease.
     async fn undo(&self, undo: chain::Undo) {
-        let calls = undo.kinds.iter().map(|kind| {
-            let subject = self.subjects.agent_undo(kind);
-            let (trace, decision) = (undo.trace.clone(), undo.decision.clone());
-            async move {
-                let latency = bus::hedge::Latency::default();
-                let r = bus::hedge::ask(
-                    &self.nats,
-                    &subject,
-                    trace,
-                    decision,
-                    UNDO_TIMEOUT,
-                    &latency,
-                )
-                .await;
-                (kind, r)
+        let failed = self.undo_once(&undo.kinds, &undo).await;
+        if failed.is_empty() {
+            return;
+        }
+        // A kind that cannot be reached now (NATS restarting, no instance) is asked again in
+        // the background, for up to UNDO_RETRY_FOR, rather than left to its lease.
+        let (nats, subjects) = (self.nats.clone(), self.subjects.clone());
+        tokio::spawn(async move {
+            let until = Instant::now() + UNDO_RETRY_FOR;
+            let mut kinds = failed;
+            while !kinds.is_empty() {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                kinds = undo_calls(&nats, &subjects, &kinds, &undo).await;
+                if Instant::now() >= until {
+                    for kind in &kinds {
+                        tracing::warn!(agent = %kind, "could not undo what the agent took for a denied event; its lease will");
+                    }
+                    return;
+                }
             }
         });
-        for (kind, r) in futures::future::join_all(calls).await {
-            if let Err(e) = r {
-                tracing::warn!(agent = %kind, error = %e, "could not undo what the agent took for a denied event; its lease will");
-            }
-        }
+    }
+
+    async fn undo_once(&self, kinds: &[bus::Kind], undo: &chain::Undo) -> Vec<bus::Kind> {
+        undo_calls(&self.nats, &self.subjects, kinds, undo).await
     }
 
     async fn tap(
@@ -394,6 +400,32 @@ fn outcome_name(o: Outcome) -> &'static str {
 /// The hookpoint's connection id; an empty one counts as absent.
 fn event_connection_id(nc: &bus::event::NewConnection) -> Option<String> {
     nc.connection_id.clone().filter(|c| !c.is_empty())
+}
+
+/// Asks each kind to undo; returns the kinds that could not be reached.
+async fn undo_calls(
+    nats: &async_nats::Client,
+    subjects: &Subjects,
+    kinds: &[bus::Kind],
+    undo: &chain::Undo,
+) -> Vec<bus::Kind> {
+    let calls = kinds.iter().map(|kind| {
+        let subject = subjects.agent_undo(kind);
+        let (trace, decision) = (undo.trace.clone(), undo.decision.clone());
+        async move {
+            let latency = bus::hedge::Latency::default();
+            let r = bus::hedge::ask(nats, &subject, trace, decision, UNDO_TIMEOUT, &latency).await;
+            (kind, r)
+        }
+    });
+    let mut failed = Vec::new();
+    for (kind, r) in futures::future::join_all(calls).await {
+        if let Err(e) = r {
+            tracing::debug!(agent = %kind, error = %e, "undo not confirmed yet");
+            failed.push(kind.clone());
+        }
+    }
+    failed
 }
 
 async fn respond(req: Request, (headers, body): Reply) {

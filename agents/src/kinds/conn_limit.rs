@@ -113,7 +113,8 @@ impl ConnLimiter {
             };
             if let Some(detail) = refused {
                 if let Err(e) = slots.release_exact(&taken).await {
-                    tracing::warn!(%holder, error = %e, "could not give back the slots of a refused admission; the lease will");
+                    tracing::debug!(%holder, error = %e, "could not give back the slots of a refused admission yet");
+                    slots.give_back(taken.clone());
                 }
                 return deny(c, detail);
             }
@@ -121,7 +122,8 @@ impl ConnLimiter {
         if slots.is_undone(&holder) {
             // The event was denied while this (late or duplicate) admission was under way.
             if let Err(e) = slots.release_exact(&taken).await {
-                tracing::warn!(%holder, error = %e, "could not give back the slots of an undone admission; the lease will");
+                tracing::debug!(%holder, error = %e, "could not give back the slots of an undone admission yet");
+                slots.give_back(taken.clone());
             }
             return deny(matched[0], "the event was already denied".into());
         }
@@ -159,9 +161,15 @@ async fn watch_slots(slots: Arc<Slots>) -> Result<(), AttachError> {
                 Update::Changed(changes) => {
                     for change in changes {
                         match change {
-                            Change::Put { key, value, .. } => {
-                                view.apply(key, Some(String::from_utf8_lossy(value).into_owned()))
-                            }
+                            Change::Put {
+                                key,
+                                value,
+                                revision,
+                            } => view.apply_at(
+                                key,
+                                Some(String::from_utf8_lossy(value).into_owned()),
+                                *revision,
+                            ),
                             Change::Delete { key, revision } => view.apply_at(key, None, *revision),
                         }
                     }
@@ -240,8 +248,11 @@ impl AgentKind for ConnLimiter {
             Event::NewConnection(e) => Ok(self.new_connection(rules, e, state).await),
             Event::ConnectionClosed(e) => {
                 if let Some(slots) = &self.slots {
+                    let limited = rules
+                        .iter()
+                        .any(|c| c.matcher.may_match(&e.src_service, &e.dst_service));
                     slots
-                        .release_connection(&key_token(&e.connection_id))
+                        .release_connection(&key_token(&e.connection_id), limited)
                         .await
                         .map_err(|e| format!("the close's slots may not all be freed: {e}"))?;
                 }
@@ -262,7 +273,7 @@ impl AgentKind for ConnLimiter {
                         slots.renew_connection(&token).await;
                     }
                     Some("closed" | "failed") => slots
-                        .release_connection(&token)
+                        .release_connection(&token, false)
                         .await
                         .map_err(|e| format!("the connection's slots may not all be freed: {e}"))?,
                     _ => {}

@@ -3,7 +3,7 @@
 //! renew, undo.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
@@ -12,6 +12,11 @@ use async_nats::jetstream::kv;
 const ATTEMPTS: usize = 8;
 /// How long a close waits for the bucket, and for the view to catch up with it.
 const CATCH_UP: Duration = Duration::from_secs(1);
+/// The key a close writes when it found no slot of a connection a limit may apply to
+/// (`slot._gone.<connection>`): every instance's watch then records the release, and an
+/// admission of the connection still under way gives its slot back. Policy ids never start
+/// with `_`, so it is no slot.
+const GONE_PREFIX: &str = "slot._gone.";
 /// How long a connection's release is remembered: longer than the longest agent call
 /// (`MAX_TIMEOUT_MS`) plus a KV request, so no copy of its admission can still be under way.
 const RELEASED_FOR: Duration = Duration::from_secs(65);
@@ -55,23 +60,34 @@ impl View {
 
     /// A change the watch read at `revision`.
     pub(crate) fn apply_at(&mut self, key: &str, holder: Option<String>, revision: u64) {
+        if let Some(token) = key.strip_prefix(GONE_PREFIX) {
+            if holder.is_some() {
+                self.record_release(token, revision);
+            }
+            return;
+        }
         if holder.is_none() {
             // Who held it, before it goes from the view.
-            if let Some((policy, n)) = parse_slot(key) {
-                let freed = self.slots.get(policy).and_then(|m| m.get(&n));
-                if let Some(token) = freed.and_then(|h| h.holder.split_once('#')).map(|(t, _)| t) {
-                    self.released
-                        .entry(token.to_string())
-                        .or_insert((revision, Instant::now()));
-                    if self.released.len() > self.prune_at.max(1024) {
-                        self.released
-                            .retain(|_, (_, at)| at.elapsed() < RELEASED_FOR);
-                        self.prune_at = self.released.len() * 2;
-                    }
-                }
+            let freed = parse_slot(key)
+                .and_then(|(policy, n)| self.slots.get(policy)?.get(&n))
+                .and_then(|h| h.holder.split_once('#'))
+                .map(|(token, _)| token.to_string());
+            if let Some(token) = freed {
+                self.record_release(&token, revision);
             }
         }
         self.apply(key, holder);
+    }
+
+    fn record_release(&mut self, token: &str, revision: u64) {
+        self.released
+            .entry(token.to_string())
+            .or_insert((revision, Instant::now()));
+        if self.released.len() > self.prune_at.max(1024) {
+            self.released
+                .retain(|_, (_, at)| at.elapsed() < RELEASED_FOR);
+            self.prune_at = self.released.len() * 2;
+        }
     }
 
     /// Whether a slot of the connection was freed before `revision`.
@@ -193,6 +209,9 @@ pub(crate) fn slot_key(policy: &str, n: u32) -> String {
 fn parse_slot(key: &str) -> Option<(&str, u32)> {
     let rest = key.strip_prefix("slot.")?;
     let (policy, n) = rest.rsplit_once('.')?;
+    if policy.starts_with('_') {
+        return None;
+    }
     Some((policy, n.parse().ok()?))
 }
 
@@ -236,11 +255,10 @@ impl Slots {
     /// Without it, a close that reaches this instance just after another instance (or a hedged
     /// copy) took a slot would miss it, and the slot would stay held until the lease.
     async fn caught_up(&self) -> Result<(), String> {
-        let status = tokio::time::timeout(CATCH_UP, self.store.status())
+        let state = tokio::time::timeout(CATCH_UP, bus::config::stream_state(&self.store))
             .await
             .map_err(|_| "the slot bucket did not answer in time".to_string())?
             .map_err(|e| format!("the slot bucket did not answer: {e}"))?;
-        let state = &status.info.state;
         // An empty stream has nothing to see (its last revision may have expired, and the
         // watch never sees an expiry; expiry goes oldest first, so if the last went all did).
         if state.messages == 0 {
@@ -267,7 +285,7 @@ impl Slots {
 
     /// Gives back every slot `holder` holds that this instance knows of, and remembers the
     /// holder so that an admission of it still in progress here gives its slots back too.
-    pub(crate) async fn undo(&self, holder: &str) {
+    pub(crate) async fn undo(self: &Arc<Self>, holder: &str) {
         {
             let mut undone = self.undone.lock().unwrap_or_else(|e| e.into_inner());
             undone.retain(|_, at| at.elapsed() < UNDONE_FOR);
@@ -280,7 +298,8 @@ impl Slots {
         }
         let held = self.view().held_as(holder);
         if let Err(e) = self.release_exact(&held).await {
-            tracing::warn!(%holder, error = %e, "could not give back an undone admission's slots; the lease will");
+            tracing::debug!(%holder, error = %e, "could not give back an undone admission's slots yet");
+            self.give_back(held);
         }
     }
 
@@ -296,8 +315,28 @@ impl Slots {
     }
 
     /// Takes one slot of the policy for `holder` (`<connection>#<run>`).
+    /// Frees `slots` (if they still hold their holders) in the background, asking again
+    /// until it succeeds, for up to [`RELEASED_FOR`]: for a create whose outcome is unknown
+    /// (the store failed to answer: it may have been written) and a release that failed.
+    pub(crate) fn give_back(self: &Arc<Self>, slots: Vec<(String, String)>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let until = Instant::now() + RELEASED_FOR;
+            loop {
+                match this.release_exact(&slots).await {
+                    Ok(()) => return,
+                    Err(e) if Instant::now() >= until => {
+                        tracing::warn!(error = %e, ?slots, "could not give back slots; the lease will");
+                        return;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+                }
+            }
+        });
+    }
+
     pub(crate) async fn take(
-        &self,
+        self: &Arc<Self>,
         policy: &str,
         max: u32,
         holder: &str,
@@ -348,7 +387,12 @@ impl Slots {
                     }
                     self.view().mark_taken(&key)
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => {
+                    // Maybe written, maybe not: if it was, it is this admission's, which is
+                    // refused, so it goes back once the store answers.
+                    self.give_back(vec![(key, holder.to_string())]);
+                    return Err(e.to_string());
+                }
             }
         }
         Ok(Taken::Full)
@@ -447,11 +491,24 @@ impl Slots {
     /// one is given back by its admission, see `after_create`). The close is confirmed only
     /// then; if it cannot be, what the view knows is freed anyway and the error makes the
     /// gateway send the close again.
-    pub(crate) async fn release_connection(&self, token: &str) -> Result<(), String> {
+    pub(crate) async fn release_connection(
+        &self,
+        token: &str,
+        limited: bool,
+    ) -> Result<(), String> {
         let caught_up = self.caught_up().await;
         let held = self.view().held_by(token);
         if held.is_empty() {
-            return caught_up;
+            caught_up?;
+            if limited {
+                // Closed before any admission of it took a slot (its decision was lost, and
+                // the gateway cancelled it): tell every instance, so a late one gives it back.
+                self.store
+                    .put(format!("{GONE_PREFIX}{token}"), bytes::Bytes::new())
+                    .await
+                    .map_err(|e| format!("could not record the close: {e}"))?;
+            }
+            return Ok(());
         }
         let released = self.release_exact(&held).await;
         caught_up.and(released)?;

@@ -25,6 +25,13 @@ impl LimitMatch {
             && pattern::matches(&self.target_peer, target_peer)
     }
 
+    /// Whether a connection between these services may have been counted (a close does not
+    /// carry the peers, so those are taken to match).
+    pub fn may_match(&self, src_service: &str, dst_service: &str) -> bool {
+        pattern::matches(&self.dst_service, Some(dst_service))
+            && pattern::matches(&self.src_service, Some(src_service))
+    }
+
     /// The values of the attributes the match names: connections that share them share a
     /// limit (`src_service: "web*"` limits each `web-…` service separately).
     pub fn key(&self, e: &NewConnection, target_peer: Option<&str>) -> String {
