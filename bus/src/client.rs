@@ -206,18 +206,12 @@ pub const CANCEL_FOR: Duration = Duration::from_secs(120);
 /// The pause between those closes.
 const CANCEL_PAUSE: Duration = Duration::from_millis(250);
 
-/// Whether a failed `new-connection` may still have been admitted by the engine: anything but
-/// an error the engine answered before running the chain, or one raised before sending.
+/// Whether a failed `new-connection` may still have been admitted by the engine: any error
+/// once it was sent. Even an error reply the engine made before its chain ran answers only one
+/// copy: another copy of the same event (a hedge) may have been decided, and admitted, by
+/// another run.
 fn may_have_admitted(e: &ClientError) -> bool {
-    use crate::ErrorCode;
-    match e {
-        ClientError::Remote(r) => !matches!(
-            r.code,
-            ErrorCode::BadRequest | ErrorCode::UnknownEvent | ErrorCode::NoSubscribers
-        ),
-        ClientError::Encode(_) | ClientError::InvalidName(_) => false,
-        _ => true,
-    }
+    !matches!(e, ClientError::Encode(_) | ClientError::InvalidName(_))
 }
 
 /// A gateway hookpoint's client: asks the engine for decisions. An event with no answer after a

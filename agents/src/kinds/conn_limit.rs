@@ -153,8 +153,11 @@ async fn watch_slots(slots: Arc<Slots>) -> Result<(), AttachError> {
             match update {
                 Update::Loaded(snap) => {
                     view.clear_slots();
+                    // A `_gone` marker loaded here is taken as written at the snapshot's
+                    // revision: any admission of its connection after the load gives back.
                     for (key, value) in &snap.values {
-                        view.apply(key, Some(String::from_utf8_lossy(value).into_owned()));
+                        let value = String::from_utf8_lossy(value).into_owned();
+                        view.apply_at(key, Some(value), snap.revision);
                     }
                     snap.revision
                 }

@@ -297,6 +297,7 @@ impl Slots {
             tracing::debug!(%holder, error = %e, "undo with a view behind the bucket");
         }
         let held = self.view().held_as(holder);
+        tracing::debug!(%holder, held = held.len(), "undo");
         if let Err(e) = self.release_exact(&held).await {
             tracing::debug!(%holder, error = %e, "could not give back an undone admission's slots yet");
             self.give_back(held);
@@ -371,6 +372,7 @@ impl Slots {
                 .await
             {
                 Ok(revision) => {
+                    tracing::debug!(%key, %holder, revision, "slot taken");
                     self.view().apply(&key, Some(holder.to_string()));
                     return self.after_create(&key, n, holder, revision).await;
                 }
@@ -449,7 +451,7 @@ impl Slots {
                 .await
             {
                 // The view learns of it from the watch, with its revision (see `released`).
-                Ok(()) => {}
+                Ok(()) => tracing::debug!(%key, %holder, "slot freed"),
                 Err(err) => {
                     // Changed since it was read (freed by another instance, renewed): fine,
                     // unless it still holds this holder.
@@ -498,6 +500,7 @@ impl Slots {
     ) -> Result<(), String> {
         let caught_up = self.caught_up().await;
         let held = self.view().held_by(token);
+        tracing::debug!(%token, held = held.len(), caught_up = caught_up.is_ok(), "releasing a connection");
         if held.is_empty() {
             caught_up?;
             if limited {
