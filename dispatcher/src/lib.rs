@@ -256,7 +256,7 @@ impl Dispatcher {
     /// for it. After the reply, so the hookpoint does not wait; before the task ends, so a
     /// stopping dispatcher still sends it. What cannot be undone is left to the kind's lease.
     async fn undo(&self, undo: chain::Undo) {
-        let failed = self.undo_once(&undo.kinds, &undo).await;
+        let failed = undo_calls(&self.nats, &self.subjects, &undo.kinds, &undo).await;
         if failed.is_empty() {
             return;
         }
@@ -277,10 +277,6 @@ impl Dispatcher {
                 }
             }
         });
-    }
-
-    async fn undo_once(&self, kinds: &[bus::Kind], undo: &chain::Undo) -> Vec<bus::Kind> {
-        undo_calls(&self.nats, &self.subjects, kinds, undo).await
     }
 
     async fn tap(
