@@ -185,7 +185,7 @@ where
             }
             Ok(patch) => match patch.to_header() {
                 Ok(h) => {
-                    reply_headers.insert(headers::POLICY_STATE, h.as_str());
+                    reply_headers.insert(headers::name(headers::POLICY_STATE), h);
                     tracing::debug!(action = patch.get_str(keys::ACTION), "decided");
                     (reply_headers, bytes::Bytes::new())
                 }

@@ -78,34 +78,56 @@ pub async fn call(
     payload: Bytes,
     timeout: Duration,
 ) -> Result<Message, ClientError> {
+    request(nats, subject, headers, payload, Some(timeout), true).await
+}
+
+/// [`call`], with the timeout and the watch for a dropped connection optional: a hedged call
+/// keeps its own deadline and sends another copy when one gets no answer, so it needs
+/// neither (each is a timer per request).
+pub(crate) async fn request(
+    nats: &async_nats::Client,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+    timeout: Option<Duration>,
+    watch_drop: bool,
+) -> Result<Message, ClientError> {
     if nats.connection_state() == async_nats::connection::State::Disconnected {
         return Err(ClientError::Disconnected { subject });
     }
     let request = async_nats::Request::new()
         .headers(headers)
         .payload(payload)
-        .timeout(Some(timeout));
-    // A reply cannot come over a connection that dropped: fail then, not at the timeout. The
-    // watch starts late, so a request answered in the usual millisecond pays for no polling.
-    let dropped = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        loop {
-            if nats.connection_state() == async_nats::connection::State::Disconnected {
-                return;
+        .timeout(timeout);
+    let sent = if watch_drop {
+        // A reply cannot come over a connection that dropped: fail then, not at the timeout.
+        // The watch starts late, so a request answered in the usual millisecond pays for no
+        // polling.
+        let dropped = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            loop {
+                if nats.connection_state() == async_nats::connection::State::Disconnected {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        tokio::select! {
+            sent = nats.send_request(subject.clone(), request) => sent,
+            _ = dropped => return Err(ClientError::Disconnected { subject }),
         }
-    };
-    let sent = tokio::select! {
-        sent = nats.send_request(subject.clone(), request) => sent,
-        _ = dropped => return Err(ClientError::Disconnected { subject }),
+    } else {
+        nats.send_request(subject.clone(), request).await
     };
     let msg = match sent {
         Ok(msg) => msg,
         Err(e) => {
             return Err(match e.kind() {
                 RequestErrorKind::NoResponders => ClientError::NoResponders { subject },
-                RequestErrorKind::TimedOut => ClientError::Timeout { subject, timeout },
+                RequestErrorKind::TimedOut => ClientError::Timeout {
+                    subject,
+                    timeout: timeout.unwrap_or_default(),
+                },
                 _ => ClientError::Request { subject, source: e },
             })
         }

@@ -52,6 +52,10 @@ pub enum ShapeError {
     Truncated { at: usize },
     #[error("reserved byte 0xc1 at byte {at}")]
     Reserved { at: usize },
+    /// More bytes after the one value a message is: a message is one value, and a record
+    /// that embeds it (the tap) must not carry garbage along.
+    #[error("{extra} bytes after the value, from byte {at}")]
+    Trailing { at: usize, extra: usize },
 }
 
 pub fn encode<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<Vec<u8>, CodecError> {
@@ -60,6 +64,11 @@ pub fn encode<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<Ve
 
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, CodecError> {
     check_depth(bytes, MAX_DEPTH).map_err(|source| CodecError::Shape { what, source })?;
+    // The plain decode first: tracking the path costs on every field of every message, and is
+    // only needed to say where a bad one went wrong.
+    if let Ok(v) = rmp_serde::from_slice(bytes) {
+        return Ok(v);
+    }
     let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -133,6 +142,12 @@ pub fn check_depth(bytes: &[u8], max_depth: usize) -> Result<(), ShapeError> {
             pending.push(items);
         }
     }
+    if pos != bytes.len() {
+        return Err(ShapeError::Trailing {
+            at: pos,
+            extra: bytes.len() - pos,
+        });
+    }
     Ok(())
 }
 
@@ -156,6 +171,17 @@ mod tests {
         // A million levels is an error, not a crash.
         let err = decode::<Value>("t", &[0x91u8].repeat(1_000_000)).unwrap_err();
         assert!(err.to_string().contains("deeper than 32"), "{err}");
+    }
+
+    #[test]
+    fn a_message_is_one_value_and_nothing_after_it() {
+        assert_eq!(check_depth(&[0x90], 32), Ok(()));
+        assert_eq!(
+            check_depth(&[0x90, 0xc0, 0xc0], 32),
+            Err(ShapeError::Trailing { at: 1, extra: 2 })
+        );
+        let err = decode::<Value>("event", &[0x80, 0x01]).unwrap_err();
+        assert!(err.to_string().contains("1 bytes after the value"), "{err}");
     }
 
     #[test]

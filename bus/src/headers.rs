@@ -22,20 +22,26 @@ pub fn agent_service(kind: &crate::Kind) -> String {
     format!("policy-agent-{kind}")
 }
 
+/// A header name for a map lookup or insert without allocating: a `&str` name is copied into
+/// a new `String` (and validated) on every call, a cost paid per header per hop.
+pub fn name(name: &'static str) -> async_nats::header::HeaderName {
+    async_nats::header::HeaderName::from_static(name)
+}
+
 /// Copies the event id and trace context from one hop's headers to the next.
 pub fn propagate(from: Option<&async_nats::HeaderMap>, to: &mut async_nats::HeaderMap) {
     if let Some(from) = from {
-        for name in [POLICY_EVENT_ID, TRACEPARENT] {
-            if let Some(v) = from.get(name) {
-                to.insert(name, v.as_str());
+        for n in [POLICY_EVENT_ID, TRACEPARENT] {
+            if let Some(v) = from.get(name(n)) {
+                to.insert(name(n), v.clone());
             }
         }
     }
 }
 
 /// The value of a header as a `&str`, if present.
-pub fn get<'a>(headers: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {
-    headers?.get(name).map(|v| v.as_str())
+pub fn get<'a>(headers: Option<&'a async_nats::HeaderMap>, n: &'static str) -> Option<&'a str> {
+    headers?.get(name(n)).map(|v| v.as_str())
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
-use crate::client::{call, ClientError};
+use crate::client::{request, ClientError};
 use crate::headers;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -163,29 +163,127 @@ pub async fn ask(
 ) -> Result<async_nats::Message, ClientError> {
     let start = Instant::now();
     let deadline = start + timeout;
-    headers.insert(headers::POLICY_DEADLINE, deadline_ms(timeout).as_str());
+    headers.insert(
+        headers::name(headers::POLICY_DEADLINE),
+        deadline_ms(timeout).as_str(),
+    );
     let delay = latency.hedge_delay(timeout);
+    // A hookpoint wants to hear at once that its connection dropped; a dispatcher's call waits
+    // for the reconnect and sends another copy, so it needs no watch.
+    let watch_drop = !latency.wait_reconnect;
     // Each request remembers when it left: the latency learned is the answering request's
     // own, not the call's (which includes the wait for the hedge, and would feed back into an
-    // ever longer hedge delay while an instance is frozen).
-    let send = |left: Duration| {
+    // ever longer hedge delay while an instance is frozen). The loop below keeps the deadline,
+    // so the request itself has no timer.
+    let send = |headers: HeaderMap| {
         let sent_at = Instant::now();
-        let request = call(
+        let request = request(
             nats,
             subject.to_string(),
-            headers.clone(),
+            headers,
             payload.clone(),
-            left.max(Duration::from_millis(1)),
+            None,
+            watch_drop,
         );
         async move { (request.await, sent_at) }
     };
+    let next_hedge = start + delay;
+    // The usual case, answered before the first hedge is due, costs one request and one timer.
+    let mut first = Box::pin(send(headers.clone()));
+    if latency.max_sends > 1 && next_hedge < deadline {
+        tokio::select! {
+            biased;
+            (reply, sent_at) = &mut first => match reply {
+                Ok(msg) => {
+                    latency.observe(sent_at.elapsed());
+                    return Ok(msg);
+                }
+                Err(e @ ClientError::Remote(_)) => return Err(e),
+                Err(e) => return hedged(HedgeCall {
+                    first: None,
+                    first_failure: Some(e),
+                    send: &send,
+                    headers,
+                    subject,
+                    timeout,
+                    deadline,
+                    delay,
+                    next_hedge,
+                    latency,
+                }).await,
+            },
+            _ = tokio::time::sleep_until(next_hedge) => {}
+        }
+    }
+    hedged(HedgeCall {
+        first: Some(first),
+        first_failure: None,
+        send: &send,
+        headers,
+        subject,
+        timeout,
+        deadline,
+        delay,
+        next_hedge,
+        latency,
+    })
+    .await
+}
+
+/// A call that was not answered before its first hedge was due (or whose first request
+/// failed at once): the copies, retries and deadline.
+struct HedgeCall<'a, S, F> {
+    first: Option<std::pin::Pin<Box<F>>>,
+    first_failure: Option<ClientError>,
+    send: &'a S,
+    headers: HeaderMap,
+    subject: &'a str,
+    timeout: Duration,
+    deadline: Instant,
+    delay: Duration,
+    next_hedge: Instant,
+    latency: &'a Latency,
+}
+
+async fn hedged<S, F>(call: HedgeCall<'_, S, F>) -> Result<async_nats::Message, ClientError>
+where
+    S: Fn(HeaderMap) -> F,
+    F: std::future::Future<Output = (Result<async_nats::Message, ClientError>, Instant)>,
+{
+    let HedgeCall {
+        first,
+        first_failure,
+        send,
+        headers,
+        subject,
+        timeout,
+        deadline,
+        delay,
+        mut next_hedge,
+        latency,
+    } = call;
+    let start = deadline - timeout;
+    let send = |_left: Duration| Box::pin(send(headers.clone()));
     let mut pending = FuturesUnordered::new();
-    pending.push(send(timeout));
+    pending.extend(first);
     let mut sent = 1;
-    let mut next_hedge = start + delay;
     let mut pause = Duration::from_millis(5);
     let mut retry_at: Option<Instant> = None;
     let mut last = None;
+    // A first request that failed at once is handled as if it had just come back.
+    if let Some(e) = first_failure {
+        match e {
+            ClientError::Disconnected { .. } if !latency.wait_reconnect => return Err(e),
+            ClientError::NoResponders { .. } | ClientError::Disconnected { .. } => {
+                if Instant::now() + pause < deadline {
+                    retry_at = Some(Instant::now() + pause);
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                last = Some(e);
+            }
+            other => last = Some(other),
+        }
+    }
     loop {
         let hedge_due = sent < latency.max_sends && next_hedge < deadline && retry_at.is_none();
         tokio::select! {

@@ -56,6 +56,13 @@ impl Limits {
     /// Checks an event payload's size, then every list, map and string in it. A payload that
     /// is not MessagePack passes here: decoding it says what is wrong with it.
     pub fn check_event(&self, payload: &[u8]) -> Result<(), LimitError> {
+        self.decode_event(payload).map(drop)
+    }
+
+    /// [`Self::check_event`], returning the payload decoded as a value when it is one (a
+    /// payload that is not MessagePack passes here, for the typed decode to name its error),
+    /// so that the caller need not decode it again.
+    pub fn decode_event(&self, payload: &[u8]) -> Result<Option<Value>, LimitError> {
         if payload.len() > self.max_event_bytes {
             return Err(LimitError::TooLarge {
                 bytes: payload.len(),
@@ -73,12 +80,14 @@ impl Limits {
             });
         }
         match crate::codec::decode::<Value>("event", payload) {
-            Ok(value) => self.check_value(&value, &mut String::new(), 0),
-            Err(_) => Ok(()),
+            Ok(value) => {
+                self.check_value(&value, &mut String::new(), 0)?;
+                Ok(Some(value))
+            }
+            Err(_) => Ok(None),
         }
     }
 
-    /// Checks one decoded value; `path` names it in errors (`dst_peers[3]`, `peer_labels.p1`).
     pub fn check_value(
         &self,
         value: &Value,

@@ -43,3 +43,106 @@ pub struct TapRecord {
     /// Unix time in milliseconds when the decision was made.
     pub at_ms: u64,
 }
+
+/// A tap record's bytes, built from parts the dispatcher has already encoded (the hookpoint's
+/// attributes, the decision as sent), so publishing the tap costs no second encoding of them.
+/// The bytes are exactly those of the [`TapRecord`] with the same content: a map with named
+/// fields, in the struct's order. `attributes` and `decision` must each be one MessagePack
+/// value (as a received payload and an encoded state are).
+pub struct RawTapRecord<'a> {
+    pub event: &'a str,
+    pub event_id: &'a str,
+    pub attributes: &'a [u8],
+    pub decision: &'a [u8],
+    pub total_us: u64,
+    pub agents: &'a [AgentTiming],
+    pub at_ms: u64,
+}
+
+impl RawTapRecord<'_> {
+    pub fn encode(&self) -> Result<Vec<u8>, crate::codec::CodecError> {
+        let mut out = Vec::with_capacity(
+            64 + self.event.len()
+                + self.event_id.len()
+                + self.attributes.len()
+                + self.decision.len()
+                + self.agents.len() * 48,
+        );
+        fn put<T: Serialize + ?Sized>(
+            out: &mut Vec<u8>,
+            value: &T,
+        ) -> Result<(), crate::codec::CodecError> {
+            rmp_serde::encode::write_named(out, value).map_err(|source| {
+                crate::codec::CodecError::Encode {
+                    what: "tap record",
+                    source,
+                }
+            })
+        }
+        // A fixmap of the record's seven fields, each key then its value.
+        out.push(0x87);
+        put(&mut out, "event")?;
+        put(&mut out, self.event)?;
+        put(&mut out, "event_id")?;
+        put(&mut out, self.event_id)?;
+        put(&mut out, "attributes")?;
+        out.extend_from_slice(self.attributes);
+        put(&mut out, "decision")?;
+        out.extend_from_slice(self.decision);
+        put(&mut out, "total_us")?;
+        put(&mut out, &self.total_us)?;
+        put(&mut out, "agents")?;
+        put(&mut out, self.agents)?;
+        put(&mut out, "at_ms")?;
+        put(&mut out, &self.at_ms)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_raw_record_is_byte_for_byte_the_typed_one() {
+        let mut decision = State::new();
+        decision.insert("action", "allow");
+        decision.set_strings("dst_peers", &["p1", "p2"]);
+        let attributes = Value::Map(vec![
+            ("src_service".into(), "web".into()),
+            (
+                "dst_peers".into(),
+                Value::Array(vec!["p1".into(), "p2".into()]),
+            ),
+        ]);
+        let typed = TapRecord {
+            event: "new-connection".into(),
+            event_id: "e1".into(),
+            attributes: attributes.clone(),
+            decision: decision.clone(),
+            total_us: 70_000,
+            agents: vec![AgentTiming {
+                agent: "acl".into(),
+                priority: 10,
+                latency_us: 312,
+                outcome: Outcome::Answered,
+            }],
+            at_ms: 1_790_000_000_000,
+        };
+        let attributes = crate::codec::encode("a", &attributes).unwrap();
+        let decision = decision.encode().unwrap();
+        let raw = RawTapRecord {
+            event: &typed.event,
+            event_id: &typed.event_id,
+            attributes: &attributes,
+            decision: &decision,
+            total_us: typed.total_us,
+            agents: &typed.agents,
+            at_ms: typed.at_ms,
+        }
+        .encode()
+        .unwrap();
+        assert_eq!(raw, crate::codec::encode("t", &typed).unwrap());
+        assert_eq!(crate::codec::decode::<TapRecord>("t", &raw).unwrap(), typed);
+    }
+}

@@ -82,7 +82,7 @@ pub struct Call<'a> {
 impl Call<'_> {
     fn headers(&self, state_header: &str) -> HeaderMap {
         let mut h = self.trace.clone();
-        h.insert(headers::POLICY_STATE, state_header);
+        h.insert(headers::name(headers::POLICY_STATE), state_header);
         h
     }
 
@@ -101,12 +101,17 @@ impl Call<'_> {
         (patch_of(m, reply, self.max_patch_bytes), start.elapsed())
     }
 
-    /// Runs the chain from `state`.
-    pub async fn run(&self, chain: &Chain, mut state: State) -> Run {
+    /// Runs the chain from `state`, whose header form `header` the caller already made.
+    pub async fn run(&self, chain: &Chain, mut state: State, header: String) -> Run {
         let mut timings = Vec::new();
         let mut degraded = false;
+        let mut first = Some(header);
         for stage in &chain.stages {
-            let header = match state.to_header() {
+            let encoded = match first.take() {
+                Some(h) => Ok(h),
+                None => state.to_header(),
+            };
+            let header = match encoded {
                 Ok(h) => h,
                 Err(e) => {
                     // Our own state always encodes; if not, fail closed rather than guess.

@@ -4,26 +4,22 @@
 
 pub mod admin;
 pub mod chain;
+mod decide;
 pub mod table;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use async_nats::HeaderMap;
 use bus::config::{self, ConfigKey};
-use bus::event::{new_id, Event, EventName};
 use bus::limits::Limits;
 use bus::roles::Role;
-use bus::state::keys;
-use bus::tap::{Outcome, TapRecord};
-use bus::{codec, headers, ErrorCode, ErrorReply, Subjects};
-use bytes::Bytes;
+use bus::{headers, Subjects};
 use daemon::service::{Endpoint, EndpointSpec, Request, Service};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use crate::chain::{finalize, Call};
 use crate::table::Table;
 
 #[derive(Debug, thiserror::Error)]
@@ -73,250 +69,7 @@ pub struct Dispatcher {
     pub(crate) working: bus::hedge::InProgress,
 }
 
-type Reply = (HeaderMap, Bytes);
-
-/// How long an undo no kind instance confirmed is asked again, in the background.
-const UNDO_RETRY_FOR: Duration = Duration::from_secs(120);
-
-/// How long a kind has to confirm an undo, hedged like any agent call.
-const UNDO_TIMEOUT: Duration = Duration::from_secs(1);
-
 impl Dispatcher {
-    /// Decides one event. Errors are the caller's or the configuration's: a failed agent is
-    /// not an error but a (deny or degraded) decision.
-    async fn decide(
-        &self,
-        msg: &async_nats::Message,
-        started: Instant,
-    ) -> Result<(Reply, Option<chain::Undo>), ErrorReply> {
-        let raw = self.subjects.event_of(&msg.subject).unwrap_or_default();
-        let name = EventName::new(raw)
-            .map_err(|e| ErrorReply::new(ErrorCode::UnknownEvent, e.to_string()))?;
-        let Some(chain) = self.table.chain(name.as_str()) else {
-            return Err(if name.is_contract() {
-                ErrorReply::new(
-                    ErrorCode::NoSubscribers,
-                    format!("no agent is subscribed to {name}: policyctl subscribe {name} <agent> --priority N"),
-                )
-            } else {
-                ErrorReply::new(
-                    ErrorCode::UnknownEvent,
-                    format!("unknown event {name:?}: not an event of the contract and no agent is subscribed to it"),
-                )
-            });
-        };
-        self.options
-            .limits
-            .check_event(&msg.payload)
-            .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, format!("{name} event: {e}")))?;
-        let mut event = Event::decode(&name, &msg.payload)
-            .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
-
-        let mut trace = HeaderMap::new();
-        headers::propagate(msg.headers.as_ref(), &mut trace);
-        let event_id = match headers::get(msg.headers.as_ref(), headers::POLICY_EVENT_ID) {
-            Some(id) if !id.is_empty() => id.to_string(),
-            _ => {
-                let id = new_id();
-                trace.insert(headers::POLICY_EVENT_ID, id.as_str());
-                id
-            }
-        };
-        tracing::Span::current().record("event.id", event_id.as_str());
-
-        // Stateful agents key on the connection id, so it must exist before the chain runs. It
-        // is written into the hookpoint's own payload, so attributes this version does not know
-        // still reach the agents.
-        let mut payload = msg.payload.clone();
-        let mut connection_id = None;
-        match &mut event {
-            Event::NewConnection(nc) => {
-                let id = match event_connection_id(nc) {
-                    Some(id) => id,
-                    None => {
-                        let id = new_id();
-                        payload = bus::event::set_attribute(
-                            &msg.payload,
-                            keys::CONNECTION_ID,
-                            id.as_str().into(),
-                        )
-                        .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?
-                        .into();
-                        nc.connection_id = Some(id.clone());
-                        id
-                    }
-                };
-                connection_id = Some(id);
-            }
-            Event::ConnectionClosed(cc) if cc.connection_id.is_empty() => {
-                return Err(ErrorReply::new(
-                    ErrorCode::BadRequest,
-                    "bad connection-closed event: connection_id is empty",
-                ));
-            }
-            _ => {}
-        }
-
-        let mut state = event.initial_state();
-        if let Some(id) = &connection_id {
-            state.insert(keys::CONNECTION_ID, id.as_str());
-        }
-        // Agents may key on the event (conn-limit's slots do, so a hedged duplicate's slot is
-        // freed with the original's); like the connection id, no patch can change it.
-        state.insert(keys::EVENT_ID, event_id.as_str());
-        state.insert(keys::RUN_ID, new_id().as_str());
-        // The candidates travel to the agents once, in the state.
-        let to_agents = bus::event::without_candidates(&payload)
-            .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
-        let state_bytes = state
-            .encode()
-            .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?
-            .len();
-        // What each agent call carries: the payload, the state in base64, the headers. An event
-        // the server could not carry to an agent is refused here, not blamed on the agent.
-        let per_call = to_agents.len() + state_bytes.div_ceil(3) * 4 + 1024;
-        let max = self.nats.server_info().max_payload;
-        if max > 0 && per_call > max {
-            return Err(ErrorReply::new(
-                ErrorCode::BadRequest,
-                format!(
-                    "{name} event: with its candidates in the state, a call to an agent would be {per_call} bytes, more than the server's max_payload of {max}"
-                ),
-            ));
-        }
-        let mut run = if chain.broken.is_empty() {
-            let call = Call {
-                nats: &self.nats,
-                payload: to_agents.into(),
-                trace: trace.clone(),
-                max_patch_bytes: self.options.max_patch_bytes,
-            };
-            call.run(&chain, state).await
-        } else {
-            chain::broken_chain(state, &chain.broken)
-        };
-        // A close is an acknowledgement, not a decision: if an agent subscribed to it failed
-        // (conn-limit down, say), acking it would hide that its slots were not freed. The
-        // hookpoint gets an error instead, and sends the close again.
-        if let Event::ConnectionClosed(_) = &event {
-            if let Some(failed) = run.timings.iter().find(|t| {
-                matches!(
-                    t.outcome,
-                    Outcome::Timeout | Outcome::NoResponders | Outcome::Error
-                )
-            }) {
-                let code = match failed.outcome {
-                    Outcome::Timeout => ErrorCode::AgentTimeout,
-                    _ => ErrorCode::AgentError,
-                };
-                return Err(ErrorReply::new(
-                    code,
-                    format!(
-                        "the close was not confirmed by {} ({}): send it again",
-                        failed.agent,
-                        outcome_name(failed.outcome)
-                    ),
-                ));
-            }
-        }
-        if !matches!(event, Event::ConnectionClosed(_))
-            && bus::hedge::past_deadline(msg.headers.as_ref())
-        {
-            tracing::info!(event = %name, "decided after the hookpoint's deadline: denied and undone");
-            chain::deny_late(&mut run);
-        }
-        finalize(&mut run, &event_id, &event);
-
-        let body = run
-            .state
-            .encode()
-            .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
-        // The agents' keys all end up in the decision: if they made it larger than the server
-        // carries, say so rather than leave the gateway waiting for a reply that cannot be sent.
-        let max = self.nats.server_info().max_payload;
-        if max > 0 && body.len() + 1024 > max {
-            return Err(ErrorReply::new(
-                ErrorCode::Internal,
-                format!(
-                    "the decision is {} bytes, more than the server's max_payload of {max}: the agents put too much in the state",
-                    body.len()
-                ),
-            ));
-        }
-        let total_us = started.elapsed().as_micros() as u64;
-        tracing::debug!(event = %name, action = run.state.get_str(keys::ACTION), total_us, "decided");
-        let body = Bytes::from(body);
-        let undo = chain::undo_for(&run, &body, &trace);
-        self.tap(&name, &event_id, &payload, run, total_us, &trace)
-            .await;
-        Ok(((trace, body), undo))
-    }
-
-    /// Tells each kind that answered (or failed) on a denied event to give back what it took
-    /// for it. After the reply, so the hookpoint does not wait; before the task ends, so a
-    /// stopping dispatcher still sends it. What cannot be undone is left to the kind's lease.
-    async fn undo(&self, undo: chain::Undo) {
-        let failed = undo_calls(&self.nats, &self.subjects, &undo.kinds, &undo).await;
-        if failed.is_empty() {
-            return;
-        }
-        // A kind that cannot be reached now (NATS restarting, no instance) is asked again in
-        // the background, for up to UNDO_RETRY_FOR, rather than left to its lease.
-        let (nats, subjects) = (self.nats.clone(), self.subjects.clone());
-        tokio::spawn(async move {
-            let until = Instant::now() + UNDO_RETRY_FOR;
-            let mut kinds = failed;
-            while !kinds.is_empty() {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                kinds = undo_calls(&nats, &subjects, &kinds, &undo).await;
-                if Instant::now() >= until {
-                    for kind in &kinds {
-                        tracing::warn!(agent = %kind, "could not undo what the agent took for a denied event; its lease will");
-                    }
-                    return;
-                }
-            }
-        });
-    }
-
-    async fn tap(
-        &self,
-        name: &EventName,
-        event_id: &str,
-        payload: &[u8],
-        run: chain::Run,
-        total_us: u64,
-        trace: &HeaderMap,
-    ) {
-        let attributes =
-            codec::decode::<bus::Value>("event attributes", payload).unwrap_or(bus::Value::Nil);
-        let record = TapRecord {
-            event: name.to_string(),
-            event_id: event_id.to_string(),
-            attributes,
-            decision: run.state,
-            total_us,
-            agents: run.timings,
-            at_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-        };
-        match codec::encode("tap record", &record) {
-            Ok(bytes) => {
-                let subject = self.subjects.tap(name.as_str());
-                if let Err(e) = self
-                    .nats
-                    .publish_with_headers(subject, trace.clone(), bytes.into())
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not publish tap record");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not encode tap record"),
-        }
-    }
-
     async fn handle_event(self: Arc<Self>, req: Request) {
         let started = Instant::now();
         if req.message.reply.is_none() {
@@ -349,18 +102,20 @@ impl Dispatcher {
             }
             _ => None,
         };
-        let (reply, undo) = match self.decide(&req.message, started).await {
-            Ok(decided) => decided,
+        match self.decide(&req.message, started).await {
+            Ok(decided) => {
+                respond(req, decided.reply).await;
+                self.tap(decided.tap).await;
+                if let Some(undo) = decided.undo {
+                    self.undo(undo).await;
+                }
+            }
             Err(err) => {
                 tracing::warn!(subject = %req.message.subject, error = %err, "event rejected");
                 let mut h = HeaderMap::new();
                 headers::propagate(req.message.headers.as_ref(), &mut h);
-                (err.to_reply(h), None)
+                respond(req, err.to_reply(h)).await;
             }
-        };
-        respond(req, reply).await;
-        if let Some(undo) = undo {
-            self.undo(undo).await;
         }
     }
 
@@ -384,47 +139,7 @@ impl Dispatcher {
     }
 }
 
-fn outcome_name(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Timeout => "no answer in time",
-        Outcome::NoResponders => "no live instance",
-        Outcome::Error => "it answered with an error",
-        Outcome::Answered | Outcome::Observed => "answered",
-    }
-}
-
-/// The hookpoint's connection id; an empty one counts as absent.
-fn event_connection_id(nc: &bus::event::NewConnection) -> Option<String> {
-    nc.connection_id.clone().filter(|c| !c.is_empty())
-}
-
-/// Asks each kind to undo; returns the kinds that could not be reached.
-async fn undo_calls(
-    nats: &async_nats::Client,
-    subjects: &Subjects,
-    kinds: &[bus::Kind],
-    undo: &chain::Undo,
-) -> Vec<bus::Kind> {
-    let calls = kinds.iter().map(|kind| {
-        let subject = subjects.agent_undo(kind);
-        let (trace, decision) = (undo.trace.clone(), undo.decision.clone());
-        async move {
-            let latency = bus::hedge::Latency::default();
-            let r = bus::hedge::ask(nats, &subject, trace, decision, UNDO_TIMEOUT, &latency).await;
-            (kind, r)
-        }
-    });
-    let mut failed = Vec::new();
-    for (kind, r) in futures::future::join_all(calls).await {
-        if let Err(e) = r {
-            tracing::debug!(agent = %kind, error = %e, "undo not confirmed yet");
-            failed.push(kind.clone());
-        }
-    }
-    failed
-}
-
-async fn respond(req: Request, (headers, body): Reply) {
+async fn respond(req: Request, (headers, body): decide::Reply) {
     if let Err(e) = req.respond(headers, body).await {
         tracing::warn!(error = %e, "could not send reply");
     }

@@ -174,23 +174,24 @@ async fn command(
             duration,
             attributes,
             json,
+            chain,
+            operator_nkey_file,
         } => {
-            let attrs = if attributes.is_empty() {
+            let attributes = if attributes.is_empty() {
                 sample_attributes(&event)?
             } else {
                 parse_attributes(&attributes)?
             };
-            crate::bench::run(
-                &cli.common,
-                &nats,
-                &subjects,
-                &event,
-                attrs,
+            let options = crate::bench::Options {
+                event,
+                attributes,
                 concurrency,
                 duration,
                 json,
-            )
-            .await?;
+                chain,
+                operator_nkey_file,
+            };
+            crate::bench::run(&cli.common, &nats, &subjects, options).await?;
         }
         Command::Up { .. } | Command::Auth(_) => unreachable!("handled above"),
     }

@@ -137,6 +137,15 @@ pub enum Command {
         attributes: Vec<String>,
         #[arg(long)]
         json: bool,
+        /// Bench this chain: the event's deciding subscriptions are set to it for the run and
+        /// put back after. Stages separated by `,`, kinds sharing a stage by `+`, for example
+        /// `acl,lb,conn-limit+rate-limit`.
+        #[arg(long)]
+        chain: Option<crate::bench::ChainSpec>,
+        /// The operator's nkey seed, to set --chain on a secured bus (the load itself runs
+        /// with --nkey-file, a gateway's).
+        #[arg(long, value_name = "FILE", requires = "chain")]
+        operator_nkey_file: Option<PathBuf>,
     },
 }
 

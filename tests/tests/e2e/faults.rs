@@ -191,7 +191,12 @@ async fn after_a_long_outage_the_server_is_used_again_within_a_second() {
             )
         })
         .collect();
-    assert!(timeouts.is_empty(), "{}: {timeouts:#?}", t.summary());
+    assert!(
+        timeouts.is_empty(),
+        "{}: {timeouts:#?}\nengine logs:\n{}",
+        t.summary(),
+        engine.logs()
+    );
     assert!(engine.exited().is_empty(), "{:?}", engine.exited());
 }
 

@@ -1,0 +1,402 @@
+//! Deciding one event: check and decode it (once), run its chain, finalize the decision, and
+//! prepare what is published after the reply (the tap record) and undone (a denied event's
+//! takings). The reply goes out first: the hookpoint never waits for the tap or an undo.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::HeaderMap;
+use bus::event::{new_id, Event, EventName};
+use bus::state::keys;
+use bus::tap::{AgentTiming, Outcome, RawTapRecord};
+use bus::{codec, headers, ErrorCode, ErrorReply, Subjects, Value};
+use bytes::Bytes;
+
+use crate::chain::{self, finalize, Call};
+use crate::Dispatcher;
+
+pub(crate) type Reply = (HeaderMap, Bytes);
+
+/// How long an undo no kind instance confirmed is asked again, in the background.
+const UNDO_RETRY_FOR: Duration = Duration::from_secs(120);
+
+/// How long a kind has to confirm an undo, hedged like any agent call.
+const UNDO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A decision, and what follows it once it is sent.
+pub(crate) struct Decided {
+    pub reply: Reply,
+    pub undo: Option<chain::Undo>,
+    pub tap: Tap,
+}
+
+/// The parts of a tap record, encoded and published after the reply.
+pub(crate) struct Tap {
+    name: EventName,
+    event_id: String,
+    /// The hookpoint's attributes (with the connection id), as encoded.
+    attributes: Bytes,
+    /// The decision, as sent.
+    decision: Bytes,
+    timings: Vec<AgentTiming>,
+    total_us: u64,
+    trace: HeaderMap,
+}
+
+fn bad(e: impl ToString) -> ErrorReply {
+    ErrorReply::new(ErrorCode::BadRequest, e.to_string())
+}
+
+fn internal(e: impl ToString) -> ErrorReply {
+    ErrorReply::new(ErrorCode::Internal, e.to_string())
+}
+
+impl Dispatcher {
+    /// Decides one event. Errors are the caller's or the configuration's: a failed agent is
+    /// not an error but a (deny or degraded) decision.
+    pub(crate) async fn decide(
+        &self,
+        msg: &async_nats::Message,
+        started: Instant,
+    ) -> Result<Decided, ErrorReply> {
+        let raw = self.subjects.event_of(&msg.subject).unwrap_or_default();
+        let name = EventName::new(raw)
+            .map_err(|e| ErrorReply::new(ErrorCode::UnknownEvent, e.to_string()))?;
+        let Some(chain) = self.table.chain(name.as_str()) else {
+            return Err(if name.is_contract() {
+                ErrorReply::new(
+                    ErrorCode::NoSubscribers,
+                    format!("no agent is subscribed to {name}: policyctl subscribe {name} <agent> --priority N"),
+                )
+            } else {
+                ErrorReply::new(
+                    ErrorCode::UnknownEvent,
+                    format!("unknown event {name:?}: not an event of the contract and no agent is subscribed to it"),
+                )
+            });
+        };
+        // The payload is decoded once as a value, for the bounds, the agents' copy and the
+        // tap, and once into its type, for validation and the initial state.
+        let attributes = self
+            .options
+            .limits
+            .decode_event(&msg.payload)
+            .map_err(|e| bad(format!("{name} event: {e}")))?;
+        let mut event = Event::decode(&name, &msg.payload).map_err(bad)?;
+        let mut attributes = attributes.unwrap_or(Value::Nil);
+
+        let mut trace = HeaderMap::new();
+        headers::propagate(msg.headers.as_ref(), &mut trace);
+        let event_id = match headers::get(msg.headers.as_ref(), headers::POLICY_EVENT_ID) {
+            Some(id) if !id.is_empty() => id.to_string(),
+            _ => {
+                let id = new_id();
+                trace.insert(headers::POLICY_EVENT_ID, id.as_str());
+                id
+            }
+        };
+        tracing::Span::current().record("event.id", event_id.as_str());
+
+        // Stateful agents key on the connection id, so it must exist before the chain runs. It
+        // is written into the hookpoint's own attributes, so those this version does not know
+        // still reach the agents.
+        let mut changed = false;
+        let mut connection_id = None;
+        match &mut event {
+            Event::NewConnection(nc) => {
+                let id = match nc.connection_id.clone().filter(|c| !c.is_empty()) {
+                    Some(id) => id,
+                    None => {
+                        let id = new_id();
+                        set_attribute(&mut attributes, keys::CONNECTION_ID, &id);
+                        changed = true;
+                        nc.connection_id = Some(id.clone());
+                        id
+                    }
+                };
+                connection_id = Some(id);
+            }
+            Event::ConnectionClosed(cc) if cc.connection_id.is_empty() => {
+                return Err(bad("bad connection-closed event: connection_id is empty"));
+            }
+            _ => {}
+        }
+
+        let mut state = event.initial_state();
+        if let Some(id) = &connection_id {
+            state.insert(keys::CONNECTION_ID, id.as_str());
+        }
+        // Agents may key on the event (conn-limit's slots do, so a hedged duplicate's slot is
+        // freed with the original's); like the connection id, no patch can change it.
+        state.insert(keys::EVENT_ID, event_id.as_str());
+        state.insert(keys::RUN_ID, new_id().as_str());
+        // What the hookpoint sent, with the connection id: the tap's copy. The agents' copy
+        // leaves the candidates out: they travel once, in the state.
+        let hook_attributes: Bytes = if changed {
+            codec::encode("event attributes", &attributes)
+                .map_err(internal)?
+                .into()
+        } else {
+            msg.payload.clone()
+        };
+        let to_agents: Bytes = match agents_copy(&attributes) {
+            Some(copy) => codec::encode("event attributes", &copy)
+                .map_err(internal)?
+                .into(),
+            None => hook_attributes.clone(),
+        };
+        drop(attributes);
+        let first_header = state.to_header().map_err(internal)?;
+        // What each agent call carries: the payload, the state in base64, the headers. An event
+        // the server could not carry to an agent is refused here, not blamed on the agent.
+        let per_call = to_agents.len() + first_header.len() + 1024;
+        let max = self.nats.server_info().max_payload;
+        if max > 0 && per_call > max {
+            return Err(bad(format!(
+                "{name} event: with its candidates in the state, a call to an agent would be {per_call} bytes, more than the server's max_payload of {max}"
+            )));
+        }
+        let mut run = if chain.broken.is_empty() {
+            let call = Call {
+                nats: &self.nats,
+                payload: to_agents,
+                trace: trace.clone(),
+                max_patch_bytes: self.options.max_patch_bytes,
+            };
+            call.run(&chain, state, first_header).await
+        } else {
+            chain::broken_chain(state, &chain.broken)
+        };
+        // A close is an acknowledgement, not a decision: if an agent subscribed to it failed
+        // (conn-limit down, say), acking it would hide that its slots were not freed. The
+        // hookpoint gets an error instead, and sends the close again.
+        if let Event::ConnectionClosed(_) = &event {
+            if let Some(failed) = run.timings.iter().find(|t| {
+                matches!(
+                    t.outcome,
+                    Outcome::Timeout | Outcome::NoResponders | Outcome::Error
+                )
+            }) {
+                let code = match failed.outcome {
+                    Outcome::Timeout => ErrorCode::AgentTimeout,
+                    _ => ErrorCode::AgentError,
+                };
+                return Err(ErrorReply::new(
+                    code,
+                    format!(
+                        "the close was not confirmed by {} ({}): send it again",
+                        failed.agent,
+                        outcome_name(failed.outcome)
+                    ),
+                ));
+            }
+        }
+        if !matches!(event, Event::ConnectionClosed(_))
+            && bus::hedge::past_deadline(msg.headers.as_ref())
+        {
+            tracing::info!(event = %name, "decided after the hookpoint's deadline: denied and undone");
+            chain::deny_late(&mut run);
+        }
+        finalize(&mut run, &event_id, &event);
+
+        let body = run.state.encode().map_err(internal)?;
+        // The agents' keys all end up in the decision: if they made it larger than the server
+        // carries, say so rather than leave the gateway waiting for a reply that cannot be sent.
+        if max > 0 && body.len() + 1024 > max {
+            return Err(internal(format!(
+                "the decision is {} bytes, more than the server's max_payload of {max}: the agents put too much in the state",
+                body.len()
+            )));
+        }
+        let total_us = started.elapsed().as_micros() as u64;
+        tracing::debug!(event = %name, action = run.state.get_str(keys::ACTION), total_us, "decided");
+        let body = Bytes::from(body);
+        let undo = chain::undo_for(&run, &body, &trace);
+        let tap = Tap {
+            name,
+            event_id,
+            attributes: hook_attributes,
+            decision: body.clone(),
+            timings: run.timings,
+            total_us,
+            trace: trace.clone(),
+        };
+        Ok(Decided {
+            reply: (trace, body),
+            undo,
+            tap,
+        })
+    }
+
+    /// Tells each kind that answered (or failed) on a denied event to give back what it took
+    /// for it. After the reply, so the hookpoint does not wait; before the task ends, so a
+    /// stopping dispatcher still sends it. What cannot be undone is left to the kind's lease.
+    pub(crate) async fn undo(&self, undo: chain::Undo) {
+        let failed = undo_calls(&self.nats, &self.subjects, &undo.kinds, &undo).await;
+        if failed.is_empty() {
+            return;
+        }
+        // A kind that cannot be reached now (NATS restarting, no instance) is asked again in
+        // the background, for up to UNDO_RETRY_FOR, rather than left to its lease.
+        let (nats, subjects) = (self.nats.clone(), self.subjects.clone());
+        tokio::spawn(async move {
+            let until = Instant::now() + UNDO_RETRY_FOR;
+            let mut kinds = failed;
+            while !kinds.is_empty() {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                kinds = undo_calls(&nats, &subjects, &kinds, &undo).await;
+                if Instant::now() >= until {
+                    for kind in &kinds {
+                        tracing::warn!(agent = %kind, "could not undo what the agent took for a denied event; its lease will");
+                    }
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Publishes the tap record of a decision already sent. At most once: a lost record is
+    /// a gap in the monitor's counts, never a lost decision.
+    pub(crate) async fn tap(&self, tap: Tap) {
+        let record = RawTapRecord {
+            event: tap.name.as_str(),
+            event_id: &tap.event_id,
+            attributes: &tap.attributes,
+            decision: &tap.decision,
+            total_us: tap.total_us,
+            agents: &tap.timings,
+            at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        match record.encode() {
+            Ok(bytes) => {
+                let subject = self.subjects.tap(tap.name.as_str());
+                if let Err(e) = self
+                    .nats
+                    .publish_with_headers(subject, tap.trace, bytes.into())
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not publish tap record");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not encode tap record"),
+        }
+    }
+}
+
+/// Sets `key` in an attributes map (a payload that is not a map has no attributes to keep).
+fn set_attribute(attributes: &mut Value, key: &str, value: &str) {
+    let Value::Map(map) = attributes else {
+        *attributes = Value::Map(vec![(key.into(), value.into())]);
+        return;
+    };
+    match map.iter_mut().find(|(k, _)| k.as_str() == Some(key)) {
+        Some((_, v)) => *v = value.into(),
+        None => map.push((key.into(), value.into())),
+    }
+}
+
+/// The attributes as the agents get them: with the candidate lists (`dst_peers`, `peers`,
+/// `services`) emptied, since the agents read the current candidates from the state, and a
+/// list that travelled twice (in the payload and, base64, in `Policy-State`) would halve the
+/// candidates an event can carry. The lists stay, empty, so a typed decode still finds them.
+/// `None` when there is nothing to empty.
+fn agents_copy(attributes: &Value) -> Option<Value> {
+    let Value::Map(map) = attributes else {
+        return None;
+    };
+    let is_candidates = |k: &Value, v: &Value| {
+        matches!(k.as_str(), Some("dst_peers" | "peers" | "services"))
+            && matches!(v, Value::Array(items) if !items.is_empty())
+    };
+    if !map.iter().any(|(k, v)| is_candidates(k, v)) {
+        return None;
+    }
+    Some(Value::Map(
+        map.iter()
+            .map(|(k, v)| {
+                if is_candidates(k, v) {
+                    (k.clone(), Value::Array(Vec::new()))
+                } else {
+                    (k.clone(), v.clone())
+                }
+            })
+            .collect(),
+    ))
+}
+
+fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Timeout => "no answer in time",
+        Outcome::NoResponders => "no live instance",
+        Outcome::Error => "it answered with an error",
+        Outcome::Answered | Outcome::Observed => "answered",
+    }
+}
+
+/// Asks each kind to undo; returns the kinds that could not be reached.
+pub(crate) async fn undo_calls(
+    nats: &async_nats::Client,
+    subjects: &Subjects,
+    kinds: &[bus::Kind],
+    undo: &chain::Undo,
+) -> Vec<bus::Kind> {
+    let calls = kinds.iter().map(|kind| {
+        let subject = subjects.agent_undo(kind);
+        let (trace, decision) = (undo.trace.clone(), undo.decision.clone());
+        async move {
+            let latency = bus::hedge::Latency::default();
+            let r = bus::hedge::ask(nats, &subject, trace, decision, UNDO_TIMEOUT, &latency).await;
+            (kind, r)
+        }
+    });
+    let mut failed = Vec::new();
+    for (kind, r) in futures::future::join_all(calls).await {
+        if let Err(e) = r {
+            tracing::debug!(agent = %kind, error = %e, "undo not confirmed yet");
+            failed.push(kind.clone());
+        }
+    }
+    failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(entries: Vec<(&str, Value)>) -> Value {
+        Value::Map(entries.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    }
+
+    #[test]
+    fn agents_get_the_attributes_without_the_candidates() {
+        let peers = Value::Array(vec!["p1".into(), "p2".into()]);
+        let a = map(vec![("dst_service", "db".into()), ("dst_peers", peers)]);
+        let copy = agents_copy(&a).expect("candidates to empty");
+        assert_eq!(
+            copy,
+            map(vec![
+                ("dst_service", "db".into()),
+                ("dst_peers", Value::Array(vec![]))
+            ])
+        );
+        // Nothing to empty: the payload is sent as it came.
+        assert_eq!(agents_copy(&copy), None);
+        assert_eq!(agents_copy(&Value::Nil), None);
+    }
+
+    #[test]
+    fn a_connection_id_is_added_or_replaced() {
+        let mut a = map(vec![("src_service", "web".into())]);
+        set_attribute(&mut a, keys::CONNECTION_ID, "c1");
+        set_attribute(&mut a, keys::CONNECTION_ID, "c2");
+        assert_eq!(
+            a,
+            map(vec![
+                ("src_service", "web".into()),
+                ("connection_id", "c2".into())
+            ])
+        );
+    }
+}
