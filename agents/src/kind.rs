@@ -56,6 +56,12 @@ pub trait AgentKind: Send + Sync + 'static {
     /// The kind's name: its queue group and subject token.
     fn name(&self) -> &'static str;
 
+    /// Whether `decide_async` finishes without waiting (no I/O): the runtime then answers
+    /// each request in its receive loop, without a task, a span or the in-progress set, which
+    /// cost more than such a decision (README, Performance). Kinds that do I/O set `false`,
+    /// so that a slow store does not hold up the requests behind it.
+    const INLINE: bool = true;
+
     /// Checks what the types cannot (cross-field rules). The message names the field.
     fn check(&self, policy: &Self::Policy) -> Result<(), String>;
 
@@ -66,6 +72,21 @@ pub trait AgentKind: Send + Sync + 'static {
     /// The default sets nothing, as an observer does.
     fn decide(&self, _rules: &Self::Rules, _event: &Event, _state: &State) -> State {
         State::new()
+    }
+
+    /// For a pure kind, what `decide`'s answer to this request depended on besides the
+    /// event's name and the policy set, so that the dispatcher may answer the same inputs from
+    /// memory until the kind's policies change (see [`bus::cache`]). The inputs must determine
+    /// the answer: any request that agrees on them gets the same answer, and declares the same
+    /// inputs. Process flags that change answers (acl's `--default`) must be the same on every
+    /// instance, as they must be anyway. `None`, the default, is never cached.
+    fn cache_inputs(
+        &self,
+        _rules: &Self::Rules,
+        _event: &Event,
+        _state: &State,
+    ) -> Option<bus::cache::Inputs> {
+        None
     }
 
     /// What the runtime calls per request. Pure kinds keep this default; kinds that keep

@@ -37,6 +37,8 @@ pub enum AgentError {
 struct Loaded<R> {
     rules: R,
     broken: Vec<(String, String)>,
+    /// The policy set's fingerprint, for the verdict cache (see [`bus::cache::fingerprint`]).
+    fingerprint: String,
 }
 
 struct Agent<K: AgentKind> {
@@ -71,9 +73,15 @@ where
             }
         }
         let count = valid.len();
+        let fingerprint = bus::cache::fingerprint(
+            snap.values
+                .iter()
+                .map(|(k, v)| (k.as_str(), bus::cache::digest(v))),
+        );
         let loaded = Arc::new(Loaded {
             rules: self.kind.compile(valid),
             broken,
+            fingerprint,
         });
         *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = loaded;
         tracing::info!(
@@ -90,7 +98,12 @@ where
             .clone()
     }
 
-    async fn decide(&self, op: &str, msg: &async_nats::Message) -> Result<State, ErrorReply> {
+    /// The kind's answer, and the `Policy-Cache` header when it may be cached.
+    async fn decide(
+        &self,
+        op: &str,
+        msg: &async_nats::Message,
+    ) -> Result<(State, Option<String>), ErrorReply> {
         let bad = |m: String| ErrorReply::new(ErrorCode::BadRequest, m);
         let name = EventName::new(op).map_err(|e| bad(e.to_string()))?;
         let event = Event::decode(&name, &msg.payload).map_err(|e| bad(e.to_string()))?;
@@ -103,13 +116,25 @@ where
             if !matches!(event, Event::ConnectionClosed(_) | Event::Other { .. }) {
                 let reason = Reason::new(self.kind.name(), id, Effect::Deny)
                     .with_detail(format!("stored policy does not load: {err}"));
-                return Ok(kind::deny(reason));
+                return Ok((kind::deny(reason), None));
             }
         }
-        self.kind
+        let patch = self
+            .kind
             .decide_async(&loaded.rules, &event, &state)
             .await
-            .map_err(|e| ErrorReply::new(ErrorCode::AgentError, e))
+            .map_err(|e| ErrorReply::new(ErrorCode::AgentError, e))?;
+        let cache = self
+            .kind
+            .cache_inputs(&loaded.rules, &event, &state)
+            .map(|inputs| {
+                bus::cache::CacheHeader {
+                    fingerprint: loaded.fingerprint.clone(),
+                    inputs,
+                }
+                .to_header()
+            });
+        Ok((patch, cache))
     }
 
     fn validate(&self, payload: &[u8]) -> Result<State, ErrorReply> {
@@ -118,7 +143,9 @@ where
             .map_err(|e| ErrorReply::new(ErrorCode::InvalidPolicy, e))
     }
 
-    async fn handle(self: Arc<Self>, req: Request) {
+    /// Answers one request. `track` puts it in the in-progress set, so that a hedged copy
+    /// arriving meanwhile is dropped; a request answered inline has no "meanwhile".
+    async fn handle(self: Arc<Self>, req: Request, track: bool) {
         let msg = &req.message;
         let op = self
             .subjects
@@ -155,7 +182,7 @@ where
             return;
         }
         let _working = match headers::get(msg.headers.as_ref(), headers::POLICY_EVENT_ID) {
-            Some(id) if msg.reply.is_some() && !validating => {
+            Some(id) if track && msg.reply.is_some() && !validating => {
                 let Some(working) = self.working.start(format!("{id} {}", msg.subject)) else {
                     tracing::debug!(subject = %msg.subject, "hedged copy of a request in progress: dropped");
                     req.refused("copy of a request in progress");
@@ -166,7 +193,7 @@ where
             _ => None,
         };
         let result = if validating {
-            self.validate(&msg.payload)
+            self.validate(&msg.payload).map(|s| (s, None))
         } else {
             self.decide(op, msg).await
         };
@@ -183,9 +210,12 @@ where
                     codec::encode("validated", &Validated { ok: true }).unwrap_or_default();
                 (reply_headers, payload.into())
             }
-            Ok(patch) => match patch.to_header() {
+            Ok((patch, cache)) => match patch.to_header() {
                 Ok(h) => {
                     reply_headers.insert(headers::name(headers::POLICY_STATE), h);
+                    if let Some(c) = cache {
+                        reply_headers.insert(headers::name(headers::POLICY_CACHE), c);
+                    }
                     tracing::debug!(action = patch.get_str(keys::ACTION), "decided");
                     (reply_headers, bytes::Bytes::new())
                 }
@@ -194,7 +224,7 @@ where
                 }
             },
             Err(err) => {
-                tracing::warn!(subject = %msg.subject, error = %err, "rejected request");
+                tracing::warn!(subject = %msg.subject, event.id = headers::get(msg.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"), error = %err, "rejected request");
                 err.to_reply(reply_headers)
             }
         };
@@ -270,11 +300,16 @@ where
             }
             (permit, req) = next => {
                 let (Ok(permit), Some(req)) = (permit, req) else { break };
+                if K::INLINE {
+                    // Answered here, in order: a pure decision takes less than a task would.
+                    agent.clone().handle(req, false).await;
+                    continue;
+                }
                 let span = tracing::info_span!("request", agent = %kind_name,
                     event.id = headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"));
                 let agent = agent.clone();
                 tracker.spawn(async move {
-                    agent.handle(req).await;
+                    agent.handle(req, true).await;
                     drop(permit);
                 }.instrument(span));
             }
@@ -336,6 +371,7 @@ where
         loaded: RwLock::new(Arc::new(Loaded {
             rules,
             broken: Vec::new(),
+            fingerprint: bus::cache::fingerprint([]),
         })),
         working: Default::default(),
     });

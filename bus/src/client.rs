@@ -225,8 +225,18 @@ const EVENT_MAX_SENDS: u32 = 3;
 
 /// How long the client keeps sending the close of a connection whose decision never arrived.
 pub const CANCEL_FOR: Duration = Duration::from_secs(120);
-/// The pause between those closes.
+/// The first pause between those closes; it doubles up to [`CANCEL_MAX_PAUSE`].
 const CANCEL_PAUSE: Duration = Duration::from_millis(250);
+const CANCEL_MAX_PAUSE: Duration = Duration::from_secs(5);
+
+/// Whether a close's error is the engine's last word on it: no agent takes closes (so no slot
+/// is held), or the close is malformed. Anything else (a timeout, an agent that could not
+/// confirm, the connection lost) may go otherwise next time.
+fn close_is_final(e: &ClientError) -> bool {
+    use crate::ErrorCode::*;
+    matches!(e.code(), Some(NoSubscribers | UnknownEvent | BadRequest))
+        || matches!(e, ClientError::Encode(_) | ClientError::InvalidName(_))
+}
 
 /// Whether a failed `new-connection` may still have been admitted by the engine: any error
 /// once it was sent. Even an error reply the engine made before its chain ran answers only one
@@ -346,15 +356,29 @@ impl Client {
         let client = self.clone();
         tokio::spawn(async move {
             let until = tokio::time::Instant::now() + CANCEL_FOR;
+            let mut pause = CANCEL_PAUSE;
             loop {
                 match client.connection_closed(&closed).await {
                     Ok(_) => return,
+                    // Nothing keeps slots for closes, or the close itself is refused: sending
+                    // it again would change nothing, and thousands of cancels after an outage
+                    // would flood the engine as it comes back.
+                    Err(e) if close_is_final(&e) => {
+                        tracing::debug!(connection_id = %closed.connection_id, error = %e, "cancel answered for good");
+                        return;
+                    }
                     Err(e) if tokio::time::Instant::now() >= until => {
                         tracing::warn!(connection_id = %closed.connection_id, error = %e,
                             "could not cancel a connection whose decision never arrived; a conn-limit slot may be held until its lease");
                         return;
                     }
-                    Err(_) => tokio::time::sleep(CANCEL_PAUSE).await,
+                    Err(_) => {
+                        // Backing off, jittered: after an outage every undecided connection
+                        // is closed again, and the engine must not meet them all at once.
+                        let jitter = rand::random_range(0..=pause.as_millis() as u64 / 2);
+                        tokio::time::sleep(pause + Duration::from_millis(jitter)).await;
+                        pause = (pause * 2).min(CANCEL_MAX_PAUSE);
+                    }
                 }
             }
         });
@@ -474,6 +498,22 @@ impl AdminClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_close_is_sent_again_unless_the_engine_answered_it_for_good() {
+        let remote = |code| ClientError::Remote(ErrorReply::new(code, "x"));
+        assert!(close_is_final(&remote(crate::ErrorCode::NoSubscribers)));
+        assert!(close_is_final(&remote(crate::ErrorCode::BadRequest)));
+        assert!(!close_is_final(&remote(crate::ErrorCode::AgentTimeout)));
+        assert!(!close_is_final(&remote(crate::ErrorCode::AgentError)));
+        assert!(!close_is_final(&ClientError::Disconnected {
+            subject: "s".into()
+        }));
+        assert!(!close_is_final(&ClientError::Timeout {
+            subject: "s".into(),
+            timeout: Duration::from_secs(1)
+        }));
+    }
 
     #[test]
     fn reconnect_delays_are_short_capped_and_jittered() {

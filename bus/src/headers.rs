@@ -8,6 +8,8 @@ pub const POLICY_EVENT_ID: &str = "Policy-Event-Id";
 /// does not start work on a request its caller has given up on (hedged calls leave such
 /// duplicates queued at a frozen instance). Hosts' clocks are assumed NTP-close.
 pub const POLICY_DEADLINE: &str = "Policy-Deadline";
+/// On an agent's reply: the answer may be cached (see [`crate::cache`]).
+pub const POLICY_CACHE: &str = "Policy-Cache";
 /// Short error code on an error reply (see [`crate::ErrorCode`]).
 pub const POLICY_ERROR: &str = "Policy-Error";
 /// W3C trace context, propagated from the hookpoint through every hop.

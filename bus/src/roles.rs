@@ -121,6 +121,9 @@ impl Role {
                 p.subscribe
                     .push(format!("{} dispatcher", s.admin_wildcard()));
                 p.subscribe.extend(service(headers::DISPATCHER_SERVICE));
+                // Policy changes confirmed by every dispatcher (the verdict cache).
+                p.subscribe.push(s.dispatchers_seen());
+                p.publish.push(s.dispatchers_seen());
                 p.publish.push(s.agents_wildcard());
                 p.publish.push(s.tap_wildcard());
                 // `subscribe` checks that a kind has a live instance.

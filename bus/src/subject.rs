@@ -202,6 +202,13 @@ impl Subjects {
         format!("{}._bench.echo.{unique}", self.prefix)
     }
 
+    /// Where a dispatcher that stored a policy change asks every dispatcher (a plain
+    /// subscription, not the queue group) to confirm it has seen that bucket revision, so that
+    /// none serves a verdict cached under the old policy set once the change is acknowledged.
+    pub fn dispatchers_seen(&self) -> String {
+        format!("{}._dispatcher.seen", self.prefix)
+    }
+
     pub fn bench_wildcard(&self) -> String {
         format!("{}._bench.>", self.prefix)
     }

@@ -26,6 +26,10 @@ pub struct AgentTiming {
     pub priority: i32,
     pub latency_us: u64,
     pub outcome: Outcome,
+    /// Answered from the dispatcher's verdict cache, without a call (absent when false, so
+    /// readers of the first version of the tap read it unchanged).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,6 +130,7 @@ mod tests {
                 priority: 10,
                 latency_us: 312,
                 outcome: Outcome::Answered,
+                cached: false,
             }],
             at_ms: 1_790_000_000_000,
         };

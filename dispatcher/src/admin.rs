@@ -56,6 +56,9 @@ async fn put(d: &Dispatcher, key: String, value: Vec<u8>) -> Result<(), ErrorRep
         .map_err(unavailable)?;
     if key.starts_with("sub.") {
         seen_here(d, revision).await;
+    } else {
+        // A policy: no dispatcher serves a cached verdict of the old set once this returns.
+        crate::verdicts::everywhere(d, revision).await;
     }
     Ok(())
 }
@@ -81,10 +84,12 @@ async fn delete(d: &Dispatcher, key: &str) -> Result<(), ErrorReply> {
                 .await
                 .map_err(unavailable)?
                 .map_err(unavailable)?;
-            if key.starts_with("sub.") {
-                // The delete marker is the stream's newest message: wait until it is applied.
-                if let Ok(state) = bus::config::stream_state(&d.store).await {
+            // The delete marker is the stream's newest message: wait until it is applied.
+            if let Ok(state) = bus::config::stream_state(&d.store).await {
+                if key.starts_with("sub.") {
                     seen_here(d, state.last_sequence).await;
+                } else {
+                    crate::verdicts::everywhere(d, state.last_sequence).await;
                 }
             }
             Ok(())

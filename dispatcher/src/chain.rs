@@ -72,6 +72,10 @@ fn patch_of(
 
 pub struct Call<'a> {
     pub nats: &'a async_nats::Client,
+    /// The event's name and its attributes as the hookpoint sent them, for the verdict cache.
+    pub event: &'a str,
+    pub attributes: &'a Value,
+    pub verdicts: &'a crate::verdicts::Verdicts,
     pub payload: Bytes,
     /// Event id and trace context, copied onto every hop.
     pub trace: HeaderMap,
@@ -86,8 +90,22 @@ impl Call<'_> {
         h
     }
 
-    /// Calls one agent within its subscription's timeout, hedged (see [`bus::hedge`]).
-    async fn ask(&self, m: &Member, state_header: &str) -> (Result<State, Failure>, Duration) {
+    /// Calls one agent within its subscription's timeout, hedged (see [`bus::hedge`]), or
+    /// answers from the verdict cache. `state` is the state sent, `state_header` its header
+    /// form. The flag says whether the answer came from the cache.
+    async fn ask(
+        &self,
+        m: &Member,
+        state: &State,
+        state_header: &str,
+    ) -> (Result<State, Failure>, Duration, bool) {
+        let kind = m.kind.as_str();
+        if let Some(patch) = self
+            .verdicts
+            .lookup(kind, self.event, self.attributes, state)
+        {
+            return (Ok(patch), Duration::ZERO, true);
+        }
         let start = Instant::now();
         let reply = bus::hedge::ask(
             self.nats,
@@ -98,7 +116,15 @@ impl Call<'_> {
             &m.latency,
         )
         .await;
-        (patch_of(m, reply, self.max_patch_bytes), start.elapsed())
+        let cache = reply.as_ref().ok().and_then(|msg| {
+            headers::get(msg.headers.as_ref(), headers::POLICY_CACHE).map(str::to_string)
+        });
+        let patch = patch_of(m, reply, self.max_patch_bytes);
+        if let (Ok(p), Some(h)) = (&patch, cache) {
+            self.verdicts
+                .store(kind, self.event, &h, self.attributes, state, p);
+        }
+        (patch, start.elapsed(), false)
     }
 
     /// Runs the chain from `state`, whose header form `header` the caller already made.
@@ -142,11 +168,14 @@ impl Call<'_> {
             }
             let answers = match callers.as_slice() {
                 [] => Vec::new(),
-                [one] => vec![self.ask(one, &header).await],
-                many => futures::future::join_all(many.iter().map(|m| self.ask(m, &header))).await,
+                [one] => vec![self.ask(one, &state, &header).await],
+                many => {
+                    futures::future::join_all(many.iter().map(|m| self.ask(m, &state, &header)))
+                        .await
+                }
             };
             let mut stop = false;
-            for (m, (answer, took)) in callers.iter().zip(answers) {
+            for (m, (answer, took, cached)) in callers.iter().zip(answers) {
                 let merged = answer.and_then(|patch| {
                     merge(&mut state, patch).map_err(|e| Failure {
                         outcome: Outcome::Error,
@@ -156,7 +185,9 @@ impl Call<'_> {
                 });
                 match merged {
                     Ok(flow) => {
-                        timings.push(timing(m, took, Outcome::Answered));
+                        let mut t = timing(m, took, Outcome::Answered);
+                        t.cached = cached;
+                        timings.push(t);
                         stop |= flow == Flow::Stop;
                     }
                     Err(f) => {
@@ -201,6 +232,7 @@ fn timing(m: &Member, took: Duration, outcome: Outcome) -> AgentTiming {
         priority: m.priority,
         latency_us: took.as_micros().min(u128::from(u64::MAX)) as u64,
         outcome,
+        cached: false,
     }
 }
 
@@ -429,6 +461,7 @@ mod tests {
             priority: 0,
             latency_us: 1,
             outcome,
+            cached: false,
         };
         run.timings = vec![
             kind("acl", Outcome::Answered),

@@ -144,7 +144,6 @@ impl Dispatcher {
                 .into(),
             None => hook_attributes.clone(),
         };
-        drop(attributes);
         let first_header = state.to_header().map_err(internal)?;
         // What each agent call carries: the payload, the state in base64, the headers. An event
         // the server could not carry to an agent is refused here, not blamed on the agent.
@@ -158,6 +157,9 @@ impl Dispatcher {
         let mut run = if chain.broken.is_empty() {
             let call = Call {
                 nats: &self.nats,
+                event: name.as_str(),
+                attributes: &attributes,
+                verdicts: &self.verdicts,
                 payload: to_agents,
                 trace: trace.clone(),
                 max_patch_bytes: self.options.max_patch_bytes,

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod chain;
 mod decide;
 pub mod table;
+mod verdicts;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -44,6 +45,8 @@ pub struct Options {
     /// Bytes of one agent's answer (its `Policy-State` header or payload); a larger answer
     /// counts as a failed agent.
     pub max_patch_bytes: usize,
+    /// Answers the verdict cache keeps at most; 0 turns it off.
+    pub verdict_cache: usize,
 }
 
 impl Default for Options {
@@ -53,6 +56,7 @@ impl Default for Options {
             max_admin_in_flight: 16,
             limits: Limits::default(),
             max_patch_bytes: 512 * 1024,
+            verdict_cache: 10_000,
         }
     }
 }
@@ -67,6 +71,7 @@ pub struct Dispatcher {
     /// same dispatcher is dropped (the first run answers it), rather than run the chain twice,
     /// which would take a second conn-limit slot and count twice against a rate limit.
     pub(crate) working: bus::hedge::InProgress,
+    pub(crate) verdicts: verdicts::Verdicts,
 }
 
 impl Dispatcher {
@@ -171,7 +176,9 @@ struct Serving {
     nats: async_nats::Client,
     events: Endpoint,
     admin: Endpoint,
-    watcher: tokio::task::JoinHandle<()>,
+    /// The config watches (subscriptions; policies, for the verdict cache), and the task
+    /// confirming policy changes to other dispatchers.
+    watchers: [tokio::task::JoinHandle<()>; 3],
     options: Options,
     /// Answers the services API for as long as the dispatcher runs.
     _service: Service,
@@ -191,6 +198,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
         store: store.clone(),
         options: options.clone(),
         working: Default::default(),
+        verdicts: verdicts::Verdicts::new(options.verdict_cache),
     });
 
     // Subscriptions are loaded before the first event is taken, so a new instance never
@@ -199,13 +207,37 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
     let watcher = {
         let d = dispatcher.clone();
         tokio::spawn(config::follow(
-            store,
+            store.clone(),
             ConfigKey::all_subscriptions().to_string(),
             move |snap| d.table.load(&d.subjects, snap),
             Some(ready_tx),
         ))
     };
     let _ = ready_rx.await;
+    // The policies' fingerprints, for the verdict cache: known before the first event, so no
+    // answer is ever stored under a set this dispatcher has not seen.
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let policies = {
+        let d = dispatcher.clone();
+        tokio::spawn(config::watch(
+            store.clone(),
+            "pol.>".to_string(),
+            move |update| d.verdicts.apply(update),
+            Some(ready_tx),
+        ))
+    };
+    let _ = ready_rx.await;
+    // Subscribed before this dispatcher answers `$SRV.PING`, so one that is counted confirms.
+    let asks = nats
+        .subscribe(subjects.dispatchers_seen())
+        .await
+        .map_err(|e| {
+            DispatcherError::Service(format!(
+                "cannot subscribe to {}: {e}",
+                subjects.dispatchers_seen()
+            ))
+        })?;
+    let confirming = tokio::spawn(verdicts::confirm(dispatcher.clone(), asks));
 
     let endpoint = |name, subject| EndpointSpec {
         name,
@@ -233,7 +265,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
         nats,
         events,
         admin,
-        watcher,
+        watchers: [watcher, policies, confirming],
         options,
         _service: service,
     })
@@ -248,7 +280,7 @@ impl Serving {
             nats,
             mut events,
             mut admin,
-            watcher,
+            watchers,
             options,
             _service,
         } = self;
@@ -306,7 +338,7 @@ impl Serving {
             }
         }
         daemon::drain(&tracker, &nats).await;
-        watcher.abort();
+        watchers.iter().for_each(|w| w.abort());
         tracing::info!("stopped");
     }
 }

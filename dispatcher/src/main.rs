@@ -36,6 +36,11 @@ struct Cli {
     /// Largest answer an agent may give, in bytes; a larger one counts as a failed agent.
     #[arg(long, default_value_t = 512 * 1024)]
     max_patch_bytes: usize,
+    /// Answers of pure agent kinds (acl; lb's static and consistent-hash) the verdict cache
+    /// keeps at most, answering the same inputs without a call until the kind's policies
+    /// change; 0 turns it off.
+    #[arg(long, env = "POLICY_VERDICT_CACHE", default_value_t = 10_000)]
+    verdict_cache: usize,
     /// Runtime worker threads: 1 (the default) runs everything on one thread, which costs the
     /// least CPU per request; 0 is one per core. Scale out with more instances instead.
     #[arg(long, env = "POLICY_WORKER_THREADS", default_value_t = 1)]
@@ -59,6 +64,7 @@ async fn run(cli: Cli) -> Result<(), dispatcher::DispatcherError> {
             ..Default::default()
         },
         max_patch_bytes: cli.max_patch_bytes,
+        verdict_cache: cli.verdict_cache,
     };
     dispatcher::run(&cli.common, options, daemon::shutdown_signal()).await
 }

@@ -192,6 +192,7 @@ mod tests {
                     priority: 1,
                     latency_us: 400,
                     outcome: Outcome::Answered,
+                    cached: false,
                 }],
                 at_ms: 0,
             });

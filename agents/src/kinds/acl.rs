@@ -345,6 +345,29 @@ impl AgentKind for Acl {
         }
     }
 
+    /// An ACL answer depends on the names it matches and the candidates it narrows, and on
+    /// nothing else.
+    fn cache_inputs(
+        &self,
+        _rules: &AclRules,
+        event: &Event,
+        _state: &State,
+    ) -> Option<bus::cache::Inputs> {
+        let (attrs, state): (&[&str], &[&str]) = match event {
+            Event::NewConnection(_) => (
+                &["src_service", "dst_service", "src_peer", "direction"],
+                &[keys::DST_PEERS],
+            ),
+            Event::ExposeService(_) => (&["service"], &[keys::TARGET_PEERS]),
+            Event::ServiceListRequest(_) => (&["src_peer"], &[keys::SERVICES]),
+            Event::ConnectionClosed(_) | Event::Other { .. } => return None,
+        };
+        Some(bus::cache::Inputs {
+            attrs: attrs.iter().map(|s| s.to_string()).collect(),
+            state: state.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
     fn decide(&self, rules: &AclRules, event: &Event, state: &State) -> State {
         match event {
             Event::NewConnection(e) => self.new_connection(rules, e, state),

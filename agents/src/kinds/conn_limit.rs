@@ -218,6 +218,8 @@ fn fnv(s: &str) -> u64 {
 }
 
 impl AgentKind for ConnLimiter {
+    const INLINE: bool = false;
+
     type Policy = ConnLimitPolicy;
     type Rules = Vec<Compiled>;
 

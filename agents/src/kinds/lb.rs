@@ -194,6 +194,39 @@ impl AgentKind for Lb {
         rules
     }
 
+    /// `static` (to a peer among the candidates) and `consistent-hash` pick the same peer for
+    /// the same service, source and candidates; the other schemes pick anew every time.
+    fn cache_inputs(
+        &self,
+        rules: &LbRules,
+        event: &Event,
+        state: &State,
+    ) -> Option<bus::cache::Inputs> {
+        let Event::NewConnection(e) = event else {
+            return None;
+        };
+        let policy = rules
+            .by_service
+            .get(&e.dst_service)
+            .or(rules.catch_all.as_ref())?;
+        let peers = state.get_strings(keys::DST_PEERS).unwrap_or_default();
+        let pure = match policy.policy.scheme {
+            Scheme::ConsistentHash => true,
+            Scheme::Static => policy
+                .policy
+                .peer
+                .as_deref()
+                .is_some_and(|p| peers.contains(&p)),
+            Scheme::Random | Scheme::RoundRobin | Scheme::Weighted => false,
+        };
+        pure.then(|| bus::cache::Inputs {
+            attrs: ["dst_service", "src_service", "src_peer"]
+                .map(String::from)
+                .to_vec(),
+            state: vec![keys::DST_PEERS.to_string()],
+        })
+    }
+
     fn decide(&self, rules: &LbRules, event: &Event, state: &State) -> State {
         let Event::NewConnection(e) = event else {
             return State::new();

@@ -381,6 +381,8 @@ fn stripe(key: &str) -> usize {
 }
 
 impl AgentKind for RateLimiter {
+    const INLINE: bool = false;
+
     type Policy = RateLimitPolicy;
     type Rules = Vec<Compiled>;
 

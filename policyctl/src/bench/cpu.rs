@@ -101,6 +101,35 @@ fn cpu_ns(pid: u32) -> Option<u64> {
     Some(total)
 }
 
+/// Resident memory of a process now, in bytes (`VmRSS`); `None` once it is gone.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// The largest resident memory each process reached while a phase ran, sampled every 50 ms.
+#[derive(Default)]
+pub struct PeakRss(BTreeMap<u32, u64>);
+
+impl PeakRss {
+    pub fn sample(&mut self, procs: &[Proc]) {
+        for p in procs {
+            if let Some(rss) = rss_bytes(p.pid) {
+                let peak = self.0.entry(p.pid).or_default();
+                *peak = (*peak).max(rss);
+            }
+        }
+    }
+}
+
 /// CPU time of each process at one instant.
 pub struct Sample(BTreeMap<Proc, u64>);
 
@@ -122,11 +151,19 @@ pub struct Cost {
     pub us_per_request: f64,
     /// Share of one core over the phase.
     pub cores: f64,
+    /// The most resident memory seen during the phase, in MB.
+    pub peak_rss_mb: f64,
 }
 
 /// What each process spent between two samples, per request; processes that spent nothing
 /// (an idle server of another test, say) are left out.
-pub fn costs(before: &Sample, after: &Sample, requests: u64, elapsed: Duration) -> Vec<Cost> {
+pub fn costs(
+    before: &Sample,
+    after: &Sample,
+    peak: &PeakRss,
+    requests: u64,
+    elapsed: Duration,
+) -> Vec<Cost> {
     before
         .0
         .iter()
@@ -137,6 +174,7 @@ pub fn costs(before: &Sample, after: &Sample, requests: u64, elapsed: Duration) 
                 pid: p.pid,
                 us_per_request: spent as f64 / 1000.0 / requests.max(1) as f64,
                 cores: spent as f64 / 1e9 / elapsed.as_secs_f64().max(1e-9),
+                peak_rss_mb: peak.0.get(&p.pid).copied().unwrap_or(0) as f64 / 1e6,
             })
         })
         .collect()
@@ -189,10 +227,13 @@ mod tests {
         }
         std::hint::black_box(x);
         let after = sample(&me);
-        let own = costs(&before, &after, 1, Duration::from_secs(1));
+        let mut peak = PeakRss::default();
+        peak.sample(&me);
+        let own = costs(&before, &after, &peak, 1, Duration::from_secs(1));
         assert!(
-            own.iter()
-                .any(|c| c.process == "policyctl bench" && c.us_per_request > 0.0),
+            own.iter().any(|c| c.process == "policyctl bench"
+                && c.us_per_request > 0.0
+                && c.peak_rss_mb > 0.0),
             "{own:?}"
         );
     }

@@ -161,6 +161,19 @@ async fn phase(
 ) -> Figures {
     let procs = cpu::engine_processes();
     let before = cpu::sample(&procs);
+    // Resident memory, sampled while the load runs.
+    let peak = std::sync::Arc::new(std::sync::Mutex::new(cpu::PeakRss::default()));
+    let sampler = {
+        let (peak, procs) = (peak.clone(), procs.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(mut p) = peak.lock() {
+                    p.sample(&procs);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
     let start = Instant::now();
     let deadline = start + duration;
     let workers = (0..concurrency.max(1)).map(|_| {
@@ -215,7 +228,12 @@ async fn phase(
     }
     let elapsed = start.elapsed();
     let answered = total.hist.as_ref().map_or(0, |h| h.len());
-    let costs = cpu::costs(&before, &cpu::sample(&procs), answered, elapsed);
+    sampler.abort();
+    let after = cpu::sample(&procs);
+    let costs = match peak.lock() {
+        Ok(peak) => cpu::costs(&before, &after, &peak, answered, elapsed),
+        Err(_) => Vec::new(),
+    };
     figures(total, elapsed, costs)
 }
 
@@ -351,7 +369,9 @@ async fn measure(
     if floor.requests == 0 {
         return Err(anyhow!("the floor measurement got no answers"));
     }
-    report(event, concurrency, duration, json, &floor, &engine)
+    // A decision through N stages is N + 1 request/reply hops; the fair floor is that many.
+    let hops = options.chain.as_ref().map(|c| c.0.len() + 1);
+    report(event, concurrency, duration, json, hops, &floor, &engine)
 }
 
 fn report(
@@ -359,10 +379,20 @@ fn report(
     concurrency: usize,
     duration: Duration,
     json: bool,
+    hops: Option<usize>,
     floor: &Figures,
     engine: &Figures,
 ) -> anyhow::Result<()> {
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    // Against the floor of as many hops as the chain makes: throughput against floor / hops,
+    // p50 against floor × hops.
+    let per_hop = hops.map(|h| {
+        let h = h as f64;
+        (
+            ratio(engine.per_second, floor.per_second / h),
+            ratio(engine.p50_ms, floor.p50_ms * h),
+        )
+    });
     if json {
         let out = serde_json::json!({
             "event": event,
@@ -376,6 +406,8 @@ fn report(
                 "p90": ratio(engine.p90_ms, floor.p90_ms),
                 "p99": ratio(engine.p99_ms, floor.p99_ms),
             },
+            "hops": hops,
+            "ratio_to_hop_floor": per_hop.map(|(t, p)| serde_json::json!({"throughput": t, "p50": p})),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -398,6 +430,14 @@ fn report(
         ratio(engine.p90_ms, floor.p90_ms),
         ratio(engine.p99_ms, floor.p99_ms),
     );
+    if let (Some(h), Some((t, p))) = (hops, per_hop) {
+        println!(
+            "{:<22} {:>10.3}x {:>7.2}x   ({h} hops: throughput / (floor / {h}), p50 / (floor × {h}))",
+            format!("engine / {h}-hop floor"),
+            t,
+            p
+        );
+    }
     if let Some(e) = &engine.first_error {
         println!("first error: {e}");
     }
@@ -407,19 +447,25 @@ fn report(
     if !engine.cpu.is_empty() {
         println!();
         println!(
-            "{:<26} {:>16} {:>8} {:>16} {:>8}",
-            "CPU per request (this host)", "floor µs/req", "cores", "engine µs/dec", "cores"
+            "{:<26} {:>16} {:>8} {:>16} {:>8} {:>10}",
+            "CPU per request (this host)",
+            "floor µs/req",
+            "cores",
+            "engine µs/dec",
+            "cores",
+            "peak MB"
         );
         for e in &engine.cpu {
             let f = floor.cpu.iter().find(|f| f.pid == e.pid);
             let (fus, fc) = f.map_or((0.0, 0.0), |f| (f.us_per_request, f.cores));
             println!(
-                "{:<26} {:>16.1} {:>8.2} {:>16.1} {:>8.2}",
+                "{:<26} {:>16.1} {:>8.2} {:>16.1} {:>8.2} {:>10.1}",
                 format!("{} ({})", e.process, e.pid),
                 fus,
                 fc,
                 e.us_per_request,
-                e.cores
+                e.cores,
+                e.peak_rss_mb
             );
         }
         let total = |c: &[cpu::Cost]| c.iter().map(|c| c.us_per_request).sum::<f64>();

@@ -330,9 +330,13 @@ async fn two_dispatchers_and_two_agents_share_the_load() {
     engine.agent("acl", &[]);
     engine.wait_instances("policy-dispatcher", 2).await;
     engine.wait_instances("policy-agent-acl", 2).await;
-    let sends = (0..200).map(|_| {
+    // Each from its own service, so the dispatchers' verdict cache cannot answer for the acl.
+    let sends = (0..200).map(|i| {
         let hook = hook.clone();
-        async move { hook.new_connection(&conn("web", "db", &["p1"])).await }
+        async move {
+            hook.new_connection(&conn(&format!("web-{i}"), "db", &["p1"]))
+                .await
+        }
     });
     for d in futures::future::join_all(sends).await {
         assert_eq!(d.expect("decision").action, Action::Allow);

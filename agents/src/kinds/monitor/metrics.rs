@@ -101,6 +101,7 @@ pub struct Metrics {
     decision_seconds: HistFamily<EventLabels>,
     agent_seconds: HistFamily<AgentLabels>,
     agent_outcomes: Family<OutcomeLabels, Counter>,
+    agent_cached: Family<AgentLabels, Counter>,
     pub tap_errors: Counter,
 }
 
@@ -139,6 +140,7 @@ impl Metrics {
             decision_seconds: HistFamily::new_with_constructor(latency_histogram),
             agent_seconds: HistFamily::new_with_constructor(latency_histogram),
             agent_outcomes: Family::default(),
+            agent_cached: Family::default(),
             tap_errors: Counter::default(),
             registry: Registry::default(),
             events: Names::default(),
@@ -182,6 +184,11 @@ impl Metrics {
             "agent_calls",
             "Agent calls by outcome",
             m.agent_outcomes.clone(),
+        );
+        registry.register(
+            "agent_cached",
+            "Agent answers the dispatcher served from its verdict cache (also counted in agent_calls)",
+            m.agent_cached.clone(),
         );
         registry.register(
             "tap_errors",
@@ -249,7 +256,10 @@ impl Metrics {
                 event: event.clone(),
                 agent: name.clone(),
             };
-            if a.outcome != Outcome::Observed {
+            if a.cached {
+                // No call was made: its zero latency would drag the agent's histogram down.
+                self.agent_cached.get_or_create(&agent).inc();
+            } else if a.outcome != Outcome::Observed {
                 self.agent_seconds
                     .get_or_create(&agent)
                     .observe(a.latency_us as f64 / 1e6);
@@ -300,6 +310,7 @@ mod tests {
                 priority: 1,
                 latency_us: 700,
                 outcome: Outcome::Answered,
+                cached: false,
             }],
             at_ms: 0,
         }
