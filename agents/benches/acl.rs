@@ -33,7 +33,7 @@ fn bench(c: &mut Criterion) {
     });
     let state = ev.initial_state();
     let mut group = c.benchmark_group("acl_decide_new_connection");
-    for n in [10, 1_000, 10_000] {
+    for n in [10, 1_000, 10_000, 100_000] {
         let compiled = acl.compile(rules(n));
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| acl.decide(&compiled, &ev, &state))

@@ -1,4 +1,5 @@
-//! Per-hop costs on the decision path: the state header codec and the merge.
+//! Per-hop costs on the decision path: the state header codec, the merge, and a verdict cache
+//! lookup (key built from the inputs, then found).
 
 use bus::merge::merge;
 use bus::state::{keys, State, Value};
@@ -40,6 +41,37 @@ fn bench(c: &mut Criterion) {
             |(mut s, p)| merge(&mut s, p).unwrap(),
             criterion::BatchSize::SmallInput,
         )
+    });
+    let inputs = bus::cache::Inputs {
+        attrs: ["src_service", "dst_service", "src_peer", "direction"]
+            .map(String::from)
+            .to_vec(),
+        state: vec![keys::DST_PEERS.to_string()],
+    };
+    let attributes = Value::Map(vec![
+        ("src_service".into(), "web".into()),
+        ("dst_service".into(), "db".into()),
+        ("src_peer".into(), "local".into()),
+        ("direction".into(), "outgoing".into()),
+        ("connection_id".into(), "c1".into()),
+    ]);
+    let fp = bus::cache::fingerprint([]);
+    let mut cache = bus::cache::VerdictCache::new(10_000);
+    for i in 0..5_000 {
+        let mut a = attributes.clone();
+        if let Value::Map(m) = &mut a {
+            m[0].1 = format!("svc-{i}").into();
+        }
+        let key = bus::cache::key("acl", "new-connection", &fp, &inputs, &a, &s);
+        cache.insert(key, patch.clone());
+    }
+    let key = bus::cache::key("acl", "new-connection", &fp, &inputs, &attributes, &s);
+    cache.insert(key, patch.clone());
+    c.bench_function("verdict_cache_lookup_hit_5000_entries", |b| {
+        b.iter(|| {
+            let key = bus::cache::key("acl", "new-connection", &fp, &inputs, &attributes, &s);
+            cache.get(&key).expect("a hit")
+        })
     });
 }
 

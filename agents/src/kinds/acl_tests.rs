@@ -268,3 +268,65 @@ fn invalid_documents_name_the_field() {
     let err = policy(&[("agent", "acl".into()), ("action", "allow".into())]).unwrap_err();
     assert!(err.contains("id"), "{err}");
 }
+
+#[test]
+fn the_index_finds_what_a_scan_of_every_rule_in_order_finds() {
+    // Rules over a few services and peers, exact, prefix and open, in mixed priorities; every
+    // query's first match through the index must be the first match of a plain scan. Small
+    // sets too, so that the first match is often a rule of one particular index list.
+    let (svcs, peers) = (["db", "api", "web"], ["peer-a", "peer-b", "partner-x"]);
+    let mut seed = 7u64;
+    let mut next = |n: usize| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as usize % n
+    };
+    let mut checked = 0;
+    for size in [3, 5, 10, 20, 50, 300].repeat(8) {
+        let mut stored = Vec::new();
+        for i in 0..size {
+            let mut matcher = Vec::new();
+            let dst = ["db", "api", "web", "db", "a*", "*", ""][next(7)];
+            if !dst.is_empty() {
+                matcher.push(("dst_service", dst));
+            }
+            let peer = [
+                "peer-a",
+                "peer-b",
+                "partner-x",
+                "peer-a",
+                "partner-*",
+                "*",
+                "",
+            ][next(7)];
+            if !peer.is_empty() {
+                matcher.push(("src_peer", peer));
+            }
+            let action = if next(2) == 0 { "allow" } else { "deny" };
+            stored.push(rule(&format!("r{i}"), next(5) as i32, action, &matcher));
+        }
+        let rules = Acl::default().compile(stored);
+        let index = &rules.enforce;
+        for dst in svcs.iter().map(Some).chain([None]) {
+            for peer in peers.iter().map(Some).chain([None]) {
+                let q = Query {
+                    src_service: Some("web"),
+                    dst_service: dst.copied(),
+                    src_peer: peer.copied(),
+                    dst_peer: Some("p1"),
+                    direction: Some(Direction::Outgoing),
+                    partial: false,
+                };
+                let scan = index.rules.iter().find(|r| r.matches(&q)).map(|r| &r.id);
+                assert_eq!(
+                    index.first_match(&q).map(|r| &r.id),
+                    scan,
+                    "{size} rules, dst {dst:?} peer {peer:?}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 48 * 16);
+}
