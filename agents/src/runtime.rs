@@ -178,14 +178,14 @@ where
             // The dispatcher has given up on this one (a hedge answered it, or the timeout
             // passed): starting it now would only take what nobody will use.
             tracing::debug!(subject = %msg.subject, "request past its deadline: not started");
-            req.refused("past its deadline");
+            req.dropped("past its deadline").await;
             return;
         }
         let _working = match headers::get(msg.headers.as_ref(), headers::POLICY_EVENT_ID) {
             Some(id) if track && msg.reply.is_some() && !validating => {
                 let Some(working) = self.working.start(format!("{id} {}", msg.subject)) else {
                     tracing::debug!(subject = %msg.subject, "hedged copy of a request in progress: dropped");
-                    req.refused("copy of a request in progress");
+                    req.dropped("copy of a request in progress").await;
                     return;
                 };
                 Some(working)

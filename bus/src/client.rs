@@ -44,6 +44,10 @@ pub enum ClientError {
         #[source]
         source: async_nats::RequestError,
     },
+    /// The copy of a hedged request was dropped by the instance it reached, which is working
+    /// on another copy or found it past its deadline: not an answer.
+    #[error("{subject}: this copy was dropped ({why}); another copy answers")]
+    Dropped { subject: String, why: String },
     /// The engine answered with an error reply (see `ErrorCode`).
     #[error(transparent)]
     Remote(#[from] ErrorReply),
@@ -132,6 +136,12 @@ pub(crate) async fn request(
             })
         }
     };
+    if let Some(why) = crate::headers::get(msg.headers.as_ref(), crate::headers::POLICY_DROPPED) {
+        return Err(ClientError::Dropped {
+            subject,
+            why: why.to_string(),
+        });
+    }
     if let Some(err) = ErrorReply::from_message(msg.headers.as_ref(), &msg.payload) {
         return Err(ClientError::Remote(err));
     }

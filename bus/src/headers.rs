@@ -8,6 +8,12 @@ pub const POLICY_EVENT_ID: &str = "Policy-Event-Id";
 /// does not start work on a request its caller has given up on (hedged calls leave such
 /// duplicates queued at a frozen instance). Hosts' clocks are assumed NTP-close.
 pub const POLICY_DEADLINE: &str = "Policy-Deadline";
+/// On a reply that is not an answer: the request was a copy of one already being worked on,
+/// or came past its deadline, and was dropped. The value says which. The reply exists only so
+/// that the sender's client forgets the request (async-nats keeps an unanswered request's
+/// entry for the life of the connection); the sender ignores it and waits for its other
+/// copies.
+pub const POLICY_DROPPED: &str = "Policy-Dropped";
 /// On an agent's reply: the answer may be cached (see [`crate::cache`]).
 pub const POLICY_CACHE: &str = "Policy-Cache";
 /// Short error code on an error reply (see [`crate::ErrorCode`]).

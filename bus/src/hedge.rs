@@ -327,7 +327,13 @@ where
     }
     Err(match last {
         Some(e @ ClientError::NoResponders { .. }) => e,
-        Some(e) if !matches!(e, ClientError::Timeout { .. }) && Instant::now() < deadline => e,
+        // A dropped copy is no answer: with none left, the call timed out.
+        Some(e)
+            if !matches!(e, ClientError::Timeout { .. } | ClientError::Dropped { .. })
+                && Instant::now() < deadline =>
+        {
+            e
+        }
         _ => ClientError::Timeout {
             subject: subject.to_string(),
             timeout,

@@ -89,6 +89,22 @@ impl Request {
         self.stats
             .done(self.received.elapsed(), Some(format!("400:{why}")));
     }
+
+    /// Drops a request that is not to be worked on (a copy of one in progress, one past its
+    /// deadline): counted, and answered with an empty reply marked `Policy-Dropped`, which the
+    /// sender ignores. Without a reply the sender's client would keep the request's entry
+    /// for as long as it is connected: memory that only grows under load and faults.
+    pub async fn dropped(self, why: &'static str) {
+        self.stats.done(self.received.elapsed(), None);
+        if let Some(reply) = &self.message.reply {
+            let mut h = HeaderMap::new();
+            h.insert(bus::headers::name(bus::headers::POLICY_DROPPED), why);
+            let _ = self
+                .client
+                .publish_with_headers(reply.clone(), h, Bytes::new())
+                .await;
+        }
+    }
 }
 
 /// A subscription serving one endpoint.

@@ -92,7 +92,7 @@ impl Dispatcher {
             // The hookpoint has stopped waiting (another dispatcher answered its hedge, or its
             // timeout passed): a chain run now would only take slots and budget.
             tracing::debug!(subject = %req.message.subject, "event past its deadline: not decided");
-            req.refused("past its deadline");
+            req.dropped("past its deadline").await;
             return;
         }
         let _working = match headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID) {
@@ -100,7 +100,7 @@ impl Dispatcher {
                 let Some(working) = self.working.start(format!("{id} {}", req.message.subject))
                 else {
                     tracing::debug!(subject = %req.message.subject, "hedged copy of an event in progress: dropped");
-                    req.refused("copy of an event in progress");
+                    req.dropped("copy of an event in progress").await;
                     return;
                 };
                 Some(working)

@@ -183,10 +183,39 @@ impl Verdicts {
 /// Waits until every dispatcher has seen bucket revision `revision` (a policy change this one
 /// just stored), so that none serves a verdict of the old policy set once the change is
 /// acknowledged. Each dispatcher answers on a plain subscription (see [`confirm`]); the count
-/// to wait for comes from `$SRV.PING`. Bounded: a dispatcher that does not confirm in time
+/// to wait for comes from `$SRV.PING`. Bounded: a dispatcher that does not confirm within 1 s
 /// (stopping, cut off) is logged, and its watch still applies the change moments later.
 pub(crate) async fn everywhere(d: &crate::Dispatcher, revision: u64) {
+    // The whole wait fits well inside an operator's 5 s command timeout, after the write
+    // itself: the change is stored either way, and the dispatchers' watches apply it anyway.
+    let confirmed = std::sync::atomic::AtomicUsize::new(0);
+    let count = std::sync::atomic::AtomicUsize::new(0);
+    let done = tokio::time::timeout(
+        CONFIRM_WITHIN,
+        confirmed_everywhere(d, revision, &count, &confirmed),
+    )
+    .await;
+    if done.is_err() {
+        tracing::warn!(
+            revision,
+            confirmed = confirmed.into_inner(),
+            count = count.into_inner(),
+            "not every dispatcher confirmed a policy change within 1 s; their watches apply it when they can"
+        );
+    }
+}
+
+/// How long a policy change waits for the dispatchers to confirm it.
+const CONFIRM_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn confirmed_everywhere(
+    d: &crate::Dispatcher,
+    revision: u64,
+    count_out: &std::sync::atomic::AtomicUsize,
+    confirmed_out: &std::sync::atomic::AtomicUsize,
+) {
     use futures::StreamExt;
+    use std::sync::atomic::Ordering::Relaxed;
     d.verdicts.seen(revision).await;
     if !d.verdicts.enabled() {
         return;
@@ -215,21 +244,14 @@ pub(crate) async fn everywhere(d: &crate::Dispatcher, revision: u64) {
     if asked.is_err() {
         return;
     }
-    let deadline = tokio::time::Instant::now() + bus::config::WRITE_TIMEOUT;
+    count_out.store(count, Relaxed);
     let mut confirmed = 0;
     while confirmed < count {
-        match tokio::time::timeout_at(deadline, replies.next()).await {
-            Ok(Some(_)) => confirmed += 1,
-            _ => break,
+        if replies.next().await.is_none() {
+            return;
         }
-    }
-    if confirmed < count {
-        tracing::warn!(
-            revision,
-            confirmed,
-            count,
-            "not every dispatcher confirmed a policy change in time"
-        );
+        confirmed += 1;
+        confirmed_out.store(confirmed, Relaxed);
     }
 }
 
