@@ -46,7 +46,15 @@ pub struct Latency {
     /// Whether a call that finds its own connection down waits for it (within the timeout)
     /// and asks again, rather than failing at once.
     wait_reconnect: bool,
+    /// The hedge budget: every call earns one hedge, every hedge spends one, up to
+    /// [`HEDGE_BURST`] saved. A dead or frozen instance costs far less than one hedge per call
+    /// on average, so it never runs out; an overloaded kind, whose every call is slow, gets at
+    /// most one copy more per call instead of sixteen, which would only bury it deeper.
+    budget: AtomicU64,
 }
+
+/// Hedges a group may save up: enough for a burst of calls stuck at a dead instance.
+const HEDGE_BURST: u64 = 1_000;
 
 impl Default for Latency {
     /// An agent kind's: hedged early and often, since agents answer in about a millisecond and
@@ -67,7 +75,24 @@ impl Latency {
             floor,
             max_sends: max_sends.max(1),
             wait_reconnect: false,
+            budget: AtomicU64::new(HEDGE_BURST),
         }
+    }
+
+    /// A call started: it earns one hedge for the group.
+    fn earn(&self) {
+        let _ = self
+            .budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                (b < HEDGE_BURST).then_some(b + 1)
+            });
+    }
+
+    /// Takes one hedge from the budget; `false` when it is spent.
+    fn spend(&self) -> bool {
+        self.budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+            .is_ok()
     }
 
     pub fn observe(&self, took: Duration) {
@@ -188,6 +213,7 @@ pub async fn ask(
         async move { (request.await, sent_at) }
     };
     let next_hedge = start + delay;
+    latency.earn();
     // The usual case, answered before the first hedge is due, costs one request and one timer.
     let mut first = Box::pin(send(headers.clone()));
     if latency.max_sends > 1 && next_hedge < deadline {
@@ -313,10 +339,14 @@ where
                 }
             },
             _ = tokio::time::sleep_until(next_hedge), if hedge_due => {
+                next_hedge += delay;
+                if !latency.spend() {
+                    tracing::debug!(subject, sent, "no answer yet, but the hedge budget is spent");
+                    continue;
+                }
                 tracing::debug!(subject, sent, after = ?start.elapsed(), "no answer yet: hedging");
                 pending.push(send(deadline - Instant::now()));
                 sent += 1;
-                next_hedge += delay;
             }
             _ = tokio::time::sleep_until(retry_at.unwrap_or(deadline)), if retry_at.is_some() => {
                 retry_at = None;
@@ -344,6 +374,25 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hedges_are_earned_by_calls_and_saved_up_to_a_burst() {
+        let l = Latency::default();
+        for _ in 0..HEDGE_BURST {
+            assert!(l.spend());
+        }
+        assert!(!l.spend(), "the burst is spent");
+        l.earn();
+        l.earn();
+        assert!(
+            l.spend() && l.spend() && !l.spend(),
+            "two calls, two hedges"
+        );
+        for _ in 0..HEDGE_BURST * 2 {
+            l.earn();
+        }
+        assert_eq!(l.budget.load(Ordering::Relaxed), HEDGE_BURST);
+    }
 
     #[test]
     fn the_hedge_delay_follows_the_latency_and_every_copy_fits_the_timeout() {
