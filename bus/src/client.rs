@@ -6,13 +6,14 @@ use async_nats::{client::RequestErrorKind, HeaderMap, Message};
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::admin::{self, Done, PolicyRef};
 use crate::codec::{self, CodecError};
 use crate::decision::{ClosedDecision, ConnectionDecision, ExposeDecision, ListDecision};
 use crate::error::{ErrorReply, InvalidName};
 use crate::event::{self, ConnectionClosed, ExposeService, NewConnection, ServiceListRequest};
 use crate::state::{State, Value};
-use crate::subject::{AdminCommand, Subjects};
+use crate::subject::Subjects;
+
+pub use crate::admin_client::AdminClient;
 
 /// Long enough for a chain of several agents at their default 250 ms timeouts.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -219,7 +220,10 @@ fn with_connection_id(payload: Bytes) -> Bytes {
     }
 }
 
-fn decode_reply<T: DeserializeOwned>(subject: &str, msg: &Message) -> Result<T, ClientError> {
+pub(crate) fn decode_reply<T: DeserializeOwned>(
+    subject: &str,
+    msg: &Message,
+) -> Result<T, ClientError> {
     codec::decode("reply", &msg.payload).map_err(|source| ClientError::Decode {
         subject: subject.to_string(),
         source,
@@ -407,101 +411,6 @@ impl Client {
         e: &ConnectionClosed,
     ) -> Result<ClosedDecision, ClientError> {
         self.decide(event::CONNECTION_CLOSED, e).await
-    }
-}
-
-/// An operator's client: programs subscriptions and policies through the dispatcher.
-#[derive(Debug, Clone)]
-pub struct AdminClient {
-    nats: async_nats::Client,
-    subjects: Subjects,
-    timeout: Duration,
-}
-
-impl AdminClient {
-    pub fn new(nats: async_nats::Client, subjects: Subjects) -> Self {
-        AdminClient {
-            nats,
-            subjects,
-            timeout: DEFAULT_TIMEOUT,
-        }
-    }
-
-    pub async fn command<A: Serialize, R: DeserializeOwned>(
-        &self,
-        command: AdminCommand,
-        args: &A,
-    ) -> Result<R, ClientError> {
-        let subject = self.subjects.admin(command);
-        let payload = codec::encode("admin command", args)?;
-        let msg = call(
-            &self.nats,
-            subject.clone(),
-            HeaderMap::new(),
-            payload.into(),
-            self.timeout,
-        )
-        .await?;
-        decode_reply(&subject, &msg)
-    }
-
-    /// Subscribes a kind to an event. The dispatcher refuses a kind with no live instance and
-    /// an event it does not know; see [`Self::subscribe_with`] to insist.
-    pub async fn subscribe(&self, sub: &admin::Subscription) -> Result<(), ClientError> {
-        self.subscribe_with(&admin::Subscribe::new(sub.clone(), false))
-            .await
-    }
-
-    pub async fn subscribe_with(&self, args: &admin::Subscribe) -> Result<(), ClientError> {
-        self.command::<_, Done>(AdminCommand::Subscribe, args)
-            .await
-            .map(drop)
-    }
-
-    pub async fn unsubscribe(&self, event: &str, agent: &str) -> Result<(), ClientError> {
-        let args = admin::Unsubscribe {
-            event: event::EventName::new(event)?,
-            agent: agent.into(),
-        };
-        self.command::<_, Done>(AdminCommand::Unsubscribe, &args)
-            .await
-            .map(drop)
-    }
-
-    pub async fn subscriptions(
-        &self,
-        event: Option<&str>,
-    ) -> Result<Vec<admin::Subscription>, ClientError> {
-        let args = admin::ListSubscriptions {
-            event: event.map(event::EventName::new).transpose()?,
-        };
-        let r: admin::Subscriptions = self.command(AdminCommand::Subscriptions, &args).await?;
-        Ok(r.subscriptions)
-    }
-
-    pub async fn policy_add(&self, policies: Vec<Value>) -> Result<Vec<PolicyRef>, ClientError> {
-        let r: admin::PolicyAdded = self
-            .command(AdminCommand::PolicyAdd, &admin::PolicyAdd { policies })
-            .await?;
-        Ok(r.stored)
-    }
-
-    pub async fn policy_remove(&self, agent: &str, id: &str) -> Result<(), ClientError> {
-        let args = admin::PolicyRemove {
-            agent: agent.into(),
-            id: id.into(),
-        };
-        self.command::<_, Done>(AdminCommand::PolicyRemove, &args)
-            .await
-            .map(drop)
-    }
-
-    pub async fn policy_list(&self, agent: Option<&str>) -> Result<Vec<Value>, ClientError> {
-        let args = admin::PolicyList {
-            agent: agent.map(str::to_owned),
-        };
-        let r: admin::Policies = self.command(AdminCommand::PolicyList, &args).await?;
-        Ok(r.policies)
     }
 }
 

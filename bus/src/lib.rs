@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+mod admin_client;
 pub mod cache;
 pub mod client;
 pub mod codec;
