@@ -176,9 +176,9 @@ struct Serving {
     nats: async_nats::Client,
     events: Endpoint,
     admin: Endpoint,
-    /// The config watches (subscriptions; policies, for the verdict cache), and the task
+    /// The config watch (subscriptions; policies, for the verdict cache), and the task
     /// confirming policy changes to other dispatchers.
-    watchers: [tokio::task::JoinHandle<()>; 3],
+    watchers: [tokio::task::JoinHandle<()>; 2],
     options: Options,
     /// Answers the services API for as long as the dispatcher runs.
     _service: Service,
@@ -201,28 +201,48 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
         verdicts: verdicts::Verdicts::new(options.verdict_cache),
     });
 
-    // Subscriptions are loaded before the first event is taken, so a new instance never
-    // answers `no-subscribers` for an event that has them.
+    // One watch of the bucket feeds both the chain table (subscriptions) and the verdict
+    // cache's fingerprints (policies), each loaded before the first event is taken: a new
+    // instance never answers `no-subscribers` for an event that has them, and never stores an
+    // answer under a policy set it has not seen. One consumer, not two, for JetStream to
+    // recreate after a node is lost.
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let watcher = {
         let d = dispatcher.clone();
-        tokio::spawn(config::follow(
-            store.clone(),
-            ConfigKey::all_subscriptions().to_string(),
-            move |snap| d.table.load(&d.subjects, snap),
-            Some(ready_tx),
-        ))
-    };
-    let _ = ready_rx.await;
-    // The policies' fingerprints, for the verdict cache: known before the first event, so no
-    // answer is ever stored under a set this dispatcher has not seen.
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let policies = {
-        let d = dispatcher.clone();
+        let mut subs = config::Snapshot::default();
+        let is_sub =
+            |key: &str| matches!(ConfigKey::parse(key), Some(ConfigKey::Subscription { .. }));
         tokio::spawn(config::watch(
             store.clone(),
-            "pol.>".to_string(),
-            move |update| d.verdicts.apply(update),
+            ">".to_string(),
+            move |update| {
+                let subs_changed = match &update {
+                    config::Update::Loaded(snap) => {
+                        subs = config::Snapshot {
+                            values: snap
+                                .values
+                                .iter()
+                                .filter(|(k, _)| is_sub(k))
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect(),
+                            revision: snap.revision,
+                        };
+                        true
+                    }
+                    config::Update::Changed(changes) => {
+                        let mut any = false;
+                        for c in changes.iter().filter(|c| is_sub(c.key())) {
+                            subs.apply(c);
+                            any = true;
+                        }
+                        any
+                    }
+                };
+                if subs_changed {
+                    d.table.load(&d.subjects, &subs);
+                }
+                d.verdicts.apply(update);
+            },
             Some(ready_tx),
         ))
     };
@@ -265,7 +285,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
         nats,
         events,
         admin,
-        watchers: [watcher, policies, confirming],
+        watchers: [watcher, confirming],
         options,
         _service: service,
     })
