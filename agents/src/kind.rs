@@ -85,7 +85,7 @@ pub trait AgentKind: Send + Sync + 'static {
         _rules: &Self::Rules,
         _event: &Event,
         _state: &State,
-    ) -> Option<bus::cache::Inputs> {
+    ) -> Option<bus::cache::Declared> {
         None
     }
 

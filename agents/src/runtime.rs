@@ -127,13 +127,7 @@ where
         let cache = self
             .kind
             .cache_inputs(&loaded.rules, &event, &state)
-            .map(|inputs| {
-                bus::cache::CacheHeader {
-                    fingerprint: loaded.fingerprint.clone(),
-                    inputs,
-                }
-                .to_header()
-            });
+            .map(|declared| declared.to_header(&loaded.fingerprint));
         Ok((patch, cache))
     }
 

@@ -24,6 +24,32 @@ pub struct Inputs {
     pub state: Vec<String>,
 }
 
+/// What an agent kind declares its answer depended on: static names, so that declaring costs
+/// a request nothing but the header itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Declared {
+    pub attrs: &'static [&'static str],
+    pub state: &'static [&'static str],
+}
+
+impl Declared {
+    /// The `Policy-Cache` header value for an answer made under policy set `fingerprint`.
+    pub fn to_header(&self, fingerprint: &str) -> String {
+        render(fingerprint, self.attrs, self.state)
+    }
+}
+
+fn render<S: AsRef<str>>(fingerprint: &str, attrs: &[S], state: &[S]) -> String {
+    let list = |names: &[S]| {
+        names
+            .iter()
+            .map(AsRef::as_ref)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!("{fingerprint} attrs={} state={}", list(attrs), list(state))
+}
+
 /// The parsed `Policy-Cache` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheHeader {
@@ -33,12 +59,7 @@ pub struct CacheHeader {
 
 impl CacheHeader {
     pub fn to_header(&self) -> String {
-        format!(
-            "{} attrs={} state={}",
-            self.fingerprint,
-            self.inputs.attrs.join(","),
-            self.inputs.state.join(",")
-        )
+        render(&self.fingerprint, &self.inputs.attrs, &self.inputs.state)
     }
 
     /// `None` for a header that does not parse: the answer is then simply not cached.
@@ -204,7 +225,12 @@ mod tests {
                 state: vec!["dst_peers".into()],
             },
         };
-        assert_eq!(CacheHeader::parse(&h.to_header()), Some(h));
+        assert_eq!(CacheHeader::parse(&h.to_header()), Some(h.clone()));
+        let declared = Declared {
+            attrs: &["src_service", "dst_service"],
+            state: &["dst_peers"],
+        };
+        assert_eq!(declared.to_header(&h.fingerprint), h.to_header());
         let none = CacheHeader::parse("0123456789abcdef0123456789abcdef attrs= state=").unwrap();
         assert!(none.inputs.attrs.is_empty() && none.inputs.state.is_empty());
         for bad in [

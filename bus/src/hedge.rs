@@ -216,6 +216,7 @@ pub async fn ask(
     latency.earn();
     // The usual case, answered before the first hedge is due, costs one request and one timer.
     let mut first = Box::pin(send(headers.clone()));
+    let mut first_failure = None;
     if latency.max_sends > 1 && next_hedge < deadline {
         tokio::select! {
             biased;
@@ -225,25 +226,15 @@ pub async fn ask(
                     return Ok(msg);
                 }
                 Err(e @ ClientError::Remote(_)) => return Err(e),
-                Err(e) => return hedged(HedgeCall {
-                    first: None,
-                    first_failure: Some(e),
-                    send: &send,
-                    headers,
-                    subject,
-                    timeout,
-                    deadline,
-                    delay,
-                    next_hedge,
-                    latency,
-                }).await,
+                Err(e) => first_failure = Some(e),
             },
             _ = tokio::time::sleep_until(next_hedge) => {}
         }
     }
     hedged(HedgeCall {
-        first: Some(first),
-        first_failure: None,
+        // A first request that came back failed is not waited on again.
+        first: first_failure.is_none().then_some(first),
+        first_failure,
         send: &send,
         headers,
         subject,

@@ -23,8 +23,9 @@ pub struct Verdicts {
     cache: Option<Mutex<VerdictCache>>,
     /// Per kind: each policy key's document digest, and the set's fingerprint.
     policies: RwLock<HashMap<String, PolicySet>>,
-    /// Per (kind, event): the inputs the kind's answers depend on, as it last said.
-    inputs: RwLock<HashMap<(String, String), Inputs>>,
+    /// Per kind, per event: the inputs the kind's answers depend on, as it last said. Nested,
+    /// so a lookup borrows the names it is given instead of building a key.
+    inputs: RwLock<HashMap<String, HashMap<String, Inputs>>>,
     /// The bucket revision the fingerprints reflect.
     revision: tokio::sync::watch::Sender<u64>,
 }
@@ -47,13 +48,18 @@ impl Verdicts {
         self.cache.is_some()
     }
 
-    /// The current fingerprint of a kind's policy set (of the empty set for a kind with none).
-    fn fingerprint(&self, kind: &str) -> String {
+    /// Calls `f` with the current fingerprint of a kind's policy set (of the empty set for a
+    /// kind with none), under the read lock: nothing is copied per call.
+    fn with_fingerprint<R>(&self, kind: &str, f: impl FnOnce(&str) -> R) -> R {
+        static EMPTY: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| bus::cache::fingerprint([]));
         let policies = self.policies.read().unwrap_or_else(|e| e.into_inner());
-        match policies.get(kind) {
-            Some((_, fp)) => fp.clone(),
-            None => bus::cache::fingerprint([]),
-        }
+        f(policies.get(kind).map_or(EMPTY.as_str(), |(_, fp)| fp))
+    }
+
+    #[cfg(test)]
+    fn fingerprint(&self, kind: &str) -> String {
+        self.with_fingerprint(kind, str::to_string)
     }
 
     /// A cached answer of `kind` to this call, if there is one.
@@ -65,18 +71,13 @@ impl Verdicts {
         state: &State,
     ) -> Option<State> {
         let cache = self.cache.as_ref()?;
-        let inputs = {
+        let key = {
             let known = self.inputs.read().unwrap_or_else(|e| e.into_inner());
-            known.get(&(kind.to_string(), event.to_string()))?.clone()
+            let inputs = known.get(kind)?.get(event)?;
+            self.with_fingerprint(kind, |fp| {
+                bus::cache::key(kind, event, fp, inputs, attributes, state)
+            })
         };
-        let key = bus::cache::key(
-            kind,
-            event,
-            &self.fingerprint(kind),
-            &inputs,
-            attributes,
-            state,
-        );
         lock(cache).get(&key)
     }
 
@@ -102,16 +103,19 @@ impl Verdicts {
             );
             return;
         };
-        if h.fingerprint != self.fingerprint(kind) {
+        if !self.with_fingerprint(kind, |fp| fp == h.fingerprint) {
             // Made under another policy set than the one known here: an agent behind or ahead
             // of this dispatcher's watch. Used this once, never kept.
             return;
         }
         let key = bus::cache::key(kind, event, &h.fingerprint, &h.inputs, attributes, state);
-        self.inputs
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((kind.to_string(), event.to_string()), h.inputs);
+        {
+            let mut known = self.inputs.write().unwrap_or_else(|e| e.into_inner());
+            let per_event = known.entry(kind.to_string()).or_default();
+            if per_event.get(event) != Some(&h.inputs) {
+                per_event.insert(event.to_string(), h.inputs);
+            }
+        }
         lock(cache).insert(key, patch.clone());
     }
 
@@ -311,43 +315,29 @@ mod tests {
         let attrs = Value::Map(vec![("src_service".into(), "web".into())]);
         let mut patch = State::new();
         patch.insert("action", "allow");
-        v.store(
-            "acl",
-            "new-connection",
-            &header,
-            &attrs,
-            &State::new(),
-            &patch,
-        );
-        assert_eq!(
-            v.lookup("acl", "new-connection", &attrs, &State::new()),
-            Some(patch.clone())
-        );
+        let store = || {
+            v.store(
+                "acl",
+                "new-connection",
+                &header,
+                &attrs,
+                &State::new(),
+                &patch,
+            )
+        };
+        let lookup = || v.lookup("acl", "new-connection", &attrs, &State::new());
+        store();
+        assert_eq!(lookup(), Some(patch.clone()));
         // Another kind's policies do not matter...
         v.apply(Update::Changed(&[put("pol.lb.x", b"lb", 2)]));
-        assert!(v
-            .lookup("acl", "new-connection", &attrs, &State::new())
-            .is_some());
+        assert!(lookup().is_some());
         // ...the acl's do: the next lookup misses.
         v.apply(Update::Changed(&[put("pol.acl.b", b"two", 3)]));
         assert_ne!(v.fingerprint("acl"), fp);
-        assert_eq!(
-            v.lookup("acl", "new-connection", &attrs, &State::new()),
-            None
-        );
+        assert_eq!(lookup(), None);
         // An answer made under the old set (an agent behind this dispatcher) is not kept.
-        v.store(
-            "acl",
-            "new-connection",
-            &header,
-            &attrs,
-            &State::new(),
-            &patch,
-        );
-        assert_eq!(
-            v.lookup("acl", "new-connection", &attrs, &State::new()),
-            None
-        );
+        store();
+        assert_eq!(lookup(), None);
         // Removing the new policy brings back the first set, and its fingerprint.
         v.apply(Update::Changed(&[Change::Delete {
             key: "pol.acl.b".into(),

@@ -381,8 +381,8 @@ impl AgentKind for Acl {
         _rules: &AclRules,
         event: &Event,
         _state: &State,
-    ) -> Option<bus::cache::Inputs> {
-        let (attrs, state): (&[&str], &[&str]) = match event {
+    ) -> Option<bus::cache::Declared> {
+        let (attrs, state): (&'static [&'static str], &'static [&'static str]) = match event {
             Event::NewConnection(_) => (
                 &["src_service", "dst_service", "src_peer", "direction"],
                 &[keys::DST_PEERS],
@@ -391,10 +391,7 @@ impl AgentKind for Acl {
             Event::ServiceListRequest(_) => (&["src_peer"], &[keys::SERVICES]),
             Event::ConnectionClosed(_) | Event::Other { .. } => return None,
         };
-        Some(bus::cache::Inputs {
-            attrs: attrs.iter().map(|s| s.to_string()).collect(),
-            state: state.iter().map(|s| s.to_string()).collect(),
-        })
+        Some(bus::cache::Declared { attrs, state })
     }
 
     fn decide(&self, rules: &AclRules, event: &Event, state: &State) -> State {

@@ -201,7 +201,7 @@ impl AgentKind for Lb {
         rules: &LbRules,
         event: &Event,
         state: &State,
-    ) -> Option<bus::cache::Inputs> {
+    ) -> Option<bus::cache::Declared> {
         let Event::NewConnection(e) = event else {
             return None;
         };
@@ -219,11 +219,9 @@ impl AgentKind for Lb {
                 .is_some_and(|p| peers.contains(&p)),
             Scheme::Random | Scheme::RoundRobin | Scheme::Weighted => false,
         };
-        pure.then(|| bus::cache::Inputs {
-            attrs: ["dst_service", "src_service", "src_peer"]
-                .map(String::from)
-                .to_vec(),
-            state: vec![keys::DST_PEERS.to_string()],
+        pure.then_some(bus::cache::Declared {
+            attrs: &["dst_service", "src_service", "src_peer"],
+            state: &[keys::DST_PEERS],
         })
     }
 
