@@ -29,7 +29,8 @@ use bus::state::keys;
 use bus::{Effect, Reason, State, Value};
 use serde::Deserialize;
 
-use super::conn_slots::{slot_key, Slots, Taken};
+use super::conn_slots::{slot_key, Slots};
+use super::conn_view::{SlotRef, Taken};
 use super::limit_match::{key_token, LimitMatch};
 use crate::kind::{self, AgentKind, Attach, AttachError, Stored};
 
@@ -92,12 +93,16 @@ impl ConnLimiter {
         let run = run_of(state).unwrap_or_else(bus::event::new_id);
         let holder = holder(&token, &run);
         let start = (fnv(&holder) % u64::from(u32::MAX)) as u32;
-        let mut taken: Vec<(String, String)> = Vec::new();
+        let mut taken: Vec<SlotRef> = Vec::new();
         let mut reasons = Vec::new();
         for c in &matched {
             let refused = match slots.take(&c.id, c.max, &holder, start % c.max).await {
-                Ok(Taken::Slot(n)) => {
-                    taken.push((slot_key(&c.id, n), holder.clone()));
+                Ok(Taken::Slot(n, revision)) => {
+                    taken.push(SlotRef {
+                        key: slot_key(&c.id, n),
+                        holder: holder.clone(),
+                        revision,
+                    });
                     let used = slots.view().in_use(&c.id);
                     reasons.push(
                         Reason::new(NAME, &c.id, Effect::Allow)
@@ -128,7 +133,7 @@ impl ConnLimiter {
             return deny(matched[0], "the event was already denied".into());
         }
         let mut patch = State::new();
-        let slot_list = Value::Array(taken.iter().map(|(k, _)| Value::from(k.as_str())).collect());
+        let slot_list = Value::Array(taken.iter().map(|s| Value::from(s.key.as_str())).collect());
         patch.insert(
             STATE_KEY,
             Value::Map(vec![

@@ -12,208 +12,9 @@ use async_nats::jetstream::kv;
 const ATTEMPTS: usize = 8;
 /// How long a close waits for the bucket, and for the view to catch up with it.
 const CATCH_UP: Duration = Duration::from_secs(1);
-/// The key a close writes when it found no slot of a connection a limit may apply to
-/// (`slot._gone.<connection>`): every instance's watch then records the release, and an
-/// admission of the connection still under way gives its slot back. Policy ids never start
-/// with `_`, so it is no slot.
-const GONE_PREFIX: &str = "slot._gone.";
-/// How long a connection's release is remembered: longer than the longest agent call
-/// (`MAX_TIMEOUT_MS`) plus a KV request, so no copy of its admission can still be under way.
-const RELEASED_FOR: Duration = Duration::from_secs(65);
 
-/// A slot as this instance knows it: who holds it (`<connection>#<nonce>`, empty when only
-/// a failed create told us it is taken) and since when this instance has seen it held.
-#[derive(Debug, Clone)]
-pub(crate) struct Held {
-    holder: String,
-    seen: Instant,
-}
-
-/// What this instance knows of the slots. Only a hint: the atomic create decides.
-#[derive(Default)]
-pub(crate) struct View {
-    /// policy id -> slot number -> holder
-    slots: HashMap<String, HashMap<u32, Held>>,
-    /// connection token -> the first revision at which one of its slots was freed (closed,
-    /// undone, refused), for [`RELEASED_FOR`]: a copy of its admission that creates a slot
-    /// after that revision gives it back.
-    released: HashMap<String, (u64, Instant)>,
-    /// `released` is pruned when it grows past this.
-    prune_at: usize,
-}
-
-/// What an admission came to.
-pub(crate) enum Taken {
-    Slot(u32),
-    /// Every slot is taken.
-    Full,
-    /// A slot was taken, but the connection's slots had been freed before (closed, or its
-    /// event denied, while this copy of the admission was under way): it was given back.
-    Released,
-}
-
-impl View {
-    /// Forgets the slots (before a reload), keeping what was released.
-    pub(crate) fn clear_slots(&mut self) {
-        self.slots.clear();
-    }
-
-    /// A change the watch read at `revision`.
-    pub(crate) fn apply_at(&mut self, key: &str, holder: Option<String>, revision: u64) {
-        if let Some(token) = key.strip_prefix(GONE_PREFIX) {
-            if holder.is_some() {
-                self.record_release(token, revision);
-            }
-            return;
-        }
-        if holder.is_none() {
-            // Who held it, before it goes from the view.
-            let freed = parse_slot(key)
-                .and_then(|(policy, n)| self.slots.get(policy)?.get(&n))
-                .and_then(|h| h.holder.split_once('#'))
-                .map(|(token, _)| token.to_string());
-            if let Some(token) = freed {
-                self.record_release(&token, revision);
-            }
-        }
-        self.apply(key, holder);
-    }
-
-    fn record_release(&mut self, token: &str, revision: u64) {
-        self.released
-            .entry(token.to_string())
-            .or_insert((revision, Instant::now()));
-        if self.released.len() > self.prune_at.max(1024) {
-            self.released
-                .retain(|_, (_, at)| at.elapsed() < RELEASED_FOR);
-            self.prune_at = self.released.len() * 2;
-        }
-    }
-
-    /// Whether a slot of the connection was freed before `revision`.
-    fn released_before(&self, token: &str, revision: u64) -> bool {
-        self.released
-            .get(token)
-            .is_some_and(|(r, at)| *r < revision && at.elapsed() < RELEASED_FOR)
-    }
-
-    pub(crate) fn apply(&mut self, key: &str, holder: Option<String>) {
-        let Some((policy, n)) = parse_slot(key) else {
-            return;
-        };
-        match holder {
-            Some(h) => {
-                let slots = self.slots.entry(policy.to_string()).or_default();
-                // A failed create says "taken" but not by whom: keep a known holder.
-                if h.is_empty() && slots.contains_key(&n) {
-                    return;
-                }
-                slots.insert(
-                    n,
-                    Held {
-                        holder: h,
-                        seen: Instant::now(),
-                    },
-                );
-            }
-            None => {
-                if let Some(m) = self.slots.get_mut(policy) {
-                    m.remove(&n);
-                }
-            }
-        }
-    }
-
-    /// A failed create: the slot is held (by whom the watch will say), seen held from now on so
-    /// it is not probed again before a lease.
-    fn mark_taken(&mut self, key: &str) {
-        let Some((policy, n)) = parse_slot(key) else {
-            return;
-        };
-        let held = self
-            .slots
-            .entry(policy.to_string())
-            .or_default()
-            .entry(n)
-            .or_insert(Held {
-                holder: String::new(),
-                seen: Instant::now(),
-            });
-        held.seen = Instant::now();
-    }
-
-    /// A slot below `max` that looks free, starting from `start` so instances spread out.
-    fn free_slot(&self, policy: &str, max: u32, start: u32, tried: &[u32]) -> Option<u32> {
-        let taken = self.slots.get(policy);
-        (0..max)
-            .map(|i| (start + i) % max)
-            .find(|n| !tried.contains(n) && !taken.is_some_and(|t| t.contains_key(n)))
-    }
-
-    /// The slot held longest, if it has been held past the lease (JetStream may have dropped
-    /// it: the watch does not report expiries).
-    fn expired_slot(&self, policy: &str, max: u32, lease: Duration) -> Option<u32> {
-        self.slots
-            .get(policy)?
-            .iter()
-            .filter(|(n, h)| **n < max && h.seen.elapsed() >= lease)
-            .min_by_key(|(_, h)| h.seen)
-            .map(|(n, _)| *n)
-    }
-
-    /// Slots of the policy this instance knows to be held, above the limit too (after the
-    /// limit was lowered they still count).
-    pub(crate) fn in_use(&self, policy: &str) -> usize {
-        self.slots.get(policy).map_or(0, HashMap::len)
-    }
-
-    /// The slot of `policy` that `holder` holds, if this instance has seen it.
-    fn slot_of(&self, policy: &str, holder: &str) -> Option<u32> {
-        self.slots
-            .get(policy)?
-            .iter()
-            .find(|(_, h)| h.holder == holder)
-            .map(|(n, _)| *n)
-    }
-
-    /// The slots held by exactly `holder`.
-    fn held_as(&self, holder: &str) -> Vec<(String, String)> {
-        self.slots
-            .iter()
-            .flat_map(|(p, m)| {
-                m.iter()
-                    .filter(|(_, h)| h.holder == holder)
-                    .map(move |(n, h)| (slot_key(p, *n), h.holder.clone()))
-            })
-            .collect()
-    }
-
-    /// The slots a connection holds, by its token.
-    pub(crate) fn held_by(&self, token: &str) -> Vec<(String, String)> {
-        let prefix = format!("{token}#");
-        self.slots
-            .iter()
-            .flat_map(|(p, m)| {
-                m.iter()
-                    .filter(|(_, h)| h.holder.starts_with(&prefix))
-                    .map(move |(n, h)| (slot_key(p, *n), h.holder.clone()))
-            })
-            .collect()
-    }
-}
-
-pub(crate) fn slot_key(policy: &str, n: u32) -> String {
-    format!("slot.{policy}.{n}")
-}
-
-fn parse_slot(key: &str) -> Option<(&str, u32)> {
-    let rest = key.strip_prefix("slot.")?;
-    let (policy, n) = rest.rsplit_once('.')?;
-    if policy.starts_with('_') {
-        return None;
-    }
-    Some((policy, n.parse().ok()?))
-}
+pub(crate) use super::conn_view::slot_key;
+use super::conn_view::{SlotRef, Taken, View, GONE_PREFIX, RELEASED_FOR};
 
 /// The shared slot store and this instance's view of it.
 pub(crate) struct Slots {
@@ -319,7 +120,7 @@ impl Slots {
     /// Frees `slots` (if they still hold their holders) in the background, asking again
     /// until it succeeds, for up to [`RELEASED_FOR`]: for a create whose outcome is unknown
     /// (the store failed to answer: it may have been written) and a release that failed.
-    pub(crate) fn give_back(self: &Arc<Self>, slots: Vec<(String, String)>) {
+    pub(crate) fn give_back(self: &Arc<Self>, slots: Vec<SlotRef>) {
         let this = self.clone();
         tokio::spawn(async move {
             let until = Instant::now() + RELEASED_FOR;
@@ -344,8 +145,8 @@ impl Slots {
         start: u32,
     ) -> Result<Taken, String> {
         // The same request twice (a hedge) on this instance: the same slot.
-        if let Some(n) = self.view().slot_of(policy, holder) {
-            return Ok(Taken::Slot(n));
+        if let Some((n, revision)) = self.view().slot_of(policy, holder) {
+            return Ok(Taken::Slot(n, revision));
         }
         let mut tried = Vec::new();
         for _ in 0..ATTEMPTS {
@@ -373,7 +174,7 @@ impl Slots {
             {
                 Ok(revision) => {
                     tracing::debug!(%key, %holder, revision, "slot taken");
-                    self.view().apply(&key, Some(holder.to_string()));
+                    self.view().apply(&key, Some(holder.to_string()), revision);
                     return self.after_create(&key, n, holder, revision).await;
                 }
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -383,8 +184,9 @@ impl Slots {
                         if e.operation == kv::Operation::Put
                             && e.value.as_ref() == holder.as_bytes()
                         {
-                            self.view().apply(&key, Some(holder.to_string()));
-                            return Ok(Taken::Slot(n));
+                            self.view()
+                                .apply(&key, Some(holder.to_string()), e.revision);
+                            return Ok(Taken::Slot(n, e.revision));
                         }
                     }
                     self.view().mark_taken(&key)
@@ -392,7 +194,11 @@ impl Slots {
                 Err(e) => {
                     // Maybe written, maybe not: if it was, it is this admission's, which is
                     // refused, so it goes back once the store answers.
-                    self.give_back(vec![(key, holder.to_string())]);
+                    self.give_back(vec![SlotRef {
+                        key,
+                        holder: holder.to_string(),
+                        revision: 0,
+                    }]);
                     return Err(e.to_string());
                 }
             }
@@ -416,54 +222,82 @@ impl Slots {
     ) -> Result<Taken, String> {
         if let Err(e) = self.applied_up_to(revision).await {
             tracing::debug!(%key, error = %e, "could not check the new slot against releases");
-            return Ok(Taken::Slot(n));
+            return Ok(Taken::Slot(n, revision));
         }
         let token = holder.split_once('#').map_or(holder, |(t, _)| t);
         if !self.view().released_before(token, revision) {
-            return Ok(Taken::Slot(n));
+            return Ok(Taken::Slot(n, revision));
         }
         tracing::debug!(%key, %holder, "the connection was released before this admission took its slot: given back");
-        self.release_exact(&[(key.to_string(), holder.to_string())])
-            .await?;
+        self.release_exact(&[SlotRef {
+            key: key.to_string(),
+            holder: holder.to_string(),
+            revision,
+        }])
+        .await?;
         Ok(Taken::Released)
     }
 
-    /// Frees the given slots if they still hold `holder` (after a lease a slot may belong to
-    /// another connection, and a reused connection id to another admission). Fails if a slot
-    /// could not be read, or still holds `holder` after the delete failed.
-    pub(crate) async fn release_exact(&self, slots: &[(String, String)]) -> Result<(), String> {
+    /// Frees the given slots if they still hold their holders (after a lease a slot may belong
+    /// to another connection, and a reused connection id to another admission). A slot whose
+    /// revision is known is deleted expecting it, without a read; only if that fails (the slot
+    /// changed: renewed, freed, taken again) is it read, and deleted again if it still holds the
+    /// holder. Fails if a slot could not be read, or still holds its holder after the delete.
+    pub(crate) async fn release_exact(&self, slots: &[SlotRef]) -> Result<(), String> {
         let mut failed = None;
-        for (key, holder) in slots {
-            let e = match self.store.entry(key).await {
-                Ok(Some(e)) => e,
-                Ok(None) => continue,
-                Err(err) => {
-                    failed = Some(format!("could not read {key}: {err}"));
-                    continue;
-                }
-            };
-            if e.operation != kv::Operation::Put || e.value.as_ref() != holder.as_bytes() {
-                continue;
-            }
-            match self
-                .store
-                .delete_expect_revision(key, Some(e.revision))
-                .await
-            {
-                // The view learns of it from the watch, with its revision (see `released`).
-                Ok(()) => tracing::debug!(%key, %holder, "slot freed"),
-                Err(err) => {
-                    // Changed since it was read (freed by another instance, renewed): fine,
-                    // unless it still holds this holder.
-                    let still = matches!(self.store.entry(key).await,
-                        Ok(Some(now)) if now.operation == kv::Operation::Put && now.value.as_ref() == holder.as_bytes());
-                    if still {
-                        failed = Some(format!("could not free {key}: {err}"));
-                    }
-                }
+        for slot in slots {
+            if let Err(e) = self.release_one(slot).await {
+                failed = Some(e);
             }
         }
         failed.map_or(Ok(()), Err)
+    }
+
+    async fn release_one(&self, slot: &SlotRef) -> Result<(), String> {
+        let mut revision = slot.revision;
+        let mut last_error = String::new();
+        for _ in 0..2 {
+            if revision == 0 {
+                match self.held_at(slot).await? {
+                    Some(r) => revision = r,
+                    None => return Ok(()),
+                }
+            }
+            match self
+                .store
+                .delete_expect_revision(&slot.key, Some(revision))
+                .await
+            {
+                // The view learns of it from the watch, with its revision (see `released`).
+                Ok(()) => {
+                    tracing::debug!(key = %slot.key, holder = %slot.holder, "slot freed");
+                    return Ok(());
+                }
+                Err(err) => {
+                    last_error = err.to_string();
+                    revision = 0;
+                }
+            }
+        }
+        // Two deletes failed: fine if the slot no longer holds the holder.
+        match self.held_at(slot).await? {
+            None => Ok(()),
+            Some(_) => Err(format!("could not free {}: {last_error}", slot.key)),
+        }
+    }
+
+    /// The revision at which the slot holds its holder now, or `None` when it does not.
+    async fn held_at(&self, slot: &SlotRef) -> Result<Option<u64>, String> {
+        match self.store.entry(&slot.key).await {
+            Ok(Some(e))
+                if e.operation == kv::Operation::Put
+                    && e.value.as_ref() == slot.holder.as_bytes() =>
+            {
+                Ok(Some(e.revision))
+            }
+            Ok(_) => Ok(None),
+            Err(err) => Err(format!("could not read {}: {err}", slot.key)),
+        }
     }
 
     /// Renews every slot a connection holds: writing the same holder again restarts the
@@ -472,7 +306,7 @@ impl Slots {
     pub(crate) async fn renew_connection(&self, token: &str) -> usize {
         let held = self.view().held_by(token);
         let mut renewed = 0;
-        for (key, holder) in held {
+        for SlotRef { key, holder, .. } in held {
             let Ok(Some(e)) = self.store.entry(&key).await else {
                 continue;
             };

@@ -2,16 +2,17 @@
 //! per-connection bandwidth cap.
 //!
 //! Instances share the budget through one key-value entry per limited key (bucket
-//! `<prefix>_rates`), holding the GCRA timestamp. An instance admits a connection only by a
-//! compare-and-set of that entry from the revision it read, so two instances can never spend
-//! the same slot of the budget: the admitted count over any window stays within
-//! `rate × window + burst + 1` whatever the number of instances. The only error term is clock
-//! skew between the instances' hosts (each uses its own wall clock): at most
-//! `rate × skew` extra connections, none on one machine.
+//! `<prefix>_rates`), holding the GCRA timestamp. An instance takes tokens from that entry only
+//! by a compare-and-set from the revision it read, so two instances never take the same part
+//! of the budget. It takes them in *allotments* sized to the demand it sees (one token near the
+//! limit) and spends them locally, so a busy key costs one write per allotment, not one per
+//! admission: over any window the admitted count stays within
+//! `rate × window + burst + 1 + instances × allotment` (see [`super::rate_pool`]). The only
+//! other error term is clock skew between the instances' hosts (each uses its own wall clock):
+//! at most `rate × skew` extra connections, none on one machine.
 //!
-//! A connection that matches several rate policies spends from all of them or from none: all
-//! are checked before any is written, and a write that loses a race and then finds its policy
-//! refusing gives the earlier writes back.
+//! A connection that matches several rate policies spends from all of them or from none: a
+//! token already spent for one policy goes back to the local pool when a later one refuses.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -26,6 +27,7 @@ use serde::Deserialize;
 use super::limit_match::{key_token, LimitMatch};
 use super::rate::{Bandwidth, Gcra, Rate};
 use super::rate_keys::KeySet;
+use super::rate_pool::{grant, Next, Pool, Refusal};
 use crate::kind::{self, AgentKind, Attach, AttachError, Stored};
 
 pub const NAME: &str = "rate-limit";
@@ -33,7 +35,8 @@ pub const NAME: &str = "rate-limit";
 const IDLE_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 /// Compare-and-set attempts before a contended key fails closed.
 const ATTEMPTS: usize = 16;
-/// Cached entries before the cache is cleared (it is only a shortcut to the last revision).
+/// Cached entries (and pools) before they are cleared: a cache is only a shortcut to the last
+/// revision, and a pool's tokens lost make the limit stricter.
 const CACHE_MAX: usize = 100_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -79,16 +82,14 @@ impl Clock for SystemClock {
     }
 }
 
-/// Lock stripes: requests of one instance for one key take turns, so an instance never loses
-/// a compare-and-set to itself; only other instances can make it retry.
-const STRIPES: usize = 64;
-
+/// Instances never wait on one another: each spends tokens from its own pools and takes a new
+/// allotment with one compare-and-set when one runs dry (see [`super::rate_pool`]).
 pub struct RateLimiter {
     store: Option<kv::Store>,
     clock: Box<dyn Clock>,
-    stripes: Vec<tokio::sync::Mutex<()>>,
     /// Last (TAT, revision) this instance saw per key, to skip a read before the write.
     cache: Mutex<HashMap<String, (Option<u64>, u64)>>,
+    pools: Mutex<HashMap<String, Pool>>,
     keys: KeySet,
 }
 
@@ -97,19 +98,11 @@ impl Default for RateLimiter {
         RateLimiter {
             store: None,
             clock: Box::new(SystemClock),
-            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             cache: Mutex::new(HashMap::new()),
+            pools: Mutex::new(HashMap::new()),
             keys: KeySet::new(IDLE_EXPIRY.as_nanos() as u64),
         }
     }
-}
-
-/// Why a connection is not admitted.
-enum Refusal {
-    /// Over the rate of this policy.
-    Over,
-    /// The shared state could not be read or written: fail closed.
-    Unavailable(String),
 }
 
 /// One rate policy a connection must pass: its GCRA on its key.
@@ -119,10 +112,29 @@ struct Step<'a> {
     gcra: Gcra,
 }
 
-/// A write that landed: the key, and the revision it left the entry at.
-type Committed = (String, u64);
+/// A refill under way: if the request doing it is dropped, the requests waiting on it are let
+/// go to refill themselves instead of waiting for ever.
+struct Turn<'a> {
+    limiter: &'a RateLimiter,
+    key: &'a str,
+    done: bool,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Some(pool) = self.limiter.pools().get_mut(self.key) {
+                pool.abandoned();
+            }
+        }
+    }
+}
 
 impl RateLimiter {
+    fn pools(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pool>> {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn cached(&self, key: &str) -> Option<(Option<u64>, u64)> {
         self.cache
             .lock()
@@ -159,16 +171,7 @@ impl RateLimiter {
         }
     }
 
-    /// The entry as this instance last saw it, or as stored. A stale cached entry is caught by
-    /// the compare-and-set; a stale deny errs on the strict side.
-    async fn current(&self, store: &kv::Store, key: &str) -> Result<(Option<u64>, u64), String> {
-        match self.cached(key) {
-            Some(c) => Ok(c),
-            None => Self::read(store, key).await,
-        }
-    }
-
-    /// A compare-and-set of the entry from `revision`: `Ok(Some(new revision))`, `Ok(None)`
+    /// A compare-and-set of the entry from `revision`: `Ok(true)` when it landed, `Ok(false)`
     /// when another instance moved the entry on first.
     async fn write(
         &self,
@@ -176,7 +179,7 @@ impl RateLimiter {
         key: &str,
         tat: u64,
         revision: u64,
-    ) -> Result<Option<u64>, String> {
+    ) -> Result<bool, String> {
         let value = bytes::Bytes::copy_from_slice(&tat.to_be_bytes());
         let written = if revision == 0 {
             store
@@ -192,12 +195,12 @@ impl RateLimiter {
         match written {
             Ok(rev) => {
                 self.remember(key, Some((Some(tat), rev)));
-                Ok(Some(rev))
+                Ok(true)
             }
             Err(conflict) => {
                 self.remember(key, None);
                 if conflict {
-                    Ok(None)
+                    Ok(false)
                 } else {
                     Err(format!("cannot write {key}"))
                 }
@@ -205,106 +208,115 @@ impl RateLimiter {
         }
     }
 
-    /// Admits a connection through every matching rate policy, or through none: each is checked
-    /// before any is written, and if a write then loses a race and the policy now refuses, the
-    /// writes already made are given back. A connection denied by a second policy never spends
-    /// the first one's budget.
+    /// Takes an allotment of up to `want` tokens from the key's shared entry in one
+    /// compare-and-set: the tokens taken, or the refusal with the ns until a token conforms.
+    /// The first try starts from the revision this instance last saw (a stale one is caught by
+    /// the compare-and-set; the TAT only moves on, so a deny from it is right too).
+    async fn take(
+        &self,
+        store: &kv::Store,
+        key: &str,
+        gcra: &Gcra,
+        want: u64,
+    ) -> Result<u64, (Refusal, u64)> {
+        let unavailable = |e: String| (Refusal::Unavailable(e), 0);
+        for attempt in 0..ATTEMPTS {
+            let seen = match self.cached(key) {
+                Some(c) if attempt == 0 => c,
+                _ => Self::read(store, key).await.map_err(unavailable)?,
+            };
+            let (tat, revision) = seen;
+            let (n, new_tat) = grant(gcra, tat, self.clock.now_ns(), want)
+                .map_err(|wait| (Refusal::Over, wait))?;
+            if self
+                .write(store, key, new_tat, revision)
+                .await
+                .map_err(unavailable)?
+            {
+                return Ok(n);
+            }
+        }
+        Err(unavailable(format!("{key} too contended")))
+    }
+
+    /// Spends one token of the key: from this instance's pool, or, when it is dry, from a new
+    /// allotment one request takes while the others wait for it. No lock is held across the
+    /// write.
+    async fn spend(&self, store: &kv::Store, key: &str, gcra: Gcra) -> Result<(), Refusal> {
+        let mut woken = false;
+        let mut counted = false;
+        loop {
+            let now = self.clock.now_ns();
+            let next = {
+                let mut pools = self.pools();
+                if pools.len() >= CACHE_MAX {
+                    // Dropping a pool loses its tokens: the strict side.
+                    pools.retain(|_, p| !p.idle());
+                }
+                let pool = pools
+                    .entry(key.to_string())
+                    .or_insert_with(|| Pool::new(gcra));
+                if pool.gcra != gcra && pool.idle() {
+                    // The policy changed: its tokens were taken under the old rate.
+                    *pool = Pool::new(gcra);
+                }
+                if !counted {
+                    pool.arrived(now);
+                    counted = true;
+                }
+                match pool.next(now, woken) {
+                    // Registered before the lock is let go, so the refill's wake-up reaches it.
+                    Next::Wait(notify) => Err(notify.notified_owned()),
+                    other => Ok(other),
+                }
+            };
+            match next {
+                Err(wait) => {
+                    wait.await;
+                    woken = true;
+                }
+                Ok(Next::Spent) => return Ok(()),
+                Ok(Next::Refused(refusal)) => return Err(refusal),
+                Ok(Next::Wait(_)) => unreachable!("waits are taken above"),
+                Ok(Next::Refill(want)) => {
+                    let mut turn = Turn {
+                        limiter: self,
+                        key,
+                        done: false,
+                    };
+                    let outcome = self.take(store, key, &gcra, want).await;
+                    turn.done = true;
+                    if let Some(pool) = self.pools().get_mut(key) {
+                        pool.refilled(self.clock.now_ns(), outcome.clone());
+                    }
+                    return outcome.map(|_| ()).map_err(|(refusal, _)| refusal);
+                }
+            }
+        }
+    }
+
+    /// Admits a connection through every matching rate policy, or through none: a token taken
+    /// for one policy goes back to this instance's pool if a later one refuses, so a
+    /// connection denied by a second policy never spends the first one's budget.
     async fn admit_all(
         &self,
         store: &kv::Store,
         steps: &[Step<'_>],
     ) -> Result<(), (usize, Refusal)> {
-        // This instance's requests on the same keys take turns (in one global order, so two
-        // requests never wait on each other); only other instances can make a write retry.
-        let mut stripes: Vec<usize> = steps.iter().map(|s| stripe(&s.key)).collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        let mut _turns = Vec::with_capacity(stripes.len());
-        for i in stripes {
-            _turns.push(self.stripes[i].lock().await);
-        }
-
-        let now = self.clock.now_ns();
-        let mut planned = Vec::with_capacity(steps.len());
         for (i, step) in steps.iter().enumerate() {
-            let (tat, revision) = self
-                .current(store, &step.key)
-                .await
-                .map_err(|e| (i, Refusal::Unavailable(e)))?;
-            let new_tat = step.gcra.check(tat, now).map_err(|_| (i, Refusal::Over))?;
-            planned.push((new_tat, revision));
-        }
-
-        let mut committed: Vec<Committed> = Vec::with_capacity(steps.len());
-        for (i, (step, (mut new_tat, mut revision))) in steps.iter().zip(planned).enumerate() {
-            let mut landed = None;
-            for _ in 0..ATTEMPTS {
-                match self.write(store, &step.key, new_tat, revision).await {
-                    Ok(Some(rev)) => {
-                        landed = Some(rev);
-                        break;
-                    }
-                    Ok(None) => {
-                        // Another instance moved the entry on: decide again from what it wrote.
-                        let fresh = Self::read(store, &step.key).await;
-                        let refusal = match fresh {
-                            Ok((tat, rev)) => match step.gcra.check(tat, self.clock.now_ns()) {
-                                Ok(t) => {
-                                    (new_tat, revision) = (t, rev);
-                                    continue;
-                                }
-                                Err(_) => Refusal::Over,
-                            },
-                            Err(e) => Refusal::Unavailable(e),
-                        };
-                        self.give_back(store, steps, &committed).await;
-                        return Err((i, refusal));
-                    }
-                    Err(e) => {
-                        self.give_back(store, steps, &committed).await;
-                        return Err((i, Refusal::Unavailable(e)));
+            if let Err(refusal) = self.spend(store, &step.key, step.gcra).await {
+                let mut pools = self.pools();
+                for earlier in &steps[..i] {
+                    if let Some(pool) = pools.get_mut(&earlier.key) {
+                        if pool.gcra == earlier.gcra {
+                            pool.give_back();
+                        }
                     }
                 }
-            }
-            match landed {
-                Some(rev) => committed.push((step.key.clone(), rev)),
-                None => {
-                    self.give_back(store, steps, &committed).await;
-                    let why = format!("{} too contended", step.key);
-                    return Err((i, Refusal::Unavailable(why)));
-                }
+                return Err((i, refusal));
             }
         }
         Ok(())
-    }
-
-    /// Returns one period to each entry written for a connection that was refused after all:
-    /// its TAT moves back by one period, as if that admission never happened. If the give-back
-    /// itself fails, the budget stays spent (the strict side) and a warning says so.
-    async fn give_back(&self, store: &kv::Store, steps: &[Step<'_>], committed: &[Committed]) {
-        for (key, _) in committed {
-            let Some(step) = steps.iter().find(|s| &s.key == key) else {
-                continue;
-            };
-            let mut returned = false;
-            for _ in 0..ATTEMPTS {
-                let Ok((Some(tat), revision)) = Self::read(store, key).await else {
-                    break;
-                };
-                let back = tat.saturating_sub(step.gcra.period_ns);
-                match self.write(store, key, back, revision).await {
-                    Ok(Some(_)) => {
-                        returned = true;
-                        break;
-                    }
-                    Ok(None) => continue,
-                    Err(_) => break,
-                }
-            }
-            if !returned {
-                tracing::warn!(%key, "could not give back a rate token of a refused connection");
-            }
-        }
     }
 
     async fn new_connection(&self, rules: &[Compiled], e: &NewConnection, state: &State) -> State {
@@ -372,12 +384,6 @@ impl RateLimiter {
         }
         patch
     }
-}
-
-fn stripe(key: &str) -> usize {
-    key.bytes().fold(0usize, |h, b| {
-        h.wrapping_mul(31).wrapping_add(usize::from(b))
-    }) % STRIPES
 }
 
 impl AgentKind for RateLimiter {

@@ -293,7 +293,8 @@ async fn the_rate_bound_holds_with_one_and_with_two_instances() {
         // Let the budget refill, then push far more than the rate.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (admitted, took) = hammer(&hook, 8, Duration::from_secs(2)).await;
-        let bound = rate * took.as_secs_f64() + burst_size + 1.0;
+        // At 20/s an allotment is one token (50 ms of the rate): each instance holds at most one.
+        let bound = rate * took.as_secs_f64() + burst_size + 1.0 + instances as f64;
         assert!(
             admitted as f64 <= bound,
             "{instances} instance(s): {admitted} admitted in {took:?}, bound {bound:.1}"
@@ -303,6 +304,98 @@ async fn the_rate_bound_holds_with_one_and_with_two_instances() {
             "{instances} instance(s): only {admitted} admitted in {took:?}"
         );
     }
+}
+
+/// Writes to the rate bucket so far (its stream's last sequence).
+async fn rate_writes(engine: &Engine) -> u64 {
+    let js = async_nats::jetstream::new(engine.client().await);
+    let mut stream = js
+        .get_stream(format!("KV_{}", engine.subjects().rate_bucket()))
+        .await
+        .expect("rate stream");
+    stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_instances_spend_allotments_within_the_bound_and_far_from_it_write_rarely() {
+    // 200/s: an allotment holds at most 10 tokens (50 ms of the rate).
+    let (rate, burst, cap, instances) = (200.0, 10.0, 10.0, 3.0);
+    let mut engine = Engine::new();
+    engine.start_scaled("rate-limit", 3, &[]).await;
+    let admin = engine.admin().await;
+    subscribe(&admin, &[sub("new-connection", "rate-limit", 40)]).await;
+    admin
+        .policy_add(vec![
+            doc(
+                json!({"agent": "rate-limit", "id": "db-rate", "match": {"dst_service": "db"},
+                "rate": "200/s", "burst": 10}),
+            ),
+            doc(
+                json!({"agent": "rate-limit", "id": "api-rate", "match": {"dst_service": "api"},
+                "rate": "1000000/s", "burst": 1000, "bandwidth": "1Gbit/s"}),
+            ),
+        ])
+        .await
+        .expect("policy add");
+    let hook = engine.hook().await;
+    eventually("rate policies loaded", || async {
+        let d = hook
+            .new_connection(&conn("web", "api", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        (!effects(&d.reasons, "rate-limit").is_empty())
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+
+    // Near the limit: every instance takes small allotments, and the bound holds.
+    let (admitted, took) = hammer(&hook, 32, Duration::from_secs(2)).await;
+    let bound = rate * took.as_secs_f64() + burst + 1.0 + instances * cap;
+    println!("near the limit: {admitted} admitted in {took:?}, bound {bound:.1}");
+    assert!(
+        admitted as f64 <= bound,
+        "{admitted} admitted in {took:?}, bound {bound:.1}"
+    );
+    assert!(
+        admitted as f64 >= 0.75 * rate * took.as_secs_f64(),
+        "only {admitted} admitted in {took:?} at {rate}/s"
+    );
+
+    // Far from the limit: allotments cover the demand, so most admissions write nothing.
+    let before = rate_writes(&engine).await;
+    let start = Instant::now();
+    let tasks = (0..32).map(|_| {
+        let hook = hook.clone();
+        tokio::spawn(async move {
+            let mut ok = 0usize;
+            while start.elapsed() < Duration::from_secs(2) {
+                let d = hook
+                    .new_connection(&conn("web", "api", &["p1"]))
+                    .await
+                    .expect("decision");
+                assert_eq!(d.action, Action::Allow, "far from the limit: {d:?}");
+                ok += 1;
+            }
+            ok
+        })
+    });
+    let admitted: usize = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("join"))
+        .sum();
+    let writes = rate_writes(&engine).await - before;
+    println!("far from the limit: {admitted} admitted with {writes} writes");
+    assert!(
+        writes * 4 <= admitted as u64,
+        "{writes} writes for {admitted} admissions: allotments should amortise them"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
