@@ -39,6 +39,9 @@ pub(crate) struct SlotRef {
 pub(crate) struct View {
     /// policy id -> slot number -> holder
     slots: HashMap<String, HashMap<u32, Held>>,
+    /// connection token -> the slots (policy id, number) its holders hold: a close, an undo and
+    /// a hedged copy find a connection's slots without a pass over every slot.
+    by_connection: HashMap<String, Vec<(String, u32)>>,
     /// connection token -> the first revision at which one of its slots was freed (closed,
     /// undone, refused), for [`RELEASED_FOR`]: a copy of its admission that creates a slot
     /// after that revision gives it back.
@@ -62,6 +65,25 @@ impl View {
     /// Forgets the slots (before a reload), keeping what was released.
     pub(crate) fn clear_slots(&mut self) {
         self.slots.clear();
+        self.by_connection.clear();
+    }
+
+    fn index(&mut self, holder: &str, policy: &str, n: u32, add: bool) {
+        if holder.is_empty() {
+            return;
+        }
+        let token = token_of(holder);
+        if add {
+            self.by_connection
+                .entry(token.to_string())
+                .or_default()
+                .push((policy.to_string(), n));
+        } else if let Some(list) = self.by_connection.get_mut(token) {
+            list.retain(|(p, m)| !(p == policy && *m == n));
+            if list.is_empty() {
+                self.by_connection.remove(token);
+            }
+        }
     }
 
     /// A change the watch read at `revision`.
@@ -76,8 +98,7 @@ impl View {
             // Who held it, before it goes from the view.
             let freed = parse_slot(key)
                 .and_then(|(policy, n)| self.slots.get(policy)?.get(&n))
-                .and_then(|h| h.holder.split_once('#'))
-                .map(|(token, _)| token.to_string());
+                .map(|h| token_of(&h.holder).to_string());
             if let Some(token) = freed {
                 self.record_release(&token, revision);
             }
@@ -114,7 +135,8 @@ impl View {
                 if h.is_empty() && slots.contains_key(&n) {
                     return;
                 }
-                slots.insert(
+                let added = (!h.is_empty()).then(|| h.clone());
+                let old = slots.insert(
                     n,
                     Held {
                         holder: h,
@@ -122,10 +144,17 @@ impl View {
                         revision,
                     },
                 );
+                if let Some(old) = old {
+                    self.index(&old.holder, policy, n, false);
+                }
+                if let Some(h) = added {
+                    self.index(&h, policy, n, true);
+                }
             }
             None => {
-                if let Some(m) = self.slots.get_mut(policy) {
-                    m.remove(&n);
+                let old = self.slots.get_mut(policy).and_then(|m| m.remove(&n));
+                if let Some(old) = old {
+                    self.index(&old.holder, policy, n, false);
                 }
             }
         }
@@ -183,38 +212,44 @@ impl View {
 
     /// The slot of `policy` that `holder` holds, if this instance has seen it.
     pub(crate) fn slot_of(&self, policy: &str, holder: &str) -> Option<(u32, u64)> {
-        self.slots
-            .get(policy)?
+        self.by_connection
+            .get(token_of(holder))?
             .iter()
-            .find(|(_, h)| h.holder == holder)
-            .map(|(n, h)| (*n, h.revision))
+            .filter(|(p, _)| p == policy)
+            .find_map(|(p, n)| {
+                let h = self.slots.get(p)?.get(n)?;
+                (h.holder == holder).then_some((*n, h.revision))
+            })
     }
 
     /// The slots held by exactly `holder`.
     pub(crate) fn held_as(&self, holder: &str) -> Vec<SlotRef> {
-        self.held_where(|h| h == holder)
+        let mut held = self.held_by(token_of(holder));
+        held.retain(|s| s.holder == holder);
+        held
     }
 
     /// The slots a connection holds, by its token.
     pub(crate) fn held_by(&self, token: &str) -> Vec<SlotRef> {
-        let prefix = format!("{token}#");
-        self.held_where(|h| h.starts_with(&prefix))
-    }
-
-    fn held_where(&self, by: impl Fn(&str) -> bool) -> Vec<SlotRef> {
-        self.slots
-            .iter()
-            .flat_map(|(p, m)| {
-                m.iter()
-                    .filter(|(_, h)| by(&h.holder))
-                    .map(move |(n, h)| SlotRef {
-                        key: slot_key(p, *n),
-                        holder: h.holder.clone(),
-                        revision: h.revision,
-                    })
+        let Some(list) = self.by_connection.get(token) else {
+            return Vec::new();
+        };
+        list.iter()
+            .filter_map(|(p, n)| {
+                let h = self.slots.get(p)?.get(n)?;
+                Some(SlotRef {
+                    key: slot_key(p, *n),
+                    holder: h.holder.clone(),
+                    revision: h.revision,
+                })
             })
             .collect()
     }
+}
+
+/// The connection token of a holder `<connection>#<run>`.
+fn token_of(holder: &str) -> &str {
+    holder.split_once('#').map_or(holder, |(t, _)| t)
 }
 
 pub(crate) fn slot_key(policy: &str, n: u32) -> String {
@@ -228,4 +263,36 @@ fn parse_slot(key: &str) -> Option<(&str, u32)> {
         return None;
     }
     Some((policy, n.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_index_follows_takes_handovers_and_frees() {
+        let mut v = View::default();
+        v.apply_at("slot.p.1", Some("c1#r1".into()), 10);
+        v.apply_at("slot.q.7", Some("c1#r1".into()), 11);
+        v.apply_at("slot.p.2", Some("c2#r9".into()), 12);
+        let keys = |v: &View, t: &str| {
+            let mut k: Vec<String> = v.held_by(t).into_iter().map(|s| s.key).collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&v, "c1"), ["slot.p.1", "slot.q.7"]);
+        assert_eq!(v.slot_of("q", "c1#r1"), Some((7, 11)));
+        assert_eq!(v.slot_of("q", "c1#r2"), None, "another run of c1");
+        // After a lease, slot p.1 belongs to another connection.
+        v.apply_at("slot.p.1", Some("c3#r1".into()), 13);
+        assert_eq!(keys(&v, "c1"), ["slot.q.7"]);
+        assert_eq!(v.held_as("c3#r1")[0].revision, 13);
+        v.apply_at("slot.q.7", None, 14);
+        assert!(v.held_by("c1").is_empty());
+        assert!(v.released_before("c1", 15), "the free is remembered");
+        // A failed create (holder unknown) is in no connection's list.
+        v.mark_taken("slot.p.3");
+        assert_eq!(v.in_use("p"), 3);
+        assert_eq!(keys(&v, "c2"), ["slot.p.2"]);
+    }
 }
