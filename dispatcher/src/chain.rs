@@ -32,6 +32,9 @@ pub struct Run {
     pub state: State,
     pub degraded: bool,
     pub timings: Vec<AgentTiming>,
+    /// Kinds whose answer was pure (it said it may be cached, or came from the cache): they
+    /// took nothing, so a deny has nothing of theirs to undo.
+    pub pure: Vec<String>,
 }
 
 struct Failure {
@@ -98,13 +101,13 @@ impl Call<'_> {
         m: &Member,
         state: &State,
         state_header: &str,
-    ) -> (Result<State, Failure>, Duration, bool) {
+    ) -> (Result<State, Failure>, Duration, Source) {
         let kind = m.kind.as_str();
         if let Some(patch) = self
             .verdicts
             .lookup(kind, self.event, self.attributes, state)
         {
-            return (Ok(patch), Duration::ZERO, true);
+            return (Ok(patch), Duration::ZERO, Source::Cache);
         }
         let start = Instant::now();
         let reply = bus::hedge::ask(
@@ -120,16 +123,21 @@ impl Call<'_> {
             headers::get(msg.headers.as_ref(), headers::POLICY_CACHE).map(str::to_string)
         });
         let patch = patch_of(m, reply, self.max_patch_bytes);
+        let source = match cache {
+            Some(_) if patch.is_ok() => Source::Pure,
+            _ => Source::Agent,
+        };
         if let (Ok(p), Some(h)) = (&patch, cache) {
             self.verdicts
                 .store(kind, self.event, &h, self.attributes, state, p);
         }
-        (patch, start.elapsed(), false)
+        (patch, start.elapsed(), source)
     }
 
     /// Runs the chain from `state`, whose header form `header` the caller already made.
     pub async fn run(&self, chain: &Chain, mut state: State, header: String) -> Run {
         let mut timings = Vec::new();
+        let mut pure = Vec::new();
         let mut degraded = false;
         let mut first = Some(header);
         for stage in &chain.stages {
@@ -175,7 +183,7 @@ impl Call<'_> {
                 }
             };
             let mut stop = false;
-            for (m, (answer, took, cached)) in callers.iter().zip(answers) {
+            for (m, (answer, took, source)) in callers.iter().zip(answers) {
                 let merged = answer.and_then(|patch| {
                     merge(&mut state, patch).map_err(|e| Failure {
                         outcome: Outcome::Error,
@@ -186,8 +194,11 @@ impl Call<'_> {
                 match merged {
                     Ok(flow) => {
                         let mut t = timing(m, took, Outcome::Answered);
-                        t.cached = cached;
+                        t.cached = source == Source::Cache;
                         timings.push(t);
+                        if source != Source::Agent {
+                            pure.push(m.kind.to_string());
+                        }
                         stop |= flow == Flow::Stop;
                     }
                     Err(f) => {
@@ -222,8 +233,21 @@ impl Call<'_> {
             state,
             degraded,
             timings,
+            pure,
         }
     }
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The agent, with nothing said about what it depends on.
+    Agent,
+    /// The agent, saying its answer may be cached: a pure answer, which takes nothing (the
+    /// dispatcher may give it again without calling the agent at all).
+    Pure,
+    /// The dispatcher's verdict cache: no agent was called.
+    Cache,
 }
 
 fn timing(m: &Member, took: Duration, outcome: Outcome) -> AgentTiming {
@@ -319,7 +343,7 @@ const FAILURE_CODES: [&str; 3] = ["agent-timeout", "no-responders", "agent-error
 
 /// The kinds to tell that their event was denied: those that answered, or failed (a late
 /// answer may still have taken something), except the ones that denied it themselves (a kind
-/// that refuses keeps nothing) and observers. `None` for an event that was not denied.
+/// that refuses keeps nothing), the ones whose answer was pure, and observers. `None` for an event that was not denied.
 pub fn undo_for(run: &Run, decision: &Bytes, trace: &HeaderMap) -> Option<Undo> {
     if run.state.get_str(keys::ACTION) != Some("deny") {
         return None;
@@ -346,6 +370,7 @@ pub fn undo_for(run: &Run, decision: &Bytes, trace: &HeaderMap) -> Option<Undo> 
             )
         })
         .filter(|t| !deniers.contains(&t.agent.as_str()))
+        .filter(|t| !run.pure.contains(&t.agent))
         .filter_map(|t| bus::Kind::new(&t.agent).ok())
         .collect();
     kinds.sort();
@@ -365,6 +390,7 @@ pub fn broken_chain(state: State, broken: &[crate::table::Broken]) -> Run {
         state,
         degraded: false,
         timings: Vec::new(),
+        pure: Vec::new(),
     };
     for b in broken {
         deny(
@@ -413,6 +439,7 @@ mod tests {
             state,
             degraded: false,
             timings: Vec::new(),
+            pure: Vec::new(),
         }
     }
 
@@ -477,5 +504,12 @@ mod tests {
         let undo = undo_for(&run, &Bytes::new(), &HeaderMap::new()).expect("an undo");
         let kinds: Vec<&str> = undo.kinds.iter().map(|k| k.as_str()).collect();
         assert_eq!(kinds, ["acl", "conn-limit"]);
+        // An answer that said it may be cached (or came from the cache) took nothing.
+        run.pure = vec!["acl".into()];
+        let undo = undo_for(&run, &Bytes::new(), &HeaderMap::new()).expect("an undo");
+        let kinds: Vec<&str> = undo.kinds.iter().map(|k| k.as_str()).collect();
+        assert_eq!(kinds, ["conn-limit"]);
+        run.pure.push("conn-limit".into());
+        assert!(undo_for(&run, &Bytes::new(), &HeaderMap::new()).is_none());
     }
 }
