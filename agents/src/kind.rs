@@ -62,6 +62,12 @@ pub trait AgentKind: Send + Sync + 'static {
     /// so that a slow store does not hold up the requests behind it.
     const INLINE: bool = true;
 
+    /// Whether an answer may take something the kind keeps for the event (a slot, a token).
+    /// Such a kind never says its answer may be cached: the dispatcher may give a cached
+    /// answer again without calling the agent, and sends no `_undo` to a kind whose answer
+    /// said so (README, Verdict cache).
+    const TAKES: bool = false;
+
     /// Checks what the types cannot (cross-field rules). The message names the field.
     fn check(&self, policy: &Self::Policy) -> Result<(), String>;
 

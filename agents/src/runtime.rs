@@ -124,10 +124,13 @@ where
             .decide_async(&loaded.rules, &event, &state)
             .await
             .map_err(|e| ErrorReply::new(ErrorCode::AgentError, e))?;
-        let cache = self
-            .kind
-            .cache_inputs(&loaded.rules, &event, &state)
-            .map(|declared| declared.to_header(&loaded.fingerprint));
+        let cache = if K::TAKES {
+            None
+        } else {
+            self.kind
+                .cache_inputs(&loaded.rules, &event, &state)
+                .map(|declared| declared.to_header(&loaded.fingerprint))
+        };
         Ok((patch, cache))
     }
 

@@ -219,17 +219,21 @@ pub async fn load_and_watch(
         .map_err(io)?;
     let mut current = Snapshot {
         values: BTreeMap::new(),
+        revisions: BTreeMap::new(),
         revision: last,
     };
     let mut gets = futures::stream::iter(keys)
         .map(|k| async move {
-            let v = store.get(&k).await;
+            let v = store.entry(&k).await;
             (k, v)
         })
         .buffer_unordered(32);
     while let Some((k, v)) = gets.next().await {
-        if let Some(v) = v.map_err(io)? {
-            current.values.insert(k, v);
+        if let Some(e) = v.map_err(io)? {
+            if e.operation == kv::Operation::Put {
+                current.revisions.insert(k.clone(), e.revision);
+                current.values.insert(k, e.value);
+            }
         }
     }
     // The whole bucket is watched, and changes outside `filter` dropped by the caller: so every
@@ -275,6 +279,8 @@ impl Change {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub values: BTreeMap<String, Bytes>,
+    /// Each key's own revision: a writer that compares-and-sets from what it loaded needs it.
+    pub revisions: BTreeMap<String, u64>,
     pub revision: u64,
 }
 
@@ -297,10 +303,12 @@ impl Snapshot {
                 revision,
             } => {
                 self.values.insert(key.clone(), value.clone());
+                self.revisions.insert(key.clone(), *revision);
                 self.revision = *revision;
             }
             Change::Delete { key, revision } => {
                 self.values.remove(key);
+                self.revisions.remove(key);
                 self.revision = *revision;
             }
         }

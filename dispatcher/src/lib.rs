@@ -225,6 +225,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
                                 .filter(|(k, _)| is_sub(k))
                                 .map(|(k, v)| (k.clone(), v.clone()))
                                 .collect(),
+                            revisions: Default::default(),
                             revision: snap.revision,
                         };
                         true

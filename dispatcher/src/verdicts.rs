@@ -302,6 +302,7 @@ mod tests {
         v.apply(Update::Loaded(&Snapshot {
             values: [("pol.acl.a".to_string(), bytes::Bytes::from_static(b"one"))].into(),
             revision: 1,
+            ..Default::default()
         }));
         let fp = v.fingerprint("acl");
         let header = CacheHeader {

@@ -92,16 +92,14 @@ impl ConnLimiter {
         // another instance, holds its slot under the same holder, and is freed with it.
         let run = run_of(state).unwrap_or_else(bus::event::new_id);
         let holder = holder(&token, &run);
-        let start = (fnv(&holder) % u64::from(u32::MAX)) as u32;
         let mut taken: Vec<SlotRef> = Vec::new();
         let mut reasons = Vec::new();
         for c in &matched {
-            let refused = match slots.take(&c.id, c.max, &holder, start % c.max).await {
-                Ok(Taken::Slot(n, revision)) => {
+            let refused = match slots.take(&c.id, c.max, &holder).await {
+                Ok(Taken::Slot(b)) => {
                     taken.push(SlotRef {
-                        key: slot_key(&c.id, n),
+                        key: slot_key(&c.id, b),
                         holder: holder.clone(),
-                        revision,
                     });
                     let used = slots.view().in_use(&c.id);
                     reasons.push(
@@ -158,11 +156,12 @@ async fn watch_slots(slots: Arc<Slots>) -> Result<(), AttachError> {
             match update {
                 Update::Loaded(snap) => {
                     view.clear_slots();
-                    // A `_gone` marker loaded here is taken as written at the snapshot's
-                    // revision: any admission of its connection after the load gives back.
+                    // Each block at its own revision, so a release writes it with no read
+                    // first. A `_gone` marker too: any admission of its connection written
+                    // after it gives back.
                     for (key, value) in &snap.values {
-                        let value = String::from_utf8_lossy(value).into_owned();
-                        view.apply_at(key, Some(value), snap.revision);
+                        let revision = snap.revisions.get(key).copied().unwrap_or(snap.revision);
+                        view.apply_at(key, Some(value), revision);
                     }
                     snap.revision
                 }
@@ -173,11 +172,7 @@ async fn watch_slots(slots: Arc<Slots>) -> Result<(), AttachError> {
                                 key,
                                 value,
                                 revision,
-                            } => view.apply_at(
-                                key,
-                                Some(String::from_utf8_lossy(value).into_owned()),
-                                *revision,
-                            ),
+                            } => view.apply_at(key, Some(value), *revision),
                             Change::Delete { key, revision } => view.apply_at(key, None, *revision),
                         }
                     }
@@ -216,14 +211,9 @@ fn run_of(state: &State) -> Option<String> {
         .map(key_token)
 }
 
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 impl AgentKind for ConnLimiter {
     const INLINE: bool = false;
+    const TAKES: bool = true;
 
     type Policy = ConnLimitPolicy;
     type Rules = Vec<Compiled>;

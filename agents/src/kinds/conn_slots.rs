@@ -1,6 +1,6 @@
-//! The connection limiter's slots: the shared store (one key per slot, created atomically),
-//! this instance's view of it (kept by a watch), and the operations on both: take, release,
-//! renew, undo.
+//! The connection limiter's slots: the shared store (blocks of slots, each written by
+//! compare-and-set), this instance's view of it (kept by a watch), and the operations on both:
+//! take, release, renew, undo.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 
-/// Create attempts for one admission before it is denied as contended.
+/// Lost writes of one batch (or one release) before it is given up as contended.
 const ATTEMPTS: usize = 8;
 /// How long a close waits for the bucket, and for the view to catch up with it.
 const CATCH_UP: Duration = Duration::from_secs(1);
 
+use super::conn_block::{self, Block};
 pub(crate) use super::conn_view::slot_key;
-use super::conn_view::{SlotRef, Taken, View, GONE_PREFIX, RELEASED_FOR};
+use super::conn_view::{token_of, Seen, SlotRef, Taken, View, GONE_PREFIX, RELEASED_FOR};
 
 /// The shared slot store and this instance's view of it.
 pub(crate) struct Slots {
@@ -27,6 +28,55 @@ pub(crate) struct Slots {
     /// The bucket revision the watch has applied to `view`: a close waits for it to pass the
     /// bucket's last revision, so it frees slots other instances took a moment ago too.
     applied: tokio::sync::watch::Sender<u64>,
+    /// Admissions waiting for this instance's next write, per policy.
+    queues: Mutex<HashMap<String, Queue>>,
+    /// The block this instance looks for room from: instances start apart, so their writes
+    /// rarely meet on one block, and one instance's admissions gather in one block.
+    start: u32,
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<Taken, String>>;
+
+/// An admission waiting for a write.
+struct Waiting {
+    holder: String,
+    max: u32,
+    reply: Reply,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Waiting>,
+    /// A writer task is at work on this policy.
+    writing: bool,
+    /// The block last written: the next batch looks for room from there, so blocks filled
+    /// before are not looked at again until the limit wraps around.
+    cursor: Option<u32>,
+}
+
+/// Lets a policy's queue be written again if its writer panicked (its waiters' answers are
+/// dropped with it: they fail closed).
+struct Unstuck<'a>(&'a Mutex<HashMap<String, Queue>>, &'a str);
+
+impl Drop for Unstuck<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut queues = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            queues.remove(self.1);
+        }
+    }
+}
+
+fn answer(replies: Vec<Reply>, what: impl Fn() -> Result<Taken, String>) {
+    for r in replies {
+        let _ = r.send(what());
+    }
+}
+
+fn answer_all(pending: Vec<(String, Vec<Reply>)>, what: impl Fn() -> Result<Taken, String>) {
+    for (_, replies) in pending {
+        answer(replies, &what);
+    }
 }
 
 /// How long an undone holder is remembered: longer than any subscription timeout.
@@ -40,6 +90,8 @@ impl Slots {
             view: Mutex::new(View::default()),
             undone: Mutex::new(HashMap::new()),
             applied: tokio::sync::watch::Sender::new(0),
+            queues: Mutex::new(HashMap::new()),
+            start: rand::random(),
         }
     }
 
@@ -116,10 +168,9 @@ impl Slots {
         self.view.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes one slot of the policy for `holder` (`<connection>#<run>`).
     /// Frees `slots` (if they still hold their holders) in the background, asking again
-    /// until it succeeds, for up to [`RELEASED_FOR`]: for a create whose outcome is unknown
-    /// (the store failed to answer: it may have been written) and a release that failed.
+    /// until it succeeds, for up to [`RELEASED_FOR`]: for a write whose outcome is unknown
+    /// (the store failed to answer: it may have landed) and a release that failed.
     pub(crate) fn give_back(self: &Arc<Self>, slots: Vec<SlotRef>) {
         let this = self.clone();
         tokio::spawn(async move {
@@ -137,185 +188,305 @@ impl Slots {
         });
     }
 
+    fn lease_ms(&self) -> u64 {
+        self.lease.as_millis() as u64
+    }
+
+    /// Takes one slot of the policy (`max` slots) for `holder` (`<connection>#<run>`). The
+    /// admission waits for this instance's next write of a block of the policy, which admits
+    /// every connection waiting at that moment (see [`super::conn_block`]).
     pub(crate) async fn take(
         self: &Arc<Self>,
         policy: &str,
         max: u32,
         holder: &str,
-        start: u32,
     ) -> Result<Taken, String> {
         // The same request twice (a hedge) on this instance: the same slot.
-        if let Some((n, revision)) = self.view().slot_of(policy, holder) {
-            return Ok(Taken::Slot(n, revision));
+        if let Some(b) = self.view().slot_of(policy, holder) {
+            return Ok(Taken::Slot(b));
         }
-        let mut tried = Vec::new();
-        for _ in 0..ATTEMPTS {
-            let next = {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let start_writer = {
+            let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+            let queue = queues.entry(policy.to_string()).or_default();
+            queue.waiting.push(Waiting {
+                holder: holder.to_string(),
+                max,
+                reply,
+            });
+            !std::mem::replace(&mut queue.writing, true)
+        };
+        if start_writer {
+            let (this, policy) = (self.clone(), policy.to_string());
+            tokio::spawn(async move { this.write_queue(&policy).await });
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the slot writer stopped".into()))
+    }
+
+    /// Writes the policy's waiting admissions, batch after batch, until none wait.
+    async fn write_queue(self: Arc<Self>, policy: &str) {
+        let _unstuck = Unstuck(&self.queues, policy);
+        loop {
+            let batch = {
+                let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(queue) = queues.get_mut(policy) else {
+                    return;
+                };
+                if queue.waiting.is_empty() {
+                    queue.writing = false;
+                    return;
+                }
+                std::mem::take(&mut queue.waiting)
+            };
+            self.admit_batch(policy, batch).await;
+        }
+    }
+
+    /// Admits a batch: as many as fit into one block, by one compare-and-set of it, then the
+    /// rest into the next block with room. A write that loses to another instance reads the
+    /// block and tries again; after [`ATTEMPTS`] lost writes, or with no room anywhere, the
+    /// rest are refused.
+    async fn admit_batch(self: &Arc<Self>, policy: &str, batch: Vec<Waiting>) {
+        let max = batch.iter().map(|w| w.max).min().unwrap_or(0);
+        // One entry per holder (hedged copies on this instance wait for the same write).
+        let mut pending: Vec<(String, Vec<Reply>)> = Vec::new();
+        for w in batch {
+            if let Some(b) = self.view().slot_of(policy, &w.holder) {
+                let _ = w.reply.send(Ok(Taken::Slot(b)));
+            } else if let Some(p) = pending.iter_mut().find(|(h, _)| *h == w.holder) {
+                p.1.push(w.reply);
+            } else {
+                pending.push((w.holder, vec![w.reply]));
+            }
+        }
+        let mut lost = 0;
+        let mut tried: Vec<u32> = Vec::new();
+        while !pending.is_empty() {
+            let now = conn_block::now_ms();
+            let found = {
+                let cursor = self.queue_cursor(policy);
                 let view = self.view();
-                if view.in_use(policy) >= max as usize {
-                    view.expired_slot(policy, max, self.lease)
-                        .filter(|n| !tried.contains(n))
-                } else {
-                    view.free_slot(policy, max, start, &tried).or_else(|| {
-                        view.expired_slot(policy, max, self.lease)
-                            .filter(|n| !tried.contains(n))
+                let start = cursor.unwrap_or(self.start) % conn_block::blocks(max).max(1);
+                view.with_room(policy, max, start, now, self.lease_ms(), &tried)
+                    .map(|(b, room)| {
+                        let key = slot_key(policy, b);
+                        let seen = view.block(&key).cloned();
+                        (b, room, key, seen)
                     })
-                }
             };
-            let Some(n) = next else {
-                return Ok(Taken::Full);
+            let Some((b, room, key, seen)) = found else {
+                answer_all(pending, || Ok(Taken::Full));
+                return;
             };
-            tried.push(n);
-            let key = slot_key(policy, n);
-            match self
-                .store
-                .create(&key, bytes::Bytes::copy_from_slice(holder.as_bytes()))
-                .await
-            {
-                Ok(revision) => {
-                    tracing::debug!(%key, %holder, revision, "slot taken");
-                    self.view().apply(&key, Some(holder.to_string()), revision);
-                    return self.after_create(&key, n, holder, revision).await;
+            let (base, revision) = seen.map_or((Block::default(), 0), |s| (s.block, s.revision));
+            let chunk: Vec<(String, Vec<Reply>)> =
+                pending.drain(..pending.len().min(room as usize)).collect();
+            let names: Vec<&str> = chunk.iter().map(|(h, _)| h.as_str()).collect();
+            let next = base.with(&names, now, self.lease_ms());
+            let value = next.encode();
+            let written = if revision == 0 {
+                self.store.create(&key, value).await.map_err(|e| {
+                    (
+                        e.kind() == kv::CreateErrorKind::AlreadyExists,
+                        e.to_string(),
+                    )
+                })
+            } else {
+                self.store.update(&key, value, revision).await.map_err(|e| {
+                    (
+                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                        e.to_string(),
+                    )
+                })
+            };
+            match written {
+                Ok(rev) => {
+                    tracing::debug!(%key, admitted = chunk.len(), revision = rev, "slots taken");
+                    self.view().wrote(&key, Some(next), rev);
+                    self.set_cursor(policy, b);
+                    let this = self.clone();
+                    tokio::spawn(async move { this.after_write(key, b, chunk, rev).await });
                 }
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                    // A hedged copy of this request, on another instance, may have taken it
-                    // first (copies start at the same slot): then it is this admission's.
-                    if let Ok(Some(e)) = self.store.entry(&key).await {
-                        if e.operation == kv::Operation::Put
-                            && e.value.as_ref() == holder.as_bytes()
-                        {
-                            self.view()
-                                .apply(&key, Some(holder.to_string()), e.revision);
-                            return Ok(Taken::Slot(n, e.revision));
+                Err((true, _)) => {
+                    // Another instance wrote the block first: read it, and try again.
+                    lost += 1;
+                    let fresh = self.read(&key).await;
+                    let mut rest = Vec::new();
+                    for (holder, replies) in chunk {
+                        // A hedged copy on another instance may have admitted it already.
+                        match &fresh {
+                            Ok(Some(s)) if s.block.holds(&holder) => {
+                                answer(replies, || Ok(Taken::Slot(b)))
+                            }
+                            _ => rest.push((holder, replies)),
                         }
                     }
-                    self.view().mark_taken(&key)
+                    if fresh.is_err() {
+                        tried.push(b);
+                    }
+                    rest.append(&mut pending);
+                    pending = rest;
+                    if lost >= ATTEMPTS {
+                        answer_all(pending, || Ok(Taken::Full));
+                        return;
+                    }
                 }
-                Err(e) => {
-                    // Maybe written, maybe not: if it was, it is this admission's, which is
-                    // refused, so it goes back once the store answers.
-                    self.give_back(vec![SlotRef {
-                        key,
-                        holder: holder.to_string(),
-                        revision: 0,
-                    }]);
-                    return Err(e.to_string());
+                Err((false, why)) => {
+                    // Maybe written, maybe not: if it was, those admissions are refused, so
+                    // their slots go back once the store answers.
+                    self.give_back(
+                        chunk
+                            .iter()
+                            .map(|(holder, _)| SlotRef {
+                                key: key.clone(),
+                                holder: holder.clone(),
+                            })
+                            .collect(),
+                    );
+                    answer_all(chunk, || Err(why.clone()));
+                    answer_all(pending, || Err(why.clone()));
+                    return;
                 }
             }
         }
-        Ok(Taken::Full)
+    }
+
+    fn queue_cursor(&self, policy: &str) -> Option<u32> {
+        let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        queues.get(policy).and_then(|q| q.cursor)
+    }
+
+    fn set_cursor(&self, policy: &str, b: u32) {
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = queues.get_mut(policy) {
+            q.cursor = Some(b);
+        }
+    }
+
+    /// Reads a block from the bucket into the view.
+    async fn read(&self, key: &str) -> Result<Option<Seen>, String> {
+        let entry = self
+            .store
+            .entry(key)
+            .await
+            .map_err(|e| format!("could not read {key}: {e}"))?;
+        let mut view = self.view();
+        match entry {
+            Some(e) => {
+                let value = (e.operation == kv::Operation::Put).then_some(e.value.as_ref());
+                view.apply_at(key, value, e.revision);
+            }
+            // Gone (dropped with the lease): nothing is held there.
+            None => view.wrote(key, Some(Block::default()), 0),
+        }
+        Ok(view.block(key).cloned())
     }
 
     /// A copy of an admission (another dispatcher's run of a hedged event, or a late agent
-    /// call) can create its slot after the connection was closed or its event denied: a close
-    /// cannot free a slot that does not exist yet. So once the view has the new slot, an
-    /// admission checks whether a slot of the same connection was freed before it, and if
-    /// so gives its own back. Every slot then is either created before the close's second
-    /// look at the bucket (and freed by it) or after the close's first delete (and given back
-    /// here).
-    async fn after_create(
-        &self,
-        key: &str,
-        n: u32,
-        holder: &str,
+    /// call) can take its slot after the connection was closed or its event denied: a close
+    /// cannot free a slot that is not taken yet. So once the view has the write, an admission
+    /// checks whether a slot of the same connection was freed before it, and if so gives its
+    /// own back. Every slot then is either taken before the close's second look at the bucket
+    /// (and freed by it) or after the close's first release (and given back here).
+    async fn after_write(
+        self: Arc<Self>,
+        key: String,
+        b: u32,
+        chunk: Vec<(String, Vec<Reply>)>,
         revision: u64,
-    ) -> Result<Taken, String> {
+    ) {
         if let Err(e) = self.applied_up_to(revision).await {
-            tracing::debug!(%key, error = %e, "could not check the new slot against releases");
-            return Ok(Taken::Slot(n, revision));
+            tracing::debug!(%key, error = %e, "could not check the new slots against releases");
+            answer_all(chunk, || Ok(Taken::Slot(b)));
+            return;
         }
-        let token = holder.split_once('#').map_or(holder, |(t, _)| t);
-        if !self.view().released_before(token, revision) {
-            return Ok(Taken::Slot(n, revision));
+        for (holder, replies) in chunk {
+            if !self.view().released_before(token_of(&holder), revision) {
+                answer(replies, || Ok(Taken::Slot(b)));
+                continue;
+            }
+            tracing::debug!(%key, %holder, "the connection was released before this admission took its slot: given back");
+            let slot = SlotRef {
+                key: key.clone(),
+                holder,
+            };
+            match self.release_exact(std::slice::from_ref(&slot)).await {
+                Ok(()) => answer(replies, || Ok(Taken::Released)),
+                Err(e) => {
+                    self.give_back(vec![slot]);
+                    answer(replies, || Err(e.clone()));
+                }
+            }
         }
-        tracing::debug!(%key, %holder, "the connection was released before this admission took its slot: given back");
-        self.release_exact(&[SlotRef {
-            key: key.to_string(),
-            holder: holder.to_string(),
-            revision,
-        }])
-        .await?;
-        Ok(Taken::Released)
     }
 
     /// Frees the given slots if they still hold their holders (after a lease a slot may belong
-    /// to another connection, and a reused connection id to another admission). A slot whose
-    /// revision is known is deleted expecting it, without a read; only if that fails (the slot
-    /// changed: renewed, freed, taken again) is it read, and deleted again if it still holds the
-    /// holder. Fails if a slot could not be read, or still holds its holder after the delete.
+    /// to another connection, and a reused connection id to another admission). Each release
+    /// is one compare-and-set of the block from the revision the view has, with no read first;
+    /// only a write that loses to another one reads the block and tries again. Fails if a
+    /// block could not be read, or still holds the holder after [`ATTEMPTS`] tries.
     pub(crate) async fn release_exact(&self, slots: &[SlotRef]) -> Result<(), String> {
         let mut failed = None;
         for slot in slots {
-            if let Err(e) = self.release_one(slot).await {
+            if let Err(e) = self
+                .change(slot, |b| {
+                    b.without(&slot.holder, conn_block::now_ms(), self.lease_ms())
+                })
+                .await
+            {
                 failed = Some(e);
             }
         }
         failed.map_or(Ok(()), Err)
     }
 
-    async fn release_one(&self, slot: &SlotRef) -> Result<(), String> {
-        let mut revision = slot.revision;
-        let mut last_error = String::new();
-        for _ in 0..2 {
-            if revision == 0 {
-                match self.held_at(slot).await? {
-                    Some(r) => revision = r,
-                    None => return Ok(()),
-                }
-            }
+    /// Writes `slot`'s block changed by `f`, if it holds the slot's holder.
+    async fn change(&self, slot: &SlotRef, f: impl Fn(&Block) -> Block) -> Result<(), String> {
+        let mut seen = self.view().block(&slot.key).cloned();
+        for _ in 0..ATTEMPTS {
+            let s = match seen {
+                Some(s) if s.block.holds(&slot.holder) => s,
+                // The view may be behind (the slot was taken a moment ago elsewhere): ask.
+                _ => match self.read(&slot.key).await? {
+                    Some(s) if s.block.holds(&slot.holder) => s,
+                    _ => return Ok(()),
+                },
+            };
+            let next = f(&s.block);
             match self
                 .store
-                .delete_expect_revision(&slot.key, Some(revision))
+                .update(&slot.key, next.encode(), s.revision)
                 .await
             {
-                // The view learns of it from the watch, with its revision (see `released`).
-                Ok(()) => {
-                    tracing::debug!(key = %slot.key, holder = %slot.holder, "slot freed");
+                Ok(rev) => {
+                    self.view().wrote(&slot.key, Some(next), rev);
+                    tracing::debug!(key = %slot.key, holder = %slot.holder, "slot written");
                     return Ok(());
                 }
-                Err(err) => {
-                    last_error = err.to_string();
-                    revision = 0;
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    seen = self.read(&slot.key).await?;
                 }
+                Err(e) => return Err(format!("could not write {}: {e}", slot.key)),
             }
         }
-        // Two deletes failed: fine if the slot no longer holds the holder.
-        match self.held_at(slot).await? {
-            None => Ok(()),
-            Some(_) => Err(format!("could not free {}: {last_error}", slot.key)),
-        }
+        Err(format!("could not write {}: too contended", slot.key))
     }
 
-    /// The revision at which the slot holds its holder now, or `None` when it does not.
-    async fn held_at(&self, slot: &SlotRef) -> Result<Option<u64>, String> {
-        match self.store.entry(&slot.key).await {
-            Ok(Some(e))
-                if e.operation == kv::Operation::Put
-                    && e.value.as_ref() == slot.holder.as_bytes() =>
-            {
-                Ok(Some(e.revision))
-            }
-            Ok(_) => Ok(None),
-            Err(err) => Err(format!("could not read {}: {err}", slot.key)),
-        }
-    }
-
-    /// Renews every slot a connection holds: writing the same holder again restarts the
-    /// bucket's `max_age`, so a connection that reports itself open outlives the lease. A
-    /// failed renewal (the slot changed, the bucket is away) is left to the next report.
+    /// Renews every slot a connection holds: its holders' times are set to now, so a
+    /// connection that reports itself open outlives the lease. A failed renewal (the bucket is
+    /// away) is left to the next report.
     pub(crate) async fn renew_connection(&self, token: &str) -> usize {
         let held = self.view().held_by(token);
         let mut renewed = 0;
-        for SlotRef { key, holder, .. } in held {
-            let Ok(Some(e)) = self.store.entry(&key).await else {
-                continue;
-            };
-            if e.operation != kv::Operation::Put || e.value.as_ref() != holder.as_bytes() {
-                continue;
-            }
-            match self.store.update(&key, e.value.clone(), e.revision).await {
-                Ok(_) => renewed += 1,
-                Err(err) => tracing::debug!(%key, error = %err, "slot changed before renewal"),
+        for slot in held {
+            match self
+                .change(&slot, |b| b.renewed(&slot.holder, conn_block::now_ms()))
+                .await
+            {
+                Ok(()) => renewed += 1,
+                Err(err) => tracing::debug!(key = %slot.key, error = %err, "slot not renewed"),
             }
         }
         renewed
@@ -323,8 +494,8 @@ impl Slots {
 
     /// Frees every slot a connection holds, wherever it was admitted: once the view has caught
     /// up with the bucket, so a slot taken by another instance a moment ago is freed too; then
-    /// once more after a second catch-up, for a slot created while the first pass ran (a later
-    /// one is given back by its admission, see `after_create`). The close is confirmed only
+    /// once more after a second catch-up, for a slot taken while the first pass ran (a later
+    /// one is given back by its admission, see `after_write`). The close is confirmed only
     /// then; if it cannot be, what the view knows is freed anyway and the error makes the
     /// gateway send the close again.
     pub(crate) async fn release_connection(
@@ -350,12 +521,8 @@ impl Slots {
         let released = self.release_exact(&held).await;
         caught_up.and(released)?;
         let caught_up = self.caught_up().await;
-        let late: Vec<_> = self
-            .view()
-            .held_by(token)
-            .into_iter()
-            .filter(|slot| !held.contains(slot))
-            .collect();
+        // The first pass's releases are in the view already: what it holds now came since.
+        let late = self.view().held_by(token);
         let released = self.release_exact(&late).await;
         caught_up.and(released)
     }

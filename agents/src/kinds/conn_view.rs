@@ -1,59 +1,39 @@
-//! The connection limiter's view of the slots: what this instance knows of who holds each
-//! one (kept by the bucket watch), and of which connections were released lately. Only a hint:
-//! the atomic create decides who gets a slot.
+//! The connection limiter's view of the slots: what this instance knows of each block's
+//! holders (kept by the bucket watch, and by its own writes), and of which connections were
+//! released lately. Only a hint: the compare-and-set of a block decides who gets a slot.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use super::conn_block::{self, Block};
+
 /// The key a close writes when it found no slot of a connection a limit may apply to
 /// (`slot._gone.<connection>`): every instance's watch then records the release, and an
 /// admission of the connection still under way gives its slot back. Policy ids never start
-/// with `_`, so it is no slot.
+/// with `_`, so it is no block.
 pub(crate) const GONE_PREFIX: &str = "slot._gone.";
 /// How long a connection's release is remembered: longer than the longest agent call
 /// (`MAX_TIMEOUT_MS`) plus a KV request, so no copy of its admission can still be under way.
 pub(crate) const RELEASED_FOR: Duration = Duration::from_secs(65);
 
-/// A slot as this instance knows it: who holds it (`<connection>#<nonce>`, empty when only
-/// a failed create told us it is taken), since when this instance has seen it held, and at
-/// which revision (0 when unknown).
+/// A block as this instance last saw it, at `revision`.
 #[derive(Debug, Clone)]
-pub(crate) struct Held {
-    holder: String,
-    seen: Instant,
-    revision: u64,
+pub(crate) struct Seen {
+    pub(crate) block: Block,
+    pub(crate) revision: u64,
 }
 
-/// A slot and its holder, as an admission took it or the view saw it: enough to free it with
-/// one delete that expects `revision` (no read first), or, when the revision is unknown (0),
-/// after reading it.
+/// A slot a holder holds: the block's key and the holder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SlotRef {
     pub(crate) key: String,
     pub(crate) holder: String,
-    pub(crate) revision: u64,
-}
-
-/// What this instance knows of the slots. Only a hint: the atomic create decides.
-#[derive(Default)]
-pub(crate) struct View {
-    /// policy id -> slot number -> holder
-    slots: HashMap<String, HashMap<u32, Held>>,
-    /// connection token -> the slots (policy id, number) its holders hold: a close, an undo and
-    /// a hedged copy find a connection's slots without a pass over every slot.
-    by_connection: HashMap<String, Vec<(String, u32)>>,
-    /// connection token -> the first revision at which one of its slots was freed (closed,
-    /// undone, refused), for [`RELEASED_FOR`]: a copy of its admission that creates a slot
-    /// after that revision gives it back.
-    released: HashMap<String, (u64, Instant)>,
-    /// `released` is pruned when it grows past this.
-    prune_at: usize,
 }
 
 /// What an admission came to.
 pub(crate) enum Taken {
-    /// The slot number, and the revision that took it (0 when unknown).
-    Slot(u32, u64),
+    /// A slot in this block.
+    Slot(u32),
     /// Every slot is taken.
     Full,
     /// A slot was taken, but the connection's slots had been freed before (closed, or its
@@ -61,49 +41,105 @@ pub(crate) enum Taken {
     Released,
 }
 
+/// What this instance knows of the slots.
+#[derive(Default)]
+pub(crate) struct View {
+    /// policy id -> block number -> the block
+    blocks: HashMap<String, HashMap<u32, Seen>>,
+    /// connection token -> the blocks (policy id, number) its holders are in: a close, an undo
+    /// and a hedged copy find a connection's slots without a pass over every block.
+    by_connection: HashMap<String, Vec<(String, u32)>>,
+    /// policy id -> holders in its blocks (past the lease too, until their block is written).
+    held: HashMap<String, usize>,
+    /// connection token -> the first revision at which one of its slots was freed (closed,
+    /// undone, refused), for [`RELEASED_FOR`]: a copy of its admission that takes a slot
+    /// after that revision gives it back.
+    released: HashMap<String, (u64, Instant)>,
+    /// `released` is pruned when it grows past this.
+    prune_at: usize,
+}
+
 impl View {
-    /// Forgets the slots (before a reload), keeping what was released.
+    /// Forgets the blocks (before a reload), keeping what was released.
     pub(crate) fn clear_slots(&mut self) {
-        self.slots.clear();
+        self.blocks.clear();
         self.by_connection.clear();
+        self.held.clear();
     }
 
-    fn index(&mut self, holder: &str, policy: &str, n: u32, add: bool) {
-        if holder.is_empty() {
-            return;
-        }
-        let token = token_of(holder);
-        if add {
-            self.by_connection
-                .entry(token.to_string())
-                .or_default()
-                .push((policy.to_string(), n));
-        } else if let Some(list) = self.by_connection.get_mut(token) {
-            list.retain(|(p, m)| !(p == policy && *m == n));
-            if list.is_empty() {
-                self.by_connection.remove(token);
-            }
-        }
-    }
-
-    /// A change the watch read at `revision`.
-    pub(crate) fn apply_at(&mut self, key: &str, holder: Option<String>, revision: u64) {
+    /// A change read at `revision` (by the watch, a read, or this instance's own write):
+    /// `None` is a delete. A change older than what the view has of the block is ignored.
+    pub(crate) fn apply_at(&mut self, key: &str, value: Option<&[u8]>, revision: u64) {
         if let Some(token) = key.strip_prefix(GONE_PREFIX) {
-            if holder.is_some() {
+            if value.is_some() {
                 self.record_release(token, revision);
             }
             return;
         }
-        if holder.is_none() {
-            // Who held it, before it goes from the view.
-            let freed = parse_slot(key)
-                .and_then(|(policy, n)| self.slots.get(policy)?.get(&n))
-                .map(|h| token_of(&h.holder).to_string());
-            if let Some(token) = freed {
+        let Some((policy, b)) = parse_slot(key) else {
+            return;
+        };
+        let known = self
+            .blocks
+            .get(policy)
+            .and_then(|m| m.get(&b))
+            .map(|s| s.revision);
+        if known.is_some_and(|k| k >= revision) {
+            return;
+        }
+        let seen = value.map(|v| Seen {
+            block: Block::decode(v),
+            revision,
+        });
+        self.set(policy, b, seen, revision);
+    }
+
+    /// A block this instance wrote at `revision` itself.
+    pub(crate) fn wrote(&mut self, key: &str, block: Option<Block>, revision: u64) {
+        let Some((policy, b)) = parse_slot(key) else {
+            return;
+        };
+        let seen = block.map(|block| Seen { block, revision });
+        self.set(policy, b, seen, revision);
+    }
+
+    fn set(&mut self, policy: &str, b: u32, seen: Option<Seen>, revision: u64) {
+        let blocks = self.blocks.entry(policy.to_string()).or_default();
+        let old = match &seen {
+            Some(s) => blocks.insert(b, s.clone()),
+            None => blocks.remove(&b),
+        };
+        let old_holders = old.map(|s| s.block.holders).unwrap_or_default();
+        let new_holders = seen.map(|s| s.block.holders).unwrap_or_default();
+        for h in &old_holders {
+            if !new_holders.iter().any(|n| n.holder == h.holder) {
+                self.unindex(&h.holder, policy, b);
+                let token = token_of(&h.holder).to_string();
                 self.record_release(&token, revision);
             }
         }
-        self.apply(key, holder, revision);
+        for h in &new_holders {
+            if !old_holders.iter().any(|o| o.holder == h.holder) {
+                self.by_connection
+                    .entry(token_of(&h.holder).to_string())
+                    .or_default()
+                    .push((policy.to_string(), b));
+            }
+        }
+        let count = self.held.entry(policy.to_string()).or_default();
+        *count = (*count + new_holders.len()).saturating_sub(old_holders.len());
+    }
+
+    fn unindex(&mut self, holder: &str, policy: &str, b: u32) {
+        let token = token_of(holder);
+        if let Some(list) = self.by_connection.get_mut(token) {
+            if let Some(i) = list.iter().position(|(p, m)| p == policy && *m == b) {
+                list.swap_remove(i);
+            }
+            if list.is_empty() {
+                self.by_connection.remove(token);
+            }
+        }
     }
 
     fn record_release(&mut self, token: &str, revision: u64) {
@@ -124,101 +160,52 @@ impl View {
             .is_some_and(|(r, at)| *r < revision && at.elapsed() < RELEASED_FOR)
     }
 
-    pub(crate) fn apply(&mut self, key: &str, holder: Option<String>, revision: u64) {
-        let Some((policy, n)) = parse_slot(key) else {
-            return;
-        };
-        match holder {
-            Some(h) => {
-                let slots = self.slots.entry(policy.to_string()).or_default();
-                // A failed create says "taken" but not by whom: keep a known holder.
-                if h.is_empty() && slots.contains_key(&n) {
-                    return;
-                }
-                let added = (!h.is_empty()).then(|| h.clone());
-                let old = slots.insert(
-                    n,
-                    Held {
-                        holder: h,
-                        seen: Instant::now(),
-                        revision,
-                    },
-                );
-                if let Some(old) = old {
-                    self.index(&old.holder, policy, n, false);
-                }
-                if let Some(h) = added {
-                    self.index(&h, policy, n, true);
-                }
-            }
-            None => {
-                let old = self.slots.get_mut(policy).and_then(|m| m.remove(&n));
-                if let Some(old) = old {
-                    self.index(&old.holder, policy, n, false);
-                }
-            }
-        }
+    /// The block under `key`, as last seen.
+    pub(crate) fn block(&self, key: &str) -> Option<&Seen> {
+        let (policy, b) = parse_slot(key)?;
+        self.blocks.get(policy)?.get(&b)
     }
 
-    /// A failed create: the slot is held (by whom the watch will say), seen held from now on so
-    /// it is not probed again before a lease.
-    pub(crate) fn mark_taken(&mut self, key: &str) {
-        let Some((policy, n)) = parse_slot(key) else {
-            return;
-        };
-        let held = self
-            .slots
-            .entry(policy.to_string())
-            .or_default()
-            .entry(n)
-            .or_insert(Held {
-                holder: String::new(),
-                seen: Instant::now(),
-                revision: 0,
-            });
-        held.seen = Instant::now();
-    }
-
-    /// A slot below `max` that looks free, starting from `start` so instances spread out.
-    pub(crate) fn free_slot(
+    /// A block of the policy with room under `max`, looking from `start` on (so instances
+    /// spread out) and skipping `tried`: its number and its room.
+    pub(crate) fn with_room(
         &self,
         policy: &str,
         max: u32,
         start: u32,
+        now_ms: u64,
+        lease_ms: u64,
         tried: &[u32],
-    ) -> Option<u32> {
-        let taken = self.slots.get(policy);
-        (0..max)
-            .map(|i| (start + i) % max)
-            .find(|n| !tried.contains(n) && !taken.is_some_and(|t| t.contains_key(n)))
+    ) -> Option<(u32, u32)> {
+        let n = conn_block::blocks(max);
+        let known = self.blocks.get(policy);
+        (0..n)
+            .map(|i| (start.wrapping_add(i)) % n)
+            .filter(|b| !tried.contains(b))
+            .find_map(|b| {
+                let cap = conn_block::capacity(max, b);
+                let room = known
+                    .and_then(|m| m.get(&b))
+                    .map_or(cap, |s| s.block.room(cap, now_ms, lease_ms));
+                (room > 0).then_some((b, room))
+            })
     }
 
-    /// The slot held longest, if it has been held past the lease (JetStream may have dropped
-    /// it: the watch does not report expiries).
-    pub(crate) fn expired_slot(&self, policy: &str, max: u32, lease: Duration) -> Option<u32> {
-        self.slots
-            .get(policy)?
-            .iter()
-            .filter(|(n, h)| **n < max && h.seen.elapsed() >= lease)
-            .min_by_key(|(_, h)| h.seen)
-            .map(|(n, _)| *n)
-    }
-
-    /// Slots of the policy this instance knows to be held, above the limit too (after the
-    /// limit was lowered they still count).
+    /// Holders of the policy this instance knows, above the limit too (after the limit was
+    /// lowered they still count).
     pub(crate) fn in_use(&self, policy: &str) -> usize {
-        self.slots.get(policy).map_or(0, HashMap::len)
+        self.held.get(policy).copied().unwrap_or(0)
     }
 
-    /// The slot of `policy` that `holder` holds, if this instance has seen it.
-    pub(crate) fn slot_of(&self, policy: &str, holder: &str) -> Option<(u32, u64)> {
+    /// The block of `policy` that `holder` is in, if this instance has seen it.
+    pub(crate) fn slot_of(&self, policy: &str, holder: &str) -> Option<u32> {
         self.by_connection
             .get(token_of(holder))?
             .iter()
             .filter(|(p, _)| p == policy)
-            .find_map(|(p, n)| {
-                let h = self.slots.get(p)?.get(n)?;
-                (h.holder == holder).then_some((*n, h.revision))
+            .find_map(|(p, b)| {
+                let s = self.blocks.get(p)?.get(b)?;
+                s.block.holds(holder).then_some(*b)
             })
     }
 
@@ -234,26 +221,32 @@ impl View {
         let Some(list) = self.by_connection.get(token) else {
             return Vec::new();
         };
-        list.iter()
-            .filter_map(|(p, n)| {
-                let h = self.slots.get(p)?.get(n)?;
-                Some(SlotRef {
-                    key: slot_key(p, *n),
+        let mut held = Vec::new();
+        for (p, b) in list {
+            let Some(s) = self.blocks.get(p).and_then(|m| m.get(b)) else {
+                continue;
+            };
+            for h in &s.block.holders {
+                let slot = SlotRef {
+                    key: slot_key(p, *b),
                     holder: h.holder.clone(),
-                    revision: h.revision,
-                })
-            })
-            .collect()
+                };
+                if token_of(&h.holder) == token && !held.contains(&slot) {
+                    held.push(slot);
+                }
+            }
+        }
+        held
     }
 }
 
 /// The connection token of a holder `<connection>#<run>`.
-fn token_of(holder: &str) -> &str {
+pub(crate) fn token_of(holder: &str) -> &str {
     holder.split_once('#').map_or(holder, |(t, _)| t)
 }
 
-pub(crate) fn slot_key(policy: &str, n: u32) -> String {
-    format!("slot.{policy}.{n}")
+pub(crate) fn slot_key(policy: &str, b: u32) -> String {
+    format!("slot.{policy}.{b}")
 }
 
 fn parse_slot(key: &str) -> Option<(&str, u32)> {
@@ -269,30 +262,49 @@ fn parse_slot(key: &str) -> Option<(&str, u32)> {
 mod tests {
     use super::*;
 
+    fn put(v: &mut View, key: &str, holders: &[&str], revision: u64) {
+        let block = Block::default().with(holders, 1, u64::MAX);
+        v.apply_at(key, Some(&block.encode()), revision);
+    }
+
     #[test]
-    fn the_connection_index_follows_takes_handovers_and_frees() {
+    fn the_connection_index_follows_admissions_handovers_and_frees() {
         let mut v = View::default();
-        v.apply_at("slot.p.1", Some("c1#r1".into()), 10);
-        v.apply_at("slot.q.7", Some("c1#r1".into()), 11);
-        v.apply_at("slot.p.2", Some("c2#r9".into()), 12);
+        put(&mut v, "slot.p.0", &["c1#r1", "c2#r9"], 10);
+        put(&mut v, "slot.q.3", &["c1#r1"], 11);
         let keys = |v: &View, t: &str| {
             let mut k: Vec<String> = v.held_by(t).into_iter().map(|s| s.key).collect();
             k.sort();
             k
         };
-        assert_eq!(keys(&v, "c1"), ["slot.p.1", "slot.q.7"]);
-        assert_eq!(v.slot_of("q", "c1#r1"), Some((7, 11)));
+        assert_eq!(keys(&v, "c1"), ["slot.p.0", "slot.q.3"]);
+        assert_eq!(v.slot_of("q", "c1#r1"), Some(3));
         assert_eq!(v.slot_of("q", "c1#r2"), None, "another run of c1");
-        // After a lease, slot p.1 belongs to another connection.
-        v.apply_at("slot.p.1", Some("c3#r1".into()), 13);
-        assert_eq!(keys(&v, "c1"), ["slot.q.7"]);
-        assert_eq!(v.held_as("c3#r1")[0].revision, 13);
-        v.apply_at("slot.q.7", None, 14);
+        assert_eq!(v.in_use("p"), 2);
+        // c1 leaves block p.0, c3 comes in.
+        put(&mut v, "slot.p.0", &["c2#r9", "c3#r1"], 12);
+        assert_eq!(keys(&v, "c1"), ["slot.q.3"]);
+        assert!(v.released_before("c1", 13), "the free is remembered");
+        assert!(!v.released_before("c2", 13));
+        assert_eq!(v.held_as("c3#r1")[0].key, "slot.p.0");
+        // A stale change is ignored; a delete frees every holder of the block.
+        put(&mut v, "slot.q.3", &[], 5);
+        assert_eq!(keys(&v, "c1"), ["slot.q.3"]);
+        v.apply_at("slot.q.3", None, 14);
         assert!(v.held_by("c1").is_empty());
-        assert!(v.released_before("c1", 15), "the free is remembered");
-        // A failed create (holder unknown) is in no connection's list.
-        v.mark_taken("slot.p.3");
-        assert_eq!(v.in_use("p"), 3);
-        assert_eq!(keys(&v, "c2"), ["slot.p.2"]);
+        assert_eq!(v.in_use("q"), 0);
+        assert_eq!(v.in_use("p"), 2);
+    }
+
+    #[test]
+    fn room_is_looked_for_from_the_start_block_on() {
+        let mut v = View::default();
+        let sixteen: Vec<String> = (0..16).map(|i| format!("c{i}#r")).collect();
+        let refs: Vec<&str> = sixteen.iter().map(String::as_str).collect();
+        put(&mut v, "slot.p.1", &refs, 1);
+        // 40 slots: blocks 0, 1 (full) and 2 (8 slots).
+        assert_eq!(v.with_room("p", 40, 1, 2, u64::MAX, &[]), Some((2, 8)));
+        assert_eq!(v.with_room("p", 40, 1, 2, u64::MAX, &[2]), Some((0, 16)));
+        assert_eq!(v.with_room("p", 17, 1, 2, u64::MAX, &[0]), None);
     }
 }

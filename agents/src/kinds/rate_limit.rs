@@ -388,6 +388,7 @@ impl RateLimiter {
 
 impl AgentKind for RateLimiter {
     const INLINE: bool = false;
+    const TAKES: bool = true;
 
     type Policy = RateLimitPolicy;
     type Rules = Vec<Compiled>;

@@ -2,12 +2,13 @@
 //! one write (an *allotment*) and spends without touching the bucket again.
 //!
 //! Sizing is the whole trick. An allotment covers about [`REFILL_EVERY`] of the demand this
-//! instance sees on the key (plus the requests already waiting for it), so a busy key costs
-//! one write per refill instead of one per admission. It never exceeds [`MAX_ALLOTMENT`] nor
-//! [`HELD_FOR`] worth of the policy's rate, and never more than a quarter of the tokens the
-//! shared entry still has: near the limit every allotment is one token, and the limiter is as
-//! exact as a compare-and-set per admission. Tokens an instance holds but never spends are
-//! lost with it, which only makes the limit stricter.
+//! instance sees on the key (or as many requests as waited on the last refill), so a busy key
+//! costs one write per refill instead of one per admission. It never exceeds
+//! [`MAX_ALLOTMENT`] nor [`HELD_FOR`] worth of the policy's rate, and never more than a
+//! quarter (rounded up) of the tokens the shared entry still has: near the limit every
+//! allotment is one token, and the limiter is as exact as a compare-and-set per admission.
+//! Tokens an instance holds but never spends are lost with it, which only makes the limit
+//! stricter.
 //!
 //! The bound over any window `W` becomes `rate × W + burst + 1 + instances × A`, with
 //! `A = allotment_cap(gcra)`: GCRA bounds what all instances take from the bucket, and tokens
@@ -76,7 +77,10 @@ pub struct Pool {
     /// Until when the shared entry is known to refuse (its TAT only moves on).
     denied_until_ns: u64,
     refilling: bool,
+    /// Requests waiting on the refill under way.
     waiting: u64,
+    /// Requests that waited on the last refill: the next one takes enough for them too.
+    backlog: u64,
     refilled: Arc<Notify>,
     /// What the last refill came to, for the requests that waited on it.
     last: Option<Refusal>,
@@ -106,6 +110,7 @@ impl Pool {
             denied_until_ns: 0,
             refilling: false,
             waiting: 0,
+            backlog: 0,
             refilled: Arc::new(Notify::new()),
             last: None,
             window_start_ns: 0,
@@ -151,16 +156,16 @@ impl Pool {
         }
         self.refilling = true;
         let demand = (self.demand * REFILL_EVERY.as_secs_f64()).ceil() as u64;
-        Next::Refill(demand.max(self.waiting + 1))
+        Next::Refill(demand.max(self.backlog + 1))
     }
 
     /// A refill came back: `Ok(tokens)` taken (one of them is the refiller's), or why not.
     pub fn refilled(&mut self, now: u64, outcome: Result<u64, (Refusal, u64)>) {
         self.refilling = false;
-        self.waiting = 0;
+        self.backlog = std::mem::take(&mut self.waiting);
         match outcome {
             Ok(n) => {
-                self.tokens += n.saturating_sub(1);
+                self.keep(n.saturating_sub(1));
                 self.last = None;
             }
             Err((refusal, wait_ns)) => {
@@ -184,7 +189,13 @@ impl Pool {
 
     /// A token the request took but does not need after all (another policy refused it).
     pub fn give_back(&mut self) {
-        self.tokens += 1;
+        self.keep(1);
+    }
+
+    /// Adds tokens, never holding more than one allotment: tokens over that (given back while
+    /// a refill came in) are dropped, the strict side, so the documented bound holds.
+    fn keep(&mut self, n: u64) {
+        self.tokens = (self.tokens + n).min(allotment_cap(&self.gcra));
     }
 
     /// Whether dropping the pool loses nothing but tokens (which is the strict side).
@@ -300,7 +311,25 @@ mod tests {
         for _ in 0..3 {
             assert!(matches!(p.next(now, true), Next::Spent));
         }
-        assert!(matches!(p.next(now, false), Next::Refill(1)));
+        // The next refill also covers as many as waited on the last one.
+        assert!(matches!(p.next(now, false), Next::Refill(4)));
+    }
+
+    #[test]
+    fn a_pool_never_holds_more_than_one_allotment() {
+        let g = gcra("1000/s", 100);
+        let mut p = Pool::new(g);
+        assert!(matches!(p.next(0, false), Next::Refill(_)));
+        // Requests refused by another policy give their tokens back while the refill runs.
+        for _ in 0..200 {
+            p.give_back();
+        }
+        p.refilled(0, Ok(allotment_cap(&g)));
+        let mut spent = 0;
+        while let Next::Spent = p.next(0, false) {
+            spent += 1;
+        }
+        assert_eq!(spent, allotment_cap(&g));
     }
 
     #[test]

@@ -110,6 +110,38 @@ async fn two_instances_never_admit_more_than_the_limit_and_close_frees_a_slot() 
     assert!(allowed(&burst(&hook, 10).await).is_empty(), "full again");
 }
 
+/// Writes to a bucket so far (its stream's last sequence).
+async fn bucket_writes(engine: &Engine, bucket: &str) -> u64 {
+    let js = async_nats::jetstream::new(engine.client().await);
+    let mut stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .expect("bucket stream");
+    stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admissions_waiting_together_share_one_write_and_the_limit_stays_exact() {
+    let limit = 100;
+    let (engine, _admin, hook) = conn_limit_engine(2, &[], limit).await;
+    let before = bucket_writes(&engine, &engine.subjects().conn_bucket()).await;
+    // Far more at once than the limit, from two instances.
+    let decisions = burst(&hook, 300).await;
+    let admitted = allowed(&decisions).len();
+    let writes = bucket_writes(&engine, &engine.subjects().conn_bucket()).await - before;
+    println!("{admitted} of 300 admitted under a limit of {limit}, with {writes} writes");
+    assert_eq!(admitted, limit as usize, "exactly the limit");
+    assert!(
+        writes * 3 <= admitted as u64,
+        "{writes} writes for {admitted} admissions: waiting admissions should share writes"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn three_instances_racing_for_a_single_slot_admit_one() {
     let (_engine, _admin, hook) = conn_limit_engine(3, &[], 1).await;

@@ -18,7 +18,8 @@ async fn slot_bucket(engine: &Engine) -> async_nats::jetstream::kv::Store {
         .expect("conn bucket")
 }
 
-/// Slots held in the connection limiter's bucket: `slot = holder` each.
+/// Slots held in the connection limiter's bucket: `block = holder since` each (a block's
+/// value is one line per holder; a block with none is an empty value).
 async fn slots_held(engine: &Engine) -> Vec<String> {
     use futures::TryStreamExt;
     let kv = slot_bucket(engine).await;
@@ -33,7 +34,12 @@ async fn slots_held(engine: &Engine) -> Vec<String> {
     // `slot._gone.<connection>` records a close, not a slot.
     for k in keys.into_iter().filter(|k| !k.starts_with("slot._")) {
         if let Ok(Some(v)) = kv.get(&k).await {
-            held.push(format!("{k} = {}", String::from_utf8_lossy(&v)));
+            for line in String::from_utf8_lossy(&v)
+                .lines()
+                .filter(|l| !l.is_empty())
+            {
+                held.push(format!("{k} = {line}"));
+            }
         }
     }
     held.sort();
@@ -251,8 +257,9 @@ async fn a_confirmed_close_has_freed_slots_another_instance_took_a_moment_before
         .await
         .expect("close confirmed");
         let held = kv.get(format!("slot.db.{}", 900 + i)).await.expect("read");
+        let held = held.map(|v| String::from_utf8_lossy(&v).into_owned());
         assert!(
-            held.is_none(),
+            held.as_deref().unwrap_or("").trim().is_empty(),
             "close {i} confirmed, yet its slot is still held: {held:?}"
         );
     }
