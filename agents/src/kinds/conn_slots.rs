@@ -9,18 +9,19 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 
 /// Lost writes of one batch (or one release) before it is given up as contended.
-const ATTEMPTS: usize = 8;
+pub(super) const ATTEMPTS: usize = 8;
 /// How long a close waits for the bucket, and for the view to catch up with it.
 const CATCH_UP: Duration = Duration::from_secs(1);
 
+use super::conn_admit::Queue;
 use super::conn_block::{self, Block};
 pub(crate) use super::conn_view::slot_key;
-use super::conn_view::{token_of, Seen, SlotRef, Taken, View, GONE_PREFIX, RELEASED_FOR};
+use super::conn_view::{Seen, SlotRef, View, GONE_PREFIX, RELEASED_FOR};
 
 /// The shared slot store and this instance's view of it.
 pub(crate) struct Slots {
     pub(crate) store: kv::Store,
-    lease: Duration,
+    pub(super) lease: Duration,
     pub(crate) view: Mutex<View>,
     /// Holders whose event was denied in the end, with when this instance heard: an admission
     /// of theirs still in progress here (a late or duplicate request) gives its slots back.
@@ -29,54 +30,10 @@ pub(crate) struct Slots {
     /// bucket's last revision, so it frees slots other instances took a moment ago too.
     applied: tokio::sync::watch::Sender<u64>,
     /// Admissions waiting for this instance's next write, per policy.
-    queues: Mutex<HashMap<String, Queue>>,
+    pub(super) queues: Mutex<HashMap<String, Queue>>,
     /// The block this instance looks for room from: instances start apart, so their writes
     /// rarely meet on one block, and one instance's admissions gather in one block.
-    start: u32,
-}
-
-type Reply = tokio::sync::oneshot::Sender<Result<Taken, String>>;
-
-/// An admission waiting for a write.
-struct Waiting {
-    holder: String,
-    max: u32,
-    reply: Reply,
-}
-
-#[derive(Default)]
-struct Queue {
-    waiting: Vec<Waiting>,
-    /// A writer task is at work on this policy.
-    writing: bool,
-    /// The block last written: the next batch looks for room from there, so blocks filled
-    /// before are not looked at again until the limit wraps around.
-    cursor: Option<u32>,
-}
-
-/// Lets a policy's queue be written again if its writer panicked (its waiters' answers are
-/// dropped with it: they fail closed).
-struct Unstuck<'a>(&'a Mutex<HashMap<String, Queue>>, &'a str);
-
-impl Drop for Unstuck<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let mut queues = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            queues.remove(self.1);
-        }
-    }
-}
-
-fn answer(replies: Vec<Reply>, what: impl Fn() -> Result<Taken, String>) {
-    for r in replies {
-        let _ = r.send(what());
-    }
-}
-
-fn answer_all(pending: Vec<(String, Vec<Reply>)>, what: impl Fn() -> Result<Taken, String>) {
-    for (_, replies) in pending {
-        answer(replies, &what);
-    }
+    pub(super) start: u32,
 }
 
 /// How long an undone holder is remembered: longer than any subscription timeout.
@@ -121,7 +78,7 @@ impl Slots {
     }
 
     /// Waits until the watch has applied the bucket up to `revision`.
-    async fn applied_up_to(&self, revision: u64) -> Result<(), String> {
+    pub(super) async fn applied_up_to(&self, revision: u64) -> Result<(), String> {
         let mut applied = self.applied.subscribe();
         let waited = tokio::time::timeout(CATCH_UP, applied.wait_for(|r| *r >= revision))
             .await
@@ -188,185 +145,12 @@ impl Slots {
         });
     }
 
-    fn lease_ms(&self) -> u64 {
+    pub(super) fn lease_ms(&self) -> u64 {
         self.lease.as_millis() as u64
     }
 
-    /// Takes one slot of the policy (`max` slots) for `holder` (`<connection>#<run>`). The
-    /// admission waits for this instance's next write of a block of the policy, which admits
-    /// every connection waiting at that moment (see [`super::conn_block`]).
-    pub(crate) async fn take(
-        self: &Arc<Self>,
-        policy: &str,
-        max: u32,
-        holder: &str,
-    ) -> Result<Taken, String> {
-        // The same request twice (a hedge) on this instance: the same slot.
-        if let Some(b) = self.view().slot_of(policy, holder) {
-            return Ok(Taken::Slot(b));
-        }
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let start_writer = {
-            let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-            let queue = queues.entry(policy.to_string()).or_default();
-            queue.waiting.push(Waiting {
-                holder: holder.to_string(),
-                max,
-                reply,
-            });
-            !std::mem::replace(&mut queue.writing, true)
-        };
-        if start_writer {
-            let (this, policy) = (self.clone(), policy.to_string());
-            tokio::spawn(async move { this.write_queue(&policy).await });
-        }
-        answer
-            .await
-            .unwrap_or_else(|_| Err("the slot writer stopped".into()))
-    }
-
-    /// Writes the policy's waiting admissions, batch after batch, until none wait.
-    async fn write_queue(self: Arc<Self>, policy: &str) {
-        let _unstuck = Unstuck(&self.queues, policy);
-        loop {
-            let batch = {
-                let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(queue) = queues.get_mut(policy) else {
-                    return;
-                };
-                if queue.waiting.is_empty() {
-                    queue.writing = false;
-                    return;
-                }
-                std::mem::take(&mut queue.waiting)
-            };
-            self.admit_batch(policy, batch).await;
-        }
-    }
-
-    /// Admits a batch: as many as fit into one block, by one compare-and-set of it, then the
-    /// rest into the next block with room. A write that loses to another instance reads the
-    /// block and tries again; after [`ATTEMPTS`] lost writes, or with no room anywhere, the
-    /// rest are refused.
-    async fn admit_batch(self: &Arc<Self>, policy: &str, batch: Vec<Waiting>) {
-        let max = batch.iter().map(|w| w.max).min().unwrap_or(0);
-        // One entry per holder (hedged copies on this instance wait for the same write).
-        let mut pending: Vec<(String, Vec<Reply>)> = Vec::new();
-        for w in batch {
-            if let Some(b) = self.view().slot_of(policy, &w.holder) {
-                let _ = w.reply.send(Ok(Taken::Slot(b)));
-            } else if let Some(p) = pending.iter_mut().find(|(h, _)| *h == w.holder) {
-                p.1.push(w.reply);
-            } else {
-                pending.push((w.holder, vec![w.reply]));
-            }
-        }
-        let mut lost = 0;
-        let mut tried: Vec<u32> = Vec::new();
-        while !pending.is_empty() {
-            let now = conn_block::now_ms();
-            let found = {
-                let cursor = self.queue_cursor(policy);
-                let view = self.view();
-                let start = cursor.unwrap_or(self.start) % conn_block::blocks(max).max(1);
-                view.with_room(policy, max, start, now, self.lease_ms(), &tried)
-                    .map(|(b, room)| {
-                        let key = slot_key(policy, b);
-                        let seen = view.block(&key).cloned();
-                        (b, room, key, seen)
-                    })
-            };
-            let Some((b, room, key, seen)) = found else {
-                answer_all(pending, || Ok(Taken::Full));
-                return;
-            };
-            let (base, revision) = seen.map_or((Block::default(), 0), |s| (s.block, s.revision));
-            let chunk: Vec<(String, Vec<Reply>)> =
-                pending.drain(..pending.len().min(room as usize)).collect();
-            let names: Vec<&str> = chunk.iter().map(|(h, _)| h.as_str()).collect();
-            let next = base.with(&names, now, self.lease_ms());
-            let value = next.encode();
-            let written = if revision == 0 {
-                self.store.create(&key, value).await.map_err(|e| {
-                    (
-                        e.kind() == kv::CreateErrorKind::AlreadyExists,
-                        e.to_string(),
-                    )
-                })
-            } else {
-                self.store.update(&key, value, revision).await.map_err(|e| {
-                    (
-                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                        e.to_string(),
-                    )
-                })
-            };
-            match written {
-                Ok(rev) => {
-                    tracing::debug!(%key, admitted = chunk.len(), revision = rev, "slots taken");
-                    self.view().wrote(&key, Some(next), rev);
-                    self.set_cursor(policy, b);
-                    let this = self.clone();
-                    tokio::spawn(async move { this.after_write(key, b, chunk, rev).await });
-                }
-                Err((true, _)) => {
-                    // Another instance wrote the block first: read it, and try again.
-                    lost += 1;
-                    let fresh = self.read(&key).await;
-                    let mut rest = Vec::new();
-                    for (holder, replies) in chunk {
-                        // A hedged copy on another instance may have admitted it already.
-                        match &fresh {
-                            Ok(Some(s)) if s.block.holds(&holder) => {
-                                answer(replies, || Ok(Taken::Slot(b)))
-                            }
-                            _ => rest.push((holder, replies)),
-                        }
-                    }
-                    if fresh.is_err() {
-                        tried.push(b);
-                    }
-                    rest.append(&mut pending);
-                    pending = rest;
-                    if lost >= ATTEMPTS {
-                        answer_all(pending, || Ok(Taken::Full));
-                        return;
-                    }
-                }
-                Err((false, why)) => {
-                    // Maybe written, maybe not: if it was, those admissions are refused, so
-                    // their slots go back once the store answers.
-                    self.give_back(
-                        chunk
-                            .iter()
-                            .map(|(holder, _)| SlotRef {
-                                key: key.clone(),
-                                holder: holder.clone(),
-                            })
-                            .collect(),
-                    );
-                    answer_all(chunk, || Err(why.clone()));
-                    answer_all(pending, || Err(why.clone()));
-                    return;
-                }
-            }
-        }
-    }
-
-    fn queue_cursor(&self, policy: &str) -> Option<u32> {
-        let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        queues.get(policy).and_then(|q| q.cursor)
-    }
-
-    fn set_cursor(&self, policy: &str, b: u32) {
-        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(q) = queues.get_mut(policy) {
-            q.cursor = Some(b);
-        }
-    }
-
     /// Reads a block from the bucket into the view.
-    async fn read(&self, key: &str) -> Result<Option<Seen>, String> {
+    pub(super) async fn read(&self, key: &str) -> Result<Option<Seen>, String> {
         let entry = self
             .store
             .entry(key)
@@ -382,44 +166,6 @@ impl Slots {
             None => view.wrote(key, Some(Block::default()), 0),
         }
         Ok(view.block(key).cloned())
-    }
-
-    /// A copy of an admission (another dispatcher's run of a hedged event, or a late agent
-    /// call) can take its slot after the connection was closed or its event denied: a close
-    /// cannot free a slot that is not taken yet. So once the view has the write, an admission
-    /// checks whether a slot of the same connection was freed before it, and if so gives its
-    /// own back. Every slot then is either taken before the close's second look at the bucket
-    /// (and freed by it) or after the close's first release (and given back here).
-    async fn after_write(
-        self: Arc<Self>,
-        key: String,
-        b: u32,
-        chunk: Vec<(String, Vec<Reply>)>,
-        revision: u64,
-    ) {
-        if let Err(e) = self.applied_up_to(revision).await {
-            tracing::debug!(%key, error = %e, "could not check the new slots against releases");
-            answer_all(chunk, || Ok(Taken::Slot(b)));
-            return;
-        }
-        for (holder, replies) in chunk {
-            if !self.view().released_before(token_of(&holder), revision) {
-                answer(replies, || Ok(Taken::Slot(b)));
-                continue;
-            }
-            tracing::debug!(%key, %holder, "the connection was released before this admission took its slot: given back");
-            let slot = SlotRef {
-                key: key.clone(),
-                holder,
-            };
-            match self.release_exact(std::slice::from_ref(&slot)).await {
-                Ok(()) => answer(replies, || Ok(Taken::Released)),
-                Err(e) => {
-                    self.give_back(vec![slot]);
-                    answer(replies, || Err(e.clone()));
-                }
-            }
-        }
     }
 
     /// Frees the given slots if they still hold their holders (after a lease a slot may belong

@@ -1,6 +1,7 @@
 //! The agent kinds shipped with policy-bus. Others, in any language, join by subscription.
 
 pub mod acl;
+mod conn_admit;
 mod conn_block;
 pub mod conn_limit;
 mod conn_slots;
