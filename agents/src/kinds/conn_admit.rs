@@ -132,6 +132,14 @@ impl Slots {
             let found = {
                 let cursor = self.queue_cursor(policy);
                 let view = self.view();
+                // A lowered limit: holders in blocks above it still count.
+                if view.in_use(policy) >= max as usize
+                    && view.live_in_use(policy, now, self.lease_ms()) >= max as usize
+                {
+                    drop(view);
+                    answer_all(pending, || Ok(Taken::Full));
+                    return;
+                }
                 let start = cursor.unwrap_or(self.start) % conn_block::blocks(max).max(1);
                 view.with_room(policy, max, start, now, self.lease_ms(), &tried)
                     .map(|(b, room)| {

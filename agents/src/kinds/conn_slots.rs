@@ -163,7 +163,7 @@ impl Slots {
                 view.apply_at(key, value, e.revision);
             }
             // Gone (dropped with the lease): nothing is held there.
-            None => view.wrote(key, Some(Block::default()), 0),
+            None => view.forget(key),
         }
         Ok(view.block(key).cloned())
     }
@@ -257,10 +257,16 @@ impl Slots {
             if limited {
                 // Closed before any admission of it took a slot (its decision was lost, and
                 // the gateway cancelled it): tell every instance, so a late one gives it back.
-                self.store
+                let gone = self
+                    .store
                     .put(format!("{GONE_PREFIX}{token}"), bytes::Bytes::new())
                     .await
                     .map_err(|e| format!("could not record the close: {e}"))?;
+                // An admission written between the catch-up and the marker is below it, so it
+                // does not give itself back: once the view has the marker, free it here.
+                self.applied_up_to(gone).await?;
+                let late = self.view().held_by(token);
+                self.release_exact(&late).await?;
             }
             return Ok(());
         }

@@ -95,12 +95,44 @@ impl View {
     }
 
     /// A block this instance wrote at `revision` itself.
+    /// Ignored if the view already has the block at this revision or later (the watch can
+    /// bring a newer change before the writer's task runs again).
     pub(crate) fn wrote(&mut self, key: &str, block: Option<Block>, revision: u64) {
         let Some((policy, b)) = parse_slot(key) else {
             return;
         };
+        if self.block(key).is_some_and(|s| s.revision >= revision) {
+            return;
+        }
         let seen = block.map(|block| Seen { block, revision });
         self.set(policy, b, seen, revision);
+    }
+
+    /// A block found absent from the bucket (dropped with the lease, its holders all past it):
+    /// forgotten without recording releases.
+    pub(crate) fn forget(&mut self, key: &str) {
+        let Some((policy, b)) = parse_slot(key) else {
+            return;
+        };
+        let Some(old) = self.blocks.get_mut(policy).and_then(|m| m.remove(&b)) else {
+            return;
+        };
+        for h in &old.block.holders {
+            self.unindex(&h.holder, policy, b);
+        }
+        if let Some(count) = self.held.get_mut(policy) {
+            *count = count.saturating_sub(old.block.holders.len());
+        }
+    }
+
+    /// Holders of the policy not past the lease: a pass over its blocks, for when the count
+    /// says the limit is reached.
+    pub(crate) fn live_in_use(&self, policy: &str, now_ms: u64, lease_ms: u64) -> usize {
+        self.blocks.get(policy).map_or(0, |m| {
+            m.values()
+                .map(|s| s.block.live_count(now_ms, lease_ms) as usize)
+                .sum()
+        })
     }
 
     fn set(&mut self, policy: &str, b: u32, seen: Option<Seen>, revision: u64) {
@@ -287,13 +319,20 @@ mod tests {
         assert!(v.released_before("c1", 13), "the free is remembered");
         assert!(!v.released_before("c2", 13));
         assert_eq!(v.held_as("c3#r1")[0].key, "slot.p.0");
+        // This instance's own older write, applied after the watch's newer change: ignored.
+        v.wrote("slot.p.0", Some(Block::default()), 11);
+        assert_eq!(v.held_as("c3#r1")[0].key, "slot.p.0");
+        assert_eq!(v.live_in_use("p", 2, u64::MAX), 2);
+        // A block found gone is forgotten without a release.
+        v.forget("slot.p.0");
+        assert!(v.held_by("c3").is_empty() && !v.released_before("c3", 100));
         // A stale change is ignored; a delete frees every holder of the block.
         put(&mut v, "slot.q.3", &[], 5);
         assert_eq!(keys(&v, "c1"), ["slot.q.3"]);
         v.apply_at("slot.q.3", None, 14);
         assert!(v.held_by("c1").is_empty());
         assert_eq!(v.in_use("q"), 0);
-        assert_eq!(v.in_use("p"), 2);
+        assert_eq!(v.in_use("p"), 0, "p.0 was forgotten");
     }
 
     #[test]
