@@ -72,7 +72,12 @@ impl Slots {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let start_writer = {
             let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-            let queue = queues.entry(policy.to_string()).or_default();
+            if !queues.contains_key(policy) {
+                queues.insert(policy.to_string(), Queue::default());
+            }
+            let Some(queue) = queues.get_mut(policy) else {
+                return Err("no admission queue for the policy".into());
+            };
             queue.waiting.push(Waiting {
                 holder: holder.to_string(),
                 max,

@@ -253,9 +253,13 @@ impl RateLimiter {
                     // Dropping a pool loses its tokens: the strict side.
                     pools.retain(|_, p| !p.idle());
                 }
-                let pool = pools
-                    .entry(key.to_string())
-                    .or_insert_with(|| Pool::new(gcra));
+                // A key is allocated once, not on every spend.
+                if !pools.contains_key(key) {
+                    pools.insert(key.to_string(), Pool::new(gcra));
+                }
+                let Some(pool) = pools.get_mut(key) else {
+                    return Err(Refusal::Unavailable("no pool for the key".into()));
+                };
                 if pool.gcra != gcra && pool.idle() {
                     // The policy changed: its tokens were taken under the old rate.
                     *pool = Pool::new(gcra);

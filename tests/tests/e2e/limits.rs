@@ -270,30 +270,36 @@ async fn a_restarted_instance_knows_the_live_connections() {
     );
 }
 
-/// Sends connections as fast as `workers` callers can for `span`, returning the admitted count
-/// and the time it really took.
-async fn hammer(hook: &bus::Client, workers: usize, span: Duration) -> (usize, Duration) {
+/// Sends `web -> dst` connections as fast as `workers` callers can for `span`, returning the
+/// admitted and the sent counts and the time it really took.
+async fn hammer(
+    hook: &bus::Client,
+    dst: &'static str,
+    workers: usize,
+    span: Duration,
+) -> (usize, usize, Duration) {
     let start = Instant::now();
     let tasks = (0..workers).map(|_| {
         let hook = hook.clone();
         tokio::spawn(async move {
-            let mut ok = 0;
+            let (mut ok, mut sent) = (0, 0);
             while start.elapsed() < span {
                 let d = hook
-                    .new_connection(&conn("web", "db", &["p1"]))
+                    .new_connection(&conn("web", dst, &["p1"]))
                     .await
                     .expect("decision");
                 ok += usize::from(d.action == Action::Allow);
+                sent += 1;
             }
-            ok
+            (ok, sent)
         })
     });
-    let admitted = futures::future::join_all(tasks)
+    let (admitted, sent) = futures::future::join_all(tasks)
         .await
         .into_iter()
         .map(|r| r.expect("join"))
-        .sum();
-    (admitted, start.elapsed())
+        .fold((0, 0), |(a, s), (ok, n)| (a + ok, s + n));
+    (admitted, sent, start.elapsed())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -324,7 +330,7 @@ async fn the_rate_bound_holds_with_one_and_with_two_instances() {
         .await;
         // Let the budget refill, then push far more than the rate.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (admitted, took) = hammer(&hook, 8, Duration::from_secs(2)).await;
+        let (admitted, _, took) = hammer(&hook, "db", 8, Duration::from_secs(2)).await;
         // At 20/s an allotment is one token (50 ms of the rate): each instance holds at most one.
         let bound = rate * took.as_secs_f64() + burst_size + 1.0 + instances as f64;
         assert!(
@@ -336,21 +342,6 @@ async fn the_rate_bound_holds_with_one_and_with_two_instances() {
             "{instances} instance(s): only {admitted} admitted in {took:?}"
         );
     }
-}
-
-/// Writes to the rate bucket so far (its stream's last sequence).
-async fn rate_writes(engine: &Engine) -> u64 {
-    let js = async_nats::jetstream::new(engine.client().await);
-    let mut stream = js
-        .get_stream(format!("KV_{}", engine.subjects().rate_bucket()))
-        .await
-        .expect("rate stream");
-    stream
-        .info()
-        .await
-        .expect("stream info")
-        .state
-        .last_sequence
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -387,7 +378,7 @@ async fn three_instances_spend_allotments_within_the_bound_and_far_from_it_write
     .await;
 
     // Near the limit: every instance takes small allotments, and the bound holds.
-    let (admitted, took) = hammer(&hook, 32, Duration::from_secs(2)).await;
+    let (admitted, _, took) = hammer(&hook, "db", 32, Duration::from_secs(2)).await;
     let bound = rate * took.as_secs_f64() + burst + 1.0 + instances * cap;
     println!("near the limit: {admitted} admitted in {took:?}, bound {bound:.1}");
     assert!(
@@ -400,29 +391,14 @@ async fn three_instances_spend_allotments_within_the_bound_and_far_from_it_write
     );
 
     // Far from the limit: allotments cover the demand, so most admissions write nothing.
-    let before = rate_writes(&engine).await;
-    let start = Instant::now();
-    let tasks = (0..32).map(|_| {
-        let hook = hook.clone();
-        tokio::spawn(async move {
-            let mut ok = 0usize;
-            while start.elapsed() < Duration::from_secs(2) {
-                let d = hook
-                    .new_connection(&conn("web", "api", &["p1"]))
-                    .await
-                    .expect("decision");
-                assert_eq!(d.action, Action::Allow, "far from the limit: {d:?}");
-                ok += 1;
-            }
-            ok
-        })
-    });
-    let admitted: usize = futures::future::join_all(tasks)
-        .await
-        .into_iter()
-        .map(|r| r.expect("join"))
-        .sum();
-    let writes = rate_writes(&engine).await - before;
+    let bucket = engine.subjects().rate_bucket();
+    let before = bucket_writes(&engine, &bucket).await;
+    let (admitted, sent, _) = hammer(&hook, "api", 32, Duration::from_secs(2)).await;
+    assert_eq!(
+        admitted, sent,
+        "far from the limit, every connection is admitted"
+    );
+    let writes = bucket_writes(&engine, &bucket).await - before;
     println!("far from the limit: {admitted} admitted with {writes} writes");
     assert!(
         writes * 4 <= admitted as u64,
