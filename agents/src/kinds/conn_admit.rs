@@ -8,7 +8,12 @@ use std::sync::{Arc, Mutex};
 use async_nats::jetstream::kv;
 
 use super::conn_block::{self, Block};
-use super::conn_slots::{Slots, ATTEMPTS};
+use super::conn_slots::Slots;
+
+/// Lost writes of one batch before the rest are refused as contended. A lost write means
+/// another instance admitted into that block, so under a small limit shared by busy
+/// instances many are normal; giving up early would deny under the limit.
+const BATCH_ATTEMPTS: usize = 64;
 use super::conn_view::{slot_key, token_of, SlotRef, Taken};
 
 type Reply = tokio::sync::oneshot::Sender<Result<Taken, String>>;
@@ -115,7 +120,7 @@ impl Slots {
 
     /// Admits a batch: as many as fit into one block, by one compare-and-set of it, then the
     /// rest into the next block with room. A write that loses to another instance reads the
-    /// block and tries again; after [`ATTEMPTS`] lost writes, or with no room anywhere, the
+    /// block and tries again; after [`BATCH_ATTEMPTS`] lost writes, or with no room anywhere, the
     /// rest are refused.
     async fn admit_batch(self: &Arc<Self>, policy: &str, batch: Vec<Waiting>) {
         let max = batch.iter().map(|w| w.max).min().unwrap_or(0);
@@ -205,7 +210,7 @@ impl Slots {
                     }
                     rest.append(&mut pending);
                     pending = rest;
-                    if lost >= ATTEMPTS {
+                    if lost >= BATCH_ATTEMPTS {
                         answer_all(pending, || Ok(Taken::Full));
                         return;
                     }

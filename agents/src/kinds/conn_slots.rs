@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 
 /// Lost writes of one batch (or one release) before it is given up as contended.
-pub(super) const ATTEMPTS: usize = 8;
+const ATTEMPTS: usize = 8;
 /// How long a close waits for the bucket, and for the view to catch up with it.
 const CATCH_UP: Duration = Duration::from_secs(1);
 
