@@ -112,9 +112,13 @@ pub trait AgentKind: Send + Sync + 'static {
     /// The event this agent answered was denied in the end (the final decision is given):
     /// give back what was taken for it. Called at least once per denied event that this kind
     /// answered or failed on, possibly after a duplicate; must be idempotent. Pure kinds take
-    /// nothing and keep this default.
-    fn undo<'a>(&'a self, _decision: &'a State) -> impl Future<Output = ()> + Send + 'a {
-        std::future::ready(())
+    /// nothing and keep this default. An `Err` says the give-back is not confirmed: the agent
+    /// answers with an error, and the dispatcher asks again.
+    fn undo<'a>(
+        &'a self,
+        _decision: &'a State,
+    ) -> impl Future<Output = Result<(), String>> + Send + 'a {
+        std::future::ready(Ok(()))
     }
 
     /// Called once, after connecting and before the first request: a stateful kind opens its

@@ -153,15 +153,19 @@ where
         let validating = op == VALIDATE_TOKEN;
         if op == UNDO_TOKEN {
             let reply = match State::decode(&msg.payload) {
-                Ok(decision) => {
-                    self.kind.undo(&decision).await;
-                    (
+                Ok(decision) => match self.kind.undo(&decision).await {
+                    Ok(()) => (
                         reply_headers,
                         codec::encode("undone", &Validated { ok: true })
                             .unwrap_or_default()
                             .into(),
-                    )
-                }
+                    ),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "undo not confirmed");
+                        ErrorReply::new(ErrorCode::AgentError, format!("undo not confirmed: {e}"))
+                            .to_reply(reply_headers)
+                    }
+                },
                 Err(e) => {
                     ErrorReply::new(ErrorCode::BadRequest, e.to_string()).to_reply(reply_headers)
                 }

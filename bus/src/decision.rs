@@ -81,6 +81,16 @@ impl fmt::Display for Effect {
     }
 }
 
+/// The `policy` of the reason the dispatcher adds for an agent that failed: no answer within
+/// its timeout, no live instance, or an error answer. A kind that takes something reads them in
+/// an undo: a failed call may still be under way, and take after the undo has run.
+pub mod failure {
+    pub const TIMEOUT: &str = "agent-timeout";
+    pub const NO_RESPONDERS: &str = "no-responders";
+    pub const ERROR: &str = "agent-error";
+    pub const ALL: [&str; 3] = [TIMEOUT, NO_RESPONDERS, ERROR];
+}
+
 /// One line of a decision's explanation: which agent and policy did what.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reason {

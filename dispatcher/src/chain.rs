@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use bus::admin::FailureMode;
 use bus::client::ClientError;
+use bus::decision::failure;
 use bus::merge::{merge, Flow};
 use bus::state::keys;
 use bus::tap::{AgentTiming, Outcome};
@@ -53,24 +54,24 @@ fn patch_of(
     let msg = reply.map_err(|e| match e {
         ClientError::Timeout { timeout, .. } => Failure {
             outcome: Outcome::Timeout,
-            code: "agent-timeout",
+            code: failure::TIMEOUT,
             detail: format!("no answer within {timeout:?}"),
         },
         ClientError::NoResponders { .. } => Failure {
             outcome: Outcome::NoResponders,
-            code: "no-responders",
+            code: failure::NO_RESPONDERS,
             detail: format!("no live {} agent", member.kind),
         },
         other => Failure {
             outcome: Outcome::Error,
-            code: "agent-error",
+            code: failure::ERROR,
             detail: other.to_string(),
         },
     })?;
     let header = headers::get(msg.headers.as_ref(), headers::POLICY_STATE);
     State::from_reply(header, &msg.payload, max_bytes).map_err(|detail| Failure {
         outcome: Outcome::Error,
-        code: "agent-error",
+        code: failure::ERROR,
         detail,
     })
 }
@@ -189,7 +190,7 @@ impl Call<'_> {
                 let merged = answer.and_then(|patch| {
                     merge(&mut state, patch).map_err(|e| Failure {
                         outcome: Outcome::Error,
-                        code: "agent-error",
+                        code: failure::ERROR,
                         detail: e.to_string(),
                     })
                 });
@@ -340,9 +341,6 @@ pub struct Undo {
     pub trace: HeaderMap,
 }
 
-/// The failure codes a dispatcher's reason carries as `policy` for an agent that failed.
-const FAILURE_CODES: [&str; 3] = ["agent-timeout", "no-responders", "agent-error"];
-
 /// The kinds to tell that their event was denied: those that answered, or failed (a late
 /// answer may still have taken something), except the ones that denied it themselves (a kind
 /// that refuses keeps nothing), the ones whose answer was pure, and observers. `None` for an event that was not denied.
@@ -356,7 +354,7 @@ pub fn undo_for(run: &Run, decision: &Bytes, trace: &HeaderMap) -> Option<Undo> 
             .filter_map(|r| {
                 let m = r.as_map()?;
                 let get = |k: &str| m.iter().find(|(kk, _)| kk.as_str() == Some(k))?.1.as_str();
-                (get("effect") == Some("deny") && !FAILURE_CODES.contains(&get("policy")?))
+                (get("effect") == Some("deny") && !failure::ALL.contains(&get("policy")?))
                     .then_some(get("agent")?)
             })
             .collect(),

@@ -61,19 +61,15 @@ fn answer_all(pending: Vec<(String, Vec<Reply>)>, what: impl Fn() -> Result<Take
 }
 
 impl Slots {
-    /// Takes one slot of the policy (`max` slots) for `holder` (`<connection>#<run>`). The
-    /// admission waits for this instance's next write of a block of the policy, which admits
-    /// every connection waiting at that moment (see [`super::conn_block`]).
+    /// Takes one slot of the policy (`max` slots) for `holder` (`<connection>#<run>/<copy>`).
+    /// The admission waits for this instance's next write of a block of the policy, which
+    /// admits every connection waiting at that moment (see [`super::conn_block`]).
     pub(crate) async fn take(
         self: &Arc<Self>,
         policy: &str,
         max: u32,
         holder: &str,
     ) -> Result<Taken, String> {
-        // The same request twice (a hedge) on this instance: the same slot.
-        if let Some(b) = self.view().slot_of(policy, holder) {
-            return Ok(Taken::Slot(b));
-        }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let start_writer = {
             let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
@@ -124,12 +120,10 @@ impl Slots {
     /// rest are refused.
     async fn admit_batch(self: &Arc<Self>, policy: &str, batch: Vec<Waiting>) {
         let max = batch.iter().map(|w| w.max).min().unwrap_or(0);
-        // One entry per holder (hedged copies on this instance wait for the same write).
+        // One entry per holder (the same request twice waits for the same write).
         let mut pending: Vec<(String, Vec<Reply>)> = Vec::new();
         for w in batch {
-            if let Some(b) = self.view().slot_of(policy, &w.holder) {
-                let _ = w.reply.send(Ok(Taken::Slot(b)));
-            } else if let Some(p) = pending.iter_mut().find(|(h, _)| *h == w.holder) {
+            if let Some(p) = pending.iter_mut().find(|(h, _)| *h == w.holder) {
                 p.1.push(w.reply);
             } else {
                 pending.push((w.holder, vec![w.reply]));
@@ -197,7 +191,7 @@ impl Slots {
                     let fresh = self.read(&key).await;
                     let mut rest = Vec::new();
                     for (holder, replies) in chunk {
-                        // A hedged copy on another instance may have admitted it already.
+                        // A write reported lost that landed after all (a retried request).
                         match &fresh {
                             Ok(Some(s)) if s.block.holds(&holder) => {
                                 answer(replies, || Ok(Taken::Slot(b)))
@@ -250,9 +244,10 @@ impl Slots {
     /// A copy of an admission (another dispatcher's run of a hedged event, or a late agent
     /// call) can take its slot after the connection was closed or its event denied: a close
     /// cannot free a slot that is not taken yet. So once the view has the write, an admission
-    /// checks whether a slot of the same connection was freed before it, and if so gives its
-    /// own back. Every slot then is either taken before the close's second look at the bucket
-    /// (and freed by it) or after the close's first release (and given back here).
+    /// checks whether a slot of the same connection was freed before it, or its run undone,
+    /// and if so gives its own back. Every slot then is either taken before the close's (or
+    /// undo's) second look at the bucket (and freed by it) or after its first release or
+    /// marker (and given back here). A view too far behind to check fails closed.
     async fn after_write(
         self: Arc<Self>,
         key: String,
@@ -261,12 +256,25 @@ impl Slots {
         revision: u64,
     ) {
         if let Err(e) = self.applied_up_to(revision).await {
-            tracing::debug!(%key, error = %e, "could not check the new slots against releases");
-            answer_all(chunk, || Ok(Taken::Slot(b)));
+            tracing::warn!(%key, error = %e, "could not check new slots against releases: given back, failing closed");
+            let slots = chunk
+                .iter()
+                .map(|(holder, _)| SlotRef {
+                    key: key.clone(),
+                    holder: holder.clone(),
+                })
+                .collect();
+            self.give_back(slots);
+            let why = format!("could not check the slot against releases: {e}");
+            answer_all(chunk, || Err(why.clone()));
             return;
         }
         for (holder, replies) in chunk {
-            if !self.view().released_before(token_of(&holder), revision) {
+            let gone = {
+                let view = self.view();
+                view.released_before(token_of(&holder), revision) || view.is_undone(&holder)
+            };
+            if !gone {
                 answer(replies, || Ok(Taken::Slot(b)));
                 continue;
             }

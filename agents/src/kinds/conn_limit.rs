@@ -1,36 +1,36 @@
 //! Connection limiter: at most `max_connections` live connections per policy, exactly, across
 //! every instance.
 //!
-//! A policy's limit is a fixed set of *slots*, keys `slot.<policy>.<n>` for `n` below the
-//! limit, in the bucket `<prefix>_conns`. Admitting a connection is creating a free slot's key,
-//! which JetStream does for one writer only, so no two instances can take the same slot and
-//! the count can never pass the limit. A slot's value is its holder, `<connection>#<nonce>`.
-//! Each instance watches the bucket to know which slots look free and who holds them (a
-//! restarted or added instance loads them first), so any instance can release a connection's
-//! slots; the view is only a hint, the create decides.
+//! A policy's slots are grouped in blocks of 16, keys `slot.<policy>.<b>` of the bucket
+//! `<prefix>_conns`, each holding one line per holder (see [`super::conn_block`]). Admitting
+//! is a compare-and-set of a block, so no block ever holds more than its share of the limit,
+//! whoever writes it; each instance batches the admissions waiting at that moment into one
+//! write (see [`super::conn_admit`]). Each instance watches the bucket to know the holders
+//! (a restarted or added instance loads them first), so any instance can release any slot;
+//! the view is a hint, the compare-and-set decides.
 //!
-//! A slot's holder is `<connection>#<run id>`, the dispatcher's run of the event, which every
-//! hedged copy of one agent call shares. Slots are released on `connection-closed` (every slot
-//! of the connection, once this instance's view has caught up with the bucket); on a final
-//! deny after conn-limit answered or failed, by the dispatcher's `_undo` request, a
-//! request/reply rather than the at-most-once tap (every slot of that run, a hedged
-//! duplicate's too; an admission of an undone holder still under way here gives its slots back
-//! as it ends); and by the lease: the bucket's
-//! `max_age`, so JetStream itself drops a slot whose close never came (`--lease`, default 1 h;
-//! a connection that lives longer than the lease stops counting).
+//! A holder is `<connection>#<run>/<copy>`: the dispatcher's run of the event, which every
+//! hedged copy of one agent call shares, and the copy. Slots are released on
+//! `connection-closed` or a `connection-status` that says closed (every slot of the
+//! connection, once this instance's view has caught up with the bucket); on a final deny after
+//! conn-limit answered or failed, by the dispatcher's `_undo` request (every slot of the run,
+//! a copy still under way anywhere too: see [`Slots::undo`]); and by the lease (`--lease`,
+//! default 1 h), each holder's admission or last renewal time, so a holder whose close never
+//! came stops counting.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bus::config::{self, Change, Update};
+use bus::decision::failure;
 use bus::event::{Event, NewConnection};
 use bus::state::keys;
 use bus::{Effect, Reason, State, Value};
 use serde::Deserialize;
 
-use super::conn_slots::{slot_key, Slots};
-use super::conn_view::{SlotRef, Taken};
+use super::conn_slots::{slot_key, Called, Slots};
+use super::conn_view::{run_of as view_run_of, SlotRef, Taken};
 use super::limit_match::{key_token, LimitMatch};
 use crate::kind::{self, AgentKind, Attach, AttachError, Stored};
 
@@ -88,10 +88,10 @@ impl ConnLimiter {
             );
         };
         let token = key_token(conn);
-        // The dispatcher's run, not a random nonce: a hedged copy of this request, answered by
-        // another instance, holds its slot under the same holder, and is freed with it.
+        // The dispatcher's run, which every copy of this request shares (an undo names it),
+        // and this copy: a refused copy gives back only what it took itself.
         let run = run_of(state).unwrap_or_else(bus::event::new_id);
-        let holder = holder(&token, &run);
+        let holder = format!("{}/{:08x}", holder(&token, &run), rand::random::<u32>());
         let mut taken: Vec<SlotRef> = Vec::new();
         let mut reasons = Vec::new();
         for c in &matched {
@@ -155,13 +155,18 @@ async fn watch_slots(slots: Arc<Slots>) -> Result<(), AttachError> {
             let mut view = watched.view();
             match update {
                 Update::Loaded(snap) => {
-                    view.clear_slots();
                     // Each block at its own revision, so a release writes it with no read
                     // first. A `_gone` marker too: any admission of its connection written
                     // after it gives back.
+                    let known = view.block_keys();
                     for (key, value) in &snap.values {
                         let revision = snap.revisions.get(key).copied().unwrap_or(snap.revision);
                         view.apply_at(key, Some(value), revision);
+                    }
+                    // A (re)load, not a rebuild: a block gone while the watch was away is a
+                    // delete, so its holders' releases are recorded as the changes would have.
+                    for key in known.iter().filter(|k| !snap.values.contains_key(*k)) {
+                        view.apply_at(key, None, snap.revision);
                     }
                     snap.revision
                 }
@@ -180,6 +185,8 @@ async fn watch_slots(slots: Arc<Slots>) -> Result<(), AttachError> {
                 }
             }
         };
+        let late = watched.view().take_late();
+        watched.give_back_late(late);
         // Told after the view has the changes: a close waiting on it then finds them.
         watched.applied(revision);
     };
@@ -200,6 +207,39 @@ async fn watch_slots(slots: Arc<Slots>) -> Result<(), AttachError> {
 /// tokens.
 fn holder(connection: &str, run: &str) -> String {
     format!("{connection}#{run}")
+}
+
+/// What the final decision says of conn-limit's call for `run`: its answer with a slot of the
+/// run, a failure the dispatcher recorded, or an answer that took nothing.
+fn called(decision: &State, run: &str) -> Called {
+    let took = match decision.get(STATE_KEY) {
+        Some(Value::Map(m)) => m.iter().any(|(k, v)| {
+            k.as_str() == Some("holder") && v.as_str().is_some_and(|h| view_run_of(h) == run)
+        }),
+        _ => false,
+    };
+    if took {
+        return Called::Took;
+    }
+    let failed = match decision.get(keys::REASONS) {
+        Some(Value::Array(reasons)) => reasons.iter().any(|r| {
+            let field = |name: &str| {
+                r.as_map()?
+                    .iter()
+                    .find(|(k, _)| k.as_str() == Some(name))?
+                    .1
+                    .as_str()
+            };
+            field("agent") == Some(NAME)
+                && field("policy").is_some_and(|p| failure::ALL.contains(&p))
+        }),
+        _ => false,
+    };
+    if failed {
+        Called::Failed
+    } else {
+        Called::Nothing
+    }
 }
 
 /// The dispatcher's run of the event, as a key token (the event id from a dispatcher that
@@ -272,8 +312,10 @@ impl AgentKind for ConnLimiter {
                     Some("open") => {
                         slots.renew_connection(&token).await;
                     }
+                    // Whether a limit applies is not known (a status names no services): the
+                    // close is recorded for any late admission if any limit is set.
                     Some("closed" | "failed") => slots
-                        .release_connection(&token, false)
+                        .release_connection(&token, !rules.is_empty())
                         .await
                         .map_err(|e| format!("the connection's slots may not all be freed: {e}"))?,
                     _ => {}
@@ -286,15 +328,16 @@ impl AgentKind for ConnLimiter {
 
     /// The event was denied after this kind answered (or failed) on it: its slots, taken
     /// under `<connection>#<run>`, go back.
-    async fn undo<'a>(&'a self, decision: &'a State) {
+    async fn undo<'a>(&'a self, decision: &'a State) -> Result<(), String> {
         let (Some(slots), Some(conn), Some(run)) = (
             &self.slots,
             decision.get_str(keys::CONNECTION_ID),
             run_of(decision),
         ) else {
-            return;
+            return Ok(());
         };
-        slots.undo(&holder(&key_token(conn), &run)).await;
+        let run = holder(&key_token(conn), &run);
+        slots.undo(&run, called(decision, &run)).await
     }
 
     async fn attach(&mut self, ctx: Attach<'_>) -> Result<(), AttachError> {

@@ -16,16 +16,13 @@ const CATCH_UP: Duration = Duration::from_secs(1);
 use super::conn_admit::Queue;
 use super::conn_block::{self, Block};
 pub(crate) use super::conn_view::slot_key;
-use super::conn_view::{Seen, SlotRef, View, GONE_PREFIX, RELEASED_FOR};
+use super::conn_view::{gone_key, undone_key, Seen, SlotRef, View, RELEASED_FOR};
 
 /// The shared slot store and this instance's view of it.
 pub(crate) struct Slots {
     pub(crate) store: kv::Store,
     pub(super) lease: Duration,
     pub(crate) view: Mutex<View>,
-    /// Holders whose event was denied in the end, with when this instance heard: an admission
-    /// of theirs still in progress here (a late or duplicate request) gives its slots back.
-    undone: Mutex<HashMap<String, Instant>>,
     /// The bucket revision the watch has applied to `view`: a close waits for it to pass the
     /// bucket's last revision, so it frees slots other instances took a moment ago too.
     applied: tokio::sync::watch::Sender<u64>,
@@ -36,8 +33,16 @@ pub(crate) struct Slots {
     pub(super) start: u32,
 }
 
-/// How long an undone holder is remembered: longer than any subscription timeout.
-const UNDONE_FOR: Duration = Duration::from_secs(120);
+/// What the final decision says of this kind's call, for an undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Called {
+    /// It answered with the slots it took: the copy that answered has finished.
+    Took,
+    /// It failed (no answer in time, an error): a copy may still be under way, anywhere.
+    Failed,
+    /// It answered and took nothing (no limit applied): no copy takes anything either.
+    Nothing,
+}
 
 impl Slots {
     pub(crate) fn new(store: kv::Store, lease: Duration) -> Self {
@@ -45,7 +50,6 @@ impl Slots {
             store,
             lease,
             view: Mutex::new(View::default()),
-            undone: Mutex::new(HashMap::new()),
             applied: tokio::sync::watch::Sender::new(0),
             queues: Mutex::new(HashMap::new()),
             start: rand::random(),
@@ -93,32 +97,62 @@ impl Slots {
         }
     }
 
-    /// Gives back every slot `holder` holds that this instance knows of, and remembers the
-    /// holder so that an admission of it still in progress here gives its slots back too.
-    pub(crate) async fn undo(self: &Arc<Self>, holder: &str) {
-        {
-            let mut undone = self.undone.lock().unwrap_or_else(|e| e.into_inner());
-            undone.retain(|_, at| at.elapsed() < UNDONE_FOR);
-            undone.insert(holder.to_string(), Instant::now());
-        }
-        // The run's slot was taken before its decision, perhaps by another instance: look
-        // once the view has caught up.
-        if let Err(e) = self.caught_up().await {
-            tracing::debug!(%holder, error = %e, "undo with a view behind the bucket");
-        }
-        let held = self.view().held_as(holder);
-        tracing::debug!(%holder, held = held.len(), "undo");
-        if let Err(e) = self.release_exact(&held).await {
-            tracing::debug!(%holder, error = %e, "could not give back an undone admission's slots yet");
-            self.give_back(held);
+    /// Gives back every slot the copies of `run` (`<connection>#<run>`) took, on any
+    /// instance, including a copy still under way. Confirmed (`Ok`) only once every slot taken
+    /// so far is free and any taken later is sure to be given back by its admission;
+    /// otherwise the dispatcher asks again.
+    ///
+    /// - `Took`: the answering copy's slot is in the bucket. Freeing it records a release of
+    ///   the connection on every instance's view, so a copy written after gives itself back
+    ///   (`after_write`); a second look once the view has caught up again frees a copy
+    ///   written in between.
+    /// - `Failed`: maybe nothing is freed, so nothing would be recorded: a marker tells every
+    ///   instance the run is undone; once this view has it, what was written before it is
+    ///   here to free, and what is written after gives itself back.
+    pub(crate) async fn undo(self: &Arc<Self>, run: &str, called: Called) -> Result<(), String> {
+        self.view().mark_undone(run);
+        match called {
+            Called::Nothing => Ok(()),
+            Called::Failed => {
+                let marker = self
+                    .store
+                    .put(undone_key(run), bytes::Bytes::new())
+                    .await
+                    .map_err(|e| format!("could not record the undo: {e}"))?;
+                self.applied_up_to(marker).await?;
+                let held = self.view().held_as(run);
+                tracing::debug!(%run, held = held.len(), "undo of a failed call");
+                self.release_exact(&held).await
+            }
+            Called::Took => {
+                self.caught_up().await?;
+                let held = self.view().held_as(run);
+                tracing::debug!(%run, held = held.len(), "undo");
+                self.release_exact(&held).await?;
+                self.caught_up().await?;
+                let late = self.view().held_as(run);
+                self.release_exact(&late).await
+            }
         }
     }
 
     pub(crate) fn is_undone(&self, holder: &str) -> bool {
-        self.undone
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(holder)
+        self.view().is_undone(holder)
+    }
+
+    /// Gives back, a while from now, holders the watch saw admitted after their connection
+    /// was released or their run undone. Their admission gives them back itself, at once;
+    /// this is for an instance that died between its write and that check.
+    pub(crate) fn give_back_late(self: &Arc<Self>, late: Vec<SlotRef>) {
+        if late.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(CATCH_UP * 2).await;
+            tracing::debug!(?late, "slots taken after their release: given back");
+            this.give_back(late);
+        });
     }
 
     pub(crate) fn view(&self) -> std::sync::MutexGuard<'_, View> {
@@ -259,7 +293,7 @@ impl Slots {
                 // the gateway cancelled it): tell every instance, so a late one gives it back.
                 let gone = self
                     .store
-                    .put(format!("{GONE_PREFIX}{token}"), bytes::Bytes::new())
+                    .put(gone_key(token), bytes::Bytes::new())
                     .await
                     .map_err(|e| format!("could not record the close: {e}"))?;
                 // An admission written between the catch-up and the marker is below it, so it

@@ -7,11 +7,23 @@ use std::time::{Duration, Instant};
 
 use super::conn_block::{self, Block};
 
-/// The key a close writes when it found no slot of a connection a limit may apply to
-/// (`slot._gone.<connection>`): every instance's watch then records the release, and an
-/// admission of the connection still under way gives its slot back. Policy ids never start
-/// with `_`, so it is no block.
+/// The keys of markers, which no block's key can be (policy ids never start with `_`):
+/// `slot._gone.<connection>`, written by a close that found no slot of a connection a limit
+/// may apply to, and `slot._gone.<connection>.<run>`, written by an undo of a run whose
+/// admission may still be under way somewhere. Every instance's watch records them, and an
+/// admission of that connection (or run) written after gives its slot back.
 pub(crate) const GONE_PREFIX: &str = "slot._gone.";
+
+/// The marker of a closed connection.
+pub(crate) fn gone_key(token: &str) -> String {
+    format!("{GONE_PREFIX}{token}")
+}
+
+/// The marker of an undone run, `<connection>#<run>`.
+pub(crate) fn undone_key(run: &str) -> String {
+    let (token, run) = run.split_once('#').unwrap_or((run, ""));
+    format!("{GONE_PREFIX}{token}.{run}")
+}
 /// How long a connection's release is remembered: longer than the longest agent call
 /// (`MAX_TIMEOUT_MS`) plus a KV request, so no copy of its admission can still be under way.
 pub(crate) const RELEASED_FOR: Duration = Duration::from_secs(65);
@@ -55,24 +67,42 @@ pub(crate) struct View {
     /// undone, refused), for [`RELEASED_FOR`]: a copy of its admission that takes a slot
     /// after that revision gives it back.
     released: HashMap<String, (u64, Instant)>,
-    /// `released` is pruned when it grows past this.
+    /// runs (`<connection>#<run>`) whose event was denied in the end, for [`RELEASED_FOR`]:
+    /// an admission of theirs that takes a slot, whenever, gives it back.
+    undone: HashMap<String, Instant>,
+    /// `released` and `undone` are pruned when they grow past this.
     prune_at: usize,
+    /// Holders the watch saw admitted after their connection was released or their run
+    /// undone: the writer gives them back itself, but it may have died first (see
+    /// [`View::take_late`]).
+    late: Vec<SlotRef>,
 }
 
 impl View {
-    /// Forgets the blocks (before a reload), keeping what was released.
-    pub(crate) fn clear_slots(&mut self) {
-        self.blocks.clear();
-        self.by_connection.clear();
-        self.held.clear();
+    /// The keys of the blocks the view has: after a reload, those the bucket no longer has
+    /// are applied as deletes, so releases made while the watch was away are recorded.
+    pub(crate) fn block_keys(&self) -> Vec<String> {
+        self.blocks
+            .iter()
+            .flat_map(|(p, m)| m.keys().map(move |b| slot_key(p, *b)))
+            .collect()
+    }
+
+    /// Takes the holders seen admitted after a release of their connection or an undo of
+    /// their run (see `late`).
+    pub(crate) fn take_late(&mut self) -> Vec<SlotRef> {
+        std::mem::take(&mut self.late)
     }
 
     /// A change read at `revision` (by the watch, a read, or this instance's own write):
     /// `None` is a delete. A change older than what the view has of the block is ignored.
     pub(crate) fn apply_at(&mut self, key: &str, value: Option<&[u8]>, revision: u64) {
-        if let Some(token) = key.strip_prefix(GONE_PREFIX) {
+        if let Some(marker) = key.strip_prefix(GONE_PREFIX) {
             if value.is_some() {
-                self.record_release(token, revision);
+                match marker.split_once('.') {
+                    Some((token, run)) => self.mark_undone(&format!("{token}#{run}")),
+                    None => self.record_release(marker, revision),
+                }
             }
             return;
         }
@@ -91,7 +121,15 @@ impl View {
             block: Block::decode(v),
             revision,
         });
-        self.set(policy, b, seen, revision);
+        let added = self.set(policy, b, seen, revision);
+        for holder in added {
+            if self.released_before(token_of(&holder), revision) || self.is_undone(&holder) {
+                self.late.push(SlotRef {
+                    key: key.to_string(),
+                    holder,
+                });
+            }
+        }
     }
 
     /// A block this instance wrote at `revision` itself.
@@ -135,7 +173,8 @@ impl View {
         })
     }
 
-    fn set(&mut self, policy: &str, b: u32, seen: Option<Seen>, revision: u64) {
+    /// Puts the block, indexing and counting its holders: returns the holders it added.
+    fn set(&mut self, policy: &str, b: u32, seen: Option<Seen>, revision: u64) -> Vec<String> {
         let blocks = self.blocks.entry(policy.to_string()).or_default();
         let old = match &seen {
             Some(s) => blocks.insert(b, s.clone()),
@@ -150,16 +189,19 @@ impl View {
                 self.record_release(&token, revision);
             }
         }
+        let mut added = Vec::new();
         for h in &new_holders {
             if !old_holders.iter().any(|o| o.holder == h.holder) {
                 self.by_connection
                     .entry(token_of(&h.holder).to_string())
                     .or_default()
                     .push((policy.to_string(), b));
+                added.push(h.holder.clone());
             }
         }
         let count = self.held.entry(policy.to_string()).or_default();
         *count = (*count + new_holders.len()).saturating_sub(old_holders.len());
+        added
     }
 
     fn unindex(&mut self, holder: &str, policy: &str, b: u32) {
@@ -178,10 +220,31 @@ impl View {
         self.released
             .entry(token.to_string())
             .or_insert((revision, Instant::now()));
-        if self.released.len() > self.prune_at.max(1024) {
+        self.prune();
+    }
+
+    /// Records that a run's event was denied in the end: any admission of it, under way or
+    /// to come, gives its slot back.
+    pub(crate) fn mark_undone(&mut self, run: &str) {
+        self.undone
+            .entry(run.to_string())
+            .or_insert_with(Instant::now);
+        self.prune();
+    }
+
+    /// Whether the run of `holder` (`<connection>#<run>[/<copy>]`) was undone.
+    pub(crate) fn is_undone(&self, holder: &str) -> bool {
+        self.undone
+            .get(run_of(holder))
+            .is_some_and(|at| at.elapsed() < RELEASED_FOR)
+    }
+
+    fn prune(&mut self) {
+        if self.released.len() + self.undone.len() > self.prune_at.max(1024) {
             self.released
                 .retain(|_, (_, at)| at.elapsed() < RELEASED_FOR);
-            self.prune_at = self.released.len() * 2;
+            self.undone.retain(|_, at| at.elapsed() < RELEASED_FOR);
+            self.prune_at = (self.released.len() + self.undone.len()) * 2;
         }
     }
 
@@ -229,22 +292,10 @@ impl View {
         self.held.get(policy).copied().unwrap_or(0)
     }
 
-    /// The block of `policy` that `holder` is in, if this instance has seen it.
-    pub(crate) fn slot_of(&self, policy: &str, holder: &str) -> Option<u32> {
-        self.by_connection
-            .get(token_of(holder))?
-            .iter()
-            .filter(|(p, _)| p == policy)
-            .find_map(|(p, b)| {
-                let s = self.blocks.get(p)?.get(b)?;
-                s.block.holds(holder).then_some(*b)
-            })
-    }
-
-    /// The slots held by exactly `holder`.
-    pub(crate) fn held_as(&self, holder: &str) -> Vec<SlotRef> {
-        let mut held = self.held_by(token_of(holder));
-        held.retain(|s| s.holder == holder);
+    /// The slots held by the copies of a run, `<connection>#<run>`.
+    pub(crate) fn held_as(&self, run: &str) -> Vec<SlotRef> {
+        let mut held = self.held_by(token_of(run));
+        held.retain(|s| run_of(&s.holder) == run);
         held
     }
 
@@ -272,9 +323,16 @@ impl View {
     }
 }
 
-/// The connection token of a holder `<connection>#<run>`.
+/// The connection token of a holder `<connection>#<run>/<copy>`.
 pub(crate) fn token_of(holder: &str) -> &str {
     holder.split_once('#').map_or(holder, |(t, _)| t)
+}
+
+/// The run of a holder, `<connection>#<run>`: what an undo names. Each copy of an admission
+/// (a hedge, a late call) holds under its own `/<copy>`, so a refused copy gives back only
+/// its own slots, never those another copy's allow is using.
+pub(crate) fn run_of(holder: &str) -> &str {
+    holder.split_once('/').map_or(holder, |(r, _)| r)
 }
 
 pub(crate) fn slot_key(policy: &str, b: u32) -> String {
@@ -310,8 +368,8 @@ mod tests {
             k
         };
         assert_eq!(keys(&v, "c1"), ["slot.p.0", "slot.q.3"]);
-        assert_eq!(v.slot_of("q", "c1#r1"), Some(3));
-        assert_eq!(v.slot_of("q", "c1#r2"), None, "another run of c1");
+        assert_eq!(v.held_as("c1#r1").len(), 2);
+        assert!(v.held_as("c1#r2").is_empty(), "another run of c1");
         assert_eq!(v.in_use("p"), 2);
         // c1 leaves block p.0, c3 comes in.
         put(&mut v, "slot.p.0", &["c2#r9", "c3#r1"], 12);
@@ -333,6 +391,61 @@ mod tests {
         assert!(v.held_by("c1").is_empty());
         assert_eq!(v.in_use("q"), 0);
         assert_eq!(v.in_use("p"), 0, "p.0 was forgotten");
+    }
+
+    #[test]
+    fn markers_record_closes_and_undos_and_late_admissions_are_noticed() {
+        let mut v = View::default();
+        assert_eq!(gone_key("c1"), "slot._gone.c1");
+        assert_eq!(undone_key("c2#r7"), "slot._gone.c2.r7");
+        v.apply_at(&gone_key("c1"), Some(b""), 5);
+        v.apply_at(&undone_key("c2#r7"), Some(b""), 6);
+        assert!(v.released_before("c1", 6) && !v.released_before("c1", 5));
+        assert!(
+            !v.released_before("c2", 100),
+            "an undo frees the run, not the connection"
+        );
+        assert!(v.is_undone("c2#r7/0a1b2c3d") && v.is_undone("c2#r7"));
+        assert!(!v.is_undone("c2#r8/0a1b2c3d"), "another run of c2");
+        // Copies of the run are one run to an undo, each its own holder to a release.
+        put(
+            &mut v,
+            "slot.p.0",
+            &["c2#r7/aa", "c2#r7/bb", "c2#r8/cc", "c1#r1/dd", "c3#r1/ee"],
+            7,
+        );
+        let mut holders: Vec<String> = v.take_late().into_iter().map(|s| s.holder).collect();
+        holders.sort();
+        assert_eq!(
+            holders,
+            ["c1#r1/dd", "c2#r7/aa", "c2#r7/bb"],
+            "admitted after their release"
+        );
+        assert!(v.take_late().is_empty());
+        assert_eq!(v.held_as("c2#r7").len(), 2);
+        // This instance's own write is checked by its admission, not noticed here.
+        v.wrote(
+            "slot.p.1",
+            Some(Block::default().with(&["c1#r2/ff"], 1, u64::MAX)),
+            8,
+        );
+        assert!(v.take_late().is_empty());
+    }
+
+    #[test]
+    fn a_reload_records_the_releases_made_while_the_watch_was_away() {
+        let mut v = View::default();
+        put(&mut v, "slot.p.0", &["c1#r/a", "c2#r/b"], 3);
+        put(&mut v, "slot.p.1", &["c3#r/c"], 4);
+        let mut keys = v.block_keys();
+        keys.sort();
+        assert_eq!(keys, ["slot.p.0", "slot.p.1"]);
+        // The reload finds p.0 with c2 only and p.1 gone: as the watch does, apply both.
+        put(&mut v, "slot.p.0", &["c2#r/b"], 9);
+        v.apply_at("slot.p.1", None, 10);
+        assert!(v.released_before("c1", 10) && v.released_before("c3", 11));
+        assert!(!v.released_before("c2", 11));
+        assert_eq!(v.in_use("p"), 1);
     }
 
     #[test]

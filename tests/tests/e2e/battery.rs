@@ -52,7 +52,7 @@ async fn event(engine: &Engine, payload: Vec<u8>) -> Outcome {
     .await
 }
 
-fn msgpack(v: serde_json::Value) -> Vec<u8> {
+pub(crate) fn msgpack(v: serde_json::Value) -> Vec<u8> {
     rmp_serde::to_vec_named(&v).expect("encode")
 }
 

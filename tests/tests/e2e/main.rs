@@ -13,6 +13,7 @@ mod monitor;
 mod robustness;
 mod security;
 mod slots;
+mod undo;
 
 use std::collections::BTreeMap;
 use std::future::Future;

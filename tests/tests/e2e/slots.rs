@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::*;
 
 /// The connection limiter's bucket.
-async fn slot_bucket(engine: &Engine) -> async_nats::jetstream::kv::Store {
+pub(crate) async fn slot_bucket(engine: &Engine) -> async_nats::jetstream::kv::Store {
     async_nats::jetstream::new(engine.client().await)
         .get_key_value("policy_conns")
         .await
@@ -20,7 +20,7 @@ async fn slot_bucket(engine: &Engine) -> async_nats::jetstream::kv::Store {
 
 /// Slots held in the connection limiter's bucket: `block = holder since` each (a block's
 /// value is one line per holder; a block with none is an empty value).
-async fn slots_held(engine: &Engine) -> Vec<String> {
+pub(crate) async fn slots_held(engine: &Engine) -> Vec<String> {
     use futures::TryStreamExt;
     let kv = slot_bucket(engine).await;
     let keys: Vec<String> = kv
@@ -47,7 +47,7 @@ async fn slots_held(engine: &Engine) -> Vec<String> {
 }
 
 /// Waits up to `within` for every slot to be free; fails naming the ones still held.
-async fn no_slot_held(engine: &Engine, within: Duration, what: &str) {
+pub(crate) async fn no_slot_held(engine: &Engine, within: Duration, what: &str) {
     let deadline = Instant::now() + within;
     loop {
         let held = slots_held(engine).await;
@@ -75,7 +75,7 @@ async fn no_slot_held(engine: &Engine, within: Duration, what: &str) {
 
 /// acl (allow all) and `instances` conn-limit instances with a limit the load never reaches,
 /// on `new-connection` and `connection-closed`; the limit is checked to apply.
-async fn limited_engine(instances: usize) -> Engine {
+pub(crate) async fn limited_engine(instances: usize) -> Engine {
     let mut engine = Engine::new();
     for _ in 1..instances {
         engine.agent("conn-limit", &[]);

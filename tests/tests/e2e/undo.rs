@@ -1,0 +1,196 @@
+//! conn-limit's undo and its copies, called as a dispatcher calls them: a copy of an admission
+//! that runs after its event was undone (or its connection closed), on whichever instance the
+//! queue group hands it to, gives its slot back; a refused copy frees only its own.
+
+use std::time::Duration;
+
+use bus::headers;
+use bus::roles::Role;
+use bus::state::keys;
+use bus::{State, Value};
+use e2e::{Engine, WAIT};
+use serde_json::json;
+
+use crate::battery::msgpack;
+use crate::slots::{limited_engine, no_slot_held, slots_held};
+use crate::*;
+
+/// A dispatcher's call of conn-limit for `event` with `state` in its state header: the state
+/// patch answered.
+async fn call(engine: &Engine, event: &str, attributes: serde_json::Value, state: &State) -> State {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(
+        headers::POLICY_STATE,
+        state.to_header().expect("state header").as_str(),
+    );
+    let reply = bus::client::call(
+        &engine.client_as(&Role::Dispatcher).await,
+        format!("policy.agent.conn-limit.{event}"),
+        h,
+        msgpack(attributes).into(),
+        WAIT,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("conn-limit on {event}: {e}"));
+    State::from_reply(
+        headers::get(reply.headers.as_ref(), headers::POLICY_STATE),
+        &reply.payload,
+        usize::MAX,
+    )
+    .expect("a state patch")
+}
+
+/// One copy of run `run`'s admission of `connection` (`web` → `db`).
+async fn admit(engine: &Engine, connection: &str, run: &str) -> State {
+    let mut state = State::new();
+    state.insert(keys::RUN_ID, run);
+    state.insert(keys::EVENT_ID, run);
+    state.insert(keys::TARGET_PEER, "p1");
+    let attributes = json!({"src_service": "web", "dst_service": "db", "direction": "outgoing",
+        "src_peer": "local", "dst_peers": [], "connection_id": connection});
+    call(engine, "new-connection", attributes, &state).await
+}
+
+/// The effects conn-limit's answer gives, per policy.
+fn verdicts(patch: &State) -> Vec<(String, String)> {
+    let Some(Value::Array(reasons)) = patch.get(keys::REASONS) else {
+        return Vec::new();
+    };
+    reasons
+        .iter()
+        .filter_map(|r| {
+            let m = r.as_map()?;
+            let get = |k: &str| {
+                m.iter()
+                    .find(|(kk, _)| kk.as_str() == Some(k))?
+                    .1
+                    .as_str()
+                    .map(String::from)
+            };
+            Some((get("policy")?, get("effect")?))
+        })
+        .collect()
+}
+
+/// The dispatcher's `_undo` for run `run` of `connection`, with the final decision: a deny
+/// whose reasons say conn-limit failed (`answer` None) or answered `answer`.
+async fn undo(engine: &Engine, connection: &str, run: &str, answer: Option<&State>) {
+    let mut decision = answer.cloned().unwrap_or_default();
+    decision.insert(keys::ACTION, "deny");
+    decision.insert(keys::CONNECTION_ID, connection);
+    decision.insert(keys::RUN_ID, run);
+    decision.insert(keys::EVENT_ID, run);
+    if answer.is_none() {
+        let failed = bus::Reason::new("conn-limit", "agent-timeout", bus::Effect::Deny);
+        decision.insert(keys::REASONS, Value::Array(vec![failed.to_value()]));
+    }
+    let reply = bus::client::call(
+        &engine.client_as(&Role::Dispatcher).await,
+        "policy.agent.conn-limit._undo".to_string(),
+        Default::default(),
+        decision.encode().expect("decision").into(),
+        WAIT,
+    )
+    .await;
+    assert!(reply.is_ok(), "undo of {connection}: {reply:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_admitted_after_its_undo_gives_its_slot_back_on_either_instance() {
+    let engine = limited_engine(2).await;
+    no_slot_held(&engine, Duration::from_secs(5), "the probe's slot").await;
+    // The dispatcher timed out on conn-limit and undid the run, while a copy of the call was
+    // still on its way: the copy reaches an instance (either of two) after the undo. With the
+    // undo known only to the instance it reached, half of these would keep their slot.
+    for i in 0..16 {
+        let (connection, run) = (format!("late-{i}"), format!("run-{i}"));
+        undo(&engine, &connection, &run, None).await;
+        let patch = admit(&engine, &connection, &run).await;
+        assert_eq!(
+            verdicts(&patch),
+            [("db".to_string(), "deny".to_string())],
+            "copy {i} admitted after its run was undone: {patch:?}"
+        );
+    }
+    // An answered admission, undone: freed wherever it was taken; a copy of it after the undo
+    // is refused too.
+    for i in 0..8 {
+        let (connection, run) = (format!("answered-{i}"), format!("run-a{i}"));
+        let first = admit(&engine, &connection, &run).await;
+        assert_eq!(verdicts(&first), [("db".to_string(), "allow".to_string())]);
+        undo(&engine, &connection, &run, Some(&first)).await;
+        let copy = admit(&engine, &connection, &run).await;
+        assert_eq!(
+            verdicts(&copy),
+            [("db".to_string(), "deny".to_string())],
+            "{copy:?}"
+        );
+    }
+    no_slot_held(&engine, Duration::from_secs(2), "undone runs").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_status_closed_before_a_late_copy_leaves_no_slot() {
+    let engine = limited_engine(2).await;
+    no_slot_held(&engine, Duration::from_secs(5), "the probe's slot").await;
+    let status = |connection: &str| json!({"connection_id": connection, "state": "closed", "bytes_in": 1, "bytes_out": 2});
+    for i in 0..16 {
+        let connection = format!("status-{i}");
+        // The gateway reports the connection closed before any copy of its admission took a
+        // slot; a copy then arrives at either instance.
+        call(
+            &engine,
+            "connection-status",
+            status(&connection),
+            &State::new(),
+        )
+        .await;
+        let patch = admit(&engine, &connection, &format!("run-{i}")).await;
+        assert_eq!(
+            verdicts(&patch),
+            [("db".to_string(), "deny".to_string())],
+            "copy {i} admitted after its connection was reported closed: {patch:?}"
+        );
+    }
+    no_slot_held(&engine, Duration::from_secs(2), "closed connections").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_copy_frees_only_its_own_slots() {
+    let engine = limited_engine(1).await;
+    no_slot_held(&engine, Duration::from_secs(5), "the probe's slot").await;
+    engine
+        .admin()
+        .await
+        .policy_add(vec![doc(json!({"agent": "conn-limit", "id": "one",
+            "match": {"dst_service": "db"}, "max_connections": 1}))])
+        .await
+        .expect("policy add");
+    let allowed = vec![
+        ("db".to_string(), "allow".to_string()),
+        ("one".to_string(), "allow".to_string()),
+    ];
+    let mut first = State::new();
+    for _ in 0..50 {
+        first = admit(&engine, "c", "r").await;
+        if verdicts(&first) == allowed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(verdicts(&first), allowed, "{first:?}");
+    // A copy of the same run: `db` has room, `one` (limit 1) is full with the first copy. The
+    // copy is refused, and must not free the `db` slot the first copy's allow is using.
+    let copy = admit(&engine, "c", "r").await;
+    assert!(
+        verdicts(&copy).contains(&("one".to_string(), "deny".to_string())),
+        "{copy:?}"
+    );
+    let held = slots_held(&engine).await;
+    assert_eq!(held.len(), 2, "the first copy's two slots: {held:?}");
+    assert!(
+        held.iter().any(|h| h.starts_with("slot.db."))
+            && held.iter().any(|h| h.starts_with("slot.one.")),
+        "{held:?}"
+    );
+}
