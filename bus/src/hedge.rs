@@ -181,11 +181,26 @@ fn deadline_ms(after: Duration) -> String {
 pub async fn ask(
     nats: &async_nats::Client,
     subject: &str,
-    mut headers: HeaderMap,
+    headers: HeaderMap,
     payload: Bytes,
     timeout: Duration,
     latency: &Latency,
 ) -> Result<async_nats::Message, ClientError> {
+    ask_counted(nats, subject, headers, payload, timeout, latency)
+        .await
+        .0
+}
+
+/// [`ask`], also saying how many copies of the request were sent: with more than one, a copy
+/// other than the one answered may still be at work (and take what an undo must give back).
+pub async fn ask_counted(
+    nats: &async_nats::Client,
+    subject: &str,
+    mut headers: HeaderMap,
+    payload: Bytes,
+    timeout: Duration,
+    latency: &Latency,
+) -> (Result<async_nats::Message, ClientError>, u32) {
     let start = Instant::now();
     let deadline = start + timeout;
     headers.insert(
@@ -223,9 +238,9 @@ pub async fn ask(
             (reply, sent_at) = &mut first => match reply {
                 Ok(msg) => {
                     latency.observe(sent_at.elapsed());
-                    return Ok(msg);
+                    return (Ok(msg), 1);
                 }
-                Err(e @ ClientError::Remote(_)) => return Err(e),
+                Err(e @ ClientError::Remote(_)) => return (Err(e), 1),
                 Err(e) => first_failure = Some(e),
             },
             _ = tokio::time::sleep_until(next_hedge) => {}
@@ -262,7 +277,7 @@ struct HedgeCall<'a, S, F> {
     latency: &'a Latency,
 }
 
-async fn hedged<S, F>(call: HedgeCall<'_, S, F>) -> Result<async_nats::Message, ClientError>
+async fn hedged<S, F>(call: HedgeCall<'_, S, F>) -> (Result<async_nats::Message, ClientError>, u32)
 where
     S: Fn(HeaderMap) -> F,
     F: std::future::Future<Output = (Result<async_nats::Message, ClientError>, Instant)>,
@@ -284,13 +299,15 @@ where
     let mut pending = FuturesUnordered::new();
     pending.extend(first);
     let mut sent = 1;
+    // Every copy sent, retries after a failure too (a dropped connection may have delivered).
+    let mut copies = 1;
     let mut pause = Duration::from_millis(5);
     let mut retry_at: Option<Instant> = None;
     let mut last = None;
     // A first request that failed at once is handled as if it had just come back.
     if let Some(e) = first_failure {
         match e {
-            ClientError::Disconnected { .. } if !latency.wait_reconnect => return Err(e),
+            ClientError::Disconnected { .. } if !latency.wait_reconnect => return (Err(e), copies),
             ClientError::NoResponders { .. } | ClientError::Disconnected { .. } => {
                 if Instant::now() + pause < deadline {
                     retry_at = Some(Instant::now() + pause);
@@ -307,14 +324,14 @@ where
             Some((reply, sent_at)) = pending.next() => match reply {
                 Ok(msg) => {
                     latency.observe(sent_at.elapsed());
-                    return Ok(msg);
+                    return (Ok(msg), copies);
                 }
                 // An error reply is an answer.
-                Err(e @ ClientError::Remote(_)) => return Err(e),
+                Err(e @ ClientError::Remote(_)) => return (Err(e), copies),
                 // Our own connection dropped: a hookpoint wants to know at once; a dispatcher
                 // reconnects in a fraction of its budget and asks again, rather than decide
                 // from calls its own outage cut (a node lost under it).
-                Err(e @ ClientError::Disconnected { .. }) if !latency.wait_reconnect => return Err(e),
+                Err(e @ ClientError::Disconnected { .. }) if !latency.wait_reconnect => return (Err(e), copies),
                 Err(e @ (ClientError::NoResponders { .. } | ClientError::Disconnected { .. })) => {
                     last = Some(e);
                     if pending.is_empty() && Instant::now() + pause < deadline {
@@ -338,15 +355,17 @@ where
                 tracing::debug!(subject, sent, after = ?start.elapsed(), "no answer yet: hedging");
                 pending.push(send(deadline - Instant::now()));
                 sent += 1;
+                copies += 1;
             }
             _ = tokio::time::sleep_until(retry_at.unwrap_or(deadline)), if retry_at.is_some() => {
                 retry_at = None;
                 pending.push(send(deadline - Instant::now()));
+                copies += 1;
             }
             _ = tokio::time::sleep_until(deadline) => break,
         }
     }
-    Err(match last {
+    let failure = match last {
         Some(e @ ClientError::NoResponders { .. }) => e,
         // A dropped copy is no answer: with none left, the call timed out.
         Some(e)
@@ -359,7 +378,8 @@ where
             subject: subject.to_string(),
             timeout,
         },
-    })
+    };
+    (Err(failure), copies)
 }
 
 #[cfg(test)]

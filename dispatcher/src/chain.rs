@@ -38,6 +38,9 @@ pub struct Run {
     /// Bit `i` for `timings[i]` (the first 64; a later one counts as not pure): no allocation
     /// per event.
     pub pure: u64,
+    /// Kinds whose call was hedged (more than one copy sent), by the same bits: another copy
+    /// may have been at work, and taken something, even if the one answered denied.
+    pub copies: u64,
 }
 
 struct Failure {
@@ -113,7 +116,7 @@ impl Call<'_> {
             return (Ok(patch), Duration::ZERO, Source::Cache);
         }
         let start = Instant::now();
-        let reply = bus::hedge::ask(
+        let (reply, copies) = bus::hedge::ask_counted(
             self.nats,
             &m.subject,
             self.headers(state_header),
@@ -126,21 +129,24 @@ impl Call<'_> {
             headers::get(msg.headers.as_ref(), headers::POLICY_CACHE).map(str::to_string)
         });
         let patch = patch_of(m, reply, self.max_patch_bytes);
+        let took = start.elapsed();
         let source = match cache {
             Some(_) if patch.is_ok() => Source::Pure,
+            _ if copies > 1 => Source::Copies,
             _ => Source::Agent,
         };
         if let (Ok(p), Some(h)) = (&patch, cache) {
             self.verdicts
                 .store(kind, self.event, &h, self.attributes, state, p);
         }
-        (patch, start.elapsed(), source)
+        (patch, took, source)
     }
 
     /// Runs the chain from `state`, whose header form `header` the caller already made.
     pub async fn run(&self, chain: &Chain, mut state: State, header: String) -> Run {
         let mut timings = Vec::new();
         let mut pure = 0u64;
+        let mut copies = 0u64;
         let mut degraded = false;
         let mut first = Some(header);
         for stage in &chain.stages {
@@ -198,8 +204,13 @@ impl Call<'_> {
                     Ok(flow) => {
                         let mut t = timing(m, took, Outcome::Answered);
                         t.cached = source == Source::Cache;
-                        if source != Source::Agent && timings.len() < 64 {
-                            pure |= 1 << timings.len();
+                        if timings.len() < 64 {
+                            let bit = 1 << timings.len();
+                            match source {
+                                Source::Pure | Source::Cache => pure |= bit,
+                                Source::Copies => copies |= bit,
+                                Source::Agent => {}
+                            }
                         }
                         timings.push(t);
                         stop |= flow == Flow::Stop;
@@ -237,6 +248,7 @@ impl Call<'_> {
             degraded,
             timings,
             pure,
+            copies,
         }
     }
 }
@@ -251,6 +263,8 @@ enum Source {
     Pure,
     /// The dispatcher's verdict cache: no agent was called.
     Cache,
+    /// The agent, after the call was hedged: another copy may have run, and taken something.
+    Copies,
 }
 
 fn timing(m: &Member, took: Duration, outcome: Outcome) -> AgentTiming {
@@ -343,7 +357,7 @@ pub struct Undo {
 
 /// The kinds to tell that their event was denied: those that answered, or failed (a late
 /// answer may still have taken something), except the ones that denied it themselves (a kind
-/// that refuses keeps nothing), the ones whose answer was pure, and observers. `None` for an event that was not denied.
+/// that refuses keeps nothing; unless its call was hedged, when another copy may have taken), the ones whose answer was pure, and observers. `None` for an event that was not denied.
 pub fn undo_for(run: &Run, decision: &Bytes, trace: &HeaderMap) -> Option<Undo> {
     if run.state.get_str(keys::ACTION) != Some("deny") {
         return None;
@@ -365,14 +379,16 @@ pub fn undo_for(run: &Run, decision: &Bytes, trace: &HeaderMap) -> Option<Undo> 
         .iter()
         .enumerate()
         .filter(|(i, _)| *i >= 64 || run.pure & (1 << i) == 0)
-        .map(|(_, t)| t)
-        .filter(|t| {
+        .filter(|(_, t)| {
             matches!(
                 t.outcome,
                 Outcome::Answered | Outcome::Timeout | Outcome::Error
             )
         })
-        .filter(|t| !deniers.contains(&t.agent.as_str()))
+        .filter(|(i, t)| {
+            !deniers.contains(&t.agent.as_str()) || (*i < 64 && run.copies & (1 << i) != 0)
+        })
+        .map(|(_, t)| t)
         .filter_map(|t| bus::Kind::new(&t.agent).ok())
         .collect();
     kinds.sort();
@@ -393,6 +409,7 @@ pub fn broken_chain(state: State, broken: &[crate::table::Broken]) -> Run {
         degraded: false,
         timings: Vec::new(),
         pure: 0,
+        copies: 0,
     };
     for b in broken {
         deny(
@@ -442,6 +459,7 @@ mod tests {
             degraded: false,
             timings: Vec::new(),
             pure: 0,
+            copies: 0,
         }
     }
 
@@ -513,5 +531,32 @@ mod tests {
         assert_eq!(kinds, ["conn-limit"]);
         run.pure |= 1 << 1; // conn-limit
         assert!(undo_for(&run, &Bytes::new(), &HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn a_kind_that_denied_is_undone_only_if_another_copy_of_its_call_may_have_run() {
+        let mut run = run_with(State::new());
+        run.timings = vec![AgentTiming {
+            agent: "conn-limit".into(),
+            priority: 0,
+            latency_us: 1,
+            outcome: Outcome::Answered,
+            cached: false,
+        }];
+        deny(
+            &mut run.state,
+            Reason::new("conn-limit", "db", Effect::Deny),
+        );
+        assert!(
+            undo_for(&run, &Bytes::new(), &HeaderMap::new()).is_none(),
+            "one copy, which refused: nothing taken"
+        );
+        run.copies = 1;
+        let undo = undo_for(&run, &Bytes::new(), &HeaderMap::new()).expect("an undo");
+        assert_eq!(
+            undo.kinds[0].as_str(),
+            "conn-limit",
+            "a hedged copy may have admitted"
+        );
     }
 }

@@ -243,8 +243,12 @@ impl Dispatcher {
         tokio::spawn(async move {
             let until = Instant::now() + UNDO_RETRY_FOR;
             let mut kinds = failed;
+            let mut pause = Duration::from_millis(250);
             while !kinds.is_empty() {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(pause).await;
+                // A kind that answers "not confirmed" (its store away) is not asked 4 times a
+                // second by every undo waiting on it.
+                pause = (pause * 2).min(Duration::from_secs(5));
                 kinds = undo_calls(&nats, &subjects, &kinds, &undo).await;
                 if Instant::now() >= until {
                     for kind in &kinds {

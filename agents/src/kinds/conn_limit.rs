@@ -90,30 +90,43 @@ impl ConnLimiter {
         let token = key_token(conn);
         // The dispatcher's run, which every copy of this request shares (an undo names it),
         // and this copy: a refused copy gives back only what it took itself.
-        let run = run_of(state).unwrap_or_else(bus::event::new_id);
-        let holder = format!("{}/{:08x}", holder(&token, &run), rand::random::<u32>());
+        let run = holder(&token, &run_of(state).unwrap_or_else(bus::event::new_id));
+        let holder = format!("{run}/{:08x}", rand::random::<u32>());
         let mut taken: Vec<SlotRef> = Vec::new();
         let mut reasons = Vec::new();
         for c in &matched {
-            let refused = match slots.take(&c.id, c.max, &holder).await {
-                Ok(Taken::Slot(b)) => {
-                    taken.push(SlotRef {
-                        key: slot_key(&c.id, b),
-                        holder: holder.clone(),
-                    });
-                    let used = slots.view().in_use(&c.id);
-                    reasons.push(
-                        Reason::new(NAME, &c.id, Effect::Allow)
-                            .with_detail(format!("{used} of {} in use", c.max)),
-                    );
+            // Under one policy, a copy whose run already holds a slot (a hedge answered
+            // elsewhere a moment ago) shares it: hedges cost no capacity. Not under several: a
+            // copy refused by a later policy gives back what it took, which must never be a
+            // slot another copy's allow is using.
+            let shared = (matched.len() == 1)
+                .then(|| slots.view().held_in(&c.id, &run))
+                .flatten();
+            let refused = match shared {
+                Some(slot) => {
+                    taken.push(slot);
                     None
                 }
-                Ok(Taken::Full) => Some(format!("limit of {} live connections reached", c.max)),
-                Ok(Taken::Released) => {
-                    Some("the connection was closed, or its event denied, while this copy of its admission was under way".into())
-                }
-                Err(why) => Some(format!("slot store unavailable, failing closed: {why}")),
+                None => match slots.take(&c.id, c.max, &holder).await {
+                    Ok(Taken::Slot(b)) => {
+                        taken.push(SlotRef {
+                            key: slot_key(&c.id, b),
+                            holder: holder.clone(),
+                        });
+                        None
+                    }
+                    Ok(Taken::Full) => Some(format!("limit of {} live connections reached", c.max)),
+                    Ok(Taken::Released) => Some("the connection was closed, or its event denied, while this copy of its admission was under way".into()),
+                    Err(why) => Some(format!("slot store unavailable, failing closed: {why}")),
+                },
             };
+            if refused.is_none() {
+                let used = slots.view().in_use(&c.id);
+                reasons.push(
+                    Reason::new(NAME, &c.id, Effect::Allow)
+                        .with_detail(format!("{used} of {} in use", c.max)),
+                );
+            }
             if let Some(detail) = refused {
                 if let Err(e) = slots.release_exact(&taken).await {
                     tracing::debug!(%holder, error = %e, "could not give back the slots of a refused admission yet");
@@ -210,7 +223,8 @@ fn holder(connection: &str, run: &str) -> String {
 }
 
 /// What the final decision says of conn-limit's call for `run`: its answer with a slot of the
-/// run, a failure the dispatcher recorded, or an answer that took nothing.
+/// run, a failure the dispatcher recorded, a refusal (of a hedged call: another copy may have
+/// admitted), or an answer that took nothing.
 fn called(decision: &State, run: &str) -> Called {
     let took = match decision.get(STATE_KEY) {
         Some(Value::Map(m)) => m.iter().any(|(k, v)| {
@@ -221,25 +235,30 @@ fn called(decision: &State, run: &str) -> Called {
     if took {
         return Called::Took;
     }
-    let failed = match decision.get(keys::REASONS) {
-        Some(Value::Array(reasons)) => reasons.iter().any(|r| {
-            let field = |name: &str| {
-                r.as_map()?
-                    .iter()
-                    .find(|(k, _)| k.as_str() == Some(name))?
-                    .1
-                    .as_str()
-            };
-            field("agent") == Some(NAME)
-                && field("policy").is_some_and(|p| failure::ALL.contains(&p))
-        }),
-        _ => false,
+    let Some(Value::Array(reasons)) = decision.get(keys::REASONS) else {
+        return Called::Nothing;
     };
-    if failed {
-        Called::Failed
-    } else {
-        Called::Nothing
+    let mut called = Called::Nothing;
+    for r in reasons {
+        let field = |name: &str| {
+            r.as_map()?
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(name))?
+                .1
+                .as_str()
+        };
+        if field("agent") != Some(NAME) {
+            continue;
+        }
+        if field("policy").is_some_and(|p| failure::ALL.contains(&p)) {
+            return Called::Failed;
+        }
+        // The dispatcher undoes a kind that refused only when its call was hedged.
+        if field("effect") == Some("deny") {
+            called = Called::Refused;
+        }
     }
+    called
 }
 
 /// The dispatcher's run of the event, as a key token (the event id from a dispatcher that
@@ -357,5 +376,48 @@ impl AgentKind for ConnLimiter {
         let slots = Arc::new(Slots::new(store, self.lease));
         self.slots = Some(slots.clone());
         watch_slots(slots).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(reason: Option<(&str, &str, Effect)>, holder: Option<&str>) -> State {
+        let mut d = State::new();
+        if let Some((agent, policy, effect)) = reason {
+            let r = Reason::new(agent, policy, effect).to_value();
+            d.insert(keys::REASONS, Value::Array(vec![r]));
+        }
+        if let Some(h) = holder {
+            d.insert(
+                STATE_KEY,
+                Value::Map(vec![(Value::from("holder"), Value::from(h))]),
+            );
+        }
+        d
+    }
+
+    #[test]
+    fn an_undo_reads_what_conn_limit_did_from_the_final_decision() {
+        let run = "c1#r1";
+        let took = decision(
+            Some(("rate-limit", "api", Effect::Deny)),
+            Some("c1#r1/0badc0de"),
+        );
+        assert_eq!(called(&took, run), Called::Took);
+        let another_run = decision(None, Some("c1#r2/0badc0de"));
+        assert_eq!(called(&another_run, run), Called::Nothing);
+        for (policy, effect) in [
+            (failure::TIMEOUT, Effect::Deny),
+            (failure::ERROR, Effect::Skipped),
+        ] {
+            let d = decision(Some((NAME, policy, effect.clone())), None);
+            assert_eq!(called(&d, run), Called::Failed, "{policy} {effect}");
+        }
+        let refused = decision(Some((NAME, "db", Effect::Deny)), None);
+        assert_eq!(called(&refused, run), Called::Refused);
+        let other = decision(Some(("rate-limit", failure::TIMEOUT, Effect::Deny)), None);
+        assert_eq!(called(&other, run), Called::Nothing, "another kind failed");
     }
 }

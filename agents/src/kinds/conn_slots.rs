@@ -40,6 +40,8 @@ pub(crate) enum Called {
     Took,
     /// It failed (no answer in time, an error): a copy may still be under way, anywhere.
     Failed,
+    /// It refused, and the call was hedged: another copy may have admitted.
+    Refused,
     /// It answered and took nothing (no limit applied): no copy takes anything either.
     Nothing,
 }
@@ -109,6 +111,9 @@ impl Slots {
     /// - `Failed`: maybe nothing is freed, so nothing would be recorded: a marker tells every
     ///   instance the run is undone; once this view has it, what was written before it is
     ///   here to free, and what is written after gives itself back.
+    /// - `Refused`: under load this is every hedged refusal, so no marker is written: the
+    ///   slots of copies written before the view caught up are freed; a copy that writes after
+    ///   that keeps its slot until the lease.
     pub(crate) async fn undo(self: &Arc<Self>, run: &str, called: Called) -> Result<(), String> {
         self.view().mark_undone(run);
         match called {
@@ -122,6 +127,12 @@ impl Slots {
                 self.applied_up_to(marker).await?;
                 let held = self.view().held_as(run);
                 tracing::debug!(%run, held = held.len(), "undo of a failed call");
+                self.release_exact(&held).await
+            }
+            Called::Refused => {
+                self.caught_up().await?;
+                let held = self.view().held_as(run);
+                tracing::debug!(%run, held = held.len(), "undo of a hedged refusal");
                 self.release_exact(&held).await
             }
             Called::Took => {

@@ -299,6 +299,13 @@ impl View {
         held
     }
 
+    /// A slot of `policy` held by a copy of `run`, if this instance has seen one.
+    pub(crate) fn held_in(&self, policy: &str, run: &str) -> Option<SlotRef> {
+        self.held_as(run)
+            .into_iter()
+            .find(|s| parse_slot(&s.key).is_some_and(|(p, _)| p == policy))
+    }
+
     /// The slots a connection holds, by its token.
     pub(crate) fn held_by(&self, token: &str) -> Vec<SlotRef> {
         let Some(list) = self.by_connection.get(token) else {

@@ -72,18 +72,23 @@ fn verdicts(patch: &State) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A final decision in which conn-limit's reason is `policy` (a failure code, or the policy
+/// that refused a hedged call).
+fn said(policy: &str) -> State {
+    let mut decision = State::new();
+    let reason = bus::Reason::new("conn-limit", policy, bus::Effect::Deny);
+    decision.insert(keys::REASONS, Value::Array(vec![reason.to_value()]));
+    decision
+}
+
 /// The dispatcher's `_undo` for run `run` of `connection`, with the final decision: a deny
-/// whose reasons say conn-limit failed (`answer` None) or answered `answer`.
-async fn undo(engine: &Engine, connection: &str, run: &str, answer: Option<&State>) {
-    let mut decision = answer.cloned().unwrap_or_default();
+/// with what conn-limit `answered` (its patch, or [`said`]).
+async fn undo(engine: &Engine, connection: &str, run: &str, answered: &State) {
+    let mut decision = answered.clone();
     decision.insert(keys::ACTION, "deny");
     decision.insert(keys::CONNECTION_ID, connection);
     decision.insert(keys::RUN_ID, run);
     decision.insert(keys::EVENT_ID, run);
-    if answer.is_none() {
-        let failed = bus::Reason::new("conn-limit", "agent-timeout", bus::Effect::Deny);
-        decision.insert(keys::REASONS, Value::Array(vec![failed.to_value()]));
-    }
     let reply = bus::client::call(
         &engine.client_as(&Role::Dispatcher).await,
         "policy.agent.conn-limit._undo".to_string(),
@@ -104,7 +109,7 @@ async fn a_copy_admitted_after_its_undo_gives_its_slot_back_on_either_instance()
     // undo known only to the instance it reached, half of these would keep their slot.
     for i in 0..16 {
         let (connection, run) = (format!("late-{i}"), format!("run-{i}"));
-        undo(&engine, &connection, &run, None).await;
+        undo(&engine, &connection, &run, &said("agent-timeout")).await;
         let patch = admit(&engine, &connection, &run).await;
         assert_eq!(
             verdicts(&patch),
@@ -112,13 +117,21 @@ async fn a_copy_admitted_after_its_undo_gives_its_slot_back_on_either_instance()
             "copy {i} admitted after its run was undone: {patch:?}"
         );
     }
+    // A hedged call whose first answer was a refusal, while another copy admitted: the undo
+    // of the refusal frees the other copy's slot, wherever it was taken.
+    for i in 0..8 {
+        let (connection, run) = (format!("hedged-{i}"), format!("run-h{i}"));
+        let other = admit(&engine, &connection, &run).await;
+        assert_eq!(verdicts(&other), [("db".to_string(), "allow".to_string())]);
+        undo(&engine, &connection, &run, &said("db")).await;
+    }
     // An answered admission, undone: freed wherever it was taken; a copy of it after the undo
     // is refused too.
     for i in 0..8 {
         let (connection, run) = (format!("answered-{i}"), format!("run-a{i}"));
         let first = admit(&engine, &connection, &run).await;
         assert_eq!(verdicts(&first), [("db".to_string(), "allow".to_string())]);
-        undo(&engine, &connection, &run, Some(&first)).await;
+        undo(&engine, &connection, &run, &first).await;
         let copy = admit(&engine, &connection, &run).await;
         assert_eq!(
             verdicts(&copy),
