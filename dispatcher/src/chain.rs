@@ -33,8 +33,9 @@ pub struct Run {
     pub state: State,
     pub degraded: bool,
     pub timings: Vec<AgentTiming>,
-    /// Kinds whose answer was pure (it said it may be cached, or came from the cache): they
-    /// took nothing, so a deny has nothing of theirs to undo.
+    /// Kinds whose answer was pure (it said it may be cached, or came from the cache; or it
+    /// failed, and its last answer said so): they took nothing, so a deny has nothing of
+    /// theirs to undo.
     /// Bit `i` for `timings[i]` (the first 64; a later one counts as not pure): no allocation
     /// per event.
     pub pure: u64,
@@ -129,6 +130,10 @@ impl Call<'_> {
             headers::get(msg.headers.as_ref(), headers::POLICY_CACHE).map(str::to_string)
         });
         let patch = patch_of(m, reply, self.max_patch_bytes);
+        if patch.is_ok() {
+            m.takes_nothing
+                .store(cache.is_some(), std::sync::atomic::Ordering::Relaxed);
+        }
         let took = start.elapsed();
         let source = match cache {
             Some(_) if patch.is_ok() => Source::Pure,
@@ -217,6 +222,11 @@ impl Call<'_> {
                     }
                     Err(f) => {
                         tracing::warn!(agent = %m.kind, code = f.code, detail = %f.detail, failure = m.failure.as_str(), "agent failed");
+                        if timings.len() < 64
+                            && m.takes_nothing.load(std::sync::atomic::Ordering::Relaxed)
+                        {
+                            pure |= 1 << timings.len();
+                        }
                         timings.push(timing(m, took, f.outcome));
                         let reason = Reason::new(m.kind.as_str(), f.code, Effect::Deny)
                             .with_detail(f.detail);

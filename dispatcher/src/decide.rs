@@ -19,7 +19,7 @@ pub(crate) type Reply = (HeaderMap, Bytes);
 /// How long an undo no kind instance confirmed is asked again, in the background.
 const UNDO_RETRY_FOR: Duration = Duration::from_secs(120);
 
-/// How long a kind has to confirm an undo, hedged like any agent call.
+/// How long a kind has to confirm an undo (one copy per attempt).
 const UNDO_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A decision, and what follows it once it is sent.
@@ -352,7 +352,10 @@ pub(crate) async fn undo_calls(
         let subject = subjects.agent_undo(kind);
         let (trace, decision) = (undo.trace.clone(), undo.decision.clone());
         async move {
-            let latency = bus::hedge::Latency::default();
+            // One copy per attempt, never hedged: an undo is asked again in the background if
+            // it fails, and hedging it (with a fresh budget per call) multiplied the requests of
+            // an overloaded engine's undo storm sixteen times.
+            let latency = bus::hedge::Latency::new(UNDO_TIMEOUT, 1);
             let r = bus::hedge::ask(nats, &subject, trace, decision, UNDO_TIMEOUT, &latency).await;
             (kind, r)
         }

@@ -21,6 +21,10 @@ pub struct Member {
     pub observe: bool,
     /// The kind's answer latency on this dispatcher, for its hedge delay.
     pub latency: std::sync::Arc<bus::hedge::Latency>,
+    /// The kind's last answer said it may be cached (`Policy-Cache`), which a kind that takes
+    /// something never says: a call of it that fails needs no undo either. Under overload,
+    /// when calls time out by the thousand, that is an undo request saved per denied event.
+    pub takes_nothing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Agents of one priority: they run concurrently.
@@ -173,6 +177,7 @@ fn build(subjects: &Subjects, mut subs: Vec<Subscription>) -> HashMap<String, Ar
             failure: s.failure,
             observe: s.observe,
             latency: Default::default(),
+            takes_nothing: Default::default(),
         };
         let chain = chains.entry(s.event.as_str().to_string()).or_default();
         match chain.stages.last_mut() {

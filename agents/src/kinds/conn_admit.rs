@@ -190,14 +190,20 @@ impl Slots {
                     lost += 1;
                     let fresh = self.read(&key).await;
                     let mut rest = Vec::new();
+                    let mut landed = Vec::new();
                     for (holder, replies) in chunk {
-                        // A write reported lost that landed after all (a retried request).
+                        // A write reported lost that landed after all (a retried request):
+                        // checked as any admission is, from the revision read.
                         match &fresh {
-                            Ok(Some(s)) if s.block.holds(&holder) => {
-                                answer(replies, || Ok(Taken::Slot(b)))
-                            }
+                            Ok(Some(s)) if s.block.holds(&holder) => landed.push((holder, replies)),
                             _ => rest.push((holder, replies)),
                         }
+                    }
+                    if let (false, Ok(Some(s))) = (landed.is_empty(), &fresh) {
+                        let (this, key, revision) = (self.clone(), key.clone(), s.revision);
+                        tokio::spawn(
+                            async move { this.after_write(key, b, landed, revision).await },
+                        );
                     }
                     if fresh.is_err() {
                         tried.push(b);
@@ -210,17 +216,10 @@ impl Slots {
                     }
                 }
                 Err((false, why)) => {
-                    // Maybe written, maybe not: if it was, those admissions are refused, so
-                    // their slots go back once the store answers.
-                    self.give_back(
-                        chunk
-                            .iter()
-                            .map(|(holder, _)| SlotRef {
-                                key: key.clone(),
-                                holder: holder.clone(),
-                            })
-                            .collect(),
-                    );
+                    // Maybe written, maybe not. Not given back: another copy of a run may be
+                    // sharing the slot (see `Slots::shared`) and its allow be the one used.
+                    // The error makes the dispatcher undo the run if its event is denied; if
+                    // it is allowed, the close frees the slot.
                     answer_all(chunk, || Err(why.clone()));
                     answer_all(pending, || Err(why.clone()));
                     return;
@@ -247,7 +246,8 @@ impl Slots {
     /// checks whether a slot of the same connection was freed before it, or its run undone,
     /// and if so gives its own back. Every slot then is either taken before the close's (or
     /// undo's) second look at the bucket (and freed by it) or after its first release or
-    /// marker (and given back here). A view too far behind to check fails closed.
+    /// marker (and given back here). A view too far behind to check fails closed (keeping the
+    /// slot for the undo).
     async fn after_write(
         self: Arc<Self>,
         key: String,
@@ -256,15 +256,9 @@ impl Slots {
         revision: u64,
     ) {
         if let Err(e) = self.applied_up_to(revision).await {
-            tracing::warn!(%key, error = %e, "could not check new slots against releases: given back, failing closed");
-            let slots = chunk
-                .iter()
-                .map(|(holder, _)| SlotRef {
-                    key: key.clone(),
-                    holder: holder.clone(),
-                })
-                .collect();
-            self.give_back(slots);
+            // Failing closed, but keeping the slot for the same reason as a write whose
+            // outcome is unknown (see `admit_batch`): the undo or the close frees it.
+            tracing::warn!(%key, error = %e, "could not check new slots against releases: failing closed");
             let why = format!("could not check the slot against releases: {e}");
             answer_all(chunk, || Err(why.clone()));
             return;

@@ -95,13 +95,12 @@ impl ConnLimiter {
         let mut taken: Vec<SlotRef> = Vec::new();
         let mut reasons = Vec::new();
         for c in &matched {
-            // Under one policy, a copy whose run already holds a slot (a hedge answered
-            // elsewhere a moment ago) shares it: hedges cost no capacity. Not under several: a
-            // copy refused by a later policy gives back what it took, which must never be a
-            // slot another copy's allow is using.
-            let shared = (matched.len() == 1)
-                .then(|| slots.view().held_in(&c.id, &run))
-                .flatten();
+            // Under one policy, a copy of a run another copy already took a slot for (a hedge)
+            // shares it: hedges cost no capacity. Not under several (see `Slots::shared`).
+            let shared = match matched.len() {
+                1 => slots.shared(&c.id, &run).await,
+                _ => None,
+            };
             let refused = match shared {
                 Some(slot) => {
                     taken.push(slot);
@@ -143,6 +142,8 @@ impl ConnLimiter {
             }
             return deny(matched[0], "the event was already denied".into());
         }
+        // The holder in the bucket: a shared slot's is the copy that took it.
+        let holder = taken.first().map_or(holder, |s| s.holder.clone());
         let mut patch = State::new();
         let slot_list = Value::Array(taken.iter().map(|s| Value::from(s.key.as_str())).collect());
         patch.insert(
@@ -190,8 +191,10 @@ async fn watch_slots(slots: Arc<Slots>) -> Result<(), AttachError> {
                                 key,
                                 value,
                                 revision,
-                            } => view.apply_at(key, Some(value), *revision),
-                            Change::Delete { key, revision } => view.apply_at(key, None, *revision),
+                            } => view.apply_change(key, Some(value), *revision),
+                            Change::Delete { key, revision } => {
+                                view.apply_change(key, None, *revision)
+                            }
                         }
                     }
                     changes.iter().map(Change::revision).max().unwrap_or(0)
@@ -282,7 +285,15 @@ impl AgentKind for ConnLimiter {
     }
 
     fn check(&self, p: &ConnLimitPolicy) -> Result<(), String> {
-        kind::check_identity(NAME, &p.agent, &p.id)
+        kind::check_identity(NAME, &p.agent, &p.id)?;
+        // Keys under `slot._` are markers (see `conn_view::GONE_PREFIX`), never blocks.
+        if p.id.starts_with('_') {
+            return Err(format!(
+                "conn-limit policy id {:?} starts with `_`, which the slot bucket keeps for its markers: rename it",
+                p.id
+            ));
+        }
+        Ok(())
     }
 
     fn compile(&self, mut policies: Vec<Stored<ConnLimitPolicy>>) -> Vec<Compiled> {
@@ -331,10 +342,12 @@ impl AgentKind for ConnLimiter {
                     Some("open") => {
                         slots.renew_connection(&token).await;
                     }
-                    // Whether a limit applies is not known (a status names no services): the
-                    // close is recorded for any late admission if any limit is set.
+                    // No marker when no slot is found (unlike a cancelled connection's close):
+                    // a status comes from a connection the gateway opened, so its admission
+                    // has taken its slot, and freeing it records the release for any late
+                    // copy. A marker per unlimited connection would be a write per close.
                     Some("closed" | "failed") => slots
-                        .release_connection(&token, !rules.is_empty())
+                        .release_connection(&token, false)
                         .await
                         .map_err(|e| format!("the connection's slots may not all be freed: {e}"))?,
                     _ => {}
@@ -396,6 +409,20 @@ mod tests {
             );
         }
         d
+    }
+
+    #[test]
+    fn a_policy_id_may_not_look_like_a_marker() {
+        let limiter = ConnLimiter::new(DEFAULT_LEASE);
+        let policy = |id: &str| ConnLimitPolicy {
+            agent: NAME.into(),
+            id: id.into(),
+            matcher: LimitMatch::default(),
+            max_connections: NonZeroU32::MIN,
+        };
+        assert!(limiter.check(&policy("db")).is_ok());
+        let refused = limiter.check(&policy("_gone")).expect_err("a marker's name");
+        assert!(refused.contains("rename"), "{refused}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ const CATCH_UP: Duration = Duration::from_secs(1);
 use super::conn_admit::Queue;
 use super::conn_block::{self, Block};
 pub(crate) use super::conn_view::slot_key;
-use super::conn_view::{gone_key, undone_key, Seen, SlotRef, View, RELEASED_FOR};
+use super::conn_view::{gone_key, policy_of, undone_key, Seen, SlotRef, View, RELEASED_FOR};
 
 /// The shared slot store and this instance's view of it.
 pub(crate) struct Slots {
@@ -145,6 +145,28 @@ impl Slots {
                 self.release_exact(&late).await
             }
         }
+    }
+
+    /// A slot of `policy` that another copy of `run` holds, as this instance's view has it: a
+    /// hedge shares it instead of taking another. Safe under one policy only, and only because
+    /// no copy gives back a slot while its run may still be allowed: one refused by a later
+    /// policy would (so not under several), and one that cannot check its write, or does not
+    /// know whether its write landed, keeps the slot and answers an error, leaving it to the
+    /// undo of a denied event (or to the close of an allowed one).
+    ///
+    /// The view is brought up to date first, so a slot the run's undo (or the connection's
+    /// close) freed a moment ago elsewhere is not shared: the copy then takes its own, and
+    /// gives it back as any late copy does.
+    pub(crate) async fn shared(&self, policy: &str, run: &str) -> Option<SlotRef> {
+        let find = || {
+            self.view()
+                .held_as(run)
+                .into_iter()
+                .find(|s| policy_of(&s.key) == Some(policy))
+        };
+        find()?;
+        self.caught_up().await.ok()?;
+        find()
     }
 
     pub(crate) fn is_undone(&self, holder: &str) -> bool {
