@@ -421,7 +421,9 @@ mod tests {
             max_connections: NonZeroU32::MIN,
         };
         assert!(limiter.check(&policy("db")).is_ok());
-        let refused = limiter.check(&policy("_gone")).expect_err("a marker's name");
+        let refused = limiter
+            .check(&policy("_gone"))
+            .expect_err("a marker's name");
         assert!(refused.contains("rename"), "{refused}");
     }
 

@@ -2,7 +2,11 @@
 //! that runs after its event was undone, on whichever instance the queue group hands it to,
 //! gives its slot back; a refused copy frees only its own.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use bus::Action;
 
 use bus::headers;
 use bus::roles::Role;
@@ -183,5 +187,141 @@ async fn a_refused_copy_frees_only_its_own_slots() {
         held.iter().any(|h| h.starts_with("slot.db."))
             && held.iter().any(|h| h.starts_with("slot.one.")),
         "{held:?}"
+    );
+}
+
+/// A kind that answers `new-connection` with an empty patch while `answering` is set (with
+/// `Policy-Cache` if `pure`: it takes nothing), and is silent after; and a spy recording the
+/// event id of each `_undo` request it is sent (never answered).
+async fn silent_kind(
+    engine: &Engine,
+    kind: &'static str,
+    pure: bool,
+    answering: Arc<AtomicBool>,
+) -> Arc<Mutex<Vec<String>>> {
+    use futures::StreamExt;
+    let client = engine.client_as(&Role::Operator).await;
+    let mut calls = client
+        .queue_subscribe(format!("policy.agent.{kind}.new-connection"), kind.into())
+        .await
+        .expect("subscribe");
+    let mut undos = client
+        .subscribe(format!("policy.agent.{kind}._undo"))
+        .await
+        .expect("subscribe undo");
+    client.flush().await.expect("flush");
+    let responder = client.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = calls.next().await {
+            let (Some(reply), true) = (msg.reply, answering.load(Ordering::SeqCst)) else {
+                continue;
+            };
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(headers::POLICY_STATE, "gA=="); // an empty map
+            if pure {
+                h.insert(headers::POLICY_CACHE, "00 attrs=src_service state=");
+            }
+            let _ = responder
+                .publish_with_headers(reply, h, Default::default())
+                .await;
+        }
+    });
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = undos.next().await {
+            let id = State::decode(&msg.payload)
+                .ok()
+                .and_then(|d| d.get_str(keys::EVENT_ID).map(String::from))
+                .unwrap_or_default();
+            record.lock().expect("spy").push(id);
+        }
+    });
+    seen
+}
+
+/// How many undo requests of event `id` the spy saw.
+fn undos_of(spy: &Mutex<Vec<String>>, id: &str) -> usize {
+    spy.lock().expect("spy").iter().filter(|e| *e == id).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_undo_is_one_request_per_attempt_and_none_to_a_failed_kind_whose_answers_are_pure() {
+    let mut engine = Engine::new();
+    engine.start(&["acl"]).await;
+    let answering = Arc::new(AtomicBool::new(true));
+    let taker = silent_kind(&engine, "taker", false, Arc::new(AtomicBool::new(true))).await;
+    let pure = silent_kind(&engine, "pure", true, answering.clone()).await;
+    foreign_agent(&engine.nats.url(), "veto", "new-connection", |_, _| async {
+        let mut patch = Map::new();
+        patch.insert("action".into(), rmpv::Value::from("deny"));
+        Some(patch)
+    })
+    .await;
+    let admin = engine.admin().await;
+    let mut short = sub("new-connection", "pure", 20);
+    short.timeout_ms = 300;
+    subscribe_forced(
+        &admin,
+        &[
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "taker", 20),
+            short,
+            sub("new-connection", "veto", 40),
+        ],
+    )
+    .await;
+    admin
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "open", "action": "allow"}),
+        )])
+        .await
+        .expect("policy add");
+    let hook = engine.hook().await;
+    // Denied by the veto: taker (which said nothing) is undone, pure (which said it takes
+    // nothing) is not. taker never confirms, and is asked once per attempt, not hedged.
+    eventually("the veto denies", || async {
+        let d = hook.new_connection(&conn("web", "db", &["p1"])).await;
+        match d {
+            Ok(d) if d.action == Action::Deny && !format!("{:?}", d.reasons).contains("agent-") => {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let d = hook
+        .new_connection(&conn("web2", "db", &["p1"]))
+        .await
+        .expect("decision");
+    assert_eq!(d.action, Action::Deny, "{d:?}");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        undos_of(&taker, &d.event_id),
+        1,
+        "one undo request in the first attempt's second"
+    );
+    assert_eq!(
+        undos_of(&pure, &d.event_id),
+        0,
+        "a pure answer took nothing"
+    );
+    // pure stops answering: its call fails, and its last answer said it takes nothing.
+    answering.store(false, Ordering::SeqCst);
+    let d = hook
+        .new_connection(&conn("web3", "db", &["p1"]))
+        .await
+        .expect("decision");
+    assert_eq!(effects(&d.reasons, "pure"), [pair("agent-timeout", "deny")]);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        undos_of(&pure, &d.event_id),
+        0,
+        "a failed kind whose answers are pure"
+    );
+    assert_eq!(
+        undos_of(&taker, &d.event_id),
+        1,
+        "the kind that said nothing"
     );
 }
