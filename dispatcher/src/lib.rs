@@ -52,7 +52,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            max_in_flight: 4096,
+            max_in_flight: 512,
             max_admin_in_flight: 16,
             limits: Limits::default(),
             max_patch_bytes: 512 * 1024,

@@ -18,8 +18,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(flatten)]
     common: daemon::Common,
-    /// Events this instance handles at once; past it, new events wait in NATS.
-    #[arg(long, default_value_t = 4096)]
+    /// Events this instance handles at once; past it, new events wait in NATS. More costs
+    /// memory and, past a few hundred, throughput (README, Performance).
+    #[arg(long, default_value_t = 512)]
     max_in_flight: usize,
     /// Admin commands this instance handles at once.
     #[arg(long, default_value_t = 16)]
