@@ -7,5 +7,6 @@ pub mod kind;
 pub mod kinds;
 pub mod pattern;
 pub mod runtime;
+pub mod selector;
 
 pub use kind::AgentKind;

@@ -98,6 +98,10 @@ impl Direction {
     }
 }
 
+/// Labels of a workload, service or peer (Kubernetes-style `key: value`), which ACL rules may
+/// select on. Every label field is optional: a name-only event is decided by names alone.
+pub type Labels = BTreeMap<String, String>;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewConnection {
     pub src_service: String,
@@ -112,20 +116,41 @@ pub struct NewConnection {
     /// agents can key on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_id: Option<String>,
+    /// The source workload's labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_labels: Option<Labels>,
+    /// The destination service's labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_labels: Option<Labels>,
+    /// Labels of candidate peers, by peer name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_labels: Option<BTreeMap<String, Labels>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExposeService {
     pub service: String,
     /// Candidate peers; seeds the state's `target_peers`.
     pub peers: Vec<String>,
+    /// The service's labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_labels: Option<Labels>,
+    /// Labels of candidate peers, by peer name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_labels: Option<BTreeMap<String, Labels>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceListRequest {
     pub src_peer: String,
     /// Candidate services; seeds the state's `services`.
     pub services: Vec<String>,
+    /// The requesting peer's labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_peer_labels: Option<Labels>,
+    /// Labels of candidate services, by service name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_labels: Option<BTreeMap<String, Labels>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -312,6 +337,9 @@ mod tests {
             src_peer: None,
             dst_peers: Some(vec!["p1".into()]),
             connection_id: None,
+            src_labels: None,
+            dst_labels: None,
+            peer_labels: None,
         };
         let mut map: BTreeMap<String, Value> =
             codec::decode("t", &codec::encode("t", &nc).unwrap()).unwrap();
@@ -360,6 +388,8 @@ mod tests {
         let e = Event::ExposeService(ExposeService {
             service: "db".into(),
             peers: vec!["b".into(), "a".into(), "b".into(), "a".into()],
+            service_labels: None,
+            peer_labels: None,
         });
         assert_eq!(
             e.initial_state().get_strings(keys::TARGET_PEERS),
@@ -372,6 +402,8 @@ mod tests {
         let e = ExposeService {
             service: "db".into(),
             peers: vec!["a".into(), "b".into()],
+            service_labels: None,
+            peer_labels: None,
         };
         let bytes = codec::encode("t", &e).unwrap();
         let slim = without_candidates(&bytes).unwrap();
@@ -381,7 +413,9 @@ mod tests {
             back,
             Event::ExposeService(ExposeService {
                 service: "db".into(),
-                peers: vec![]
+                peers: vec![],
+                service_labels: None,
+                peer_labels: None,
             })
         );
         let none =

@@ -460,6 +460,9 @@ mod tests {
             src_peer: None,
             dst_peers: Some(peers.iter().map(|p| p.to_string()).collect()),
             connection_id: Some("c".into()),
+            src_labels: None,
+            dst_labels: None,
+            peer_labels: None,
         })
     }
 

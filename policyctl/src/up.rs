@@ -196,14 +196,15 @@ fn spawn(
     Ok(())
 }
 
-/// Waits until `service` answers its ping. A process of the stack that exits meanwhile ends
-/// the wait at once: its own error is just above on the terminal.
+/// Waits until `service` answers its ping, for up to `within`. A process of the stack that
+/// exits meanwhile ends the wait at once: its own error is just above on the terminal.
 async fn wait_ready(
     stack: &mut Stack,
     nats: &async_nats::Client,
     service: &str,
+    within: Duration,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + within;
     while bus::client::count_instances(nats, service, Duration::from_millis(200))
         .await
         .unwrap_or(0)
@@ -215,7 +216,7 @@ async fn wait_ready(
             }
         }
         if Instant::now() > deadline {
-            bail!("{service} did not come up within 20s");
+            bail!("{service} did not come up within {within:?}");
         }
     }
     Ok(())
@@ -503,14 +504,13 @@ pub async fn run(
                 &role,
             )?;
         }
-        wait_ready(&mut stack, &nats, headers::DISPATCHER_SERVICE).await?;
+        // A new cluster elects its JetStream leaders before the first bucket can be made,
+        // which on a loaded machine takes longer than a single server's start.
+        let within = Duration::from_secs(if cluster > 1 { 60 } else { 20 });
+        wait_ready(&mut stack, &nats, headers::DISPATCHER_SERVICE, within).await?;
         for kind in SHIPPED_KINDS {
-            wait_ready(
-                &mut stack,
-                &nats,
-                &headers::agent_service(&Kind::new(kind)?),
-            )
-            .await?;
+            let service = headers::agent_service(&Kind::new(kind)?);
+            wait_ready(&mut stack, &nats, &service, within).await?;
         }
         eprintln!(
             "engine up: dispatcher and agents {}",

@@ -16,18 +16,25 @@
 //!   peer, so only rules whose `src_service` and `dst_peer` are absent or `*` count for them;
 //!   a rule naming either applies to connections only.
 //!
-//! Matching uses an index on exact `dst_service`: an event checks the rules for its service
-//! plus the rules with a wildcard or prefix service, never the whole list.
+//! Rules may also select by labels (Kubernetes label selectors, see [`crate::selector`]):
+//! `src_labels` (the source workload's), `dst_labels` or its alias `service_labels` (the
+//! destination service's), `dst_peer_labels` (the candidate peer's, connections only) and
+//! `peer_labels` (the peer asking, expose and list only).
+//!
+//! Matching uses an index on exact `dst_service` and `src_peer`, and one on a required label
+//! of the destination service: an event checks the rules that name its service, peer or a
+//! label it has, plus the rules that leave all three open, never the whole list.
 
 use std::collections::HashMap;
 
-use bus::event::{Direction, Event};
+use bus::event::{Direction, Event, Labels};
 use bus::state::keys;
 use bus::{Action, Effect, Reason, State};
 use serde::Deserialize;
 
 use crate::kind::{self, AgentKind, Stored};
 use crate::pattern::{self, Pattern};
+use crate::selector::{self, Selector};
 
 pub const NAME: &str = "acl";
 
@@ -66,6 +73,11 @@ pub struct Match {
     pub src_peer: Option<Pattern>,
     pub dst_peer: Option<Pattern>,
     pub direction: Option<DirectionMatch>,
+    pub src_labels: Option<Selector>,
+    #[serde(alias = "service_labels")]
+    pub dst_labels: Option<Selector>,
+    pub dst_peer_labels: Option<Selector>,
+    pub peer_labels: Option<Selector>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -83,8 +95,9 @@ pub struct AclPolicy {
 }
 
 /// What a rule is checked against. `partial` marks expose and list checks, for which rules
-/// naming a source service or destination peer do not count.
-#[derive(Debug, Clone, Copy)]
+/// naming a source service or destination peer (or selecting their labels) do not count, and
+/// for which alone `peer_labels` counts.
+#[derive(Debug, Clone, Copy, Default)]
 struct Query<'a> {
     src_service: Option<&'a str>,
     dst_service: Option<&'a str>,
@@ -92,6 +105,10 @@ struct Query<'a> {
     dst_peer: Option<&'a str>,
     direction: Option<Direction>,
     partial: bool,
+    src_labels: Option<&'a Labels>,
+    dst_labels: Option<&'a Labels>,
+    dst_peer_labels: Option<&'a Labels>,
+    peer_labels: Option<&'a Labels>,
 }
 
 #[derive(Debug)]
@@ -104,7 +121,15 @@ struct Rule {
 impl Rule {
     fn matches(&self, q: &Query) -> bool {
         let m = &self.m;
-        if q.partial && !(pattern::is_any(&m.src_service) && pattern::is_any(&m.dst_peer)) {
+        if q.partial
+            && !(pattern::is_any(&m.src_service)
+                && pattern::is_any(&m.dst_peer)
+                && m.src_labels.is_none()
+                && m.dst_peer_labels.is_none())
+        {
+            return false;
+        }
+        if !q.partial && m.peer_labels.is_some() {
             return false;
         }
         let dir_ok = match m.direction {
@@ -116,6 +141,10 @@ impl Rule {
             && pattern::matches(&m.src_service, q.src_service)
             && pattern::matches(&m.src_peer, q.src_peer)
             && pattern::matches(&m.dst_peer, q.dst_peer)
+            && selector::matches(&m.dst_labels, q.dst_labels)
+            && selector::matches(&m.src_labels, q.src_labels)
+            && selector::matches(&m.dst_peer_labels, q.dst_peer_labels)
+            && selector::matches(&m.peer_labels, q.peer_labels)
     }
 }
 
@@ -131,7 +160,10 @@ struct Index {
     by_dst: HashMap<String, Vec<u32>>,
     /// Exact `src_peer`; `dst_service` absent, `*` or a prefix.
     by_peer: HashMap<String, Vec<u32>>,
-    /// Neither exact: checked for every event.
+    /// Neither exact, but a label the destination service must have (`dst_labels`'
+    /// `matchLabels`): label key -> value -> rules.
+    by_dst_label: HashMap<String, HashMap<String, Vec<u32>>>,
+    /// None of those: checked for every event.
     wild: Vec<u32>,
 }
 
@@ -157,47 +189,65 @@ impl Index {
                     .push(i),
                 (Some(d), None) => index.by_dst.entry(d.to_string()).or_default().push(i),
                 (None, Some(p)) => index.by_peer.entry(p.to_string()).or_default().push(i),
-                (None, None) => index.wild.push(i),
+                (None, None) => match r.m.dst_labels.as_ref().and_then(Selector::required_pair) {
+                    Some((k, v)) => index
+                        .by_dst_label
+                        .entry(k.to_string())
+                        .or_default()
+                        .entry(v.to_string())
+                        .or_default()
+                        .push(i),
+                    None => index.wild.push(i),
+                },
             }
         }
         index.rules = rules;
         index
     }
 
-    /// The rules that may match, in evaluation order: a merge of up to four sorted index
-    /// lists. A rule naming an exact service or peer cannot match an event without it.
-    fn candidates<'s>(
-        &'s self,
-        dst_service: Option<&str>,
-        src_peer: Option<&str>,
-    ) -> impl Iterator<Item = &'s Rule> + 's {
+    /// The rules that may match, in evaluation order: a merge of the sorted index lists. A
+    /// rule naming an exact service or peer, or requiring a label of the service, cannot
+    /// match an event without it.
+    fn candidates<'s>(&'s self, q: &Query) -> impl Iterator<Item = &'s Rule> + 's {
         const NONE: &[u32] = &[];
-        let both = dst_service
-            .zip(src_peer)
+        let both = q
+            .dst_service
+            .zip(q.src_peer)
             .and_then(|(d, p)| self.by_both.get(d)?.get(p))
             .map_or(NONE, Vec::as_slice);
-        let dst = dst_service
+        let dst = q
+            .dst_service
             .and_then(|d| self.by_dst.get(d))
             .map_or(NONE, Vec::as_slice);
-        let peer = src_peer
+        let peer = q
+            .src_peer
             .and_then(|p| self.by_peer.get(p))
             .map_or(NONE, Vec::as_slice);
-        let mut lists = [both, dst, peer, self.wild.as_slice()];
+        let mut fixed = [both, dst, peer, self.wild.as_slice()];
+        // The label lists, if any: a Vec that allocates only for an event with labels that
+        // index rules.
+        let mut labelled: Vec<&'s [u32]> = Vec::new();
+        if !self.by_dst_label.is_empty() {
+            for (k, v) in q.dst_labels.into_iter().flatten() {
+                if let Some(l) = self.by_dst_label.get(k).and_then(|m| m.get(v)) {
+                    labelled.push(l);
+                }
+            }
+        }
         std::iter::from_fn(move || {
-            let (at, _) = lists
-                .iter()
-                .enumerate()
-                .filter_map(|(k, l)| Some((k, *l.first()?)))
-                .min_by_key(|(_, i)| *i)?;
-            let (first, rest) = lists[at].split_first()?;
-            lists[at] = rest;
+            let next = fixed
+                .iter_mut()
+                .chain(labelled.iter_mut())
+                .filter(|l| !l.is_empty())
+                .min_by_key(|l| l[0])?;
+            let (first, rest) = next.split_first()?;
+            *next = rest;
             Some(&self.rules[*first as usize])
         })
     }
 
     fn first_match(&self, q: &Query) -> Option<&Rule> {
-        self.candidates(q.dst_service, q.src_peer)
-            .find(|r| r.matches(q))
+        self.candidates(q).find(|r| r.matches(q))
     }
 }
 
@@ -262,11 +312,7 @@ impl Acl {
             } else {
                 explain.add(id, Effect::Deny, None);
             }
-            for r in rules
-                .audit
-                .candidates(q.dst_service, q.src_peer)
-                .filter(|r| r.matches(&q))
-            {
+            for r in rules.audit.candidates(&q).filter(|r| r.matches(&q)) {
                 let detail = format!("would {}", r.action.as_str());
                 explain.add(&r.id, Effect::Audit, Some(detail));
             }
@@ -297,10 +343,12 @@ impl Acl {
             src_service: Some(&e.src_service),
             dst_service: Some(&e.dst_service),
             src_peer: e.src_peer.as_deref(),
-            dst_peer: None,
             direction: Some(e.direction),
-            partial: false,
+            src_labels: e.src_labels.as_ref(),
+            dst_labels: e.dst_labels.as_ref(),
+            ..Query::default()
         };
+        let peer_labels = |p: &str| e.peer_labels.as_ref().and_then(|m| m.get(p));
         let mut patch = State::new();
         let (action, explain) = match state.get_strings(keys::DST_PEERS) {
             Some(peers) if peers.is_empty() => {
@@ -311,6 +359,7 @@ impl Acl {
             Some(peers) => {
                 let (allowed, mut explain) = self.narrow(rules, &peers, |p| Query {
                     dst_peer: Some(p),
+                    dst_peer_labels: peer_labels(p),
                     ..base
                 });
                 if allowed.is_empty() {
@@ -352,7 +401,22 @@ impl AgentKind for Acl {
     }
 
     fn check(&self, p: &AclPolicy) -> Result<(), String> {
-        kind::check_identity(NAME, &p.agent, &p.id)
+        kind::check_identity(NAME, &p.agent, &p.id)?;
+        let m = &p.matcher;
+        for (field, s) in [
+            ("match.src_labels", &m.src_labels),
+            ("match.dst_labels", &m.dst_labels),
+            ("match.dst_peer_labels", &m.dst_peer_labels),
+            ("match.peer_labels", &m.peer_labels),
+        ] {
+            if let Some(s) = s {
+                s.validate(field)?;
+            }
+        }
+        if m.peer_labels.is_some() && (m.src_labels.is_some() || m.dst_peer_labels.is_some()) {
+            return Err("match.peer_labels applies to expose-service and service-list-request only, src_labels and dst_peer_labels to connections only: a rule with both never matches".into());
+        }
+        Ok(())
     }
 
     fn compile(&self, policies: Vec<Stored<AclPolicy>>) -> AclRules {
@@ -384,11 +448,25 @@ impl AgentKind for Acl {
     ) -> Option<bus::cache::Declared> {
         let (attrs, state): (&'static [&'static str], &'static [&'static str]) = match event {
             Event::NewConnection(_) => (
-                &["src_service", "dst_service", "src_peer", "direction"],
+                &[
+                    "src_service",
+                    "dst_service",
+                    "src_peer",
+                    "direction",
+                    "src_labels",
+                    "dst_labels",
+                    "peer_labels",
+                ],
                 &[keys::DST_PEERS],
             ),
-            Event::ExposeService(_) => (&["service"], &[keys::TARGET_PEERS]),
-            Event::ServiceListRequest(_) => (&["src_peer"], &[keys::SERVICES]),
+            Event::ExposeService(_) => (
+                &["service", "service_labels", "peer_labels"],
+                &[keys::TARGET_PEERS],
+            ),
+            Event::ServiceListRequest(_) => (
+                &["src_peer", "src_peer_labels", "service_labels"],
+                &[keys::SERVICES],
+            ),
             Event::ConnectionClosed(_) | Event::Other { .. } => return None,
         };
         Some(bus::cache::Declared { attrs, state })
@@ -400,24 +478,26 @@ impl AgentKind for Acl {
             Event::ExposeService(e) => {
                 let peers = state.get_strings(keys::TARGET_PEERS).unwrap_or_default();
                 let (allowed, explain) = self.narrow(rules, &peers, |p| Query {
-                    src_service: None,
                     dst_service: Some(&e.service),
                     src_peer: Some(p),
-                    dst_peer: None,
                     direction: Some(Direction::Incoming),
                     partial: true,
+                    dst_labels: e.service_labels.as_ref(),
+                    peer_labels: e.peer_labels.as_ref().and_then(|m| m.get(p)),
+                    ..Query::default()
                 });
                 Self::narrowed_patch(keys::TARGET_PEERS, &allowed, explain)
             }
             Event::ServiceListRequest(e) => {
                 let services = state.get_strings(keys::SERVICES).unwrap_or_default();
                 let (allowed, explain) = self.narrow(rules, &services, |s| Query {
-                    src_service: None,
                     dst_service: Some(s),
                     src_peer: Some(&e.src_peer),
-                    dst_peer: None,
                     direction: Some(Direction::Incoming),
                     partial: true,
+                    dst_labels: e.service_labels.as_ref().and_then(|m| m.get(s)),
+                    peer_labels: e.src_peer_labels.as_ref(),
+                    ..Query::default()
                 });
                 Self::narrowed_patch(keys::SERVICES, &allowed, explain)
             }
@@ -429,3 +509,7 @@ impl AgentKind for Acl {
 #[cfg(test)]
 #[path = "acl_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "acl_label_tests.rs"]
+mod label_tests;

@@ -50,6 +50,9 @@ fn conn(src: &str, dst: &str, peers: &[&str]) -> (Event, State) {
         src_peer: Some("local".into()),
         dst_peers: Some(peers.iter().map(|s| s.to_string()).collect()),
         connection_id: None,
+        src_labels: None,
+        dst_labels: None,
+        peer_labels: None,
     };
     let ev = Event::NewConnection(e);
     let st = ev.initial_state();
@@ -180,6 +183,8 @@ fn expose_and_list_count_only_rules_without_src_service_or_dst_peer() {
     let ev = Event::ExposeService(ExposeService {
         service: "db".into(),
         peers: vec!["a".into(), "b".into()],
+        service_labels: None,
+        peer_labels: None,
     });
     let patch = acl.decide(&rules, &ev, &ev.initial_state());
     assert_eq!(patch.get_strings(keys::TARGET_PEERS), Some(vec!["a"]));
@@ -187,6 +192,8 @@ fn expose_and_list_count_only_rules_without_src_service_or_dst_peer() {
     let ev = Event::ServiceListRequest(ServiceListRequest {
         src_peer: "b".into(),
         services: vec!["db".into(), "api".into(), "cache".into()],
+        src_peer_labels: None,
+        service_labels: None,
     });
     let patch = acl.decide(&rules, &ev, &ev.initial_state());
     assert_eq!(patch.get_strings(keys::SERVICES), Some(vec!["api"]));
@@ -217,6 +224,7 @@ fn the_index_agrees_with_a_full_scan() {
                 dst_peer: Some("p2"),
                 direction: Some(Direction::Outgoing),
                 partial: false,
+                ..Query::default()
             };
             let scanned = rules
                 .enforce
@@ -317,6 +325,7 @@ fn the_index_finds_what_a_scan_of_every_rule_in_order_finds() {
                     dst_peer: Some("p1"),
                     direction: Some(Direction::Outgoing),
                     partial: false,
+                    ..Query::default()
                 };
                 let scan = index.rules.iter().find(|r| r.matches(&q)).map(|r| &r.id);
                 assert_eq!(

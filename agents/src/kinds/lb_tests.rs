@@ -24,6 +24,9 @@ fn event(src: &str, peers: &[&str]) -> (Event, State) {
         src_peer: None,
         dst_peers: Some(peers.iter().map(|s| s.to_string()).collect()),
         connection_id: None,
+        src_labels: None,
+        dst_labels: None,
+        peer_labels: None,
     });
     let st = ev.initial_state();
     (ev, st)

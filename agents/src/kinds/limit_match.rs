@@ -82,6 +82,9 @@ mod tests {
             src_peer: None,
             dst_peers: None,
             connection_id: None,
+            src_labels: None,
+            dst_labels: None,
+            peer_labels: None,
         }
     }
 

@@ -150,6 +150,8 @@ async fn equal_priorities_run_concurrently() {
         .expose_service(&bus::event::ExposeService {
             service: "db".into(),
             peers: vec!["p1".into()],
+            service_labels: None,
+            peer_labels: None,
         })
         .await
         .expect("decision");

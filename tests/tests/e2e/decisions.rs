@@ -197,6 +197,8 @@ async fn expose_and_list_are_filtered() {
             .expose_service(&ExposeService {
                 service: "db".into(),
                 peers: vec!["partner-a".into(), "other".into(), "partner-b".into()],
+                service_labels: None,
+                peer_labels: None,
             })
             .await
             .map_err(|e| e.to_string())?;
@@ -210,6 +212,8 @@ async fn expose_and_list_are_filtered() {
         .list_services(&ServiceListRequest {
             src_peer: "partner-a".into(),
             services: vec!["db".into(), "api".into(), "cache".into()],
+            src_peer_labels: None,
+            service_labels: None,
         })
         .await
         .expect("decision");

@@ -270,6 +270,8 @@ async fn a_stored_subscription_that_does_not_load_fails_its_event_closed() {
         .expose_service(&bus::event::ExposeService {
             service: "db".into(),
             peers: vec!["p1".into()],
+            service_labels: None,
+            peer_labels: None,
         })
         .await
         .expect("decision");

@@ -8,6 +8,7 @@ mod cluster;
 mod decisions;
 mod faults;
 mod integrity;
+mod labels;
 mod limits;
 mod monitor;
 mod robustness;
@@ -70,6 +71,9 @@ pub fn conn(src: &str, dst: &str, peers: &[&str]) -> NewConnection {
         src_peer: Some("local".into()),
         dst_peers: Some(peers.iter().map(|p| p.to_string()).collect()),
         connection_id: None,
+        src_labels: None,
+        dst_labels: None,
+        peer_labels: None,
     }
 }
 

@@ -169,6 +169,8 @@ async fn monitor_counts_equal_the_decisions_sent_and_it_never_changes_one() {
         .expose_service(&bus::event::ExposeService {
             service: "db".into(),
             peers: vec!["p1".into()],
+            service_labels: None,
+            peer_labels: None,
         })
         .await
         .expect("expose decision");

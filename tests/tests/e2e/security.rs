@@ -410,6 +410,8 @@ async fn the_shipped_template_runs_the_engine_on_an_operators_own_nats() {
             .expose_service(&bus::event::ExposeService {
                 service: "db".into(),
                 peers: vec!["p1".into()],
+                service_labels: None,
+                peer_labels: None,
             })
             .await
             .map_err(|e| e.to_string())?;
