@@ -107,10 +107,13 @@ where
         let bad = |m: String| ErrorReply::new(ErrorCode::BadRequest, m);
         let name = EventName::new(op).map_err(|e| bad(e.to_string()))?;
         let event = Event::decode(&name, &msg.payload).map_err(|e| bad(e.to_string()))?;
-        let state = match headers::get(msg.headers.as_ref(), headers::POLICY_STATE) {
+        let mut state = match headers::get(msg.headers.as_ref(), headers::POLICY_STATE) {
             Some(h) => State::from_header(h).map_err(|e| bad(e.to_string()))?,
             None => State::new(),
         };
+        if headers::dry_run(msg.headers.as_ref()) {
+            state.insert(keys::DRY_RUN, true);
+        }
         let loaded = self.current();
         if let Some((id, err)) = loaded.broken.first() {
             if !matches!(event, Event::ConnectionClosed(_) | Event::Other { .. }) {

@@ -271,6 +271,7 @@ pub struct Client {
     subjects: Subjects,
     timeout: Duration,
     latency: std::sync::Arc<crate::hedge::Latency>,
+    dry_run: bool,
 }
 
 impl Client {
@@ -283,11 +284,19 @@ impl Client {
                 EVENT_HEDGE_FLOOR,
                 EVENT_MAX_SENDS,
             )),
+            dry_run: false,
         }
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Sends every event as a dry run (`Policy-Dry-Run: true`): the engine answers what it
+    /// would decide and changes nothing (no conn-limit slot, no rate-limit token, no tap).
+    pub fn with_dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
         self
     }
 
@@ -303,6 +312,9 @@ impl Client {
         event::EventName::new(event)?;
         if headers.get(crate::headers::POLICY_EVENT_ID).is_none() {
             headers.insert(crate::headers::POLICY_EVENT_ID, event::new_id().as_str());
+        }
+        if self.dry_run {
+            headers.insert(crate::headers::POLICY_DRY_RUN, "true");
         }
         if event == event::NEW_CONNECTION {
             payload = with_connection_id(payload);

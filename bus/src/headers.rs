@@ -18,6 +18,10 @@ pub const POLICY_DROPPED: &str = "Policy-Dropped";
 pub const POLICY_CACHE: &str = "Policy-Cache";
 /// Short error code on an error reply (see [`crate::ErrorCode`]).
 pub const POLICY_ERROR: &str = "Policy-Error";
+/// `true` on an event whose decision must change nothing: every agent answers what it would
+/// decide without writing anything (conn-limit takes no slot, rate-limit spends no token), and
+/// the dispatcher sends no undo and no tap record. Copied onto every hop.
+pub const POLICY_DRY_RUN: &str = "Policy-Dry-Run";
 /// W3C trace context, propagated from the hookpoint through every hop.
 pub const TRACEPARENT: &str = "traceparent";
 /// NATS services API error headers, so standard tooling sees our errors as errors.
@@ -36,15 +40,20 @@ pub fn name(name: &'static str) -> async_nats::header::HeaderName {
     async_nats::header::HeaderName::from_static(name)
 }
 
-/// Copies the event id and trace context from one hop's headers to the next.
+/// Copies the event id, trace context and dry-run flag from one hop's headers to the next.
 pub fn propagate(from: Option<&async_nats::HeaderMap>, to: &mut async_nats::HeaderMap) {
     if let Some(from) = from {
-        for n in [POLICY_EVENT_ID, TRACEPARENT] {
+        for n in [POLICY_EVENT_ID, TRACEPARENT, POLICY_DRY_RUN] {
             if let Some(v) = from.get(name(n)) {
                 to.insert(name(n), v.clone());
             }
         }
     }
+}
+
+/// Whether the headers mark a dry run (`Policy-Dry-Run: true`).
+pub fn dry_run(headers: Option<&async_nats::HeaderMap>) -> bool {
+    get(headers, POLICY_DRY_RUN).is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
 /// The value of a header as a `&str`, if present.

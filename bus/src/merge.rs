@@ -134,7 +134,12 @@ pub fn merge(state: &mut State, patch: State) -> Result<Flow, MergeError> {
                     _ => state.insert(keys::REASONS, Value::Array(new)),
                 }
             }
-            keys::EVENT_ID | keys::RUN_ID | keys::CONNECTION_ID | keys::DEGRADED => {}
+            keys::EVENT_ID
+            | keys::RUN_ID
+            | keys::CONNECTION_ID
+            | keys::DEGRADED
+            | keys::DRY_RUN
+            | keys::AGENTS => {}
             _ => state.insert(key, value),
         }
     }

@@ -28,6 +28,13 @@ pub mod keys {
     /// run's id, never the other's.
     pub const RUN_ID: &str = "run_id";
     pub const DEGRADED: &str = "degraded";
+    /// On a dry run's decision: `true`. For the agents, the runtime sets it in the state it
+    /// gives a kind (from the `Policy-Dry-Run` header), so a kind that takes something knows
+    /// to take nothing.
+    pub const DRY_RUN: &str = "dry_run";
+    /// On a dry run's decision: each agent's timing, as in the tap record (`policyctl
+    /// explain` prints them).
+    pub const AGENTS: &str = "agents";
     /// Candidate lists: they only narrow along the chain.
     pub const CANDIDATES: [&str; 3] = [DST_PEERS, TARGET_PEERS, SERVICES];
 }

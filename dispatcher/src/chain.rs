@@ -174,6 +174,12 @@ impl Call<'_> {
             };
             let (observers, callers): (Vec<&Member>, Vec<&Member>) =
                 stage.members.iter().partition(|m| m.observe);
+            // Observers watch what is decided; a dry run decides nothing.
+            let observers = if headers::dry_run(Some(&self.trace)) {
+                Vec::new()
+            } else {
+                observers
+            };
             for m in observers {
                 if let Err(e) = self
                     .nats

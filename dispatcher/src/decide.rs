@@ -26,7 +26,8 @@ const UNDO_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) struct Decided {
     pub reply: Reply,
     pub undo: Option<chain::Undo>,
-    pub tap: Tap,
+    /// None for a dry run: the tap is what was decided, and a dry run decided nothing.
+    pub tap: Option<Tap>,
 }
 
 /// The parts of a tap record, encoded and published after the reply.
@@ -199,6 +200,15 @@ impl Dispatcher {
             chain::deny_late(&mut run);
         }
         finalize(&mut run, &event_id, &event);
+        let dry_run = headers::dry_run(msg.headers.as_ref());
+        if dry_run {
+            // What `policyctl explain` shows: the flag, and each agent's answer time.
+            run.state.insert(keys::DRY_RUN, true);
+            // Named fields, as in the tap record (a plain `to_value` would give arrays).
+            let encoded = codec::encode("agent timings", &run.timings).map_err(internal)?;
+            let timings: Value = codec::decode("agent timings", &encoded).map_err(internal)?;
+            run.state.insert(keys::AGENTS, timings);
+        }
 
         let body = run.state.encode().map_err(internal)?;
         // The agents' keys all end up in the decision: if they made it larger than the server
@@ -212,8 +222,11 @@ impl Dispatcher {
         let total_us = started.elapsed().as_micros() as u64;
         tracing::debug!(event = %name, action = run.state.get_str(keys::ACTION), total_us, "decided");
         let body = Bytes::from(body);
-        let undo = chain::undo_for(&run, &body, &trace);
-        let tap = Tap {
+        // A dry run took nothing: nothing to undo, nothing for the monitor to count.
+        let undo = (!dry_run)
+            .then(|| chain::undo_for(&run, &body, &trace))
+            .flatten();
+        let tap = (!dry_run).then(|| Tap {
             name,
             event_id,
             attributes: hook_attributes,
@@ -221,7 +234,7 @@ impl Dispatcher {
             timings: run.timings,
             total_us,
             trace: trace.clone(),
-        };
+        });
         Ok(Decided {
             reply: (trace, body),
             undo,

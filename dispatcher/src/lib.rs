@@ -110,7 +110,9 @@ impl Dispatcher {
         match self.decide(&req.message, started).await {
             Ok(decided) => {
                 respond(req, decided.reply).await;
-                self.tap(decided.tap).await;
+                if let Some(tap) = decided.tap {
+                    self.tap(tap).await;
+                }
                 if let Some(undo) = decided.undo {
                     self.undo(undo).await;
                 }

@@ -39,7 +39,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     // `emit` and `bench` act as a gateway; everything else is the operator's.
     let role = match cli.command {
-        Command::Emit { .. } | Command::Bench { .. } => Role::Gateway,
+        Command::Emit { .. }
+        | Command::Bench { .. }
+        | Command::Explain { .. }
+        | Command::Test { .. } => Role::Gateway,
         _ => Role::Operator,
     };
     let (nats, mut refused) = cli
@@ -159,10 +162,24 @@ async fn command(
             }
         }
         Command::Load { dir } => crate::up::load_examples(&admin, &dir).await?,
-        Command::Emit { event, attributes } => {
+        Command::Emit {
+            event,
+            attributes,
+            dry_run,
+        } => {
             let attrs = parse_attributes(&attributes)?;
-            let decision = Client::new(nats, subjects).emit(&event, &attrs).await?;
+            let decision = Client::new(nats, subjects)
+                .with_dry_run(dry_run)
+                .emit(&event, &attrs)
+                .await?;
             out!("{}", serde_json::to_string_pretty(&decision)?);
+        }
+        Command::Explain { event, attributes } => {
+            let attrs = parse_attributes(&attributes)?;
+            crate::explain::explain(&Client::new(nats, subjects), &event, &attrs).await?
+        }
+        Command::Test { files } => {
+            crate::explain::test(&Client::new(nats, subjects), &files).await?
         }
         Command::Tap { event } => tap(&nats, &subjects, event.as_deref()).await?,
         Command::Top { interval, count } => {
@@ -176,6 +193,7 @@ async fn command(
             json,
             chain,
             operator_nkey_file,
+            dry_run,
         } => {
             let attributes = if attributes.is_empty() {
                 sample_attributes(&event)?
@@ -190,6 +208,7 @@ async fn command(
                 json,
                 chain,
                 operator_nkey_file,
+                dry_run,
             };
             crate::bench::run(&cli.common, &nats, &subjects, options).await?;
         }

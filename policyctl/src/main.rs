@@ -4,6 +4,7 @@
 mod auth;
 mod bench;
 mod commands;
+mod explain;
 mod files;
 mod servers;
 mod top;
@@ -79,11 +80,30 @@ pub enum Command {
     /// Load a folder of configuration: its subscriptions.yaml, then every other *.yaml as
     /// policies (all validated before any is stored).
     Load { dir: PathBuf },
-    /// Act as a hookpoint: send an event and print the decision. Values `[a,b]` are lists.
+    /// Act as a hookpoint: send an event and print the decision. Values `[a,b]` are lists,
+    /// `{k: v}` maps. The decision is real: conn-limit takes a slot and rate-limit a token
+    /// (use --dry-run to change nothing).
     Emit {
         event: String,
         /// Attributes as key=value.
         attributes: Vec<String>,
+        /// Ask what would be decided, changing nothing (header `Policy-Dry-Run: true`).
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Explain a decision without making it: each agent's answer and time, and which policy
+    /// decided, for the live policy set (a dry run: nothing is taken or recorded).
+    Explain {
+        event: String,
+        /// Attributes as key=value, as for `emit`.
+        attributes: Vec<String>,
+    },
+    /// Run test cases (YAML: name, event, attributes, expect) against the live engine as
+    /// dry runs; exits 1 if any case fails, 2 on an error.
+    Test {
+        /// Test files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
     /// Stream decisions from the tap, one JSON object a line.
     Tap { event: Option<String> },
@@ -146,6 +166,11 @@ pub enum Command {
         /// with --nkey-file, a gateway's).
         #[arg(long, value_name = "FILE", requires = "chain")]
         operator_nkey_file: Option<PathBuf>,
+        /// Send the events as dry runs. Without it, the bench's events are real: conn-limit
+        /// takes slots (held until their lease, as nothing closes them) and rate-limit spends
+        /// tokens.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -200,6 +225,11 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(commands::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<explain::Exit>().is_some() => {
+            let code = e.downcast_ref::<explain::Exit>().map_or(1, |x| x.0);
+            eprintln!("policyctl: {}", daemon::one_line(e.chain()));
+            ExitCode::from(code)
+        }
         Err(e)
             if e.chain().any(|c| {
                 c.downcast_ref::<std::io::Error>()

@@ -431,6 +431,7 @@ impl Engine {
             ("policy-agent", Some(kind)) => {
                 Role::of_kind(&bus::Kind::new(kind).expect("agent kind"))
             }
+            ("policyctl", Some(&("emit" | "explain" | "test" | "bench"))) => Role::Gateway,
             _ => Role::Operator,
         }
     }

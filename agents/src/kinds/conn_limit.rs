@@ -87,6 +87,9 @@ impl ConnLimiter {
                 "no connection_id or no slot store: cannot count".into(),
             );
         };
+        if state.get(keys::DRY_RUN) == Some(&Value::Boolean(true)) {
+            return dry_run(slots, &matched);
+        }
         let token = key_token(conn);
         // The dispatcher's run, which every copy of this request shares (an undo names it),
         // and this copy: a refused copy gives back only what it took itself.
@@ -156,6 +159,29 @@ impl ConnLimiter {
         patch.insert(keys::REASONS, kind::reasons(reasons));
         patch
     }
+}
+
+/// What an admission would come to, from this instance's view, taking nothing: a dry run.
+fn dry_run(slots: &Slots, matched: &[&Compiled]) -> State {
+    let lease_ms = slots.lease.as_millis() as u64;
+    let now = super::conn_block::now_ms();
+    let mut reasons = Vec::new();
+    for c in matched {
+        let used = slots.view().live_in_use(&c.id, now, lease_ms);
+        if used >= c.max as usize {
+            return kind::deny(Reason::new(NAME, &c.id, Effect::Deny).with_detail(format!(
+                "dry run: limit of {} live connections reached",
+                c.max
+            )));
+        }
+        reasons.push(Reason::new(NAME, &c.id, Effect::Allow).with_detail(format!(
+            "dry run: would take a slot ({used} of {} in use)",
+            c.max
+        )));
+    }
+    let mut patch = State::new();
+    patch.insert(keys::REASONS, kind::reasons(reasons));
+    patch
 }
 
 /// Keeps this instance's view of the slots in step with the bucket, loading them before the
@@ -314,8 +340,11 @@ impl AgentKind for ConnLimiter {
         event: &'a Event,
         state: &'a State,
     ) -> Result<State, String> {
+        let dry_run = state.get(keys::DRY_RUN) == Some(&Value::Boolean(true));
         match event {
             Event::NewConnection(e) => Ok(self.new_connection(rules, e, state).await),
+            // A dry run frees nothing.
+            _ if dry_run => Ok(State::new()),
             Event::ConnectionClosed(e) => {
                 if let Some(slots) = &self.slots {
                     let limited = rules

@@ -299,6 +299,32 @@ impl RateLimiter {
         }
     }
 
+    /// Whether every step has a token, taking none: this instance's pool, else the shared
+    /// entry as it is now. For a dry run.
+    async fn would_admit(
+        &self,
+        store: &kv::Store,
+        steps: &[Step<'_>],
+    ) -> Result<(), (usize, Refusal)> {
+        let now = self.clock.now_ns();
+        for (i, step) in steps.iter().enumerate() {
+            let pooled = self
+                .pools()
+                .get(&step.key)
+                .is_some_and(|p| p.gcra == step.gcra && p.tokens() > 0);
+            if pooled {
+                continue;
+            }
+            let (tat, _) = Self::read(store, &step.key)
+                .await
+                .map_err(|why| (i, Refusal::Unavailable(why)))?;
+            if super::rate_pool::available(&step.gcra, tat, now).is_err() {
+                return Err((i, Refusal::Over));
+            }
+        }
+        Ok(())
+    }
+
     /// Admits a connection through every matching rate policy, or through none: a token taken
     /// for one policy goes back to this instance's pool if a later one refuses, so a
     /// connection denied by a second policy never spends the first one's budget.
@@ -352,7 +378,13 @@ impl RateLimiter {
             let Some(store) = &self.store else {
                 return deny(first.policy, "no rate state store".into());
             };
-            if let Err((i, refusal)) = self.admit_all(store, &steps).await {
+            let dry_run = state.get(keys::DRY_RUN) == Some(&Value::Boolean(true));
+            let admitted = if dry_run {
+                self.would_admit(store, &steps).await
+            } else {
+                self.admit_all(store, &steps).await
+            };
+            if let Err((i, refusal)) = admitted {
                 let c = steps[i].policy;
                 let detail = match refusal {
                     Refusal::Over => match &c.gcra {

@@ -119,6 +119,11 @@ impl Pool {
         }
     }
 
+    /// Tokens this instance holds for the key.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
     /// Counts a new request in the demand estimate.
     pub fn arrived(&mut self, now: u64) {
         self.window_count += 1;

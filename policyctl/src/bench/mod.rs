@@ -155,6 +155,7 @@ async fn phase(
     nats: &async_nats::Client,
     subject: &str,
     payloads: &Payloads,
+    headers: &HeaderMap,
     concurrency: usize,
     duration: Duration,
     decisions: bool,
@@ -178,6 +179,7 @@ async fn phase(
     let deadline = start + duration;
     let workers = (0..concurrency.max(1)).map(|_| {
         let (nats, subject, payloads) = (nats.clone(), subject.to_string(), payloads.clone());
+        let headers = headers.clone();
         tokio::spawn(async move {
             let mut t = Tally {
                 hist: Some(Histogram::new(3).expect("histogram")),
@@ -188,7 +190,7 @@ async fn phase(
                 let r = call(
                     &nats,
                     subject.clone(),
-                    HeaderMap::new(),
+                    headers.clone(),
                     payloads.next(),
                     Duration::from_secs(5),
                 )
@@ -247,6 +249,8 @@ pub struct Options {
     pub chain: Option<ChainSpec>,
     /// The operator's login for `--chain` on a secured bus (the load itself runs as a gateway).
     pub operator_nkey_file: Option<std::path::PathBuf>,
+    /// Send every event as a dry run: the limiters take nothing.
+    pub dry_run: bool,
 }
 
 /// An admin client for `--chain`: the operator's role, with its own login when given.
@@ -310,15 +314,21 @@ async fn measure(
         concurrency,
         duration,
         json,
+        dry_run,
         ..
     } = options;
     let (concurrency, duration, json) = (*concurrency, *duration, *json);
     let payloads = Payloads::new(event, attributes)?;
+    // Both phases carry the same headers, so the floor moves the same bytes.
+    let mut headers = HeaderMap::new();
+    if *dry_run {
+        headers.insert(bus::headers::POLICY_DRY_RUN, "true");
+    }
     // A first event checks the engine answers before load is put on it.
     call(
         nats,
         subjects.event(event),
-        HeaderMap::new(),
+        headers.clone(),
         payloads.next(),
         Duration::from_secs(5),
     )
@@ -353,14 +363,25 @@ async fn measure(
     }
     let warm = Duration::from_millis(500).min(duration);
     let engine_subject = subjects.event(event);
-    phase(nats, &echo_subject, &payloads, concurrency, warm, false).await;
-    let floor = phase(nats, &echo_subject, &payloads, concurrency, duration, false).await;
+    let h = &headers;
+    phase(nats, &echo_subject, &payloads, h, concurrency, warm, false).await;
+    let floor = phase(
+        nats,
+        &echo_subject,
+        &payloads,
+        h,
+        concurrency,
+        duration,
+        false,
+    )
+    .await;
     responder.abort();
-    phase(nats, &engine_subject, &payloads, concurrency, warm, true).await;
+    phase(nats, &engine_subject, &payloads, h, concurrency, warm, true).await;
     let engine = phase(
         nats,
         &engine_subject,
         &payloads,
+        h,
         concurrency,
         duration,
         true,

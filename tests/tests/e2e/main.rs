@@ -6,6 +6,7 @@ mod cache;
 mod chain;
 mod cluster;
 mod decisions;
+mod dryrun;
 mod faults;
 mod integrity;
 mod labels;

@@ -10,9 +10,11 @@ use serde_json::json;
 
 use crate::*;
 
-/// The connection limiter's bucket.
+/// The connection limiter's bucket, as conn-limit reads it (on a secured bus, only its role
+/// may).
 pub(crate) async fn slot_bucket(engine: &Engine) -> async_nats::jetstream::kv::Store {
-    async_nats::jetstream::new(engine.client().await)
+    let role = bus::roles::Role::of_kind(&bus::Kind::new("conn-limit").expect("kind"));
+    async_nats::jetstream::new(engine.client_as(&role).await)
         .get_key_value("policy_conns")
         .await
         .expect("conn bucket")
