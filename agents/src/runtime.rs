@@ -116,7 +116,7 @@ where
         }
         let loaded = self.current();
         if let Some((id, err)) = loaded.broken.first() {
-            if !matches!(event, Event::ConnectionClosed(_) | Event::Other { .. }) {
+            if !event.is_report() && !matches!(event, Event::Other { .. }) {
                 let reason = Reason::new(self.kind.name(), id, Effect::Deny)
                     .with_detail(format!("stored policy does not load: {err}"));
                 return Ok((kind::deny(reason), None));

@@ -5,6 +5,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::clusterlink::{
+    ConnectionState, ConnectionStatus, PeerChange, RemoteService, CONNECTION_STATUS, PEER_ADDED,
+    PEER_REMOVED, REMOTE_SERVICE_ADDED, REMOTE_SERVICE_REMOVED,
+};
 use crate::codec::{self, CodecError};
 use crate::error::InvalidName;
 use crate::state::{keys, State, Value};
@@ -28,11 +32,11 @@ pub const CONTRACT_EVENTS: [&str; 9] = [
     EXPOSE_SERVICE,
     SERVICE_LIST_REQUEST,
     CONNECTION_CLOSED,
-    "connection-status",
-    "peer-added",
-    "peer-removed",
-    "remote-service-added",
-    "remote-service-removed",
+    CONNECTION_STATUS,
+    PEER_ADDED,
+    PEER_REMOVED,
+    REMOTE_SERVICE_ADDED,
+    REMOTE_SERVICE_REMOVED,
 ];
 
 /// A new unique id (NUID): for event ids and connection ids the hookpoint did not set.
@@ -169,6 +173,11 @@ pub enum Event {
     ExposeService(ExposeService),
     ServiceListRequest(ServiceListRequest),
     ConnectionClosed(ConnectionClosed),
+    ConnectionStatus(ConnectionStatus),
+    PeerAdded(PeerChange),
+    PeerRemoved(PeerChange),
+    RemoteServiceAdded(RemoteService),
+    RemoteServiceRemoved(RemoteService),
     /// An event this version of the contract has no schema for: its attributes as a map.
     Other {
         name: EventName,
@@ -205,6 +214,17 @@ impl Event {
             CONNECTION_CLOSED => {
                 Event::ConnectionClosed(codec::decode("connection-closed", payload).map_err(err)?)
             }
+            CONNECTION_STATUS => {
+                Event::ConnectionStatus(codec::decode(CONNECTION_STATUS, payload).map_err(err)?)
+            }
+            PEER_ADDED => Event::PeerAdded(codec::decode(PEER_ADDED, payload).map_err(err)?),
+            PEER_REMOVED => Event::PeerRemoved(codec::decode(PEER_REMOVED, payload).map_err(err)?),
+            REMOTE_SERVICE_ADDED => Event::RemoteServiceAdded(
+                codec::decode(REMOTE_SERVICE_ADDED, payload).map_err(err)?,
+            ),
+            REMOTE_SERVICE_REMOVED => Event::RemoteServiceRemoved(
+                codec::decode(REMOTE_SERVICE_REMOVED, payload).map_err(err)?,
+            ),
             _ => Event::Other {
                 name: name.clone(),
                 attributes: codec::decode("event attributes", payload).map_err(err)?,
@@ -219,6 +239,11 @@ impl Event {
             Event::ExposeService(e) => codec::encode("expose-service", e),
             Event::ServiceListRequest(e) => codec::encode("service-list-request", e),
             Event::ConnectionClosed(e) => codec::encode("connection-closed", e),
+            Event::ConnectionStatus(e) => codec::encode(CONNECTION_STATUS, e),
+            Event::PeerAdded(e) => codec::encode(PEER_ADDED, e),
+            Event::PeerRemoved(e) => codec::encode(PEER_REMOVED, e),
+            Event::RemoteServiceAdded(e) => codec::encode(REMOTE_SERVICE_ADDED, e),
+            Event::RemoteServiceRemoved(e) => codec::encode(REMOTE_SERVICE_REMOVED, e),
             Event::Other { attributes, .. } => codec::encode("event attributes", attributes),
         }
     }
@@ -229,8 +254,27 @@ impl Event {
             Event::ExposeService(_) => EXPOSE_SERVICE,
             Event::ServiceListRequest(_) => SERVICE_LIST_REQUEST,
             Event::ConnectionClosed(_) => CONNECTION_CLOSED,
+            Event::ConnectionStatus(_) => CONNECTION_STATUS,
+            Event::PeerAdded(_) => PEER_ADDED,
+            Event::PeerRemoved(_) => PEER_REMOVED,
+            Event::RemoteServiceAdded(_) => REMOTE_SERVICE_ADDED,
+            Event::RemoteServiceRemoved(_) => REMOTE_SERVICE_REMOVED,
             Event::Other { name, .. } => name.as_str(),
         }
+    }
+
+    /// Whether the event asks for a decision (allow or deny, candidates): the reports
+    /// (`connection-closed`, `connection-status`, peers coming and going, a service withdrawn)
+    /// are acknowledged, and a kind that cannot decide does not deny them.
+    pub fn is_report(&self) -> bool {
+        matches!(
+            self,
+            Event::ConnectionClosed(_)
+                | Event::ConnectionStatus(_)
+                | Event::PeerAdded(_)
+                | Event::PeerRemoved(_)
+                | Event::RemoteServiceRemoved(_)
+        )
     }
 
     /// The state the chain starts from: the event's candidate lists, under the keys agents
@@ -253,7 +297,12 @@ impl Event {
                 keys::SERVICES,
                 &unique(e.services.iter().map(String::as_str)),
             ),
-            Event::ConnectionClosed(_) => {}
+            Event::ConnectionClosed(_)
+            | Event::ConnectionStatus(_)
+            | Event::PeerAdded(_)
+            | Event::PeerRemoved(_)
+            | Event::RemoteServiceAdded(_)
+            | Event::RemoteServiceRemoved(_) => {}
             Event::Other { attributes, .. } => {
                 for (from, to) in [
                     (keys::DST_PEERS, keys::DST_PEERS),

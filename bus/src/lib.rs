@@ -7,6 +7,7 @@ pub mod admin;
 mod admin_client;
 pub mod cache;
 pub mod client;
+pub mod clusterlink;
 pub mod codec;
 pub mod config;
 pub mod decision;

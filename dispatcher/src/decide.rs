@@ -119,6 +119,9 @@ impl Dispatcher {
             Event::ConnectionClosed(cc) if cc.connection_id.is_empty() => {
                 return Err(bad("bad connection-closed event: connection_id is empty"));
             }
+            Event::ConnectionStatus(cs) if cs.connection_id.is_empty() => {
+                return Err(bad("bad connection-status event: connection_id is empty"));
+            }
             _ => {}
         }
 

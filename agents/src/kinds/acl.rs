@@ -232,6 +232,28 @@ impl Acl {
         patch
     }
 
+    /// Whether to import a service a peer offers: asked as "may this peer reach us with this
+    /// service", the partial check expose and list make, with the service's labels.
+    fn import(&self, rules: &AclRules, e: &bus::event::RemoteService) -> State {
+        let (allowed, explain) = self.narrow(rules, &[e.peer.as_str()], |p| Query {
+            dst_service: Some(&e.service),
+            src_peer: Some(p),
+            direction: Some(Direction::Incoming),
+            partial: true,
+            dst_labels: e.labels.as_ref(),
+            ..Query::default()
+        });
+        let action = if allowed.is_empty() {
+            Action::Deny
+        } else {
+            Action::Allow
+        };
+        let mut patch = State::new();
+        patch.insert(keys::ACTION, action.as_str());
+        patch.insert(keys::REASONS, kind::reasons(explain.reasons));
+        patch
+    }
+
     fn new_connection(
         &self,
         rules: &AclRules,
@@ -366,7 +388,8 @@ impl AgentKind for Acl {
                 &["src_peer", "src_peer_labels", "service_labels"],
                 &[keys::SERVICES],
             ),
-            Event::ConnectionClosed(_) | Event::Other { .. } => return None,
+            Event::RemoteServiceAdded(_) => (&["service", "peer", "labels"], &[]),
+            _ => return None,
         };
         Some(bus::cache::Declared { attrs, state })
     }
@@ -400,7 +423,8 @@ impl AgentKind for Acl {
                 });
                 Self::narrowed_patch(keys::SERVICES, &allowed, explain)
             }
-            Event::ConnectionClosed(_) | Event::Other { .. } => State::new(),
+            Event::RemoteServiceAdded(e) => self.import(rules, e),
+            _ => State::new(),
         }
     }
 }

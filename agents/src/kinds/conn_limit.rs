@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bus::config::{self, Change, Update};
 use bus::decision::failure;
-use bus::event::{Event, NewConnection};
+use bus::event::{ConnectionState, Event, NewConnection};
 use bus::state::keys;
 use bus::{Effect, Reason, State, Value};
 use serde::Deserialize;
@@ -36,8 +36,6 @@ use crate::kind::{self, AgentKind, Attach, AttachError, Stored};
 
 pub const NAME: &str = "conn-limit";
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(3600);
-/// ClusterLink's periodic report on a live connection.
-const CONNECTION_STATUS: &str = "connection-status";
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -359,27 +357,23 @@ impl AgentKind for ConnLimiter {
             }
             // ClusterLink's connection status: `open` renews the lease of the connection's
             // slots, `closed` and `failed` release them as a close does.
-            Event::Other { name, attributes } if name.as_str() == CONNECTION_STATUS => {
-                let (Some(slots), Some(conn)) = (
-                    &self.slots,
-                    attributes.get(keys::CONNECTION_ID).and_then(Value::as_str),
-                ) else {
+            Event::ConnectionStatus(status) => {
+                let Some(slots) = &self.slots else {
                     return Ok(State::new());
                 };
-                let token = key_token(conn);
-                match attributes.get("state").and_then(Value::as_str) {
-                    Some("open") => {
+                let token = key_token(&status.connection_id);
+                match status.state {
+                    ConnectionState::Open => {
                         slots.renew_connection(&token).await;
                     }
                     // No marker when no slot is found (unlike a cancelled connection's close):
                     // a status comes from a connection the gateway opened, so its admission
                     // has taken its slot, and freeing it records the release for any late
                     // copy. A marker per unlimited connection would be a write per close.
-                    Some("closed" | "failed") => slots
+                    ConnectionState::Closed | ConnectionState::Failed => slots
                         .release_connection(&token, false)
                         .await
                         .map_err(|e| format!("the connection's slots may not all be freed: {e}"))?,
-                    _ => {}
                 }
                 Ok(State::new())
             }

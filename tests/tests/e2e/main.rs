@@ -7,6 +7,7 @@ mod chain;
 mod cluster;
 mod decisions;
 mod dryrun;
+mod events;
 mod faults;
 mod integrity;
 mod labels;

@@ -43,7 +43,7 @@ fn parse_sample(line: &str) -> Result<(String, HashMap<String, String>, f64), St
     Ok((name.to_string(), map, value))
 }
 
-fn scrape(addr: &str) -> Vec<(String, HashMap<String, String>, f64)> {
+pub(crate) fn scrape(addr: &str) -> Vec<(String, HashMap<String, String>, f64)> {
     let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
         .expect("request");
@@ -61,7 +61,7 @@ fn scrape(addr: &str) -> Vec<(String, HashMap<String, String>, f64)> {
         .collect()
 }
 
-fn sum(
+pub(crate) fn sum(
     samples: &[(String, HashMap<String, String>, f64)],
     name: &str,
     labels: &[(&str, &str)],

@@ -2,6 +2,7 @@
 //! event name anyone may send, an agent's reasons, the gateway's service names), so each
 //! label takes at most [`MAX_NAMES`] distinct values and counts the rest as `other`.
 
+use super::bytes::ConnectionBytes;
 use bus::state::keys;
 use bus::tap::{Outcome, TapRecord};
 use bus::Value;
@@ -102,6 +103,7 @@ pub struct Metrics {
     agent_seconds: HistFamily<AgentLabels>,
     agent_outcomes: Family<OutcomeLabels, Counter>,
     agent_cached: Family<AgentLabels, Counter>,
+    bytes: ConnectionBytes,
     pub tap_errors: Counter,
 }
 
@@ -141,6 +143,7 @@ impl Metrics {
             agent_seconds: HistFamily::new_with_constructor(latency_histogram),
             agent_outcomes: Family::default(),
             agent_cached: Family::default(),
+            bytes: ConnectionBytes::default(),
             tap_errors: Counter::default(),
             registry: Registry::default(),
             events: Names::default(),
@@ -191,6 +194,11 @@ impl Metrics {
             m.agent_cached.clone(),
         );
         registry.register(
+            "connection_bytes",
+            "Bytes carried by connections, from connection-status reports, by destination service, target peer and direction (in, out)",
+            m.bytes.family.clone(),
+        );
+        registry.register(
             "tap_errors",
             "Tap records that could not be decoded",
             m.tap_errors.clone(),
@@ -234,9 +242,34 @@ impl Metrics {
             };
             self.by_service.get_or_create(&labels).inc();
         }
-        let peer = d.get_str(keys::TARGET_PEER).or_else(|| {
-            field(&r.attributes, "src_peer").filter(|_| event == "service-list-request")
-        });
+        match event.as_str() {
+            bus::event::NEW_CONNECTION if action == "allow" => {
+                if let Some(c) = d.get_str(keys::CONNECTION_ID) {
+                    self.bytes
+                        .admitted(c, service, d.get_str(keys::TARGET_PEER));
+                }
+            }
+            bus::event::CONNECTION_STATUS => self.bytes.status(&r.attributes, |name, service| {
+                if service {
+                    self.services.admit(name)
+                } else {
+                    self.peers.admit(name)
+                }
+            }),
+            _ => {}
+        }
+        // The peer an event is about: the target of a connection, the peer asking for the
+        // list, the peer offering or leaving.
+        let peer = d
+            .get_str(keys::TARGET_PEER)
+            .or_else(|| match event.as_str() {
+                bus::event::SERVICE_LIST_REQUEST => field(&r.attributes, "src_peer"),
+                bus::event::PEER_ADDED
+                | bus::event::PEER_REMOVED
+                | bus::event::REMOTE_SERVICE_ADDED
+                | bus::event::REMOTE_SERVICE_REMOVED => field(&r.attributes, "peer"),
+                _ => None,
+            });
         if let Some(peer) = peer {
             let labels = PeerLabels {
                 event: event.clone(),

@@ -4,6 +4,7 @@
 //! is an observe-only agent: it answers at once with an empty patch and never changes a
 //! decision.
 
+mod bytes;
 mod http;
 pub mod metrics;
 

@@ -1,0 +1,153 @@
+//! Bytes carried per destination service and target peer, from ClusterLink's
+//! `connection-status` reports. A report carries a connection's totals so far, so the monitor
+//! keeps the last totals of each live connection and counts the difference; a report that
+//! names no service or peer is attributed from the connection's admission, which the monitor
+//! saw on the tap.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use bus::Value;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+/// Connections remembered at once: past it the memory is dropped and counting starts again
+/// from the next reports (a connection's bytes before that are not counted twice, only lost).
+const MAX_CONNECTIONS: usize = 100_000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct BytesLabels {
+    service: String,
+    peer: String,
+    direction: String,
+}
+
+#[derive(Default)]
+struct Seen {
+    service: Option<String>,
+    peer: Option<String>,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+#[derive(Default)]
+pub(super) struct ConnectionBytes {
+    pub(super) family: Family<BytesLabels, Counter>,
+    live: Mutex<HashMap<String, Seen>>,
+}
+
+fn get<'a>(attributes: &'a Value, name: &str) -> Option<&'a Value> {
+    attributes
+        .as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(name))
+        .map(|(_, v)| v)
+}
+
+fn text<'a>(attributes: &'a Value, name: &str) -> Option<&'a str> {
+    get(attributes, name)?.as_str()
+}
+
+impl ConnectionBytes {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Seen>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An admitted connection: where its bytes will be counted.
+    pub(super) fn admitted(&self, connection: &str, service: Option<&str>, peer: Option<&str>) {
+        let mut live = self.live();
+        if live.len() >= MAX_CONNECTIONS {
+            live.clear();
+        }
+        live.insert(
+            connection.to_string(),
+            Seen {
+                service: service.map(String::from),
+                peer: peer.map(String::from),
+                ..Seen::default()
+            },
+        );
+    }
+
+    /// A status report: counts the bytes since the last one. `admit` caps a label's values.
+    pub(super) fn status(&self, attributes: &Value, admit: impl Fn(&str, bool) -> String) {
+        let Some(connection) = text(attributes, "connection_id") else {
+            return;
+        };
+        let total = |name: &str| get(attributes, name).and_then(Value::as_u64).unwrap_or(0);
+        let (bytes_in, bytes_out) = (total("bytes_in"), total("bytes_out"));
+        let ended = matches!(text(attributes, "state"), Some("closed" | "failed"));
+        let mut live = self.live();
+        if live.len() >= MAX_CONNECTIONS && !live.contains_key(connection) {
+            live.clear();
+        }
+        let seen = live.entry(connection.to_string()).or_default();
+        let service = text(attributes, "dst_service")
+            .or(seen.service.as_deref())
+            .unwrap_or("unknown");
+        let peer = text(attributes, "target_peer")
+            .or(seen.peer.as_deref())
+            .unwrap_or("unknown");
+        // Totals only grow; a smaller one is a new count (a restarted gateway): all of it.
+        let delta = |now: u64, before: u64| if now >= before { now - before } else { now };
+        for (direction, d) in [
+            ("in", delta(bytes_in, seen.bytes_in)),
+            ("out", delta(bytes_out, seen.bytes_out)),
+        ] {
+            if d > 0 {
+                let labels = BytesLabels {
+                    service: admit(service, true),
+                    peer: admit(peer, false),
+                    direction: direction.into(),
+                };
+                self.family.get_or_create(&labels).inc_by(d);
+            }
+        }
+        seen.bytes_in = bytes_in;
+        seen.bytes_out = bytes_out;
+        if ended {
+            live.remove(connection);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(conn: &str, state: &str, bytes_in: u64, bytes_out: u64) -> Value {
+        Value::Map(vec![
+            ("connection_id".into(), conn.into()),
+            ("state".into(), state.into()),
+            ("bytes_in".into(), bytes_in.into()),
+            ("bytes_out".into(), bytes_out.into()),
+        ])
+    }
+
+    fn count(b: &ConnectionBytes, service: &str, peer: &str, direction: &str) -> u64 {
+        b.family
+            .get_or_create(&BytesLabels {
+                service: service.into(),
+                peer: peer.into(),
+                direction: direction.into(),
+            })
+            .get()
+    }
+
+    #[test]
+    fn reports_count_the_bytes_since_the_last_one_where_the_connection_was_admitted() {
+        let b = ConnectionBytes::default();
+        let same = |name: &str, _: bool| name.to_string();
+        b.admitted("c1", Some("db"), Some("p1"));
+        b.status(&status("c1", "open", 100, 10), same);
+        b.status(&status("c1", "open", 250, 10), same);
+        b.status(&status("c1", "closed", 300, 40), same);
+        assert_eq!(count(&b, "db", "p1", "in"), 300);
+        assert_eq!(count(&b, "db", "p1", "out"), 40);
+        // Closed: forgotten; a report of a connection never seen counts as unknown.
+        b.status(&status("c2", "open", 5, 0), same);
+        assert_eq!(count(&b, "unknown", "unknown", "in"), 5);
+        assert!(b.live().get("c1").is_none());
+    }
+}
