@@ -18,7 +18,11 @@ const MAX_KEY: usize = 317;
 const MAX_VALUE: usize = 63;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a label selector: {matchLabels: {key: value}, matchExpressions: [{key, operator, values}]}"
+)]
 pub struct Selector {
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
@@ -27,7 +31,10 @@ pub struct Selector {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a selector term: {key, operator: In|NotIn|Exists|DoesNotExist, values}"
+)]
 pub struct Requirement {
     pub key: String,
     pub operator: Operator,

@@ -149,6 +149,10 @@ pub struct ConnectionDecision {
     pub reasons: Vec<Reason>,
     #[serde(default)]
     pub degraded: bool,
+    /// The event was asked as a dry run (`Policy-Dry-Run: true`): nothing was taken for it.
+    /// A hookpoint must never act on such a decision.
+    #[serde(default)]
+    pub dry_run: bool,
     /// Every other key the agents put in the state (`dst_peers` among them).
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
@@ -162,6 +166,10 @@ pub struct ExposeDecision {
     pub reasons: Vec<Reason>,
     #[serde(default)]
     pub degraded: bool,
+    /// The event was asked as a dry run (`Policy-Dry-Run: true`): nothing was taken for it.
+    /// A hookpoint must never act on such a decision.
+    #[serde(default)]
+    pub dry_run: bool,
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
 }
@@ -174,6 +182,10 @@ pub struct ListDecision {
     pub reasons: Vec<Reason>,
     #[serde(default)]
     pub degraded: bool,
+    /// The event was asked as a dry run (`Policy-Dry-Run: true`): nothing was taken for it.
+    /// A hookpoint must never act on such a decision.
+    #[serde(default)]
+    pub dry_run: bool,
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
 }

@@ -93,6 +93,10 @@ fn the_dispatchers_keys_cannot_be_set_by_a_patch() {
     let mut p = State::new();
     p.insert(keys::DEGRADED, true);
     p.insert(keys::CONNECTION_ID, "forged");
+    // A dry run's flag and timings are the dispatcher's too: an agent cannot make a real
+    // decision look like a dry run, or forge the timings `policyctl explain` shows.
+    p.insert(keys::DRY_RUN, true);
+    p.insert(keys::AGENTS, Value::Array(Vec::new()));
     merge(&mut s, p).unwrap();
     assert!(s.is_empty(), "{s:?}");
 }

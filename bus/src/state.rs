@@ -72,6 +72,11 @@ impl State {
         self.0.is_empty()
     }
 
+    /// Whether `key` holds `true` (a flag such as [`keys::DRY_RUN`]).
+    pub fn flag(&self, key: &str) -> bool {
+        self.get(key) == Some(&Value::Boolean(true))
+    }
+
     pub fn get_str(&self, key: &str) -> Option<&str> {
         self.get(key)?.as_str()
     }

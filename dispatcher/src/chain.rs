@@ -42,6 +42,8 @@ pub struct Run {
     /// Kinds whose call was hedged (more than one copy sent), by the same bits: another copy
     /// may have been at work, and taken something, even if the one answered denied.
     pub copies: u64,
+    /// A dry run that an agent answered as a real event: it must be undone.
+    pub ignored_dry_run: bool,
 }
 
 struct Failure {
@@ -108,13 +110,13 @@ impl Call<'_> {
         m: &Member,
         state: &State,
         state_header: &str,
-    ) -> (Result<State, Failure>, Duration, Source) {
+    ) -> (Result<State, Failure>, Duration, Source, bool) {
         let kind = m.kind.as_str();
         if let Some(patch) = self
             .verdicts
             .lookup(kind, self.event, self.attributes, state)
         {
-            return (Ok(patch), Duration::ZERO, Source::Cache);
+            return (Ok(patch), Duration::ZERO, Source::Cache, true);
         }
         let start = Instant::now();
         let (reply, copies) = bus::hedge::ask_counted(
@@ -126,6 +128,10 @@ impl Call<'_> {
             &m.latency,
         )
         .await;
+        // An agent confirms a dry run by echoing its header (the shipped runtime does).
+        let echoed = reply
+            .as_ref()
+            .is_ok_and(|msg| headers::dry_run(msg.headers.as_ref()));
         let cache = reply.as_ref().ok().and_then(|msg| {
             headers::get(msg.headers.as_ref(), headers::POLICY_CACHE).map(str::to_string)
         });
@@ -144,7 +150,7 @@ impl Call<'_> {
             self.verdicts
                 .store(kind, self.event, &h, self.attributes, state, p);
         }
-        (patch, took, source)
+        (patch, took, source, echoed)
     }
 
     /// Runs the chain from `state`, whose header form `header` the caller already made.
@@ -152,6 +158,8 @@ impl Call<'_> {
         let mut timings = Vec::new();
         let mut pure = 0u64;
         let mut copies = 0u64;
+        let dry_run = headers::dry_run(Some(&self.trace));
+        let mut ignored_dry_run = false;
         let mut degraded = false;
         let mut first = Some(header);
         for stage in &chain.stages {
@@ -175,11 +183,7 @@ impl Call<'_> {
             let (observers, callers): (Vec<&Member>, Vec<&Member>) =
                 stage.members.iter().partition(|m| m.observe);
             // Observers watch what is decided; a dry run decides nothing.
-            let observers = if headers::dry_run(Some(&self.trace)) {
-                Vec::new()
-            } else {
-                observers
-            };
+            let observers = if dry_run { Vec::new() } else { observers };
             for m in observers {
                 if let Err(e) = self
                     .nats
@@ -203,7 +207,7 @@ impl Call<'_> {
                 }
             };
             let mut stop = false;
-            for (m, (answer, took, source)) in callers.iter().zip(answers) {
+            for (m, (answer, took, source, echoed)) in callers.iter().zip(answers) {
                 let merged = answer.and_then(|patch| {
                     merge(&mut state, patch).map_err(|e| Failure {
                         outcome: Outcome::Error,
@@ -215,6 +219,19 @@ impl Call<'_> {
                     Ok(flow) => {
                         let mut t = timing(m, took, Outcome::Answered);
                         t.cached = source == Source::Cache;
+                        if dry_run && !echoed && matches!(source, Source::Agent | Source::Copies) {
+                            // It may have taken something for real: the decision becomes a
+                            // deny, and what it took is undone.
+                            deny(
+                                &mut state,
+                                Reason::new("dispatcher", DRY_RUN_IGNORED, Effect::Deny)
+                                    .with_detail(format!(
+                                        "{} answered this dry run as a real event (an agent that does not know Policy-Dry-Run): what it took is undone",
+                                        m.kind
+                                    )),
+                            );
+                            ignored_dry_run = true;
+                        }
                         if timings.len() < 64 {
                             let bit = 1 << timings.len();
                             match source {
@@ -265,6 +282,7 @@ impl Call<'_> {
             timings,
             pure,
             copies,
+            ignored_dry_run,
         }
     }
 }
@@ -337,7 +355,11 @@ fn check_target_peer(s: &mut State) {
 /// Adds the dispatcher's keys to the final state. A connection nobody denied is allowed (once
 /// its target peer is checked); a denied event offers no candidates and no target.
 pub fn finalize(run: &mut Run, event_id: &str, event: &Event) {
-    let is_connection = matches!(event, Event::NewConnection(_));
+    // Events answered with an `action`: allowed unless an agent denied.
+    let is_connection = matches!(
+        event,
+        Event::NewConnection(_) | Event::RemoteServiceAdded(_)
+    );
     let s = &mut run.state;
     if s.get_str(keys::ACTION) != Some("deny") {
         check_target_peer(s);
@@ -426,6 +448,7 @@ pub fn broken_chain(state: State, broken: &[crate::table::Broken]) -> Run {
         timings: Vec::new(),
         pure: 0,
         copies: 0,
+        ignored_dry_run: false,
     };
     for b in broken {
         deny(
@@ -436,6 +459,9 @@ pub fn broken_chain(state: State, broken: &[crate::table::Broken]) -> Run {
     }
     run
 }
+
+/// The policy named in a dry run's deny when an agent did not confirm it was a dry run.
+pub const DRY_RUN_IGNORED: &str = "dry-run-ignored";
 
 /// The policy named in a decision made after the hookpoint's deadline.
 pub const PAST_DEADLINE: &str = "past-deadline";
@@ -454,128 +480,5 @@ pub fn deny_late(run: &mut Run) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use bus::event::{Direction, NewConnection};
-
-    fn connection(peers: &[&str]) -> Event {
-        Event::NewConnection(NewConnection {
-            src_service: "a".into(),
-            dst_service: "b".into(),
-            direction: Direction::Outgoing,
-            src_peer: None,
-            dst_peers: Some(peers.iter().map(|p| p.to_string()).collect()),
-            connection_id: Some("c".into()),
-            src_labels: None,
-            dst_labels: None,
-            peer_labels: None,
-        })
-    }
-
-    fn run_with(state: State) -> Run {
-        Run {
-            state,
-            degraded: false,
-            timings: Vec::new(),
-            pure: 0,
-            copies: 0,
-        }
-    }
-
-    #[test]
-    fn a_target_peer_outside_the_candidates_is_a_deny() {
-        let mut s = State::new();
-        s.set_strings(keys::DST_PEERS, &["p1"]);
-        s.insert(keys::TARGET_PEER, "p2");
-        let mut run = run_with(s);
-        finalize(&mut run, "e", &connection(&["p1", "p2"]));
-        let s = &run.state;
-        assert_eq!(s.get_str(keys::ACTION), Some("deny"));
-        assert_eq!(s.get(keys::TARGET_PEER), None);
-        assert_eq!(s.get_strings(keys::DST_PEERS), Some(vec![]));
-        let reasons = format!("{:?}", s.get(keys::REASONS));
-        assert!(reasons.contains(INVALID_TARGET_PEER), "{reasons}");
-
-        // Without any candidate list, a target cannot be checked: deny too.
-        let mut s = State::new();
-        s.insert(keys::TARGET_PEER, "p2");
-        let mut run = run_with(s);
-        finalize(&mut run, "e", &connection(&[]));
-        assert_eq!(run.state.get_str(keys::ACTION), Some("deny"));
-    }
-
-    #[test]
-    fn a_target_peer_among_the_candidates_is_allowed() {
-        let mut s = State::new();
-        s.set_strings(keys::DST_PEERS, &["p1", "p2"]);
-        s.insert(keys::TARGET_PEER, "p2");
-        let mut run = run_with(s);
-        finalize(&mut run, "e", &connection(&["p1", "p2"]));
-        assert_eq!(run.state.get_str(keys::ACTION), Some("allow"));
-        assert_eq!(run.state.get_str(keys::TARGET_PEER), Some("p2"));
-        assert_eq!(run.state.get_str(keys::EVENT_ID), Some("e"));
-    }
-
-    #[test]
-    fn a_late_allow_becomes_a_deny_that_every_answering_kind_undoes() {
-        let mut s = State::new();
-        s.set_strings(keys::DST_PEERS, &["p1"]);
-        s.insert(keys::TARGET_PEER, "p1");
-        let mut run = run_with(s);
-        let kind = |agent: &str, outcome| AgentTiming {
-            agent: agent.into(),
-            priority: 0,
-            latency_us: 1,
-            outcome,
-            cached: false,
-        };
-        run.timings = vec![
-            kind("acl", Outcome::Answered),
-            kind("conn-limit", Outcome::Answered),
-            kind("monitor", Outcome::Observed),
-        ];
-        deny_late(&mut run);
-        finalize(&mut run, "e", &connection(&["p1"]));
-        assert_eq!(run.state.get_str(keys::ACTION), Some("deny"));
-        assert_eq!(run.state.get(keys::TARGET_PEER), None);
-        let reasons = format!("{:?}", run.state.get(keys::REASONS));
-        assert!(reasons.contains(PAST_DEADLINE), "{reasons}");
-        let undo = undo_for(&run, &Bytes::new(), &HeaderMap::new()).expect("an undo");
-        let kinds: Vec<&str> = undo.kinds.iter().map(|k| k.as_str()).collect();
-        assert_eq!(kinds, ["acl", "conn-limit"]);
-        // An answer that said it may be cached (or came from the cache) took nothing.
-        run.pure = 1; // acl, timings[0]
-        let undo = undo_for(&run, &Bytes::new(), &HeaderMap::new()).expect("an undo");
-        let kinds: Vec<&str> = undo.kinds.iter().map(|k| k.as_str()).collect();
-        assert_eq!(kinds, ["conn-limit"]);
-        run.pure |= 1 << 1; // conn-limit
-        assert!(undo_for(&run, &Bytes::new(), &HeaderMap::new()).is_none());
-    }
-
-    #[test]
-    fn a_kind_that_denied_is_undone_only_if_another_copy_of_its_call_may_have_run() {
-        let mut run = run_with(State::new());
-        run.timings = vec![AgentTiming {
-            agent: "conn-limit".into(),
-            priority: 0,
-            latency_us: 1,
-            outcome: Outcome::Answered,
-            cached: false,
-        }];
-        deny(
-            &mut run.state,
-            Reason::new("conn-limit", "db", Effect::Deny),
-        );
-        assert!(
-            undo_for(&run, &Bytes::new(), &HeaderMap::new()).is_none(),
-            "one copy, which refused: nothing taken"
-        );
-        run.copies = 1;
-        let undo = undo_for(&run, &Bytes::new(), &HeaderMap::new()).expect("an undo");
-        assert_eq!(
-            undo.kinds[0].as_str(),
-            "conn-limit",
-            "a hedged copy may have admitted"
-        );
-    }
-}
+#[path = "chain_tests.rs"]
+mod tests;

@@ -175,7 +175,13 @@ impl Dispatcher {
         // A close is an acknowledgement, not a decision: if an agent subscribed to it failed
         // (conn-limit down, say), acking it would hide that its slots were not freed. The
         // hookpoint gets an error instead, and sends the close again.
-        if let Event::ConnectionClosed(_) = &event {
+        // A status that says the connection ended releases its slots as a close does.
+        let releases = match &event {
+            Event::ConnectionClosed(_) => true,
+            Event::ConnectionStatus(s) => s.state != bus::event::ConnectionState::Open,
+            _ => false,
+        };
+        if releases {
             if let Some(failed) = run.timings.iter().find(|t| {
                 matches!(
                     t.outcome,
@@ -226,7 +232,7 @@ impl Dispatcher {
         tracing::debug!(event = %name, action = run.state.get_str(keys::ACTION), total_us, "decided");
         let body = Bytes::from(body);
         // A dry run took nothing: nothing to undo, nothing for the monitor to count.
-        let undo = (!dry_run)
+        let undo = (!dry_run || run.ignored_dry_run)
             .then(|| chain::undo_for(&run, &body, &trace))
             .flatten();
         let tap = (!dry_run).then(|| Tap {

@@ -119,12 +119,21 @@ async fn dry_run(
     event: &str,
     attributes: &impl serde::Serialize,
 ) -> anyhow::Result<State> {
-    client
+    let decision: State = client
         .clone()
         .with_dry_run(true)
         .decide(event, attributes)
         .await
-        .with_context(|| format!("the engine did not decide the {event} event"))
+        .with_context(|| format!("the engine did not decide the {event} event"))?;
+    // A dispatcher that does not know dry runs decided it for real: say so, never pretend.
+    if !decision.flag(keys::DRY_RUN) {
+        return Err(Exit(
+            2,
+            format!("the engine decided this {event} event for real, not as a dry run (a dispatcher older than dry runs?): its limiters may have taken a slot or a token"),
+        )
+        .into());
+    }
+    Ok(decision)
 }
 
 /// One test case.
@@ -151,6 +160,9 @@ pub async fn test(client: &Client, files: &[PathBuf]) -> anyhow::Result<()> {
     let mut cases = Vec::new();
     for f in files {
         cases.extend(read_cases(f).map_err(|e| Exit(2, format!("{e:#}")))?);
+    }
+    for (file, case) in &cases {
+        check_case(case).map_err(|e| Exit(2, format!("{file}: {}: {e}", case.name)))?;
     }
     let (mut passed, mut failed, mut errors) = (0, 0, 0);
     for (file, case) in &cases {
@@ -188,6 +200,21 @@ pub async fn test(client: &Client, files: &[PathBuf]) -> anyhow::Result<()> {
         )
         .into()),
     }
+}
+
+/// A case that could not fail is refused: one with nothing expected, or with `reasons` that
+/// is not a list of maps.
+fn check_case(case: &Case) -> Result<(), String> {
+    if case.expect.is_empty() {
+        return Err("expect is empty: the case would pass whatever is decided".into());
+    }
+    if let Some(r) = case.expect.get("reasons") {
+        let listed = r.as_array().is_some_and(|l| l.iter().all(Json::is_object));
+        if !listed {
+            return Err("expect.reasons must be a list of maps ({agent, policy, effect, detail}, any of them)".into());
+        }
+    }
+    Ok(())
 }
 
 fn read_cases(path: &Path) -> anyhow::Result<Vec<(String, Case)>> {
@@ -265,6 +292,19 @@ mod tests {
         assert_eq!(decided_by(&d).map(|r| &r["policy"]), Some(&json!("r")));
         let d = json!({"action": "allow", "reasons": [{"agent": "acl", "policy": "a", "effect": "allow"}]});
         assert_eq!(decided_by(&d).map(|r| &r["policy"]), Some(&json!("a")));
+    }
+
+    #[test]
+    fn a_case_that_cannot_fail_is_refused() {
+        let case = |expect: Json| Case {
+            name: "x".into(),
+            event: new_connection(),
+            attributes: Default::default(),
+            expect: expect.as_object().cloned().expect("a map"),
+        };
+        assert!(check_case(&case(json!({}))).is_err());
+        assert!(check_case(&case(json!({"reasons": {"agent": "acl"}}))).is_err());
+        assert!(check_case(&case(json!({"reasons": [{"agent": "acl"}]}))).is_ok());
     }
 
     #[test]

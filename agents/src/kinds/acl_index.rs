@@ -88,10 +88,20 @@ impl Index {
         // The label lists, if any: a Vec that allocates only for an event with labels that
         // index rules.
         let mut labelled: Vec<&'s [u32]> = Vec::new();
-        if !self.by_dst_label.is_empty() {
-            for (k, v) in q.dst_labels.into_iter().flatten() {
-                if let Some(l) = self.by_dst_label.get(k).and_then(|m| m.get(v)) {
-                    labelled.push(l);
+        if let (false, Some(labels)) = (self.by_dst_label.is_empty(), q.dst_labels) {
+            // Over the smaller side: an event may carry thousands of labels, and an index
+            // many keys; each lookup is by key, so either way finds the same lists.
+            if labels.len() <= self.by_dst_label.len() {
+                for (k, v) in labels {
+                    if let Some(l) = self.by_dst_label.get(k).and_then(|m| m.get(v)) {
+                        labelled.push(l);
+                    }
+                }
+            } else {
+                for (k, by_value) in &self.by_dst_label {
+                    if let Some(l) = labels.get(k).and_then(|v| by_value.get(v)) {
+                        labelled.push(l);
+                    }
                 }
             }
         }

@@ -85,7 +85,7 @@ impl ConnLimiter {
                 "no connection_id or no slot store: cannot count".into(),
             );
         };
-        if state.get(keys::DRY_RUN) == Some(&Value::Boolean(true)) {
+        if state.flag(keys::DRY_RUN) {
             return dry_run(slots, &matched);
         }
         let token = key_token(conn);
@@ -338,7 +338,7 @@ impl AgentKind for ConnLimiter {
         event: &'a Event,
         state: &'a State,
     ) -> Result<State, String> {
-        let dry_run = state.get(keys::DRY_RUN) == Some(&Value::Boolean(true));
+        let dry_run = state.flag(keys::DRY_RUN);
         match event {
             Event::NewConnection(e) => Ok(self.new_connection(rules, e, state).await),
             // A dry run frees nothing.

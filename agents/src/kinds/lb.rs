@@ -87,15 +87,26 @@ fn fnv1a(parts: &[&str]) -> u64 {
     h ^ (h >> 31)
 }
 
-fn pick<'c>(c: &Compiled, e: &NewConnection, peers: &[&'c str]) -> (&'c str, Option<String>) {
+/// The peer `c` picks. A dry run (`dry_run`) answers as the next real pick would, without
+/// moving round-robin on.
+fn pick<'c>(
+    c: &Compiled,
+    e: &NewConnection,
+    peers: &[&'c str],
+    dry_run: bool,
+) -> (&'c str, Option<String>) {
     let random = |peers: &[&'c str]| peers[rand::rng().random_range(0..peers.len())];
     let p = &c.policy;
     match p.scheme {
         Scheme::Random => (random(peers), None),
-        Scheme::RoundRobin => (
-            peers[c.next.fetch_add(1, Ordering::Relaxed) % peers.len()],
-            None,
-        ),
+        Scheme::RoundRobin => {
+            let next = if dry_run {
+                c.next.load(Ordering::Relaxed)
+            } else {
+                c.next.fetch_add(1, Ordering::Relaxed)
+            };
+            (peers[next % peers.len()], None)
+        }
         Scheme::Weighted => {
             let weight = |peer: &str| u64::from(p.weights.get(peer).copied().unwrap_or(0));
             let total: u64 = peers.iter().map(|x| weight(x)).sum();
@@ -244,7 +255,7 @@ impl AgentKind for Lb {
             );
         }
         let (target, detail) = match policy {
-            Some(c) => pick(c, e, &peers),
+            Some(c) => pick(c, e, &peers, state.flag(keys::DRY_RUN)),
             None => (peers[rand::rng().random_range(0..peers.len())], None),
         };
         let mut reason = Reason::new(NAME, id, Effect::Pick);

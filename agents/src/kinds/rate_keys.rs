@@ -33,6 +33,20 @@ impl KeySet {
         }
     }
 
+    /// The key [`KeySet::key`] would give, changing nothing: for a dry run, which must not
+    /// fill a policy's keys or keep one alive.
+    pub fn peek(&self, policy: &str, token: String, max_keys: usize) -> String {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let tracked = inner.get(policy);
+        let known = tracked.is_some_and(|t| t.last_used.contains_key(&token));
+        let full = tracked.is_some_and(|t| t.last_used.len() >= max_keys);
+        if !known && full {
+            format!("{policy}.{OVERFLOW}")
+        } else {
+            format!("{policy}.{token}")
+        }
+    }
+
     /// The bucket key for `token` under `policy`: `<policy>.<token>` while the policy tracks
     /// fewer than `max_keys` keys (or already tracks this one), else `<policy>._overflow`.
     pub fn key(&self, policy: &str, token: String, max_keys: usize, now_ns: u64) -> String {

@@ -355,18 +355,20 @@ impl RateLimiter {
             .iter()
             .filter(|c| c.matcher.matches(e, target))
             .collect();
+        let dry_run = state.flag(keys::DRY_RUN);
         let steps: Vec<Step> = matched
             .iter()
             .filter_map(|c| {
                 let (gcra, _, _) = c.gcra.as_ref()?;
+                let token = key_token(&c.matcher.key(e, target));
+                let key = if dry_run {
+                    self.keys.peek(&c.id, token, c.max_keys)
+                } else {
+                    self.keys.key(&c.id, token, c.max_keys, self.clock.now_ns())
+                };
                 Some(Step {
                     policy: c,
-                    key: self.keys.key(
-                        &c.id,
-                        key_token(&c.matcher.key(e, target)),
-                        c.max_keys,
-                        self.clock.now_ns(),
-                    ),
+                    key,
                     gcra: *gcra,
                 })
             })
@@ -378,7 +380,6 @@ impl RateLimiter {
             let Some(store) = &self.store else {
                 return deny(first.policy, "no rate state store".into());
             };
-            let dry_run = state.get(keys::DRY_RUN) == Some(&Value::Boolean(true));
             let admitted = if dry_run {
                 self.would_admit(store, &steps).await
             } else {

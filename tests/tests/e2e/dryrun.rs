@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bus::state::keys;
-use bus::{Action, Value};
+use bus::Action;
 use e2e::Engine;
 use futures::StreamExt;
 use serde_json::json;
@@ -69,7 +69,7 @@ async fn a_dry_run_takes_no_slot_spends_no_token_and_records_nothing() {
             .await
             .expect("decision");
         assert_eq!(d.action, Action::Allow, "dry run {i}: {d:?}");
-        assert_eq!(d.extra.get(keys::DRY_RUN), Some(&Value::Boolean(true)));
+        assert!(d.dry_run, "{d:?}");
         let agents = format!("{:?}", d.extra.get(keys::AGENTS));
         assert!(
             agents.contains("conn-limit") && agents.contains("latency_us"),

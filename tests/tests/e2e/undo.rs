@@ -325,3 +325,54 @@ async fn an_undo_is_one_request_per_attempt_and_none_to_a_failed_kind_whose_answ
         "the kind that said nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_an_agent_answers_as_real_is_denied_and_undone() {
+    let mut engine = Engine::new();
+    engine.start(&["acl"]).await;
+    // A kind that knows nothing of dry runs: it answers without echoing the header, so it may
+    // have taken something for real.
+    let spy = silent_kind(&engine, "legacy", false, Arc::new(AtomicBool::new(true))).await;
+    let admin = engine.admin().await;
+    subscribe_forced(
+        &admin,
+        &[
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "legacy", 20),
+        ],
+    )
+    .await;
+    admin
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "open", "action": "allow"}),
+        )])
+        .await
+        .expect("policy add");
+    let dry = engine.hook().await.with_dry_run(true);
+    eventually("the chain runs", || async {
+        let d = dry
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        (effects(&d.reasons, "acl") == [pair("open", "allow")])
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+    let d = dry
+        .new_connection(&conn("web", "db", &["p1"]))
+        .await
+        .expect("decision");
+    assert!(d.dry_run, "{d:?}");
+    assert_eq!(d.action, Action::Deny, "{d:?}");
+    assert_eq!(
+        effects(&d.reasons, "dispatcher"),
+        [pair("dry-run-ignored", "deny")]
+    );
+    eventually("what it may have taken is undone", || async {
+        (undos_of(&spy, &d.event_id) >= 1)
+            .then_some(())
+            .ok_or("no undo yet".to_string())
+    })
+    .await;
+}

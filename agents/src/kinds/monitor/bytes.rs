@@ -12,8 +12,8 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
-/// Connections remembered at once: past it the memory is dropped and counting starts again
-/// from the next reports (a connection's bytes before that are not counted twice, only lost).
+/// Connections remembered at once. Past it, a new connection is not tracked: its reports are
+/// not counted (never counted twice), and `untracked` says how many were missed.
 const MAX_CONNECTIONS: usize = 100_000;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,6 +34,8 @@ struct Seen {
 #[derive(Default)]
 pub(super) struct ConnectionBytes {
     pub(super) family: Family<BytesLabels, Counter>,
+    /// Status reports not counted: their connection could not be tracked.
+    pub(super) untracked: Counter,
     live: Mutex<HashMap<String, Seen>>,
 }
 
@@ -54,17 +56,18 @@ impl ConnectionBytes {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An admitted connection: where its bytes will be counted.
-    pub(super) fn admitted(&self, connection: &str, service: Option<&str>, peer: Option<&str>) {
+    /// An admitted connection: where its bytes will be counted. `service` and `peer` are the
+    /// capped label values.
+    pub(super) fn admitted(&self, connection: &str, service: Option<String>, peer: Option<String>) {
         let mut live = self.live();
         if live.len() >= MAX_CONNECTIONS {
-            live.clear();
+            return;
         }
         live.insert(
             connection.to_string(),
             Seen {
-                service: service.map(String::from),
-                peer: peer.map(String::from),
+                service,
+                peer,
                 ..Seen::default()
             },
         );
@@ -80,15 +83,18 @@ impl ConnectionBytes {
         let ended = matches!(text(attributes, "state"), Some("closed" | "failed"));
         let mut live = self.live();
         if live.len() >= MAX_CONNECTIONS && !live.contains_key(connection) {
-            live.clear();
+            self.untracked.inc();
+            return;
         }
         let seen = live.entry(connection.to_string()).or_default();
-        let service = text(attributes, "dst_service")
-            .or(seen.service.as_deref())
-            .unwrap_or("unknown");
-        let peer = text(attributes, "target_peer")
-            .or(seen.peer.as_deref())
-            .unwrap_or("unknown");
+        let service = match text(attributes, "dst_service") {
+            Some(s) => admit(s, true),
+            None => seen.service.clone().unwrap_or_else(|| "unknown".into()),
+        };
+        let peer = match text(attributes, "target_peer") {
+            Some(p) => admit(p, false),
+            None => seen.peer.clone().unwrap_or_else(|| "unknown".into()),
+        };
         // Totals only grow; a smaller one is a new count (a restarted gateway): all of it.
         let delta = |now: u64, before: u64| if now >= before { now - before } else { now };
         for (direction, d) in [
@@ -97,8 +103,8 @@ impl ConnectionBytes {
         ] {
             if d > 0 {
                 let labels = BytesLabels {
-                    service: admit(service, true),
-                    peer: admit(peer, false),
+                    service: service.clone(),
+                    peer: peer.clone(),
                     direction: direction.into(),
                 };
                 self.family.get_or_create(&labels).inc_by(d);
@@ -109,6 +115,11 @@ impl ConnectionBytes {
         if ended {
             live.remove(connection);
         }
+    }
+
+    /// A connection closed: forgotten.
+    pub(super) fn closed(&self, connection: &str) {
+        self.live().remove(connection);
     }
 }
 
@@ -139,7 +150,7 @@ mod tests {
     fn reports_count_the_bytes_since_the_last_one_where_the_connection_was_admitted() {
         let b = ConnectionBytes::default();
         let same = |name: &str, _: bool| name.to_string();
-        b.admitted("c1", Some("db"), Some("p1"));
+        b.admitted("c1", Some("db".into()), Some("p1".into()));
         b.status(&status("c1", "open", 100, 10), same);
         b.status(&status("c1", "open", 250, 10), same);
         b.status(&status("c1", "closed", 300, 40), same);
@@ -149,5 +160,8 @@ mod tests {
         b.status(&status("c2", "open", 5, 0), same);
         assert_eq!(count(&b, "unknown", "unknown", "in"), 5);
         assert!(b.live().get("c1").is_none());
+        b.admitted("c3", None, None);
+        b.closed("c3");
+        assert!(b.live().is_empty() || !b.live().contains_key("c3"));
     }
 }

@@ -199,6 +199,11 @@ impl Metrics {
             m.bytes.family.clone(),
         );
         registry.register(
+            "connection_reports_untracked",
+            "connection-status reports not counted in connection_bytes: more live connections than the monitor tracks (100 000)",
+            m.bytes.untracked.clone(),
+        );
+        registry.register(
             "tap_errors",
             "Tap records that could not be decoded",
             m.tap_errors.clone(),
@@ -245,8 +250,14 @@ impl Metrics {
         match event.as_str() {
             bus::event::NEW_CONNECTION if action == "allow" => {
                 if let Some(c) = d.get_str(keys::CONNECTION_ID) {
-                    self.bytes
-                        .admitted(c, service, d.get_str(keys::TARGET_PEER));
+                    let service = service.map(|s| self.services.admit(s));
+                    let peer = d.get_str(keys::TARGET_PEER).map(|p| self.peers.admit(p));
+                    self.bytes.admitted(c, service, peer);
+                }
+            }
+            bus::event::CONNECTION_CLOSED => {
+                if let Some(c) = field(&r.attributes, "connection_id") {
+                    self.bytes.closed(c);
                 }
             }
             bus::event::CONNECTION_STATUS => self.bytes.status(&r.attributes, |name, service| {
