@@ -14,7 +14,7 @@ use super::conn_slots::Slots;
 /// another instance admitted into that block, so under a small limit shared by busy
 /// instances many are normal; giving up early would deny under the limit.
 const BATCH_ATTEMPTS: usize = 64;
-use super::conn_view::{slot_key, token_of, SlotRef, Taken};
+use super::conn_view::{policy_of, run_of, slot_key, token_of, SlotRef, Taken};
 
 type Reply = tokio::sync::oneshot::Sender<Result<Taken, String>>;
 
@@ -22,6 +22,8 @@ type Reply = tokio::sync::oneshot::Sender<Result<Taken, String>>;
 struct Waiting {
     holder: String,
     max: u32,
+    /// It may share a slot another copy of its run holds (it matched one policy only).
+    share: bool,
     reply: Reply,
 }
 
@@ -69,6 +71,7 @@ impl Slots {
         policy: &str,
         max: u32,
         holder: &str,
+        share: bool,
     ) -> Result<Taken, String> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let start_writer = {
@@ -82,6 +85,7 @@ impl Slots {
             queue.waiting.push(Waiting {
                 holder: holder.to_string(),
                 max,
+                share,
                 reply,
             });
             !std::mem::replace(&mut queue.writing, true)
@@ -123,6 +127,15 @@ impl Slots {
         // One entry per holder (the same request twice waits for the same write).
         let mut pending: Vec<(String, Vec<Reply>)> = Vec::new();
         for w in batch {
+            // A hedge of a copy whose write landed while this one waited: the slot is shared
+            // (the view is newer than the catch-up `Slots::shared` made before it queued).
+            if w.share {
+                let held = self.view().held_as(run_of(&w.holder));
+                if let Some(slot) = held.into_iter().find(|s| policy_of(&s.key) == Some(policy)) {
+                    let _ = w.reply.send(Ok(Taken::Shared(slot)));
+                    continue;
+                }
+            }
             if let Some(p) = pending.iter_mut().find(|(h, _)| *h == w.holder) {
                 p.1.push(w.reply);
             } else {

@@ -107,12 +107,16 @@ impl ConnLimiter {
                     taken.push(slot);
                     None
                 }
-                None => match slots.take(&c.id, c.max, &holder).await {
+                None => match slots.take(&c.id, c.max, &holder, matched.len() == 1).await {
                     Ok(Taken::Slot(b)) => {
                         taken.push(SlotRef {
                             key: slot_key(&c.id, b),
                             holder: holder.clone(),
                         });
+                        None
+                    }
+                    Ok(Taken::Shared(slot)) => {
+                        taken.push(slot);
                         None
                     }
                     Ok(Taken::Full) => Some(format!("limit of {} live connections reached", c.max)),

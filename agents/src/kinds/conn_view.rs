@@ -46,6 +46,8 @@ pub(crate) struct SlotRef {
 pub(crate) enum Taken {
     /// A slot in this block.
     Slot(u32),
+    /// Another copy of the run holds this slot: shared (one matching policy only).
+    Shared(SlotRef),
     /// Every slot is taken.
     Full,
     /// A slot was taken, but the connection's slots had been freed before (closed, or its
