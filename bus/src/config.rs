@@ -41,6 +41,17 @@ impl ConfigKey {
         format!("pol.{kind}.>")
     }
 
+    /// The key of a peer taken out of the candidates by `peer-removed`, until `peer-added`
+    /// (`peer.<token>`; the value is the peer's name).
+    pub fn removed_peer(name: &str) -> String {
+        format!("{PEER_PREFIX}{}", key_token(name))
+    }
+
+    /// Whether `key` is a removed peer's.
+    pub fn is_removed_peer(key: &str) -> bool {
+        key.starts_with(PEER_PREFIX)
+    }
+
     pub fn parse(key: &str) -> Option<ConfigKey> {
         let mut parts = key.splitn(3, '.');
         let (tag, a, b) = (parts.next()?, parts.next()?, parts.next()?);
@@ -56,6 +67,26 @@ impl ConfigKey {
             _ => None,
         }
     }
+}
+
+const PEER_PREFIX: &str = "peer.";
+
+/// A KV key token for any string: kept when it is already `[A-Za-z0-9_-]`, otherwise the hex
+/// of a fixed 64-bit hash (so every instance maps it the same way).
+pub fn key_token(s: &str) -> String {
+    if !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return s.to_string();
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("h{h:016x}")
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -126,6 +126,7 @@ impl Dispatcher {
         }
 
         let mut state = event.initial_state();
+        self.removed_peers.narrow(&mut state);
         if let Some(id) = &connection_id {
             state.insert(keys::CONNECTION_ID, id.as_str());
         }
@@ -208,8 +209,11 @@ impl Dispatcher {
             tracing::info!(event = %name, "decided after the hookpoint's deadline: denied and undone");
             chain::deny_late(&mut run);
         }
-        finalize(&mut run, &event_id, &event);
         let dry_run = headers::dry_run(msg.headers.as_ref());
+        if !dry_run && run.state.get_str(keys::ACTION) != Some("deny") {
+            crate::peers::record(self, &event).await?;
+        }
+        finalize(&mut run, &event_id, &event);
         if dry_run {
             // What `policyctl explain` shows: the flag, and each agent's answer time.
             run.state.insert(keys::DRY_RUN, true);

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod chain;
 mod decide;
+mod peers;
 pub mod table;
 mod verdicts;
 
@@ -72,6 +73,8 @@ pub struct Dispatcher {
     /// which would take a second conn-limit slot and count twice against a rate limit.
     pub(crate) working: bus::hedge::InProgress,
     pub(crate) verdicts: verdicts::Verdicts,
+    /// Peers taken out of the candidates (see [`peers`]).
+    pub(crate) removed_peers: peers::Removed,
 }
 
 impl Dispatcher {
@@ -201,6 +204,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
         options: options.clone(),
         working: Default::default(),
         verdicts: verdicts::Verdicts::new(options.verdict_cache),
+        removed_peers: Default::default(),
     });
 
     // One watch of the bucket feeds both the chain table (subscriptions) and the verdict
@@ -244,6 +248,8 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
                 if subs_changed {
                     d.table.load(&d.subjects, &subs);
                 }
+                // Before the verdicts: the revision they confirm covers the peers too.
+                d.removed_peers.apply(&update);
                 d.verdicts.apply(update);
             },
             Some(ready_tx),

@@ -51,23 +51,7 @@ impl LimitMatch {
     }
 }
 
-/// A KV key token for any string: kept when it is already `[A-Za-z0-9_-]`, otherwise the hex
-/// of a fixed 64-bit hash (so every instance maps it the same way).
-pub fn key_token(s: &str) -> String {
-    if !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return s.to_string();
-    }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("h{h:016x}")
-}
+pub use bus::config::key_token;
 
 #[cfg(test)]
 mod tests {

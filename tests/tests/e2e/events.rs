@@ -189,3 +189,77 @@ async fn statuses_remote_services_and_peers_are_decided_counted_and_checked() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_peer_is_picked_by_no_dispatcher_until_it_is_added_again() {
+    // On the secured bus, with two dispatchers and the verdict cache on: a consistent-hash
+    // answer cached before the removal must not be served after it.
+    let mut engine = Engine::secured();
+    engine.dispatcher();
+    engine.start(&["acl", "lb"]).await;
+    engine.wait_instances("policy-dispatcher", 2).await;
+    let admin = engine.admin().await;
+    subscribe(
+        &admin,
+        &[
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "lb", 20),
+            sub(PEER_ADDED, "acl", 10),
+            sub(bus::event::PEER_REMOVED, "acl", 10),
+        ],
+    )
+    .await;
+    admin
+        .policy_add(vec![
+            doc(json!({"agent": "acl", "id": "open", "action": "allow"})),
+            doc(
+                json!({"agent": "lb", "id": "sticky", "dst_service": "cache",
+                "scheme": "consistent-hash", "hash_on": "src_service"}),
+            ),
+        ])
+        .await
+        .expect("policy add");
+    let hook = engine.hook().await;
+    let peers = ["p1", "p2", "p3"];
+    let target = || async {
+        let d = hook
+            .new_connection(&conn("web", "cache", &peers))
+            .await
+            .expect("decision");
+        assert_eq!(d.action, Action::Allow, "{d:?}");
+        d.target_peer.expect("a target peer")
+    };
+    eventually("the sticky policy applies", || async {
+        let d = hook
+            .new_connection(&conn("web", "cache", &peers))
+            .await
+            .map_err(|e| e.to_string())?;
+        (effects(&d.reasons, "lb") == [pair("sticky", "pick")])
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+    let sticky = target().await;
+    for _ in 0..10 {
+        assert_eq!(target().await, sticky, "consistent hashing picks one peer");
+    }
+    let change = |peer: &str| PeerChange {
+        peer: peer.into(),
+        labels: None,
+    };
+    let _: State = hook
+        .decide(bus::event::PEER_REMOVED, &change(&sticky))
+        .await
+        .expect("removal acknowledged");
+    for i in 0..20 {
+        let t = target().await;
+        assert_ne!(t, sticky, "event {i}: the removed peer was picked");
+    }
+    let _: State = hook
+        .decide(PEER_ADDED, &change(&sticky))
+        .await
+        .expect("addition acknowledged");
+    for i in 0..10 {
+        assert_eq!(target().await, sticky, "event {i}: the peer is back");
+    }
+}
