@@ -162,6 +162,8 @@ async fn command(
             }
         }
         Command::Load { dir } => crate::up::load_examples(&admin, &dir).await?,
+        Command::Diff { dir } => crate::declarative::diff(&admin, &dir).await?,
+        Command::Export { dir } => crate::declarative::export(&admin, &dir).await?,
         Command::Emit {
             event,
             attributes,

@@ -4,6 +4,7 @@
 mod auth;
 mod bench;
 mod commands;
+mod declarative;
 mod explain;
 mod files;
 mod servers;
@@ -80,6 +81,19 @@ pub enum Command {
     /// Load a folder of configuration: its subscriptions.yaml, then every other *.yaml as
     /// policies (all validated before any is stored).
     Load { dir: PathBuf },
+    /// Show how a folder (as `load` reads it) differs from the stored configuration: `+`
+    /// added, `~` changed, `-` no longer in the folder. Exits 0 when equal, 1 when they
+    /// differ, 2 on an error.
+    Diff {
+        /// The folder: subscriptions.yaml and policy *.yaml files.
+        dir: PathBuf,
+    },
+    /// Write the stored subscriptions and policies into a folder (subscriptions.yaml,
+    /// policies.yaml) that `diff` finds equal and `load` can apply.
+    Export {
+        /// The folder to write (created if missing; the two files are overwritten).
+        dir: PathBuf,
+    },
     /// Act as a hookpoint: send an event and print the decision. Values `[a,b]` are lists,
     /// `{k: v}` maps. The decision is real: conn-limit takes a slot and rate-limit a token
     /// (use --dry-run to change nothing).

@@ -6,6 +6,7 @@ mod cache;
 mod chain;
 mod cluster;
 mod decisions;
+mod declarative;
 mod dryrun;
 mod events;
 mod faults;
