@@ -256,7 +256,11 @@ pub fn check_policy_id(id: &str) -> Result<(), InvalidName> {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyAdded {
+    /// Documents written: new, or different from what was stored.
     pub stored: Vec<PolicyRef>,
+    /// Documents identical to what was stored: not written again (no revision, no reload).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unchanged: Vec<PolicyRef>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -81,11 +81,19 @@ impl AdminClient {
         Ok(r.subscriptions)
     }
 
+    /// Adds policies; returns every document's ref, written or unchanged.
     pub async fn policy_add(&self, policies: Vec<Value>) -> Result<Vec<PolicyRef>, ClientError> {
-        let r: admin::PolicyAdded = self
-            .command(AdminCommand::PolicyAdd, &admin::PolicyAdd { policies })
-            .await?;
-        Ok(r.stored)
+        let r = self.policy_add_detailed(policies).await?;
+        Ok(r.stored.into_iter().chain(r.unchanged).collect())
+    }
+
+    /// Adds policies, saying which were written and which were already stored as given.
+    pub async fn policy_add_detailed(
+        &self,
+        policies: Vec<Value>,
+    ) -> Result<admin::PolicyAdded, ClientError> {
+        self.command(AdminCommand::PolicyAdd, &admin::PolicyAdd { policies })
+            .await
     }
 
     pub async fn policy_remove(&self, agent: &str, id: &str) -> Result<(), ClientError> {

@@ -313,12 +313,20 @@ async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, ErrorReply>
             .map(|(i, (r, bytes))| validate(d, n * 16 + i, r, bytes));
         futures::future::try_join_all(checks).await?;
     }
-    for (r, bytes) in &docs {
-        put(d, ConfigKey::policy(&r.agent, &r.id), bytes.clone()).await?;
+    let (mut stored, mut unchanged) = (Vec::new(), Vec::new());
+    for (r, bytes) in docs {
+        let key = ConfigKey::policy(&r.agent, &r.id);
+        // The same document again is not written: no revision, no reload in every agent.
+        let same =
+            matches!(d.store.get(&key).await, Ok(Some(old)) if old.as_ref() == bytes.as_slice());
+        if same {
+            unchanged.push(r);
+        } else {
+            put(d, key, bytes).await?;
+            stored.push(r);
+        }
     }
-    reply(&PolicyAdded {
-        stored: docs.into_iter().map(|(r, _)| r).collect(),
-    })
+    reply(&PolicyAdded { stored, unchanged })
 }
 
 async fn policy_remove(d: &Dispatcher, r: PolicyRemove) -> Result<Bytes, ErrorReply> {

@@ -133,8 +133,12 @@ async fn command(
         }
         Command::Policy(PolicyCommand::Add { files: paths }) => {
             let docs = files::read_policies(&paths)?;
-            for r in files::add_policies(&admin, &docs).await? {
+            let added = files::add_policies(&admin, &docs).await?;
+            for r in &added.stored {
                 out!("stored {}/{}", r.agent, r.id);
+            }
+            for r in &added.unchanged {
+                out!("unchanged {}/{}", r.agent, r.id);
             }
         }
         Command::Policy(PolicyCommand::Remove { agent, id }) => {

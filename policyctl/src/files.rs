@@ -78,10 +78,10 @@ pub fn locate(message: &str, docs: &[Doc]) -> String {
 pub async fn add_policies(
     admin: &bus::AdminClient,
     docs: &[Doc],
-) -> anyhow::Result<Vec<PolicyRef>> {
+) -> anyhow::Result<bus::admin::PolicyAdded> {
     let values = docs.iter().map(|d| d.value.clone()).collect();
-    match admin.policy_add(values).await {
-        Ok(stored) => Ok(stored),
+    match admin.policy_add_detailed(values).await {
+        Ok(added) => Ok(added),
         Err(bus::ClientError::Remote(e)) => Err(anyhow::anyhow!(
             "{}; nothing was stored",
             locate(&e.message, docs)

@@ -239,11 +239,15 @@ pub async fn load_examples(admin: &AdminClient, dir: &Path) -> anyhow::Result<()
         .collect();
     policy_files.sort();
     let docs = files::read_policies(&policy_files)?;
-    let stored = files::add_policies(admin, &docs).await?;
+    let added = files::add_policies(admin, &docs).await?;
+    let unchanged = match added.unchanged.len() {
+        0 => String::new(),
+        n => format!(" ({n} unchanged)"),
+    };
     eprintln!(
-        "loaded {} subscriptions and {} policies from {}",
+        "loaded {} subscriptions and {} policies{unchanged} from {}",
         subs.len(),
-        stored.len(),
+        added.stored.len() + added.unchanged.len(),
         dir.display()
     );
     Ok(())

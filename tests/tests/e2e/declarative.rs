@@ -28,6 +28,15 @@ async fn diff_and_export_round_trip_the_stored_configuration() {
     assert_eq!(code, Some(0), "{err}");
     let (code, out, err) = run(&["diff", examples]);
     assert_eq!(code, Some(0), "loaded, so equal: {out}{err}");
+    // Adding the same documents again writes nothing, and says so.
+    let acl = format!("{examples}/acl.yaml");
+    let (code, out, err) = run(&["policy", "add", "-f", &acl]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.lines().all(|l| l.starts_with("unchanged acl/")),
+        "{out}"
+    );
+    assert!(out.contains("unchanged acl/web-to-db"), "{out}");
 
     let dir = std::env::temp_dir().join(format!("policy-export-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
