@@ -510,7 +510,7 @@ pub async fn run(
         }
         // A new cluster elects its JetStream leaders before the first bucket can be made,
         // which on a loaded machine takes longer than a single server's start.
-        let within = Duration::from_secs(if cluster > 1 { 60 } else { 20 });
+        let within = Duration::from_secs(if cluster > 1 { 120 } else { 20 });
         wait_ready(&mut stack, &nats, headers::DISPATCHER_SERVICE, within).await?;
         for kind in SHIPPED_KINDS {
             let service = headers::agent_service(&Kind::new(kind)?);

@@ -566,7 +566,7 @@ async fn policyctl_up_cluster_3_runs_the_engine_spread_over_three_servers() {
             let _ = tx.send(line);
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(150);
     let mut said = Vec::new();
     loop {
         let line = rx
