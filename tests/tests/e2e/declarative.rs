@@ -6,9 +6,14 @@ use e2e::Engine;
 #[tokio::test(flavor = "multi_thread")]
 async fn diff_and_export_round_trip_the_stored_configuration() {
     let mut engine = Engine::secured();
+    // The examples subscribe the monitor; its metrics on a port of its own (the default
+    // would clash with another test's monitor).
+    let metrics = format!("127.0.0.1:{}", e2e::free_port());
+    engine.agent("monitor", &["--metrics-addr", &metrics]);
     engine
-        .start(&["acl", "lb", "conn-limit", "rate-limit", "monitor"])
+        .start(&["acl", "lb", "conn-limit", "rate-limit"])
         .await;
+    engine.wait_instances("policy-agent-monitor", 1).await;
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
     let run = |args: &[&str]| {
         let out = engine

@@ -123,9 +123,14 @@ async fn a_dry_run_takes_no_slot_spends_no_token_and_records_nothing() {
 async fn policyctl_test_and_explain_check_the_shipped_examples_without_changing_anything() {
     // On the secured bus: they run as the gateway, with its permissions.
     let mut engine = Engine::secured();
+    // The examples subscribe the monitor; its metrics on a port of its own (the default
+    // would clash with another test's monitor).
+    let metrics = format!("127.0.0.1:{}", e2e::free_port());
+    engine.agent("monitor", &["--metrics-addr", &metrics]);
     engine
-        .start(&["acl", "lb", "conn-limit", "rate-limit", "monitor"])
+        .start(&["acl", "lb", "conn-limit", "rate-limit"])
         .await;
+    engine.wait_instances("policy-agent-monitor", 1).await;
     let load = engine
         .command("policyctl", &["load", &examples()])
         .output()
