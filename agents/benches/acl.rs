@@ -6,6 +6,16 @@ use agents::AgentKind;
 use bus::event::{Direction, Event, NewConnection};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
+/// One policy from its JSON text, through the real decoder.
+fn policy(id: String, doc: &str) -> (String, AclPolicy) {
+    let v: serde_json::Value = serde_json::from_str(doc).unwrap();
+    let bytes = rmp_serde::to_vec_named(&v).unwrap();
+    (
+        id,
+        agents::kind::parse_policy(&Acl::default(), &bytes).unwrap(),
+    )
+}
+
 fn rules(n: usize) -> Vec<(String, AclPolicy)> {
     (0..n)
         .map(|i| {
@@ -15,9 +25,7 @@ fn rules(n: usize) -> Vec<(String, AclPolicy)> {
                 a = if i % 2 == 0 { "allow" } else { "deny" },
                 s = i % 500
             );
-            let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
-            let bytes = rmp_serde::to_vec_named(&v).unwrap();
-            (format!("r{i}"), agents::kind::parse_policy(&Acl::default(), &bytes).unwrap())
+            policy(format!("r{i}"), &doc)
         })
         .collect()
 }
@@ -33,9 +41,7 @@ fn mixed(n: usize) -> Vec<(String, AclPolicy)> {
             a = if i % 2 == 0 { "allow" } else { "deny" },
             s = i % 500
         );
-        let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
-        let bytes = rmp_serde::to_vec_named(&v).unwrap();
-        (format!("l{i}"), agents::kind::parse_policy(&Acl::default(), &bytes).unwrap())
+        policy(format!("l{i}"), &doc)
     }));
     out
 }

@@ -13,6 +13,20 @@ use crate::codec::{self, CodecError};
 pub type Value = rmpv::Value;
 
 /// Well-known state keys with merge rules of their own (see [`crate::merge`]).
+/// A value of a MessagePack map by key (a reason's fields, an event's attributes, a map in the
+/// state); `None` when `map` is no map or has no such key.
+pub fn field<'a>(map: &'a Value, name: &str) -> Option<&'a Value> {
+    map.as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(name))
+        .map(|(_, v)| v)
+}
+
+/// [`field`], as a string.
+pub fn field_str<'a>(map: &'a Value, name: &str) -> Option<&'a str> {
+    field(map, name)?.as_str()
+}
+
 pub mod keys {
     pub const ACTION: &str = "action";
     pub const DST_PEERS: &str = "dst_peers";

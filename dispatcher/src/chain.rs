@@ -404,8 +404,7 @@ pub fn undo_for(run: &Run, decision: &Bytes, trace: &HeaderMap) -> Option<Undo> 
         Some(Value::Array(reasons)) => reasons
             .iter()
             .filter_map(|r| {
-                let m = r.as_map()?;
-                let get = |k: &str| m.iter().find(|(kk, _)| kk.as_str() == Some(k))?.1.as_str();
+                let get = |k: &str| bus::state::field_str(r, k);
                 (get("effect") == Some("deny") && !failure::ALL.contains(&get("policy")?))
                     .then_some(get("agent")?)
             })

@@ -25,7 +25,7 @@ use std::time::Duration;
 use bus::config::{self, Change, Update};
 use bus::decision::failure;
 use bus::event::{ConnectionState, Event, NewConnection};
-use bus::state::keys;
+use bus::state::{field_str, keys};
 use bus::{Effect, Reason, State, Value};
 use serde::Deserialize;
 
@@ -257,12 +257,10 @@ fn holder(connection: &str, run: &str) -> String {
 /// run, a failure the dispatcher recorded, a refusal (of a hedged call: another copy may have
 /// admitted), or an answer that took nothing.
 fn called(decision: &State, run: &str) -> Called {
-    let took = match decision.get(STATE_KEY) {
-        Some(Value::Map(m)) => m.iter().any(|(k, v)| {
-            k.as_str() == Some("holder") && v.as_str().is_some_and(|h| view_run_of(h) == run)
-        }),
-        _ => false,
-    };
+    let took = decision
+        .get(STATE_KEY)
+        .and_then(|c| field_str(c, "holder"))
+        .is_some_and(|h| view_run_of(h) == run);
     if took {
         return Called::Took;
     }
@@ -271,13 +269,7 @@ fn called(decision: &State, run: &str) -> Called {
     };
     let mut called = Called::Nothing;
     for r in reasons {
-        let field = |name: &str| {
-            r.as_map()?
-                .iter()
-                .find(|(k, _)| k.as_str() == Some(name))?
-                .1
-                .as_str()
-        };
+        let field = |name: &str| field_str(r, name);
         if field("agent") != Some(NAME) {
             continue;
         }

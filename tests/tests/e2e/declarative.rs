@@ -1,31 +1,13 @@
 //! `policyctl diff` and `policyctl export` against a live engine, on the secured bus: exit 0
 //! when the folder equals the store, 1 when it differs, 2 on an error.
 
-use e2e::Engine;
+use crate::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn diff_and_export_round_trip_the_stored_configuration() {
-    let mut engine = Engine::secured();
-    // The examples subscribe the monitor; its metrics on a port of its own (the default
-    // would clash with another test's monitor).
-    let metrics = format!("127.0.0.1:{}", e2e::free_port());
-    engine.agent("monitor", &["--metrics-addr", &metrics]);
-    engine
-        .start(&["acl", "lb", "conn-limit", "rate-limit"])
-        .await;
-    engine.wait_instances("policy-agent-monitor", 1).await;
-    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
-    let run = |args: &[&str]| {
-        let out = engine
-            .command("policyctl", args)
-            .output()
-            .expect("policyctl");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let engine = every_kind_engine().await;
+    let examples = EXAMPLES;
+    let run = |args: &[&str]| policyctl(&engine, args);
     let (code, out, err) = run(&["diff", examples]);
     assert_eq!(code, Some(1), "nothing stored yet: {out}{err}");
     assert!(out.contains("+ policy acl/web-to-db"), "{out}");

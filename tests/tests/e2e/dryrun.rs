@@ -12,10 +12,6 @@ use serde_json::json;
 use crate::slots::slots_held;
 use crate::*;
 
-fn examples() -> String {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../examples").to_string()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dry_run_takes_no_slot_spends_no_token_and_records_nothing() {
     let mut engine = Engine::new();
@@ -122,17 +118,9 @@ async fn a_dry_run_takes_no_slot_spends_no_token_and_records_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn policyctl_test_and_explain_check_the_shipped_examples_without_changing_anything() {
     // On the secured bus: they run as the gateway, with its permissions.
-    let mut engine = Engine::secured();
-    // The examples subscribe the monitor; its metrics on a port of its own (the default
-    // would clash with another test's monitor).
-    let metrics = format!("127.0.0.1:{}", e2e::free_port());
-    engine.agent("monitor", &["--metrics-addr", &metrics]);
-    engine
-        .start(&["acl", "lb", "conn-limit", "rate-limit"])
-        .await;
-    engine.wait_instances("policy-agent-monitor", 1).await;
+    let engine = every_kind_engine().await;
     let load = engine
-        .command("policyctl", &["load", &examples()])
+        .command("policyctl", &["load", EXAMPLES])
         .output()
         .expect("policyctl load");
     assert!(
@@ -140,18 +128,8 @@ async fn policyctl_test_and_explain_check_the_shipped_examples_without_changing_
         "{}",
         String::from_utf8_lossy(&load.stderr)
     );
-    let cases = format!("{}/tests/examples.yaml", examples());
-    let run = |args: &[&str]| {
-        let out = engine
-            .command("policyctl", args)
-            .output()
-            .expect("policyctl");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cases = format!("{}/tests/examples.yaml", EXAMPLES);
+    let run = |args: &[&str]| policyctl(&engine, args);
     // The agents load the policies a moment after they are stored.
     let mut passed = (None, String::new(), String::new());
     for _ in 0..50 {

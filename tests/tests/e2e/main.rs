@@ -33,6 +33,36 @@ use bus::event::{Direction, NewConnection};
 use bus::{AdminClient, EventName, Value};
 use e2e::WAIT;
 
+/// The shipped examples folder.
+pub const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+
+/// An engine on the secured bus with every shipped kind, as the examples need (the monitor
+/// with its metrics on a port of its own: the default would clash with another test's).
+pub async fn every_kind_engine() -> e2e::Engine {
+    let mut engine = e2e::Engine::secured();
+    let metrics = format!("127.0.0.1:{}", e2e::free_port());
+    engine.agent("monitor", &["--metrics-addr", &metrics]);
+    engine
+        .start(&["acl", "lb", "conn-limit", "rate-limit"])
+        .await;
+    engine.wait_instances("policy-agent-monitor", 1).await;
+    engine
+}
+
+/// Runs `policyctl` against the engine (as the role its command needs): exit status, stdout,
+/// stderr.
+pub fn policyctl(engine: &e2e::Engine, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = engine
+        .command("policyctl", args)
+        .output()
+        .expect("policyctl");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A policy document from JSON, as `policyctl` would send one parsed from YAML.
 pub fn doc(json: serde_json::Value) -> Value {
     rmpv::ext::to_value(json).expect("json to msgpack value")

@@ -39,17 +39,7 @@ pub(super) struct ConnectionBytes {
     live: Mutex<HashMap<String, Seen>>,
 }
 
-fn get<'a>(attributes: &'a Value, name: &str) -> Option<&'a Value> {
-    attributes
-        .as_map()?
-        .iter()
-        .find(|(k, _)| k.as_str() == Some(name))
-        .map(|(_, v)| v)
-}
-
-fn text<'a>(attributes: &'a Value, name: &str) -> Option<&'a str> {
-    get(attributes, name)?.as_str()
-}
+use bus::state::{field as get, field_str as text};
 
 impl ConnectionBytes {
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Seen>> {

@@ -113,13 +113,7 @@ impl Default for Metrics {
     }
 }
 
-fn field<'a>(v: &'a Value, name: &str) -> Option<&'a str> {
-    v.as_map()?
-        .iter()
-        .find(|(k, _)| k.as_str() == Some(name))?
-        .1
-        .as_str()
-}
+use bus::state::field_str as field;
 
 fn outcome(o: Outcome) -> &'static str {
     match o {
