@@ -161,6 +161,112 @@ pub struct PolicyAdd {
     pub policies: Vec<Value>,
 }
 
+/// `apply`: makes the stored configuration equal the one given, the kubectl way. Everything
+/// is validated before anything is stored, and the changes are stored in one step or not at
+/// all. A section left out (`None`) is left alone, even with `prune`: applying a file of
+/// policies never removes the subscriptions.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Apply {
+    #[serde(default)]
+    pub subscriptions: Option<Vec<Subscription>>,
+    #[serde(default)]
+    pub policies: Option<Vec<Value>>,
+    /// Also remove what is stored but not given, in the sections given.
+    #[serde(default)]
+    pub prune: bool,
+    /// Validate and plan, store nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Store subscriptions of kinds with no live instance, or of events nobody knows yet.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// NATS stores an atomic batch of at most 1000 messages; one apply changes at most this many
+/// keys.
+pub const MAX_CHANGES_PER_APPLY: usize = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Section {
+    Subscription,
+    Policy,
+}
+
+impl Section {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Section::Subscription => "subscription",
+            Section::Policy => "policy",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeOp {
+    Add,
+    Change,
+    Remove,
+}
+
+impl ChangeOp {
+    /// `+`, `~`, `-`: the marks `policyctl diff` prints.
+    pub fn mark(self) -> char {
+        match self {
+            ChangeOp::Add => '+',
+            ChangeOp::Change => '~',
+            ChangeOp::Remove => '-',
+        }
+    }
+}
+
+/// One stored document an apply adds, changes or removes: a subscription named
+/// `<event>/<agent>`, a policy `<agent>/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Planned {
+    pub op: ChangeOp,
+    pub section: Section,
+    pub name: String,
+}
+
+/// The reply of `apply`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// What changed (what would change, on a dry run), subscriptions first.
+    pub changes: Vec<Planned>,
+    /// Documents given that equal the stored ones.
+    pub unchanged: usize,
+    /// Stored documents not given, left in place because `prune` was not asked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<Planned>,
+    /// The configuration revision before the apply, and after it (equal on a dry run or when
+    /// nothing changed).
+    pub revision_before: u64,
+    pub revision: u64,
+    pub dry_run: bool,
+    /// Stored in one JetStream atomic batch (nats-server 2.12 and later): no reader ever saw
+    /// part of it. Otherwise stored key by key, each compared-and-set, and rolled back if one
+    /// failed.
+    pub atomic: bool,
+}
+
+/// The reply of `status`: the configuration revision, which every change to the config bucket
+/// bumps, and what is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub revision: u64,
+    pub subscriptions: usize,
+    pub policies: usize,
+    /// Whether `apply` stores in one atomic batch on this bucket.
+    pub atomic_apply: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusArgs {}
+
 /// An admin command with its arguments, decoded at the boundary.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
@@ -170,6 +276,8 @@ pub enum Request {
     PolicyAdd(PolicyAdd),
     PolicyRemove(PolicyRemove),
     PolicyList(PolicyList),
+    Apply(Apply),
+    Status(StatusArgs),
 }
 
 impl Request {
@@ -203,6 +311,8 @@ impl Request {
             AdminCommand::PolicyAdd => Request::PolicyAdd(args(command, payload)?),
             AdminCommand::PolicyRemove => Request::PolicyRemove(args(command, payload)?),
             AdminCommand::PolicyList => Request::PolicyList(args(command, payload)?),
+            AdminCommand::Apply => Request::Apply(args(command, payload)?),
+            AdminCommand::Status => Request::Status(args(command, payload)?),
         })
     }
 }

@@ -113,4 +113,23 @@ impl AdminClient {
         let r: admin::Policies = self.command(AdminCommand::PolicyList, &args).await?;
         Ok(r.policies)
     }
+
+    /// Makes the stored configuration equal `args` (see [`admin::Apply`]). Validating a large
+    /// set takes its agents a while, so this waits longer than the other commands.
+    pub async fn apply(&self, args: &admin::Apply) -> Result<admin::Applied, ClientError> {
+        let slow = AdminClient {
+            timeout: APPLY_TIMEOUT,
+            ..self.clone()
+        };
+        slow.command(AdminCommand::Apply, args).await
+    }
+
+    /// The configuration revision and what is stored.
+    pub async fn status(&self) -> Result<admin::Status, ClientError> {
+        self.command(AdminCommand::Status, &admin::StatusArgs {})
+            .await
+    }
 }
+
+/// How long `apply` may take: up to 1000 documents, each validated by its agent kind.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(30);

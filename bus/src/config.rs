@@ -132,7 +132,14 @@ pub async fn open(
         num_replicas: replicas.max(1),
         ..Default::default()
     };
-    open_bucket(client, config, access == Access::Owner).await
+    // On a server that can, the owner creates the bucket able to take atomic batches, so
+    // `apply` stores a whole configuration in one step (see `crate::batch`).
+    // The server's INFO is only known once connected: a flush waits for that.
+    if client.server_info().version.is_empty() {
+        let _ = client.flush().await;
+    }
+    let atomic = crate::batch::server_at_least(&client.server_info().version, 2, 12);
+    open_or_create(client, config, access == Access::Owner, atomic).await
 }
 
 /// Opens the config bucket for a long-running process that may start before the server (or
@@ -173,6 +180,15 @@ pub async fn open_bucket(
     config: kv::Config,
     create: bool,
 ) -> Result<kv::Store, ConfigError> {
+    open_or_create(client, config, create, false).await
+}
+
+async fn open_or_create(
+    client: &async_nats::Client,
+    config: kv::Config,
+    create: bool,
+    atomic: bool,
+) -> Result<kv::Store, ConfigError> {
     let too_old = || {
         let version = client.server_info().version;
         (!server_supported(&version)).then_some(ConfigError::ServerTooOld { version })
@@ -187,12 +203,21 @@ pub async fn open_bucket(
         Err(e) => e,
     };
     let source: Box<dyn std::error::Error + Send + Sync> = if create {
-        match js.create_key_value(config).await {
+        let created = if atomic {
+            crate::batch::create_atomic_bucket(&js, config)
+                .await
+                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
+        } else {
+            js.create_key_value(config)
+                .await
+                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
+        };
+        match created {
             Ok(store) => return Ok(store),
             // Another owner may have won the race to create it.
             Err(e) => match js.get_key_value(&bucket).await {
                 Ok(store) => return Ok(store),
-                Err(_) => Box::new(e),
+                Err(_) => e,
             },
         }
     } else {

@@ -5,6 +5,7 @@
 
 pub mod admin;
 mod admin_client;
+pub mod batch;
 pub mod cache;
 pub mod client;
 pub mod clusterlink;

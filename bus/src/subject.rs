@@ -85,16 +85,20 @@ pub enum AdminCommand {
     PolicyAdd,
     PolicyRemove,
     PolicyList,
+    Apply,
+    Status,
 }
 
 impl AdminCommand {
-    pub const ALL: [AdminCommand; 6] = [
+    pub const ALL: [AdminCommand; 8] = [
         AdminCommand::Subscribe,
         AdminCommand::Unsubscribe,
         AdminCommand::Subscriptions,
         AdminCommand::PolicyAdd,
         AdminCommand::PolicyRemove,
         AdminCommand::PolicyList,
+        AdminCommand::Apply,
+        AdminCommand::Status,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -104,6 +108,8 @@ impl AdminCommand {
             AdminCommand::PolicyAdd => "policy-add",
             AdminCommand::PolicyRemove => "policy-remove",
             AdminCommand::PolicyList => "policy-list",
+            AdminCommand::Apply => "apply",
+            AdminCommand::Status => "status",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {

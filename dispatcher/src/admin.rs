@@ -23,13 +23,13 @@ const VALIDATE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long `subscribe` waits for a kind's instance to answer `$SRV.PING`.
 const PING_WINDOW: Duration = Duration::from_millis(500);
 
-fn reply<T: Serialize>(value: &T) -> Result<Bytes, ErrorReply> {
+pub(crate) fn reply<T: Serialize>(value: &T) -> Result<Bytes, ErrorReply> {
     codec::encode("admin reply", value)
         .map(Bytes::from)
         .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))
 }
 
-fn unavailable(e: impl std::fmt::Display) -> ErrorReply {
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> ErrorReply {
     ErrorReply::new(
         ErrorCode::Internal,
         format!("config bucket unavailable: {e}"),
@@ -44,6 +44,8 @@ pub async fn handle(d: &Dispatcher, command: &str, payload: &[u8]) -> Result<Byt
         Request::PolicyAdd(a) => policy_add(d, a).await,
         Request::PolicyRemove(a) => policy_remove(d, a).await,
         Request::PolicyList(a) => policy_list(d, a).await,
+        Request::Apply(a) => crate::apply::apply(d, a).await,
+        Request::Status(_) => crate::apply::status(d).await,
     }
 }
 
@@ -64,7 +66,7 @@ async fn put(d: &Dispatcher, key: String, value: Vec<u8>) -> Result<(), ErrorRep
 }
 
 /// Waits (briefly) until this dispatcher's table reflects bucket revision `revision`.
-async fn seen_here(d: &Dispatcher, revision: u64) {
+pub(crate) async fn seen_here(d: &Dispatcher, revision: u64) {
     let mut seen = d.table.revision();
     let _ = tokio::time::timeout(WRITE_TIMEOUT, seen.wait_for(|r| *r >= revision)).await;
 }
@@ -135,7 +137,7 @@ fn suggestion(word: &str, known: &[String]) -> String {
 
 /// Refuses what is almost surely a typo: an event neither in the contract nor subscribed, or
 /// a kind with no live instance. A chain with a kind nobody runs denies every decision.
-async fn check_subscribe(
+pub(crate) async fn check_subscribe(
     d: &Dispatcher,
     sub: &Subscription,
     kind: &Kind,
@@ -264,25 +266,24 @@ async fn validate(
     }
 }
 
-async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, ErrorReply> {
-    if add.policies.is_empty() {
-        return Err(ErrorReply::new(
-            ErrorCode::InvalidPolicy,
-            "no policy documents given",
-        ));
-    }
-    if add.policies.len() > bus::admin::MAX_POLICIES_PER_ADD {
+/// Reads each document's ref, refuses duplicates and asks every document's agent kind to
+/// validate it: a bad document fails the whole request before anything is stored.
+pub(crate) async fn prepare_policies(
+    d: &Dispatcher,
+    policies: &[Value],
+) -> Result<Vec<(PolicyRef, Vec<u8>)>, ErrorReply> {
+    if policies.len() > bus::admin::MAX_POLICIES_PER_ADD {
         return Err(ErrorReply::new(
             ErrorCode::InvalidPolicy,
             format!(
-                "{} documents in one policy-add; the limit is {}: split them",
-                add.policies.len(),
+                "{} policy documents in one request; the limit is {}: split them",
+                policies.len(),
                 bus::admin::MAX_POLICIES_PER_ADD
             ),
         ));
     }
-    let mut docs = Vec::with_capacity(add.policies.len());
-    for (i, doc) in add.policies.iter().enumerate() {
+    let mut docs = Vec::with_capacity(policies.len());
+    for (i, doc) in policies.iter().enumerate() {
         let r = PolicyRef::of(doc).map_err(|e| {
             ErrorReply::new(ErrorCode::InvalidPolicy, format!("document {}: {e}", i + 1))
         })?;
@@ -313,6 +314,17 @@ async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, ErrorReply>
             .map(|(i, (r, bytes))| validate(d, n * 16 + i, r, bytes));
         futures::future::try_join_all(checks).await?;
     }
+    Ok(docs)
+}
+
+async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, ErrorReply> {
+    if add.policies.is_empty() {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidPolicy,
+            "no policy documents given",
+        ));
+    }
+    let docs = prepare_policies(d, &add.policies).await?;
     let (mut stored, mut unchanged) = (Vec::new(), Vec::new());
     for (r, bytes) in docs {
         let key = ConfigKey::policy(&r.agent, &r.id);

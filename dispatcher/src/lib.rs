@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+mod apply;
 pub mod chain;
 mod decide;
 mod peers;

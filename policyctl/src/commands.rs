@@ -165,8 +165,48 @@ async fn command(
                 }
             }
         }
-        Command::Load { dir } => crate::up::load_examples(&admin, &dir).await?,
-        Command::Diff { dir } => crate::declarative::diff(&admin, &dir).await?,
+        Command::Apply {
+            paths,
+            dry_run,
+            prune,
+            force,
+        } => {
+            let options = crate::declarative::ApplyOptions {
+                dry_run,
+                prune,
+                force,
+            };
+            let inputs = crate::declarative::read_inputs(&paths)?;
+            let applied = crate::declarative::apply(&admin, &inputs, options).await?;
+            for l in crate::declarative::report(&applied) {
+                out!("{l}");
+            }
+        }
+        Command::Load { dir } => {
+            let inputs = crate::declarative::read_inputs(&[dir])?;
+            let applied = crate::declarative::apply(&admin, &inputs, Default::default()).await?;
+            for l in crate::declarative::report(&applied) {
+                out!("{l}");
+            }
+        }
+        Command::Diff { paths } => crate::declarative::diff(&admin, &paths).await?,
+        Command::Status { json } => {
+            let status = admin.status().await?;
+            if json {
+                out!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                out!(
+                    "configuration revision {}: {} subscriptions, {} policies; apply stores {}",
+                    status.revision,
+                    status.subscriptions,
+                    status.policies,
+                    match status.atomic_apply {
+                        true => "in one atomic batch",
+                        false => "key by key, rolling back on a failure (the bucket was not created on nats-server 2.12+)",
+                    }
+                );
+            }
+        }
         Command::Export { dir } => crate::declarative::export(&admin, &dir).await?,
         Command::Emit {
             event,

@@ -1,20 +1,94 @@
-//! `policyctl diff DIR` and `policyctl export DIR`: the stored configuration against a
-//! directory laid out as `load` reads it (`subscriptions.yaml`, then every other `*.yaml` as
-//! policies), the kubectl way: `diff` exits 0 when they are equal, 1 when they differ and 2 on
-//! an error, so scripts and CI can gate on it; `export` writes the stored set as files that
-//! `diff` then finds equal.
+//! The kubectl way of configuring: `policyctl apply` makes the stored configuration equal a
+//! set of files (validated whole, stored in one step), `diff` shows how they differ and exits
+//! 0 when they are equal, 1 when they differ and 2 on an error, so scripts and CI can gate on
+//! it; `export` writes the stored set as files that `diff` then finds equal.
+//!
+//! Files and folders are read alike everywhere: a file named `subscriptions.*` holds
+//! subscriptions, every other `*.yaml`, `*.yml` or `*.json` policies (a document that is a list
+//! holds several, so `policy list --json` output can be applied back). A section with no file
+//! is left alone: applying policies alone never removes a subscription.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-use bus::admin::{PolicyRef, Subscription};
+use anyhow::{bail, Context};
+use bus::admin::{Applied, ChangeOp, PolicyRef, Subscription};
 use bus::AdminClient;
 use serde_json::Value as Json;
 
 use crate::explain::Exit;
+use crate::files::Doc;
 
-/// What a directory or the store holds, keyed for comparison: subscriptions by `event/agent`,
+/// What the given files and folders hold; `None`: no file of that section was given.
+pub struct Inputs {
+    pub subscriptions: Option<Vec<Subscription>>,
+    pub policies: Option<Vec<Doc>>,
+}
+
+fn is_config_file(p: &Path) -> bool {
+    p.extension()
+        .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+}
+
+fn is_subscriptions_file(p: &Path) -> bool {
+    p.file_stem().is_some_and(|s| s == "subscriptions")
+}
+
+/// Reads files and folders (a folder's configuration files, not its subfolders).
+pub fn read_inputs(paths: &[PathBuf]) -> anyhow::Result<Inputs> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && is_config_file(p))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else if path.is_file() {
+            files.push(path.clone());
+        } else {
+            bail!("{}: no such file or folder", path.display());
+        }
+    }
+    let (subs, policies): (Vec<PathBuf>, Vec<PathBuf>) =
+        files.into_iter().partition(|p| is_subscriptions_file(p));
+    if subs.is_empty() && policies.is_empty() {
+        bail!(
+            "no configuration files (*.yaml, *.yml, *.json) in {}",
+            shown(paths)
+        );
+    }
+    let subscriptions = match subs.is_empty() {
+        true => None,
+        false => {
+            let mut all = Vec::new();
+            for f in &subs {
+                all.extend(crate::files::read_subscriptions(f)?);
+            }
+            Some(all)
+        }
+    };
+    let policies = match policies.is_empty() {
+        true => None,
+        false => Some(crate::files::read_policy_docs(&policies)?),
+    };
+    Ok(Inputs {
+        subscriptions,
+        policies,
+    })
+}
+
+fn shown(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What the files or the store hold, keyed for comparison: subscriptions by `event/agent`,
 /// policies by `agent/id`, each as JSON (maps sorted, so order never differs).
 #[derive(Default)]
 struct Set {
@@ -46,32 +120,26 @@ fn from_policies<'a>(
     Ok(())
 }
 
-/// The directory's set: its `subscriptions.yaml` (if any) and every other `*.yaml`.
-fn read_dir(dir: &Path) -> anyhow::Result<Set> {
+fn from_inputs(inputs: &Inputs) -> anyhow::Result<Set> {
     let mut set = Set::default();
-    let subs_file = dir.join("subscriptions.yaml");
-    if subs_file.exists() {
-        from_subscriptions(&mut set, &crate::files::read_subscriptions(&subs_file)?)?;
+    if let Some(subs) = &inputs.subscriptions {
+        from_subscriptions(&mut set, subs)?;
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension().is_some_and(|x| x == "yaml") && !p.ends_with("subscriptions.yaml")
-        })
-        .collect();
-    files.sort();
-    if !files.is_empty() {
-        let docs = crate::files::read_policies(&files)?;
+    if let Some(docs) = &inputs.policies {
         from_policies(&mut set, docs.iter().map(|d| &d.value))?;
     }
     Ok(set)
 }
 
-async fn read_store(admin: &AdminClient) -> anyhow::Result<Set> {
+/// The stored set, in the sections the inputs have.
+async fn read_store(admin: &AdminClient, inputs: &Inputs) -> anyhow::Result<Set> {
     let mut set = Set::default();
-    from_subscriptions(&mut set, &admin.subscriptions(None).await?)?;
-    from_policies(&mut set, admin.policy_list(None).await?.iter())?;
+    if inputs.subscriptions.is_some() {
+        from_subscriptions(&mut set, &admin.subscriptions(None).await?)?;
+    }
+    if inputs.policies.is_some() {
+        from_policies(&mut set, admin.policy_list(None).await?.iter())?;
+    }
     Ok(set)
 }
 
@@ -103,10 +171,11 @@ fn differences(stored: &Set, wanted: &Set) -> Vec<String> {
     out
 }
 
-/// Prints how the directory differs from the store; exits 1 when it does.
-pub async fn diff(admin: &AdminClient, dir: &Path) -> anyhow::Result<()> {
-    let wanted = read_dir(dir).map_err(|e| Exit(2, format!("{e:#}")))?;
-    let stored = read_store(admin)
+/// Prints how the files differ from the store; exits 1 when they do.
+pub async fn diff(admin: &AdminClient, paths: &[PathBuf]) -> anyhow::Result<()> {
+    let inputs = read_inputs(paths).map_err(|e| Exit(2, format!("{e:#}")))?;
+    let wanted = from_inputs(&inputs).map_err(|e| Exit(2, format!("{e:#}")))?;
+    let stored = read_store(admin, &inputs)
         .await
         .map_err(|e| Exit(2, format!("cannot read the stored configuration: {e:#}")))?;
     let lines = differences(&stored, &wanted);
@@ -121,10 +190,101 @@ pub async fn diff(admin: &AdminClient, dir: &Path) -> anyhow::Result<()> {
         1,
         format!(
             "{changes} differences between the store and {}",
-            dir.display()
+            shown(paths)
         ),
     )
     .into())
+}
+
+/// How `apply` (and `load`, which never prunes) is asked.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApplyOptions {
+    pub dry_run: bool,
+    pub prune: bool,
+    pub force: bool,
+}
+
+/// Makes the stored configuration equal the files: validated whole by the dispatcher (every
+/// policy by its agent kind) and stored in one step, or nothing is stored.
+pub async fn apply(
+    admin: &AdminClient,
+    inputs: &Inputs,
+    options: ApplyOptions,
+) -> anyhow::Result<Applied> {
+    let docs = inputs.policies.as_deref().unwrap_or_default();
+    let args = bus::admin::Apply {
+        subscriptions: inputs.subscriptions.clone(),
+        policies: inputs
+            .policies
+            .as_ref()
+            .map(|docs| docs.iter().map(|d| d.value.clone()).collect()),
+        prune: options.prune,
+        dry_run: options.dry_run,
+        force: options.force,
+    };
+    match admin.apply(&args).await {
+        Ok(applied) => Ok(applied),
+        Err(bus::ClientError::Remote(e)) => {
+            let message = crate::files::locate(&e.message, docs);
+            // The dispatcher says itself what a failed write left; anything else failed
+            // before a write.
+            if message.contains("stored") {
+                bail!("{message}")
+            }
+            bail!("{message}; nothing was stored")
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The lines `apply` prints: each change as `diff` marks it, then a summary.
+pub fn report(applied: &Applied) -> Vec<String> {
+    let mut out: Vec<String> = applied
+        .changes
+        .iter()
+        .map(|c| format!("{} {} {}", c.op.mark(), c.section.as_str(), c.name))
+        .collect();
+    let count = |op| applied.changes.iter().filter(|c| c.op == op).count();
+    let counts = format!(
+        "{} added, {} changed, {} removed, {} unchanged",
+        count(ChangeOp::Add),
+        count(ChangeOp::Change),
+        count(ChangeOp::Remove),
+        applied.unchanged
+    );
+    if applied.dry_run {
+        out.push(format!(
+            "dry run: {counts}; nothing stored (configuration revision {})",
+            applied.revision
+        ));
+    } else if applied.changes.is_empty() {
+        out.push(format!(
+            "{counts}; configuration revision {}",
+            applied.revision
+        ));
+    } else {
+        let how = match applied.atomic {
+            true => "in one atomic batch",
+            false => "key by key",
+        };
+        out.push(format!(
+            "{counts}; configuration revision {} -> {} ({how})",
+            applied.revision_before, applied.revision
+        ));
+    }
+    if !applied.kept.is_empty() {
+        let kept: Vec<String> = applied
+            .kept
+            .iter()
+            .map(|c| format!("{} {}", c.section.as_str(), c.name))
+            .collect();
+        out.push(format!(
+            "kept {} stored but not given (--prune removes them): {}",
+            kept.len(),
+            kept.join(", ")
+        ));
+    }
+    out
 }
 
 /// Writes the stored set into `dir`: `subscriptions.yaml` and `policies.yaml`.
@@ -158,6 +318,36 @@ pub async fn export(admin: &AdminClient, dir: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn inputs_are_sorted_into_sections_and_a_missing_section_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let policies = dir.path().join("p.json");
+        std::fs::write(
+            &policies,
+            r#"[{"agent": "acl", "id": "a", "action": "allow"}]"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not configuration").unwrap();
+        let inputs = read_inputs(&[dir.path().to_path_buf()]).unwrap();
+        assert!(
+            inputs.subscriptions.is_none(),
+            "no subscriptions file: left alone"
+        );
+        assert_eq!(inputs.policies.as_ref().map(Vec::len), Some(1));
+        let subs = dir.path().join("subscriptions.yml");
+        std::fs::write(
+            &subs,
+            "- {event: new-connection, agent: acl, priority: 10}\n",
+        )
+        .unwrap();
+        let inputs = read_inputs(std::slice::from_ref(&subs)).unwrap();
+        assert_eq!(inputs.subscriptions.as_ref().map(Vec::len), Some(1));
+        assert!(inputs.policies.is_none());
+        let empty = tempfile::tempdir().unwrap();
+        let err = read_inputs(&[empty.path().to_path_buf()]).err().unwrap();
+        assert!(err.to_string().contains("no configuration files"), "{err}");
+    }
 
     #[test]
     fn differences_list_additions_changes_and_removals() {

@@ -14,39 +14,30 @@ pub struct Doc {
     pub file: PathBuf,
     /// 1-based position in its file.
     pub index: usize,
+    /// 1-based position in its document, when the document is a list (as `policy list -o
+    /// json` prints).
+    pub item: Option<usize>,
     pub value: Value,
 }
 
 impl Doc {
     pub fn place(&self) -> String {
-        format!("{}: document {}", self.file.display(), self.index)
+        match self.item {
+            Some(item) => format!(
+                "{}: document {}, item {item}",
+                self.file.display(),
+                self.index
+            ),
+            None => format!("{}: document {}", self.file.display(), self.index),
+        }
     }
 }
 
 /// Reads every document of every file, checking the fields every policy needs (`agent`,
-/// `id`) here so a typo is reported before anything is sent.
+/// `id`) here so a typo is reported before anything is sent. A document that is a list holds
+/// policies (what `policy list --json` prints), so a listing can be applied back.
 pub fn read_policies(files: &[PathBuf]) -> anyhow::Result<Vec<Doc>> {
-    let mut docs = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        for (i, de) in serde_norway::Deserializer::from_str(&text).enumerate() {
-            let index = i + 1;
-            let value = Value::deserialize(de).map_err(|e| {
-                anyhow::anyhow!("{}: document {index}: not valid YAML: {e}", file.display())
-            })?;
-            if value.is_nil() {
-                continue; // an empty document, as after a trailing `---`
-            }
-            let doc = Doc {
-                file: file.clone(),
-                index,
-                value,
-            };
-            PolicyRef::of(&doc.value).map_err(|e| anyhow::anyhow!("{}: {e}", doc.place()))?;
-            docs.push(doc);
-        }
-    }
+    let docs = read_policy_docs(files)?;
     if docs.is_empty() {
         bail!(
             "no policy documents in {}",
@@ -60,15 +51,50 @@ pub fn read_policies(files: &[PathBuf]) -> anyhow::Result<Vec<Doc>> {
     Ok(docs)
 }
 
+/// [`read_policies`], where no document at all is not an error.
+pub fn read_policy_docs(files: &[PathBuf]) -> anyhow::Result<Vec<Doc>> {
+    let mut docs = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        for (i, de) in serde_norway::Deserializer::from_str(&text).enumerate() {
+            let index = i + 1;
+            let value = Value::deserialize(de).map_err(|e| {
+                anyhow::anyhow!("{}: document {index}: not valid YAML: {e}", file.display())
+            })?;
+            let items = match value {
+                Value::Nil => continue, // an empty document, as after a trailing `---`
+                Value::Array(items) => items
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| (Some(i + 1), v))
+                    .collect(),
+                value => vec![(None, value)],
+            };
+            for (item, value) in items {
+                let doc = Doc {
+                    file: file.clone(),
+                    index,
+                    item,
+                    value,
+                };
+                PolicyRef::of(&doc.value).map_err(|e| anyhow::anyhow!("{}: {e}", doc.place()))?;
+                docs.push(doc);
+            }
+        }
+    }
+    Ok(docs)
+}
+
 /// The dispatcher names a bad document by its position in the request (`document K (...)`);
 /// this puts the file and the position in that file in its place.
 pub fn locate(message: &str, docs: &[Doc]) -> String {
-    let parsed = message
-        .strip_prefix("document ")
-        .and_then(|rest| rest.split_once(' '))
-        .and_then(|(k, rest)| Some((k.parse::<usize>().ok()?, rest)));
+    let parsed = message.strip_prefix("document ").and_then(|rest| {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        Some((rest[..digits].parse::<usize>().ok()?, &rest[digits..]))
+    });
     match parsed {
-        Some((k, rest)) if k >= 1 && k <= docs.len() => format!("{} {rest}", docs[k - 1].place()),
+        Some((k, rest)) if k >= 1 && k <= docs.len() => format!("{}{rest}", docs[k - 1].place()),
         _ => message.to_string(),
     }
 }
@@ -124,6 +150,23 @@ mod tests {
     }
 
     #[test]
+    fn a_list_document_holds_policies_as_policy_list_prints_them() {
+        let (_d, p) = write(r#"[{"agent": "acl", "id": "a"}, {"agent": "lb", "id": "b"}]"#);
+        let docs = read_policies(std::slice::from_ref(&p)).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!((docs[1].index, docs[1].item), (1, Some(2)));
+        assert!(docs[1].place().ends_with("document 1, item 2"));
+        let (_d, p) = write(r#"[{"agent": "acl", "id": "a"}, {"agent": "acl"}]"#);
+        let err = read_policies(std::slice::from_ref(&p))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("document 1, item 2") && err.contains("`id`"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn errors_name_file_and_document() {
         let (_d, p) = write("agent: acl\nid: a\n---\nagent: acl\naction: deny\n");
         let err = read_policies(std::slice::from_ref(&p))
@@ -150,5 +193,10 @@ mod tests {
             "{msg}"
         );
         assert_eq!(locate("something else", &docs), "something else");
+        let msg = locate("document 2: acl/b is also document 1", &docs);
+        assert!(
+            msg.ends_with("p.yaml: document 2: acl/b is also document 1"),
+            "{msg}"
+        );
     }
 }

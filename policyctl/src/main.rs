@@ -78,15 +78,44 @@ pub enum Command {
     /// Add, remove and list policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Load a folder of configuration: its subscriptions.yaml, then every other *.yaml as
-    /// policies (all validated before any is stored).
-    Load { dir: PathBuf },
-    /// Show how a folder (as `load` reads it) differs from the stored configuration: `+`
-    /// added, `~` changed, `-` no longer in the folder. Exits 0 when equal, 1 when they
-    /// differ, 2 on an error.
-    Diff {
-        /// The folder: subscriptions.yaml and policy *.yaml files.
+    /// Make the stored configuration equal files and folders (subscriptions.* files hold
+    /// subscriptions, every other *.yaml, *.yml or *.json policies): all validated first, then
+    /// stored in one step or not at all. Prints each change as `diff` marks it.
+    Apply {
+        /// Files and folders (a folder's configuration files are read, sorted by name).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Validate and print what would change; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also remove what is stored but not given (only in the sections given: without a
+        /// subscriptions file, no subscription is removed).
+        #[arg(long)]
+        prune: bool,
+        /// Store subscriptions of kinds with no live instance or of new events.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Add or update a folder of configuration, as `apply` without `--prune`: everything is
+    /// validated before anything is stored, and nothing is removed.
+    Load {
+        /// The folder: subscriptions.yaml and policy files.
         dir: PathBuf,
+    },
+    /// Show how files and folders (as `apply` reads them) differ from the stored
+    /// configuration: `+` added, `~` changed, `-` stored but not given. Exits 0 when equal, 1
+    /// when they differ, 2 on an error.
+    Diff {
+        /// Files and folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// The configuration revision (every change to the stored configuration bumps it) and
+    /// how much is stored.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Write the stored subscriptions and policies into a folder (subscriptions.yaml,
     /// policies.yaml) that `diff` finds equal and `load` can apply.

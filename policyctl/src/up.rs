@@ -12,7 +12,6 @@ use bus::{headers, AdminClient, Client, Kind, State, Value};
 use tokio::process::{Child, Command};
 
 use crate::commands::parse_attributes;
-use crate::files;
 
 struct Stack {
     children: Vec<(String, Child)>,
@@ -223,32 +222,18 @@ async fn wait_ready(
 }
 
 pub async fn load_examples(admin: &AdminClient, dir: &Path) -> anyhow::Result<()> {
-    let subs = files::read_subscriptions(&dir.join("subscriptions.yaml"))?;
-    for s in &subs {
-        admin
-            .subscribe(s)
-            .await
-            .with_context(|| format!("subscribe {} to {}", s.agent, s.event))?;
-    }
-    let mut policy_files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension().is_some_and(|x| x == "yaml") && !p.ends_with("subscriptions.yaml")
-        })
-        .collect();
-    policy_files.sort();
-    let docs = files::read_policies(&policy_files)?;
-    let added = files::add_policies(admin, &docs).await?;
-    let unchanged = match added.unchanged.len() {
+    let inputs = crate::declarative::read_inputs(&[dir.to_path_buf()])?;
+    let applied = crate::declarative::apply(admin, &inputs, Default::default()).await?;
+    let unchanged = match applied.unchanged {
         0 => String::new(),
         n => format!(" ({n} unchanged)"),
     };
     eprintln!(
-        "loaded {} subscriptions and {} policies{unchanged} from {}",
-        subs.len(),
-        added.stored.len() + added.unchanged.len(),
-        dir.display()
+        "loaded {} subscriptions and {} policies{unchanged} from {} (configuration revision {})",
+        inputs.subscriptions.as_ref().map_or(0, Vec::len),
+        inputs.policies.as_ref().map_or(0, Vec::len),
+        dir.display(),
+        applied.revision
     );
     Ok(())
 }

@@ -39,6 +39,19 @@ pub fn nats_server_bin() -> PathBuf {
     panic!("nats-server not found: run scripts/test (it installs one into .nats/) or set NATS_SERVER_BIN");
 }
 
+/// The `(major, minor)` version of the nats-server the tests run.
+pub fn nats_server_version() -> (u64, u64) {
+    let out = Command::new(nats_server_bin())
+        .arg("--version")
+        .output()
+        .expect("nats-server --version");
+    // `nats-server: v2.12.8`
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.trim().rsplit('v').next().unwrap_or_default();
+    let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
 /// A path to one of the workspace's binaries, built next to this test binary.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");

@@ -1,0 +1,450 @@
+//! `apply` and `status`: the stored configuration made equal to a given one, the kubectl way.
+//! Every subscription and policy is validated first (the policies by their agent kinds), the
+//! changes are planned against each key's revision, and then stored in one step: one atomic
+//! batch where the bucket takes them, otherwise key by key, each compared-and-set, with the
+//! ones already written rolled back when one fails.
+
+use std::collections::BTreeMap;
+
+use bus::admin::{Applied, Apply, ChangeOp, Planned, Section, Status, MAX_CHANGES_PER_APPLY};
+use bus::batch::{BatchError, Write};
+use bus::config::{ConfigKey, WRITE_TIMEOUT};
+use bus::{codec, ErrorCode, ErrorReply};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::admin::{check_subscribe, prepare_policies, reply, seen_here, unavailable};
+use crate::Dispatcher;
+
+/// A key's stored value and revision.
+struct Stored {
+    value: Bytes,
+    revision: u64,
+}
+
+/// One planned write, with what to put back if a later one fails.
+struct Step {
+    planned: Planned,
+    write: Write,
+    old: Option<Bytes>,
+}
+
+fn bad(message: String) -> ErrorReply {
+    ErrorReply::new(ErrorCode::BadRequest, message)
+}
+
+/// `sub.<event>.<kind>` → `<event>/<kind>`, `pol.<kind>.<id>` → `<kind>/<id>`.
+fn name_of(key: &str) -> (Section, String) {
+    match ConfigKey::parse(key) {
+        Some(ConfigKey::Subscription { event, kind }) => {
+            (Section::Subscription, format!("{event}/{kind}"))
+        }
+        Some(ConfigKey::Policy { kind, id }) => (Section::Policy, format!("{kind}/{id}")),
+        None => (Section::Policy, key.to_string()),
+    }
+}
+
+/// The given configuration, validated and encoded, by key.
+async fn wanted(d: &Dispatcher, args: &Apply) -> Result<BTreeMap<String, Bytes>, ErrorReply> {
+    let mut out = BTreeMap::new();
+    for s in args.subscriptions.iter().flatten() {
+        let at = format!("subscription {}/{}", s.event, s.agent);
+        let kind = s.validate().map_err(|e| bad(format!("{at}: {e}")))?;
+        if !args.force {
+            check_subscribe(d, s, &kind)
+                .await
+                .map_err(|e| ErrorReply::new(e.code, format!("{at}: {}", e.message)))?;
+        }
+        let value = codec::encode("subscription", s)
+            .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+        let key = ConfigKey::subscription(s.event.as_str(), kind.as_str());
+        if out.insert(key, Bytes::from(value)).is_some() {
+            return Err(bad(format!("{at} is given twice")));
+        }
+    }
+    if let Some(policies) = args.policies.as_deref().filter(|p| !p.is_empty()) {
+        for (r, value) in prepare_policies(d, policies).await? {
+            out.insert(ConfigKey::policy(&r.agent, &r.id), Bytes::from(value));
+        }
+    }
+    Ok(out)
+}
+
+/// Every stored key under `prefix` with its value and revision.
+async fn stored(d: &Dispatcher, prefix: &str) -> Result<BTreeMap<String, Stored>, ErrorReply> {
+    let read = async {
+        let keys: Vec<String> = d
+            .store
+            .keys()
+            .await
+            .map_err(unavailable)?
+            .try_filter(|k| futures::future::ready(k.starts_with(prefix)))
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let mut out = BTreeMap::new();
+        let mut entries = futures::stream::iter(keys)
+            .map(|k| async move { (k.clone(), d.store.entry(k).await) })
+            .buffer_unordered(32);
+        while let Some((key, entry)) = entries.next().await {
+            if let Some(e) = entry.map_err(unavailable)? {
+                if e.operation == async_nats::jetstream::kv::Operation::Put {
+                    let (value, revision) = (e.value, e.revision);
+                    out.insert(key, Stored { value, revision });
+                }
+            }
+        }
+        Ok(out)
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, read)
+        .await
+        .map_err(|_| unavailable("no answer from JetStream in time"))?
+}
+
+/// The revision a new key must be written at: its delete marker's, if it had one.
+async fn tombstone(d: &Dispatcher, key: &str) -> Result<u64, ErrorReply> {
+    Ok(d.store
+        .entry(key)
+        .await
+        .map_err(unavailable)?
+        .map_or(0, |e| e.revision))
+}
+
+/// What an apply does, before anything is written.
+struct Plan {
+    /// Sorted: subscriptions first, then by name.
+    steps: Vec<Step>,
+    kept: Vec<Planned>,
+    unchanged: usize,
+}
+
+/// Compares the wanted values with the stored ones. A new key's expected revision is left at
+/// 0: the caller looks up whether it had a delete marker.
+fn plan(wanted: &BTreeMap<String, Bytes>, have: &BTreeMap<String, Stored>, prune: bool) -> Plan {
+    let (mut steps, mut kept, mut unchanged) = (Vec::new(), Vec::new(), 0);
+    let step = |op, key: &str, value: Option<&Bytes>, expected_revision, old: Option<&Bytes>| {
+        let (section, name) = name_of(key);
+        Step {
+            planned: Planned { op, section, name },
+            write: Write {
+                key: key.to_string(),
+                value: value.cloned(),
+                expected_revision,
+            },
+            old: old.cloned(),
+        }
+    };
+    for (key, value) in wanted {
+        match have.get(key) {
+            Some(s) if s.value == *value => unchanged += 1,
+            Some(s) => steps.push(step(
+                ChangeOp::Change,
+                key,
+                Some(value),
+                s.revision,
+                Some(&s.value),
+            )),
+            None => steps.push(step(ChangeOp::Add, key, Some(value), 0, None)),
+        }
+    }
+    for (key, s) in have {
+        if wanted.contains_key(key) {
+            continue;
+        }
+        let planned = step(ChangeOp::Remove, key, None, s.revision, Some(&s.value));
+        if prune {
+            steps.push(planned);
+        } else {
+            kept.push(planned.planned);
+        }
+    }
+    steps.sort_by(|a, b| a.planned.cmp(&b.planned));
+    kept.sort();
+    Plan {
+        steps,
+        kept,
+        unchanged,
+    }
+}
+
+pub(crate) async fn apply(d: &Dispatcher, args: Apply) -> Result<Bytes, ErrorReply> {
+    let wanted = wanted(d, &args).await?;
+    let revision_before = bus::config::stream_state(&d.store)
+        .await
+        .map_err(unavailable)?
+        .last_sequence;
+    let mut have = BTreeMap::new();
+    if args.subscriptions.is_some() {
+        have.extend(stored(d, "sub.").await?);
+    }
+    if args.policies.is_some() {
+        have.extend(stored(d, "pol.").await?);
+    }
+
+    let mut plan = plan(&wanted, &have, args.prune);
+    for s in plan.steps.iter_mut() {
+        if s.planned.op == ChangeOp::Add {
+            s.write.expected_revision = tombstone(d, &s.write.key).await?;
+        }
+    }
+    let Plan {
+        steps,
+        kept,
+        unchanged,
+    } = plan;
+    if steps.len() > MAX_CHANGES_PER_APPLY {
+        return Err(bad(format!(
+            "{} changes in one apply; the limit is {MAX_CHANGES_PER_APPLY}: apply in parts",
+            steps.len()
+        )));
+    }
+
+    let atomic = bus::batch::atomic(&d.store);
+    let revision = if args.dry_run || steps.is_empty() {
+        revision_before
+    } else if atomic {
+        let writes: Vec<Write> = steps.iter().map(|s| s.write.clone()).collect();
+        let revision = bus::batch::write_atomic(&d.nats, &d.store, &writes)
+            .await
+            .map_err(conflict_or)?;
+        tracing::info!(
+            changes = writes.len(),
+            revision,
+            "applied in one atomic batch"
+        );
+        revision
+    } else {
+        write_each(d, &steps).await?
+    };
+    if !args.dry_run && !steps.is_empty() {
+        seen_here(d, revision).await;
+        if steps.iter().any(|s| s.planned.section == Section::Policy) {
+            // No dispatcher serves a cached verdict of the old set once this returns.
+            crate::verdicts::everywhere(d, revision).await;
+        }
+    }
+    reply(&Applied {
+        changes: steps.into_iter().map(|s| s.planned).collect(),
+        unchanged,
+        kept,
+        revision_before,
+        revision,
+        dry_run: args.dry_run,
+        atomic,
+    })
+}
+
+/// A refused batch changed nothing; most often someone else changed a key meanwhile.
+fn conflict_or(e: BatchError) -> ErrorReply {
+    let message = match &e {
+        BatchError::Refused(why) if why.contains("wrong last sequence") => format!(
+            "the stored configuration changed while this apply was planned ({why}); nothing was \
+             stored: apply again"
+        ),
+        _ => e.to_string(),
+    };
+    ErrorReply::new(ErrorCode::Internal, message)
+}
+
+/// Key by key, for a bucket that takes no atomic batch: each write is compared-and-set
+/// against the revision it was planned from, and when one fails the ones already written are
+/// put back as they were, newest first.
+async fn write_each(d: &Dispatcher, steps: &[Step]) -> Result<u64, ErrorReply> {
+    let mut last = 0;
+    for (i, s) in steps.iter().enumerate() {
+        match write_one(d, s).await {
+            Ok(revision) => last = revision,
+            Err(e) => {
+                let undone = roll_back(d, &steps[..i]).await;
+                let what = format!("{} {}", s.planned.op.mark(), s.planned.name);
+                let message = match undone {
+                    Ok(()) => format!(
+                        "storing {what} failed ({e}); the {i} changes stored before it were \
+                         rolled back, so nothing changed: apply again"
+                    ),
+                    Err(keys) => format!(
+                        "storing {what} failed ({e}), and rolling back failed for {}: the \
+                         stored configuration is part old, part new; `policyctl diff` shows \
+                         where, and applying again completes it",
+                        keys.join(", ")
+                    ),
+                };
+                return Err(ErrorReply::new(ErrorCode::Internal, message));
+            }
+        }
+    }
+    Ok(last)
+}
+
+async fn write_one(d: &Dispatcher, s: &Step) -> Result<u64, String> {
+    let w = &s.write;
+    let write = async {
+        match (&w.value, s.planned.op) {
+            (Some(v), ChangeOp::Add) => d
+                .store
+                .create(&w.key, v.clone())
+                .await
+                .map_err(|e| e.to_string()),
+            (Some(v), _) => d
+                .store
+                .update(&w.key, v.clone(), w.expected_revision)
+                .await
+                .map_err(|e| e.to_string()),
+            (None, _) => {
+                d.store
+                    .delete_expect_revision(&w.key, Some(w.expected_revision))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                bus::config::stream_state(&d.store)
+                    .await
+                    .map(|s| s.last_sequence)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .map_err(|_| "no answer from JetStream in time".to_string())?
+}
+
+/// Puts back what `done` wrote, newest first; the keys it could not put back.
+async fn roll_back(d: &Dispatcher, done: &[Step]) -> Result<(), Vec<String>> {
+    let mut failed = Vec::new();
+    for s in done.iter().rev() {
+        let undo = async {
+            match &s.old {
+                Some(old) => d
+                    .store
+                    .put(&s.write.key, old.clone())
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                None => d
+                    .store
+                    .delete(&s.write.key)
+                    .await
+                    .map_err(|e| e.to_string()),
+            }
+        };
+        let ok = matches!(tokio::time::timeout(WRITE_TIMEOUT, undo).await, Ok(Ok(())));
+        if !ok {
+            failed.push(s.planned.name.clone());
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed)
+    }
+}
+
+pub(crate) async fn status(d: &Dispatcher) -> Result<Bytes, ErrorReply> {
+    let revision = bus::config::stream_state(&d.store)
+        .await
+        .map_err(unavailable)?
+        .last_sequence;
+    let keys: Vec<String> = tokio::time::timeout(WRITE_TIMEOUT, async {
+        d.store
+            .keys()
+            .await
+            .map_err(unavailable)?
+            .try_collect::<Vec<String>>()
+            .await
+            .map_err(unavailable)
+    })
+    .await
+    .map_err(|_| unavailable("no answer from JetStream in time"))??;
+    let count = |prefix: &str| keys.iter().filter(|k| k.starts_with(prefix)).count();
+    reply(&Status {
+        revision,
+        subscriptions: count("sub."),
+        policies: count("pol."),
+        atomic_apply: bus::batch::atomic(&d.store),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(pairs: &[(&str, &str, u64)]) -> BTreeMap<String, Stored> {
+        pairs
+            .iter()
+            .map(|(k, v, revision)| {
+                let value = Bytes::copy_from_slice(v.as_bytes());
+                (
+                    k.to_string(),
+                    Stored {
+                        value,
+                        revision: *revision,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn wanted(pairs: &[(&str, &str)]) -> BTreeMap<String, Bytes> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v.as_bytes())))
+            .collect()
+    }
+
+    #[test]
+    fn a_plan_adds_changes_keeps_and_prunes_against_each_revision() {
+        let have = stored(&[
+            ("pol.acl.same", "a", 3),
+            ("pol.acl.edit", "old", 4),
+            ("pol.acl.gone", "x", 5),
+        ]);
+        let want = wanted(&[
+            ("pol.acl.same", "a"),
+            ("pol.acl.edit", "new"),
+            ("pol.acl.new", "n"),
+            ("sub.new-connection.acl", "s"),
+        ]);
+        let p = plan(&want, &have, false);
+        assert_eq!(p.unchanged, 1);
+        let seen: Vec<(ChangeOp, Section, &str, u64)> = p
+            .steps
+            .iter()
+            .map(|s| {
+                let r = s.write.expected_revision;
+                (s.planned.op, s.planned.section, s.planned.name.as_str(), r)
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (
+                    ChangeOp::Add,
+                    Section::Subscription,
+                    "new-connection/acl",
+                    0
+                ),
+                (ChangeOp::Add, Section::Policy, "acl/new", 0),
+                (ChangeOp::Change, Section::Policy, "acl/edit", 4),
+            ]
+        );
+        assert_eq!(p.steps[2].old.as_deref(), Some(&b"old"[..]));
+        assert_eq!(p.kept.len(), 1);
+        assert_eq!(p.kept[0].name, "acl/gone");
+
+        let p = plan(&want, &have, true);
+        assert!(p.kept.is_empty());
+        let gone = p.steps.last().expect("a removal");
+        assert_eq!(
+            (gone.planned.op, gone.write.expected_revision),
+            (ChangeOp::Remove, 5)
+        );
+        assert!(gone.write.value.is_none());
+        assert_eq!(gone.old.as_deref(), Some(&b"x"[..]));
+
+        let p = plan(
+            &wanted(&[("pol.acl.same", "a")]),
+            &stored(&[("pol.acl.same", "a", 3)]),
+            true,
+        );
+        assert!(p.steps.is_empty() && p.kept.is_empty() && p.unchanged == 1);
+    }
+}
