@@ -54,7 +54,7 @@ pub trait AgentKind: Send + Sync + 'static {
     type Rules: Send + Sync + 'static;
 
     /// The kind's name: its queue group and subject token.
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &str;
 
     /// Whether `decide_async` finishes without waiting (no I/O): the runtime then answers
     /// each request in its receive loop, without a task, a span or the in-progress set, which

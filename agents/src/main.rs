@@ -73,6 +73,17 @@ enum KindCmd {
     /// Rate limiter: new connections per key (GCRA, shared by all instances) and a
     /// per-connection bandwidth cap.
     RateLimit,
+    /// WebAssembly host: serves every agent kind deployed as a module (`policyctl agent
+    /// deploy`), loading, swapping and unloading them as they are deployed and removed.
+    Wasm {
+        /// Fuel per call (about one unit per WebAssembly instruction): a module that uses it up
+        /// fails that call with agent-error.
+        #[arg(long, default_value_t = 10_000_000)]
+        fuel: u64,
+        /// Memory a module may grow to in one call, in MiB.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        max_memory_mib: u32,
+    },
     /// Monitor: counts and latency histograms from the tap, served for Prometheus.
     Monitor {
         /// Where to serve GET /metrics.
@@ -92,6 +103,7 @@ async fn run(cli: Cli) -> Result<(), runtime::AgentError> {
     let options = runtime::Options {
         max_in_flight: cli.max_in_flight,
         state_max_bytes: cli.state_max_bytes,
+        role: None,
     };
     match cli.kind {
         KindCmd::Acl { default } => {
@@ -112,6 +124,16 @@ async fn run(cli: Cli) -> Result<(), runtime::AgentError> {
         }
         KindCmd::RateLimit => {
             runtime::run(RateLimiter::default(), &cli.common, options, shutdown).await
+        }
+        KindCmd::Wasm {
+            fuel,
+            max_memory_mib,
+        } => {
+            let limits = agents::kinds::wasm::abi::Limits {
+                fuel,
+                max_memory: max_memory_mib as usize * 1024 * 1024,
+            };
+            agents::kinds::wasm::host::run(cli.common, options, limits, shutdown).await
         }
         KindCmd::Monitor { metrics_addr } => {
             runtime::run(Monitor::new(metrics_addr), &cli.common, options, shutdown).await

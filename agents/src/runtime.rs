@@ -247,6 +247,9 @@ pub struct Options {
     pub max_in_flight: usize,
     /// Bytes a stateful kind's bucket may hold, when this instance creates it.
     pub state_max_bytes: i64,
+    /// Who the agent is on the bus, when not `agent-<kind>`: a wasm host serves its kinds
+    /// with its own credentials.
+    pub role: Option<bus::roles::Role>,
 }
 
 impl Default for Options {
@@ -254,6 +257,7 @@ impl Default for Options {
         Options {
             max_in_flight: 1024,
             state_max_bytes: 256 * 1024 * 1024,
+            role: None,
         }
     }
 }
@@ -346,7 +350,10 @@ where
     K::Policy: Clone,
 {
     let service_name = headers::agent_service(kind_name);
-    let role = bus::roles::Role::of_kind(kind_name);
+    let role = options
+        .role
+        .clone()
+        .unwrap_or_else(|| bus::roles::Role::of_kind(kind_name));
     let client = common.connect(&service_name, true, &role).await?;
     let store = config::open_waiting(
         &client,

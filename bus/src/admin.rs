@@ -267,6 +267,59 @@ pub struct Status {
 #[serde(deny_unknown_fields)]
 pub struct StatusArgs {}
 
+/// A WebAssembly module's largest size: it travels in one NATS message (1 MiB by default) with
+/// the request around it.
+pub const MAX_MODULE_BYTES: usize = 960 * 1024;
+
+/// `agent-deploy`: stores a WebAssembly module as agent kind `kind`, after a wasm host found it
+/// loads (valid WebAssembly, binary or text, exporting the ABI, importing nothing). Every wasm
+/// host then serves the kind, or swaps to this version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentDeploy {
+    pub kind: String,
+    #[serde(with = "serde_bytes")]
+    pub module: Vec<u8>,
+    /// Store it although no wasm host is live to check it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRemove {
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentListArgs {}
+
+/// A deployed module, as the object store has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Module {
+    pub kind: String,
+    pub size: u64,
+    /// `SHA-256=<base64url>`: tells versions apart.
+    pub digest: String,
+    /// When it was stored, RFC 3339.
+    #[serde(default)]
+    pub modified: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Modules {
+    pub modules: Vec<Module>,
+}
+
+/// What a wasm host answers on `<prefix>.agent._wasm.check`: the module's exports, or why it
+/// does not load (an `invalid-policy` error).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleChecked {
+    /// Whether the module exports `validate`, so that its kind checks its policies itself.
+    pub validates: bool,
+}
+
 /// An admin command with its arguments, decoded at the boundary.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
@@ -278,6 +331,9 @@ pub enum Request {
     PolicyList(PolicyList),
     Apply(Apply),
     Status(StatusArgs),
+    AgentDeploy(AgentDeploy),
+    AgentRemove(AgentRemove),
+    AgentList(AgentListArgs),
 }
 
 impl Request {
@@ -313,6 +369,9 @@ impl Request {
             AdminCommand::PolicyList => Request::PolicyList(args(command, payload)?),
             AdminCommand::Apply => Request::Apply(args(command, payload)?),
             AdminCommand::Status => Request::Status(args(command, payload)?),
+            AdminCommand::AgentDeploy => Request::AgentDeploy(args(command, payload)?),
+            AdminCommand::AgentRemove => Request::AgentRemove(args(command, payload)?),
+            AdminCommand::AgentList => Request::AgentList(args(command, payload)?),
         })
     }
 }

@@ -131,5 +131,37 @@ impl AdminClient {
     }
 }
 
+impl AdminClient {
+    /// Stores a WebAssembly module as agent kind `kind` (see [`admin::AgentDeploy`]).
+    pub async fn agent_deploy(
+        &self,
+        kind: &str,
+        module: Vec<u8>,
+        force: bool,
+    ) -> Result<admin::Module, ClientError> {
+        let args = admin::AgentDeploy {
+            kind: kind.into(),
+            module,
+            force,
+        };
+        self.command(AdminCommand::AgentDeploy, &args).await
+    }
+
+    /// Unloads kind `kind` from every wasm host.
+    pub async fn agent_remove(&self, kind: &str) -> Result<(), ClientError> {
+        let args = admin::AgentRemove { kind: kind.into() };
+        self.command::<_, Done>(AdminCommand::AgentRemove, &args)
+            .await
+            .map(drop)
+    }
+
+    pub async fn agent_list(&self) -> Result<Vec<admin::Module>, ClientError> {
+        let r: admin::Modules = self
+            .command(AdminCommand::AgentList, &admin::AgentListArgs {})
+            .await?;
+        Ok(r.modules)
+    }
+}
+
 /// How long `apply` may take: up to 1000 documents, each validated by its agent kind.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(30);

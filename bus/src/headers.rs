@@ -30,6 +30,8 @@ pub const NATS_SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
 
 /// Service names registered with the NATS services API (`$SRV.PING`, `INFO`, `STATS`).
 pub const DISPATCHER_SERVICE: &str = "policy-dispatcher";
+/// The services API name of `policy-agent wasm`, the host of WebAssembly agent kinds.
+pub const WASM_HOST_SERVICE: &str = "policy-agent-wasm";
 pub fn agent_service(kind: &crate::Kind) -> String {
     format!("policy-agent-{kind}")
 }

@@ -18,6 +18,7 @@ pub mod headers;
 pub mod hedge;
 pub mod limits;
 pub mod merge;
+pub mod modules;
 pub mod roles;
 pub mod state;
 pub mod subject;

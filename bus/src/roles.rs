@@ -33,6 +33,9 @@ pub enum Role {
     Dispatcher,
     /// `policy-agent monitor`: reads the tap (and is the `monitor` agent kind).
     Monitor,
+    /// `policy-agent wasm`: serves the kinds deployed as WebAssembly modules, whichever they
+    /// are, but never a shipped kind's subjects.
+    WasmHost,
     /// `policy-agent <kind>`, shipped or third-party.
     Agent(Kind),
 }
@@ -54,6 +57,7 @@ impl Role {
             Role::Gateway,
             Role::Dispatcher,
             Role::Monitor,
+            Role::WasmHost,
         ];
         roles.extend(
             SHIPPED_KINDS
@@ -73,6 +77,7 @@ impl Role {
             Role::Gateway => "gateway".into(),
             Role::Dispatcher => "dispatcher".into(),
             Role::Monitor => "monitor".into(),
+            Role::WasmHost => "wasm-host".into(),
             Role::Agent(k) => format!("agent-{k}"),
         }
     }
@@ -83,6 +88,7 @@ impl Role {
             "gateway" => Some(Role::Gateway),
             "dispatcher" => Some(Role::Dispatcher),
             "monitor" => Some(Role::Monitor),
+            "wasm-host" => Some(Role::WasmHost),
             other => Kind::new(other.strip_prefix("agent-")?)
                 .ok()
                 .map(|k| Role::of_kind(&k)),
@@ -129,6 +135,24 @@ impl Role {
                 // `subscribe` checks that a kind has a live instance.
                 p.publish.push("$SRV.PING.>".into());
                 p.publish.extend(write_bucket(&s.config_bucket()));
+                p.publish.extend(write_modules(&s.modules_bucket()));
+                p.allow_responses = true;
+            }
+            Role::WasmHost => {
+                // Any kind's queue group, as modules are deployed at run time; never a shipped
+                // kind's subjects or services (the deny list wins over the allow list).
+                p.subscribe.push(s.agents_wildcard());
+                p.subscribe.extend(service("*"));
+                for kind in SHIPPED_KINDS.iter().filter_map(|k| Kind::new(k).ok()) {
+                    p.deny_subscribe.push(s.agent_wildcard(&kind));
+                    p.deny_subscribe
+                        .extend(service(&headers::agent_service(&kind)).into_iter().skip(1));
+                }
+                p.deny_subscribe
+                    .extend(service(headers::DISPATCHER_SERVICE).into_iter().skip(1));
+                p.publish.extend(read_bucket(&s.config_bucket()));
+                p.publish
+                    .extend(read_stream(&format!("OBJ_{}", s.modules_bucket())));
                 p.allow_responses = true;
             }
             Role::Monitor | Role::Agent(_) => {
@@ -167,6 +191,8 @@ pub struct Permissions {
     /// May answer requests it received (an agent's verdict, the dispatcher's decision),
     /// without any right to publish on the requester's inbox otherwise.
     pub allow_responses: bool,
+    /// Subjects denied for subscribing although an allow entry matches them.
+    pub deny_subscribe: Vec<String>,
 }
 
 /// The NATS services API subscriptions of one service (`$SRV.<verb>[.<name>[.<id>]]`).
@@ -180,7 +206,11 @@ fn service(name: &str) -> Vec<String> {
 
 /// Reading a key-value bucket: open it, get keys, watch it.
 fn read_bucket(bucket: &str) -> Vec<String> {
-    let stream = format!("KV_{bucket}");
+    read_stream(&format!("KV_{bucket}"))
+}
+
+/// Reading a key-value bucket's or an object store's stream: open it, get, watch.
+fn read_stream(stream: &str) -> Vec<String> {
     vec![
         format!("$JS.API.STREAM.INFO.{stream}"),
         format!("$JS.API.CONSUMER.CREATE.{stream}"),
@@ -201,6 +231,20 @@ fn write_bucket(bucket: &str) -> Vec<String> {
         "$JS.API.INFO".into(),
         format!("$JS.API.STREAM.CREATE.KV_{bucket}"),
         format!("$KV.{bucket}.>"),
+    ]);
+    subjects
+}
+
+/// Owning the modules object store: read it, create it, write objects. Replacing or deleting
+/// an object purges its old chunks (`STREAM.PURGE` with a subject filter), so this stream, and
+/// only this one, may be purged.
+fn write_modules(bucket: &str) -> Vec<String> {
+    let stream = format!("OBJ_{bucket}");
+    let mut subjects = read_stream(&stream);
+    subjects.extend([
+        format!("$JS.API.STREAM.CREATE.{stream}"),
+        format!("$JS.API.STREAM.PURGE.{stream}"),
+        format!("$O.{bucket}.>"),
     ]);
     subjects
 }
@@ -260,6 +304,19 @@ mod tests {
             .iter()
             .any(|s| s.contains(".admin.") || s.contains(".tap.") || s.contains(".agent.")));
         assert!(!gw.subscribe.iter().any(|s| s.contains("tap")));
+        // The wasm host serves any kind but the shipped ones.
+        let host = perms("wasm-host");
+        assert!(host.subscribe.contains(&"policy.agent.>".to_string()));
+        assert!(host
+            .deny_subscribe
+            .contains(&"policy.agent.acl.>".to_string()));
+        assert!(host
+            .deny_subscribe
+            .contains(&"$SRV.*.policy-dispatcher".to_string()));
+        assert!(!host
+            .publish
+            .iter()
+            .any(|s| s.starts_with("$KV.") || s.starts_with("$O.")));
         // Only the dispatcher publishes on the tap.
         for r in Role::shipped() {
             let p = r.permissions(&Subjects::default());

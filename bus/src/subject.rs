@@ -75,6 +75,8 @@ pub const VALIDATE_TOKEN: &str = "_validate";
 /// conn-limit slot) gives it back. The payload is the final decision. Request/reply, so that
 /// unlike the tap it is not lost when nobody happens to listen.
 pub const UNDO_TOKEN: &str = "_undo";
+/// The token of the wasm hosts' own subjects under `<prefix>.agent.`.
+pub const WASM_TOKEN: &str = "_wasm";
 
 /// Admin commands, each the last token of `<prefix>.admin.<command>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,10 +89,13 @@ pub enum AdminCommand {
     PolicyList,
     Apply,
     Status,
+    AgentDeploy,
+    AgentRemove,
+    AgentList,
 }
 
 impl AdminCommand {
-    pub const ALL: [AdminCommand; 8] = [
+    pub const ALL: [AdminCommand; 11] = [
         AdminCommand::Subscribe,
         AdminCommand::Unsubscribe,
         AdminCommand::Subscriptions,
@@ -99,6 +104,9 @@ impl AdminCommand {
         AdminCommand::PolicyList,
         AdminCommand::Apply,
         AdminCommand::Status,
+        AdminCommand::AgentDeploy,
+        AdminCommand::AgentRemove,
+        AdminCommand::AgentList,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -110,6 +118,9 @@ impl AdminCommand {
             AdminCommand::PolicyList => "policy-list",
             AdminCommand::Apply => "apply",
             AdminCommand::Status => "status",
+            AdminCommand::AgentDeploy => "agent-deploy",
+            AdminCommand::AgentRemove => "agent-remove",
+            AdminCommand::AgentList => "agent-list",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -245,6 +256,17 @@ impl Subjects {
     /// The rate limiter's bucket: one GCRA state per limited key, shared by its instances.
     pub fn rate_bucket(&self) -> String {
         format!("{}_rates", self.prefix.replace('.', "_"))
+    }
+
+    /// The object store of WebAssembly agent modules: one object per kind, named by it.
+    pub fn modules_bucket(&self) -> String {
+        format!("{}_modules", self.prefix.replace('.', "_"))
+    }
+
+    /// Where the dispatcher asks a wasm host whether a module would load, before storing it.
+    /// `_wasm` can be no kind's name, so no agent's subjects overlap it.
+    pub fn wasm_check(&self) -> String {
+        format!("{}.agent.{WASM_TOKEN}.check", self.prefix)
     }
 }
 

@@ -46,6 +46,9 @@ pub async fn handle(d: &Dispatcher, command: &str, payload: &[u8]) -> Result<Byt
         Request::PolicyList(a) => policy_list(d, a).await,
         Request::Apply(a) => crate::apply::apply(d, a).await,
         Request::Status(_) => crate::apply::status(d).await,
+        Request::AgentDeploy(a) => crate::modules::deploy(d, a).await,
+        Request::AgentRemove(a) => crate::modules::remove(d, a).await,
+        Request::AgentList(_) => crate::modules::list(d).await,
     }
 }
 

@@ -6,6 +6,7 @@ pub mod admin;
 mod apply;
 pub mod chain;
 mod decide;
+mod modules;
 mod peers;
 pub mod table;
 mod verdicts;

@@ -134,6 +134,9 @@ fn purpose(role: &Role) -> String {
             "policy-dispatcher: serve events and admin, call agents, publish the tap, own the config bucket".into()
         }
         Role::Monitor => "policy-agent monitor: read the tap".into(),
+        Role::WasmHost => {
+            "policy-agent wasm: serve deployed WebAssembly kinds (never a shipped kind), read the modules".into()
+        }
         Role::Agent(k) => format!("policy-agent {k}: its own queue group, read the config"),
     }
 }
@@ -146,11 +149,20 @@ fn list(items: &[String]) -> String {
 fn render_permissions(out: &mut String, p: &Permissions) {
     let _ = writeln!(out, "        permissions: {{");
     let _ = writeln!(out, "          publish: {{ allow: {} }}", list(&p.publish));
-    let _ = writeln!(
-        out,
-        "          subscribe: {{ allow: {} }}",
-        list(&p.subscribe)
-    );
+    if p.deny_subscribe.is_empty() {
+        let _ = writeln!(
+            out,
+            "          subscribe: {{ allow: {} }}",
+            list(&p.subscribe)
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "          subscribe: {{ allow: {}, deny: {} }}",
+            list(&p.subscribe),
+            list(&p.deny_subscribe)
+        );
+    }
     if p.allow_responses {
         let _ = writeln!(out, "          allow_responses: true");
     }
@@ -286,6 +298,7 @@ mod tests {
                 .unwrap_or_default();
             let role = match entry.as_slice() {
                 ["policy-dispatcher", ..] => Role::Dispatcher,
+                ["policy-agent", "wasm", ..] => Role::WasmHost,
                 ["policy-agent", kind, ..] => Role::of_kind(&Kind::new(kind).unwrap()),
                 ["policyctl", "load", ..] => Role::Operator,
                 _ => continue,

@@ -9,7 +9,7 @@ use bus::tap::TapRecord;
 use bus::{codec, AdminClient, Client, EventName, Value};
 use futures::StreamExt;
 
-use crate::{auth, files, AuthCommand, Cli, Command, PolicyCommand};
+use crate::{auth, files, AgentCommand, AuthCommand, Cli, Command, PolicyCommand};
 
 /// Prints a line of a command's output; a reader that went away (`| head`) ends the command
 /// quietly instead of a panic.
@@ -141,6 +141,7 @@ async fn command(
                 out!("unchanged {}/{}", r.agent, r.id);
             }
         }
+        Command::Agent(cmd) => agent(&admin, cmd).await?,
         Command::Policy(PolicyCommand::Remove { agent, id }) => {
             admin.policy_remove(&agent, &id).await?;
             out!("removed {agent}/{id}");
@@ -259,6 +260,44 @@ async fn command(
             crate::bench::run(&cli.common, &nats, &subjects, options).await?;
         }
         Command::Up { .. } | Command::Auth(_) => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+async fn agent(admin: &AdminClient, cmd: AgentCommand) -> anyhow::Result<()> {
+    match cmd {
+        AgentCommand::Deploy { kind, file, force } => {
+            let module =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let m = admin.agent_deploy(&kind, module, force).await?;
+            out!(
+                "deployed {} ({} bytes, {}): every wasm host serves it within seconds",
+                m.kind,
+                m.size,
+                m.digest
+            );
+        }
+        AgentCommand::Remove { kind } => {
+            admin.agent_remove(&kind).await?;
+            out!("removed {kind}: every wasm host drains and stops it");
+        }
+        AgentCommand::List { json } => {
+            let modules = admin.agent_list().await?;
+            if json {
+                out!("{}", serde_json::to_string_pretty(&modules)?);
+            } else {
+                out!("{:<20} {:>9}  {:<32} DIGEST", "KIND", "BYTES", "DEPLOYED");
+                for m in modules {
+                    out!(
+                        "{:<20} {:>9}  {:<26} {}",
+                        m.kind,
+                        m.size,
+                        m.modified,
+                        m.digest
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }

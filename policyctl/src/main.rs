@@ -78,6 +78,10 @@ pub enum Command {
     /// Add, remove and list policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Agent kinds loaded at run time: WebAssembly modules that every `policy-agent wasm`
+    /// serves.
+    #[command(subcommand)]
+    Agent(AgentCommand),
     /// Make the stored configuration equal files and folders (subscriptions.* files hold
     /// subscriptions, every other *.yaml, *.yml or *.json policies): all validated first, then
     /// stored in one step or not at all. Prints each change as `diff` marks it.
@@ -234,6 +238,33 @@ pub enum AuthCommand {
     /// Print the permission set as a nats-server configuration template for your own NATS,
     /// with each role's public nkey taken from an environment variable.
     Template,
+}
+
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Store a WebAssembly module (binary .wasm or text .wat) as agent kind KIND, after a wasm
+    /// host checked that it loads. Every wasm host then serves KIND, or swaps to this version
+    /// without a restart; subscribe KIND to events as any kind.
+    Deploy {
+        /// The kind's name: its queue group and subject token (not a shipped kind's).
+        kind: String,
+        /// The module.
+        file: PathBuf,
+        /// Store it although no wasm host is live to check it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a deployed module: every wasm host drains the kind and stops serving it.
+    Remove {
+        /// The kind to remove.
+        kind: String,
+    },
+    /// List the deployed modules.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]

@@ -493,6 +493,15 @@ pub async fn run(
                 &role,
             )?;
         }
+        // The WebAssembly host, so that `policyctl agent deploy` works on the demo at once.
+        spawn(
+            &mut stack,
+            &on(SHIPPED_KINDS.len() + 1),
+            auth,
+            "policy-agent",
+            &["wasm"],
+            &Role::WasmHost,
+        )?;
         // A new cluster elects its JetStream leaders before the first bucket can be made,
         // which on a loaded machine takes longer than a single server's start.
         let within = Duration::from_secs(if cluster > 1 { 120 } else { 20 });
@@ -501,8 +510,9 @@ pub async fn run(
             let service = headers::agent_service(&Kind::new(kind)?);
             wait_ready(&mut stack, &nats, &service, within).await?;
         }
+        wait_ready(&mut stack, &nats, headers::WASM_HOST_SERVICE, within).await?;
         eprintln!(
-            "engine up: dispatcher and agents {}",
+            "engine up: dispatcher, agents {} and a wasm host",
             SHIPPED_KINDS.join(", ")
         );
         load_examples(&AdminClient::new(nats.clone(), subjects.clone()), examples).await?;

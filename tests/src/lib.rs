@@ -441,6 +441,7 @@ impl Engine {
     fn role_of(binary: &str, args: &[&str]) -> Role {
         match (binary, args.first()) {
             ("policy-dispatcher", _) => Role::Dispatcher,
+            ("policy-agent", Some(&"wasm")) => Role::WasmHost,
             ("policy-agent", Some(kind)) => {
                 Role::of_kind(&bus::Kind::new(kind).expect("agent kind"))
             }

@@ -13,3 +13,4 @@ pub mod rate;
 pub mod rate_keys;
 pub mod rate_limit;
 pub mod rate_pool;
+pub mod wasm;

@@ -18,6 +18,7 @@ mod robustness;
 mod security;
 mod slots;
 mod undo;
+mod wasm;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -1,0 +1,241 @@
+//! `policy-agent wasm`: serves every kind deployed as a WebAssembly module. It watches the
+//! modules object store: a new kind gets its own runtime (queue group, policies, services API
+//! name `policy-agent-<kind>`), a new version of a running kind is swapped in place (a call in
+//! progress finishes on the version it started with), a removed kind is drained and stopped.
+//! It also answers the dispatcher's `agent-deploy` check: does this module load here?
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use bus::admin::ModuleChecked;
+use bus::headers::WASM_HOST_SERVICE as HOST_SERVICE;
+use bus::roles::Role;
+use bus::{codec, ErrorCode, ErrorReply, Kind};
+use futures::StreamExt;
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+
+use super::abi::{Limits, Sandbox};
+use super::{Current, WasmKind};
+use crate::runtime::{self, AgentError};
+
+/// How often the host looks for the modules store before the first deploy creates it, and
+/// again after its watch broke.
+const RETRY: Duration = Duration::from_secs(2);
+/// The queue group of the hosts' `_wasm.check` subscription: one host answers each check.
+const CHECK_GROUP: &str = "wasm-host";
+
+/// A kind this host serves.
+struct Running {
+    module: Current,
+    digest: String,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), AgentError>>,
+}
+
+/// Runs the host until `shutdown`, then stops every kind, each draining its requests.
+pub async fn run(
+    common: daemon::Common,
+    options: runtime::Options,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let subjects = common.subjects()?;
+    let client = common.connect(HOST_SERVICE, true, &Role::WasmHost).await?;
+    let sandbox = Sandbox::new(limits);
+    // A services API endpoint, so that `$SRV.PING.policy-agent-wasm` counts the hosts.
+    let (_service, mut endpoints) = daemon::service::Service::start(
+        &client,
+        HOST_SERVICE,
+        "policy-bus WebAssembly agent host",
+        env!("CARGO_PKG_VERSION"),
+        vec![daemon::service::EndpointSpec {
+            name: "check",
+            subject: subjects.wasm_check(),
+            queue_group: CHECK_GROUP.into(),
+        }],
+    )
+    .await
+    .map_err(|e| AgentError::Service(e.to_string()))?;
+    let mut checks = endpoints
+        .pop()
+        .ok_or_else(|| AgentError::Service("endpoint missing".into()))?;
+    let options = runtime::Options {
+        role: Some(Role::WasmHost),
+        ..options
+    };
+    let mut kinds: HashMap<String, Running> = HashMap::new();
+    let mut watch = None;
+    let mut retry = tokio::time::interval(RETRY);
+    tokio::pin!(shutdown);
+    tracing::info!(
+        fuel = limits.fuel,
+        max_memory = limits.max_memory,
+        "wasm host ready"
+    );
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(req) = checks.next() => answer_check(&sandbox, req).await,
+            _ = retry.tick(), if watch.is_none() => {
+                watch = open_watch(&client, &subjects, &common).await;
+            }
+            change = next_change(&mut watch), if watch.is_some() => match change {
+                Some(Ok(info)) => {
+                    let store = watch.as_ref().map(|(store, _)| store.clone());
+                    if let Some(store) = store {
+                        apply(&store, info, &mut kinds, &sandbox, &common, &options).await;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "modules watch failed; reopening");
+                    watch = None;
+                }
+                None => watch = None,
+            },
+        }
+    }
+    for (kind, running) in kinds.drain() {
+        let _ = running.stop.send(());
+        match running.task.await {
+            Ok(Err(e)) => tracing::warn!(%kind, error = %e, "kind stopped with an error"),
+            Err(e) => tracing::warn!(%kind, error = %e, "kind task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    tracing::info!("wasm host stopped");
+    Ok(())
+}
+
+type Watch = (
+    async_nats::jetstream::object_store::ObjectStore,
+    async_nats::jetstream::object_store::Watch,
+);
+
+async fn open_watch(
+    client: &async_nats::Client,
+    subjects: &bus::Subjects,
+    common: &daemon::Common,
+) -> Option<Watch> {
+    let store = match bus::modules::open(client, subjects, common.kv_replicas, false).await {
+        Ok(store) => store,
+        Err(e) => {
+            tracing::debug!(error = %e, "no modules store yet");
+            return None;
+        }
+    };
+    match store.watch_with_history().await {
+        Ok(w) => Some((store, w)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the modules store");
+            None
+        }
+    }
+}
+
+async fn next_change(
+    watch: &mut Option<Watch>,
+) -> Option<Result<async_nats::jetstream::object_store::ObjectInfo, String>> {
+    let (_, w) = watch.as_mut()?;
+    w.next().await.map(|r| r.map_err(|e| e.to_string()))
+}
+
+async fn answer_check(sandbox: &Sandbox, req: daemon::service::Request) {
+    let (headers, body) = match sandbox.compile(&req.message.payload) {
+        Ok(c) => match codec::encode(
+            "module check",
+            &ModuleChecked {
+                validates: c.validates,
+            },
+        ) {
+            Ok(b) => (async_nats::HeaderMap::new(), b.into()),
+            Err(e) => ErrorReply::new(ErrorCode::Internal, e.to_string())
+                .to_reply(async_nats::HeaderMap::new()),
+        },
+        Err(e) => ErrorReply::new(ErrorCode::InvalidPolicy, e.to_string())
+            .to_reply(async_nats::HeaderMap::new()),
+    };
+    if let Err(e) = req.respond(headers, body).await {
+        tracing::warn!(error = %e, "could not answer a module check");
+    }
+}
+
+/// Starts, swaps or stops the kind a store change is about.
+async fn apply(
+    store: &async_nats::jetstream::object_store::ObjectStore,
+    info: async_nats::jetstream::object_store::ObjectInfo,
+    kinds: &mut HashMap<String, Running>,
+    sandbox: &Sandbox,
+    common: &daemon::Common,
+    options: &runtime::Options,
+) {
+    let name = info.name.clone();
+    if Kind::new(&name).is_err()
+        || bus::subject::SHIPPED_KINDS.contains(&name.as_str())
+        || name == "wasm"
+    {
+        tracing::warn!(object = %name, "the modules store holds an object that is no module kind's; ignored");
+        return;
+    }
+    if info.deleted {
+        if let Some(running) = kinds.remove(&name) {
+            tracing::info!(kind = %name, "module removed: draining and stopping the kind");
+            let _ = running.stop.send(());
+        }
+        return;
+    }
+    let digest = info.digest.clone().unwrap_or_default();
+    if kinds.get(&name).is_some_and(|r| r.digest == digest) {
+        return;
+    }
+    let compiled = match fetch(store, &name)
+        .await
+        .and_then(|bytes| sandbox.compile(&bytes).map_err(|e| e.to_string()))
+    {
+        Ok(c) => std::sync::Arc::new(c),
+        Err(e) => {
+            tracing::error!(kind = %name, %digest, error = %e, "deployed module does not load here; the kind keeps its previous version, if any");
+            return;
+        }
+    };
+    if let Some(running) = kinds.get_mut(&name) {
+        *running.module.write().unwrap_or_else(|e| e.into_inner()) = compiled;
+        running.digest = digest.clone();
+        tracing::info!(kind = %name, %digest, "new module version swapped in");
+        return;
+    }
+    let module: Current = std::sync::Arc::new(std::sync::RwLock::new(compiled));
+    let kind = WasmKind::new(name.clone(), sandbox.clone(), module.clone());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (common, options) = (common.clone(), options.clone());
+    let task = tokio::spawn(async move {
+        runtime::run(kind, &common, options, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    tracing::info!(kind = %name, %digest, "module loaded: serving the kind");
+    kinds.insert(
+        name,
+        Running {
+            module,
+            digest,
+            stop,
+            task,
+        },
+    );
+}
+
+async fn fetch(
+    store: &async_nats::jetstream::object_store::ObjectStore,
+    name: &str,
+) -> Result<Vec<u8>, String> {
+    let mut object = store.get(name).await.map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    object
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(bytes)
+}

@@ -1,0 +1,64 @@
+//! The WebAssembly modules of deployed agent kinds: a JetStream object store (one object per
+//! kind, named by it), written by the dispatcher on `agent-deploy` and watched by every wasm
+//! host. A module rarely exceeds a few hundred KiB; JetStream chunks it.
+
+use async_nats::jetstream::{self, object_store};
+
+use crate::admin::Module;
+use crate::config::ConfigError;
+use crate::subject::Subjects;
+
+/// Bytes the store may hold: every module with room for a new version of each.
+const MAX_BYTES: i64 = 256 * 1024 * 1024;
+
+fn io(e: impl std::error::Error + Send + Sync + 'static) -> ConfigError {
+    ConfigError::Io(Box::new(e))
+}
+
+/// Opens the modules store; `create` (the dispatcher) creates it on first use.
+pub async fn open(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    replicas: usize,
+    create: bool,
+) -> Result<object_store::ObjectStore, ConfigError> {
+    let js = jetstream::new(client.clone());
+    let bucket = subjects.modules_bucket();
+    let missing = match js.get_object_store(&bucket).await {
+        Ok(store) => return Ok(store),
+        Err(e) => e,
+    };
+    if !create {
+        return Err(ConfigError::Open {
+            bucket,
+            source: format!("{missing} (policy-dispatcher creates it on the first deploy)").into(),
+        });
+    }
+    let config = object_store::Config {
+        bucket: bucket.clone(),
+        description: Some("policy-bus WebAssembly agent modules".into()),
+        max_bytes: MAX_BYTES,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    };
+    match js.create_object_store(config).await {
+        Ok(store) => Ok(store),
+        // Another dispatcher may have created it meanwhile.
+        Err(e) => js.get_object_store(&bucket).await.map_err(|_| io(e)),
+    }
+}
+
+/// How `agent-list` shows a stored module.
+pub fn describe(info: &object_store::ObjectInfo) -> Module {
+    // async-nats keeps the time as `time::OffsetDateTime`; its JSON form is RFC 3339 already.
+    let modified = serde_json::to_value(info)
+        .ok()
+        .and_then(|v| v.get("mtime").and_then(|t| t.as_str()).map(str::to_owned))
+        .unwrap_or_default();
+    Module {
+        kind: info.name.clone(),
+        size: info.size as u64,
+        digest: info.digest.clone().unwrap_or_default(),
+        modified,
+    }
+}

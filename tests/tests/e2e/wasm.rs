@@ -1,0 +1,213 @@
+//! Agent kinds loaded at run time: WebAssembly modules deployed with `policyctl agent deploy`,
+//! served by `policy-agent wasm`, on the secured bus with the wasm host's own role.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus::Action;
+use e2e::Engine;
+
+use crate::*;
+
+fn module(name: &str) -> String {
+    format!("{EXAMPLES}/wasm/{name}")
+}
+
+/// The policy of the geo reason a decision carries: `v1`, `v2`, or why there is none.
+fn geo_version(reasons: &[bus::Reason]) -> String {
+    reasons
+        .iter()
+        .find(|r| r.agent == "geo")
+        .map(|r| r.policy.clone())
+        .unwrap_or_else(|| format!("no geo reason in {reasons:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn modules_deploy_decide_swap_under_load_fail_alone_and_unload() {
+    let mut engine = Engine::secured();
+    engine.start(&["acl"]).await;
+    engine.agent("wasm", &["--fuel", "200000"]);
+    engine
+        .wait_instances(bus::headers::WASM_HOST_SERVICE, 1)
+        .await;
+    let run = |args: &[&str]| policyctl(&engine, args);
+
+    // Refused: a shipped kind's name, and a module that imports from the host.
+    let (code, _, err) = run(&["agent", "deploy", "acl", &module("allow-v1.wat")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("shipped"), "{err}");
+    let importing = std::env::temp_dir().join(format!("importing-{}.wat", std::process::id()));
+    std::fs::write(
+        &importing,
+        r#"(module (import "env" "now" (func)) (memory (export "memory") 1))"#,
+    )
+    .expect("write");
+    let (code, _, err) = run(&["agent", "deploy", "geo", importing.to_str().expect("path")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("imports `env.now`"), "{err}");
+
+    // v1 deploys and decides.
+    let (code, out, err) = run(&["agent", "deploy", "geo", &module("allow-v1.wat")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("deployed geo"), "{out}");
+    engine.wait_instances("policy-agent-geo", 1).await;
+    let admin = engine.admin().await;
+    admin
+        .policy_add(vec![doc(
+            serde_json::json!({"agent": "acl", "id": "open", "action": "allow"}),
+        )])
+        .await
+        .expect("acl policy");
+    subscribe(
+        &admin,
+        &[
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "geo", 20),
+        ],
+    )
+    .await;
+    let hook = engine.hook().await;
+    let d = hook
+        .new_connection(&conn("web", "db", &["p1"]))
+        .await
+        .expect("decision");
+    assert_eq!(
+        (d.action, geo_version(&d.reasons)),
+        (Action::Allow, "v1".into())
+    );
+
+    // v2 replaces it without a restart.
+    let (code, _, err) = run(&["agent", "deploy", "geo", &module("deny-v2.wat")]);
+    assert_eq!(code, Some(0), "{err}");
+    eventually("v2 decides", || async {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        (d.action == Action::Deny && geo_version(&d.reasons) == "v2")
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+
+    // Swapping back to v1 under load: every event is decided, by v2 or by v1, none fails.
+    let (v1, v2, other) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::new())),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (hook, v1, v2, other, stop) = (
+            hook.clone(),
+            v1.clone(),
+            v2.clone(),
+            other.clone(),
+            stop.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match hook.new_connection(&conn("web", "db", &["p1"])).await {
+                    Ok(d) => match (d.action, geo_version(&d.reasons).as_str()) {
+                        (Action::Allow, "v1") => v1.fetch_add(1, Ordering::Relaxed),
+                        (Action::Deny, "v2") => v2.fetch_add(1, Ordering::Relaxed),
+                        _ => {
+                            other.lock().expect("lock").push(format!("{d:?}"));
+                            0
+                        }
+                    },
+                    Err(e) => {
+                        other.lock().expect("lock").push(e.to_string());
+                        0
+                    }
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, _, err) = run(&["agent", "deploy", "geo", &module("allow-v1.wat")]);
+    assert_eq!(code, Some(0), "{err}");
+    eventually("v1 decides again", || async {
+        (v1.load(Ordering::Relaxed) >= 20)
+            .then_some(())
+            .ok_or(format!("{} by v1 so far", v1.load(Ordering::Relaxed)))
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.expect("load task");
+    }
+    let other = other.lock().expect("lock").clone();
+    assert!(
+        v2.load(Ordering::Relaxed) > 0,
+        "the load ran before the swap"
+    );
+    assert!(other.is_empty(), "events neither v1's nor v2's: {other:?}");
+
+    // A module that loops forever fails its own kind's decision, and nothing else.
+    let (code, _, err) = run(&["agent", "deploy", "spin", &module("spin.wat")]);
+    assert_eq!(code, Some(0), "{err}");
+    engine.wait_instances("policy-agent-spin", 1).await;
+    subscribe(&admin, &[sub("expose-service", "spin", 10)]).await;
+    let exposed = hook
+        .expose_service(&bus::event::ExposeService {
+            service: "db".into(),
+            peers: vec!["p1".into()],
+            service_labels: None,
+            peer_labels: None,
+        })
+        .await
+        .expect("decision");
+    assert!(exposed.target_peers.is_empty(), "{exposed:?}");
+    let failed = exposed
+        .reasons
+        .iter()
+        .find(|r| r.agent == "spin")
+        .expect("spin's reason");
+    assert_eq!(failed.policy, bus::decision::failure::ERROR, "{failed:?}");
+    assert!(
+        failed
+            .detail
+            .as_deref()
+            .unwrap_or_default()
+            .contains("ran out of fuel"),
+        "{failed:?}"
+    );
+    let d = hook
+        .new_connection(&conn("web", "db", &["p1"]))
+        .await
+        .expect("decision");
+    assert_eq!(
+        (d.action, geo_version(&d.reasons)),
+        (Action::Allow, "v1".into())
+    );
+
+    let (code, out, _) = run(&["agent", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("geo") && out.contains("spin"), "{out}");
+
+    // Removed, the kind is drained and stopped on every host: its subscription now has no
+    // live instance, and fails closed.
+    let (code, _, err) = run(&["agent", "remove", "geo"]);
+    assert_eq!(code, Some(0), "{err}");
+    eventually("geo is unloaded", || async {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        let gone = d
+            .reasons
+            .iter()
+            .any(|r| r.agent == "geo" && r.policy == bus::decision::failure::NO_RESPONDERS);
+        (d.action == Action::Deny && gone)
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+    let (code, _, err) = run(&["agent", "remove", "geo"]);
+    assert_eq!(code, Some(1), "removing it twice: {err}");
+    assert!(err.contains("no module is deployed"), "{err}");
+    let _ = std::fs::remove_file(importing);
+}
