@@ -7,7 +7,11 @@ use agents::kinds::wasm::abi::{Limits, Sandbox};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 fn example(name: &str) -> Vec<u8> {
-    std::fs::read(format!("{}/../examples/wasm/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    std::fs::read(format!(
+        "{}/../examples/wasm/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
 }
 
 /// A `decide` input as the kind builds it: a new-connection event, an empty state, two

@@ -133,3 +133,36 @@ fn policies_must_name_the_kind() {
     ]);
     assert!(k.check(&other).unwrap_err().contains("agent"));
 }
+
+/// The AssemblyScript example (`examples/wasm/assemblyscript/`), as built and committed: it
+/// reads its input with its own MessagePack reader and validates its policies.
+#[tokio::test]
+async fn the_assemblyscript_example_denies_listed_peers_and_validates_its_policies() {
+    let k = kind(
+        "peer-deny",
+        "assemblyscript/peer-deny.wasm",
+        Limits::default(),
+    );
+    let policy = |peers: Value| {
+        map(vec![
+            ("agent", Value::from("peer-deny")),
+            ("id", Value::from("block-untrusted")),
+            ("peers", peers),
+        ])
+    };
+    let listed = policy(Value::Array(vec![Value::from("local")]));
+    assert!(k.check(&listed).is_ok());
+    let err = k.check(&policy(Value::from("local"))).unwrap_err();
+    assert!(err.contains("field `peers`"), "{err}");
+    // The test event comes from `local`.
+    let patch = decide(&k, vec![listed]).await.expect("decides");
+    assert_eq!(patch.get_str("action"), Some("deny"));
+    let reason = &patch
+        .get("reasons")
+        .and_then(|r| r.as_array())
+        .expect("reasons")[0];
+    assert_eq!(field_str(reason, "policy"), Some("block-untrusted"));
+    let other = policy(Value::Array(vec![Value::from("peer-x")]));
+    let patch = decide(&k, vec![other]).await.expect("decides");
+    assert_eq!(patch.get_str("action"), Some("allow"));
+}
