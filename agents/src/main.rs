@@ -104,6 +104,7 @@ async fn run(cli: Cli) -> Result<(), runtime::AgentError> {
         max_in_flight: cli.max_in_flight,
         state_max_bytes: cli.state_max_bytes,
         role: None,
+        reload: None,
     };
     match cli.kind {
         KindCmd::Acl { default } => {

@@ -50,6 +50,9 @@ struct Agent<K: AgentKind> {
     /// lands here is dropped (the original's answer serves the dispatcher), so hedging never
     /// makes one instance do the same work twice.
     working: bus::hedge::InProgress,
+    /// The policies last loaded, to load again when the kind's validation changed (a new
+    /// version of a WebAssembly module).
+    last: std::sync::Mutex<config::Snapshot>,
 }
 
 impl<K: AgentKind> Agent<K>
@@ -57,6 +60,7 @@ where
     K::Policy: Clone,
 {
     fn load(&self, snap: &config::Snapshot) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = snap.clone();
         let mut valid = Vec::with_capacity(snap.values.len());
         let mut broken = Vec::new();
         for (key, doc) in &snap.values {
@@ -89,6 +93,12 @@ where
             policies = count,
             "policies loaded"
         );
+    }
+
+    /// Loads the last policies again.
+    fn reload(&self) {
+        let snap = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.load(&snap);
     }
 
     fn current(&self) -> Arc<Loaded<K::Rules>> {
@@ -250,6 +260,9 @@ pub struct Options {
     /// Who the agent is on the bus, when not `agent-<kind>`: a wasm host serves its kinds
     /// with its own credentials.
     pub role: Option<bus::roles::Role>,
+    /// Loads the policies again when notified: a wasm host does on a new module version,
+    /// whose `validate` may judge the stored policies otherwise.
+    pub reload: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Default for Options {
@@ -258,6 +271,7 @@ impl Default for Options {
             max_in_flight: 1024,
             state_max_bytes: 256 * 1024 * 1024,
             role: None,
+            reload: None,
         }
     }
 }
@@ -385,6 +399,7 @@ where
             fingerprint: bus::cache::fingerprint([]),
         })),
         working: Default::default(),
+        last: Default::default(),
     });
 
     // Load the policies before taking any request, so a new instance never answers from an
@@ -394,12 +409,22 @@ where
         let agent = agent.clone();
         let store = store.clone();
         let filter = ConfigKey::policies_of(kind_name);
-        tokio::spawn(config::follow(
-            store,
-            filter,
-            move |snap| agent.load(snap),
-            Some(ready_tx),
-        ))
+        let reload = options.reload.clone();
+        let again = agent.clone();
+        tokio::spawn(async move {
+            let follow =
+                config::follow(store, filter, move |snap| agent.load(snap), Some(ready_tx));
+            tokio::pin!(follow);
+            loop {
+                tokio::select! {
+                    _ = &mut follow => break,
+                    _ = async { reload.as_ref()?.notified().await; Some(()) }, if reload.is_some() => {
+                        tracing::info!(agent = %again.kind_name, "loading the policies again");
+                        again.reload();
+                    }
+                }
+            }
+        })
     };
     let _ = ready_rx.await;
 

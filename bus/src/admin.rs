@@ -246,9 +246,9 @@ pub struct Applied {
     pub revision_before: u64,
     pub revision: u64,
     pub dry_run: bool,
-    /// Stored in one JetStream atomic batch (nats-server 2.12 and later): no reader ever saw
-    /// part of it. Otherwise stored key by key, each compared-and-set, and rolled back if one
-    /// failed.
+    /// Stored in one JetStream atomic batch (nats-server 2.12 and later): the server stored
+    /// all of it at once. Otherwise stored key by key, each compared-and-set, and rolled back
+    /// if one failed.
     pub atomic: bool,
 }
 

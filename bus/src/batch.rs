@@ -143,6 +143,47 @@ pub async fn write_atomic(
     }
 }
 
+/// Writes one key, compared-and-set against `w.expected_revision`, and returns the revision
+/// it was stored at (async-nats's KV delete does not say).
+pub async fn write_one(
+    client: &async_nats::Client,
+    store: &kv::Store,
+    w: &Write,
+) -> Result<u64, BatchError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        w.expected_revision.to_string().as_str(),
+    );
+    if w.value.is_none() {
+        headers.insert(KV_OPERATION, KV_DELETE);
+    }
+    let subject = format!("{}{}", store.prefix, w.key);
+    let payload = w.value.clone().unwrap_or_default();
+    let js = jetstream::new(client.clone());
+    let ack = js
+        .publish_with_headers(subject, headers, payload)
+        .await
+        .map_err(|e| BatchError::Unknown(e.to_string()))?;
+    match ack.await {
+        Ok(ack) => Ok(ack.sequence),
+        // The server answered: it refused the write (a wrong last sequence, a full bucket).
+        Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+            Err(BatchError::Refused(e.to_string()))
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::PublishErrorKind::TimedOut
+                    | jetstream::context::PublishErrorKind::BrokenPipe
+            ) =>
+        {
+            Err(BatchError::Unknown(e.to_string()))
+        }
+        Err(e) => Err(BatchError::Refused(e.to_string())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,8 +14,10 @@
 //! | keys, watch | `$JS.API.CONSUMER.CREATE.KV_<b>[.<name>.<filter>]`, `$JS.API.CONSUMER.DELETE.KV_<b>.<name>` (an ordered consumer, delivered to the caller's inbox) |
 //! | put, create, update, delete | publish `$KV.<b>.<key>` (the acknowledgement comes to the inbox) |
 //!
-//! Nothing grants `STREAM.UPDATE`, `STREAM.DELETE`, `STREAM.PURGE` or `STREAM.MSG.DELETE`: no
-//! process of the engine needs them, so no credential of the engine can wipe a bucket.
+//! Nothing grants `STREAM.UPDATE`, `STREAM.DELETE` or `STREAM.MSG.DELETE`: no process of the
+//! engine needs them, so no credential of the engine can wipe a bucket. The one `STREAM.PURGE`
+//! is the dispatcher's, on the modules object store alone: replacing or removing a module
+//! purges its old chunks.
 
 use std::fmt;
 

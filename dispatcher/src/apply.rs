@@ -101,13 +101,37 @@ async fn stored(d: &Dispatcher, prefix: &str) -> Result<BTreeMap<String, Stored>
         .map_err(|_| unavailable("no answer from JetStream in time"))?
 }
 
-/// The revision a new key must be written at: its delete marker's, if it had one.
+/// The revision a new key must be written at: its delete marker's, if it had one. A key that
+/// has a value now was written by someone else since the plan was read.
 async fn tombstone(d: &Dispatcher, key: &str) -> Result<u64, ErrorReply> {
-    Ok(d.store
-        .entry(key)
+    let entry = tokio::time::timeout(WRITE_TIMEOUT, d.store.entry(key))
         .await
-        .map_err(unavailable)?
-        .map_or(0, |e| e.revision))
+        .map_err(|_| unavailable("no answer from JetStream in time"))?
+        .map_err(unavailable)?;
+    match entry {
+        None => Ok(0),
+        Some(e) if e.operation != async_nats::jetstream::kv::Operation::Put => Ok(e.revision),
+        Some(_) => Err(ErrorReply::new(
+            ErrorCode::Internal,
+            format!(
+                "{key} was stored by someone else while this apply was planned; nothing was \
+                 stored: apply again"
+            ),
+        )),
+    }
+}
+
+/// The order writes go in, so that a reader that sees a key-by-key apply halfway never sees
+/// a subscription before the policies it needs, or policies gone before their subscription:
+/// policies added or changed, then subscriptions added or changed, then subscriptions
+/// removed, then policies removed.
+fn write_rank(p: &Planned) -> u8 {
+    match (p.section, p.op) {
+        (Section::Policy, ChangeOp::Add | ChangeOp::Change) => 0,
+        (Section::Subscription, ChangeOp::Add | ChangeOp::Change) => 1,
+        (Section::Subscription, ChangeOp::Remove) => 2,
+        (Section::Policy, ChangeOp::Remove) => 3,
+    }
 }
 
 /// What an apply does, before anything is written.
@@ -182,6 +206,13 @@ pub(crate) async fn apply(d: &Dispatcher, args: Apply) -> Result<Bytes, ErrorRep
     }
 
     let mut plan = plan(&wanted, &have, args.prune);
+    if plan.steps.len() > MAX_CHANGES_PER_APPLY {
+        return Err(bad(format!(
+            "{} changes in one apply; the limit is {MAX_CHANGES_PER_APPLY}: apply in parts \
+             (without --prune, or each part would remove the others)",
+            plan.steps.len()
+        )));
+    }
     for s in plan.steps.iter_mut() {
         if s.planned.op == ChangeOp::Add {
             s.write.expected_revision = tombstone(d, &s.write.key).await?;
@@ -192,18 +223,14 @@ pub(crate) async fn apply(d: &Dispatcher, args: Apply) -> Result<Bytes, ErrorRep
         kept,
         unchanged,
     } = plan;
-    if steps.len() > MAX_CHANGES_PER_APPLY {
-        return Err(bad(format!(
-            "{} changes in one apply; the limit is {MAX_CHANGES_PER_APPLY}: apply in parts",
-            steps.len()
-        )));
-    }
 
     let atomic = bus::batch::atomic(&d.store);
     let revision = if args.dry_run || steps.is_empty() {
         revision_before
     } else if atomic {
-        let writes: Vec<Write> = steps.iter().map(|s| s.write.clone()).collect();
+        let mut ordered: Vec<&Step> = steps.iter().collect();
+        ordered.sort_by_key(|s| write_rank(&s.planned));
+        let writes: Vec<Write> = ordered.iter().map(|s| s.write.clone()).collect();
         let revision = bus::batch::write_atomic(&d.nats, &d.store, &writes)
             .await
             .map_err(conflict_or)?;
@@ -214,7 +241,9 @@ pub(crate) async fn apply(d: &Dispatcher, args: Apply) -> Result<Bytes, ErrorRep
         );
         revision
     } else {
-        write_each(d, &steps).await?
+        let mut ordered: Vec<&Step> = steps.iter().collect();
+        ordered.sort_by_key(|s| write_rank(&s.planned));
+        write_each(d, &ordered).await?
     };
     if !args.dry_run && !steps.is_empty() {
         seen_here(d, revision).await;
@@ -248,86 +277,75 @@ fn conflict_or(e: BatchError) -> ErrorReply {
 
 /// Key by key, for a bucket that takes no atomic batch: each write is compared-and-set
 /// against the revision it was planned from, and when one fails the ones already written are
-/// put back as they were, newest first.
-async fn write_each(d: &Dispatcher, steps: &[Step]) -> Result<u64, ErrorReply> {
-    let mut last = 0;
-    for (i, s) in steps.iter().enumerate() {
-        match write_one(d, s).await {
-            Ok(revision) => last = revision,
-            Err(e) => {
-                let undone = roll_back(d, &steps[..i]).await;
-                let what = format!("{} {}", s.planned.op.mark(), s.planned.name);
-                let message = match undone {
-                    Ok(()) => format!(
-                        "storing {what} failed ({e}); the {i} changes stored before it were \
-                         rolled back, so nothing changed: apply again"
-                    ),
-                    Err(keys) => format!(
-                        "storing {what} failed ({e}), and rolling back failed for {}: the \
-                         stored configuration is part old, part new; `policyctl diff` shows \
-                         where, and applying again completes it",
-                        keys.join(", ")
-                    ),
-                };
-                return Err(ErrorReply::new(ErrorCode::Internal, message));
-            }
-        }
-    }
-    Ok(last)
-}
-
-async fn write_one(d: &Dispatcher, s: &Step) -> Result<u64, String> {
-    let w = &s.write;
-    let write = async {
-        match (&w.value, s.planned.op) {
-            (Some(v), ChangeOp::Add) => d
-                .store
-                .create(&w.key, v.clone())
-                .await
-                .map_err(|e| e.to_string()),
-            (Some(v), _) => d
-                .store
-                .update(&w.key, v.clone(), w.expected_revision)
-                .await
-                .map_err(|e| e.to_string()),
-            (None, _) => {
-                d.store
-                    .delete_expect_revision(&w.key, Some(w.expected_revision))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                bus::config::stream_state(&d.store)
-                    .await
-                    .map(|s| s.last_sequence)
-                    .map_err(|e| e.to_string())
-            }
-        }
-    };
-    tokio::time::timeout(WRITE_TIMEOUT, write)
+/// put back as they were, newest first, each compared-and-set against the revision it was
+/// written at (so a rollback never overwrites someone else's later change).
+async fn write_each(d: &Dispatcher, steps: &[&Step]) -> Result<u64, ErrorReply> {
+    let mut done: Vec<(&Step, u64)> = Vec::with_capacity(steps.len());
+    for s in steps {
+        let written = match tokio::time::timeout(
+            WRITE_TIMEOUT,
+            bus::batch::write_one(&d.nats, &d.store, &s.write),
+        )
         .await
-        .map_err(|_| "no answer from JetStream in time".to_string())?
+        {
+            Ok(r) => r,
+            Err(_) => Err(BatchError::Unknown(
+                "no answer from JetStream in time".into(),
+            )),
+        };
+        let e = match written {
+            Ok(revision) => {
+                done.push((s, revision));
+                continue;
+            }
+            Err(e) => e,
+        };
+        let what = format!(
+            "{} {} {}",
+            s.planned.op.mark(),
+            s.planned.section.as_str(),
+            s.planned.name
+        );
+        let maybe = match &e {
+            BatchError::Unknown(_) => {
+                " It may or may not have been stored itself: `policyctl diff` shows whether."
+                    .to_string()
+            }
+            BatchError::Refused(_) => String::new(),
+        };
+        let message = match roll_back(d, &done).await {
+            Ok(()) => format!(
+                "storing {what} failed ({e}); the {} changes stored before it were rolled \
+                 back.{maybe} Apply again",
+                done.len()
+            ),
+            Err(names) => format!(
+                "storing {what} failed ({e}), and rolling back failed for {}: the stored \
+                 configuration is part old, part new; `policyctl diff` shows where, and \
+                 applying again completes it.{maybe}",
+                names.join(", ")
+            ),
+        };
+        return Err(ErrorReply::new(ErrorCode::Internal, message));
+    }
+    Ok(done.last().map_or(0, |(_, r)| *r))
 }
 
-/// Puts back what `done` wrote, newest first; the keys it could not put back.
-async fn roll_back(d: &Dispatcher, done: &[Step]) -> Result<(), Vec<String>> {
+/// Puts back what `done` wrote, newest first; the names it could not put back.
+async fn roll_back(d: &Dispatcher, done: &[(&Step, u64)]) -> Result<(), Vec<String>> {
     let mut failed = Vec::new();
-    for s in done.iter().rev() {
-        let undo = async {
-            match &s.old {
-                Some(old) => d
-                    .store
-                    .put(&s.write.key, old.clone())
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string()),
-                None => d
-                    .store
-                    .delete(&s.write.key)
-                    .await
-                    .map_err(|e| e.to_string()),
-            }
+    for (s, revision) in done.iter().rev() {
+        let undo = Write {
+            key: s.write.key.clone(),
+            value: s.old.clone(),
+            expected_revision: *revision,
         };
-        let ok = matches!(tokio::time::timeout(WRITE_TIMEOUT, undo).await, Ok(Ok(())));
-        if !ok {
+        let put_back = tokio::time::timeout(
+            WRITE_TIMEOUT,
+            bus::batch::write_one(&d.nats, &d.store, &undo),
+        )
+        .await;
+        if !matches!(put_back, Ok(Ok(_))) {
             failed.push(s.planned.name.clone());
         }
     }
@@ -446,5 +464,31 @@ mod tests {
             true,
         );
         assert!(p.steps.is_empty() && p.kept.is_empty() && p.unchanged == 1);
+    }
+
+    #[test]
+    fn writes_put_policies_before_their_subscriptions_and_remove_them_after() {
+        let p = |op, section| Planned {
+            op,
+            section,
+            name: String::new(),
+        };
+        let mut order = [
+            p(ChangeOp::Remove, Section::Policy),
+            p(ChangeOp::Add, Section::Subscription),
+            p(ChangeOp::Remove, Section::Subscription),
+            p(ChangeOp::Change, Section::Policy),
+        ];
+        order.sort_by_key(write_rank);
+        let got: Vec<(ChangeOp, Section)> = order.iter().map(|p| (p.op, p.section)).collect();
+        assert_eq!(
+            got,
+            [
+                (ChangeOp::Change, Section::Policy),
+                (ChangeOp::Add, Section::Subscription),
+                (ChangeOp::Remove, Section::Subscription),
+                (ChangeOp::Remove, Section::Policy),
+            ]
+        );
     }
 }

@@ -52,6 +52,9 @@ pub fn read_inputs(paths: &[PathBuf]) -> anyhow::Result<Inputs> {
             bail!("{}: no such file or folder", path.display());
         }
     }
+    // A folder and a file in it name that file twice: read it once.
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(f.canonicalize().unwrap_or_else(|_| f.clone())));
     let (subs, policies): (Vec<PathBuf>, Vec<PathBuf>) =
         files.into_iter().partition(|p| is_subscriptions_file(p));
     if subs.is_empty() && policies.is_empty() {
@@ -212,6 +215,12 @@ pub async fn apply(
     options: ApplyOptions,
 ) -> anyhow::Result<Applied> {
     let docs = inputs.policies.as_deref().unwrap_or_default();
+    if options.prune && inputs.policies.as_ref().is_some_and(Vec::is_empty) {
+        bail!(
+            "the policy files hold no documents, and --prune would remove every stored policy; \
+             remove policies with `policyctl policy remove`, or give the ones to keep"
+        );
+    }
     let args = bus::admin::Apply {
         subscriptions: inputs.subscriptions.clone(),
         policies: inputs

@@ -37,13 +37,27 @@ pub fn nats_server_bin() -> anyhow::Result<PathBuf> {
         })
 }
 
-/// A free TCP port on the host, for the cluster's routes (nobody connects to them but the
-/// servers).
-fn free_port(host: &str) -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind((host, 0))
-        .and_then(|l| l.local_addr())
-        .context("no free port for the cluster's routes")?
-        .port())
+/// `n` distinct free TCP ports on the host for the cluster's routes (nobody connects to them
+/// but the servers), none among the client ports `clients`. Every port is held until all are
+/// chosen: ports picked one at a time could repeat, and a node whose route port is taken
+/// never starts, which leaves a cluster that can never place a replicated bucket.
+fn free_ports(host: &str, n: usize, clients: std::ops::Range<u32>) -> anyhow::Result<Vec<u16>> {
+    let mut held = Vec::new();
+    for _ in 0..n * 4 {
+        if held.len() == n {
+            break;
+        }
+        let listener = std::net::TcpListener::bind((host, 0))
+            .context("no free port for the cluster's routes")?;
+        let port = listener.local_addr()?.port();
+        if !clients.contains(&u32::from(port)) {
+            held.push(listener);
+        }
+    }
+    if held.len() < n {
+        return Err(anyhow!("no {n} free ports for the cluster's routes"));
+    }
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 /// Starts `nodes` servers on `host`, client ports `port`, `port + 1`, ... With more than one
@@ -51,9 +65,8 @@ fn free_port(host: &str) -> anyhow::Result<u16> {
 pub fn start(host: &str, port: u16, nodes: usize, auth: Option<&Path>) -> anyhow::Result<Started> {
     let bin = nats_server_bin()?;
     let routes: Vec<u16> = if nodes > 1 {
-        (0..nodes)
-            .map(|_| free_port(host))
-            .collect::<anyhow::Result<_>>()?
+        let first = u32::from(port);
+        free_ports(host, nodes, first..first + nodes as u32)?
     } else {
         Vec::new()
     };

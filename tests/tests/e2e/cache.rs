@@ -53,7 +53,7 @@ async fn cached_engine(dispatcher_args: &[&str]) -> Engine {
 }
 
 /// The tap records of `new-connection` from now on.
-async fn tap(engine: &Engine) -> async_nats::Subscriber {
+pub(crate) async fn tap(engine: &Engine) -> async_nats::Subscriber {
     let nats = engine.client().await;
     let sub = nats
         .subscribe(engine.subjects().tap("new-connection"))
@@ -64,7 +64,7 @@ async fn tap(engine: &Engine) -> async_nats::Subscriber {
 }
 
 /// Reads tap records until `n` have come (or a second passes without one).
-async fn records(sub: &mut async_nats::Subscriber, n: usize) -> Vec<TapRecord> {
+pub(crate) async fn records(sub: &mut async_nats::Subscriber, n: usize) -> Vec<TapRecord> {
     let mut out = Vec::new();
     while out.len() < n {
         match tokio::time::timeout(Duration::from_secs(1), sub.next()).await {

@@ -77,6 +77,7 @@ async fn label_selectors_decide_connections_exposes_and_lists() {
     })
     .await;
     // The same names twice more, with other labels: the cache keys on the labels too.
+    let mut taps = crate::cache::tap(&engine).await;
     for _ in 0..2 {
         let q = hook
             .new_connection(&connection(&[("tier", "frontend"), ("quarantine", "true")]))
@@ -95,6 +96,18 @@ async fn label_selectors_decide_connections_exposes_and_lists() {
             .expect("decision");
         assert_eq!(frontend.action, Action::Allow, "{frontend:?}");
     }
+    // The second round asks what the first did: acl answers it from the cache, and the
+    // answers above are still each label set's own.
+    let seen = crate::cache::records(&mut taps, 6).await;
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    let cached = seen
+        .iter()
+        .filter(|r| r.agents.iter().any(|a| a.agent == "acl" && a.cached))
+        .count();
+    assert!(
+        cached >= 3,
+        "acl answered {cached} of 6 from the cache: {seen:?}"
+    );
     let expose = hook
         .expose_service(&ExposeService {
             service: "shop".into(),

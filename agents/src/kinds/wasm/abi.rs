@@ -19,8 +19,14 @@
 
 use wasmi::{Config, Engine, ExternType, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
 
-/// A decision's answer may be this large at most.
-const MAX_OUTPUT: usize = 1024 * 1024;
+/// A decision's answer may be this large at most: what the dispatcher takes from an agent
+/// (`--max-patch-bytes`' default).
+const MAX_OUTPUT: usize = 512 * 1024;
+/// Table entries a module may have (function pointers); a module needs a few hundred.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// A policy's `validate` runs on the agent's receive loop (policy loads and `_validate`
+/// requests), so it gets at most this much fuel, whatever `--fuel` says.
+pub const VALIDATE_FUEL: u64 = 1_000_000;
 
 /// What a module may use in one call.
 #[derive(Debug, Clone, Copy)]
@@ -54,22 +60,25 @@ pub enum AbiError {
     OutOfFuel(u64),
     #[error("the module trapped: {0}")]
     Trap(String),
-    #[error("the module's answer is out of its memory or larger than 1 MiB")]
+    #[error("the module's answer is out of its memory or larger than 512 KiB")]
     Output,
 }
 
-/// A module checked against the ABI, ready to call.
+/// A module checked against the ABI, ready to call, with its own engine: wasmi keeps a
+/// module's compiled code in its engine until the engine is dropped, so a host that shared one
+/// engine would keep every version it ever loaded or checked.
 #[derive(Debug, Clone)]
 pub struct Compiled {
+    engine: Engine,
     module: Module,
     /// Whether it exports `validate`.
     pub validates: bool,
 }
 
-/// The engine modules run on, with the limits of every call.
+/// How modules are compiled and run: the limits of every call.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
-    engine: Engine,
+    config: Config,
     limits: Limits,
 }
 
@@ -88,10 +97,10 @@ impl Sandbox {
     pub fn new(limits: Limits) -> Self {
         let mut config = Config::default();
         config.consume_fuel(true);
-        Sandbox {
-            engine: Engine::new(&config),
-            limits,
-        }
+        // One memory, so that the memory cap is the module's whole memory (the cap applies to
+        // each memory of a module).
+        config.wasm_multi_memory(false);
+        Sandbox { config, limits }
     }
 
     pub fn limits(&self) -> Limits {
@@ -100,8 +109,8 @@ impl Sandbox {
 
     /// Parses and checks a module: WebAssembly binary or text, no imports, the ABI's exports.
     pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, AbiError> {
-        let module =
-            Module::new(&self.engine, bytes).map_err(|e| AbiError::Invalid(e.to_string()))?;
+        let engine = Engine::new(&self.config);
+        let module = Module::new(&engine, bytes).map_err(|e| AbiError::Invalid(e.to_string()))?;
         if let Some(i) = module.imports().next() {
             return Err(AbiError::Imports {
                 module: i.module().to_string(),
@@ -129,7 +138,42 @@ impl Sandbox {
             Some(t) if is_func(&t, 2, I64) => true,
             Some(_) => return Err(AbiError::Missing("`validate(ptr: i32, len: i32) -> i64`")),
         };
-        Ok(Compiled { module, validates })
+        Ok(Compiled {
+            engine,
+            module,
+            validates,
+        })
+    }
+
+    /// Instantiates the module once, as every call will: a start function that loops or
+    /// traps, or an initial memory over the cap, shows here rather than on every event.
+    pub fn instantiate(&self, compiled: &Compiled) -> Result<(), AbiError> {
+        let mut store = self.store(compiled, self.limits.fuel)?;
+        Linker::<StoreLimits>::new(&compiled.engine)
+            .instantiate_and_start(&mut store, &compiled.module)
+            .map(drop)
+            .map_err(|e| self.trap(e, self.limits.fuel))
+    }
+
+    fn store(&self, compiled: &Compiled, fuel: u64) -> Result<Store<StoreLimits>, AbiError> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.limits.max_memory)
+            .memories(1)
+            .tables(1)
+            .table_elements(MAX_TABLE_ELEMENTS)
+            .instances(1)
+            .build();
+        let mut store = Store::new(&compiled.engine, limits);
+        store.limiter(|l: &mut StoreLimits| l);
+        store.set_fuel(fuel).map_err(|e| self.trap(e, fuel))?;
+        Ok(store)
+    }
+
+    fn trap(&self, e: wasmi::Error, fuel: u64) -> AbiError {
+        match e.as_trap_code() {
+            Some(wasmi::TrapCode::OutOfFuel) => AbiError::OutOfFuel(fuel),
+            _ => AbiError::Trap(e.to_string()),
+        }
     }
 
     /// Calls `export` (`decide` or `validate`) with `input` in a new instance; its answer.
@@ -139,18 +183,13 @@ impl Sandbox {
         export: &str,
         input: &[u8],
     ) -> Result<Vec<u8>, AbiError> {
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(self.limits.max_memory)
-            .instances(1)
-            .build();
-        let mut store = Store::new(&self.engine, limits);
-        store.limiter(|l: &mut StoreLimits| l);
-        let trap = |e: wasmi::Error| match e.as_trap_code() {
-            Some(wasmi::TrapCode::OutOfFuel) => AbiError::OutOfFuel(self.limits.fuel),
-            _ => AbiError::Trap(e.to_string()),
+        let fuel = match export {
+            "validate" => self.limits.fuel.min(VALIDATE_FUEL),
+            _ => self.limits.fuel,
         };
-        store.set_fuel(self.limits.fuel).map_err(trap)?;
-        let instance = Linker::<StoreLimits>::new(&self.engine)
+        let mut store = self.store(compiled, fuel)?;
+        let trap = |e: wasmi::Error| self.trap(e, fuel);
+        let instance = Linker::<StoreLimits>::new(&compiled.engine)
             .instantiate_and_start(&mut store, &compiled.module)
             .map_err(trap)?;
         let memory = instance

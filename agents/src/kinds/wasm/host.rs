@@ -16,7 +16,9 @@ use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
-use super::abi::{Limits, Sandbox};
+use std::sync::Arc;
+
+use super::abi::{Compiled, Limits, Sandbox};
 use super::{Current, WasmKind};
 use crate::runtime::{self, AgentError};
 
@@ -26,12 +28,30 @@ const RETRY: Duration = Duration::from_secs(2);
 /// The queue group of the hosts' `_wasm.check` subscription: one host answers each check.
 const CHECK_GROUP: &str = "wasm-host";
 
+/// How long fetching a module from the store may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A kind this host serves.
 struct Running {
     module: Current,
     digest: String,
+    /// Tells the kind's runtime to load its policies again (a new version may validate them
+    /// otherwise).
+    reload: Arc<tokio::sync::Notify>,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), AgentError>>,
+}
+
+/// What the host keeps: the kinds it serves, those it is draining, and what every kind
+/// shares.
+struct Kinds {
+    running: HashMap<String, Running>,
+    /// Removed kinds still draining: awaited at shutdown.
+    draining: Vec<(String, tokio::task::JoinHandle<Result<(), AgentError>>)>,
+    sandbox: Sandbox,
+    calls: Arc<tokio::sync::Semaphore>,
+    common: daemon::Common,
+    options: runtime::Options,
 }
 
 /// Runs the host until `shutdown`, then stops every kind, each draining its requests.
@@ -65,7 +85,14 @@ pub async fn run(
         role: Some(Role::WasmHost),
         ..options
     };
-    let mut kinds: HashMap<String, Running> = HashMap::new();
+    let mut kinds = Kinds {
+        running: HashMap::new(),
+        draining: Vec::new(),
+        sandbox: sandbox.clone(),
+        calls: super::call_slots(),
+        common: common.clone(),
+        options,
+    };
     let mut watch = None;
     let mut retry = tokio::time::interval(RETRY);
     tokio::pin!(shutdown);
@@ -85,7 +112,7 @@ pub async fn run(
                 Some(Ok(info)) => {
                     let store = watch.as_ref().map(|(store, _)| store.clone());
                     if let Some(store) = store {
-                        apply(&store, info, &mut kinds, &sandbox, &common, &options).await;
+                        kinds.apply(&store, info).await;
                     }
                 }
                 Some(Err(e)) => {
@@ -96,9 +123,13 @@ pub async fn run(
             },
         }
     }
-    for (kind, running) in kinds.drain() {
+    let mut stopping = std::mem::take(&mut kinds.draining);
+    for (kind, running) in kinds.running.drain() {
         let _ = running.stop.send(());
-        match running.task.await {
+        stopping.push((kind, running.task));
+    }
+    for (kind, task) in stopping {
+        match task.await {
             Ok(Err(e)) => tracing::warn!(%kind, error = %e, "kind stopped with an error"),
             Err(e) => tracing::warn!(%kind, error = %e, "kind task failed"),
             Ok(Ok(())) => {}
@@ -141,8 +172,22 @@ async fn next_change(
     w.next().await.map(|r| r.map_err(|e| e.to_string()))
 }
 
+/// Compiles a module and instantiates it once, on a blocking thread: a large module takes a
+/// while to compile, and its start function runs.
+async fn load(sandbox: &Sandbox, bytes: bytes::Bytes) -> Result<Compiled, String> {
+    let sandbox = sandbox.clone();
+    tokio::task::spawn_blocking(move || {
+        let compiled = sandbox.compile(&bytes)?;
+        sandbox.instantiate(&compiled)?;
+        Ok::<_, super::abi::AbiError>(compiled)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
 async fn answer_check(sandbox: &Sandbox, req: daemon::service::Request) {
-    let (headers, body) = match sandbox.compile(&req.message.payload) {
+    let (headers, body) = match load(sandbox, req.message.payload.clone()).await {
         Ok(c) => match codec::encode(
             "module check",
             &ModuleChecked {
@@ -153,89 +198,119 @@ async fn answer_check(sandbox: &Sandbox, req: daemon::service::Request) {
             Err(e) => ErrorReply::new(ErrorCode::Internal, e.to_string())
                 .to_reply(async_nats::HeaderMap::new()),
         },
-        Err(e) => ErrorReply::new(ErrorCode::InvalidPolicy, e.to_string())
-            .to_reply(async_nats::HeaderMap::new()),
+        Err(e) => {
+            ErrorReply::new(ErrorCode::InvalidPolicy, e).to_reply(async_nats::HeaderMap::new())
+        }
     };
     if let Err(e) = req.respond(headers, body).await {
         tracing::warn!(error = %e, "could not answer a module check");
     }
 }
 
-/// Starts, swaps or stops the kind a store change is about.
-async fn apply(
-    store: &async_nats::jetstream::object_store::ObjectStore,
-    info: async_nats::jetstream::object_store::ObjectInfo,
-    kinds: &mut HashMap<String, Running>,
-    sandbox: &Sandbox,
-    common: &daemon::Common,
-    options: &runtime::Options,
-) {
-    let name = info.name.clone();
-    if Kind::new(&name).is_err()
-        || bus::subject::SHIPPED_KINDS.contains(&name.as_str())
-        || name == "wasm"
-    {
-        tracing::warn!(object = %name, "the modules store holds an object that is no module kind's; ignored");
-        return;
-    }
-    if info.deleted {
-        if let Some(running) = kinds.remove(&name) {
-            tracing::info!(kind = %name, "module removed: draining and stopping the kind");
-            let _ = running.stop.send(());
-        }
-        return;
-    }
-    let digest = info.digest.clone().unwrap_or_default();
-    if kinds.get(&name).is_some_and(|r| r.digest == digest) {
-        return;
-    }
-    let compiled = match fetch(store, &name)
-        .await
-        .and_then(|bytes| sandbox.compile(&bytes).map_err(|e| e.to_string()))
-    {
-        Ok(c) => std::sync::Arc::new(c),
-        Err(e) => {
-            tracing::error!(kind = %name, %digest, error = %e, "deployed module does not load here; the kind keeps its previous version, if any");
+impl Kinds {
+    /// Starts, swaps or stops the kind a store change is about.
+    async fn apply(
+        &mut self,
+        store: &async_nats::jetstream::object_store::ObjectStore,
+        info: async_nats::jetstream::object_store::ObjectInfo,
+    ) {
+        let name = info.name.clone();
+        if Kind::new(&name).is_err()
+            || bus::subject::SHIPPED_KINDS.contains(&name.as_str())
+            || name == "wasm"
+        {
+            tracing::warn!(object = %name, "the modules store holds an object that is no module kind's; ignored");
             return;
         }
-    };
-    if let Some(running) = kinds.get_mut(&name) {
-        *running.module.write().unwrap_or_else(|e| e.into_inner()) = compiled;
-        running.digest = digest.clone();
-        tracing::info!(kind = %name, %digest, "new module version swapped in");
-        return;
+        // A kind whose runtime ended (it could not start, say) is started again.
+        if self
+            .running
+            .get(&name)
+            .is_some_and(|r| r.task.is_finished())
+        {
+            if let Some(dead) = self.running.remove(&name) {
+                tracing::warn!(kind = %name, "the kind's runtime had stopped; starting it again");
+                self.draining.push((name.clone(), dead.task));
+            }
+        }
+        if info.deleted {
+            if let Some(running) = self.running.remove(&name) {
+                tracing::info!(kind = %name, "module removed: draining and stopping the kind");
+                let _ = running.stop.send(());
+                self.draining.push((name, running.task));
+            }
+            return;
+        }
+        let digest = info.digest.clone().unwrap_or_default();
+        if self.running.get(&name).is_some_and(|r| r.digest == digest) {
+            return;
+        }
+        let compiled = match fetch(store, &name).await {
+            Ok(bytes) => load(&self.sandbox, bytes.into()).await,
+            Err(e) => Err(e),
+        };
+        let compiled = match compiled {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!(kind = %name, %digest, error = %e, "deployed module does not load here; the kind keeps its previous version, if any");
+                return;
+            }
+        };
+        if let Some(running) = self.running.get_mut(&name) {
+            *running.module.write().unwrap_or_else(|e| e.into_inner()) = compiled;
+            running.digest = digest.clone();
+            running.reload.notify_one();
+            tracing::info!(kind = %name, %digest, "new module version swapped in");
+            return;
+        }
+        let module: Current = Arc::new(std::sync::RwLock::new(compiled));
+        let kind = WasmKind::new(
+            name.clone(),
+            self.sandbox.clone(),
+            module.clone(),
+            self.calls.clone(),
+        );
+        let reload = Arc::new(tokio::sync::Notify::new());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let common = self.common.clone();
+        let options = runtime::Options {
+            reload: Some(reload.clone()),
+            ..self.options.clone()
+        };
+        let task = tokio::spawn(async move {
+            runtime::run(kind, &common, options, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        tracing::info!(kind = %name, %digest, "module loaded: serving the kind");
+        self.running.insert(
+            name,
+            Running {
+                module,
+                digest,
+                reload,
+                stop,
+                task,
+            },
+        );
     }
-    let module: Current = std::sync::Arc::new(std::sync::RwLock::new(compiled));
-    let kind = WasmKind::new(name.clone(), sandbox.clone(), module.clone());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (common, options) = (common.clone(), options.clone());
-    let task = tokio::spawn(async move {
-        runtime::run(kind, &common, options, async {
-            let _ = stopped.await;
-        })
-        .await
-    });
-    tracing::info!(kind = %name, %digest, "module loaded: serving the kind");
-    kinds.insert(
-        name,
-        Running {
-            module,
-            digest,
-            stop,
-            task,
-        },
-    );
 }
 
 async fn fetch(
     store: &async_nats::jetstream::object_store::ObjectStore,
     name: &str,
 ) -> Result<Vec<u8>, String> {
-    let mut object = store.get(name).await.map_err(|e| e.to_string())?;
-    let mut bytes = Vec::new();
-    object
-        .read_to_end(&mut bytes)
+    let read = async {
+        let mut object = store.get(name).await.map_err(|e| e.to_string())?;
+        let mut bytes = Vec::new();
+        object
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(bytes)
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, read)
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(bytes)
+        .map_err(|_| format!("no answer from JetStream within {FETCH_TIMEOUT:?}"))?
 }

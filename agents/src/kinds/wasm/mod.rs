@@ -23,14 +23,29 @@ pub struct WasmKind {
     name: String,
     sandbox: Sandbox,
     module: Current,
+    /// Calls running at once, across every kind of the host: each may hold its memory cap
+    /// and a blocking thread, so their number is bounded by the cores, not by the requests.
+    calls: Arc<tokio::sync::Semaphore>,
+}
+
+/// The calls a host runs at once: two per core.
+pub fn call_slots() -> Arc<tokio::sync::Semaphore> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    Arc::new(tokio::sync::Semaphore::new(cores * 2))
 }
 
 impl WasmKind {
-    pub fn new(name: String, sandbox: Sandbox, module: Current) -> Self {
+    pub fn new(
+        name: String,
+        sandbox: Sandbox,
+        module: Current,
+        calls: Arc<tokio::sync::Semaphore>,
+    ) -> Self {
         WasmKind {
             name,
             sandbox,
             module,
+            calls,
         }
     }
 
@@ -116,8 +131,13 @@ impl AgentKind for WasmKind {
         let compiled = self.current();
         let sandbox = self.sandbox.clone();
         let input = decide_input(event, state, rules);
+        let calls = self.calls.clone();
         async move {
             let input = input?;
+            let _slot = calls
+                .acquire_owned()
+                .await
+                .map_err(|_| "the wasm host is stopping".to_string())?;
             let out =
                 tokio::task::spawn_blocking(move || sandbox.call(&compiled, "decide", &input))
                     .await

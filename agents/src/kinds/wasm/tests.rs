@@ -17,6 +17,7 @@ fn kind(name: &str, module: &str, limits: Limits) -> WasmKind {
         name.into(),
         sandbox,
         Arc::new(RwLock::new(Arc::new(compiled))),
+        call_slots(),
     )
 }
 
@@ -115,6 +116,12 @@ fn modules_that_break_the_abi_are_refused_with_the_reason() {
         sandbox.compile(no_decide.as_bytes()),
         Err(AbiError::Missing(m)) if m.contains("decide")
     ));
+    // One memory only: the cap must bound the module's whole memory.
+    let two = r#"(module (memory (export "memory") 1) (memory 1))"#;
+    assert!(matches!(
+        sandbox.compile(two.as_bytes()),
+        Err(AbiError::Invalid(_))
+    ));
     let err = sandbox.compile(b"\x00asm garbage").unwrap_err();
     assert!(matches!(err, AbiError::Invalid(_)), "{err}");
 }
@@ -165,4 +172,24 @@ async fn the_assemblyscript_example_denies_listed_peers_and_validates_its_polici
     let other = policy(Value::Array(vec![Value::from("peer-x")]));
     let patch = decide(&k, vec![other]).await.expect("decides");
     assert_eq!(patch.get_str("action"), Some("allow"));
+}
+
+#[test]
+fn a_start_function_that_loops_fails_the_deploy_check() {
+    let sandbox = Sandbox::new(Limits {
+        fuel: 100_000,
+        ..Limits::default()
+    });
+    let looping = r#"(module (memory (export "memory") 1)
+        (func (export "alloc") (param i32) (result i32) (i32.const 0))
+        (func (export "decide") (param i32 i32) (result i64) (i64.const 0))
+        (func $start (loop $l (br $l)))
+        (start $start))"#;
+    let compiled = sandbox.compile(looping.as_bytes()).expect("compiles");
+    assert_eq!(
+        sandbox.instantiate(&compiled).unwrap_err(),
+        AbiError::OutOfFuel(100_000)
+    );
+    let fine = sandbox.compile(&example("allow-v1.wat")).expect("compiles");
+    assert!(sandbox.instantiate(&fine).is_ok());
 }
