@@ -8,9 +8,11 @@ use agents::kinds::conn_limit::{ConnLimiter, DEFAULT_LEASE};
 use agents::kinds::monitor::Monitor;
 use agents::kinds::rate_limit::RateLimiter;
 use agents::kinds::{acl::Acl, lb::Lb};
+use agents::metrics::AgentMetrics;
 use agents::runtime;
 use bus::Action;
 use clap::{Parser, Subcommand, ValueEnum};
+use daemon::telemetry::Telemetry;
 
 /// mimalloc rather than glibc's malloc: a decision allocates and frees many small buffers
 /// (headers, the state, encoded payloads) across threads, and glibc's allocator was a third
@@ -43,6 +45,10 @@ struct Cli {
         global = true
     )]
     worker_threads: usize,
+    /// Where to serve GET /metrics (Prometheus text or OpenMetrics), /healthz and /readyz;
+    /// none unless given, except for the monitor (127.0.0.1:9464).
+    #[arg(long, env = "POLICY_METRICS_ADDR", global = true)]
+    metrics_addr: Option<SocketAddr>,
     #[command(subcommand)]
     kind: KindCmd,
 }
@@ -84,12 +90,9 @@ enum KindCmd {
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
         max_memory_mib: u32,
     },
-    /// Monitor: counts and latency histograms from the tap, served for Prometheus.
-    Monitor {
-        /// Where to serve GET /metrics.
-        #[arg(long, env = "POLICY_METRICS_ADDR", default_value = "127.0.0.1:9464")]
-        metrics_addr: SocketAddr,
-    },
+    /// Monitor: counts and latency histograms from the tap, served for Prometheus on
+    /// --metrics-addr (127.0.0.1:9464 unless given).
+    Monitor,
 }
 
 fn main() -> std::process::ExitCode {
@@ -100,11 +103,32 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<(), runtime::AgentError> {
     daemon::init_logging(cli.common.log_json, "info");
     let shutdown = daemon::shutdown_signal();
+    let process = match &cli.kind {
+        KindCmd::Wasm { .. } => "policy-agent-wasm".to_string(),
+        KindCmd::Monitor => "policy-agent-monitor".to_string(),
+        KindCmd::Acl { .. } => "policy-agent-acl".to_string(),
+        KindCmd::Lb => "policy-agent-lb".to_string(),
+        KindCmd::ConnLimit { .. } => "policy-agent-conn-limit".to_string(),
+        KindCmd::RateLimit => "policy-agent-rate-limit".to_string(),
+    };
+    let telemetry = Telemetry::new(&process);
+    let metrics_addr = match (&cli.kind, cli.metrics_addr) {
+        (_, Some(addr)) => Some(addr),
+        (KindCmd::Monitor, None) => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+        _ => None,
+    };
+    if let Some(addr) = metrics_addr {
+        telemetry.serve(addr).await.map_err(|e| {
+            runtime::AgentError::Service(format!("cannot listen for /metrics on {addr}: {e}"))
+        })?;
+    }
     let options = runtime::Options {
         max_in_flight: cli.max_in_flight,
         state_max_bytes: cli.state_max_bytes,
         role: None,
         reload: None,
+        metrics: Some(AgentMetrics::new(&telemetry)),
+        telemetry: Some(telemetry.clone()),
     };
     match cli.kind {
         KindCmd::Acl { default } => {
@@ -136,8 +160,8 @@ async fn run(cli: Cli) -> Result<(), runtime::AgentError> {
             };
             agents::kinds::wasm::host::run(cli.common, options, limits, shutdown).await
         }
-        KindCmd::Monitor { metrics_addr } => {
-            runtime::run(Monitor::new(metrics_addr), &cli.common, options, shutdown).await
+        KindCmd::Monitor => {
+            runtime::run(Monitor::new(telemetry), &cli.common, options, shutdown).await
         }
     }
 }

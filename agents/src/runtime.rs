@@ -15,6 +15,8 @@ use daemon::service::{Endpoint, EndpointSpec, Request, Service};
 use tracing::Instrument;
 
 use crate::kind::{self, parse_policy, AgentKind};
+use crate::metrics::AgentMetrics;
+use daemon::telemetry::Telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -53,6 +55,7 @@ struct Agent<K: AgentKind> {
     /// The policies last loaded, to load again when the kind's validation changed (a new
     /// version of a WebAssembly module).
     last: std::sync::Mutex<config::Snapshot>,
+    metrics: Option<Arc<AgentMetrics>>,
 }
 
 impl<K: AgentKind> Agent<K>
@@ -87,6 +90,9 @@ where
             broken,
             fingerprint,
         });
+        if let Some(m) = &self.metrics {
+            m.loaded(self.kind.name(), count, loaded.broken.len(), snap.revision);
+        }
         *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = loaded;
         tracing::info!(
             agent = self.kind.name(),
@@ -155,7 +161,16 @@ where
 
     /// Answers one request. `track` puts it in the in-progress set, so that a hedged copy
     /// arriving meanwhile is dropped; a request answered inline has no "meanwhile".
+    /// Counts an answered request, when the process keeps metrics.
+    fn count(&self, op: &str, outcome: &str) {
+        if let Some(m) = &self.metrics {
+            m.answered(self.kind.name(), op, outcome);
+        }
+    }
+
     async fn handle(self: Arc<Self>, req: Request, track: bool) {
+        let _in_flight = self.metrics.as_ref().map(|m| m.started(self.kind.name()));
+        let started = std::time::Instant::now();
         let msg = &req.message;
         let op = self
             .subjects
@@ -183,6 +198,8 @@ where
                     ErrorReply::new(ErrorCode::BadRequest, e.to_string()).to_reply(reply_headers)
                 }
             };
+            let failed = reply.0.get(headers::NATS_SERVICE_ERROR_CODE).is_some();
+            self.count("undo", if failed { "error" } else { "ok" });
             if let Err(e) = req.respond(reply.0, reply.1).await {
                 tracing::warn!(error = %e, "could not answer an undo");
             }
@@ -192,6 +209,7 @@ where
             // The dispatcher has given up on this one (a hedge answered it, or the timeout
             // passed): starting it now would only take what nobody will use.
             tracing::debug!(subject = %msg.subject, "request past its deadline: not started");
+            self.count("decide", "dropped");
             req.dropped("past its deadline").await;
             return;
         }
@@ -199,6 +217,7 @@ where
             Some(id) if track && msg.reply.is_some() && !validating => {
                 let Some(working) = self.working.start(format!("{id} {}", msg.subject)) else {
                     tracing::debug!(subject = %msg.subject, "hedged copy of a request in progress: dropped");
+                    self.count("decide", "dropped");
                     req.dropped("copy of a request in progress").await;
                     return;
                 };
@@ -211,6 +230,16 @@ where
         } else {
             self.decide(op, msg).await
         };
+        let op_name = if validating { "validate" } else { "decide" };
+        match (&result, msg.reply.is_none()) {
+            (Ok(_), true) => self.count("observe", "ok"),
+            (Err(_), true) => self.count("observe", "error"),
+            (Ok(_), false) => self.count(op_name, "ok"),
+            (Err(_), false) => self.count(op_name, "error"),
+        }
+        if let (Some(m), false) = (&self.metrics, validating) {
+            m.decided_in(self.kind.name(), started.elapsed());
+        }
         if msg.reply.is_none() {
             // Sent to an observer: the kind has done its work (a release, say); nobody waits.
             if let Err(err) = result {
@@ -250,7 +279,7 @@ where
 }
 
 /// Tunables of the runtime that are not part of the contract.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     /// Requests one instance handles at once; past it, new ones wait in NATS (and the
     /// dispatcher's hedges and timeouts see a busy instance as slow, not as a crash).
@@ -263,6 +292,10 @@ pub struct Options {
     /// Loads the policies again when notified: a wasm host does on a new module version,
     /// whose `validate` may judge the stored policies otherwise.
     pub reload: Option<Arc<tokio::sync::Notify>>,
+    /// Where the kind counts its requests and policies (`--metrics-addr`).
+    pub metrics: Option<Arc<AgentMetrics>>,
+    /// The process's readiness, when this kind is the process (not one kind of a wasm host).
+    pub telemetry: Option<Arc<Telemetry>>,
 }
 
 impl Default for Options {
@@ -272,6 +305,8 @@ impl Default for Options {
             state_max_bytes: 256 * 1024 * 1024,
             role: None,
             reload: None,
+            metrics: None,
+            telemetry: None,
         }
     }
 }
@@ -314,6 +349,9 @@ where
             _ = &mut shutdown, if !drain.started() => {
                 // Stop taking new requests; those the server already sent still come, and are
                 // answered, before the endpoint ends.
+                if let Some(t) = &options.telemetry {
+                    t.ready.stopping();
+                }
                 drain.start(&client, &mut [&mut endpoint]).await;
             }
             _ = daemon::until(deadline) => {
@@ -369,6 +407,9 @@ where
         .clone()
         .unwrap_or_else(|| bus::roles::Role::of_kind(kind_name));
     let client = common.connect(&service_name, true, &role).await?;
+    if let Some(t) = &options.telemetry {
+        t.ready.connected(&client);
+    }
     let store = config::open_waiting(
         &client,
         subjects,
@@ -400,6 +441,7 @@ where
         })),
         working: Default::default(),
         last: Default::default(),
+        metrics: options.metrics.clone(),
     });
 
     // Load the policies before taking any request, so a new instance never answers from an
@@ -444,6 +486,10 @@ where
     let endpoint = endpoints
         .pop()
         .ok_or_else(|| AgentError::Service("endpoint missing".into()))?;
+    if let Some(t) = &options.telemetry {
+        t.ready.loaded();
+        t.ready.serving();
+    }
     tracing::info!(agent = %kind_name, subject = %subjects.agent_wildcard(kind_name), "ready");
     Ok((client, agent, watcher, endpoint, service))
 }

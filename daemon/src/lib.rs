@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod service;
+pub mod telemetry;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -460,8 +461,11 @@ where
 pub fn init_logging(json: bool, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // Colour only on a terminal: `docker logs` and files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -239,6 +239,14 @@ impl Dispatcher {
         let undo = (!dry_run || run.ignored_dry_run)
             .then(|| chain::undo_for(&run, &body, &trace))
             .flatten();
+        if let (Some(m), false) = (&self.metrics, dry_run) {
+            let result = match run.state.get_str(keys::ACTION) {
+                Some("deny") => "deny",
+                _ if run.state.flag(keys::DEGRADED) => "degraded",
+                _ => "allow",
+            };
+            m.decided(name.as_str(), result, total_us, &run.timings);
+        }
         let tap = (!dry_run).then(|| Tap {
             name,
             event_id,

@@ -6,6 +6,7 @@ pub mod admin;
 mod apply;
 pub mod chain;
 mod decide;
+mod metrics;
 mod modules;
 mod peers;
 pub mod table;
@@ -37,7 +38,7 @@ pub enum DispatcherError {
 }
 
 /// Tunables that are not part of the contract.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     /// Events handled at once by this instance; past it, new events wait in NATS.
     pub max_in_flight: usize,
@@ -50,6 +51,8 @@ pub struct Options {
     pub max_patch_bytes: usize,
     /// Answers the verdict cache keeps at most; 0 turns it off.
     pub verdict_cache: usize,
+    /// Metrics and readiness, served on `--metrics-addr`.
+    pub telemetry: Option<Arc<daemon::telemetry::Telemetry>>,
 }
 
 impl Default for Options {
@@ -60,6 +63,7 @@ impl Default for Options {
             limits: Limits::default(),
             max_patch_bytes: 512 * 1024,
             verdict_cache: 10_000,
+            telemetry: None,
         }
     }
 }
@@ -77,6 +81,7 @@ pub struct Dispatcher {
     pub(crate) verdicts: verdicts::Verdicts,
     /// Peers taken out of the candidates (see [`peers`]).
     pub(crate) removed_peers: peers::Removed,
+    pub(crate) metrics: Option<metrics::DispatcherMetrics>,
 }
 
 impl Dispatcher {
@@ -97,14 +102,21 @@ impl Dispatcher {
             // The hookpoint has stopped waiting (another dispatcher answered its hedge, or its
             // timeout passed): a chain run now would only take slots and budget.
             tracing::debug!(subject = %req.message.subject, "event past its deadline: not decided");
+            if let Some(m) = &self.metrics {
+                m.dropped();
+            }
             req.dropped("past its deadline").await;
             return;
         }
+        let _in_flight = self.metrics.as_ref().map(|m| m.started());
         let _working = match headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID) {
             Some(id) if !id.is_empty() => {
                 let Some(working) = self.working.start(format!("{id} {}", req.message.subject))
                 else {
                     tracing::debug!(subject = %req.message.subject, "hedged copy of an event in progress: dropped");
+                    if let Some(m) = &self.metrics {
+                        m.dropped();
+                    }
                     req.dropped("copy of an event in progress").await;
                     return;
                 };
@@ -123,7 +135,15 @@ impl Dispatcher {
                 }
             }
             Err(err) => {
-                tracing::warn!(subject = %req.message.subject, error = %err, "event rejected");
+                if let Some(m) = &self.metrics {
+                    m.refused(err.code.as_str());
+                }
+                tracing::warn!(
+                    subject = %req.message.subject,
+                    event.id = headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"),
+                    error = %err,
+                    "event rejected"
+                );
                 let mut h = HeaderMap::new();
                 headers::propagate(req.message.headers.as_ref(), &mut h);
                 respond(req, err.to_reply(h)).await;
@@ -196,6 +216,9 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
     let nats = common
         .connect(headers::DISPATCHER_SERVICE, true, &Role::Dispatcher)
         .await?;
+    if let Some(t) = &options.telemetry {
+        t.ready.connected(&nats);
+    }
     let store =
         config::open_waiting(&nats, &subjects, common.kv_replicas, config::Access::Owner).await?;
     let dispatcher = Arc::new(Dispatcher {
@@ -207,6 +230,10 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
         working: Default::default(),
         verdicts: verdicts::Verdicts::new(options.verdict_cache),
         removed_peers: Default::default(),
+        metrics: options
+            .telemetry
+            .as_deref()
+            .map(metrics::DispatcherMetrics::new),
     });
 
     // One watch of the bucket feeds both the chain table (subscriptions) and the verdict
@@ -250,6 +277,15 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
                 if subs_changed {
                     d.table.load(&d.subjects, &subs);
                 }
+                if let Some(m) = &d.metrics {
+                    let revision = match &update {
+                        config::Update::Loaded(snap) => snap.revision,
+                        config::Update::Changed(changes) => {
+                            changes.last().map_or(subs.revision, |c| c.revision())
+                        }
+                    };
+                    m.config(revision, subs.values.len());
+                }
                 // Before the verdicts: the revision they confirm covers the peers too.
                 d.removed_peers.apply(&update);
                 d.verdicts.apply(update);
@@ -258,6 +294,9 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
         ))
     };
     let _ = ready_rx.await;
+    if let Some(t) = &options.telemetry {
+        t.ready.loaded();
+    }
     // Subscribed before this dispatcher answers `$SRV.PING`, so one that is counted confirms.
     let asks = nats
         .subscribe(subjects.dispatchers_seen())
@@ -290,6 +329,9 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
     let (Some(admin), Some(events)) = (endpoints.pop(), endpoints.pop()) else {
         return Err(DispatcherError::Service("endpoints missing".into()));
     };
+    if let Some(t) = &options.telemetry {
+        t.ready.serving();
+    }
     tracing::info!(events = %subjects.events_wildcard(), admin = %subjects.admin_wildcard(), "ready");
     Ok(Serving {
         dispatcher,
@@ -337,6 +379,9 @@ impl Serving {
                 _ = &mut shutdown, if !drain.started() => {
                     // Stop taking new work; what the server already sent still comes, and is
                     // decided, before the endpoints end.
+                    if let Some(t) = &options.telemetry {
+                        t.ready.stopping();
+                    }
                     drain.start(&nats, &mut [&mut events, &mut admin]).await;
                 }
                 _ = daemon::until(deadline) => {

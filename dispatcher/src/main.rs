@@ -46,6 +46,10 @@ struct Cli {
     /// least CPU per request; 0 is one per core. Scale out with more instances instead.
     #[arg(long, env = "POLICY_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
+    /// Where to serve GET /metrics (Prometheus text or OpenMetrics), /healthz and /readyz;
+    /// none unless given.
+    #[arg(long, env = "POLICY_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,6 +59,14 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<(), dispatcher::DispatcherError> {
     daemon::init_logging(cli.common.log_json, "info");
+    let telemetry = daemon::telemetry::Telemetry::new("policy-dispatcher");
+    if let Some(addr) = cli.metrics_addr {
+        telemetry.serve(addr).await.map_err(|e| {
+            dispatcher::DispatcherError::Service(format!(
+                "cannot listen for /metrics on {addr}: {e}"
+            ))
+        })?;
+    }
     let options = dispatcher::Options {
         max_in_flight: cli.max_in_flight,
         max_admin_in_flight: cli.max_admin_in_flight,
@@ -66,6 +78,7 @@ async fn run(cli: Cli) -> Result<(), dispatcher::DispatcherError> {
         },
         max_patch_bytes: cli.max_patch_bytes,
         verdict_cache: cli.verdict_cache,
+        telemetry: Some(telemetry),
     };
     dispatcher::run(&cli.common, options, daemon::shutdown_signal()).await
 }

@@ -17,6 +17,7 @@ mod monitor;
 mod robustness;
 mod security;
 mod slots;
+mod telemetry;
 mod undo;
 mod wasm;
 

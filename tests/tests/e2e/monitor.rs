@@ -45,7 +45,9 @@ fn parse_sample(line: &str) -> Result<(String, HashMap<String, String>, f64), St
 
 pub(crate) fn scrape(addr: &str) -> Vec<(String, HashMap<String, String>, f64)> {
     let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+    s.write_all(
+        b"GET /metrics HTTP/1.1\r\nHost: test\r\nAccept: application/openmetrics-text; version=1.0.0\r\n\r\n",
+    )
         .expect("request");
     let mut resp = String::new();
     s.read_to_string(&mut resp).expect("response");

@@ -1,14 +1,12 @@
 //! Monitor: taps every decision (a plain, non-queue subscriber on `<prefix>.tap.>`, so every
-//! monitor instance sees everything), keeps counters and latency histograms, and serves them
-//! in the Prometheus text format at `http://<metrics-addr>/metrics`. Subscribed into a chain it
+//! monitor instance sees everything), keeps counters and latency histograms, and adds them to
+//! its process's `/metrics` (`--metrics-addr`, `daemon::telemetry`). Subscribed into a chain it
 //! is an observe-only agent: it answers at once with an empty patch and never changes a
 //! decision.
 
 mod bytes;
-mod http;
 pub mod metrics;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bus::codec;
@@ -20,15 +18,16 @@ use crate::kind::{AgentKind, Attach, AttachError, Stored};
 pub const NAME: &str = "monitor";
 
 pub struct Monitor {
-    pub metrics_addr: SocketAddr,
+    /// The process's metrics endpoint, which serves the monitor's families too.
+    pub telemetry: Arc<daemon::telemetry::Telemetry>,
     /// Filled in by `attach`; the agent side of the monitor does not need it.
     pub metrics: Arc<metrics::Metrics>,
 }
 
 impl Monitor {
-    pub fn new(metrics_addr: SocketAddr) -> Self {
+    pub fn new(telemetry: Arc<daemon::telemetry::Telemetry>) -> Self {
         Monitor {
-            metrics_addr,
+            telemetry,
             metrics: Arc::new(metrics::Metrics::new()),
         }
     }
@@ -50,11 +49,9 @@ impl AgentKind for Monitor {
     fn compile(&self, _policies: Vec<Stored<serde::de::IgnoredAny>>) {}
 
     async fn attach(&mut self, ctx: Attach<'_>) -> Result<(), AttachError> {
-        let listener = tokio::net::TcpListener::bind(self.metrics_addr)
-            .await
-            .map_err(|e| format!("cannot listen for /metrics on {}: {e}", self.metrics_addr))?;
-        tracing::info!(addr = %self.metrics_addr, "serving /metrics");
-        tokio::spawn(http::serve(listener, self.metrics.clone()));
+        let families = self.metrics.clone();
+        self.telemetry
+            .add_source(Box::new(move || families.encode()));
 
         let mut tap = ctx.nats.subscribe(ctx.subjects.tap_wildcard()).await?;
         let metrics = self.metrics.clone();

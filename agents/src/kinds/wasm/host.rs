@@ -81,8 +81,16 @@ pub async fn run(
     let mut checks = endpoints
         .pop()
         .ok_or_else(|| AgentError::Service("endpoint missing".into()))?;
+    // The host's readiness is the host's: its kinds come and go without making it unready.
+    let telemetry = options.telemetry.clone();
+    if let Some(t) = &telemetry {
+        t.ready.connected(&client);
+        t.ready.loaded();
+        t.ready.serving();
+    }
     let options = runtime::Options {
         role: Some(Role::WasmHost),
+        telemetry: None,
         ..options
     };
     let mut kinds = Kinds {
@@ -122,6 +130,9 @@ pub async fn run(
                 None => watch = None,
             },
         }
+    }
+    if let Some(t) = &telemetry {
+        t.ready.stopping();
     }
     let mut stopping = std::mem::take(&mut kinds.draining);
     for (kind, running) in kinds.running.drain() {
