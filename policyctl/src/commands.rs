@@ -35,6 +35,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             return crate::up::run(&cli.common, examples, *every, metrics_addr, auth, nodes).await;
         }
         Command::Auth(cmd) => return auth(cmd, &subjects),
+        Command::Probe { url } => return probe(url),
         _ => {}
     }
     // `emit` and `bench` act as a gateway; everything else is the operator's.
@@ -259,7 +260,9 @@ async fn command(
             };
             crate::bench::run(&cli.common, &nats, &subjects, options).await?;
         }
-        Command::Up { .. } | Command::Auth(_) => unreachable!("handled above"),
+        Command::Up { .. } | Command::Auth(_) | Command::Probe { .. } => {
+            unreachable!("handled above")
+        }
     }
     Ok(())
 }
@@ -300,6 +303,36 @@ async fn agent(admin: &AdminClient, cmd: AgentCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One GET of a plain-http URL: `Ok` on a 200, else the status line and body as the error.
+fn probe(url: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("{url}: only http:// URLs can be probed"))?;
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let timeout = std::time::Duration::from_secs(3);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(host)
+        .with_context(|| format!("{url}: cannot resolve {host}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{url}: {host} resolves to no address"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("{url}: cannot connect"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .with_context(|| format!("{url}: no answer"))?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) == Some("200") {
+        return Ok(());
+    }
+    Err(anyhow!("{url}: {status}: {}", body.trim()))
 }
 
 fn auth(cmd: &AuthCommand, subjects: &bus::Subjects) -> anyhow::Result<()> {

@@ -187,6 +187,12 @@ pub enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
         cluster: u16,
     },
+    /// GET an http:// URL and exit 0 when it answers 200, 1 otherwise: the containers'
+    /// healthcheck of a process's /readyz (the image has no curl). Needs no NATS.
+    Probe {
+        /// For example http://127.0.0.1:9090/readyz.
+        url: String,
+    },
     /// Credentials and permissions for a secured bus: one nkey per role, and the nats-server
     /// configuration that gives each role exactly what it needs.
     #[command(subcommand)]

@@ -39,6 +39,21 @@ pub fn nats_server_bin() -> PathBuf {
     panic!("nats-server not found: run scripts/test (it installs one into .nats/) or set NATS_SERVER_BIN");
 }
 
+/// A tool `scripts/install-tools` installs: from `.tools/venv/bin`, else `PATH`.
+pub fn tool(name: &str) -> PathBuf {
+    let local = workspace_root().join(".tools/venv/bin").join(name);
+    if local.exists() {
+        return local;
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} not found: run scripts/install-tools (scripts/test does)");
+}
+
 /// The `(major, minor)` version of the nats-server the tests run.
 pub fn nats_server_version() -> (u64, u64) {
     let out = Command::new(nats_server_bin())

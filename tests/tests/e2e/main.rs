@@ -5,6 +5,7 @@ mod battery;
 mod cache;
 mod chain;
 mod cluster;
+mod containers;
 mod decisions;
 mod declarative;
 mod dryrun;

@@ -36,7 +36,7 @@ fn get(addr: &str, path: &str, accept: &str) -> (String, String, String) {
 
 /// `promtool check metrics` on an exposition: its exit status and what it said.
 fn promtool(exposition: &str) -> (bool, String) {
-    let mut child = std::process::Command::new("promtool")
+    let mut child = std::process::Command::new(e2e::tool("promtool"))
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -97,6 +97,13 @@ async fn every_process_serves_metrics_promtool_accepts_and_health_and_readiness(
             .expect("decision");
         assert!(d.degraded, "{d:?}");
     }
+    // And one the dispatcher refuses: not MessagePack.
+    let raw = engine.client().await;
+    let refused = raw
+        .request(engine.subjects().event("new-connection"), "not msgpack".into())
+        .await
+        .expect("an error reply");
+    assert!(refused.headers.is_some(), "an error reply carries its code");
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     for (process, addr) in [
@@ -151,6 +158,8 @@ async fn every_process_serves_metrics_promtool_accepts_and_health_and_readiness(
     let ghost = [("agent", "ghost"), ("outcome", "no-responders")];
     let ghost_calls = sum(&dispatcher, "policy_dispatcher_agent_calls_total", &ghost);
     assert_eq!(ghost_calls, decisions("degraded"));
+    let bad = [("code", "bad-request")];
+    assert_eq!(sum(&dispatcher, "policy_dispatcher_refused_total", &bad), 1.0);
     assert!(sum(&dispatcher, "policy_config_revision", &[]) > 0.0);
     assert_eq!(
         sum(&dispatcher, "policy_dispatcher_subscriptions", &[]),
@@ -160,6 +169,27 @@ async fn every_process_serves_metrics_promtool_accepts_and_health_and_readiness(
     assert_eq!(sum(&acl, "policy_agent_policies", &[("kind", "acl")]), 1.0);
     let decided = [("kind", "acl"), ("op", "decide"), ("outcome", "ok")];
     assert!(sum(&acl, "policy_agent_requests_total", &decided) >= 1.0);
+    // Every metric the shipped alerts and dashboard use is one some process serves.
+    let mut served: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for addr in [&d, &a, &w, &m] {
+        // The families (`# TYPE`), so that one with no sample yet counts too.
+        let (_, _, text) = get(addr, "/metrics", "text/plain;version=0.0.4");
+        served.extend(text.lines().filter_map(|l| {
+            let name = l.strip_prefix("# TYPE ")?.split_whitespace().next()?;
+            Some(name.to_string())
+        }));
+    }
+    for file in [
+        "deploy/prometheus/alerts.yaml",
+        "deploy/grafana/policy-bus.json",
+    ] {
+        for name in metric_names(file) {
+            let known = [name.clone(), format!("{name}_bucket")]
+                .iter()
+                .any(|n| served.contains(n));
+            assert!(known, "{file} uses {name}, which no process serves");
+        }
+    }
     let monitor = scrape(&m);
     let seen = sum(
         &monitor,
@@ -172,6 +202,58 @@ async fn every_process_serves_metrics_promtool_accepts_and_health_and_readiness(
         "the monitor counts what the dispatcher decided"
     );
 
+    // What the containers' healthchecks run.
+    let probe = |path: &str| {
+        let (code, _, err) = policyctl(&engine, &["probe", &format!("http://{d}{path}")]);
+        (code, err)
+    };
+    assert_eq!(probe("/readyz").0, Some(0));
+    let (code, err) = probe("/nope");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("404"), "{err}");
     let (status, _, _) = get(&a, "/nope", "*/*");
     assert!(status.contains("404"), "{status}");
+}
+
+/// The `policy_*` metric names a shipped file mentions (histogram suffixes cut).
+fn metric_names(file: &str) -> std::collections::BTreeSet<String> {
+    let path = format!("{}/../{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("policy_") {
+        let word: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + word.len()..];
+        let name = word.strip_suffix("_bucket").unwrap_or(&word).to_string();
+        names.insert(name);
+    }
+    assert!(!names.is_empty(), "{file} uses no policy metric");
+    names
+}
+
+/// The shipped alerting rules load, and each fires on the series it is for (promtool's own
+/// rule unit tests, `deploy/prometheus/alerts_test.yaml`).
+#[test]
+fn the_alert_rules_check_and_fire_on_what_they_are_for() {
+    let dir = format!("{}/../deploy/prometheus", env!("CARGO_MANIFEST_DIR"));
+    for args in [
+        ["check", "rules", "alerts.yaml"],
+        ["test", "rules", "alerts_test.yaml"],
+    ] {
+        let out = std::process::Command::new(e2e::tool("promtool"))
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
