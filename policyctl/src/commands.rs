@@ -9,7 +9,9 @@ use bus::tap::TapRecord;
 use bus::{codec, AdminClient, Client, EventName, Value};
 use futures::StreamExt;
 
-use crate::{auth, files, AgentCommand, AuthCommand, Cli, Command, PolicyCommand};
+use crate::{
+    auth, files, output, AgentCommand, AuthCommand, Cli, Command, PolicyCommand, TapOutput,
+};
 
 /// Prints a line of a command's output; a reader that went away (`| head`) ends the command
 /// quietly instead of a panic.
@@ -36,6 +38,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Auth(cmd) => return auth(cmd, &subjects),
         Command::Probe { url } => return probe(url),
+        Command::Completions { shell } => {
+            crate::completions(*shell, &mut std::io::stdout());
+            return Ok(());
+        }
         _ => {}
     }
     // `emit` and `bench` act as a gateway; everything else is the operator's.
@@ -106,31 +112,30 @@ async fn command(
             admin.unsubscribe(&event, &agent).await?;
             out!("unsubscribed {agent} from {event}");
         }
-        Command::Subscriptions { event, json } => {
+        Command::Subscriptions { event, output } => {
             let subs = admin.subscriptions(event.as_deref()).await?;
-            if json {
-                out!("{}", serde_json::to_string_pretty(&subs)?);
-            } else {
-                out!(
-                    "{:<24} {:<14} {:>8} {:>9} {:<8} observe",
-                    "EVENT",
-                    "AGENT",
-                    "PRIORITY",
-                    "TIMEOUT",
-                    "FAILURE"
-                );
-                for s in subs {
-                    out!(
-                        "{:<24} {:<14} {:>8} {:>7}ms {:<8} {}",
-                        s.event,
-                        s.agent,
-                        s.priority,
-                        s.timeout_ms,
-                        s.failure.as_str(),
-                        s.observe
-                    );
+            output::print(output.get(), &subs, || {
+                let rows: Vec<Vec<String>> = subs
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.event.to_string(),
+                            s.agent.clone(),
+                            s.priority.to_string(),
+                            format!("{}ms", s.timeout_ms),
+                            s.failure.as_str().to_string(),
+                            if s.observe { "yes" } else { "no" }.to_string(),
+                        ]
+                    })
+                    .collect();
+                let header = [
+                    "EVENT", "AGENT", "PRIORITY", "TIMEOUT", "FAILURE", "OBSERVE",
+                ];
+                for l in output::table(&header, &rows) {
+                    out!("{l}");
                 }
-            }
+                Ok(())
+            })?;
         }
         Command::Policy(PolicyCommand::Add { files: paths }) => {
             let docs = files::read_policies(&paths)?;
@@ -147,25 +152,32 @@ async fn command(
             admin.policy_remove(&agent, &id).await?;
             out!("removed {agent}/{id}");
         }
-        Command::Policy(PolicyCommand::List { agent, json }) => {
+        Command::Policy(PolicyCommand::List { agent, output }) => {
             let policies = admin.policy_list(agent.as_deref()).await?;
-            if json {
-                out!("{}", serde_json::to_string_pretty(&policies)?);
-            } else {
-                out!("{:<14} {:<28} DOCUMENT", "AGENT", "ID");
-                for p in policies {
-                    let r = PolicyRef::of(&p).unwrap_or(PolicyRef {
-                        agent: "?".into(),
-                        id: "?".into(),
-                    });
-                    out!(
-                        "{:<14} {:<28} {}",
-                        r.agent,
-                        r.id,
-                        serde_json::to_string(&p)?
-                    );
-                }
+            if let (Some(kind), true) = (&agent, policies.is_empty()) {
+                return Err(crate::explain::Exit(
+                    1,
+                    format!("no policies of agent kind `{kind}` are stored"),
+                )
+                .into());
             }
+            output::print(output.get(), &policies, || {
+                let rows: Vec<Vec<String>> = policies
+                    .iter()
+                    .map(|p| {
+                        let r = PolicyRef::of(p).unwrap_or(PolicyRef {
+                            agent: "?".into(),
+                            id: "?".into(),
+                        });
+                        let doc = serde_json::to_string(p).unwrap_or_default();
+                        vec![r.agent, r.id, doc]
+                    })
+                    .collect();
+                for l in output::table(&["AGENT", "ID", "DOCUMENT"], &rows) {
+                    out!("{l}");
+                }
+                Ok(())
+            })?;
         }
         Command::Apply {
             paths,
@@ -192,11 +204,9 @@ async fn command(
             }
         }
         Command::Diff { paths } => crate::declarative::diff(&admin, &paths).await?,
-        Command::Status { json } => {
+        Command::Status { output } => {
             let status = admin.status().await?;
-            if json {
-                out!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
+            output::print(output.get(), &status, || {
                 out!(
                     "configuration revision {}: {} subscriptions, {} policies; apply stores {}",
                     status.revision,
@@ -207,7 +217,8 @@ async fn command(
                         false => "key by key, rolling back on a failure (the bucket was not created on nats-server 2.12+)",
                     }
                 );
-            }
+                Ok(())
+            })?;
         }
         Command::Export { dir } => crate::declarative::export(&admin, &dir).await?,
         Command::Emit {
@@ -229,7 +240,7 @@ async fn command(
         Command::Test { files } => {
             crate::explain::test(&Client::new(nats, subjects), &files).await?
         }
-        Command::Tap { event } => tap(&nats, &subjects, event.as_deref()).await?,
+        Command::Tap { event, output } => tap(&nats, &subjects, event.as_deref(), output).await?,
         Command::Top { interval, count } => {
             crate::top::run(&nats, &subjects, interval, count).await?
         }
@@ -260,7 +271,10 @@ async fn command(
             };
             crate::bench::run(&cli.common, &nats, &subjects, options).await?;
         }
-        Command::Up { .. } | Command::Auth(_) | Command::Probe { .. } => {
+        Command::Up { .. }
+        | Command::Auth(_)
+        | Command::Probe { .. }
+        | Command::Completions { .. } => {
             unreachable!("handled above")
         }
     }
@@ -284,22 +298,21 @@ async fn agent(admin: &AdminClient, cmd: AgentCommand) -> anyhow::Result<()> {
             admin.agent_remove(&kind).await?;
             out!("removed {kind}: every wasm host drains and stops it");
         }
-        AgentCommand::List { json } => {
+        AgentCommand::List { output } => {
             let modules = admin.agent_list().await?;
-            if json {
-                out!("{}", serde_json::to_string_pretty(&modules)?);
-            } else {
-                out!("{:<20} {:>9}  {:<32} DIGEST", "KIND", "BYTES", "DEPLOYED");
-                for m in modules {
-                    out!(
-                        "{:<20} {:>9}  {:<26} {}",
-                        m.kind,
-                        m.size,
-                        m.modified,
-                        m.digest
-                    );
+            output::print(output.get(), &modules, || {
+                let rows: Vec<Vec<String>> = modules
+                    .iter()
+                    .map(|m| {
+                        let size = m.size.to_string();
+                        vec![m.kind.clone(), size, m.modified.clone(), m.digest.clone()]
+                    })
+                    .collect();
+                for l in output::table(&["KIND", "BYTES", "DEPLOYED", "DIGEST"], &rows) {
+                    out!("{l}");
                 }
-            }
+                Ok(())
+            })?;
         }
     }
     Ok(())
@@ -417,6 +430,7 @@ async fn tap(
     nats: &async_nats::Client,
     subjects: &bus::Subjects,
     event: Option<&str>,
+    output: TapOutput,
 ) -> anyhow::Result<()> {
     let subject = match event {
         Some(e) => subjects.tap(EventName::new(e)?.as_str()),
@@ -434,7 +448,7 @@ async fn tap(
                 match codec::decode::<TapRecord>("tap record", &msg.payload) {
                     Ok(rec) => {
                         // A reader that went away (`policyctl tap | head`) ends the stream.
-                        if line(&serde_json::to_string(&rec)?).is_err() {
+                        if line(&tap_line(&rec, output)?).is_err() {
                             return Ok(());
                         }
                     }
@@ -443,4 +457,18 @@ async fn tap(
             }
         }
     }
+}
+
+/// A tap record as `policyctl up` prints decisions, or as JSON.
+fn tap_line(rec: &TapRecord, output: TapOutput) -> anyhow::Result<String> {
+    Ok(match output {
+        TapOutput::Json => serde_json::to_string(rec)?,
+        TapOutput::Human => {
+            let attrs: State =
+                codec::decode("attributes", &codec::encode("attributes", &rec.attributes)?)
+                    .unwrap_or_default();
+            let took = std::time::Duration::from_micros(rec.total_us);
+            crate::up::describe(&rec.event, &attrs, &rec.decision, took)
+        }
+    })
 }

@@ -7,6 +7,7 @@ mod commands;
 mod declarative;
 mod explain;
 mod files;
+mod output;
 mod servers;
 mod top;
 mod up;
@@ -31,6 +32,15 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// How `tap` prints decisions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TapOutput {
+    /// One line a decision, as `policyctl up` shows them.
+    Human,
+    /// One JSON object a line.
+    Json,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Failure {
     Closed,
@@ -50,8 +60,11 @@ impl From<Failure> for FailureMode {
 pub enum Command {
     /// Subscribe an agent kind to an event at a priority (lower runs first).
     Subscribe {
+        /// The event (`new-connection`, `expose-service`, ...).
         event: String,
+        /// The agent kind to run for it.
         agent: String,
+        /// Its place in the chain: lower runs first, equal priorities run together.
         #[arg(long, allow_negative_numbers = true)]
         priority: i32,
         /// How long the dispatcher waits for this agent.
@@ -68,12 +81,18 @@ pub enum Command {
         force: bool,
     },
     /// Remove an agent kind from an event's chain.
-    Unsubscribe { event: String, agent: String },
+    Unsubscribe {
+        /// The event, as subscribed (`new-connection`, ...).
+        event: String,
+        /// The agent kind to take out of its chain.
+        agent: String,
+    },
     /// List subscriptions, in chain order.
     Subscriptions {
+        /// Only this event's chain.
         event: Option<String>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
     /// Add, remove and list policies.
     #[command(subcommand)]
@@ -117,9 +136,8 @@ pub enum Command {
     /// The configuration revision (every change to the stored configuration bumps it) and
     /// how much is stored.
     Status {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
     /// Write the stored subscriptions and policies into a folder (subscriptions.yaml,
     /// policies.yaml) that `diff` finds equal and `load` can apply.
@@ -131,6 +149,7 @@ pub enum Command {
     /// `{k: v}` maps. The decision is real: conn-limit takes a slot and rate-limit a token
     /// (use --dry-run to change nothing).
     Emit {
+        /// The event to send.
         event: String,
         /// Attributes as key=value.
         attributes: Vec<String>,
@@ -141,6 +160,7 @@ pub enum Command {
     /// Explain a decision without making it: each agent's answer and time, and which policy
     /// decided, for the live policy set (a dry run: nothing is taken or recorded).
     Explain {
+        /// The event to explain.
         event: String,
         /// Attributes as key=value, as for `emit`.
         attributes: Vec<String>,
@@ -153,10 +173,17 @@ pub enum Command {
         files: Vec<PathBuf>,
     },
     /// Stream decisions from the tap, one JSON object a line.
-    Tap { event: Option<String> },
+    Tap {
+        /// Only this event's decisions.
+        event: Option<String>,
+        /// How to print: the one-line human form (the default) or JSON, one object a line.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "human")]
+        output: TapOutput,
+    },
     /// A live view of the tap: decisions/s, deny ratio and latency percentiles per event and
     /// per agent, refreshed in place.
     Top {
+        /// How often the view is refreshed.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         interval: Duration,
         /// Stop after this many refreshes.
@@ -187,6 +214,12 @@ pub enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
         cluster: u16,
     },
+    /// Print a shell completion script: `source <(policyctl completions bash)`, or save it
+    /// where your shell loads completions from.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// GET an http:// URL and exit 0 when it answers 200, 1 otherwise: the containers'
     /// healthcheck of a process's /readyz (the image has no curl). Needs no NATS.
     Probe {
@@ -199,15 +232,18 @@ pub enum Command {
     Auth(AuthCommand),
     /// Drive load and report decisions/s and latency next to the raw NATS request/reply floor.
     Bench {
+        /// The event to send.
         #[arg(long, default_value = "new-connection")]
         event: String,
+        /// Events (and floor requests) in flight at once.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
         /// How long each of the two phases (floor, then events) runs.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
-        /// Event attributes as key=value (defaults to a sample of the event).
+        /// Event attributes as key=value, each overriding that field of the event's sample.
         attributes: Vec<String>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
         /// Bench this chain: the event's deciding subscriptions are set to it for the run and
@@ -231,13 +267,16 @@ pub enum Command {
 pub enum AuthCommand {
     /// Write a seed for every shipped role (existing ones are kept) and DIR/nats.conf.
     Init {
+        /// Where the seeds and nats.conf go (kept: existing seeds are not replaced).
         #[arg(long, default_value = auth::DEFAULT_DIR)]
         auth_dir: PathBuf,
     },
     /// Add a role for a third-party agent kind (DIR/agent-<kind>.nk) and rewrite
     /// DIR/nats.conf; reload the server afterwards.
     AddAgent {
+        /// The third-party agent kind.
         kind: String,
+        /// The folder `auth init` wrote.
         #[arg(long, default_value = auth::DEFAULT_DIR)]
         auth_dir: PathBuf,
     },
@@ -267,9 +306,8 @@ pub enum AgentCommand {
     },
     /// List the deployed modules.
     List {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
 }
 
@@ -277,17 +315,30 @@ pub enum AgentCommand {
 pub enum PolicyCommand {
     /// Add policies from YAML files; every document is validated before any is stored.
     Add {
+        /// A policy file (YAML; `---` between documents); give -f once per file.
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
     },
     /// Remove one policy.
-    Remove { agent: String, id: String },
-    /// List policies.
-    List {
-        agent: Option<String>,
-        #[arg(long)]
-        json: bool,
+    Remove {
+        /// The policy's agent kind.
+        agent: String,
+        /// The policy's id.
+        id: String,
     },
+    /// List policies; `-o yaml` or `-o json` prints documents `apply` reads back.
+    List {
+        /// Only this agent kind's policies (an error if it has none).
+        agent: Option<String>,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+}
+
+/// Writes `shell`'s completion script for every command and flag.
+pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "policyctl", out);
 }
 
 fn main() -> ExitCode {
@@ -323,6 +374,47 @@ fn main() -> ExitCode {
             // One line a person can act on: the context chain, outermost first.
             eprintln!("policyctl: {}", daemon::one_line(e.chain()));
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every option and argument of every command says what it is for.
+    #[test]
+    fn every_argument_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" || arg.is_hide_set() {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "policyctl", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    #[test]
+    fn completions_cover_every_command() {
+        let mut script = Vec::new();
+        completions(clap_complete::Shell::Bash, &mut script);
+        let script = String::from_utf8(script).unwrap();
+        for word in ["apply", "subscriptions", "agent", "deploy", "--output"] {
+            assert!(script.contains(word), "bash completion lacks {word}");
         }
     }
 }

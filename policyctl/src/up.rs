@@ -331,7 +331,7 @@ fn cap(d: &State) -> String {
         .unwrap_or_default()
 }
 
-fn describe(event: &str, attrs: &State, d: &State, took: Duration) -> String {
+pub fn describe(event: &str, attrs: &State, d: &State, took: Duration) -> String {
     let reasons: Vec<String> = match d.get("reasons") {
         Some(Value::Array(rs)) => rs
             .iter()

@@ -136,9 +136,10 @@ async fn apply_validates_everything_then_stores_it_in_one_step_and_prunes_on_req
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("0 added, 0 changed, 3 removed"), "{out}");
     assert_eq!(run(&["diff", d]).0, Some(0), "the store equals the folder");
-    let (code, out, _) = run(&["policy", "list", "lb"]);
-    assert_eq!(code, Some(0));
-    assert!(!out.contains("db-round-robin"), "{out}");
+    // No lb policy is left: listing the kind says so, with exit status 1.
+    let (code, out, err) = run(&["policy", "list", "lb"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(err.contains("no policies of agent kind `lb`"), "{err}");
 
     // `policy list --json` applies back, and with --prune removes no subscription: the file
     // has no subscriptions section.
@@ -152,6 +153,14 @@ async fn apply_validates_everything_then_stores_it_in_one_step_and_prunes_on_req
     assert!(out.contains("0 added, 0 changed, 0 removed"), "{out}");
     let (_, after) = revision(&engine);
     assert_eq!(before, after, "an apply with no change stores nothing");
+    // So does `-o yaml`.
+    let (code, out, _) = run(&["policy", "list", "-o", "yaml"]);
+    assert_eq!(code, Some(0));
+    let yaml = dir.path().join("listing.yaml");
+    std::fs::write(&yaml, out).expect("write");
+    let (code, out, err) = run(&["apply", yaml.to_str().expect("path")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("0 added, 0 changed, 0 removed"), "{out}");
     assert_eq!(after["subscriptions"], before["subscriptions"]);
 }
 

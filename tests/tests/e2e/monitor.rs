@@ -289,13 +289,13 @@ async fn policyctl_top_shows_rates_denies_and_agents_from_the_tap() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn policyctl_tap_streams_one_json_decision_a_line() {
+async fn policyctl_tap_o_json_streams_one_json_decision_a_line() {
     let mut engine = Engine::new();
     engine.start(&["lb"]).await;
     let admin = engine.admin().await;
     subscribe(&admin, &[sub("new-connection", "lb", 20)]).await;
     let mut tap = engine
-        .command("policyctl", &["tap", "new-connection"])
+        .command("policyctl", &["tap", "new-connection", "-o", "json"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start policyctl tap");
@@ -338,4 +338,43 @@ async fn policyctl_tap_streams_one_json_decision_a_line() {
         assert_eq!(v["decision"]["target_peer"], "p1");
         assert!(v["agents"][0]["latency_us"].is_u64());
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policyctl_tap_prints_the_human_line_by_default() {
+    let mut engine = Engine::new();
+    engine.start(&["lb"]).await;
+    let admin = engine.admin().await;
+    subscribe(&admin, &[sub("new-connection", "lb", 20)]).await;
+    let mut tap = engine
+        .command("policyctl", &["tap"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start policyctl tap");
+    let stdout = tap.stdout.take().expect("stdout");
+    let line = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout).lines().next()
+    });
+    let hook = engine.hook().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !line.is_finished() && std::time::Instant::now() < deadline {
+        hook.new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .expect("decision");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = tap.kill();
+    let _ = tap.wait();
+    let line = line.join().expect("reader").expect("a line").expect("text");
+    // As `policyctl up` prints decisions: event, services, candidates, the outcome, reasons.
+    assert!(line.starts_with("new-connection"), "{line}");
+    assert!(
+        line.contains("web -> db") && line.contains("=> allow to p1"),
+        "{line}"
+    );
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&line).is_err(),
+        "{line}"
+    );
 }

@@ -100,7 +100,10 @@ async fn every_process_serves_metrics_promtool_accepts_and_health_and_readiness(
     // And one the dispatcher refuses: not MessagePack.
     let raw = engine.client().await;
     let refused = raw
-        .request(engine.subjects().event("new-connection"), "not msgpack".into())
+        .request(
+            engine.subjects().event("new-connection"),
+            "not msgpack".into(),
+        )
         .await
         .expect("an error reply");
     assert!(refused.headers.is_some(), "an error reply carries its code");
@@ -159,7 +162,10 @@ async fn every_process_serves_metrics_promtool_accepts_and_health_and_readiness(
     let ghost_calls = sum(&dispatcher, "policy_dispatcher_agent_calls_total", &ghost);
     assert_eq!(ghost_calls, decisions("degraded"));
     let bad = [("code", "bad-request")];
-    assert_eq!(sum(&dispatcher, "policy_dispatcher_refused_total", &bad), 1.0);
+    assert_eq!(
+        sum(&dispatcher, "policy_dispatcher_refused_total", &bad),
+        1.0
+    );
     assert!(sum(&dispatcher, "policy_config_revision", &[]) > 0.0);
     assert_eq!(
         sum(&dispatcher, "policy_dispatcher_subscriptions", &[]),
