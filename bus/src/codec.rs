@@ -15,14 +15,14 @@ pub const MAX_DEPTH: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
-    #[error("not valid MessagePack for {what}: {source}")]
+    #[error("not valid MessagePack for {what}: {}", plain(source))]
     Decode {
         what: &'static str,
         #[source]
         source: rmp_serde::decode::Error,
     },
     /// Decoded, but a field is missing or has the wrong type: the path names it.
-    #[error("bad {what}: field `{path}`: {source}")]
+    #[error("bad {what}: field `{path}`: {}", plain(source))]
     Field {
         what: &'static str,
         path: String,
@@ -41,6 +41,25 @@ pub enum CodecError {
         #[source]
         source: rmp_serde::encode::Error,
     },
+}
+
+/// A decode error in the user's words: serde names the Rust type it wanted (`expected struct
+/// NewConnection`), which says nothing to whoever sent the message.
+fn plain(e: &rmp_serde::decode::Error) -> String {
+    let text = e.to_string();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("expected struct ") {
+        out.push_str(&rest[..at]);
+        out.push_str("expected a map");
+        let after = &rest[at + "expected struct ".len()..];
+        let name_len = after
+            .find(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .unwrap_or(after.len());
+        rest = &after[name_len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What the non-recursive walk found wrong.
@@ -221,5 +240,19 @@ mod tests {
         rmpv::encode::write_value(&mut bytes, &v).unwrap();
         assert_eq!(check_depth(&bytes, 2), Ok(()));
         assert_eq!(decode::<Value>("t", &bytes).unwrap(), v);
+    }
+
+    #[test]
+    fn decode_errors_name_no_rust_type() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct NewConnection {
+            src_service: String,
+        }
+        let bytes = encode("s", &"a string").unwrap();
+        let err = decode::<NewConnection>("new-connection event", &bytes).unwrap_err();
+        let text = err.to_string();
+        assert!(!text.contains("NewConnection"), "{text}");
+        assert!(text.contains("expected a map"), "{text}");
     }
 }

@@ -78,12 +78,34 @@ fn bad_name(e: impl std::fmt::Display) -> ErrorReply {
     ErrorReply::new(ErrorCode::BadRequest, e.to_string())
 }
 
+/// Says, in the operator's words, that `key` holds nothing, with the closest stored name.
+async fn not_stored(d: &Dispatcher, key: &str) -> ErrorReply {
+    let (what, prefix, name) = match ConfigKey::parse(key) {
+        Some(ConfigKey::Policy { kind, id }) => ("policy", "pol.", format!("{kind}/{id}")),
+        Some(ConfigKey::Subscription { event, kind }) => {
+            ("subscription", "sub.", format!("{event}/{kind}"))
+        }
+        None => ("key", "", key.to_string()),
+    };
+    let stored: Vec<String> = match list(d, prefix).await {
+        Ok(entries) => entries
+            .into_iter()
+            .filter_map(|(k, _)| match ConfigKey::parse(&k)? {
+                ConfigKey::Policy { kind, id } => Some(format!("{kind}/{id}")),
+                ConfigKey::Subscription { event, kind } => Some(format!("{event}/{kind}")),
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    ErrorReply::new(
+        ErrorCode::NotFound,
+        format!("no {what} `{name}` is stored{}", suggestion(&name, &stored)),
+    )
+}
+
 async fn delete(d: &Dispatcher, key: &str) -> Result<(), ErrorReply> {
     match d.store.get(key).await.map_err(unavailable)? {
-        None => Err(ErrorReply::new(
-            ErrorCode::NotFound,
-            format!("nothing stored under {key}"),
-        )),
+        None => Err(not_stored(d, key).await),
         Some(_) => {
             tokio::time::timeout(WRITE_TIMEOUT, d.store.delete(key))
                 .await

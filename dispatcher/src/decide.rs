@@ -69,9 +69,18 @@ impl Dispatcher {
                     format!("no agent is subscribed to {name}: policyctl subscribe {name} <agent> --priority N"),
                 )
             } else {
+                let mut known: Vec<String> = bus::event::CONTRACT_EVENTS
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect();
+                known.extend(self.table.events());
+                let hint =
+                    bus::subject::did_you_mean(name.as_str(), known.iter().map(String::as_str))
+                        .map(|k| format!(" (did you mean `{k}`?)"))
+                        .unwrap_or_default();
                 ErrorReply::new(
                     ErrorCode::UnknownEvent,
-                    format!("unknown event {name:?}: not an event of the contract and no agent is subscribed to it"),
+                    format!("unknown event `{name}`{hint}: not an event of the contract and no agent is subscribed to it"),
                 )
             });
         };

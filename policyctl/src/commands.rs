@@ -254,11 +254,7 @@ async fn command(
             operator_nkey_file,
             dry_run,
         } => {
-            let attributes = if attributes.is_empty() {
-                sample_attributes(&event)?
-            } else {
-                parse_attributes(&attributes)?
-            };
+            let attributes = bench_attributes(&event, &attributes)?;
             let options = crate::bench::Options {
                 event,
                 attributes,
@@ -405,6 +401,21 @@ pub fn parse_attributes(pairs: &[String]) -> anyhow::Result<State> {
     Ok(state)
 }
 
+/// The sample event, each given attribute overriding its field; an event with no sample
+/// takes the given attributes alone.
+fn bench_attributes(event: &str, given: &[String]) -> anyhow::Result<State> {
+    let given = parse_attributes(given)?;
+    let mut attributes = match sample_attributes(event) {
+        Ok(sample) => sample,
+        Err(_) if !given.is_empty() => State::new(),
+        Err(e) => return Err(e),
+    };
+    for (k, v) in given.0 {
+        attributes.insert(k, v);
+    }
+    Ok(attributes)
+}
+
 /// A representative event for `bench` when no attributes are given.
 fn sample_attributes(event: &str) -> anyhow::Result<State> {
     let pairs: &[&str] = match event {
@@ -471,4 +482,24 @@ fn tap_line(rec: &TapRecord, output: TapOutput) -> anyhow::Result<String> {
             crate::up::describe(&rec.event, &attrs, &rec.decision, took)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_attributes_override_the_sample_field_by_field() {
+        let a = bench_attributes("new-connection", &["dst_service=api".into()]).unwrap();
+        assert_eq!(a.get_str("dst_service"), Some("api"));
+        assert_eq!(
+            a.get_str("src_service"),
+            Some("web"),
+            "the rest of the sample stays"
+        );
+        assert!(a.get("dst_peers").is_some());
+        let own = bench_attributes("my-event", &["k=v".into()]).unwrap();
+        assert_eq!(own.0.len(), 1);
+        assert!(bench_attributes("my-event", &[]).is_err());
+    }
 }

@@ -667,10 +667,16 @@ impl Engine {
             if seen >= n {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{service}: {seen} of {n} instances answered"
-            );
+            if Instant::now() >= deadline {
+                // What the processes said is what tells why one never answered.
+                let logs = self.logs();
+                let tail: Vec<&str> = logs.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "{service}: {seen} of {n} instances answered; the processes' last lines:\n{}",
+                    tail.join("\n")
+                );
+            }
         }
     }
 

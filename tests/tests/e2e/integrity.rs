@@ -448,4 +448,35 @@ async fn admin_typos_are_refused_with_a_suggestion_unless_forced() {
         "{stderr}"
     );
     assert_eq!(admin.subscriptions(None).await.expect("list").len(), 1);
+
+    // Removing a policy by a mistyped id names the closest one, in the operator's words.
+    admin
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "extra-rule", "action": "allow"}),
+        )])
+        .await
+        .expect("policy");
+    let (c, msg) = admin_error(
+        &engine,
+        "policy-remove",
+        json!({"agent": "acl", "id": "extra-rul"}),
+    )
+    .await;
+    assert_eq!(c, ErrorCode::NotFound);
+    assert_eq!(
+        msg,
+        "no policy `acl/extra-rul` is stored (did you mean `acl/extra-rule`?)"
+    );
+    // An event nobody knows, the same way; no Rust type names.
+    let hook = engine.hook().await;
+    let err = hook
+        .emit("new-conection", &bus::State::new())
+        .await
+        .expect_err("an unknown event");
+    let text = err.to_string();
+    assert!(
+        text.contains("unknown event `new-conection` (did you mean `new-connection`?)"),
+        "{text}"
+    );
+    assert!(!text.contains("EventName"), "{text}");
 }
