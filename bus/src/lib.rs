@@ -12,6 +12,7 @@ pub mod clusterlink;
 pub mod codec;
 pub mod config;
 pub mod decision;
+pub mod decisions;
 pub mod error;
 pub mod event;
 pub mod headers;

@@ -115,6 +115,11 @@ impl Role {
                     p.publish.push(format!("$SRV.{verb}.>"));
                 }
                 p.subscribe.push(s.tap_wildcard());
+                // `policyctl log`: an ordered pull consumer on the decision log.
+                let stream = s.decisions_stream();
+                p.publish.extend(read_stream(&stream));
+                p.publish
+                    .push(format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.*"));
             }
             Role::Gateway => {
                 p.publish.push(s.events_wildcard());
@@ -138,6 +143,11 @@ impl Role {
                 p.publish.push("$SRV.PING.>".into());
                 p.publish.extend(write_bucket(&s.config_bucket()));
                 p.publish.extend(write_modules(&s.modules_bucket()));
+                // The decision log: create its stream, publish its records.
+                let stream = s.decisions_stream();
+                p.publish.push(format!("$JS.API.STREAM.INFO.{stream}"));
+                p.publish.push(format!("$JS.API.STREAM.CREATE.{stream}"));
+                p.publish.push(s.decision_log_wildcard());
                 p.allow_responses = true;
             }
             Role::WasmHost => {

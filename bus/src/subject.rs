@@ -258,6 +258,19 @@ impl Subjects {
         format!("{}_rates", self.prefix.replace('.', "_"))
     }
 
+    /// Where the dispatcher publishes each decision for the durable decision log (the same
+    /// record as the tap), when the log is on.
+    pub fn decision_log(&self, event: &str) -> String {
+        format!("{}.log.{event}", self.prefix)
+    }
+    pub fn decision_log_wildcard(&self) -> String {
+        format!("{}.log.>", self.prefix)
+    }
+    /// The JetStream stream that keeps the decision log, bounded by age and size.
+    pub fn decisions_stream(&self) -> String {
+        format!("{}_decisions", self.prefix.replace('.', "_"))
+    }
+
     /// The object store of WebAssembly agent modules: one object per kind, named by it.
     pub fn modules_bucket(&self) -> String {
         format!("{}_modules", self.prefix.replace('.', "_"))

@@ -320,10 +320,22 @@ impl Dispatcher {
         };
         match record.encode() {
             Ok(bytes) => {
+                let bytes = Bytes::from(bytes);
+                if self.log_decisions {
+                    // A plain publish the stream stores: nothing waits for its acknowledgement.
+                    let subject = self.subjects.decision_log(tap.name.as_str());
+                    if let Err(e) = self
+                        .nats
+                        .publish_with_headers(subject, tap.trace.clone(), bytes.clone())
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not publish to the decision log");
+                    }
+                }
                 let subject = self.subjects.tap(tap.name.as_str());
                 if let Err(e) = self
                     .nats
-                    .publish_with_headers(subject, tap.trace, bytes.into())
+                    .publish_with_headers(subject, tap.trace, bytes)
                     .await
                 {
                     tracing::warn!(error = %e, "could not publish tap record");

@@ -53,6 +53,8 @@ pub struct Options {
     pub verdict_cache: usize,
     /// Metrics and readiness, served on `--metrics-addr`.
     pub telemetry: Option<Arc<daemon::telemetry::Telemetry>>,
+    /// The durable decision log's bounds; `None` keeps no log.
+    pub decision_log: Option<bus::decisions::Retention>,
 }
 
 impl Default for Options {
@@ -64,6 +66,7 @@ impl Default for Options {
             max_patch_bytes: 512 * 1024,
             verdict_cache: 10_000,
             telemetry: None,
+            decision_log: None,
         }
     }
 }
@@ -82,6 +85,8 @@ pub struct Dispatcher {
     /// Peers taken out of the candidates (see [`peers`]).
     pub(crate) removed_peers: peers::Removed,
     pub(crate) metrics: Option<metrics::DispatcherMetrics>,
+    /// Whether decisions also go to the durable decision log.
+    pub(crate) log_decisions: bool,
 }
 
 impl Dispatcher {
@@ -221,6 +226,20 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
     }
     let store =
         config::open_waiting(&nats, &subjects, common.kv_replicas, config::Access::Owner).await?;
+    // The decision log is for audits after the fact: a dispatcher that cannot open it still
+    // decides, and says so.
+    let log_decisions = match options.decision_log {
+        None => false,
+        Some(retention) => {
+            match bus::decisions::ensure(&nats, &subjects, common.kv_replicas, retention).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open the decision log stream; deciding without it");
+                    false
+                }
+            }
+        }
+    };
     let dispatcher = Arc::new(Dispatcher {
         nats: nats.clone(),
         subjects: subjects.clone(),
@@ -234,6 +253,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
             .telemetry
             .as_deref()
             .map(metrics::DispatcherMetrics::new),
+        log_decisions,
     });
 
     // One watch of the bucket feeds both the chain table (subscriptions) and the verdict

@@ -50,6 +50,16 @@ struct Cli {
     /// none unless given.
     #[arg(long, env = "POLICY_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// How long the decision log keeps a decision (`policyctl log`); set when the first
+    /// dispatcher creates the log's stream.
+    #[arg(long, env = "POLICY_DECISION_LOG_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
+    decision_log_max_age: std::time::Duration,
+    /// Bytes the decision log may hold; past it the oldest decisions go first.
+    #[arg(long, env = "POLICY_DECISION_LOG_MAX_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    decision_log_max_bytes: i64,
+    /// Keep no decision log (the tap still streams decisions to whoever listens).
+    #[arg(long, env = "POLICY_NO_DECISION_LOG")]
+    no_decision_log: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -79,6 +89,10 @@ async fn run(cli: Cli) -> Result<(), dispatcher::DispatcherError> {
         max_patch_bytes: cli.max_patch_bytes,
         verdict_cache: cli.verdict_cache,
         telemetry: Some(telemetry),
+        decision_log: (!cli.no_decision_log).then_some(bus::decisions::Retention {
+            max_age: cli.decision_log_max_age,
+            max_bytes: cli.decision_log_max_bytes,
+        }),
     };
     dispatcher::run(&cli.common, options, daemon::shutdown_signal()).await
 }

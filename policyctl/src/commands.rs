@@ -240,6 +240,23 @@ async fn command(
         Command::Test { files } => {
             crate::explain::test(&Client::new(nats, subjects), &files).await?
         }
+        Command::Log {
+            since,
+            event,
+            action,
+            service,
+            agent,
+            limit,
+            output,
+        } => {
+            let filter = crate::log::Filter {
+                event,
+                action,
+                service,
+                agent,
+            };
+            crate::log::run(&nats, &subjects, since, filter, limit, output).await?
+        }
         Command::Tap { event, output } => tap(&nats, &subjects, event.as_deref(), output).await?,
         Command::Top { interval, count } => {
             crate::top::run(&nats, &subjects, interval, count).await?
@@ -471,7 +488,7 @@ async fn tap(
 }
 
 /// A tap record as `policyctl up` prints decisions, or as JSON.
-fn tap_line(rec: &TapRecord, output: TapOutput) -> anyhow::Result<String> {
+pub fn tap_line(rec: &TapRecord, output: TapOutput) -> anyhow::Result<String> {
     Ok(match output {
         TapOutput::Json => serde_json::to_string(rec)?,
         TapOutput::Human => {

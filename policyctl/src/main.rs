@@ -7,6 +7,7 @@ mod commands;
 mod declarative;
 mod explain;
 mod files;
+mod log;
 mod output;
 mod servers;
 mod top;
@@ -177,6 +178,31 @@ pub enum Command {
         /// Only this event's decisions.
         event: Option<String>,
         /// How to print: the one-line human form (the default) or JSON, one object a line.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "human")]
+        output: TapOutput,
+    },
+    /// Read the durable decision log: what was decided, when and why, newest last; filters
+    /// combine. The dispatchers keep it (bounded by age and size) unless told not to.
+    Log {
+        /// How far back to start.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        since: Duration,
+        /// Only this event's decisions.
+        #[arg(long)]
+        event: Option<String>,
+        /// Only decisions with this action.
+        #[arg(long, value_parser = ["allow", "deny"])]
+        action: Option<String>,
+        /// Only decisions about this service (`dst_service`, or `service` of an expose).
+        #[arg(long)]
+        service: Option<String>,
+        /// Only decisions this agent kind was called for or gave a reason in.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Stop after this many decisions.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// How to print: one human line a decision (the default), or JSON, one record a line.
         #[arg(short = 'o', long = "output", value_enum, default_value = "human")]
         output: TapOutput,
     },

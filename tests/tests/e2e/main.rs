@@ -6,6 +6,7 @@ mod cache;
 mod chain;
 mod cluster;
 mod containers;
+mod decision_log;
 mod decisions;
 mod declarative;
 mod dryrun;

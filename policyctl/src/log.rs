@@ -1,0 +1,188 @@
+//! `policyctl log`: reads the durable decision log after the fact, the way OPA's decision
+//! logs are audited: what was decided, when and why, filtered by event, action, service and
+//! agent. An ordered consumer reads from the first record at or after `--since` up to the
+//! newest one at the start, then ends.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context};
+use async_nats::jetstream::{self, consumer};
+use bus::state::{field_str, keys};
+use bus::tap::TapRecord;
+use bus::{codec, EventName, Subjects};
+use futures::StreamExt;
+
+use crate::TapOutput;
+
+/// What `log` keeps of the records it reads.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    pub event: Option<String>,
+    pub action: Option<String>,
+    pub service: Option<String>,
+    pub agent: Option<String>,
+}
+
+impl Filter {
+    /// Whether a record passes: its action, its service (`dst_service` or `service`), and an
+    /// agent that was called for it or gave a reason.
+    pub fn keeps(&self, r: &TapRecord) -> bool {
+        let action = r.decision.get_str(keys::ACTION).unwrap_or("allow");
+        if self.action.as_deref().is_some_and(|a| a != action) {
+            return false;
+        }
+        if let Some(service) = &self.service {
+            let s = field_str(&r.attributes, "dst_service")
+                .or_else(|| field_str(&r.attributes, "service"));
+            if s != Some(service.as_str()) {
+                return false;
+            }
+        }
+        if let Some(agent) = &self.agent {
+            let called = r.agents.iter().any(|a| &a.agent == agent);
+            let reasons = match r.decision.get(keys::REASONS) {
+                Some(bus::Value::Array(list)) => list
+                    .iter()
+                    .any(|reason| field_str(reason, "agent") == Some(agent.as_str())),
+                _ => false,
+            };
+            if !called && !reasons {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// The record's time, RFC 3339 in UTC to the millisecond.
+fn when(at_ms: u64) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    at.format(&format).unwrap_or_default()
+}
+
+pub async fn run(
+    nats: &async_nats::Client,
+    subjects: &Subjects,
+    since: Duration,
+    filter: Filter,
+    limit: Option<usize>,
+    output: TapOutput,
+) -> anyhow::Result<()> {
+    let js = jetstream::new(nats.clone());
+    let name = subjects.decisions_stream();
+    let stream = js.get_stream(&name).await.map_err(|e| {
+        anyhow!(
+            "no decision log ({name}: {e}); dispatchers keep one unless started with --no-decision-log"
+        )
+    })?;
+    let filter_subject = match &filter.event {
+        Some(e) => subjects.decision_log(EventName::new(e)?.as_str()),
+        None => subjects.decision_log_wildcard(),
+    };
+    let start = SystemTime::now()
+        .checked_sub(since)
+        .unwrap_or(UNIX_EPOCH)
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(start.as_nanos() as i128)
+        .context("--since is too far back")?;
+    let mut consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject,
+            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
+            ..Default::default()
+        })
+        .await
+        .context("cannot read the decision log")?;
+    let mut pending = consumer
+        .info()
+        .await
+        .context("cannot read the decision log")?
+        .num_pending;
+    let mut messages = consumer
+        .messages()
+        .await
+        .context("cannot read the decision log")?;
+    let mut shown = 0usize;
+    while pending > 0 && limit.is_none_or(|l| shown < l) {
+        let Some(msg) = messages.next().await else {
+            break;
+        };
+        let msg = msg.context("reading the decision log")?;
+        pending = msg.info().map(|i| i.pending).unwrap_or(0);
+        let record: TapRecord = match codec::decode("decision record", &msg.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("policyctl: skipped a record on {}: {e}", msg.subject);
+                continue;
+            }
+        };
+        if !filter.keeps(&record) {
+            continue;
+        }
+        let line = match output {
+            TapOutput::Json => serde_json::to_string(&record)?,
+            TapOutput::Human => format!(
+                "{}  {}",
+                when(record.at_ms),
+                crate::commands::tap_line(&record, TapOutput::Human)?
+            ),
+        };
+        if crate::commands::line(&line).is_err() {
+            return Ok(());
+        }
+        shown += 1;
+    }
+    if shown == 0 {
+        eprintln!("policyctl: no decision in the log matches");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bus::tap::{AgentTiming, Outcome};
+    use bus::State;
+
+    fn record(action: &str, service: &str, agent: &str) -> TapRecord {
+        let mut d = State::new();
+        d.insert(keys::ACTION, action);
+        let attrs = bus::Value::Map(vec![("dst_service".into(), service.into())]);
+        TapRecord {
+            event: "new-connection".into(),
+            event_id: "e".into(),
+            attributes: attrs,
+            decision: d,
+            total_us: 1,
+            agents: vec![AgentTiming {
+                agent: agent.into(),
+                priority: 1,
+                latency_us: 1,
+                outcome: Outcome::Answered,
+                cached: false,
+            }],
+            at_ms: 1_764_547_200_000,
+        }
+    }
+
+    #[test]
+    fn filters_keep_what_they_name() {
+        let f = Filter {
+            action: Some("deny".into()),
+            service: Some("db".into()),
+            agent: Some("acl".into()),
+            ..Default::default()
+        };
+        assert!(f.keeps(&record("deny", "db", "acl")));
+        assert!(!f.keeps(&record("allow", "db", "acl")));
+        assert!(!f.keeps(&record("deny", "web", "acl")));
+        assert!(!f.keeps(&record("deny", "db", "lb")));
+        assert!(Filter::default().keeps(&record("allow", "x", "y")));
+        assert_eq!(when(1_764_547_200_000), "2025-12-01T00:00:00.000Z");
+    }
+}
