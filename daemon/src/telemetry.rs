@@ -82,10 +82,19 @@ struct BuildLabels {
 /// registry (the monitor's families).
 pub type Source = Box<dyn Fn() -> String + Send + Sync>;
 
+/// A page a component adds to the listener (the monitor's live page): its path, content
+/// type and body, made fresh for each request.
+pub struct Page {
+    pub path: &'static str,
+    pub content_type: &'static str,
+    pub body: Box<dyn Fn() -> String + Send + Sync>,
+}
+
 /// A process's metrics and readiness.
 pub struct Telemetry {
     registry: Mutex<Registry>,
     sources: Mutex<Vec<Source>>,
+    pages: Mutex<Vec<Page>>,
     pub ready: Readiness,
 }
 
@@ -108,6 +117,7 @@ impl Telemetry {
         Arc::new(Telemetry {
             registry: Mutex::new(registry),
             sources: Mutex::new(Vec::new()),
+            pages: Mutex::new(Vec::new()),
             ready: Readiness::default(),
         })
     }
@@ -115,6 +125,14 @@ impl Telemetry {
     /// Registers metrics with the process's registry (under `policy_`).
     pub fn register(&self, f: impl FnOnce(&mut Registry)) {
         f(&mut self.registry.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Serves another page on the listener.
+    pub fn add_page(&self, page: Page) {
+        self.pages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(page);
     }
 
     /// Appends another exposition (OpenMetrics, ending in `# EOF`) to this process's.
@@ -204,11 +222,17 @@ pub fn respond(head: &str, telemetry: &Telemetry) -> (&'static str, &'static str
                 format!("not ready: {why}\n"),
             ),
         },
-        ("GET", _) => (
-            "404 Not Found",
-            text,
-            "not found: GET /metrics, /healthz or /readyz\n".into(),
-        ),
+        ("GET", path) => {
+            let pages = telemetry.pages.lock().unwrap_or_else(|e| e.into_inner());
+            match pages.iter().find(|p| p.path == path) {
+                Some(page) => ("200 OK", page.content_type, (page.body)()),
+                None => (
+                    "404 Not Found",
+                    text,
+                    "not found: GET /metrics, /healthz or /readyz\n".into(),
+                ),
+            }
+        }
         _ => ("405 Method Not Allowed", text, "only GET\n".into()),
     }
 }

@@ -61,6 +61,8 @@ impl Window {
                     row.count += 1;
                     row.observed += 1;
                 }
+                // Answered from the dispatcher's verdict cache: no call, no latency.
+                Outcome::Answered if a.cached => row.count += 1,
                 Outcome::Answered => row.add(a.latency_us),
                 _ => {
                     row.add(a.latency_us);
@@ -103,7 +105,7 @@ impl Window {
         }
         lines.push(String::new());
         lines.push(format!(
-            "{:<24} {:<14} {:>8} {:>7} {:>8} {:>8} {:>8}",
+            "{:<24} {:<18} {:>8} {:>7} {:>8} {:>8} {:>8}",
             "EVENT", "AGENT", "calls/s", "failed", "p50 ms", "p90 ms", "p99 ms"
         ));
         for ((event, agent), r) in &self.agents {
@@ -114,7 +116,7 @@ impl Window {
                 (r.failed.to_string(), agent.clone())
             };
             lines.push(format!(
-                "{:<24} {:<14} {:>8.1} {:>7} {:>8} {:>8} {:>8}",
+                "{:<24} {:<18} {:>8.1} {:>7} {:>8} {:>8} {:>8}",
                 event,
                 agent,
                 r.count as f64 / secs,

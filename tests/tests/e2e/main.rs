@@ -15,6 +15,7 @@ mod faults;
 mod integrity;
 mod labels;
 mod limits;
+mod live;
 mod monitor;
 mod robustness;
 mod security;

@@ -5,6 +5,7 @@
 //! decision.
 
 mod bytes;
+mod live;
 pub mod metrics;
 
 use std::sync::Arc;
@@ -52,13 +53,28 @@ impl AgentKind for Monitor {
         let families = self.metrics.clone();
         self.telemetry
             .add_source(Box::new(move || families.encode()));
+        let live = Arc::new(live::Live::default());
+        self.telemetry.add_page(daemon::telemetry::Page {
+            path: "/",
+            content_type: "text/html; charset=utf-8",
+            body: Box::new(|| live::PAGE.to_string()),
+        });
+        let api = live.clone();
+        self.telemetry.add_page(daemon::telemetry::Page {
+            path: "/api/live",
+            content_type: "application/json",
+            body: Box::new(move || api.json()),
+        });
 
         let mut tap = ctx.nats.subscribe(ctx.subjects.tap_wildcard()).await?;
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             while let Some(msg) = tap.next().await {
                 match codec::decode::<TapRecord>("tap record", &msg.payload) {
-                    Ok(record) => metrics.record(&record),
+                    Ok(record) => {
+                        metrics.record(&record);
+                        live.record(&record);
+                    }
                     Err(e) => {
                         metrics.tap_errors.inc();
                         tracing::warn!(subject = %msg.subject, error = %e, "undecodable tap record");
