@@ -101,7 +101,6 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), runtime::AgentError> {
-    daemon::init_logging(cli.common.log_json, "info");
     let shutdown = daemon::shutdown_signal();
     let process = match &cli.kind {
         KindCmd::Wasm { .. } => "policy-agent-wasm".to_string(),
@@ -111,6 +110,9 @@ async fn run(cli: Cli) -> Result<(), runtime::AgentError> {
         KindCmd::ConnLimit { .. } => "policy-agent-conn-limit".to_string(),
         KindCmd::RateLimit => "policy-agent-rate-limit".to_string(),
     };
+    // Spans are exported under the kind's own name.
+    daemon::traces::set_process(&process);
+    daemon::init_logging(cli.common.log_json, "info");
     let telemetry = Telemetry::new(&process);
     let metrics_addr = match (&cli.kind, cli.metrics_addr) {
         (_, Some(addr)) => Some(addr),

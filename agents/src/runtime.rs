@@ -360,13 +360,23 @@ where
             }
             (permit, req) = next => {
                 let (Ok(permit), Some(req)) = (permit, req) else { break };
-                if K::INLINE {
+                let traced = daemon::traces::enabled();
+                if K::INLINE && !traced {
                     // Answered here, in order: a pure decision takes less than a task would.
                     agent.clone().handle(req, false).await;
                     continue;
                 }
                 let span = tracing::info_span!("request", agent = %kind_name,
+                    subject = %req.message.subject,
                     event.id = headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"));
+                if traced {
+                    // One span per hop, in the hookpoint's trace.
+                    daemon::traces::follow(&span, req.message.headers.as_ref());
+                    if K::INLINE {
+                        agent.clone().handle(req, false).instrument(span).await;
+                        continue;
+                    }
+                }
                 let agent = agent.clone();
                 tracker.spawn(async move {
                     agent.handle(req, true).await;

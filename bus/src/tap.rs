@@ -46,6 +46,10 @@ pub struct TapRecord {
     pub agents: Vec<AgentTiming>,
     /// Unix time in milliseconds when the decision was made.
     pub at_ms: u64,
+    /// The hookpoint's W3C `traceparent`, when it sent one: the decision's trace (absent
+    /// otherwise, so readers of the first version of the tap read it unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A tap record's bytes, built from parts the dispatcher has already encoded (the hookpoint's
@@ -61,6 +65,7 @@ pub struct RawTapRecord<'a> {
     pub total_us: u64,
     pub agents: &'a [AgentTiming],
     pub at_ms: u64,
+    pub traceparent: Option<&'a str>,
 }
 
 impl RawTapRecord<'_> {
@@ -83,8 +88,13 @@ impl RawTapRecord<'_> {
                 }
             })
         }
-        // A fixmap of the record's seven fields, each key then its value.
-        out.push(0x87);
+        // A fixmap of the record's seven fields (eight with a traceparent), each key then
+        // its value.
+        out.push(if self.traceparent.is_some() {
+            0x88
+        } else {
+            0x87
+        });
         put(&mut out, "event")?;
         put(&mut out, self.event)?;
         put(&mut out, "event_id")?;
@@ -99,6 +109,10 @@ impl RawTapRecord<'_> {
         put(&mut out, self.agents)?;
         put(&mut out, "at_ms")?;
         put(&mut out, &self.at_ms)?;
+        if let Some(t) = self.traceparent {
+            put(&mut out, "traceparent")?;
+            put(&mut out, t)?;
+        }
         Ok(out)
     }
 }
@@ -133,6 +147,7 @@ mod tests {
                 cached: false,
             }],
             at_ms: 1_790_000_000_000,
+            traceparent: None,
         };
         let attributes = crate::codec::encode("a", &attributes).unwrap();
         let decision = decision.encode().unwrap();
@@ -144,10 +159,29 @@ mod tests {
             total_us: typed.total_us,
             agents: &typed.agents,
             at_ms: typed.at_ms,
+            traceparent: None,
         }
         .encode()
         .unwrap();
         assert_eq!(raw, crate::codec::encode("t", &typed).unwrap());
         assert_eq!(crate::codec::decode::<TapRecord>("t", &raw).unwrap(), typed);
+        // With a traceparent, the same.
+        let traced = TapRecord {
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            ..typed
+        };
+        let raw = RawTapRecord {
+            event: &traced.event,
+            event_id: &traced.event_id,
+            attributes: &attributes,
+            decision: &decision,
+            total_us: traced.total_us,
+            agents: &traced.agents,
+            at_ms: traced.at_ms,
+            traceparent: traced.traceparent.as_deref(),
+        }
+        .encode()
+        .unwrap();
+        assert_eq!(raw, crate::codec::encode("t", &traced).unwrap());
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod service;
 pub mod telemetry;
+pub mod traces;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -449,8 +450,13 @@ where
     E: std::error::Error + 'static,
     F: std::future::Future<Output = Result<(), E>>,
 {
+    traces::set_process(program);
     match runtime(worker_threads) {
-        Ok(rt) => exit(program, rt.block_on(run)),
+        Ok(rt) => {
+            let done = rt.block_on(run);
+            traces::flush();
+            exit(program, done)
+        }
         Err(e) => {
             eprintln!("{program}: cannot start the runtime: {e}");
             std::process::ExitCode::FAILURE
@@ -463,15 +469,23 @@ pub fn init_logging(json: bool, default_level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // Colour only on a terminal: `docker logs` and files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
+    let fmt = if json {
+        fmt.json().with_filter(filter).boxed()
     } else {
-        builder.init();
-    }
+        fmt.with_filter(filter).boxed()
+    };
+    // The spans of the engine's own crates go to OTLP whatever RUST_LOG keeps for the logs.
+    let spans = tracing_subscriber::filter::Targets::new()
+        .with_target("dispatcher", tracing::Level::INFO)
+        .with_target("agents", tracing::Level::INFO);
+    let otel = traces::layer().map(|l| l.with_filter(spans));
+    tracing_subscriber::registry().with(fmt).with(otel).init();
 }
 
 /// Resolves on the first SIGINT or SIGTERM. A second one, a second or more later, exits at

@@ -317,6 +317,7 @@ impl Dispatcher {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
+            traceparent: headers::get(Some(&tap.trace), headers::TRACEPARENT),
         };
         match record.encode() {
             Ok(bytes) => {

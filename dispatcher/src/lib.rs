@@ -425,6 +425,9 @@ impl Serving {
                         continue;
                     };
                     let span = tracing::info_span!("event", event.id = tracing::field::Empty, subject = %req.message.subject);
+                    if daemon::traces::enabled() {
+                        daemon::traces::follow(&span, req.message.headers.as_ref());
+                    }
                     let d = dispatcher.clone();
                     tracker.spawn(async move {
                         d.handle_event(req).await;

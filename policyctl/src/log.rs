@@ -167,6 +167,7 @@ mod tests {
                 cached: false,
             }],
             at_ms: 1_764_547_200_000,
+            traceparent: None,
         }
     }
 

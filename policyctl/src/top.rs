@@ -290,6 +290,7 @@ mod tests {
                     cached: false,
                 }],
                 at_ms: 0,
+                traceparent: None,
             });
         }
         w.record(&TapRecord {
@@ -306,6 +307,7 @@ mod tests {
                 cached: false,
             }],
             at_ms: 0,
+            traceparent: None,
         });
         let mut out = Vec::new();
         w.render(Duration::from_secs(2), usize::MAX, &mut out)

@@ -313,6 +313,8 @@ pub struct Engine {
     pub auth: Option<tempfile::TempDir>,
     /// Every process's stderr, one file each, to look for what they complained about.
     logs: tempfile::TempDir,
+    /// Environment variables every process started from now on gets.
+    pub env: Vec<(String, String)>,
 }
 
 /// Writes the roles' seeds and nats.conf with the real `policyctl auth init`.
@@ -342,6 +344,7 @@ impl Engine {
             procs: Vec::new(),
             auth: None,
             logs: tempfile::tempdir().expect("temp dir"),
+            env: Vec::new(),
         }
     }
 
@@ -485,6 +488,7 @@ impl Engine {
             "RUST_LOG",
             std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()),
         );
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd
     }
 

@@ -21,6 +21,7 @@ mod robustness;
 mod security;
 mod slots;
 mod telemetry;
+mod traces;
 mod undo;
 mod wasm;
 

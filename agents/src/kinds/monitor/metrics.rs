@@ -351,6 +351,7 @@ mod tests {
                 cached: false,
             }],
             at_ms: 0,
+            traceparent: None,
         }
     }
 
