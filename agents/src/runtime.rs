@@ -200,9 +200,8 @@ where
             };
             let failed = reply.0.get(headers::NATS_SERVICE_ERROR_CODE).is_some();
             self.count("undo", if failed { "error" } else { "ok" });
-            if let Err(e) = req.respond(reply.0, reply.1).await {
-                tracing::warn!(error = %e, "could not answer an undo");
-            }
+            // A failed send is logged by `respond`, with the event id.
+            let _ = req.respond(reply.0, reply.1).await;
             return;
         }
         if bus::hedge::past_deadline(msg.headers.as_ref()) {
@@ -271,10 +270,8 @@ where
                 err.to_reply(reply_headers)
             }
         };
-        let sent = req.respond(reply_headers, body).await;
-        if let Err(e) = sent {
-            tracing::warn!(error = %e, "could not send reply");
-        }
+        // A failed send is logged by `respond`, with the event id.
+        let _ = req.respond(reply_headers, body).await;
     }
 }
 

@@ -74,14 +74,21 @@ impl Request {
                 format!("{}:{text}", code.as_str())
             });
         self.stats.done(self.received.elapsed(), error);
-        match &self.message.reply {
+        let sent = match &self.message.reply {
             Some(reply) => {
                 self.client
                     .publish_with_headers(reply.clone(), headers, body)
                     .await
             }
             None => Ok(()),
+        };
+        if let Err(e) = &sent {
+            // Said here, where the event id is at hand for free: the caller gave its request up.
+            let id =
+                bus::headers::get(self.message.headers.as_ref(), bus::headers::POLICY_EVENT_ID);
+            tracing::warn!(event.id = id.unwrap_or("-"), subject = %self.message.subject, error = %e, "could not send a reply");
         }
+        sent
     }
 
     /// Counts a request that gets no reply (it asked for none) as an error.

@@ -177,9 +177,8 @@ impl Dispatcher {
 }
 
 async fn respond(req: Request, (headers, body): decide::Reply) {
-    if let Err(e) = req.respond(headers, body).await {
-        tracing::warn!(error = %e, "could not send reply");
-    }
+    // A failed send is logged by `respond`, with the event id.
+    let _ = req.respond(headers, body).await;
 }
 
 /// Runs a dispatcher until `shutdown` resolves, then stops taking events and finishes those

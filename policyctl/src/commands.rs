@@ -155,9 +155,23 @@ async fn command(
         Command::Policy(PolicyCommand::List { agent, output }) => {
             let policies = admin.policy_list(agent.as_deref()).await?;
             if let (Some(kind), true) = (&agent, policies.is_empty()) {
+                // The kinds that have policies, and the shipped ones: the closest is likely
+                // what was meant.
+                let mut known: Vec<String> = admin
+                    .policy_list(None)
+                    .await
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|p| PolicyRef::of(p).ok().map(|r| r.agent))
+                    .collect();
+                known.extend(bus::subject::SHIPPED_KINDS.iter().map(|k| k.to_string()));
+                let hint = bus::subject::did_you_mean(kind, known.iter().map(String::as_str))
+                    .filter(|k| k != kind)
+                    .map(|k| format!(" (did you mean `{k}`?)"))
+                    .unwrap_or_default();
                 return Err(crate::explain::Exit(
                     1,
-                    format!("no policies of agent kind `{kind}` are stored"),
+                    format!("no policies of agent kind `{kind}` are stored{hint}"),
                 )
                 .into());
             }

@@ -140,6 +140,9 @@ async fn apply_validates_everything_then_stores_it_in_one_step_and_prunes_on_req
     let (code, out, err) = run(&["policy", "list", "lb"]);
     assert_eq!(code, Some(1), "{out}");
     assert!(err.contains("no policies of agent kind `lb`"), "{err}");
+    let (code, _, err) = run(&["policy", "list", "acll"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("(did you mean `acl`?)"), "{err}");
 
     // `policy list --json` applies back, and with --prune removes no subscription: the file
     // has no subscriptions section.
