@@ -55,7 +55,7 @@ struct Agent<K: AgentKind> {
     /// The policies last loaded, to load again when the kind's validation changed (a new
     /// version of a WebAssembly module).
     last: std::sync::Mutex<config::Snapshot>,
-    metrics: Option<Arc<AgentMetrics>>,
+    metrics: Option<crate::metrics::KindMetrics>,
 }
 
 impl<K: AgentKind> Agent<K>
@@ -91,7 +91,7 @@ where
             fingerprint,
         });
         if let Some(m) = &self.metrics {
-            m.loaded(self.kind.name(), count, loaded.broken.len(), snap.revision);
+            m.loaded(count, loaded.broken.len(), snap.revision);
         }
         *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = loaded;
         tracing::info!(
@@ -164,12 +164,12 @@ where
     /// Counts an answered request, when the process keeps metrics.
     fn count(&self, op: &str, outcome: &str) {
         if let Some(m) = &self.metrics {
-            m.answered(self.kind.name(), op, outcome);
+            m.answered(op, outcome);
         }
     }
 
     async fn handle(self: Arc<Self>, req: Request, track: bool) {
-        let _in_flight = self.metrics.as_ref().map(|m| m.started(self.kind.name()));
+        let _in_flight = self.metrics.as_ref().map(|m| m.started());
         let started = std::time::Instant::now();
         let msg = &req.message;
         let op = self
@@ -237,7 +237,7 @@ where
             (Err(_), false) => self.count(op_name, "error"),
         }
         if let (Some(m), false) = (&self.metrics, validating) {
-            m.decided_in(self.kind.name(), started.elapsed());
+            m.decided_in(started.elapsed());
         }
         if msg.reply.is_none() {
             // Sent to an observer: the kind has done its work (a release, say); nobody waits.
@@ -448,7 +448,10 @@ where
         })),
         working: Default::default(),
         last: Default::default(),
-        metrics: options.metrics.clone(),
+        metrics: options
+            .metrics
+            .as_ref()
+            .map(|m| m.for_kind(kind_name.as_str())),
     });
 
     // Load the policies before taking any request, so a new instance never answers from an

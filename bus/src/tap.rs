@@ -20,6 +20,19 @@ pub enum Outcome {
     Observed,
 }
 
+impl Outcome {
+    /// The outcome's name in metrics, pages and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::Timeout => "timeout",
+            Outcome::NoResponders => "no-responders",
+            Outcome::Error => "error",
+            Outcome::Observed => "observed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentTiming {
     pub agent: String,

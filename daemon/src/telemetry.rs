@@ -22,6 +22,35 @@ use tokio::net::{TcpListener, TcpStream};
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// Caps the distinct values of one metric label: label values come from the network (event,
+/// service and agent names anyone may send), and every value is a time series. Past `limit`
+/// values, the rest count as `other`.
+pub struct Names {
+    seen: Mutex<std::collections::HashSet<String>>,
+    limit: usize,
+}
+
+impl Names {
+    pub fn new(limit: usize) -> Names {
+        Names {
+            seen: Mutex::default(),
+            limit,
+        }
+    }
+
+    pub fn admit(&self, name: &str) -> String {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(name) {
+            return name.to_string();
+        }
+        if seen.len() < self.limit {
+            seen.insert(name.to_string());
+            return name.to_string();
+        }
+        "other".to_string()
+    }
+}
+
 /// What `/readyz` checks: connected to NATS, configuration loaded, serving.
 #[derive(Default)]
 pub struct Readiness {

@@ -13,7 +13,7 @@ use bus::config::{ConfigKey, WRITE_TIMEOUT};
 use bus::subject::{did_you_mean, SHIPPED_KINDS};
 use bus::{codec, ErrorCode, ErrorReply, Kind, Value};
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::Dispatcher;
@@ -126,31 +126,46 @@ async fn delete(d: &Dispatcher, key: &str) -> Result<(), ErrorReply> {
 
 /// The values of every key under `prefix`, in key order.
 async fn list(d: &Dispatcher, prefix: &str) -> Result<Vec<(String, Bytes)>, ErrorReply> {
-    // While the bucket's stream has no leader (a node was just lost) its reads hang: the
-    // operator gets a prompt "unavailable" instead.
-    tokio::time::timeout(WRITE_TIMEOUT, list_now(d, prefix))
-        .await
-        .map_err(|_| unavailable("no answer from JetStream in time"))?
+    Ok(entries(d, prefix)
+        .await?
+        .into_iter()
+        .map(|(k, (value, _))| (k, value))
+        .collect())
 }
 
-async fn list_now(d: &Dispatcher, prefix: &str) -> Result<Vec<(String, Bytes)>, ErrorReply> {
-    let mut keys: Vec<String> = d
-        .store
-        .keys()
-        .await
-        .map_err(unavailable)?
-        .try_filter(|k| futures::future::ready(k.starts_with(prefix)))
-        .try_collect()
-        .await
-        .map_err(unavailable)?;
-    keys.sort();
-    let mut out = Vec::with_capacity(keys.len());
-    for k in keys {
-        if let Some(v) = d.store.get(&k).await.map_err(unavailable)? {
-            out.push((k, v));
+/// Every stored key under `prefix` with its value and revision, in key order. While the
+/// bucket's stream has no leader (a node was just lost) its reads hang: the operator gets a
+/// prompt "unavailable" instead.
+pub(crate) async fn entries(
+    d: &Dispatcher,
+    prefix: &str,
+) -> Result<std::collections::BTreeMap<String, (Bytes, u64)>, ErrorReply> {
+    let read = async {
+        let keys: Vec<String> = d
+            .store
+            .keys()
+            .await
+            .map_err(unavailable)?
+            .try_filter(|k| futures::future::ready(k.starts_with(prefix)))
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let mut out = std::collections::BTreeMap::new();
+        let mut gets = futures::stream::iter(keys)
+            .map(|k| async move { (k.clone(), d.store.entry(k).await) })
+            .buffer_unordered(32);
+        while let Some((key, entry)) = gets.next().await {
+            if let Some(e) = entry.map_err(unavailable)? {
+                if e.operation == async_nats::jetstream::kv::Operation::Put {
+                    out.insert(key, (e.value, e.revision));
+                }
+            }
         }
-    }
-    Ok(out)
+        Ok(out)
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, read)
+        .await
+        .map_err(|_| unavailable("no answer from JetStream in time"))?
 }
 
 /// ` (did you mean `x`?)` when a known name is close to a mistyped one.

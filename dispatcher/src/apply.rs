@@ -11,7 +11,7 @@ use bus::batch::{BatchError, Write};
 use bus::config::{ConfigKey, WRITE_TIMEOUT};
 use bus::{codec, ErrorCode, ErrorReply};
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 
 use crate::admin::{check_subscribe, prepare_policies, reply, seen_here, unavailable};
 use crate::Dispatcher;
@@ -72,33 +72,11 @@ async fn wanted(d: &Dispatcher, args: &Apply) -> Result<BTreeMap<String, Bytes>,
 
 /// Every stored key under `prefix` with its value and revision.
 async fn stored(d: &Dispatcher, prefix: &str) -> Result<BTreeMap<String, Stored>, ErrorReply> {
-    let read = async {
-        let keys: Vec<String> = d
-            .store
-            .keys()
-            .await
-            .map_err(unavailable)?
-            .try_filter(|k| futures::future::ready(k.starts_with(prefix)))
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
-        let mut out = BTreeMap::new();
-        let mut entries = futures::stream::iter(keys)
-            .map(|k| async move { (k.clone(), d.store.entry(k).await) })
-            .buffer_unordered(32);
-        while let Some((key, entry)) = entries.next().await {
-            if let Some(e) = entry.map_err(unavailable)? {
-                if e.operation == async_nats::jetstream::kv::Operation::Put {
-                    let (value, revision) = (e.value, e.revision);
-                    out.insert(key, Stored { value, revision });
-                }
-            }
-        }
-        Ok(out)
-    };
-    tokio::time::timeout(WRITE_TIMEOUT, read)
-        .await
-        .map_err(|_| unavailable("no answer from JetStream in time"))?
+    Ok(crate::admin::entries(d, prefix)
+        .await?
+        .into_iter()
+        .map(|(k, (value, revision))| (k, Stored { value, revision }))
+        .collect())
 }
 
 /// The revision a new key must be written at: its delete marker's, if it had one. A key that

@@ -6,11 +6,8 @@
 //! Label values come from the network (event names anyone may send), so a label takes at most
 //! [`MAX_EVENTS`] distinct values and counts the rest as `other`.
 
-use std::collections::HashSet;
-use std::sync::Mutex;
-
 use bus::tap::{AgentTiming, Outcome};
-use daemon::telemetry::Telemetry;
+use daemon::telemetry::{Names, Telemetry};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -58,20 +55,6 @@ fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
-#[derive(Default)]
-struct Names(Mutex<HashSet<String>>);
-
-impl Names {
-    fn admit(&self, name: &str) -> String {
-        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.contains(name) || seen.len() < MAX_EVENTS && seen.insert(name.to_string()) {
-            name.to_string()
-        } else {
-            "other".to_string()
-        }
-    }
-}
-
 pub struct DispatcherMetrics {
     decisions: Family<DecisionLabels, Counter>,
     refused: Family<CodeLabels, Counter>,
@@ -95,16 +78,6 @@ impl Drop for InFlight {
     }
 }
 
-fn outcome(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Answered => "answered",
-        Outcome::Timeout => "timeout",
-        Outcome::NoResponders => "no-responders",
-        Outcome::Error => "error",
-        Outcome::Observed => "observed",
-    }
-}
-
 impl DispatcherMetrics {
     pub fn new(telemetry: &Telemetry) -> DispatcherMetrics {
         let m = DispatcherMetrics {
@@ -117,8 +90,8 @@ impl DispatcherMetrics {
             agent_seconds: HistFamily::new_with_constructor(latency),
             revision: Gauge::default(),
             subscriptions: Gauge::default(),
-            events: Names::default(),
-            agents: Names::default(),
+            events: Names::new(MAX_EVENTS),
+            agents: Names::new(MAX_EVENTS),
         };
         telemetry.register(|r| {
             r.register(
@@ -204,7 +177,7 @@ impl DispatcherMetrics {
             let label = if t.cached {
                 "cached"
             } else {
-                outcome(t.outcome)
+                t.outcome.as_str()
             };
             self.agent_calls
                 .get_or_create(&OutcomeLabels {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
 use bus::state::{field_str, keys};
-use bus::tap::{Outcome, TapRecord};
+use bus::tap::TapRecord;
 use bus::Value;
 use serde::Serialize;
 
@@ -82,16 +82,6 @@ struct Inner {
 #[derive(Default)]
 pub struct Live(Mutex<Inner>);
 
-fn outcome(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Answered => "answered",
-        Outcome::Timeout => "timeout",
-        Outcome::NoResponders => "no-responders",
-        Outcome::Error => "error",
-        Outcome::Observed => "observed",
-    }
-}
-
 fn bounded<'a, T: Default>(map: &'a mut BTreeMap<String, T>, name: &str) -> &'a mut T {
     let name = if map.contains_key(name) || map.len() < MAX_NAMES {
         name
@@ -141,7 +131,7 @@ impl Live {
             .map(|a| Call {
                 agent: a.agent.clone(),
                 latency_us: a.latency_us,
-                outcome: outcome(a.outcome),
+                outcome: a.outcome.as_str(),
                 cached: a.cached,
             })
             .collect();

@@ -6,6 +6,7 @@ use super::bytes::ConnectionBytes;
 use bus::state::keys;
 use bus::tap::{Outcome, TapRecord};
 use bus::Value;
+use daemon::telemetry::Names;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -69,24 +70,6 @@ fn latency_histogram() -> Histogram {
 /// `other`: the names come from the network, and every one is a time series.
 const MAX_NAMES: usize = 1000;
 
-/// Caps the distinct values of one label.
-#[derive(Default)]
-struct Names(std::sync::Mutex<std::collections::HashSet<String>>);
-
-impl Names {
-    fn admit(&self, name: &str) -> String {
-        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.contains(name) {
-            return name.to_string();
-        }
-        if seen.len() < MAX_NAMES {
-            seen.insert(name.to_string());
-            return name.to_string();
-        }
-        "other".to_string()
-    }
-}
-
 pub struct Metrics {
     registry: Registry,
     events: Names,
@@ -115,16 +98,6 @@ impl Default for Metrics {
 
 use bus::state::field_str as field;
 
-fn outcome(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Answered => "answered",
-        Outcome::Timeout => "timeout",
-        Outcome::NoResponders => "no-responders",
-        Outcome::Error => "error",
-        Outcome::Observed => "observed",
-    }
-}
-
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("policy");
@@ -140,12 +113,12 @@ impl Metrics {
             bytes: ConnectionBytes::default(),
             tap_errors: Counter::default(),
             registry: Registry::default(),
-            events: Names::default(),
-            agents: Names::default(),
-            effects: Names::default(),
-            services: Names::default(),
-            peers: Names::default(),
-            policies: Names::default(),
+            events: Names::new(MAX_NAMES),
+            agents: Names::new(MAX_NAMES),
+            effects: Names::new(MAX_NAMES),
+            services: Names::new(MAX_NAMES),
+            peers: Names::new(MAX_NAMES),
+            policies: Names::new(MAX_NAMES),
         };
         registry.register(
             "decisions",
@@ -305,7 +278,7 @@ impl Metrics {
             let labels = OutcomeLabels {
                 event: event.clone(),
                 agent: name,
-                outcome: outcome(a.outcome).into(),
+                outcome: a.outcome.as_str().into(),
             };
             self.agent_outcomes.get_or_create(&labels).inc();
         }
