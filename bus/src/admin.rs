@@ -344,7 +344,7 @@ impl Request {
             command: &str,
             payload: &[u8],
         ) -> Result<T, ErrorReply> {
-            crate::codec::decode("admin arguments", payload)
+            crate::codec::decode_map("admin arguments", payload)
                 .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, format!("{command}: {e}")))
         }
         let Some(cmd) = AdminCommand::parse(command) else {

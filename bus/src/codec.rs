@@ -35,6 +35,14 @@ pub enum CodecError {
         #[source]
         source: ShapeError,
     },
+    /// A message of the contract is a map of named fields. MessagePack decoders also fill a
+    /// struct from a list, by position; a list is refused here, so that every reader of the
+    /// message (dispatcher, agents, any language's plain decoder) sees the same fields.
+    #[error("bad {what}: expected a map of named fields, found {found}")]
+    NotAMap {
+        what: &'static str,
+        found: &'static str,
+    },
     #[error("cannot encode {what}: {source}")]
     Encode {
         what: &'static str,
@@ -98,6 +106,21 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
             CodecError::Field { what, path, source }
         }
     })
+}
+
+/// [`decode`], for the messages of the contract that are maps (events, admin arguments): a
+/// list of positional fields, or any other value, is refused with [`CodecError::NotAMap`].
+pub fn decode_map<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, CodecError> {
+    let found = match bytes.first() {
+        Some(0x80..=0x8f | 0xde | 0xdf) => return decode(what, bytes),
+        None => "nothing",
+        Some(0x90..=0x9f | 0xdc | 0xdd) => "a list (positional fields)",
+        Some(0xa0..=0xbf | 0xd9..=0xdb) => "a string",
+        Some(0xc4..=0xc6) => "binary data",
+        Some(0xc0) => "nil",
+        Some(_) => "a single value",
+    };
+    Err(CodecError::NotAMap { what, found })
 }
 
 /// Walks the first MessagePack value in `bytes` with an explicit stack, checking that lists
@@ -190,6 +213,52 @@ mod tests {
         // A million levels is an error, not a crash.
         let err = decode::<Value>("t", &[0x91u8].repeat(1_000_000)).unwrap_err();
         assert!(err.to_string().contains("deeper than 32"), "{err}");
+    }
+
+    #[test]
+    fn contract_messages_are_maps_never_positional_lists() {
+        #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct Two {
+            a: String,
+            b: u32,
+        }
+        let named = encode(
+            "t",
+            &Two {
+                a: "x".into(),
+                b: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            decode_map::<Two>("t", &named).unwrap(),
+            Two {
+                a: "x".into(),
+                b: 1
+            }
+        );
+        // The same fields by position: the plain decoder takes them, the contract does not.
+        let positional = rmp_serde::to_vec(&("x", 1u32)).unwrap();
+        assert!(decode::<Two>("t", &positional).is_ok());
+        let err = decode_map::<Two>("t", &positional).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "bad t: expected a map of named fields, found a list (positional fields)"
+        );
+        for (bytes, found) in [
+            (vec![], "nothing"),
+            (vec![0xc0], "nil"),
+            (vec![0xa1, b'x'], "a string"),
+            (vec![0x05], "a single value"),
+        ] {
+            assert!(
+                decode_map::<Two>("t", &bytes)
+                    .unwrap_err()
+                    .to_string()
+                    .ends_with(found),
+                "{bytes:?}"
+            );
+        }
     }
 
     #[test]

@@ -195,7 +195,8 @@ pub struct EventError {
 
 impl Event {
     /// Decodes the payload of `name`: strictly typed for v1 events (missing or ill-typed fields
-    /// are errors, unknown extra fields are ignored), a plain map otherwise.
+    /// are errors, unknown extra fields are ignored), a plain map otherwise. Always a map: a
+    /// list of positional fields is refused (`codec::decode_map`).
     pub fn decode(name: &EventName, payload: &[u8]) -> Result<Event, EventError> {
         let err = |source| EventError {
             event: name.to_string(),
@@ -203,31 +204,33 @@ impl Event {
         };
         let ev = match name.as_str() {
             NEW_CONNECTION => {
-                Event::NewConnection(codec::decode("new-connection", payload).map_err(err)?)
+                Event::NewConnection(codec::decode_map("new-connection", payload).map_err(err)?)
             }
             EXPOSE_SERVICE => {
-                Event::ExposeService(codec::decode("expose-service", payload).map_err(err)?)
+                Event::ExposeService(codec::decode_map("expose-service", payload).map_err(err)?)
             }
             SERVICE_LIST_REQUEST => Event::ServiceListRequest(
-                codec::decode("service-list-request", payload).map_err(err)?,
+                codec::decode_map("service-list-request", payload).map_err(err)?,
             ),
-            CONNECTION_CLOSED => {
-                Event::ConnectionClosed(codec::decode("connection-closed", payload).map_err(err)?)
-            }
+            CONNECTION_CLOSED => Event::ConnectionClosed(
+                codec::decode_map("connection-closed", payload).map_err(err)?,
+            ),
             CONNECTION_STATUS => {
-                Event::ConnectionStatus(codec::decode(CONNECTION_STATUS, payload).map_err(err)?)
+                Event::ConnectionStatus(codec::decode_map(CONNECTION_STATUS, payload).map_err(err)?)
             }
-            PEER_ADDED => Event::PeerAdded(codec::decode(PEER_ADDED, payload).map_err(err)?),
-            PEER_REMOVED => Event::PeerRemoved(codec::decode(PEER_REMOVED, payload).map_err(err)?),
+            PEER_ADDED => Event::PeerAdded(codec::decode_map(PEER_ADDED, payload).map_err(err)?),
+            PEER_REMOVED => {
+                Event::PeerRemoved(codec::decode_map(PEER_REMOVED, payload).map_err(err)?)
+            }
             REMOTE_SERVICE_ADDED => Event::RemoteServiceAdded(
-                codec::decode(REMOTE_SERVICE_ADDED, payload).map_err(err)?,
+                codec::decode_map(REMOTE_SERVICE_ADDED, payload).map_err(err)?,
             ),
             REMOTE_SERVICE_REMOVED => Event::RemoteServiceRemoved(
-                codec::decode(REMOTE_SERVICE_REMOVED, payload).map_err(err)?,
+                codec::decode_map(REMOTE_SERVICE_REMOVED, payload).map_err(err)?,
             ),
             _ => Event::Other {
                 name: name.clone(),
-                attributes: codec::decode("event attributes", payload).map_err(err)?,
+                attributes: codec::decode_map("event attributes", payload).map_err(err)?,
             },
         };
         Ok(ev)

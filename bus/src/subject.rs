@@ -283,6 +283,31 @@ impl Subjects {
     }
 }
 
+/// Where every reply of the engine goes: an inbox (`_INBOX.` and at least one more token).
+pub const INBOX_PREFIX: &str = "_INBOX.";
+
+/// Longest reply subject a responder answers: an inbox of the engine is about 80 bytes
+/// (`_INBOX.<prefix>.<role>.<22>.<22>`); anything much longer is not one.
+pub const MAX_REPLY_LEN: usize = 256;
+
+/// Whether `reply` is an inbox a responder may answer to. A requester chooses its reply
+/// subject freely, and a responder publishes there with its own rights: a reply aimed at a
+/// bucket's key (`$KV.…`), an object (`$O.…`) or the JetStream API (`$JS.API.…`) would make the
+/// responder write for the requester. Every responder of the engine answers only inboxes, and
+/// refuses (and logs) a request with any other reply subject; the secured bus also lets each
+/// role publish only on the inboxes of the roles that may ask it (`bus::roles`).
+pub fn is_inbox(reply: &str) -> bool {
+    reply.len() <= MAX_REPLY_LEN
+        && reply.strip_prefix(INBOX_PREFIX).is_some_and(|rest| {
+            !rest.is_empty()
+                && rest.split('.').all(|t| {
+                    !t.is_empty()
+                        && t.bytes()
+                            .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+                })
+        })
+}
+
 impl Default for Subjects {
     fn default() -> Self {
         Subjects {
@@ -294,6 +319,29 @@ impl Default for Subjects {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_inboxes_are_replies() {
+        for ok in ["_INBOX.policy.gateway.abc.1", "_INBOX.x"] {
+            assert!(is_inbox(ok), "{ok}");
+        }
+        for bad in [
+            "$KV.policy_config.sub.new-connection.acl",
+            "$JS.API.STREAM.DELETE.KV_policy_config",
+            "$O.policy_modules.M.geo",
+            "policy.admin.policy-remove",
+            "_INBOX.",
+            "_INBOX",
+            "_INBOX..x",
+            "_INBOX.a.>",
+            "_INBOX.a.*",
+            "_INBOX.a b",
+            "_inbox.a",
+        ] {
+            assert!(!is_inbox(bad), "{bad}");
+        }
+        assert!(!is_inbox(&format!("_INBOX.{}", "a".repeat(MAX_REPLY_LEN))));
+    }
 
     #[test]
     fn subjects_follow_the_design() {

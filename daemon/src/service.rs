@@ -114,6 +114,22 @@ impl Request {
     }
 }
 
+/// What a refused reply subject is counted as (the endpoint's `last_error`).
+pub const NOT_AN_INBOX: &str = "reply subject is not an inbox";
+
+/// Logs a request refused for its reply subject, which is cut to a printable length: the
+/// subject came from whoever sent the request.
+pub fn refuse_reply(endpoint: &str, subject: &str, reply: &str, headers: Option<&HeaderMap>) {
+    let shown: String = reply.chars().take(bus::subject::MAX_REPLY_LEN).collect();
+    tracing::warn!(
+        endpoint,
+        %subject,
+        reply = %shown,
+        event.id = bus::headers::get(headers, bus::headers::POLICY_EVENT_ID).unwrap_or("-"),
+        "request refused: {NOT_AN_INBOX}, so it gets no answer (a client must ask from an inbox; see README, Security)"
+    );
+}
+
 /// A subscription serving one endpoint.
 pub struct Endpoint {
     pub name: &'static str,
@@ -124,14 +140,28 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// The next request; `None` once the endpoint is drained (or the client closed).
+    ///
+    /// A request whose reply subject is not an inbox is refused here, counted as an error and
+    /// logged, and never answered (see [`bus::subject::is_inbox`]): the caller never sees it.
     pub async fn next(&mut self) -> Option<Request> {
-        let message = self.subscriber.next().await?;
-        Some(Request {
-            message,
-            client: self.client.clone(),
-            stats: self.stats.clone(),
-            received: Instant::now(),
-        })
+        loop {
+            let message = self.subscriber.next().await?;
+            let received = Instant::now();
+            if let Some(reply) = &message.reply {
+                if !bus::subject::is_inbox(reply) {
+                    refuse_reply(self.name, &message.subject, reply, message.headers.as_ref());
+                    self.stats
+                        .done(received.elapsed(), Some(format!("400:{NOT_AN_INBOX}")));
+                    continue;
+                }
+            }
+            return Some(Request {
+                message,
+                client: self.client.clone(),
+                stats: self.stats.clone(),
+                received,
+            });
+        }
     }
 
     /// Stops taking new requests without losing any the server has already sent: the server
@@ -289,6 +319,10 @@ impl Service {
             let mut verbs = futures::stream::select_all(verbs);
             while let Some((verb, msg)) = verbs.next().await {
                 let Some(reply) = msg.reply else { continue };
+                if !bus::subject::is_inbox(&reply) {
+                    refuse_reply(verb, &msg.subject, &reply, msg.headers.as_ref());
+                    continue;
+                }
                 let body = info.answer(verb).to_string();
                 if let Err(e) = answering.publish(reply, body.into()).await {
                     tracing::debug!(error = %e, verb, "could not answer the services API");

@@ -275,6 +275,10 @@ pub(crate) async fn confirm(
         ) else {
             continue;
         };
+        if !bus::subject::is_inbox(&reply) {
+            daemon::service::refuse_reply("dispatcher-seen", &msg.subject, &reply, None);
+            continue;
+        }
         let d = d.clone();
         tokio::spawn(async move {
             d.verdicts.seen(revision).await;

@@ -347,8 +347,18 @@ async fn measure(
         let echo = echo.clone();
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
-                if let Some(reply) = msg.reply {
-                    let _ = echo.publish(reply, msg.payload).await;
+                // The floor answers as the engine does: inboxes only.
+                match msg.reply {
+                    Some(reply) if bus::subject::is_inbox(&reply) => {
+                        let _ = echo.publish(reply, msg.payload).await;
+                    }
+                    Some(reply) => daemon::service::refuse_reply(
+                        "bench-echo",
+                        &msg.subject,
+                        &reply,
+                        msg.headers.as_ref(),
+                    ),
+                    None => {}
                 }
             }
         })

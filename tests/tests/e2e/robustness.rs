@@ -133,12 +133,86 @@ async fn malformed_messages_get_clear_errors_and_processes_keep_serving() {
     let (c, msg) = code(raw_request(&engine, acl, h, payload).await);
     assert_eq!(c, ErrorCode::BadRequest, "{msg}");
 
+    // The same fields by position (a MessagePack list): refused where it arrives, not passed
+    // on for an agent to fail on.
+    let positional: &'static [u8] = Box::leak(
+        rmp_serde::to_vec(&("web", "db", vec!["p1"]))
+            .expect("encode")
+            .into_boxed_slice(),
+    );
+    let (c, msg) = code(raw_request(&engine, event.clone(), Default::default(), positional).await);
+    assert_eq!(c, ErrorCode::BadRequest, "{msg}");
+    assert!(
+        msg.contains("expected a map of named fields, found a list"),
+        "{msg}"
+    );
+    let (c, msg) = code(
+        raw_request(
+            &engine,
+            subjects.admin(bus::subject::AdminCommand::PolicyList),
+            Default::default(),
+            b"\x91\xa3acl",
+        )
+        .await,
+    );
+    assert_eq!(c, ErrorCode::BadRequest, "{msg}");
+    assert!(msg.contains("found a list"), "{msg}");
+
     // Both processes still decide.
     let d = hook
         .new_connection(&conn("web", "db", &["p1"]))
         .await
         .expect("still serving");
     assert_eq!(d.action, Action::Allow);
+}
+
+/// A requester picks its reply subject; a responder that answered anywhere would write there
+/// with its own rights. Every responder answers inboxes only: the dispatcher (events, admin),
+/// an agent, and every process's services API. Here on the plain bus, where only the
+/// processes themselves can refuse (the secured bus refuses it in the server too).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_whose_reply_subject_is_not_an_inbox_gets_no_answer_and_is_logged() {
+    let mut engine = Engine::new();
+    let (admin, hook) = allow_all(&mut engine).await;
+    let subjects = Subjects::default();
+    let client = engine.client().await;
+    let mut caught = client.subscribe("caught.>").await.expect("subscribe");
+    let payload =
+        bytes::Bytes::from(rmp_serde::to_vec_named(&conn("web", "db", &["p1"])).expect("encode"));
+    let acl = bus::Kind::new("acl").expect("kind");
+    let aims = [
+        (subjects.event("new-connection"), payload.clone()),
+        (
+            subjects.admin(bus::subject::AdminCommand::PolicyList),
+            bytes::Bytes::from_static(b"\x80"),
+        ),
+        (subjects.agent(&acl, "new-connection"), payload),
+        ("$SRV.PING".to_string(), bytes::Bytes::new()),
+        (
+            Subjects::service_ping("policy-dispatcher"),
+            bytes::Bytes::new(),
+        ),
+    ];
+    for (i, (subject, body)) in aims.iter().enumerate() {
+        client
+            .publish_with_reply(subject.clone(), format!("caught.{i}"), body.clone())
+            .await
+            .expect("publish");
+    }
+    client.flush().await.expect("flush");
+    let got = tokio::time::timeout(Duration::from_secs(2), caught.next()).await;
+    assert!(got.is_err(), "a responder answered a non-inbox: {got:?}");
+    eventually("every refusal is logged", || async {
+        let n = engine
+            .logs()
+            .matches("reply subject is not an inbox")
+            .count();
+        (n >= aims.len()).then_some(()).ok_or(format!("{n} logged"))
+    })
+    .await;
+    // Nothing was taken: the same requests from an inbox are answered.
+    assert_eq!(admin.policy_list(None).await.expect("list").len(), 1);
+    wait_allowed(&hook).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
