@@ -9,7 +9,10 @@ use serde::de::DeserializeOwned;
 
 /// What a kind that keeps state in NATS gets when the runtime has connected.
 pub struct Attach<'a> {
+    /// The messaging connection (the monitor reads the tap on it).
     pub nats: &'a async_nats::Client,
+    /// The connection to JetStream: the role's store identity on a secured bus.
+    pub store: &'a async_nats::Client,
     pub subjects: &'a Subjects,
     /// Replicas for any bucket the kind creates.
     pub kv_replicas: usize,
@@ -27,10 +30,15 @@ impl Attach<'_> {
     /// history, entries dropped by JetStream after `max_age`.
     pub async fn state_bucket(
         &self,
-        bucket: String,
+        store: bus::store::Store,
         description: &str,
         max_age: std::time::Duration,
     ) -> Result<async_nats::jetstream::kv::Store, AttachError> {
+        let bucket = match store {
+            bus::store::Store::Conns => self.subjects.conn_bucket(),
+            bus::store::Store::Rates => self.subjects.rate_bucket(),
+            other => return Err(format!("{} is no agent's state", other.describe()).into()),
+        };
         let config = async_nats::jetstream::kv::Config {
             bucket,
             description: description.into(),
@@ -40,7 +48,8 @@ impl Attach<'_> {
             num_replicas: self.kv_replicas.max(1),
             ..Default::default()
         };
-        Ok(bus::config::open_bucket(self.nats, config, true).await?)
+        let jet = bus::store::Jet::reach(self.store, self.subjects, store).await?;
+        Ok(bus::config::open_bucket(&jet, config, true).await?)
     }
 }
 

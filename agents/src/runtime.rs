@@ -417,8 +417,11 @@ where
     if let Some(t) = &options.telemetry {
         t.ready.connected(&client);
     }
+    let store_client = common
+        .connect_store(&service_name, true, &role, &client)
+        .await?;
     let store = config::open_waiting(
-        &client,
+        &store_client,
         subjects,
         common.kv_replicas,
         config::Access::Reader,
@@ -426,6 +429,7 @@ where
     .await?;
     kind.attach(kind::Attach {
         nats: &client,
+        store: &store_client,
         subjects,
         kv_replicas: common.kv_replicas,
         max_bytes: options.state_max_bytes,

@@ -1,7 +1,7 @@
 //! Per-hop costs on the decision path: the state header codec, the merge, and a verdict cache
 //! lookup (key built from the inputs, then found).
 
-use bus::merge::merge;
+use bus::merge::{merge, Holds};
 use bus::state::{keys, State, Value};
 use criterion::{criterion_group, criterion_main, Criterion};
 
@@ -38,7 +38,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("merge_narrow_8_to_4", |b| {
         b.iter_batched(
             || (s.clone(), patch.clone()),
-            |(mut s, p)| merge(&mut s, p).unwrap(),
+            |(mut s, p)| merge(&mut s, p, "acl", &mut Holds::default()).unwrap(),
             criterion::BatchSize::SmallInput,
         )
     });

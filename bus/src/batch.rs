@@ -8,12 +8,12 @@
 use async_nats::header::{
     NATS_BATCH_COMMIT, NATS_BATCH_ID, NATS_BATCH_SEQUENCE, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
 };
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::store::Jet;
 
 /// NATS's key-value protocol: a delete is an empty message with this header.
 const KV_OPERATION: &str = "KV-Operation";
@@ -51,39 +51,6 @@ pub fn atomic(store: &kv::Store) -> bool {
     store.stream.cached_info().config.allow_atomic_publish
 }
 
-/// Creates a key-value bucket that also accepts atomic batches: the stream async-nats's
-/// `create_key_value` would make (async-nats 0.51 offers no way to add the flag), plus
-/// `allow_atomic`. Only on servers 2.12 and later, which know the flag.
-pub async fn create_atomic_bucket(
-    js: &jetstream::Context,
-    config: kv::Config,
-) -> Result<kv::Store, ConfigError> {
-    let bucket = config.bucket.clone();
-    let stream = stream::Config {
-        name: format!("KV_{bucket}"),
-        description: Some(config.description),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: config.history.max(1),
-        max_bytes: config.max_bytes,
-        max_age: config.max_age,
-        max_message_size: config.max_value_size,
-        storage: config.storage,
-        num_replicas: config.num_replicas.max(1),
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::New,
-        allow_atomic_publish: true,
-        ..Default::default()
-    };
-    js.create_stream(stream)
-        .await
-        .map_err(|e| ConfigError::Io(Box::new(e)))?;
-    js.get_key_value(&bucket)
-        .await
-        .map_err(|e| ConfigError::Io(Box::new(e)))
-}
-
 #[derive(Deserialize)]
 struct Ack {
     #[serde(default)]
@@ -100,7 +67,7 @@ struct ApiError {
 
 /// Publishes `writes` as one atomic batch and returns the bucket revision of its last message.
 pub async fn write_atomic(
-    client: &async_nats::Client,
+    jet: &Jet,
     store: &kv::Store,
     writes: &[Write],
 ) -> Result<u64, BatchError> {
@@ -119,9 +86,10 @@ pub async fn write_atomic(
         if w.value.is_none() {
             headers.insert(KV_OPERATION, KV_DELETE);
         }
-        let subject = format!("{}{}", store.prefix, w.key);
+        let subject = jet.kv_subject(store, &w.key);
         (subject, headers, w.value.clone().unwrap_or_default())
     };
+    let client = jet.client();
     for (i, w) in rest.iter().enumerate() {
         let (subject, headers, payload) = message(i, w);
         client
@@ -145,11 +113,7 @@ pub async fn write_atomic(
 
 /// Writes one key, compared-and-set against `w.expected_revision`, and returns the revision
 /// it was stored at (async-nats's KV delete does not say).
-pub async fn write_one(
-    client: &async_nats::Client,
-    store: &kv::Store,
-    w: &Write,
-) -> Result<u64, BatchError> {
+pub async fn write_one(jet: &Jet, store: &kv::Store, w: &Write) -> Result<u64, BatchError> {
     let mut headers = HeaderMap::new();
     headers.insert(
         NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
@@ -158,10 +122,10 @@ pub async fn write_one(
     if w.value.is_none() {
         headers.insert(KV_OPERATION, KV_DELETE);
     }
-    let subject = format!("{}{}", store.prefix, w.key);
+    let subject = jet.kv_subject(store, &w.key);
     let payload = w.value.clone().unwrap_or_default();
-    let js = jetstream::new(client.clone());
-    let ack = js
+    let ack = jet
+        .context()
         .publish_with_headers(subject, headers, payload)
         .await
         .map_err(|e| BatchError::Unknown(e.to_string()))?;

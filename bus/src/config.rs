@@ -7,10 +7,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 
+use crate::store::{Jet, Store};
 use crate::subject::{Kind, Subjects};
 
 /// How many past values JetStream keeps per key; enough to see what an operator just changed.
@@ -139,7 +140,8 @@ pub async fn open(
         let _ = client.flush().await;
     }
     let atomic = crate::batch::server_at_least(&client.server_info().version, 2, 12);
-    open_or_create(client, config, access == Access::Owner, atomic).await
+    let jet = Jet::reach(client, subjects, Store::Config).await?;
+    open_or_create(&jet, config, access == Access::Owner, atomic).await
 }
 
 /// Opens the config bucket for a long-running process that may start before the server (or
@@ -176,42 +178,40 @@ pub async fn open_waiting(
 /// to create it; the loser of the race just opens it. An existing bucket keeps its own
 /// settings.
 pub async fn open_bucket(
-    client: &async_nats::Client,
+    jet: &Jet,
     config: kv::Config,
     create: bool,
 ) -> Result<kv::Store, ConfigError> {
-    open_or_create(client, config, create, false).await
+    open_or_create(jet, config, create, false).await
 }
 
 async fn open_or_create(
-    client: &async_nats::Client,
+    jet: &Jet,
     config: kv::Config,
     create: bool,
     atomic: bool,
 ) -> Result<kv::Store, ConfigError> {
     let too_old = || {
-        let version = client.server_info().version;
+        let version = jet.client().server_info().version;
         (!server_supported(&version)).then_some(ConfigError::ServerTooOld { version })
     };
     if let Some(e) = too_old() {
         return Err(e);
     }
-    let js = jetstream::new(client.clone());
+    let js = jet.context();
     let bucket = config.bucket.clone();
     let missing = match js.get_key_value(&bucket).await {
+        // Its owner runs only on a bucket that routes messages as the engine makes it.
+        Ok(store) if create => {
+            return crate::store::repair(&js, store, &crate::store::kv_stream(config, atomic)).await
+        }
         Ok(store) => return Ok(store),
         Err(e) => e,
     };
     let source: Box<dyn std::error::Error + Send + Sync> = if create {
-        let created = if atomic {
-            crate::batch::create_atomic_bucket(&js, config)
-                .await
-                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
-        } else {
-            js.create_key_value(config)
-                .await
-                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
-        };
+        let created = crate::store::create_bucket(&js, config, atomic)
+            .await
+            .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) });
         match created {
             Ok(store) => return Ok(store),
             // Another owner may have won the race to create it.
@@ -221,7 +221,7 @@ async fn open_or_create(
             },
         }
     } else {
-        format!("{missing} (policy-dispatcher creates it)").into()
+        format!("{missing} (policy-dispatcher creates it){}", jet.hint()).into()
     };
     Err(too_old().unwrap_or(ConfigError::Open { bucket, source }))
 }

@@ -6,9 +6,10 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::stream;
 
 use crate::config::ConfigError;
+use crate::store::{Jet, Store};
 use crate::subject::Subjects;
 
 /// How long and how large the log may grow.
@@ -26,7 +27,7 @@ pub async fn ensure(
     replicas: usize,
     retention: Retention,
 ) -> Result<stream::Stream, ConfigError> {
-    let js = jetstream::new(client.clone());
+    let js = Jet::reach(client, subjects, Store::Log).await?.context();
     let name = subjects.decisions_stream();
     if let Ok(s) = js.get_stream(&name).await {
         return Ok(s);
@@ -40,6 +41,7 @@ pub async fn ensure(
         // Oldest first: an audit log keeps the recent past, and a full one never refuses.
         discard: stream::DiscardPolicy::Old,
         num_replicas: replicas.max(1),
+        consumer_limits: Some(crate::store::consumer_limits()),
         ..Default::default()
     };
     match js.create_stream(config).await {

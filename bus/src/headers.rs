@@ -22,6 +22,9 @@ pub const POLICY_ERROR: &str = "Policy-Error";
 /// decide without writing anything (conn-limit takes no slot, rate-limit spends no token), and
 /// the dispatcher sends no undo and no tap record. Copied onto every hop.
 pub const POLICY_DRY_RUN: &str = "Policy-Dry-Run";
+/// On a module check (`<prefix>.agent._wasm.check`): the kind the module is to be deployed
+/// as, so that the wasm host can say whether it may serve that kind at all.
+pub const POLICY_WASM_KIND: &str = "Policy-Wasm-Kind";
 /// W3C trace context, propagated from the hookpoint through every hop.
 pub const TRACEPARENT: &str = "traceparent";
 /// NATS services API error headers, so standard tooling sees our errors as errors.

@@ -3,6 +3,7 @@
 //! the CLI and third-party Rust hookpoints cannot drift apart.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod admin;
 mod admin_client;
 pub mod batch;
@@ -22,6 +23,7 @@ pub mod merge;
 pub mod modules;
 pub mod roles;
 pub mod state;
+pub mod store;
 pub mod subject;
 pub mod tap;
 

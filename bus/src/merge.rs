@@ -13,14 +13,27 @@
 //! 5. The dispatcher's own keys (`event_id`, `connection_id`, `degraded`) are ignored in a
 //!    patch: no agent can re-key a connection, forge an event id, or mark a decision degraded
 //!    or whole. The dispatcher sets them itself.
-//! 6. Any other key: the later agent's value replaces the earlier one. `target_peer` is one of
-//!    these, but must be a string; that it is one of the final `dst_peers` is checked once the
-//!    chain is over (a later agent may still narrow the candidates).
+//! 6. Any other key belongs to the kind that set it first in the run: a later answer of the
+//!    same kind replaces it; another kind's answer that sets it otherwise is refused whole. So
+//!    no agent can rewrite what another keeps in the state for itself (conn-limit's
+//!    `conn_limit`, which says which slots its undo gives back).
+//! 7. `target_peer` must be a string. An answer that holds something for the connection's
+//!    target (`holds_target`: the peer it admitted the connection for, or nil for none; the
+//!    limiters set it when a policy of theirs names `target_peer`) fixes it: a later answer
+//!    that sets it to another peer, or sets it at all when none was set, is refused whole, and
+//!    so is a `holds_target` that is not the target as it stands. A limiter that admitted the
+//!    connection for one peer (or for none) cannot be walked around by moving it to another.
+//!    `holds_target` is not kept in the state. That `target_peer` is one of the final
+//!    `dst_peers` is checked once the chain is over (a later agent may still narrow the
+//!    candidates, which can only make the decision a deny).
+//! 8. Each reason an answer carries is stamped with the answering kind: no agent can speak
+//!    for another (a forged conn-limit deny would spare conn-limit its undo).
 //!
-//! A patch whose well-known keys have the wrong shape is rejected whole ([`MergeError`]) and
-//! the state is left untouched, so a buggy agent cannot half-apply an answer.
+//! A patch that breaks a rule (a well-known key of the wrong shape, a key another kind holds)
+//! is rejected whole ([`MergeError`]) and the state is left untouched, so an agent cannot
+//! half-apply an answer; the dispatcher counts that agent as failed.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::state::{keys, State, Value};
 
@@ -33,17 +46,35 @@ pub enum Flow {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("agent answer has a malformed `{key}`: {expected}")]
-pub struct MergeError {
-    pub key: String,
-    pub expected: &'static str,
+pub enum MergeError {
+    #[error("agent answer has a malformed `{key}`: {expected}")]
+    Malformed { key: String, expected: &'static str },
+    #[error("agent answer sets `{key}`, which {owner} set: only {owner} may change it")]
+    Owned { key: String, owner: String },
+    #[error("agent answer moves `target_peer` to {to:?} after {holder} answered for {from:?}: a limiter's admission is for its peer")]
+    TargetHeld {
+        holder: String,
+        from: Option<String>,
+        to: String,
+    },
 }
 
 fn bad(key: &str, expected: &'static str) -> MergeError {
-    MergeError {
+    MergeError::Malformed {
         key: key.to_string(),
         expected,
     }
+}
+
+/// What one run's earlier answers hold, for rules 6 and 7: the chain keeps one per run and
+/// hands it to every merge.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Holds {
+    /// The kind that first set each key of rule 6. Empty for the shipped kinds but
+    /// conn-limit, so most runs allocate nothing.
+    owners: BTreeMap<String, String>,
+    /// The kind whose answer fixed `target_peer`.
+    target: Option<String>,
 }
 
 fn bits_per_second(v: &Value) -> Option<u64> {
@@ -86,12 +117,74 @@ fn check(patch: &State) -> Result<(), MergeError> {
             return Err(bad(keys::TARGET_PEER, "a string (one of the candidates)"));
         }
     }
+    if let Some(h) = patch.get(keys::HOLDS_TARGET) {
+        if !(h.is_nil() || h.as_str().is_some()) {
+            return Err(bad(
+                keys::HOLDS_TARGET,
+                "the target peer it holds for, or nil",
+            ));
+        }
+    }
     Ok(())
 }
 
-/// Folds one agent's patch into the state. See the module docs for the rules.
-pub fn merge(state: &mut State, patch: State) -> Result<Flow, MergeError> {
+/// Checks rules 6 and 7 for `by`'s patch against what earlier answers hold.
+fn check_holds(state: &State, patch: &State, by: &str, holds: &Holds) -> Result<(), MergeError> {
+    if let (Some(holder), Some(to)) = (&holds.target, patch.get_str(keys::TARGET_PEER)) {
+        let from = state.get_str(keys::TARGET_PEER);
+        if from != Some(to) {
+            return Err(MergeError::TargetHeld {
+                holder: holder.clone(),
+                from: from.map(str::to_string),
+                to: to.to_string(),
+            });
+        }
+    }
+    if let Some(held) = patch.get(keys::HOLDS_TARGET) {
+        // The target as this answer leaves it: its own pick, else what stands.
+        let now = patch
+            .get_str(keys::TARGET_PEER)
+            .or_else(|| state.get_str(keys::TARGET_PEER));
+        if held.as_str() != now {
+            return Err(bad(
+                keys::HOLDS_TARGET,
+                "the target peer as it stands (the chain moved it meanwhile: subscribe the limiter after whatever picks the peer)",
+            ));
+        }
+    }
+    for (key, value) in &patch.0 {
+        if let Some(owner) = holds.owners.get(key) {
+            if owner != by && state.get(key) != Some(value) {
+                return Err(MergeError::Owned {
+                    key: key.clone(),
+                    owner: owner.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rule 8: each reason names the kind that gave it.
+fn stamp(reasons: &mut [Value], by: &str) {
+    for r in reasons {
+        let Value::Map(fields) = r else { continue };
+        match fields.iter_mut().find(|(k, _)| k.as_str() == Some("agent")) {
+            Some((_, v)) => *v = Value::from(by),
+            None => fields.push((Value::from("agent"), Value::from(by))),
+        }
+    }
+}
+
+/// Folds `by`'s patch into the state. See the module docs for the rules.
+pub fn merge(
+    state: &mut State,
+    patch: State,
+    by: &str,
+    holds: &mut Holds,
+) -> Result<Flow, MergeError> {
     check(&patch)?;
+    check_holds(state, &patch, by, holds)?;
     let mut flow = Flow::Continue;
     for (key, value) in patch.0 {
         match key.as_str() {
@@ -129,6 +222,7 @@ pub fn merge(state: &mut State, patch: State) -> Result<Flow, MergeError> {
                 let Value::Array(mut new) = value else {
                     unreachable!("checked above")
                 };
+                stamp(&mut new, by);
                 match state.0.get_mut(keys::REASONS) {
                     Some(Value::Array(old)) => old.append(&mut new),
                     _ => state.insert(keys::REASONS, Value::Array(new)),
@@ -140,7 +234,18 @@ pub fn merge(state: &mut State, patch: State) -> Result<Flow, MergeError> {
             | keys::DEGRADED
             | keys::DRY_RUN
             | keys::AGENTS => {}
-            _ => state.insert(key, value),
+            keys::TARGET_PEER => state.insert(key, value),
+            keys::HOLDS_TARGET => {
+                if holds.target.is_none() {
+                    holds.target = Some(by.to_string());
+                }
+            }
+            _ => {
+                if !holds.owners.contains_key(&key) {
+                    holds.owners.insert(key.clone(), by.to_string());
+                }
+                state.insert(key, value)
+            }
         }
     }
     Ok(flow)

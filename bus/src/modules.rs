@@ -2,10 +2,11 @@
 //! kind, named by it), written by the dispatcher on `agent-deploy` and watched by every wasm
 //! host. A module rarely exceeds a few hundred KiB; JetStream chunks it.
 
-use async_nats::jetstream::{self, object_store};
+use async_nats::jetstream::object_store;
 
 use crate::admin::Module;
 use crate::config::ConfigError;
+use crate::store::{Jet, Store};
 use crate::subject::Subjects;
 
 /// Bytes the store may hold: every module with room for a new version of each.
@@ -22,7 +23,8 @@ pub async fn open(
     replicas: usize,
     create: bool,
 ) -> Result<object_store::ObjectStore, ConfigError> {
-    let js = jetstream::new(client.clone());
+    let jet = Jet::reach(client, subjects, Store::Modules).await?;
+    let js = jet.context();
     let bucket = subjects.modules_bucket();
     let missing = match js.get_object_store(&bucket).await {
         Ok(store) => return Ok(store),
@@ -31,7 +33,11 @@ pub async fn open(
     if !create {
         return Err(ConfigError::Open {
             bucket,
-            source: format!("{missing} (policy-dispatcher creates it on the first deploy)").into(),
+            source: format!(
+                "{missing} (policy-dispatcher creates it on the first deploy){}",
+                jet.hint()
+            )
+            .into(),
         });
     }
     let config = object_store::Config {
@@ -41,8 +47,8 @@ pub async fn open(
         num_replicas: replicas.max(1),
         ..Default::default()
     };
-    match js.create_object_store(config).await {
-        Ok(store) => Ok(store),
+    match js.create_stream(crate::store::object_stream(config)).await {
+        Ok(_) => js.get_object_store(&bucket).await.map_err(io),
         // Another dispatcher may have created it meanwhile.
         Err(e) => js.get_object_store(&bucket).await.map_err(|_| io(e)),
     }

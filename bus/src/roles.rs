@@ -1,18 +1,13 @@
-//! Who may do what on the bus (DESIGN.md, "Who may do what"): one role per process kind, each
-//! with the least NATS permissions it needs. `policyctl auth` renders these as a nats-server
-//! configuration; every process connects with its role's inbox prefix so that its replies
-//! (decisions, JetStream answers) are readable by that role alone.
+//! Who may do what on the bus (README, "Security"): one role per process kind, each with the
+//! least NATS permissions it needs. `policyctl auth` renders these as a nats-server
+//! configuration (`crate::accounts` lays out its accounts).
 //!
-//! The JetStream API subjects are NATS's own; which of them a role may use was worked out from
-//! what async-nats sends for each key-value operation the engine performs:
-//!
-//! | operation | subjects |
-//! | --- | --- |
-//! | open a bucket | `$JS.API.STREAM.INFO.KV_<b>` |
-//! | create a bucket | `$JS.API.INFO`, `$JS.API.STREAM.CREATE.KV_<b>` |
-//! | get, entry | `$JS.API.DIRECT.GET.KV_<b>.$KV.<b>.<key>` (`$JS.API.STREAM.MSG.GET.KV_<b>` without direct gets) |
-//! | keys, watch | `$JS.API.CONSUMER.CREATE.KV_<b>[.<name>.<filter>]`, `$JS.API.CONSUMER.DELETE.KV_<b>.<name>` (an ordered consumer, delivered to the caller's inbox) |
-//! | put, create, update, delete | publish `$KV.<b>.<key>` (the acknowledgement comes to the inbox) |
+//! A role has up to two identities. Its *messaging* identity, in the account `POLICY` with
+//! every other role's, sends and serves requests; every process connects with its role's
+//! inbox prefix, and a role may publish on the inboxes of the roles that may ask it and on no
+//! other (no `allow_responses`: that would let the asker choose where the answer goes). Its
+//! *store* identity, alone in an account of its own, reaches the JetStream stores the role
+//! reads or owns (`crate::store`), and nothing else.
 //!
 //! Nothing grants `STREAM.UPDATE`, `STREAM.DELETE` or `STREAM.MSG.DELETE`: no process of the
 //! engine needs them, so no credential of the engine can wipe a bucket. The one `STREAM.PURGE`
@@ -22,7 +17,15 @@
 use std::fmt;
 
 use crate::headers;
+use crate::store::{api_prefix, Store};
 use crate::subject::{Kind, Subjects, SHIPPED_KINDS};
+
+/// How a role uses a store: reading it, or owning it (creating and writing it, and reading).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    Read,
+    Own,
+}
 
 /// A process kind's identity on the bus.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -97,16 +100,120 @@ impl Role {
         }
     }
 
-    /// Where this role's replies arrive: `_INBOX.<prefix>.<role>`. Only the role may read it.
+    /// Where the role's replies arrive: `_INBOX.<prefix>.<role>`. Only the role may read it.
     pub fn inbox_prefix(&self, subjects: &Subjects) -> String {
         format!("_INBOX.{}.{}", subjects.prefix(), self.name())
     }
 
-    /// What the role may publish and subscribe to. Subscribe entries may name a queue group
-    /// (`subject group`), which nats-server then requires.
+    /// Where its store identity's replies and consumer deliveries arrive.
+    pub fn store_inbox_prefix(&self, subjects: &Subjects) -> String {
+        format!("{}.store", self.inbox_prefix(subjects))
+    }
+
+    /// The roles that send this one requests, and so the only inboxes it may publish on.
+    pub fn askers(&self) -> Vec<Role> {
+        match self {
+            // Events; admin commands and service pings; other dispatchers' confirmations.
+            Role::Dispatcher => vec![Role::Gateway, Role::Operator, Role::Dispatcher],
+            // The dispatcher's calls and checks; the operator's service pings.
+            Role::Monitor | Role::WasmHost | Role::Agent(_) => {
+                vec![Role::Dispatcher, Role::Operator]
+            }
+            // `policyctl bench`'s echo answers the gateway's own requests.
+            Role::Gateway => vec![Role::Gateway],
+            Role::Operator => Vec::new(),
+        }
+    }
+
+    /// The stores the role reaches, and how.
+    pub fn stores(&self) -> Vec<(Store, Use)> {
+        match self {
+            Role::Operator => vec![(Store::Log, Use::Read)],
+            Role::Gateway => Vec::new(),
+            Role::Dispatcher => vec![
+                (Store::Config, Use::Own),
+                (Store::Modules, Use::Own),
+                (Store::Log, Use::Own),
+            ],
+            Role::Monitor => vec![(Store::Config, Use::Read)],
+            Role::WasmHost => vec![(Store::Config, Use::Read), (Store::Modules, Use::Read)],
+            Role::Agent(k) => {
+                let mut stores = vec![(Store::Config, Use::Read)];
+                match k.as_str() {
+                    "conn-limit" => stores.push((Store::Conns, Use::Own)),
+                    "rate-limit" => stores.push((Store::Rates, Use::Own)),
+                    _ => {}
+                }
+                stores
+            }
+        }
+    }
+
+    /// The account its store identity lives in, alone: `POLICY_AS_<ROLE>`; none for a role
+    /// that uses no store.
+    pub fn store_account(&self) -> Option<String> {
+        (!self.stores().is_empty())
+            .then(|| format!("POLICY_AS_{}", self.name().to_uppercase().replace('-', "_")))
+    }
+
+    /// What its store identity may publish and subscribe to in its account: the store paths
+    /// it imports there, no more.
+    pub fn store_permissions(&self, s: &Subjects) -> Permissions {
+        let api = api_prefix(s);
+        let mut p = Permissions::default();
+        for (store, how) in self.stores() {
+            p.publish.extend(
+                store
+                    .read_api(s)
+                    .into_iter()
+                    .map(|(a, _)| format!("{api}.{a}")),
+            );
+            p.publish.push(store.flow_control(s));
+            if how == Use::Own {
+                p.publish
+                    .extend(store.own_api(s).into_iter().map(|a| format!("{api}.{a}")));
+                p.publish
+                    .extend(store.write_subjects(s).into_iter().map(|(_, local)| local));
+            }
+        }
+        if !p.publish.is_empty() {
+            p.subscribe
+                .push(format!("{}.>", self.store_inbox_prefix(s)));
+        }
+        p
+    }
+
+    /// [`Self::permissions`], knowing every role on the bus: the wasm host is also denied the
+    /// subjects and services of every native kind with a role of its own (`policyctl auth
+    /// add-agent`), so it can neither serve, read nor answer for one; a module cannot take a
+    /// native kind's name.
+    pub fn permissions_among(&self, s: &Subjects, roles: &[Role]) -> Permissions {
+        let mut p = self.permissions(s);
+        if *self == Role::WasmHost {
+            for role in roles {
+                if let Role::Agent(kind) = role {
+                    if !SHIPPED_KINDS.contains(&kind.as_str()) {
+                        p.deny_subscribe.push(s.agent_wildcard(kind));
+                        p.deny_subscribe
+                            .extend(service(&headers::agent_service(kind)).into_iter().skip(1));
+                    }
+                }
+            }
+        }
+        p
+    }
+
+    /// What its messaging identity may publish and subscribe to. Subscribe entries may name a
+    /// queue group (`subject group`), which nats-server then requires.
     pub fn permissions(&self, s: &Subjects) -> Permissions {
         let mut p = Permissions::default();
         p.subscribe.push(format!("{}.>", self.inbox_prefix(s)));
+        // Answers go to the inboxes of the roles that ask, and nowhere else.
+        p.publish.extend(
+            self.askers()
+                .iter()
+                .map(|asker| format!("{}.>", asker.inbox_prefix(s))),
+        );
         match self {
             Role::Operator => {
                 p.publish.push(s.admin_wildcard());
@@ -115,18 +222,12 @@ impl Role {
                     p.publish.push(format!("$SRV.{verb}.>"));
                 }
                 p.subscribe.push(s.tap_wildcard());
-                // `policyctl log`: an ordered pull consumer on the decision log.
-                let stream = s.decisions_stream();
-                p.publish.extend(read_stream(&stream));
-                p.publish
-                    .push(format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.*"));
             }
             Role::Gateway => {
                 p.publish.push(s.events_wildcard());
                 // `policyctl bench`'s private echo, the floor it measures the engine against.
                 p.publish.push(s.bench_wildcard());
                 p.subscribe.push(s.bench_wildcard());
-                p.allow_responses = true;
             }
             Role::Dispatcher => {
                 p.subscribe
@@ -141,14 +242,6 @@ impl Role {
                 p.publish.push(s.tap_wildcard());
                 // `subscribe` checks that a kind has a live instance.
                 p.publish.push("$SRV.PING.>".into());
-                p.publish.extend(write_bucket(&s.config_bucket()));
-                p.publish.extend(write_modules(&s.modules_bucket()));
-                // The decision log: create its stream, publish its records.
-                let stream = s.decisions_stream();
-                p.publish.push(format!("$JS.API.STREAM.INFO.{stream}"));
-                p.publish.push(format!("$JS.API.STREAM.CREATE.{stream}"));
-                p.publish.push(s.decision_log_wildcard());
-                p.allow_responses = true;
             }
             Role::WasmHost => {
                 // Any kind's queue group, as modules are deployed at run time; never a shipped
@@ -162,10 +255,6 @@ impl Role {
                 }
                 p.deny_subscribe
                     .extend(service(headers::DISPATCHER_SERVICE).into_iter().skip(1));
-                p.publish.extend(read_bucket(&s.config_bucket()));
-                p.publish
-                    .extend(read_stream(&format!("OBJ_{}", s.modules_bucket())));
-                p.allow_responses = true;
             }
             Role::Monitor | Role::Agent(_) => {
                 let kind = match self {
@@ -175,14 +264,9 @@ impl Role {
                 p.subscribe
                     .push(format!("{} {kind}", s.agent_wildcard(&kind)));
                 p.subscribe.extend(service(&headers::agent_service(&kind)));
-                p.publish.extend(read_bucket(&s.config_bucket()));
-                match kind.as_str() {
-                    "monitor" => p.subscribe.push(s.tap_wildcard()),
-                    "conn-limit" => p.publish.extend(write_bucket(&s.conn_bucket())),
-                    "rate-limit" => p.publish.extend(write_bucket(&s.rate_bucket())),
-                    _ => {}
+                if kind.as_str() == "monitor" {
+                    p.subscribe.push(s.tap_wildcard());
                 }
-                p.allow_responses = true;
             }
         }
         p
@@ -200,9 +284,6 @@ impl fmt::Display for Role {
 pub struct Permissions {
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
-    /// May answer requests it received (an agent's verdict, the dispatcher's decision),
-    /// without any right to publish on the requester's inbox otherwise.
-    pub allow_responses: bool,
     /// Subjects denied for subscribing although an allow entry matches them.
     pub deny_subscribe: Vec<String>,
 }
@@ -214,51 +295,6 @@ fn service(name: &str) -> Vec<String> {
         format!("$SRV.*.{name}"),
         format!("$SRV.*.{name}.*"),
     ]
-}
-
-/// Reading a key-value bucket: open it, get keys, watch it.
-fn read_bucket(bucket: &str) -> Vec<String> {
-    read_stream(&format!("KV_{bucket}"))
-}
-
-/// Reading a key-value bucket's or an object store's stream: open it, get, watch.
-fn read_stream(stream: &str) -> Vec<String> {
-    vec![
-        format!("$JS.API.STREAM.INFO.{stream}"),
-        format!("$JS.API.CONSUMER.CREATE.{stream}"),
-        format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
-        format!("$JS.API.CONSUMER.DELETE.{stream}.*"),
-        format!("$JS.API.CONSUMER.INFO.{stream}.*"),
-        format!("$JS.API.DIRECT.GET.{stream}"),
-        format!("$JS.API.DIRECT.GET.{stream}.>"),
-        format!("$JS.API.STREAM.MSG.GET.{stream}"),
-    ]
-}
-
-/// Owning a key-value bucket: read it, create it, write its keys. Never update, purge or
-/// delete the stream itself.
-fn write_bucket(bucket: &str) -> Vec<String> {
-    let mut subjects = read_bucket(bucket);
-    subjects.extend([
-        "$JS.API.INFO".into(),
-        format!("$JS.API.STREAM.CREATE.KV_{bucket}"),
-        format!("$KV.{bucket}.>"),
-    ]);
-    subjects
-}
-
-/// Owning the modules object store: read it, create it, write objects. Replacing or deleting
-/// an object purges its old chunks (`STREAM.PURGE` with a subject filter), so this stream, and
-/// only this one, may be purged.
-fn write_modules(bucket: &str) -> Vec<String> {
-    let stream = format!("OBJ_{bucket}");
-    let mut subjects = read_stream(&stream);
-    subjects.extend([
-        format!("$JS.API.STREAM.CREATE.{stream}"),
-        format!("$JS.API.STREAM.PURGE.{stream}"),
-        format!("$O.{bucket}.>"),
-    ]);
-    subjects
 }
 
 #[cfg(test)]
@@ -286,19 +322,102 @@ mod tests {
     }
 
     #[test]
-    fn only_the_dispatcher_writes_the_config_bucket() {
+    fn messaging_identities_touch_no_store_and_store_identities_only_their_own() {
+        let s = Subjects::default();
         for r in Role::shipped() {
-            let p = r.permissions(&Subjects::default());
-            let writes = p.publish.iter().any(|s| s.starts_with("$KV.policy_config"));
-            assert_eq!(writes, r == Role::Dispatcher, "{r}");
+            let p = r.permissions(&s);
+            assert!(
+                !p.publish.iter().any(|x| x.starts_with("$KV.")
+                    || x.starts_with("$O.")
+                    || x.starts_with("$JS.")
+                    || x.contains("._js.")
+                    || x.contains(".log.")),
+                "{r}: {:?}",
+                p.publish
+            );
+            let store = r.store_permissions(&s);
+            let writes = |bucket: &str| {
+                store
+                    .publish
+                    .iter()
+                    .any(|x| x == &format!("policy._js.API.$KV.{bucket}.>"))
+            };
+            assert_eq!(writes("policy_config"), r == Role::Dispatcher, "{r}");
+            assert_eq!(
+                writes("policy_conns"),
+                r.name() == "agent-conn-limit",
+                "{r}"
+            );
+            assert_eq!(
+                writes("policy_rates"),
+                r.name() == "agent-rate-limit",
+                "{r}"
+            );
+            assert_eq!(r.store_account().is_some(), r != Role::Gateway, "{r}");
+            assert!(!store
+                .publish
+                .iter()
+                .any(|x| x.contains("STREAM.DELETE") || x.contains("STREAM.MSG.DELETE")));
+            // An update only of a key-value stream the role owns (to put back its routing).
+            for update in store.publish.iter().filter(|x| x.contains("STREAM.UPDATE")) {
+                let owned: Vec<String> = r
+                    .stores()
+                    .into_iter()
+                    .filter(|(_, how)| *how == Use::Own)
+                    .map(|(st, _)| format!("policy._js.API.STREAM.UPDATE.{}", st.stream(&s)))
+                    .collect();
+                assert!(owned.contains(update), "{r}: {update}");
+                assert!(update.contains("KV_"), "{r}: {update}");
+            }
         }
-        assert!(perms("agent-conn-limit")
-            .publish
-            .contains(&"$KV.policy_conns.>".to_string()));
-        assert!(!perms("agent-acl")
+        // Only the wasm host reads the modules; only the operator reads the decision log.
+        let reads = |r: &str, stream: &str| {
+            perms_store(r)
+                .publish
+                .contains(&format!("policy._js.API.STREAM.INFO.{stream}"))
+        };
+        assert!(reads("wasm-host", "OBJ_policy_modules"));
+        assert!(!reads("agent-acl", "OBJ_policy_modules"));
+        assert!(reads("operator", "policy_decisions"));
+        assert!(!reads("monitor", "policy_decisions"));
+        assert!(!reads("operator", "KV_policy_config"));
+    }
+
+    fn perms_store(role: &str) -> Permissions {
+        Role::parse(role)
+            .expect("role")
+            .store_permissions(&Subjects::default())
+    }
+
+    #[test]
+    fn a_role_answers_only_the_inboxes_of_the_roles_that_ask_it() {
+        let s = Subjects::default();
+        for r in Role::shipped() {
+            let p = r.permissions(&s);
+            let inboxes: Vec<&String> = p
+                .publish
+                .iter()
+                .filter(|x| x.starts_with("_INBOX."))
+                .collect();
+            let expected: Vec<String> = r
+                .askers()
+                .iter()
+                .map(|a| format!("{}.>", a.inbox_prefix(&s)))
+                .collect();
+            assert_eq!(inboxes, expected.iter().collect::<Vec<_>>(), "{r}");
+        }
+        assert_eq!(
+            perms("agent-acl")
+                .publish
+                .iter()
+                .filter(|x| x.starts_with("_INBOX."))
+                .collect::<Vec<_>>(),
+            ["_INBOX.policy.dispatcher.>", "_INBOX.policy.operator.>"]
+        );
+        assert!(perms("operator")
             .publish
             .iter()
-            .any(|s| s.starts_with("$KV.")));
+            .all(|x| !x.starts_with("_INBOX.")));
     }
 
     #[test]
@@ -325,16 +444,34 @@ mod tests {
         assert!(host
             .deny_subscribe
             .contains(&"$SRV.*.policy-dispatcher".to_string()));
-        assert!(!host
-            .publish
-            .iter()
-            .any(|s| s.starts_with("$KV.") || s.starts_with("$O.")));
         // Only the dispatcher publishes on the tap.
         for r in Role::shipped() {
             let p = r.permissions(&Subjects::default());
             let taps = p.publish.iter().any(|s| s.contains(".tap."));
             assert_eq!(taps, r == Role::Dispatcher, "{r}");
         }
+    }
+
+    #[test]
+    fn the_wasm_host_is_denied_every_native_kind_on_the_bus() {
+        let s = Subjects::default();
+        let geo = Role::parse("agent-geo").expect("role");
+        let mut roles = Role::shipped();
+        roles.push(geo.clone());
+        let host = Role::WasmHost.permissions_among(&s, &roles);
+        for denied in [
+            "policy.agent.geo.>",
+            "$SRV.*.policy-agent-geo",
+            "$SRV.*.policy-agent-geo.*",
+            "policy.agent.acl.>",
+        ] {
+            assert!(
+                host.deny_subscribe.contains(&denied.to_string()),
+                "{denied}"
+            );
+        }
+        // Only the host: geo's own role is unchanged.
+        assert_eq!(geo.permissions_among(&s, &roles), geo.permissions(&s));
     }
 
     #[test]

@@ -49,6 +49,11 @@ pub mod keys {
     /// On a dry run's decision: each agent's timing, as in the tap record (`policyctl
     /// explain` prints them).
     pub const AGENTS: &str = "agents";
+    /// In an answer: the agent holds something for the connection's target peer as it was
+    /// when it answered (the peer, or nil for none), so it may not change afterwards (merge
+    /// rule 7). Limiters whose policies name `target_peer` set it; the dispatcher keeps it out
+    /// of the decision.
+    pub const HOLDS_TARGET: &str = "holds_target";
     /// Candidate lists: they only narrow along the chain.
     pub const CANDIDATES: [&str; 3] = [DST_PEERS, TARGET_PEERS, SERVICES];
 }

@@ -72,6 +72,14 @@ pub struct Auth {
     /// role's permissions allow (see `policyctl auth`).
     #[arg(long, env = "NATS_INBOX_PREFIX", global = true)]
     pub inbox_prefix: Option<String>,
+    /// The nkey seed of the role's store identity, through which the process reaches
+    /// JetStream on a secured bus. Default: `<name>.store.nk` beside --nkey-file, if there.
+    #[arg(long, env = "NATS_STORE_NKEY_FILE", global = true, value_name = "FILE")]
+    pub store_nkey_file: Option<PathBuf>,
+    /// Credentials file of the role's store identity. Default: `<name>.store.creds` beside
+    /// --creds, if there.
+    #[arg(long, env = "NATS_STORE_CREDS", global = true, value_name = "FILE")]
+    pub store_creds: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,13 +204,56 @@ impl Common {
         ),
         DaemonError,
     > {
-        let (errors, reported) = tokio::sync::mpsc::unbounded_channel();
         let addrs = server_addrs(&self.nats_url)?;
         let inbox = match &self.auth.inbox_prefix {
             Some(p) => p.clone(),
             None => role.inbox_prefix(&self.subjects()?),
         };
         let auth = self.auth.with_url_credentials(&addrs)?;
+        self.connect_as(name, retry, auth, inbox).await
+    }
+
+    /// The connection through which the process reaches JetStream: its role's store identity
+    /// when it has credentials for one (`--store-nkey-file`, `--store-creds`, or the files
+    /// beside its own), else `main` itself (a plain bus, where everything shares one account).
+    /// See `bus::store` for why a role's store access has an identity of its own.
+    pub async fn connect_store(
+        &self,
+        name: &str,
+        retry: bool,
+        role: &Role,
+        main: &async_nats::Client,
+    ) -> Result<async_nats::Client, DaemonError> {
+        let Some(auth) = self.auth.store_identity() else {
+            return Ok(main.clone());
+        };
+        if role.store_account().is_none() {
+            return Err(DaemonError::Auth(format!(
+                "role {role} uses no JetStream store, so it has no store identity"
+            )));
+        }
+        let inbox = role.store_inbox_prefix(&self.subjects()?);
+        let (client, _) = self
+            .connect_as(&format!("{name}-store"), retry, auth, inbox)
+            .await?;
+        Ok(client)
+    }
+
+    async fn connect_as(
+        &self,
+        name: &str,
+        retry: bool,
+        auth: Auth,
+        inbox: String,
+    ) -> Result<
+        (
+            async_nats::Client,
+            tokio::sync::mpsc::UnboundedReceiver<String>,
+        ),
+        DaemonError,
+    > {
+        let (errors, reported) = tokio::sync::mpsc::unbounded_channel();
+        let addrs = server_addrs(&self.nats_url)?;
         let name_owned = name.to_string();
         let mut opts = auth
             .options()
@@ -225,8 +276,15 @@ impl Common {
                             tracing::warn!(%name, sid, "slow consumer: messages were dropped")
                         }
                         async_nats::Event::ServerError(e) => {
-                            tracing::warn!(%name, error = %e, "NATS server error");
-                            let _ = errors.send(e.to_string());
+                            let text = e.to_string();
+                            if text.contains("Permissions Violation for Publish to \"_INBOX.") {
+                                // An answer the server did not let through: the requester
+                                // asked from an inbox that is not its role's.
+                                tracing::warn!(%name, error = %text, "{FOREIGN_INBOX}");
+                            } else {
+                                tracing::warn!(%name, error = %text, "NATS server error");
+                            }
+                            let _ = errors.send(text);
                         }
                         other => tracing::info!(%name, event = %other, "NATS event"),
                     }
@@ -248,7 +306,46 @@ impl Common {
     }
 }
 
+/// What a responder logs when the server refuses its answer to an inbox: on the secured bus a
+/// role answers only the inboxes of the roles that may ask it, `_INBOX.<prefix>.<role>.>`.
+pub const FOREIGN_INBOX: &str = "an answer was refused by the server: the requester asked from \
+     an inbox outside its role's (_INBOX.<prefix>.<role>), so it gets no answer; a client must \
+     set its role's inbox prefix (README, Security: \"Clients of the engine\")";
+
 impl Auth {
+    /// The login of the role's store identity, if it has one: the given store seed or
+    /// credentials, or those beside the role's own (`x.nk` → `x.store.nk`, `x.creds` →
+    /// `x.store.creds`), with the same TLS settings.
+    pub fn store_identity(&self) -> Option<Auth> {
+        let beside = |path: &Option<PathBuf>, ext: &str| {
+            let path = path.as_ref()?;
+            let stem = path.file_stem()?.to_str()?;
+            let store = path.with_file_name(format!("{stem}.store.{ext}"));
+            store.exists().then_some(store)
+        };
+        let nkey_file = self
+            .store_nkey_file
+            .clone()
+            .or_else(|| beside(&self.nkey_file, "nk"));
+        let creds = self
+            .store_creds
+            .clone()
+            .or_else(|| beside(&self.creds, "creds"));
+        if nkey_file.is_none() && creds.is_none() {
+            return None;
+        }
+        Some(Auth {
+            creds,
+            nkey_file,
+            user: None,
+            password: None,
+            token: None,
+            store_nkey_file: None,
+            store_creds: None,
+            ..self.clone()
+        })
+    }
+
     fn has_login(&self) -> bool {
         self.creds.is_some()
             || self.nkey_file.is_some()

@@ -209,7 +209,7 @@ pub(crate) async fn apply(d: &Dispatcher, args: Apply) -> Result<Bytes, ErrorRep
         let mut ordered: Vec<&Step> = steps.iter().collect();
         ordered.sort_by_key(|s| write_rank(&s.planned));
         let writes: Vec<Write> = ordered.iter().map(|s| s.write.clone()).collect();
-        let revision = bus::batch::write_atomic(&d.nats, &d.store, &writes)
+        let revision = bus::batch::write_atomic(&d.jet, &d.store, &writes)
             .await
             .map_err(conflict_or)?;
         tracing::info!(
@@ -262,7 +262,7 @@ async fn write_each(d: &Dispatcher, steps: &[&Step]) -> Result<u64, ErrorReply> 
     for s in steps {
         let written = match tokio::time::timeout(
             WRITE_TIMEOUT,
-            bus::batch::write_one(&d.nats, &d.store, &s.write),
+            bus::batch::write_one(&d.jet, &d.store, &s.write),
         )
         .await
         {
@@ -320,7 +320,7 @@ async fn roll_back(d: &Dispatcher, done: &[(&Step, u64)]) -> Result<(), Vec<Stri
         };
         let put_back = tokio::time::timeout(
             WRITE_TIMEOUT,
-            bus::batch::write_one(&d.nats, &d.store, &undo),
+            bus::batch::write_one(&d.jet, &d.store, &undo),
         )
         .await;
         if !matches!(put_back, Ok(Ok(_))) {

@@ -19,7 +19,7 @@ use async_nats::HeaderMap;
 use bus::admin::FailureMode;
 use bus::client::ClientError;
 use bus::decision::failure;
-use bus::merge::{merge, Flow};
+use bus::merge::{merge, Flow, Holds};
 use bus::state::keys;
 use bus::tap::{AgentTiming, Outcome};
 use bus::{headers, Effect, Event, Reason, State, Value};
@@ -161,6 +161,7 @@ impl Call<'_> {
         let dry_run = headers::dry_run(Some(&self.trace));
         let mut ignored_dry_run = false;
         let mut degraded = false;
+        let mut holds = Holds::default();
         let mut first = Some(header);
         for stage in &chain.stages {
             let encoded = match first.take() {
@@ -209,7 +210,7 @@ impl Call<'_> {
             let mut stop = false;
             for (m, (answer, took, source, echoed)) in callers.iter().zip(answers) {
                 let merged = answer.and_then(|patch| {
-                    merge(&mut state, patch).map_err(|e| Failure {
+                    merge(&mut state, patch, m.kind.as_str(), &mut holds).map_err(|e| Failure {
                         outcome: Outcome::Error,
                         code: failure::ERROR,
                         detail: e.to_string(),

@@ -331,7 +331,8 @@ impl Dispatcher {
                     // A plain publish the stream stores: nothing waits for its acknowledgement.
                     let subject = self.subjects.decision_log(tap.name.as_str());
                     if let Err(e) = self
-                        .nats
+                        .jet
+                        .client()
                         .publish_with_headers(subject, tap.trace.clone(), bytes.clone())
                         .await
                     {

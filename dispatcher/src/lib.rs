@@ -73,6 +73,9 @@ impl Default for Options {
 
 pub struct Dispatcher {
     pub(crate) nats: async_nats::Client,
+    /// JetStream: the config bucket (`store`), the modules and the decision log, reached as
+    /// the dispatcher's store identity on a secured bus (`bus::store`), else over `nats`.
+    pub(crate) jet: bus::store::Jet,
     pub(crate) subjects: Subjects,
     pub(crate) table: Table,
     pub(crate) store: async_nats::jetstream::kv::Store,
@@ -223,14 +226,25 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
     if let Some(t) = &options.telemetry {
         t.ready.connected(&nats);
     }
-    let store =
-        config::open_waiting(&nats, &subjects, common.kv_replicas, config::Access::Owner).await?;
+    let store_nats = common
+        .connect_store(headers::DISPATCHER_SERVICE, true, &Role::Dispatcher, &nats)
+        .await?;
+    let store = config::open_waiting(
+        &store_nats,
+        &subjects,
+        common.kv_replicas,
+        config::Access::Owner,
+    )
+    .await?;
+    let jet = bus::store::Jet::reach(&store_nats, &subjects, bus::store::Store::Config).await?;
     // The decision log is for audits after the fact: a dispatcher that cannot open it still
     // decides, and says so.
     let log_decisions = match options.decision_log {
         None => false,
         Some(retention) => {
-            match bus::decisions::ensure(&nats, &subjects, common.kv_replicas, retention).await {
+            match bus::decisions::ensure(&store_nats, &subjects, common.kv_replicas, retention)
+                .await
+            {
                 Ok(_) => true,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot open the decision log stream; deciding without it");
@@ -241,6 +255,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
     };
     let dispatcher = Arc::new(Dispatcher {
         nats: nats.clone(),
+        jet,
         subjects: subjects.clone(),
         table: Table::default(),
         store: store.clone(),
@@ -436,6 +451,12 @@ impl Serving {
             }
         }
         daemon::drain(&tracker, &nats).await;
+        // Decision log records still on their way go out before the process does (over the
+        // store identity's connection, when it has one; without NATS there is nothing to do).
+        let store = dispatcher.jet.client();
+        if store.connection_state() == async_nats::connection::State::Connected {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), store.flush()).await;
+        }
         watchers.iter().for_each(|w| w.abort());
         tracing::info!("stopped");
     }

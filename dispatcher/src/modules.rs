@@ -42,7 +42,7 @@ async fn store(
     let replicas = d.store.stream.cached_info().config.num_replicas;
     tokio::time::timeout(
         STORE_TIMEOUT,
-        bus::modules::open(&d.nats, &d.subjects, replicas, true),
+        bus::modules::open(d.jet.client(), &d.subjects, replicas, true),
     )
     .await
     .map_err(|_| unavailable("no answer from JetStream in time"))?
@@ -51,10 +51,15 @@ async fn store(
 
 /// Asks a live wasm host whether the module loads.
 async fn check(d: &Dispatcher, kind: &Kind, module: &[u8], force: bool) -> Result<(), ErrorReply> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        bus::headers::name(bus::headers::POLICY_WASM_KIND),
+        kind.as_str(),
+    );
     let asked = call(
         &d.nats,
         d.subjects.wasm_check(),
-        HeaderMap::new(),
+        headers,
         Bytes::copy_from_slice(module),
         CHECK_TIMEOUT,
     )

@@ -12,7 +12,7 @@ use base64::Engine as _;
 use bus::admin::{PolicyRef, Request};
 use bus::event::{Event, EventName};
 use bus::limits::Limits;
-use bus::merge::merge;
+use bus::merge::{merge, Holds};
 use bus::state::keys;
 use bus::tap::TapRecord;
 use bus::{codec, ErrorReply, State, Value};
@@ -133,7 +133,7 @@ fn agent_reply(input: &[u8]) {
     s.set_strings(keys::DST_PEERS, &["a", "b", "c"]);
     s.insert(keys::CONNECTION_ID, "c1");
     s.insert(keys::EVENT_ID, "e1");
-    if merge(&mut s, patch).is_ok() {
+    if merge(&mut s, patch, "fuzz", &mut Holds::default()).is_ok() {
         let left = s
             .get_strings(keys::DST_PEERS)
             .expect("candidates stay a list");
@@ -196,7 +196,7 @@ fn policy(input: &[u8]) {
                 let s = ev.initial_state();
                 let patch = kind.decide(&rules, ev, &s);
                 let mut merged = s.clone();
-                let _ = merge(&mut merged, patch);
+                let _ = merge(&mut merged, patch, kind.name(), &mut Holds::default());
             }
         }
     }

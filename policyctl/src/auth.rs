@@ -1,8 +1,14 @@
-//! `policyctl auth`: one nkey per role and a nats-server configuration that gives each role
-//! exactly its permissions (`bus::roles`). The files live in one directory: `<role>.nk` (the
-//! seed, mode 0600), `accounts.conf` (the account with every role's user, rendered from the
-//! seeds present, so adding a role is writing its seed and rendering again) and `nats.conf`
-//! (a whole server configuration: JetStream, and `include accounts.conf`).
+//! `policyctl auth`: nkeys for every role and a nats-server configuration that gives each
+//! exactly its permissions (`bus::roles`) in the accounts of `bus::accounts`. The files live in
+//! one directory:
+//!
+//! - `<role>.nk`: the seed of the role's messaging identity (mode 0600), the bare seed as `nk`
+//!   and `nsc` write one, so that every NATS client reads it; `<role>.pub`: its public key.
+//! - `<role>.store.nk`, `<role>.store.pub`: the role's store identity, for every role that
+//!   uses a JetStream store (all but the gateway). A process finds it beside `<role>.nk`.
+//! - `accounts.conf`: the accounts with every identity's user, rendered from the seeds present,
+//!   so adding a role is writing its seeds and rendering again; `nats.conf`: a whole server
+//!   configuration (JetStream, and `include accounts.conf`); `README.txt`: what each file is.
 //!
 //! JetStream is enabled in `nats.conf` itself, with a store directory relative to where the
 //! server runs, rather than by `-js`/`-sd` flags: nats-server 2.10 turns JetStream off on a
@@ -13,17 +19,25 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
+use bus::accounts::{self, Account};
 use bus::roles::{Permissions, Role};
 use bus::{Kind, Subjects};
 
 /// Where `up --secure` and `auth` keep their files unless told otherwise: under the project,
 /// so they survive restarts (and `.gitignore` keeps them out of commits).
 pub const DEFAULT_DIR: &str = ".policy-bus/auth";
-/// The NATS account the engine's users live in.
-const ACCOUNT: &str = "POLICY";
+
+/// The files of one identity: `<role>` or `<role>.store`.
+fn stem(role: &Role, store: bool) -> String {
+    if store {
+        format!("{}.store", role.name())
+    } else {
+        role.name()
+    }
+}
 
 pub fn seed_file(dir: &Path, role: &Role) -> PathBuf {
-    dir.join(format!("{}.nk", role.name()))
+    dir.join(format!("{}.nk", stem(role, false)))
 }
 
 pub fn conf_file(dir: &Path) -> PathBuf {
@@ -39,42 +53,67 @@ const SERVER_CONF: &str = "\
 # policy-bus: a nats-server configuration for a secured bus, written by `policyctl auth`.
 # Run the server in the directory that is to hold its JetStream store:
 #   cd /var/lib/nats && nats-server -c <this file> [-a host -p port]
-# The users and permissions are in accounts.conf, which your own configuration may include
-# instead. After `policyctl auth add-agent <kind>`, reload the server (--signal reload, SIGHUP).
+# The accounts, users and permissions are in accounts.conf, which your own configuration may
+# include instead. After `policyctl auth add-agent <kind>`, reload the server (--signal
+# reload, SIGHUP).
 jetstream { store_dir: \"jetstream\" }
 include accounts.conf
 ";
 
-/// Writes a seed for every role that has none (existing seeds are kept, so running processes
-/// keep working) and renders `nats.conf` from all seeds in the directory.
+const README: &str = "\
+policy-bus credentials, written by `policyctl auth`. Keep this directory private.
+
+<role>.nk          seed of the role's messaging identity (account POLICY): NATS_NKEY_FILE
+<role>.pub         its public key
+<role>.store.nk    seed of the role's store identity (account POLICY_AS_<ROLE>); a process
+                   finds it beside <role>.nk (or NATS_STORE_NKEY_FILE)
+<role>.store.pub   its public key
+accounts.conf      accounts, users and permissions, rendered from the seeds here
+nats.conf          a whole nats-server configuration including accounts.conf
+
+Roles: operator (policyctl), gateway (hookpoints), dispatcher, monitor, wasm-host,
+agent-<kind>. `policyctl auth add-agent <kind>` adds a third-party kind's role; reload the
+server then. The .nk files hold the bare seed, as `nk -gen user` writes one.
+";
+
+/// Writes the seeds of every identity of `roles` that has none (existing seeds are kept, so
+/// running processes keep working) and renders the configuration from all seeds in the
+/// directory.
 pub fn ensure(dir: &Path, subjects: &Subjects, roles: &[Role]) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     restrict(dir, 0o700)?;
     let mut written = Vec::new();
     for role in roles {
-        let path = seed_file(dir, role);
-        if path.exists() {
-            continue;
+        for store in [false, true] {
+            if store && role.store_account().is_none() {
+                continue;
+            }
+            let path = dir.join(format!("{}.nk", stem(role, store)));
+            if path.exists() {
+                continue;
+            }
+            let pair = nkeys::KeyPair::new_user();
+            let seed = pair
+                .seed()
+                .map_err(|e| anyhow!("cannot generate an nkey: {e}"))?;
+            std::fs::write(&path, format!("{seed}\n"))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            restrict(&path, 0o600)?;
+            let public = dir.join(format!("{}.pub", stem(role, store)));
+            std::fs::write(&public, format!("{}\n", pair.public_key()))
+                .with_context(|| format!("cannot write {}", public.display()))?;
+            written.push(path);
         }
-        let pair = nkeys::KeyPair::new_user();
-        let seed = pair
-            .seed()
-            .map_err(|e| anyhow!("cannot generate an nkey: {e}"))?;
-        let text = format!(
-            "# policy-bus role {role}: pass with --nkey-file (or NATS_NKEY_FILE). Keep it secret.\n\
-             # public key {}\n{seed}\n",
-            pair.public_key()
-        );
-        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
-        restrict(&path, 0o600)?;
-        written.push(path);
     }
     let accounts = accounts_file(dir);
     std::fs::write(&accounts, render(subjects, &users(dir)?))
         .with_context(|| format!("cannot write {}", accounts.display()))?;
-    let conf = conf_file(dir);
-    std::fs::write(&conf, SERVER_CONF)
-        .with_context(|| format!("cannot write {}", conf.display()))?;
+    for (path, text) in [
+        (conf_file(dir), SERVER_CONF),
+        (dir.join("README.txt"), README),
+    ] {
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     Ok(written)
 }
 
@@ -90,8 +129,12 @@ fn restrict(_path: &Path, _mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every role with a seed in `dir`, with its public key.
-fn users(dir: &Path) -> anyhow::Result<Vec<(Role, String)>> {
+/// One identity's user: its role, whether it is the store identity, and its public key (or,
+/// in the template, a variable).
+pub type User = (Role, bool, String);
+
+/// Every identity with a seed in `dir`, with its public key.
+fn users(dir: &Path) -> anyhow::Result<Vec<User>> {
     let mut users = Vec::new();
     let entries =
         std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
@@ -104,14 +147,19 @@ fn users(dir: &Path) -> anyhow::Result<Vec<(Role, String)>> {
         else {
             continue;
         };
+        let (name, store) = match name.strip_suffix(".store") {
+            Some(role) => (role, true),
+            None => (name, false),
+        };
         let Some(role) = Role::parse(name) else {
             bail!(
-                "{}: not a role name (operator, gateway, dispatcher, monitor or agent-<kind>)",
+                "{}: not a role name (operator, gateway, dispatcher, monitor, wasm-host or agent-<kind>)",
                 path.display()
             );
         };
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
+        // Files from before 0.1's bare seeds had comment lines around it.
         let seed = text
             .lines()
             .map(str::trim)
@@ -119,25 +167,28 @@ fn users(dir: &Path) -> anyhow::Result<Vec<(Role, String)>> {
             .ok_or_else(|| anyhow!("{}: no nkey seed in it", path.display()))?;
         let pair = nkeys::KeyPair::from_seed(seed)
             .map_err(|e| anyhow!("{}: not a valid nkey seed: {e}", path.display()))?;
-        users.push((role, pair.public_key()));
+        users.push((role, store, pair.public_key()));
     }
     users.sort();
     Ok(users)
 }
 
-/// What each role is for, as a comment above its user.
-fn purpose(role: &Role) -> String {
+/// What each identity is for, as a comment above its user.
+fn purpose(role: &Role, store: bool) -> String {
+    if store {
+        return format!("{role}'s store identity");
+    }
     match role {
         Role::Operator => "policyctl: admin commands, reading the tap, service pings".into(),
         Role::Gateway => "gateway hookpoints: send events (and policyctl emit/bench)".into(),
         Role::Dispatcher => {
-            "policy-dispatcher: serve events and admin, call agents, publish the tap, own the config bucket".into()
+            "policy-dispatcher: serve events and admin, call agents, publish the tap".into()
         }
         Role::Monitor => "policy-agent monitor: read the tap".into(),
         Role::WasmHost => {
-            "policy-agent wasm: serve deployed WebAssembly kinds (never a shipped kind), read the modules".into()
+            "policy-agent wasm: serve deployed WebAssembly kinds (never a shipped kind)".into()
         }
-        Role::Agent(k) => format!("policy-agent {k}: its own queue group, read the config"),
+        Role::Agent(k) => format!("policy-agent {k}: its own queue group"),
     }
 }
 
@@ -147,90 +198,187 @@ fn list(items: &[String]) -> String {
 }
 
 fn render_permissions(out: &mut String, p: &Permissions) {
-    let _ = writeln!(out, "        permissions: {{");
-    let _ = writeln!(out, "          publish: {{ allow: {} }}", list(&p.publish));
+    let _ = writeln!(out, "          permissions: {{");
+    let _ = writeln!(
+        out,
+        "            publish: {{ allow: {} }}",
+        list(&p.publish)
+    );
     if p.deny_subscribe.is_empty() {
         let _ = writeln!(
             out,
-            "          subscribe: {{ allow: {} }}",
+            "            subscribe: {{ allow: {} }}",
             list(&p.subscribe)
         );
     } else {
         let _ = writeln!(
             out,
-            "          subscribe: {{ allow: {}, deny: {} }}",
+            "            subscribe: {{ allow: {}, deny: {} }}",
             list(&p.subscribe),
             list(&p.deny_subscribe)
         );
     }
-    if p.allow_responses {
-        let _ = writeln!(out, "          allow_responses: true");
-    }
-    let _ = writeln!(out, "        }}");
+    let _ = writeln!(out, "          }}");
 }
 
-/// The server configuration: one account with JetStream and one user per role. `nkey` is the
-/// value after `nkey:`, a quoted public key or, in the template, a variable.
-fn render_with(subjects: &Subjects, users: &[(Role, String)], header: &str) -> String {
+fn render_account(
+    out: &mut String,
+    subjects: &Subjects,
+    account: &Account,
+    users: &[User],
+    roles: &[Role],
+) {
+    let _ = writeln!(out, "  # {}", account.about);
+    let _ = writeln!(out, "  {}: {{", account.name);
+    if let Some(l) = &account.jetstream {
+        let _ = writeln!(
+            out,
+            "    jetstream: {{ max_mem: {}, max_file: {}, max_streams: {}, max_consumers: {} }}",
+            l.max_mem, l.max_file, l.max_streams, l.max_consumers
+        );
+    }
+    let here: Vec<&User> = users
+        .iter()
+        .filter(|(r, store, _)| account.users.contains(&(r.clone(), *store)))
+        .collect();
+    if !here.is_empty() {
+        let _ = writeln!(out, "    users: [");
+        for (role, store, nkey) in here {
+            let _ = writeln!(out, "      # {role}: {}", purpose(role, *store));
+            let _ = writeln!(out, "      {{");
+            let _ = writeln!(out, "          nkey: {nkey}");
+            let permissions = if *store {
+                role.store_permissions(subjects)
+            } else {
+                role.permissions_among(subjects, roles)
+            };
+            render_permissions(out, &permissions);
+            let _ = writeln!(out, "      }}");
+        }
+        let _ = writeln!(out, "    ]");
+    }
+    if !account.exports.is_empty() {
+        let _ = writeln!(out, "    exports: [");
+        for e in &account.exports {
+            let kind = if e.service { "service" } else { "stream" };
+            let streamed = if e.streamed {
+                ", response_type: stream"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "      {{ {kind}: \"{}\"{streamed}, accounts: [{}] }}",
+                e.subject,
+                e.to.join(", ")
+            );
+        }
+        let _ = writeln!(out, "    ]");
+    }
+    if !account.imports.is_empty() {
+        let _ = writeln!(out, "    imports: [");
+        for i in &account.imports {
+            let kind = if i.service { "service" } else { "stream" };
+            let to = if i.local != i.subject {
+                format!(", to: \"{}\"", i.local)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "      {{ {kind}: {{ account: {}, subject: \"{}\" }}{to} }}",
+                i.account, i.subject
+            );
+        }
+        let _ = writeln!(out, "    ]");
+    }
+    let _ = writeln!(out, "  }}");
+}
+
+/// The accounts of `bus::accounts` for the roles that have a messaging identity in `users`,
+/// with every identity's user in its account.
+fn render_with(subjects: &Subjects, users: &[User], header: &str) -> String {
+    let mut roles: Vec<Role> = users
+        .iter()
+        .filter(|(_, store, _)| !store)
+        .map(|(r, _, _)| r.clone())
+        .collect();
+    roles.dedup();
     let mut out = String::new();
     out.push_str(header);
     let _ = writeln!(out, "accounts {{");
-    let _ = writeln!(out, "  {ACCOUNT}: {{");
-    let _ = writeln!(out, "    jetstream: enabled");
-    let _ = writeln!(out, "    users: [");
-    for (role, nkey) in users {
-        let _ = writeln!(out, "      # {role}: {}", purpose(role));
-        let _ = writeln!(out, "      {{");
-        let _ = writeln!(out, "        nkey: {nkey}");
-        render_permissions(&mut out, &role.permissions(subjects));
-        let _ = writeln!(out, "      }}");
+    for account in accounts::layout(subjects, &roles) {
+        render_account(&mut out, subjects, &account, users, &roles);
     }
-    let _ = writeln!(out, "    ]");
-    let _ = writeln!(out, "  }}");
     let _ = writeln!(out, "}}");
     out
 }
 
-pub fn render(subjects: &Subjects, users: &[(Role, String)]) -> String {
-    let quoted: Vec<(Role, String)> = users
+pub fn render(subjects: &Subjects, users: &[User]) -> String {
+    let quoted: Vec<User> = users
         .iter()
-        .map(|(r, k)| (r.clone(), format!("\"{k}\"")))
+        .map(|(r, store, k)| (r.clone(), *store, format!("\"{k}\"")))
         .collect();
     let header = format!(
-        "# policy-bus users and permissions for prefix \"{}\", written by `policyctl auth`.\n\
-         # nats.conf includes it; your own configuration may include it instead (with JetStream\n\
-         # enabled at the server level). `policyctl auth add-agent <kind>` writes it again:\n\
-         # reload the server then (nats-server --signal reload, or SIGHUP).\n",
+        "# policy-bus accounts, users and permissions for prefix \"{}\", written by `policyctl\n\
+         # auth`. nats.conf includes it; your own configuration may include it instead (with\n\
+         # JetStream enabled at the server level). `policyctl auth add-agent <kind>` writes it\n\
+         # again: reload the server then (nats-server --signal reload, or SIGHUP).\n",
         subjects.prefix()
     );
     render_with(subjects, &quoted, &header)
 }
 
-/// The environment variable the template reads a role's public nkey from.
-pub fn template_variable(role: &Role) -> String {
-    format!(
-        "POLICY_NKEY_{}",
-        role.name().to_uppercase().replace('-', "_")
-    )
+/// The environment variable the template reads an identity's public nkey from.
+pub fn template_variable(role: &Role, store: bool) -> String {
+    let name = role.name().to_uppercase().replace('-', "_");
+    if store {
+        format!("POLICY_NKEY_{name}_STORE")
+    } else {
+        format!("POLICY_NKEY_{name}")
+    }
 }
 
-/// The permission set for operators who run their own NATS: the same account and users, with
-/// each role's public nkey read from an environment variable when the server starts.
-pub fn template(subjects: &Subjects, roles: &[Role]) -> String {
-    let users: Vec<(Role, String)> = roles
+/// Every identity of `roles`: the messaging one, and the store one where the role has it.
+pub fn identities(roles: &[Role]) -> Vec<(Role, bool)> {
+    roles
         .iter()
-        .map(|r| (r.clone(), format!("${}", template_variable(r))))
+        .flat_map(|r| {
+            let store = r.store_account().is_some();
+            [(r.clone(), false)]
+                .into_iter()
+                .chain(store.then(|| (r.clone(), true)))
+        })
+        .collect()
+}
+
+/// The permission set for operators who run their own NATS: the same accounts and users,
+/// with each identity's public nkey read from an environment variable when the server starts.
+pub fn template(subjects: &Subjects, roles: &[Role]) -> String {
+    let ids = identities(roles);
+    let users: Vec<User> = ids
+        .iter()
+        .map(|(r, store)| {
+            (
+                r.clone(),
+                *store,
+                format!("${}", template_variable(r, *store)),
+            )
+        })
         .collect();
-    let vars: Vec<String> = roles.iter().map(template_variable).collect();
+    let vars: Vec<String> = ids
+        .iter()
+        .map(|(r, store)| template_variable(r, *store))
+        .collect();
     let header = format!(
-        "# policy-bus users and permissions for prefix \"{}\" (template; `policyctl auth template`\n\
-         # writes it). Include it from your nats-server configuration, with JetStream enabled at\n\
-         # the server level, and start the server with each role's public nkey (`nk -gen user\n\
-         # -pubout`, or the `# public key` line of a file from `policyctl auth init`) in:\n\
+        "# policy-bus accounts, users and permissions for prefix \"{}\" (template; `policyctl\n\
+         # auth template` writes it). Include it from your nats-server configuration, with\n\
+         # JetStream enabled at the server level, and start the server with each identity's\n\
+         # public nkey (`nk -gen user -pubout`, or a `.pub` file of `policyctl auth init`) in:\n\
          #   {}\n\
-         # Static users with passwords instead: replace `nkey: ...` by `user: ..., password: ...`\n\
-         # and keep the permissions. A third-party agent kind copies an `agent-<kind>` user with\n\
-         # its own kind in the subjects (`policyctl auth add-agent <kind>` renders it).\n",
+         # A role's messaging identity logs in to POLICY; its store identity (`_STORE`) to an\n\
+         # account of its own that imports the JetStream stores it uses. A third-party agent\n\
+         # kind gets both from `policyctl auth add-agent <kind>`.\n",
         subjects.prefix(),
         vars.join("\n#   ")
     );
@@ -254,8 +402,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Subjects::default();
         let first = ensure(dir.path(), &s, &Role::shipped()).unwrap();
-        assert_eq!(first.len(), Role::shipped().len());
+        // A messaging and a store identity each, but the gateway's, which uses no store.
+        assert_eq!(first.len(), 2 * Role::shipped().len() - 1);
         let gateway = std::fs::read_to_string(seed_file(dir.path(), &Role::Gateway)).unwrap();
+        // The bare seed, as `nk -gen user` writes it: every NATS client reads the file.
+        assert!(gateway.starts_with("SU") && gateway.trim_end().lines().count() == 1);
+        let public = std::fs::read_to_string(dir.path().join("gateway.pub")).unwrap();
+        assert_eq!(
+            nkeys::KeyPair::from_seed(gateway.trim())
+                .unwrap()
+                .public_key(),
+            public.trim()
+        );
+        assert!(dir.path().join("dispatcher.store.nk").exists());
+        assert!(!dir.path().join("gateway.store.nk").exists());
         assert!(ensure(dir.path(), &s, &Role::shipped()).unwrap().is_empty());
         assert_eq!(
             std::fs::read_to_string(seed_file(dir.path(), &Role::Gateway)).unwrap(),
@@ -268,6 +428,8 @@ mod tests {
             assert!(conf.contains(&format!("# {role}:")), "{role} missing");
         }
         assert!(conf.contains("\"policy.agent.geo.> geo\""), "{conf}");
+        assert!(conf.contains("  POLICY_AS_AGENT_GEO: {"), "{conf}");
+        assert!(!conf.contains("allow_responses"), "{conf}");
         assert!(add_agent(dir.path(), &s, "Not A Kind").is_err());
     }
 

@@ -269,7 +269,12 @@ async fn command(
                 service,
                 agent,
             };
-            crate::log::run(&nats, &subjects, since, filter, limit, output).await?
+            // The log is a store: read as the operator's store identity on a secured bus.
+            let store = cli
+                .common
+                .connect_store("policyctl", false, &Role::Operator, &nats)
+                .await?;
+            crate::log::run(&store, &subjects, since, filter, limit, output).await?
         }
         Command::Tap { event, output } => tap(&nats, &subjects, event.as_deref(), output).await?,
         Command::Top { interval, count } => {

@@ -6,7 +6,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream::consumer;
 use bus::state::{field_str, keys};
 use bus::tap::TapRecord;
 use bus::{codec, EventName, Subjects};
@@ -72,11 +72,13 @@ pub async fn run(
     limit: Option<usize>,
     output: TapOutput,
 ) -> anyhow::Result<()> {
-    let js = jetstream::new(nats.clone());
+    let jet = bus::store::Jet::reach(nats, subjects, bus::store::Store::Log).await?;
+    let js = jet.context();
     let name = subjects.decisions_stream();
     let stream = js.get_stream(&name).await.map_err(|e| {
         anyhow!(
-            "no decision log ({name}: {e}); dispatchers keep one unless started with --no-decision-log"
+            "no decision log ({name}: {e}); dispatchers keep one unless started with --no-decision-log{}",
+            jet.hint()
         )
     })?;
     let filter_subject = match &filter.event {

@@ -413,19 +413,28 @@ impl Engine {
         auth_init(dir.path());
         let mut envs = Vec::new();
         for role in Role::shipped() {
-            let seed = std::fs::read_to_string(dir.path().join(format!("{}.nk", role.name())))
-                .expect("seed file");
-            let public = seed
-                .lines()
-                .find_map(|l| l.strip_prefix("# public key "))
-                .expect("a public key line")
-                .trim()
-                .to_string();
-            let var = format!(
-                "POLICY_NKEY_{}",
-                role.name().to_uppercase().replace('-', "_")
-            );
-            envs.push((var, public));
+            for store in [false, true] {
+                if store && role.store_account().is_none() {
+                    continue;
+                }
+                let stem = if store {
+                    format!("{}.store", role.name())
+                } else {
+                    role.name()
+                };
+                let public = std::fs::read_to_string(dir.path().join(format!("{stem}.pub")))
+                    .expect("public key file")
+                    .trim()
+                    .to_string();
+                let mut var = format!(
+                    "POLICY_NKEY_{}",
+                    role.name().to_uppercase().replace('-', "_")
+                );
+                if store {
+                    var.push_str("_STORE");
+                }
+                envs.push((var, public));
+            }
         }
         // The operator's own configuration: JetStream, and the template included.
         std::fs::copy(
@@ -616,8 +625,56 @@ impl Engine {
         async_nats::Client,
         tokio::sync::mpsc::UnboundedReceiver<String>,
     ) {
+        self.identity(role, false).await
+    }
+
+    /// A client of `role`'s store identity on a secured bus (the one a process reaches
+    /// JetStream with), and the errors the server reports to it; on an open bus, a client.
+    pub async fn watched_store_client(
+        &self,
+        role: &Role,
+    ) -> (
+        async_nats::Client,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) {
+        self.identity(role, true).await
+    }
+
+    /// JetStream as `role` reaches `store`: through its store identity on a secured bus.
+    pub async fn jetstream_as(
+        &self,
+        role: &Role,
+        store: bus::store::Store,
+    ) -> async_nats::jetstream::Context {
+        let client = self.watched_store_client(role).await.0;
+        bus::store::Jet::reach(&client, &self.subjects(), store)
+            .await
+            .expect("reach the store")
+            .context()
+    }
+
+    async fn identity(
+        &self,
+        role: &Role,
+        store: bool,
+    ) -> (
+        async_nats::Client,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut opts = match self.seed(role) {
+        let seed = self.seed(role).map(|path| {
+            if store {
+                path.with_file_name(format!("{}.store.nk", role.name()))
+            } else {
+                path
+            }
+        });
+        let inbox = if store && self.auth.is_some() {
+            role.store_inbox_prefix(&self.subjects())
+        } else {
+            role.inbox_prefix(&self.subjects())
+        };
+        let mut opts = match seed {
             Some(seed) => {
                 let text = std::fs::read_to_string(seed).expect("seed file");
                 let seed = text
@@ -629,7 +686,7 @@ impl Engine {
             None => async_nats::ConnectOptions::new(),
         };
         opts = opts
-            .custom_inbox_prefix(role.inbox_prefix(&self.subjects()))
+            .custom_inbox_prefix(inbox)
             .reconnect_delay_callback(bus::client::reconnect_delay)
             .event_callback(move |event| {
                 let tx = tx.clone();

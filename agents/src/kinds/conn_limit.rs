@@ -336,7 +336,11 @@ impl AgentKind for ConnLimiter {
     ) -> Result<State, String> {
         let dry_run = state.flag(keys::DRY_RUN);
         match event {
-            Event::NewConnection(e) => Ok(self.new_connection(rules, e, state).await),
+            Event::NewConnection(e) => Ok(super::limit_match::hold_target(
+                rules.iter().map(|c| &c.matcher),
+                state,
+                self.new_connection(rules, e, state).await,
+            )),
             // A dry run frees nothing.
             _ if dry_run => Ok(State::new()),
             Event::ConnectionClosed(e) => {
@@ -394,7 +398,7 @@ impl AgentKind for ConnLimiter {
     async fn attach(&mut self, ctx: Attach<'_>) -> Result<(), AttachError> {
         let store = ctx
             .state_bucket(
-                ctx.subjects.conn_bucket(),
+                bus::store::Store::Conns,
                 "policy-bus connection limiter slots",
                 self.lease,
             )

@@ -53,6 +53,23 @@ impl LimitMatch {
 
 pub use bus::config::key_token;
 
+/// Merge rule 7: a limiter with a policy that names `target_peer` counts each connection for
+/// its target as it stands when the limiter answers (or for none), so its answer says so
+/// (`holds_target`), and no later agent may move the connection to another peer.
+pub fn hold_target<'a>(
+    matchers: impl IntoIterator<Item = &'a LimitMatch>,
+    state: &bus::State,
+    mut patch: bus::State,
+) -> bus::State {
+    if matchers.into_iter().any(|m| m.target_peer.is_some()) {
+        let target = state
+            .get_str(bus::state::keys::TARGET_PEER)
+            .map_or(bus::Value::Nil, bus::Value::from);
+        patch.insert(bus::state::keys::HOLDS_TARGET, target);
+    }
+    patch
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -477,16 +477,19 @@ impl AgentKind for RateLimiter {
         state: &'a State,
     ) -> Result<State, String> {
         match event {
-            Event::NewConnection(e) => Ok(self.new_connection(rules, e, state).await),
+            Event::NewConnection(e) => Ok(super::limit_match::hold_target(
+                rules.iter().map(|c| &c.matcher),
+                state,
+                self.new_connection(rules, e, state).await,
+            )),
             _ => Ok(State::new()),
         }
     }
 
     async fn attach(&mut self, ctx: Attach<'_>) -> Result<(), AttachError> {
-        let bucket = ctx.subjects.rate_bucket();
         self.store = Some(
             ctx.state_bucket(
-                bucket,
+                bus::store::Store::Rates,
                 "policy-bus rate limiter state (GCRA per key)",
                 IDLE_EXPIRY,
             )

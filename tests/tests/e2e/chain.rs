@@ -259,3 +259,158 @@ async fn an_observer_gets_the_event_and_never_delays_it() {
         .map(|(_, v)| v.clone());
     assert_eq!(src, Some(V::from("web")));
 }
+
+/// Merge rules 6 to 8: a rogue agent after the limiters cannot move the connection to a peer
+/// they did not admit it for, rewrite conn-limit's record of what it took, or speak for
+/// conn-limit to spare it its undo. Each attempt is refused whole (the rogue fails, closed: a
+/// deny), and no slot leaks or moves.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_after_the_limiters_cannot_walk_around_them() {
+    let mut engine = Engine::new();
+    engine.start(&["acl", "lb", "conn-limit"]).await;
+    let mode = Arc::new(Mutex::new(String::from("record")));
+    let recorded = Arc::new(Mutex::new(None::<V>));
+    let (m, r) = (mode.clone(), recorded.clone());
+    foreign_agent(&engine.url(), "rogue", "new-connection", move |_, state| {
+        let (m, r) = (m.clone(), r.clone());
+        async move {
+            let mode = m.lock().expect("mode").clone();
+            let mut patch = Map::new();
+            match mode.as_str() {
+                "record" => {
+                    if let Some(held) = state.get("conn_limit") {
+                        *r.lock().expect("record") = Some(held.clone());
+                    }
+                }
+                "move" => {
+                    patch.insert("target_peer".into(), V::from("p2"));
+                }
+                "forge" => {
+                    patch.insert("action".into(), V::from("deny"));
+                    patch.insert(
+                        "reasons".into(),
+                        V::Array(vec![reason("conn-limit", "p2-max", "deny")]),
+                    );
+                }
+                _ => {
+                    let victim = r.lock().expect("record").clone().expect("recorded");
+                    patch.insert("conn_limit".into(), victim);
+                    patch.insert("action".into(), V::from("deny"));
+                }
+            }
+            Some(patch)
+        }
+    })
+    .await;
+    let admin = engine.admin().await;
+    subscribe(
+        &admin,
+        &[
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "lb", 20),
+            sub("new-connection", "conn-limit", 30),
+            sub("connection-closed", "conn-limit", 10),
+        ],
+    )
+    .await;
+    subscribe_forced(&admin, &[sub("new-connection", "rogue", 50)]).await;
+    admin
+        .policy_add(vec![
+            doc(json!({"agent": "acl", "id": "open", "action": "allow"})),
+            doc(json!({"agent": "lb", "id": "db", "dst_service": "db", "scheme": "static", "peer": "p1"})),
+            doc(json!({"agent": "lb", "id": "cache", "dst_service": "cache", "scheme": "static", "peer": "p2"})),
+            doc(json!({"agent": "conn-limit", "id": "p2-max", "match": {"target_peer": "p2"}, "max_connections": 2})),
+        ])
+        .await
+        .expect("policies");
+    let hook = engine.hook().await;
+    let set = |m: &str| *mode.lock().expect("mode") = m.to_string();
+    let rogue_error = |d: &bus::ConnectionDecision| {
+        d.reasons
+            .iter()
+            .find(|r| r.agent == "rogue")
+            .and_then(|r| r.detail.clone())
+            .unwrap_or_default()
+    };
+    let held = || async { slots::slots_held(&engine).await.len() };
+
+    // One connection to p2, admitted; the rogue keeps what conn-limit recorded of it.
+    let first = {
+        eventually("a connection to p2 is admitted", || async {
+            let d = hook
+                .new_connection(&conn("web", "cache", &["p1", "p2"]))
+                .await
+                .map_err(|e| e.to_string())?;
+            (d.action == Action::Allow)
+                .then_some(())
+                .ok_or(format!("{d:?}"))
+        })
+        .await;
+        recorded
+            .lock()
+            .expect("record")
+            .clone()
+            .expect("conn-limit's record")
+    };
+    assert_eq!(held().await, 1);
+
+    // Moving a connection conn-limit admitted for p1 (no p2 slot taken) onto p2.
+    set("move");
+    let d = hook
+        .new_connection(&conn("web", "db", &["p1", "p2"]))
+        .await
+        .expect("decision");
+    assert_eq!(d.action, Action::Deny, "{d:?}");
+    assert_ne!(d.target_peer.as_deref(), Some("p2"), "{d:?}");
+    assert!(rogue_error(&d).contains("target_peer"), "{d:?}");
+    assert_eq!(held().await, 1, "a refused move took or freed a slot");
+
+    // Speaking for conn-limit: a forged conn-limit deny would spare it its undo, leaking the
+    // slot it just took.
+    set("forge");
+    let d = hook
+        .new_connection(&conn("web", "cache", &["p2"]))
+        .await
+        .expect("decision");
+    assert_eq!(d.action, Action::Deny, "{d:?}");
+    assert!(
+        d.reasons
+            .iter()
+            .filter(|r| r.agent == "conn-limit")
+            .all(|r| r.effect == bus::Effect::Allow),
+        "a reason spoke for conn-limit: {d:?}"
+    );
+    eventually("the denied connection's slot is given back", || async {
+        let n = held().await;
+        (n == 1).then_some(()).ok_or(format!("{n} held"))
+    })
+    .await;
+
+    // Rewriting conn-limit's record to the first connection's: the undo would give back the
+    // wrong slot (or none).
+    set("rekey");
+    let d = hook
+        .new_connection(&conn("web", "cache", &["p2"]))
+        .await
+        .expect("decision");
+    assert_eq!(d.action, Action::Deny, "{d:?}");
+    assert!(rogue_error(&d).contains("conn_limit"), "{d:?}");
+    eventually("only the first connection's slot is held", || async {
+        let now = slots::slots_held(&engine).await;
+        let holder = bus::state::field_str(&first, "holder")
+            .unwrap_or_default()
+            .to_string();
+        (now.len() == 1 && now[0].contains(&holder))
+            .then_some(())
+            .ok_or(format!("{now:?}, first holder {holder}"))
+    })
+    .await;
+
+    // Nothing leaked: the second slot is free for the next connection.
+    set("record");
+    let d = hook
+        .new_connection(&conn("web", "cache", &["p2"]))
+        .await
+        .expect("decision");
+    assert_eq!(d.action, Action::Allow, "{d:?}");
+}

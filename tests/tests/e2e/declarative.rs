@@ -167,17 +167,24 @@ async fn apply_validates_everything_then_stores_it_in_one_step_and_prunes_on_req
     assert_eq!(after["subscriptions"], before["subscriptions"]);
 }
 
-/// The atomic batch itself: a batch with one stale revision stores none of its writes.
+/// The atomic batch itself: a batch with one stale revision stores none of its writes. On the
+/// secured bus, as the dispatcher's store identity: the batch crosses into the config's
+/// account through the import, as `apply`'s does.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_atomic_batch_with_one_stale_revision_stores_nothing() {
     use bus::batch::{write_atomic, Write};
-    let server = e2e::NatsServer::start();
-    e2e::wait_for_jetstream(&server.url()).await;
-    let nats = async_nats::connect(server.url()).await.expect("connect");
+    let engine = e2e::Engine::secured();
+    let nats = engine
+        .watched_store_client(&bus::roles::Role::Dispatcher)
+        .await
+        .0;
     let subjects = bus::Subjects::new("policy").expect("prefix");
-    let store = bus::config::open(&nats, &subjects, 1, bus::config::Access::Owner)
+    let store = bus::config::open_waiting(&nats, &subjects, 1, bus::config::Access::Owner)
         .await
         .expect("config bucket");
+    let jet = bus::store::Jet::reach(&nats, &subjects, bus::store::Store::Config)
+        .await
+        .expect("reach the config");
     if e2e::nats_server_version() < (2, 12) {
         assert!(
             !bus::batch::atomic(&store),
@@ -196,7 +203,7 @@ async fn an_atomic_batch_with_one_stale_revision_stores_nothing() {
         write("pol.acl.b", Some("new"), 0),
         write("pol.acl.a", Some("two"), first + 7),
     ];
-    let err = write_atomic(&nats, &store, &stale).await.unwrap_err();
+    let err = write_atomic(&jet, &store, &stale).await.unwrap_err();
     assert!(err.to_string().contains("stored none"), "{err}");
     assert!(
         store.get("pol.acl.b").await.expect("get").is_none(),
@@ -206,7 +213,7 @@ async fn an_atomic_batch_with_one_stale_revision_stores_nothing() {
         write("pol.acl.b", Some("new"), 0),
         write("pol.acl.a", None, first),
     ];
-    let revision = write_atomic(&nats, &store, &good).await.expect("batch");
+    let revision = write_atomic(&jet, &store, &good).await.expect("batch");
     assert_eq!(revision, first + 2);
     assert_eq!(
         store.get("pol.acl.b").await.expect("get").as_deref(),

@@ -9,6 +9,7 @@ mod containers;
 mod decision_log;
 mod decisions;
 mod declarative;
+mod deputies;
 mod dryrun;
 mod events;
 mod faults;

@@ -166,7 +166,9 @@ async fn every_role_does_its_job_on_the_secured_bus() {
         effects(&second.reasons, "rate-limit"),
         [pair("billing-once", "deny")]
     );
-    let conns = async_nats::jetstream::new(engine.client_as(&role("agent-conn-limit")).await)
+    let conns = engine
+        .jetstream_as(&role("agent-conn-limit"), bus::store::Store::Conns)
+        .await
         .get_key_value("policy_conns")
         .await
         .expect("conn-limit reads its bucket");
@@ -390,6 +392,49 @@ async fn every_cross_role_attempt_is_refused_by_the_server_and_changes_nothing()
             .is_err(),
         "the rogue subscriber got a request"
     );
+}
+
+/// A third-party gateway that does not set its role's inbox prefix is told so by the server
+/// (its inbox subscription is refused), and the dispatcher, whose answer the server refuses,
+/// says why in its log: not a silent drop.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_without_its_roles_inbox_prefix_gets_a_clear_error_not_silence() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (engine, _admin, _hook) = secured_engine(&metrics).await;
+    let seed =
+        std::fs::read_to_string(engine.seed(&role("gateway")).expect("seed")).expect("seed file");
+    let (tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let gateway = async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = tx.send(e.to_string());
+                }
+            }
+        })
+        .connect(engine.url())
+        .await
+        .expect("log in as the gateway, default inbox");
+    let payload = rmp_serde::to_vec_named(&conn("web", "db", &["p1"])).expect("encode");
+    let asked = gateway
+        .send_request(
+            "policy.event.new-connection",
+            async_nats::Request::new()
+                .payload(payload.into())
+                .timeout(Some(Duration::from_secs(2))),
+        )
+        .await;
+    assert!(asked.is_err(), "answered on a foreign inbox: {asked:?}");
+    refused(&mut errors, "the gateway", "Subscription to \"_INBOX.").await;
+    eventually("the dispatcher says why it could not answer", || async {
+        engine
+            .logs()
+            .contains("asked from an inbox outside its role's")
+            .then_some(())
+            .ok_or_else(|| "not logged yet".to_string())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,7 +14,9 @@ use crate::*;
 /// may).
 pub(crate) async fn slot_bucket(engine: &Engine) -> async_nats::jetstream::kv::Store {
     let role = bus::roles::Role::of_kind(&bus::Kind::new("conn-limit").expect("kind"));
-    async_nats::jetstream::new(engine.client_as(&role).await)
+    engine
+        .jetstream_as(&role, bus::store::Store::Conns)
+        .await
         .get_key_value("policy_conns")
         .await
         .expect("conn bucket")

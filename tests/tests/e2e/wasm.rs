@@ -211,3 +211,74 @@ async fn modules_deploy_decide_swap_under_load_fail_alone_and_unload() {
     assert!(err.contains("no module is deployed"), "{err}");
     let _ = std::fs::remove_file(importing);
 }
+
+/// The wasm host serves only deployed modules: a native kind with a role of its own
+/// (`policyctl auth add-agent`) is denied to it by the server (its queue group, its events,
+/// its services ping), and a module cannot be deployed under that kind's name.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_wasm_host_cannot_serve_a_native_kind_nor_take_its_name() {
+    let mut engine = Engine::secured();
+    engine.start(&["acl"]).await;
+    let dir = engine.auth.as_ref().expect("secured").path().to_path_buf();
+    let out = std::process::Command::new(e2e::bin("policyctl"))
+        .args(["auth", "add-agent", "geo", "--auth-dir"])
+        .arg(&dir)
+        .output()
+        .expect("policyctl auth add-agent");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    engine.nats.reload();
+    engine.agent("wasm", &[]);
+    engine
+        .wait_instances(bus::headers::WASM_HOST_SERVICE, 1)
+        .await;
+
+    // With the host's own seed, as an attacker holding it would.
+    let host = bus::roles::Role::WasmHost;
+    let (client, mut errors) = engine.watched_client(&host).await;
+    let attempts = [
+        ("policy.agent.geo.>", Some("geo")),
+        ("policy.agent.geo.new-connection", None),
+        ("$SRV.PING.policy-agent-geo", None),
+        ("$SRV.INFO.policy-agent-geo.g1", None),
+    ];
+    for (subject, group) in attempts {
+        let _sub = match group {
+            Some(g) => client.queue_subscribe(subject, g.into()).await,
+            None => client.subscribe(subject).await,
+        }
+        .expect("subscribe");
+        client.flush().await.expect("flush");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, errors.recv()).await {
+                Ok(Some(e))
+                    if e.contains("Permissions Violation for Subscription")
+                        && e.contains(subject) =>
+                {
+                    break
+                }
+                Ok(Some(_)) => continue,
+                _ => panic!("the server let the wasm host subscribe to {subject}"),
+            }
+        }
+    }
+
+    // A module under geo's name is refused before anything is stored; another name deploys.
+    let module = format!("{EXAMPLES}/wasm/allow-v1.wat");
+    let (code, _, err) = policyctl(&engine, &["agent", "deploy", "geo", &module]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("native agent kind with a role of its own"),
+        "{err}"
+    );
+    let (code, out, _) = policyctl(&engine, &["agent", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(!out.contains("geo"), "{out}");
+    let (code, _, err) = policyctl(&engine, &["agent", "deploy", "geo2", &module]);
+    assert_eq!(code, Some(0), "{err}");
+    engine.wait_instances("policy-agent-geo2", 1).await;
+}

@@ -62,7 +62,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let subjects = common.subjects()?;
-    let client = common.connect(HOST_SERVICE, true, &Role::WasmHost).await?;
+    // The server's refusals on this connection tell the check whether a kind may be served.
+    let (client, mut refusals) = common
+        .connect_watched(HOST_SERVICE, true, &Role::WasmHost)
+        .await?;
+    let store_client = common
+        .connect_store(HOST_SERVICE, true, &Role::WasmHost, &client)
+        .await?;
     let sandbox = Sandbox::new(limits);
     // A services API endpoint, so that `$SRV.PING.policy-agent-wasm` counts the hosts.
     let (_service, mut endpoints) = daemon::service::Service::start(
@@ -112,9 +118,11 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(req) = checks.next() => answer_check(&sandbox, req).await,
+            Some(req) = checks.next() => {
+                answer_check(&sandbox, &client, &mut refusals, &subjects, req).await
+            }
             _ = retry.tick(), if watch.is_none() => {
-                watch = open_watch(&client, &subjects, &common).await;
+                watch = open_watch(&store_client, &subjects, &common).await;
             }
             change = next_change(&mut watch), if watch.is_some() => match change {
                 Some(Ok(info)) => {
@@ -197,7 +205,67 @@ async fn load(sandbox: &Sandbox, bytes: bytes::Bytes) -> Result<Compiled, String
     .map_err(|e| e.to_string())
 }
 
-async fn answer_check(sandbox: &Sandbox, req: daemon::service::Request) {
+/// How long the check waits for the server to refuse a trial subscription: the refusal comes
+/// right after the subscription, a round trip later.
+const REFUSAL_WAIT: Duration = Duration::from_millis(300);
+
+/// Whether this host may serve `kind` on this bus: on the secured bus, a native kind with a
+/// role of its own (`policyctl auth add-agent`) is denied to the wasm host, and a module must
+/// not take its name. A trial subscription under the kind's subjects (that no one publishes
+/// to, so no request of the kind is taken) shows it: the server refuses it at once.
+async fn may_serve(
+    client: &async_nats::Client,
+    refusals: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    subjects: &bus::Subjects,
+    kind: &str,
+) -> Result<(), String> {
+    let kind = bus::Kind::new(kind).map_err(|e| e.to_string())?;
+    while refusals.try_recv().is_ok() {}
+    let trial = format!(
+        "{}._check_{}",
+        subjects.agent_wildcard(&kind).trim_end_matches(".>"),
+        bus::event::new_id()
+    );
+    let sub = client
+        .subscribe(trial.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    client.flush().await.map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + REFUSAL_WAIT;
+    let mut refused = false;
+    while let Ok(Some(e)) = tokio::time::timeout_at(deadline, refusals.recv()).await {
+        if e.contains("Permissions Violation for Subscription") && e.contains(&trial) {
+            refused = true;
+            break;
+        }
+    }
+    drop(sub);
+    if refused {
+        return Err(format!(
+            "`{kind}` is a native agent kind with a role of its own on this bus (policyctl auth \
+             add-agent {kind}): a module cannot take its name; deploy it under another"
+        ));
+    }
+    Ok(())
+}
+
+async fn answer_check(
+    sandbox: &Sandbox,
+    client: &async_nats::Client,
+    refusals: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    subjects: &bus::Subjects,
+    req: daemon::service::Request,
+) {
+    let kind = bus::headers::get(req.message.headers.as_ref(), bus::headers::POLICY_WASM_KIND)
+        .map(str::to_string);
+    if let Some(kind) = kind {
+        if let Err(e) = may_serve(client, refusals, subjects, &kind).await {
+            let reply =
+                ErrorReply::new(ErrorCode::InvalidPolicy, e).to_reply(async_nats::HeaderMap::new());
+            let _ = req.respond(reply.0, reply.1).await;
+            return;
+        }
+    }
     let (headers, body) = match load(sandbox, req.message.payload.clone()).await {
         Ok(c) => match codec::encode(
             "module check",

@@ -1,0 +1,487 @@
+//! Where the engine's JetStream data lives, and how a process reaches it.
+//!
+//! On the secured bus (`policyctl auth`), no stream shares an account with the engine's
+//! messaging, nor with another stream: each [`Store`] is alone in an account of its own, with
+//! no users, and reaches the processes only through exports. A process that uses JetStream
+//! opens a second connection, as its role's *store identity*, into an account of that role's
+//! alone, which imports exactly the store paths the role needs under [`api_prefix`]
+//! (`crate::accounts` lays the accounts out). JetStream is a deputy by design: a direct get's
+//! reply, a push consumer's delivery subject and a pull request's reply are chosen by whoever
+//! asks, and the server publishes there with its own rights. With this layout, what anyone
+//! makes JetStream publish lands either in its own identity account (replies, which the
+//! server maps back through the import) or in the store's account, where the only subjects are
+//! the stream's own (a delivery there is refused as a cycle) and the JetStream API (which
+//! ignores what carries no client's identity). Nothing reaches another store, and nothing
+//! reaches a subject a process of the engine serves.
+//!
+//! On a plain bus every stream sits in the one account with everything else, and a process
+//! reaches it over its only connection at `$JS.API`; [`Jet::reach`] finds out which it is.
+
+use std::time::Duration;
+
+use async_nats::client::RequestErrorKind;
+use async_nats::jetstream::{self, kv, object_store, stream};
+
+use crate::config::ConfigError;
+use crate::subject::Subjects;
+
+/// The longest a consumer of any store may stay without interest before the server deletes
+/// it, durable or not (the stream's consumer limits): a role that creates consumers it never
+/// uses holds them this long at most. The engine's own consumers are ordered consumers with a
+/// 30 s threshold of their own.
+pub const CONSUMER_INACTIVE_MAX: Duration = Duration::from_secs(60);
+
+/// The JetStream API as a process's store identity sees the stores it imports: `$JS.API.X`
+/// of a store account becomes `<prefix>._js.API.X` there. (An import under the API's own name
+/// is not served: the server would look for JetStream in the importing account.)
+pub fn api_prefix(subjects: &Subjects) -> String {
+    format!("{}._js.API", subjects.prefix())
+}
+
+/// One of the engine's streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Store {
+    /// Subscriptions, policies and removed peers: the dispatcher writes, every process reads.
+    Config,
+    /// WebAssembly modules: the dispatcher writes, wasm hosts read.
+    Modules,
+    /// The durable decision log: the dispatcher writes, `policyctl log` reads.
+    Log,
+    /// conn-limit's slots: conn-limit alone.
+    Conns,
+    /// rate-limit's budgets: rate-limit alone.
+    Rates,
+}
+
+/// What a store account may hold: one stream, and bounded consumers and bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_mem: i64,
+    pub max_file: i64,
+    pub max_streams: i64,
+    pub max_consumers: i64,
+}
+
+const MIB: i64 = 1024 * 1024;
+
+impl Store {
+    pub const ALL: [Store; 5] = [
+        Store::Config,
+        Store::Modules,
+        Store::Log,
+        Store::Conns,
+        Store::Rates,
+    ];
+
+    /// The stream's name.
+    pub fn stream(self, s: &Subjects) -> String {
+        match self {
+            Store::Config => format!("KV_{}", s.config_bucket()),
+            Store::Modules => format!("OBJ_{}", s.modules_bucket()),
+            Store::Log => s.decisions_stream(),
+            Store::Conns => format!("KV_{}", s.conn_bucket()),
+            Store::Rates => format!("KV_{}", s.rate_bucket()),
+        }
+    }
+
+    /// The account it lives in on the secured bus.
+    pub fn account(self) -> &'static str {
+        match self {
+            Store::Config => "POLICY_STORE_CONFIG",
+            Store::Modules => "POLICY_STORE_MODULES",
+            Store::Log => "POLICY_STORE_LOG",
+            Store::Conns => "POLICY_STORE_CONNS",
+            Store::Rates => "POLICY_STORE_RATES",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Store::Config => "the config bucket (subscriptions, policies, removed peers)",
+            Store::Modules => "the WebAssembly modules",
+            Store::Log => "the durable decision log",
+            Store::Conns => "conn-limit's slots",
+            Store::Rates => "rate-limit's budgets",
+        }
+    }
+
+    /// What its account may hold. Bytes allow the largest stream the engine creates at three
+    /// replicas (the config bucket 64 MiB, the modules 256 MiB, a limiter's state 256 MiB by
+    /// default, the decision log 1 GiB by default and up to about 5 GiB).
+    pub fn limits(self) -> Limits {
+        let (max_file, max_consumers) = match self {
+            Store::Config => (256 * MIB, 512),
+            Store::Modules => (1024 * MIB, 128),
+            Store::Log => (16 * 1024 * MIB, 128),
+            Store::Conns | Store::Rates => (1024 * MIB, 128),
+        };
+        Limits {
+            max_mem: 64 * MIB,
+            max_file,
+            max_streams: 1,
+            max_consumers,
+        }
+    }
+
+    /// The subjects the stream takes messages on, as its owner writes them: `(subject in the
+    /// store account, subject in the owner's identity account)`. async-nats puts a key-value
+    /// write behind the API prefix of a context that has one; an object chunk or a log record
+    /// goes out under its own subject.
+    pub fn write_subjects(self, s: &Subjects) -> Vec<(String, String)> {
+        let api = api_prefix(s);
+        let kv = |bucket: String| {
+            let subject = format!("$KV.{bucket}.>");
+            vec![(subject.clone(), format!("{api}.{subject}"))]
+        };
+        match self {
+            Store::Config => kv(s.config_bucket()),
+            Store::Conns => kv(s.conn_bucket()),
+            Store::Rates => kv(s.rate_bucket()),
+            Store::Modules => {
+                let subject = format!("$O.{}.>", s.modules_bucket());
+                vec![(subject.clone(), subject)]
+            }
+            Store::Log => {
+                let subject = s.decision_log_wildcard();
+                vec![(subject.clone(), subject)]
+            }
+        }
+    }
+
+    /// The JetStream API reading it takes (after `$JS.API.`): open, get, watch, pull. The
+    /// second of each pair says whether one request may get several answers.
+    pub fn read_api(self, s: &Subjects) -> Vec<(String, bool)> {
+        let st = self.stream(s);
+        vec![
+            (format!("STREAM.INFO.{st}"), false),
+            (format!("CONSUMER.CREATE.{st}"), false),
+            (format!("CONSUMER.CREATE.{st}.>"), false),
+            (format!("CONSUMER.DELETE.{st}.*"), false),
+            (format!("CONSUMER.INFO.{st}.*"), false),
+            (format!("CONSUMER.MSG.NEXT.{st}.*"), true),
+            (format!("DIRECT.GET.{st}"), true),
+            (format!("DIRECT.GET.{st}.>"), true),
+            (format!("STREAM.MSG.GET.{st}"), false),
+        ]
+    }
+
+    /// The JetStream API its owner takes besides reading: create the stream; for a key-value
+    /// store, update it (to put back what routes messages, see [`repair`]); for the modules
+    /// store, purge the chunks of a replaced or removed module. Nothing deletes a stream, and
+    /// nothing updates or purges another role's.
+    pub fn own_api(self, s: &Subjects) -> Vec<String> {
+        let st = self.stream(s);
+        let mut api = vec![format!("STREAM.CREATE.{st}")];
+        match self {
+            Store::Modules => api.push(format!("STREAM.PURGE.{st}")),
+            Store::Config | Store::Conns | Store::Rates => api.push(format!("STREAM.UPDATE.{st}")),
+            Store::Log => {}
+        }
+        api
+    }
+
+    /// Flow control of its push consumers: a consumer asks, the client answers here.
+    pub fn flow_control(self, s: &Subjects) -> String {
+        format!("$JS.FC.{}.>", self.stream(s))
+    }
+}
+
+/// How a process reaches one store: a connection (its store identity's on the secured bus,
+/// else its only one) and the JetStream API prefix the store answers on there.
+#[derive(Clone, Debug)]
+pub struct Jet {
+    client: async_nats::Client,
+    /// `None`: the server's own `$JS.API`.
+    api: Option<String>,
+}
+
+/// How long the probe of [`Jet::reach`] waits for JetStream to answer at the engine's prefix.
+const PROBE: Duration = Duration::from_secs(2);
+
+impl Jet {
+    /// Finds where `store` answers over `client`: at [`api_prefix`] when the connection is a
+    /// store identity on the secured bus (any answer, "stream not found" included, says so),
+    /// else at `$JS.API`.
+    pub async fn reach(
+        client: &async_nats::Client,
+        subjects: &Subjects,
+        store: Store,
+    ) -> Result<Jet, ConfigError> {
+        let api = api_prefix(subjects);
+        let probe = format!("{api}.STREAM.INFO.{}", store.stream(subjects));
+        let request = async_nats::Request::new().timeout(Some(PROBE));
+        match client.send_request(probe, request).await {
+            Ok(_) => Ok(Jet {
+                client: client.clone(),
+                api: Some(api),
+            }),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    RequestErrorKind::NoResponders | RequestErrorKind::TimedOut
+                ) =>
+            {
+                Ok(Jet {
+                    client: client.clone(),
+                    api: None,
+                })
+            }
+            Err(e) => Err(ConfigError::Io(Box::new(e))),
+        }
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn context(&self) -> jetstream::Context {
+        match &self.api {
+            Some(api) => jetstream::with_prefix(self.client.clone(), api),
+            None => jetstream::new(self.client.clone()),
+        }
+    }
+
+    /// The subject a write of `key` into `bucket` goes to, as async-nats's own puts send it.
+    pub fn kv_subject(&self, store: &kv::Store, key: &str) -> String {
+        match &self.api {
+            Some(api) => format!("{api}.{}{key}", store.prefix),
+            None => format!("{}{key}", store.prefix),
+        }
+    }
+
+    /// Why a store could not be reached, for the error a person reads.
+    pub fn hint(&self) -> &'static str {
+        if self.api.is_some() {
+            ""
+        } else {
+            " (on a secured bus, a process reaches JetStream as its role's store identity: \
+             give it <role>.store.nk beside <role>.nk, or --store-nkey-file)"
+        }
+    }
+}
+
+/// The stream of a key-value bucket, as async-nats would create it, plus what it cannot set:
+/// the atomic batches of `apply` (nats-server 2.12 and later) and the consumer limits.
+pub fn kv_stream(config: kv::Config, atomic: bool) -> stream::Config {
+    let bucket = config.bucket;
+    stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(config.description),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: config.history.max(1),
+        max_bytes: config.max_bytes,
+        max_age: config.max_age,
+        max_message_size: config.max_value_size,
+        storage: config.storage,
+        num_replicas: config.num_replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        allow_atomic_publish: atomic,
+        consumer_limits: Some(consumer_limits()),
+        ..Default::default()
+    }
+}
+
+/// The stream of an object store, as async-nats would create it, plus the consumer limits.
+pub fn object_stream(config: object_store::Config) -> stream::Config {
+    let bucket = config.bucket;
+    stream::Config {
+        name: format!("OBJ_{bucket}"),
+        description: config.description,
+        subjects: vec![format!("$O.{bucket}.C.>"), format!("$O.{bucket}.M.>")],
+        max_age: config.max_age,
+        max_bytes: config.max_bytes,
+        storage: config.storage,
+        num_replicas: config.num_replicas.max(1),
+        discard: stream::DiscardPolicy::New,
+        allow_rollup: true,
+        allow_direct: true,
+        consumer_limits: Some(consumer_limits()),
+        ..Default::default()
+    }
+}
+
+pub fn consumer_limits() -> stream::ConsumerLimits {
+    stream::ConsumerLimits {
+        inactive_threshold: CONSUMER_INACTIVE_MAX,
+        ..Default::default()
+    }
+}
+
+/// What in `actual` routes messages otherwise than `expected` does: subjects the engine does
+/// not give it, a republish, sources, a mirror, a subject transform. A role that may create
+/// its bucket could create it so before its process does; its account confines what that
+/// reaches (nothing outside), but the process must not run on it either.
+pub fn routing_differs(actual: &stream::Config, expected: &stream::Config) -> Vec<&'static str> {
+    let mut differs = Vec::new();
+    let mut a = actual.subjects.clone();
+    let mut e = expected.subjects.clone();
+    a.sort();
+    e.sort();
+    if a != e {
+        differs.push("subjects");
+    }
+    if actual.republish.is_some() {
+        differs.push("republish");
+    }
+    if actual.sources.as_ref().is_some_and(|s| !s.is_empty()) {
+        differs.push("sources");
+    }
+    if actual.mirror.is_some() {
+        differs.push("mirror");
+    }
+    if actual.subject_transform.is_some() {
+        differs.push("subject transform");
+    }
+    differs
+}
+
+/// Puts back, on a bucket its owner opens, the routing settings the engine gives it (see
+/// [`routing_differs`]), keeping its limits; a mirror cannot be undone, and is an error.
+pub async fn repair(
+    js: &jetstream::Context,
+    store: kv::Store,
+    expected: &stream::Config,
+) -> Result<kv::Store, ConfigError> {
+    let actual = store.stream.cached_info().config.clone();
+    let differs = routing_differs(&actual, expected);
+    if differs.is_empty() {
+        return Ok(store);
+    }
+    let name = actual.name.clone();
+    if actual.mirror.is_some() {
+        return Err(ConfigError::Io(
+            format!(
+                "stream {name} is a mirror, which the engine never makes, and cannot be made \
+                 otherwise: remove the stream (it holds only this store's state) and start again"
+            )
+            .into(),
+        ));
+    }
+    tracing::warn!(stream = %name, settings = ?differs,
+        "the bucket routes messages otherwise than the engine makes it (someone with this role's seed created it so): putting those settings back");
+    let fixed = stream::Config {
+        subjects: expected.subjects.clone(),
+        republish: None,
+        sources: None,
+        subject_transform: None,
+        ..actual
+    };
+    js.update_stream(fixed)
+        .await
+        .map_err(|e| ConfigError::Io(format!("cannot put back {name}'s settings: {e}").into()))?;
+    let bucket = name.trim_start_matches("KV_").to_string();
+    js.get_key_value(&bucket)
+        .await
+        .map_err(|e| ConfigError::Io(Box::new(e)))
+}
+
+/// Creates a key-value bucket with [`kv_stream`] and opens it.
+pub async fn create_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+    atomic: bool,
+) -> Result<kv::Store, ConfigError> {
+    let bucket = config.bucket.clone();
+    js.create_stream(kv_stream(config, atomic))
+        .await
+        .map_err(|e| ConfigError::Io(Box::new(e)))?;
+    js.get_key_value(&bucket)
+        .await
+        .map_err(|e| ConfigError::Io(Box::new(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_store_has_its_own_stream_and_account() {
+        let s = Subjects::default();
+        let mut streams: Vec<String> = Store::ALL.iter().map(|st| st.stream(&s)).collect();
+        let mut accounts: Vec<&str> = Store::ALL.iter().map(|st| st.account()).collect();
+        streams.dedup();
+        accounts.dedup();
+        assert_eq!(streams.len(), Store::ALL.len());
+        assert_eq!(accounts.len(), Store::ALL.len());
+        assert_eq!(Store::Config.stream(&s), "KV_policy_config");
+        assert_eq!(api_prefix(&s), "policy._js.API");
+        assert_eq!(
+            Store::Config.write_subjects(&s),
+            [(
+                "$KV.policy_config.>".to_string(),
+                "policy._js.API.$KV.policy_config.>".to_string()
+            )]
+        );
+        for st in Store::ALL {
+            assert_eq!(st.limits().max_streams, 1, "{st:?}");
+            // Only the modules store may be purged, by its owner.
+            assert_eq!(
+                st.own_api(&s).iter().any(|a| a.starts_with("STREAM.PURGE")),
+                st == Store::Modules
+            );
+            assert!(!st
+                .own_api(&s)
+                .iter()
+                .chain(st.read_api(&s).iter().map(|(a, _)| a))
+                .any(|a| a.contains("DELETE.") && !a.starts_with("CONSUMER.DELETE")));
+            // Only a key-value store's owner may update it (to repair its routing).
+            assert_eq!(
+                st.own_api(&s)
+                    .iter()
+                    .any(|a| a.starts_with("STREAM.UPDATE")),
+                st.stream(&s).starts_with("KV_")
+            );
+        }
+    }
+
+    #[test]
+    fn a_bucket_made_to_route_elsewhere_is_noticed() {
+        let expected = kv_stream(
+            kv::Config {
+                bucket: "b".into(),
+                ..Default::default()
+            },
+            false,
+        );
+        assert!(routing_differs(&expected, &expected).is_empty());
+        let tampered = stream::Config {
+            subjects: vec!["$KV.b.>".into(), "_INBOX.>".into()],
+            republish: Some(stream::Republish {
+                source: "$KV.b.>".into(),
+                destination: "$KV.other.>".into(),
+                headers_only: false,
+            }),
+            sources: Some(vec![stream::Source {
+                name: "KV_other".into(),
+                ..Default::default()
+            }]),
+            ..expected.clone()
+        };
+        assert_eq!(
+            routing_differs(&tampered, &expected),
+            ["subjects", "republish", "sources"]
+        );
+    }
+
+    #[test]
+    fn created_streams_bound_their_consumers() {
+        let kv = kv_stream(
+            kv::Config {
+                bucket: "b".into(),
+                ..Default::default()
+            },
+            false,
+        );
+        assert_eq!(kv.consumer_limits, Some(consumer_limits()));
+        assert_eq!(kv.subjects, ["$KV.b.>"]);
+        let obj = object_stream(object_store::Config {
+            bucket: "o".into(),
+            ..Default::default()
+        });
+        assert_eq!(obj.consumer_limits, Some(consumer_limits()));
+        assert_eq!(obj.subjects, ["$O.o.C.>", "$O.o.M.>"]);
+    }
+}
