@@ -266,7 +266,7 @@ where
                 }
             },
             Err(err) => {
-                tracing::warn!(subject = %msg.subject, event.id = headers::get(msg.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"), error = %err, "rejected request");
+                tracing::warn!(subject = %msg.subject, event.id = headers::event_id(msg.headers.as_ref()).unwrap_or("-"), error = %err, "rejected request");
                 err.to_reply(reply_headers)
             }
         };
@@ -365,7 +365,7 @@ where
                 }
                 let span = tracing::info_span!("request", agent = %kind_name,
                     subject = %req.message.subject,
-                    event.id = headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"));
+                    event.id = headers::event_id(req.message.headers.as_ref()).unwrap_or("-"));
                 if traced {
                     // One span per hop, in the hookpoint's trace.
                     daemon::traces::follow(&span, req.message.headers.as_ref());

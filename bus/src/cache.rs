@@ -163,16 +163,53 @@ pub struct VerdictCache {
     young: HashMap<Vec<u8>, State>,
     old: HashMap<Vec<u8>, State>,
     half: usize,
+    /// Bytes a generation may hold (keys and answers, as [`entry_bytes`] counts them): a
+    /// generation ends at `half` entries or at these bytes, whichever comes first, so the cache
+    /// holds at most twice both.
+    half_bytes: usize,
+    young_bytes: usize,
     pub hits: u64,
     pub misses: u64,
 }
 
+/// Bytes the cache may hold by default: answers are small (a reason or two), so the entry
+/// bound is reached first unless agents answer large patches.
+pub const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// Roughly what an entry costs in memory: its key, its answer's strings and values, and a
+/// fixed overhead per map entry and value. Close enough to bound, cheap enough to count on
+/// every store.
+pub fn entry_bytes(key: &[u8], patch: &State) -> usize {
+    fn value(v: &Value) -> usize {
+        16 + match v {
+            Value::String(s) => s.as_bytes().len(),
+            Value::Binary(b) => b.len(),
+            Value::Array(items) => items.iter().map(value).sum(),
+            Value::Map(entries) => entries.iter().map(|(k, v)| value(k) + value(v)).sum(),
+            Value::Ext(_, b) => b.len(),
+            _ => 0,
+        }
+    }
+    64 + key.len()
+        + patch
+            .0
+            .iter()
+            .map(|(k, v)| 32 + k.len() + value(v))
+            .sum::<usize>()
+}
+
 impl VerdictCache {
     pub fn new(capacity: usize) -> Self {
+        Self::with_max_bytes(capacity, DEFAULT_MAX_BYTES)
+    }
+
+    pub fn with_max_bytes(capacity: usize, max_bytes: usize) -> Self {
         VerdictCache {
             young: HashMap::new(),
             old: HashMap::new(),
             half: (capacity / 2).max(1),
+            half_bytes: (max_bytes / 2).max(1),
+            young_bytes: 0,
             hits: 0,
             misses: 0,
         }
@@ -205,16 +242,51 @@ impl VerdictCache {
     }
 
     pub fn insert(&mut self, key: Vec<u8>, patch: State) {
-        if self.young.len() >= self.half && !self.young.contains_key(&key) {
+        let size = entry_bytes(&key, &patch);
+        if size > self.half_bytes {
+            // Larger than a generation may hold: never kept.
+            return;
+        }
+        let replaced = self.young.get(&key).map(|old| entry_bytes(&key, old));
+        if replaced.is_none()
+            && (self.young.len() >= self.half || self.young_bytes + size > self.half_bytes)
+        {
             self.old = std::mem::take(&mut self.young);
+            self.young_bytes = 0;
         }
         self.young.insert(key, patch);
+        self.young_bytes = self.young_bytes - replaced.unwrap_or(0) + size;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_holds_at_most_its_bytes_whatever_the_answers_weigh() {
+        let answer = |n: usize| {
+            let mut p = State::new();
+            p.insert("note", "x".repeat(n).as_str());
+            p
+        };
+        let max = 64 * 1024;
+        let mut c = VerdictCache::with_max_bytes(1_000_000, max);
+        for i in 0..1_000u32 {
+            c.insert(i.to_be_bytes().to_vec(), answer(1_000));
+        }
+        let held: usize = c
+            .young
+            .iter()
+            .chain(c.old.iter())
+            .map(|(k, v)| entry_bytes(k, v))
+            .sum();
+        assert!(held <= max, "{held} bytes held, bound {max}");
+        assert!(c.len() > 10, "it still caches: {}", c.len());
+        // An answer larger than half the bound is never kept.
+        c.insert(b"big".to_vec(), answer(max));
+        assert!(c.get(b"big").is_none());
+    }
 
     #[test]
     fn the_header_round_trips_and_anything_else_is_not_cacheable() {

@@ -45,12 +45,56 @@ pub fn name(name: &'static str) -> async_nats::header::HeaderName {
     async_nats::header::HeaderName::from_static(name)
 }
 
-/// Copies the event id, trace context and dry-run flag from one hop's headers to the next.
+/// Longest `Policy-Event-Id`: the engine's own are 22 characters.
+pub const MAX_EVENT_ID: usize = 64;
+
+/// Whether `id` may be an event id: 1 to [`MAX_EVENT_ID`] characters of `A-Z a-z 0-9 - _ .`.
+/// It keys hedged copies, log lines and records on every hop, so a hookpoint's choice is
+/// bounded where it arrives (the dispatcher answers a bad one `bad-request`).
+pub fn valid_event_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_EVENT_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Whether `v` is a W3C `traceparent` the engine passes on: version `00`'s exact shape,
+/// `00-<32 hex>-<16 hex>-<2 hex>`, lowercase, with a trace id and a parent id not all zero.
+/// Anything else is dropped where it arrives, as the W3C recommendation says to treat an
+/// invalid one (the decision goes on without it).
+pub fn valid_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let zero = |s: &str| s.bytes().all(|b| b == b'0');
+    matches!(parts.as_slice(), [ver, trace, parent, flags]
+        if *ver == "00" && hex(trace, 32) && hex(parent, 16) && hex(flags, 2)
+            && !zero(trace) && !zero(parent))
+}
+
+/// The event id of a message, if it has a valid one.
+pub fn event_id(headers: Option<&async_nats::HeaderMap>) -> Option<&str> {
+    get(headers, POLICY_EVENT_ID).filter(|id| valid_event_id(id))
+}
+
+/// Copies the event id, trace context and dry-run flag from one hop's headers to the next;
+/// an event id or a trace context that is not valid is not passed on.
 pub fn propagate(from: Option<&async_nats::HeaderMap>, to: &mut async_nats::HeaderMap) {
     if let Some(from) = from {
         for n in [POLICY_EVENT_ID, TRACEPARENT, POLICY_DRY_RUN] {
             if let Some(v) = from.get(name(n)) {
-                to.insert(name(n), v.clone());
+                let ok = match n {
+                    POLICY_EVENT_ID => valid_event_id(v.as_str()),
+                    TRACEPARENT => valid_traceparent(v.as_str()),
+                    _ => true,
+                };
+                if ok {
+                    to.insert(name(n), v.clone());
+                }
             }
         }
     }
@@ -68,6 +112,33 @@ pub fn get<'a>(headers: Option<&'a async_nats::HeaderMap>, n: &'static str) -> O
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn event_ids_and_trace_contexts_are_bounded() {
+        assert!(super::valid_event_id("as3qufpjHsstCqJwVQGDZ2"));
+        assert!(super::valid_event_id("gw-1.e_2"));
+        for bad in ["", "has space", "semi;colon", &"a".repeat(65), "é"] {
+            assert!(!super::valid_event_id(bad), "{bad:?}");
+        }
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(super::valid_traceparent(good));
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            &format!("{good}{}", "0".repeat(10_000)),
+        ] {
+            assert!(!super::valid_traceparent(bad), "{bad:?}");
+        }
+        let mut from = async_nats::HeaderMap::new();
+        from.insert(super::POLICY_EVENT_ID, "x".repeat(100).as_str());
+        from.insert(super::TRACEPARENT, "junk");
+        let mut to = async_nats::HeaderMap::new();
+        super::propagate(Some(&from), &mut to);
+        assert!(to.get(super::POLICY_EVENT_ID).is_none());
+        assert!(to.get(super::TRACEPARENT).is_none());
+    }
+
     use super::*;
 
     #[test]
@@ -77,10 +148,12 @@ mod tests {
             h.insert(name, "v");
             assert_eq!(get(Some(&h), name), Some("v"), "{name}");
         }
+        let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.insert(TRACEPARENT, trace);
         let mut to = async_nats::HeaderMap::new();
         propagate(Some(&h), &mut to);
         assert_eq!(get(Some(&to), POLICY_EVENT_ID), Some("v"));
-        assert_eq!(get(Some(&to), TRACEPARENT), Some("v"));
+        assert_eq!(get(Some(&to), TRACEPARENT), Some(trace));
         assert_eq!(get(Some(&to), POLICY_STATE), None);
     }
 }

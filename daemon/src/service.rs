@@ -84,8 +84,7 @@ impl Request {
         };
         if let Err(e) = &sent {
             // Said here, where the event id is at hand for free: the caller gave its request up.
-            let id =
-                bus::headers::get(self.message.headers.as_ref(), bus::headers::POLICY_EVENT_ID);
+            let id = bus::headers::event_id(self.message.headers.as_ref());
             tracing::warn!(event.id = id.unwrap_or("-"), subject = %self.message.subject, error = %e, "could not send a reply");
         }
         sent
@@ -125,7 +124,7 @@ pub fn refuse_reply(endpoint: &str, subject: &str, reply: &str, headers: Option<
         endpoint,
         %subject,
         reply = %shown,
-        event.id = bus::headers::get(headers, bus::headers::POLICY_EVENT_ID).unwrap_or("-"),
+        event.id = bus::headers::event_id(headers).unwrap_or("-"),
         "request refused: {NOT_AN_INBOX}, so it gets no answer (a client must ask from an inbox; see README, Security)"
     );
 }

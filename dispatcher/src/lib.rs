@@ -51,6 +51,8 @@ pub struct Options {
     pub max_patch_bytes: usize,
     /// Answers the verdict cache keeps at most; 0 turns it off.
     pub verdict_cache: usize,
+    /// Bytes the verdict cache holds at most.
+    pub verdict_cache_bytes: usize,
     /// Metrics and readiness, served on `--metrics-addr`.
     pub telemetry: Option<Arc<daemon::telemetry::Telemetry>>,
     /// The durable decision log's bounds; `None` keeps no log.
@@ -65,6 +67,7 @@ impl Default for Options {
             limits: Limits::default(),
             max_patch_bytes: 512 * 1024,
             verdict_cache: 10_000,
+            verdict_cache_bytes: bus::cache::DEFAULT_MAX_BYTES,
             telemetry: None,
             decision_log: None,
         }
@@ -100,11 +103,30 @@ impl Dispatcher {
             // and rate budget that no close ever returns.
             tracing::warn!(
                 subject = %req.message.subject,
-                event.id = headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"),
+                event.id = headers::event_id(req.message.headers.as_ref()).unwrap_or("-"),
                 "event refused: sent without a reply subject (publish it as a request)"
             );
             req.refused("event sent without a reply subject");
             return;
+        }
+        if let Some(id) = headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID) {
+            if !headers::valid_event_id(id) {
+                let shown: String = id.chars().take(headers::MAX_EVENT_ID).collect();
+                tracing::warn!(subject = %req.message.subject, event.id = %shown, "event refused: bad Policy-Event-Id");
+                if let Some(m) = &self.metrics {
+                    m.refused(bus::ErrorCode::BadRequest.as_str());
+                }
+                let reply = bus::ErrorReply::new(
+                    bus::ErrorCode::BadRequest,
+                    format!(
+                        "Policy-Event-Id must be 1 to {} characters of A-Z a-z 0-9 - _ .",
+                        headers::MAX_EVENT_ID
+                    ),
+                )
+                .to_reply(HeaderMap::new());
+                respond(req, reply).await;
+                return;
+            }
         }
         if bus::hedge::past_deadline(req.message.headers.as_ref()) {
             // The hookpoint has stopped waiting (another dispatcher answered its hedge, or its
@@ -148,7 +170,7 @@ impl Dispatcher {
                 }
                 tracing::warn!(
                     subject = %req.message.subject,
-                    event.id = headers::get(req.message.headers.as_ref(), headers::POLICY_EVENT_ID).unwrap_or("-"),
+                    event.id = headers::event_id(req.message.headers.as_ref()).unwrap_or("-"),
                     error = %err,
                     "event rejected"
                 );
@@ -261,7 +283,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
         store: store.clone(),
         options: options.clone(),
         working: Default::default(),
-        verdicts: verdicts::Verdicts::new(options.verdict_cache),
+        verdicts: verdicts::Verdicts::new(options.verdict_cache, options.verdict_cache_bytes),
         removed_peers: Default::default(),
         metrics: options
             .telemetry

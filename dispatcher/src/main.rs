@@ -42,6 +42,10 @@ struct Cli {
     /// change; 0 turns it off.
     #[arg(long, env = "POLICY_VERDICT_CACHE", default_value_t = 10_000)]
     verdict_cache: usize,
+    /// Bytes the verdict cache may hold at most (keys and answers), whatever the number of
+    /// entries: agents' answers can be up to --max-patch-bytes each.
+    #[arg(long, env = "POLICY_VERDICT_CACHE_BYTES", default_value_t = bus::cache::DEFAULT_MAX_BYTES)]
+    verdict_cache_bytes: usize,
     /// Runtime worker threads: 1 (the default) runs everything on one thread, which costs the
     /// least CPU per request; 0 is one per core. Scale out with more instances instead.
     #[arg(long, env = "POLICY_WORKER_THREADS", default_value_t = 1)]
@@ -88,6 +92,7 @@ async fn run(cli: Cli) -> Result<(), dispatcher::DispatcherError> {
         },
         max_patch_bytes: cli.max_patch_bytes,
         verdict_cache: cli.verdict_cache,
+        verdict_cache_bytes: cli.verdict_cache_bytes,
         telemetry: Some(telemetry),
         decision_log: (!cli.no_decision_log).then_some(bus::decisions::Retention {
             max_age: cli.decision_log_max_age,

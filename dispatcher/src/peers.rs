@@ -4,7 +4,7 @@
 //! an event's candidates before the chain runs, so no agent offers or picks one (the LB
 //! included). The verdict cache stays exact: the candidates are part of its key.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
 
 use bus::config::{Change, ConfigKey, Update};
@@ -12,9 +12,36 @@ use bus::event::Event;
 use bus::state::keys;
 use bus::{ErrorCode, ErrorReply, State};
 
-/// Removed peers: config key -> peer name.
+/// Peers removed at once, at most: a `peer-removed` past it is refused (`bad-request`) until
+/// some are added back. ClusterLink fleets have tens of peers; the bound keeps the set, and the
+/// config bucket's share of it, bounded whatever a gateway sends.
+pub(crate) const MAX_REMOVED: usize = 10_000;
+
+/// Removed peers: by config key, and their names (one lookup per candidate, whatever the
+/// number removed).
 #[derive(Default)]
-pub(crate) struct Removed(RwLock<HashMap<String, String>>);
+pub(crate) struct Removed(RwLock<Set>);
+
+#[derive(Default)]
+struct Set {
+    by_key: HashMap<String, String>,
+    names: HashSet<String>,
+}
+
+impl Set {
+    fn put(&mut self, key: &str, name: String) {
+        if let Some(old) = self.by_key.insert(key.to_string(), name.clone()) {
+            self.names.remove(&old);
+        }
+        self.names.insert(name);
+    }
+
+    fn delete(&mut self, key: &str) {
+        if let Some(old) = self.by_key.remove(key) {
+            self.names.remove(&old);
+        }
+    }
+}
 
 impl Removed {
     /// Follows the config bucket's watch.
@@ -22,10 +49,10 @@ impl Removed {
         let mut removed = self.0.write().unwrap_or_else(|e| e.into_inner());
         match update {
             Update::Loaded(snap) => {
-                removed.clear();
+                *removed = Set::default();
                 for (key, value) in &snap.values {
                     if ConfigKey::is_removed_peer(key) {
-                        removed.insert(key.clone(), String::from_utf8_lossy(value).into_owned());
+                        removed.put(key, String::from_utf8_lossy(value).into_owned());
                     }
                 }
             }
@@ -36,22 +63,25 @@ impl Removed {
                 {
                     match c {
                         Change::Put { key, value, .. } => {
-                            removed
-                                .insert(key.clone(), String::from_utf8_lossy(value).into_owned());
+                            removed.put(key, String::from_utf8_lossy(value).into_owned());
                         }
-                        Change::Delete { key, .. } => {
-                            removed.remove(key);
-                        }
+                        Change::Delete { key, .. } => removed.delete(key),
                     }
                 }
             }
         }
     }
 
+    /// Whether one more peer may be removed (`peer` itself may be removed again).
+    fn room_for(&self, peer: &str) -> bool {
+        let removed = self.0.read().unwrap_or_else(|e| e.into_inner());
+        removed.names.len() < MAX_REMOVED || removed.names.contains(peer)
+    }
+
     /// Takes removed peers out of the state's peer candidates (`dst_peers`, `target_peers`).
     pub(crate) fn narrow(&self, state: &mut State) {
         let removed = self.0.read().unwrap_or_else(|e| e.into_inner());
-        if removed.is_empty() {
+        if removed.names.is_empty() {
             return;
         }
         for key in [keys::DST_PEERS, keys::TARGET_PEERS] {
@@ -60,7 +90,7 @@ impl Removed {
             };
             let kept: Vec<String> = peers
                 .iter()
-                .filter(|p| !removed.values().any(|r| r == *p))
+                .filter(|p| !removed.names.contains(**p))
                 .map(|p| p.to_string())
                 .collect();
             if kept.len() < peers.len() {
@@ -81,6 +111,14 @@ pub(crate) async fn record(d: &crate::Dispatcher, event: &Event) -> Result<(), E
         )
     };
     let revision = match event {
+        Event::PeerRemoved(p) if !d.removed_peers.room_for(&p.peer) => {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "{MAX_REMOVED} peers are removed already, the most the engine keeps: add some back (peer-added) first"
+                ),
+            ))
+        }
         Event::PeerRemoved(p) => d
             .store
             .put(ConfigKey::removed_peer(&p.peer), p.peer.clone().into())
@@ -107,6 +145,28 @@ pub(crate) async fn record(d: &crate::Dispatcher, event: &Event) -> Result<(), E
 mod tests {
     use super::*;
     use bus::config::Snapshot;
+
+    #[test]
+    fn removed_peers_are_bounded_and_filtering_does_not_scan_them() {
+        let r = Removed::default();
+        let mut snap = Snapshot::default();
+        for i in 0..MAX_REMOVED {
+            snap.values.insert(
+                ConfigKey::removed_peer(&format!("p{i}")),
+                format!("p{i}").into(),
+            );
+        }
+        r.apply(&Update::Loaded(&snap));
+        assert!(!r.room_for("another"));
+        assert!(
+            r.room_for("p7"),
+            "removing a removed peer again takes no room"
+        );
+        let mut s = State::new();
+        s.set_strings(keys::DST_PEERS, &["p7", "q1"]);
+        r.narrow(&mut s);
+        assert_eq!(s.get_strings(keys::DST_PEERS), Some(vec!["q1"]));
+    }
 
     #[test]
     fn removed_peers_leave_the_candidates_until_added_again() {

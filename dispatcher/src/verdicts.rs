@@ -35,9 +35,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Verdicts {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, max_bytes: usize) -> Self {
         Verdicts {
-            cache: (capacity > 0).then(|| Mutex::new(VerdictCache::new(capacity))),
+            cache: (capacity > 0)
+                .then(|| Mutex::new(VerdictCache::with_max_bytes(capacity, max_bytes))),
             policies: RwLock::default(),
             inputs: RwLock::default(),
             revision: tokio::sync::watch::Sender::new(0),
@@ -302,7 +303,7 @@ mod tests {
 
     #[test]
     fn a_policy_change_makes_every_older_answer_unreachable() {
-        let v = Verdicts::new(100);
+        let v = Verdicts::new(100, bus::cache::DEFAULT_MAX_BYTES);
         v.apply(Update::Loaded(&Snapshot {
             values: [("pol.acl.a".to_string(), bytes::Bytes::from_static(b"one"))].into(),
             revision: 1,
@@ -354,7 +355,7 @@ mod tests {
 
     #[test]
     fn off_means_nothing_is_kept() {
-        let v = Verdicts::new(0);
+        let v = Verdicts::new(0, bus::cache::DEFAULT_MAX_BYTES);
         assert!(!v.enabled());
         let header = CacheHeader {
             fingerprint: v.fingerprint("acl"),

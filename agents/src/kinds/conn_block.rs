@@ -49,12 +49,38 @@ pub struct Block {
     pub holders: Vec<Holder>,
 }
 
+/// Holders a block's value may list before the rest is not read: a block takes at most
+/// [`BLOCK`], a few more while hedged copies share it. A value with more (not written by
+/// conn-limit) is read as this many holders that never expire: the block is full, and the
+/// limiter denies rather than count what it does not read.
+pub const MAX_HOLDERS: usize = 4 * BLOCK as usize;
+/// Bytes of one holder read: conn-limit's own are about 50.
+pub const MAX_HOLDER_BYTES: usize = 256;
+
 impl Block {
     pub fn decode(value: &[u8]) -> Block {
         let text = String::from_utf8_lossy(value);
-        let holders = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
+        let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+        let read: Vec<&str> = lines.by_ref().take(MAX_HOLDERS).collect();
+        if lines.next().is_some() {
+            return Block {
+                holders: (0..MAX_HOLDERS)
+                    .map(|i| Holder {
+                        holder: format!("_overfull.{i}"),
+                        since_ms: 0,
+                    })
+                    .collect(),
+            };
+        }
+        let holders = read
+            .into_iter()
+            .map(|line| {
+                let mut end = line.len().min(MAX_HOLDER_BYTES);
+                while !line.is_char_boundary(end) {
+                    end -= 1;
+                }
+                &line[..end]
+            })
             .map(|line| match line.rsplit_once(' ') {
                 Some((holder, since)) if since.parse::<u64>().is_ok() => Holder {
                     holder: holder.trim().to_string(),
@@ -142,6 +168,16 @@ impl Block {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_value_with_more_holders_than_a_block_takes_reads_as_full() {
+        let many: String = (0..1000).map(|i| format!("c{i}#r {i}\n")).collect();
+        let b = Block::decode(many.as_bytes());
+        assert_eq!(b.holders.len(), MAX_HOLDERS);
+        assert_eq!(b.room(BLOCK, u64::MAX, 1), 0, "full, never expiring");
+        let long = format!("{} 5\n", "x".repeat(10_000));
+        assert!(Block::decode(long.as_bytes()).holders[0].holder.len() <= MAX_HOLDER_BYTES);
+    }
+
     use super::*;
 
     #[test]

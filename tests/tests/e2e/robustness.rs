@@ -158,6 +158,34 @@ async fn malformed_messages_get_clear_errors_and_processes_keep_serving() {
     assert_eq!(c, ErrorCode::BadRequest, "{msg}");
     assert!(msg.contains("found a list"), "{msg}");
 
+    // An event id is bounded where it arrives.
+    let payload: &'static [u8] = Box::leak(
+        rmp_serde::to_vec_named(&conn("web", "db", &["p1"]))
+            .expect("encode")
+            .into_boxed_slice(),
+    );
+    for bad_id in ["x".repeat(65), "a b".into(), "evt;1".into()] {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Policy-Event-Id", bad_id.as_str());
+        let (c, msg) = code(raw_request(&engine, event.clone(), h, payload).await);
+        assert_eq!(c, ErrorCode::BadRequest, "{bad_id}: {msg}");
+        assert!(msg.contains("Policy-Event-Id"), "{msg}");
+    }
+    // A trace context that is not W3C's is dropped, and the event decided.
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("traceparent", "x".repeat(5000).as_str());
+    let reply = raw_request(&engine, event.clone(), h, payload)
+        .await
+        .expect("decided without the trace context");
+    assert!(
+        reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("traceparent"))
+            .is_none(),
+        "a bad traceparent was passed on"
+    );
+
     // Both processes still decide.
     let d = hook
         .new_connection(&conn("web", "db", &["p1"]))

@@ -798,3 +798,77 @@ async fn binaries_connect_over_tls_with_a_ca_file() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     drop(server);
 }
+
+/// A third-party agent in Python (nats-py) logs in with the seed file `policyctl auth
+/// add-agent` wrote, exactly as written: a bare seed, as `nk` writes one (nats-py refuses a
+/// file with comment lines around the seed), and answers for its kind on the secured bus.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_agent_logs_in_with_its_roles_seed_file_as_written() {
+    use std::io::BufRead;
+    let mut engine = Engine::secured();
+    engine.start(&["acl"]).await;
+    let dir = engine.auth.as_ref().expect("secured").path().to_path_buf();
+    let out = std::process::Command::new(bin("policyctl"))
+        .args(["auth", "add-agent", "geo", "--auth-dir"])
+        .arg(&dir)
+        .output()
+        .expect("policyctl auth add-agent");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    engine.nats.reload();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/geo_agent.py");
+    let mut agent = std::process::Command::new(e2e::tool("python"))
+        .arg(script)
+        .arg(engine.url())
+        .arg(dir.join("agent-geo.nk"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python agent");
+    let stdout = agent.stdout.take().expect("stdout");
+    let ready = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .next()
+            .and_then(Result::ok)
+    });
+    let line = tokio::time::timeout(WAIT, ready).await;
+    if !matches!(&line, Ok(Ok(Some(l))) if l == "ready") {
+        let _ = agent.kill();
+        let mut err = String::new();
+        use std::io::Read;
+        let _ = agent.stderr.take().map(|mut e| e.read_to_string(&mut err));
+        panic!("the Python agent never got ready: {line:?}\n{err}");
+    }
+    let admin = engine.admin().await;
+    subscribe(
+        &admin,
+        &[
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "geo", 20),
+        ],
+    )
+    .await;
+    admin
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "open", "action": "allow"}),
+        )])
+        .await
+        .expect("policy add");
+    let hook = engine.hook().await;
+    eventually("the Python agent answers on the secured bus", || async {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        (d.action == Action::Allow && d.extra.get("zone") == Some(&V::from("eu")))
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+}

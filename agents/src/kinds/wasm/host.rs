@@ -49,7 +49,7 @@ struct Kinds {
     /// Removed kinds still draining: awaited at shutdown.
     draining: Vec<(String, tokio::task::JoinHandle<Result<(), AgentError>>)>,
     sandbox: Sandbox,
-    calls: Arc<tokio::sync::Semaphore>,
+    calls: Arc<super::CallSlots>,
     common: daemon::Common,
     options: runtime::Options,
 }
@@ -103,7 +103,7 @@ pub async fn run(
         running: HashMap::new(),
         draining: Vec::new(),
         sandbox: sandbox.clone(),
-        calls: super::call_slots(),
+        calls: super::CallSlots::per_core(),
         common: common.clone(),
         options,
     };
@@ -379,13 +379,27 @@ async fn fetch(
     store: &async_nats::jetstream::object_store::ObjectStore,
     name: &str,
 ) -> Result<Vec<u8>, String> {
+    let max = bus::admin::MAX_MODULE_BYTES;
     let read = async {
-        let mut object = store.get(name).await.map_err(|e| e.to_string())?;
+        let object = store.get(name).await.map_err(|e| e.to_string())?;
+        // The dispatcher stores no larger module; a larger object is not read into memory.
+        if object.info.size > max {
+            return Err(format!(
+                "the stored module is {} bytes, over the {max} a module may be",
+                object.info.size
+            ));
+        }
         let mut bytes = Vec::new();
         object
+            .take(max as u64 + 1)
             .read_to_end(&mut bytes)
             .await
             .map_err(|e| e.to_string())?;
+        if bytes.len() > max {
+            return Err(format!(
+                "the stored module is over the {max} bytes a module may be"
+            ));
+        }
         Ok(bytes)
     };
     tokio::time::timeout(FETCH_TIMEOUT, read)

@@ -6,6 +6,7 @@
 
 pub mod abi;
 pub mod host;
+pub mod slots;
 
 use std::sync::{Arc, RwLock};
 
@@ -14,6 +15,7 @@ use bus::{Event, State, Value};
 
 use crate::kind::{self, AgentKind, Stored};
 use abi::{Compiled, Sandbox};
+pub use slots::CallSlots;
 
 /// The module a kind runs now. The host swaps it on a new deploy; a call in progress keeps
 /// the version it started with, so a swap drops no event.
@@ -23,24 +25,14 @@ pub struct WasmKind {
     name: String,
     sandbox: Sandbox,
     module: Current,
-    /// Calls running at once, across every kind of the host: each may hold its memory cap
-    /// and a blocking thread, so their number is bounded by the cores, not by the requests.
-    calls: Arc<tokio::sync::Semaphore>,
-}
-
-/// The calls a host runs at once: two per core.
-pub fn call_slots() -> Arc<tokio::sync::Semaphore> {
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    Arc::new(tokio::sync::Semaphore::new(cores * 2))
+    /// Calls running at once, across every kind of the host, each kind within its fair share:
+    /// each may hold its memory cap and a blocking thread, so their number is bounded by the
+    /// cores, not by the requests.
+    calls: Arc<CallSlots>,
 }
 
 impl WasmKind {
-    pub fn new(
-        name: String,
-        sandbox: Sandbox,
-        module: Current,
-        calls: Arc<tokio::sync::Semaphore>,
-    ) -> Self {
+    pub fn new(name: String, sandbox: Sandbox, module: Current, calls: Arc<CallSlots>) -> Self {
         WasmKind {
             name,
             sandbox,
@@ -130,14 +122,12 @@ impl AgentKind for WasmKind {
     ) -> impl std::future::Future<Output = Result<State, String>> + Send + 'a {
         let compiled = self.current();
         let sandbox = self.sandbox.clone();
-        let input = decide_input(event, state, rules);
         let calls = self.calls.clone();
         async move {
-            let input = input?;
-            let _slot = calls
-                .acquire_owned()
-                .await
-                .map_err(|_| "the wasm host is stopping".to_string())?;
+            // The slot first: a request waiting for one holds no input yet, so what waits costs
+            // the request as it came, not a copy per policy document.
+            let _slot = calls.take(&self.name).await;
+            let input = decide_input(event, state, rules)?;
             let out =
                 tokio::task::spawn_blocking(move || sandbox.call(&compiled, "decide", &input))
                     .await

@@ -17,7 +17,7 @@ fn kind(name: &str, module: &str, limits: Limits) -> WasmKind {
         name.into(),
         sandbox,
         Arc::new(RwLock::new(Arc::new(compiled))),
-        call_slots(),
+        CallSlots::per_core(),
     )
 }
 
