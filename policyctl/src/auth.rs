@@ -118,14 +118,14 @@ pub fn ensure(dir: &Path, subjects: &Subjects, roles: &[Role]) -> anyhow::Result
 }
 
 #[cfg(unix)]
-fn restrict(path: &Path, mode: u32) -> anyhow::Result<()> {
+pub(crate) fn restrict(path: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot restrict access to {}", path.display()))
 }
 
 #[cfg(not(unix))]
-fn restrict(_path: &Path, _mode: u32) -> anyhow::Result<()> {
+pub(crate) fn restrict(_path: &Path, _mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
@@ -135,6 +135,18 @@ pub type User = (Role, bool, String);
 
 /// Every identity with a seed in `dir`, with its public key.
 fn users(dir: &Path) -> anyhow::Result<Vec<User>> {
+    seeds(dir)?
+        .into_iter()
+        .map(|(role, store, seed)| {
+            let pair = nkeys::KeyPair::from_seed(&seed)
+                .map_err(|e| anyhow!("{role}: not a valid nkey seed: {e}"))?;
+            Ok((role, store, pair.public_key()))
+        })
+        .collect()
+}
+
+/// Every identity with a seed in `dir`, with its seed.
+pub(crate) fn seeds(dir: &Path) -> anyhow::Result<Vec<User>> {
     let mut users = Vec::new();
     let entries =
         std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
@@ -165,9 +177,9 @@ fn users(dir: &Path) -> anyhow::Result<Vec<User>> {
             .map(str::trim)
             .find(|l| l.starts_with("SU"))
             .ok_or_else(|| anyhow!("{}: no nkey seed in it", path.display()))?;
-        let pair = nkeys::KeyPair::from_seed(seed)
+        nkeys::KeyPair::from_seed(seed)
             .map_err(|e| anyhow!("{}: not a valid nkey seed: {e}", path.display()))?;
-        users.push((role, store, pair.public_key()));
+        users.push((role, store, seed.to_string()));
     }
     users.sort();
     Ok(users)

@@ -382,10 +382,18 @@ fn probe(url: &str) -> anyhow::Result<()> {
 
 fn auth(cmd: &AuthCommand, subjects: &bus::Subjects) -> anyhow::Result<()> {
     match cmd {
-        AuthCommand::Init { auth_dir } => {
+        AuthCommand::Init { auth_dir, jwt } => {
             let written = auth::ensure(auth_dir, subjects, &Role::shipped())?;
             for path in &written {
                 out!("wrote {}", path.display());
+            }
+            if *jwt {
+                crate::jwt::ensure(auth_dir, subjects)?;
+                out!(
+                    "{}: the operator-mode server configuration; processes log in with --creds {}/<role>.creds",
+                    crate::jwt::conf_file(auth_dir).display(),
+                    auth_dir.display()
+                );
             }
             out!(
                 "{}: users and permissions for every role ({} new seeds); {}: a server configuration \
@@ -398,6 +406,9 @@ fn auth(cmd: &AuthCommand, subjects: &bus::Subjects) -> anyhow::Result<()> {
         }
         AuthCommand::AddAgent { kind, auth_dir } => {
             let seed = auth::add_agent(auth_dir, subjects, kind)?;
+            if crate::jwt::conf_file(auth_dir).exists() {
+                crate::jwt::ensure(auth_dir, subjects)?;
+            }
             out!(
                 "{}: the seed for agent kind {kind}; {} now has its user: reload the server (nats-server --signal reload)",
                 seed.display(),

@@ -7,6 +7,7 @@ mod commands;
 mod declarative;
 mod explain;
 mod files;
+mod jwt;
 mod log;
 mod output;
 mod servers;
@@ -296,9 +297,13 @@ pub enum AuthCommand {
         /// Where the seeds and nats.conf go (kept: existing seeds are not replaced).
         #[arg(long, default_value = auth::DEFAULT_DIR)]
         auth_dir: PathBuf,
+        /// Also write the operator-mode setup: an operator, account and user JWTs with the
+        /// same permissions, DIR/<role>.creds files and DIR/nats-jwt.conf (a memory resolver).
+        #[arg(long)]
+        jwt: bool,
     },
     /// Add a role for a third-party agent kind (DIR/agent-<kind>.nk) and rewrite
-    /// DIR/nats.conf; reload the server afterwards.
+    /// DIR/nats.conf (and the operator-mode files, if written); reload the server afterwards.
     AddAgent {
         /// The third-party agent kind.
         kind: String,

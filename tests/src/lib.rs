@@ -311,6 +311,9 @@ pub struct Engine {
     procs: Vec<Proc>,
     /// On a secured bus: the directory `policyctl auth init` wrote the seeds and nats.conf to.
     pub auth: Option<tempfile::TempDir>,
+    /// Whether processes and clients log in with `<role>.creds` (operator mode) rather than
+    /// `<role>.nk`.
+    pub creds: bool,
     /// Every process's stderr, one file each, to look for what they complained about.
     logs: tempfile::TempDir,
     /// Environment variables every process started from now on gets.
@@ -343,6 +346,7 @@ impl Engine {
             prefix: "policy".into(),
             procs: Vec::new(),
             auth: None,
+            creds: false,
             logs: tempfile::tempdir().expect("temp dir"),
             env: Vec::new(),
         }
@@ -402,6 +406,28 @@ impl Engine {
         let conf = dir.path().join("nats.conf");
         let mut engine = Self::on(NatsServer::start_with_conf(&conf, Vec::new()));
         engine.auth = Some(dir);
+        engine
+    }
+
+    /// As [`Self::secured`], in NATS's operator mode: `policyctl auth init --jwt` writes the
+    /// operator, account and user JWTs, the server trusts the operator, and every process and
+    /// client logs in with its `<role>.creds`.
+    pub fn secured_by_jwt() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = Command::new(bin("policyctl"))
+            .args(["auth", "init", "--jwt", "--auth-dir"])
+            .arg(dir.path())
+            .output()
+            .expect("run policyctl auth init --jwt");
+        assert!(
+            out.status.success(),
+            "policyctl auth init --jwt: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let conf = dir.path().join("nats-jwt.conf");
+        let mut engine = Self::on(NatsServer::start_with_conf(&conf, Vec::new()));
+        engine.auth = Some(dir);
+        engine.creds = true;
         engine
     }
 
@@ -491,7 +517,11 @@ impl Engine {
         let mut cmd = Command::new(bin(binary));
         cmd.args(["--nats-url", url, "--prefix", &self.prefix]);
         if let Some(seed) = self.seed(role) {
-            cmd.arg("--nkey-file").arg(seed);
+            if self.creds {
+                cmd.arg("--creds").arg(seed.with_extension("creds"));
+            } else {
+                cmd.arg("--nkey-file").arg(seed);
+            }
         }
         cmd.args(args).env(
             "RUST_LOG",
@@ -675,6 +705,11 @@ impl Engine {
             role.inbox_prefix(&self.subjects())
         };
         let mut opts = match seed {
+            Some(seed) if self.creds => {
+                async_nats::ConnectOptions::with_credentials_file(seed.with_extension("creds"))
+                    .await
+                    .expect("creds file")
+            }
             Some(seed) => {
                 let text = std::fs::read_to_string(seed).expect("seed file");
                 let seed = text

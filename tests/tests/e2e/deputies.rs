@@ -21,25 +21,45 @@ use serde_json::json;
 
 use crate::*;
 
-/// Logs in as `role`'s messaging identity, or its store identity where it has one (`None`
-/// when it has none: an engine from before store identities).
-async fn login(engine: &Engine, role: &str, store: bool) -> Option<async_nats::Client> {
-    let seed = engine.seed(&Role::parse(role).expect("role"))?;
-    let (seed, inbox) = if store {
-        (
-            seed.with_file_name(format!("{role}.store.nk")),
-            format!("_INBOX.policy.{role}.store"),
-        )
+/// How `role`'s messaging or store identity logs in: with its `.creds` file in operator mode,
+/// else with its seed (`None` when it has no such identity).
+async fn identity(engine: &Engine, role: &str, store: bool) -> Option<async_nats::ConnectOptions> {
+    let messaging = engine.seed(&Role::parse(role).expect("role"))?;
+    let file = if store {
+        messaging.with_file_name(format!("{role}.store.nk"))
     } else {
-        (seed, format!("_INBOX.policy.{role}"))
+        messaging
     };
-    let text = std::fs::read_to_string(&seed).ok()?;
+    if engine.creds {
+        let creds = file.with_extension("creds");
+        if !creds.exists() {
+            return None;
+        }
+        return Some(
+            async_nats::ConnectOptions::with_credentials_file(creds)
+                .await
+                .expect("creds file"),
+        );
+    }
+    let text = std::fs::read_to_string(&file).ok()?;
     let seed = text
         .lines()
         .find(|l| l.starts_with("SU"))?
         .trim()
         .to_string();
-    let client = async_nats::ConnectOptions::with_nkey(seed)
+    Some(async_nats::ConnectOptions::with_nkey(seed))
+}
+
+/// Logs in as `role`'s messaging identity, or its store identity where it has one (`None`
+/// when it has none).
+async fn login(engine: &Engine, role: &str, store: bool) -> Option<async_nats::Client> {
+    let inbox = if store {
+        format!("_INBOX.policy.{role}.store")
+    } else {
+        format!("_INBOX.policy.{role}")
+    };
+    let client = identity(engine, role, store)
+        .await?
         .custom_inbox_prefix(inbox)
         .connect(engine.url())
         .await
@@ -300,7 +320,17 @@ const POL_WEB: &str = "$KV.policy_config.pol.acl.web-to-db";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_role_can_make_another_process_or_the_server_write_for_it() {
-    let mut engine = Engine::secured();
+    battery(Engine::secured()).await;
+}
+
+/// The same battery in NATS's operator mode: the accounts, exports (with activations) and
+/// imports as JWTs, every identity logging in with its `.creds`.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_operator_mode_no_role_can_make_another_process_or_the_server_write_for_it() {
+    battery(Engine::secured_by_jwt()).await;
+}
+
+async fn battery(mut engine: Engine) {
     // A native third-party kind with a role of its own, as `policyctl auth add-agent` makes one.
     let dir = engine.auth.as_ref().expect("secured").path().to_path_buf();
     let out = std::process::Command::new(e2e::bin("policyctl"))
@@ -675,24 +705,21 @@ async fn no_role_can_make_another_process_or_the_server_write_for_it() {
             "wasm-host: a queue subscription to geo's events in group geo, and geo's services ping",
             async {
                 let (tx, mut refused) = tokio::sync::mpsc::unbounded_channel::<String>();
-                let watcher = async_nats::ConnectOptions::with_nkey(
-                    std::fs::read_to_string(dir.join("wasm-host.nk"))
-                        .expect("seed")
-                        .trim()
-                        .to_string(),
-                )
-                .custom_inbox_prefix("_INBOX.policy.wasm-host")
-                .event_callback(move |e| {
-                    let tx = tx.clone();
-                    async move {
-                        if let async_nats::Event::ServerError(e) = e {
-                            let _ = tx.send(e.to_string());
+                let watcher = identity(&engine, "wasm-host", false)
+                    .await
+                    .expect("the wasm host's identity")
+                    .custom_inbox_prefix("_INBOX.policy.wasm-host")
+                    .event_callback(move |e| {
+                        let tx = tx.clone();
+                        async move {
+                            if let async_nats::Event::ServerError(e) = e {
+                                let _ = tx.send(e.to_string());
+                            }
                         }
-                    }
-                })
-                .connect(engine.url())
-                .await
-                .expect("log in");
+                    })
+                    .connect(engine.url())
+                    .await
+                    .expect("log in");
                 let _q = watcher
                     .queue_subscribe("policy.agent.geo.>", "geo".into())
                     .await;

@@ -39,7 +39,13 @@ async fn refused(
 /// The full engine on the secured bus, with an allow-all ACL, an LB, a one-connection limit on
 /// db, a bandwidth cap, and the monitor.
 async fn secured_engine(metrics: &str) -> (Engine, AdminClient, bus::Client) {
-    let mut engine = Engine::secured();
+    secured_engine_on(Engine::secured(), metrics).await
+}
+
+async fn secured_engine_on(
+    mut engine: Engine,
+    metrics: &str,
+) -> (Engine, AdminClient, bus::Client) {
     engine.agent("monitor", &["--metrics-addr", metrics]);
     engine
         .start(&["acl", "lb", "conn-limit", "rate-limit"])
@@ -99,6 +105,24 @@ async fn close(hook: &bus::Client, d: &bus::ConnectionDecision) {
 async fn every_role_does_its_job_on_the_secured_bus() {
     let metrics = format!("127.0.0.1:{}", free_port());
     let (engine, admin, hook) = secured_engine(&metrics).await;
+    every_role_does_its_job(engine, admin, hook, &metrics).await;
+}
+
+/// The same in NATS's operator mode: JWTs (`policyctl auth init --jwt`), `.creds` files, a
+/// memory resolver; the same accounts, exports and imports, with activation tokens.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_role_does_its_job_in_operator_mode_with_creds_files() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (engine, admin, hook) = secured_engine_on(Engine::secured_by_jwt(), &metrics).await;
+    every_role_does_its_job(engine, admin, hook, &metrics).await;
+}
+
+async fn every_role_does_its_job(
+    engine: Engine,
+    admin: AdminClient,
+    hook: bus::Client,
+    metrics: &str,
+) {
     // The operator reads the tap.
     let operator = engine.client_as(&role("operator")).await;
     let mut tap = operator
@@ -146,7 +170,7 @@ async fn every_role_does_its_job_on_the_secured_bus() {
     // The operator lists what it stored; the monitor counted the decisions from the tap.
     assert_eq!(admin.policy_list(None).await.expect("list").len(), 6);
     assert_eq!(admin.subscriptions(None).await.expect("list").len(), 5);
-    let body = reqwest_free_get(&metrics).await;
+    let body = reqwest_free_get(metrics).await;
     assert!(
         body.contains("policy_decisions_total{event=\"new-connection\",action=\"allow\"}"),
         "{body}"
