@@ -448,7 +448,7 @@ pub async fn run(
         if let Some(dir) = auth {
             let written = crate::auth::ensure(dir, &subjects, &Role::shipped())?;
             eprintln!(
-                "secured bus: users and permissions in {}, one seed per role in {}/<role>.nk{}",
+                "secured bus: users and permissions in {}, seeds per role in {}/<role>.nk and <role>.store.nk{}",
                 crate::auth::accounts_file(dir).display(),
                 dir.display(),
                 if written.is_empty() {

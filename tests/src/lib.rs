@@ -479,6 +479,29 @@ impl Engine {
         engine
     }
 
+    /// `policyctl auth add-agent <kind>` on this secured bus, and a reload of the server so
+    /// the kind's role (and everything that changes with it) goes live.
+    pub fn add_agent_role(&mut self, kind: &str) -> PathBuf {
+        let dir = self
+            .auth
+            .as_ref()
+            .expect("a secured bus")
+            .path()
+            .to_path_buf();
+        let out = Command::new(bin("policyctl"))
+            .args(["auth", "add-agent", kind, "--auth-dir"])
+            .arg(&dir)
+            .output()
+            .expect("policyctl auth add-agent");
+        assert!(
+            out.status.success(),
+            "policyctl auth add-agent: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.nats.reload();
+        dir
+    }
+
     pub fn subjects(&self) -> Subjects {
         Subjects::new(&self.prefix).expect("prefix")
     }

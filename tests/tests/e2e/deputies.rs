@@ -332,18 +332,7 @@ async fn in_operator_mode_no_role_can_make_another_process_or_the_server_write_f
 
 async fn battery(mut engine: Engine) {
     // A native third-party kind with a role of its own, as `policyctl auth add-agent` makes one.
-    let dir = engine.auth.as_ref().expect("secured").path().to_path_buf();
-    let out = std::process::Command::new(e2e::bin("policyctl"))
-        .args(["auth", "add-agent", "geo", "--auth-dir"])
-        .arg(&dir)
-        .output()
-        .expect("policyctl auth add-agent");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    engine.nats.reload();
+    engine.add_agent_role("geo");
     engine.start(&["acl", "lb", "rate-limit"]).await;
     let metrics = format!("127.0.0.1:{}", e2e::free_port());
     engine.agent("monitor", &["--metrics-addr", &metrics]);

@@ -496,22 +496,42 @@ async fn the_shipped_template_runs_the_engine_on_an_operators_own_nats() {
     );
 }
 
+/// Subscribes geo after an allow-all ACL and waits for its answer, `{zone: eu}`, in a
+/// decision.
+async fn geo_answers(engine: &Engine, what: &str) {
+    let admin = engine.admin().await;
+    subscribe(
+        &admin,
+        &[
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "geo", 20),
+        ],
+    )
+    .await;
+    admin
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "open", "action": "allow"}),
+        )])
+        .await
+        .expect("policy add");
+    let hook = engine.hook().await;
+    eventually(what, || async {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        (d.action == Action::Allow && d.extra.get("zone") == Some(&V::from("eu")))
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_third_party_kind_gets_its_role_from_the_same_generator() {
     let mut engine = Engine::secured();
     engine.start(&["acl"]).await;
-    let dir = engine.auth.as_ref().expect("secured").path().to_path_buf();
-    let out = std::process::Command::new(bin("policyctl"))
-        .args(["auth", "add-agent", "geo", "--auth-dir"])
-        .arg(&dir)
-        .output()
-        .expect("policyctl auth add-agent");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    engine.nats.reload();
+    engine.add_agent_role("geo");
     let geo_role = Role::Agent(Kind::new("geo").expect("kind"));
     // Written against DESIGN.md only: its queue group, the services ping, a verdict.
     let (geo, mut errors) = engine.watched_client(&geo_role).await;
@@ -547,32 +567,7 @@ async fn a_third_party_kind_gets_its_role_from_the_same_generator() {
             }
         }
     });
-    let admin = engine.admin().await;
-    subscribe(
-        &admin,
-        &[
-            sub("new-connection", "acl", 10),
-            sub("new-connection", "geo", 20),
-        ],
-    )
-    .await;
-    admin
-        .policy_add(vec![doc(
-            json!({"agent": "acl", "id": "open", "action": "allow"}),
-        )])
-        .await
-        .expect("policy add");
-    let hook = engine.hook().await;
-    eventually("geo answers on the secured bus", || async {
-        let d = hook
-            .new_connection(&conn("web", "db", &["p1"]))
-            .await
-            .map_err(|e| e.to_string())?;
-        (d.action == Action::Allow && d.extra.get("zone") == Some(&V::from("eu")))
-            .then_some(())
-            .ok_or(format!("{d:?}"))
-    })
-    .await;
+    geo_answers(&engine, "geo answers on the secured bus").await;
     // Its role is an agent's like any other: no other kind's queue group.
     let _acl = geo
         .queue_subscribe("policy.agent.acl.>", "acl".into())
@@ -831,18 +826,7 @@ async fn a_python_agent_logs_in_with_its_roles_seed_file_as_written() {
     use std::io::BufRead;
     let mut engine = Engine::secured();
     engine.start(&["acl"]).await;
-    let dir = engine.auth.as_ref().expect("secured").path().to_path_buf();
-    let out = std::process::Command::new(bin("policyctl"))
-        .args(["auth", "add-agent", "geo", "--auth-dir"])
-        .arg(&dir)
-        .output()
-        .expect("policyctl auth add-agent");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    engine.nats.reload();
+    let dir = engine.add_agent_role("geo");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/geo_agent.py");
     let mut agent = std::process::Command::new(e2e::tool("python"))
         .arg(script)
@@ -867,32 +851,7 @@ async fn a_python_agent_logs_in_with_its_roles_seed_file_as_written() {
         let _ = agent.stderr.take().map(|mut e| e.read_to_string(&mut err));
         panic!("the Python agent never got ready: {line:?}\n{err}");
     }
-    let admin = engine.admin().await;
-    subscribe(
-        &admin,
-        &[
-            sub("new-connection", "acl", 10),
-            sub("new-connection", "geo", 20),
-        ],
-    )
-    .await;
-    admin
-        .policy_add(vec![doc(
-            json!({"agent": "acl", "id": "open", "action": "allow"}),
-        )])
-        .await
-        .expect("policy add");
-    let hook = engine.hook().await;
-    eventually("the Python agent answers on the secured bus", || async {
-        let d = hook
-            .new_connection(&conn("web", "db", &["p1"]))
-            .await
-            .map_err(|e| e.to_string())?;
-        (d.action == Action::Allow && d.extra.get("zone") == Some(&V::from("eu")))
-            .then_some(())
-            .ok_or(format!("{d:?}"))
-    })
-    .await;
+    geo_answers(&engine, "the Python agent answers on the secured bus").await;
     let _ = agent.kill();
     let _ = agent.wait();
 }

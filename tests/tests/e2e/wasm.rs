@@ -219,18 +219,7 @@ async fn modules_deploy_decide_swap_under_load_fail_alone_and_unload() {
 async fn the_wasm_host_cannot_serve_a_native_kind_nor_take_its_name() {
     let mut engine = Engine::secured();
     engine.start(&["acl"]).await;
-    let dir = engine.auth.as_ref().expect("secured").path().to_path_buf();
-    let out = std::process::Command::new(e2e::bin("policyctl"))
-        .args(["auth", "add-agent", "geo", "--auth-dir"])
-        .arg(&dir)
-        .output()
-        .expect("policyctl auth add-agent");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    engine.nats.reload();
+    engine.add_agent_role("geo");
     engine.agent("wasm", &[]);
     engine
         .wait_instances(bus::headers::WASM_HOST_SERVICE, 1)
