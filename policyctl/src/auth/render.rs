@@ -1,0 +1,223 @@
+//! Rendering the accounts of `bus::accounts`, with every identity's user and permissions, as
+//! the nats-server configuration `accounts.conf` (and as the template for operators who run
+//! their own NATS).
+
+use std::fmt::Write as _;
+
+use bus::accounts::{self, Account};
+use bus::roles::{Permissions, Role};
+use bus::Subjects;
+
+use super::User;
+
+/// What each identity is for, as a comment above its user.
+fn purpose(role: &Role, store: bool) -> String {
+    if store {
+        return format!("{role}'s store identity");
+    }
+    match role {
+        Role::Operator => "policyctl: admin commands, reading the tap, service pings".into(),
+        Role::Gateway => "gateway hookpoints: send events (and policyctl emit/bench)".into(),
+        Role::Dispatcher => {
+            "policy-dispatcher: serve events and admin, call agents, publish the tap".into()
+        }
+        Role::Monitor => "policy-agent monitor: read the tap".into(),
+        Role::WasmHost => {
+            "policy-agent wasm: serve deployed WebAssembly kinds (never a shipped kind)".into()
+        }
+        Role::Agent(k) => format!("policy-agent {k}: its own queue group"),
+    }
+}
+
+fn list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("\"{s}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+fn render_permissions(out: &mut String, p: &Permissions) {
+    let _ = writeln!(out, "          permissions: {{");
+    let _ = writeln!(
+        out,
+        "            publish: {{ allow: {} }}",
+        list(&p.publish)
+    );
+    if p.deny_subscribe.is_empty() {
+        let _ = writeln!(
+            out,
+            "            subscribe: {{ allow: {} }}",
+            list(&p.subscribe)
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "            subscribe: {{ allow: {}, deny: {} }}",
+            list(&p.subscribe),
+            list(&p.deny_subscribe)
+        );
+    }
+    let _ = writeln!(out, "          }}");
+}
+
+fn render_account(
+    out: &mut String,
+    subjects: &Subjects,
+    account: &Account,
+    users: &[User],
+    roles: &[Role],
+) {
+    let _ = writeln!(out, "  # {}", account.about);
+    let _ = writeln!(out, "  {}: {{", account.name);
+    if let Some(l) = &account.jetstream {
+        let _ = writeln!(
+            out,
+            "    jetstream: {{ max_mem: {}, max_file: {}, max_streams: {}, max_consumers: {} }}",
+            l.max_mem, l.max_file, l.max_streams, l.max_consumers
+        );
+    }
+    let here: Vec<&User> = users
+        .iter()
+        .filter(|(r, store, _)| account.users.contains(&(r.clone(), *store)))
+        .collect();
+    if !here.is_empty() {
+        let _ = writeln!(out, "    users: [");
+        for (role, store, nkey) in here {
+            let _ = writeln!(out, "      # {role}: {}", purpose(role, *store));
+            let _ = writeln!(out, "      {{");
+            let _ = writeln!(out, "          nkey: {nkey}");
+            let permissions = if *store {
+                role.store_permissions(subjects)
+            } else {
+                role.permissions_among(subjects, roles)
+            };
+            render_permissions(out, &permissions);
+            let _ = writeln!(out, "      }}");
+        }
+        let _ = writeln!(out, "    ]");
+    }
+    if !account.exports.is_empty() {
+        let _ = writeln!(out, "    exports: [");
+        for e in &account.exports {
+            let kind = if e.service { "service" } else { "stream" };
+            let streamed = if e.streamed {
+                ", response_type: stream"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "      {{ {kind}: \"{}\"{streamed}, accounts: [{}] }}",
+                e.subject,
+                e.to.join(", ")
+            );
+        }
+        let _ = writeln!(out, "    ]");
+    }
+    if !account.imports.is_empty() {
+        let _ = writeln!(out, "    imports: [");
+        for i in &account.imports {
+            let kind = if i.service { "service" } else { "stream" };
+            let to = if i.local != i.subject {
+                format!(", to: \"{}\"", i.local)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "      {{ {kind}: {{ account: {}, subject: \"{}\" }}{to} }}",
+                i.account, i.subject
+            );
+        }
+        let _ = writeln!(out, "    ]");
+    }
+    let _ = writeln!(out, "  }}");
+}
+
+/// The accounts of `bus::accounts` for the roles that have a messaging identity in `users`,
+/// with every identity's user in its account.
+fn render_with(subjects: &Subjects, users: &[User], header: &str) -> String {
+    let mut roles: Vec<Role> = users
+        .iter()
+        .filter(|(_, store, _)| !store)
+        .map(|(r, _, _)| r.clone())
+        .collect();
+    roles.dedup();
+    let mut out = String::new();
+    out.push_str(header);
+    let _ = writeln!(out, "accounts {{");
+    for account in accounts::layout(subjects, &roles) {
+        render_account(&mut out, subjects, &account, users, &roles);
+    }
+    let _ = writeln!(out, "}}");
+    out
+}
+
+pub fn render(subjects: &Subjects, users: &[User]) -> String {
+    let quoted: Vec<User> = users
+        .iter()
+        .map(|(r, store, k)| (r.clone(), *store, format!("\"{k}\"")))
+        .collect();
+    let header = format!(
+        "# policy-bus accounts, users and permissions for prefix \"{}\", written by `policyctl\n\
+         # auth`. nats.conf includes it; your own configuration may include it instead (with\n\
+         # JetStream enabled at the server level). `policyctl auth add-agent <kind>` writes it\n\
+         # again: reload the server then (nats-server --signal reload, or SIGHUP).\n",
+        subjects.prefix()
+    );
+    render_with(subjects, &quoted, &header)
+}
+
+/// The environment variable the template reads an identity's public nkey from.
+pub fn template_variable(role: &Role, store: bool) -> String {
+    let name = role.name().to_uppercase().replace('-', "_");
+    if store {
+        format!("POLICY_NKEY_{name}_STORE")
+    } else {
+        format!("POLICY_NKEY_{name}")
+    }
+}
+
+/// Every identity of `roles`: the messaging one, and the store one where the role has it.
+pub fn identities(roles: &[Role]) -> Vec<(Role, bool)> {
+    roles
+        .iter()
+        .flat_map(|r| {
+            let store = r.store_account().is_some();
+            [(r.clone(), false)]
+                .into_iter()
+                .chain(store.then(|| (r.clone(), true)))
+        })
+        .collect()
+}
+
+/// The permission set for operators who run their own NATS: the same accounts and users,
+/// with each identity's public nkey read from an environment variable when the server starts.
+pub fn template(subjects: &Subjects, roles: &[Role]) -> String {
+    let ids = identities(roles);
+    let users: Vec<User> = ids
+        .iter()
+        .map(|(r, store)| {
+            (
+                r.clone(),
+                *store,
+                format!("${}", template_variable(r, *store)),
+            )
+        })
+        .collect();
+    let vars: Vec<String> = ids
+        .iter()
+        .map(|(r, store)| template_variable(r, *store))
+        .collect();
+    let header = format!(
+        "# policy-bus accounts, users and permissions for prefix \"{}\" (template; `policyctl\n\
+         # auth template` writes it). Include it from your nats-server configuration, with\n\
+         # JetStream enabled at the server level, and start the server with each identity's\n\
+         # public nkey (`nk -gen user -pubout`, or a `.pub` file of `policyctl auth init`) in:\n\
+         #   {}\n\
+         # A role's messaging identity logs in to POLICY; its store identity (`_STORE`) to an\n\
+         # account of its own that imports the JetStream stores it uses. A third-party agent\n\
+         # kind gets both from `policyctl auth add-agent <kind>`.\n",
+        subjects.prefix(),
+        vars.join("\n#   ")
+    );
+    render_with(subjects, &users, &header)
+}
