@@ -64,16 +64,22 @@ pub fn valid_event_id(id: &str) -> bool {
 /// Anything else is dropped where it arrives, as the W3C recommendation says to treat an
 /// invalid one (the decision goes on without it).
 pub fn valid_traceparent(v: &str) -> bool {
-    let parts: Vec<&str> = v.split('-').collect();
-    let hex = |s: &str, n: usize| {
-        s.len() == n
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    // Checked in place: it is on every hop of every event.
+    let b = v.as_bytes();
+    let hex = |s: &[u8]| {
+        s.iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
     };
-    let zero = |s: &str| s.bytes().all(|b| b == b'0');
-    matches!(parts.as_slice(), [ver, trace, parent, flags]
-        if *ver == "00" && hex(trace, 32) && hex(parent, 16) && hex(flags, 2)
-            && !zero(trace) && !zero(parent))
+    let zero = |s: &[u8]| s.iter().all(|c| *c == b'0');
+    b.len() == 55
+        && b.starts_with(b"00-")
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && hex(&b[3..35])
+        && hex(&b[36..52])
+        && hex(&b[53..55])
+        && !zero(&b[3..35])
+        && !zero(&b[36..52])
 }
 
 /// The event id of a message, if it has a valid one.

@@ -170,6 +170,8 @@ fn stamp(reasons: &mut [Value], by: &str) {
     for r in reasons {
         let Value::Map(fields) = r else { continue };
         match fields.iter_mut().find(|(k, _)| k.as_str() == Some("agent")) {
+            // The usual case, an agent naming itself, costs no allocation.
+            Some((_, v)) if v.as_str() == Some(by) => {}
             Some((_, v)) => *v = Value::from(by),
             None => fields.push((Value::from("agent"), Value::from(by))),
         }
