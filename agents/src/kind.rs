@@ -67,14 +67,14 @@ pub trait AgentKind: Send + Sync + 'static {
 
     /// Whether `decide_async` finishes without waiting (no I/O): the runtime then answers
     /// each request in its receive loop, without a task, a span or the in-progress set, which
-    /// cost more than such a decision (README, Performance). Kinds that do I/O set `false`,
+    /// cost more than such a decision (docs/performance.md). Kinds that do I/O set `false`,
     /// so that a slow store does not hold up the requests behind it.
     const INLINE: bool = true;
 
     /// Whether an answer may take something the kind keeps for the event (a slot, a token).
     /// Such a kind never says its answer may be cached: the dispatcher may give a cached
     /// answer again without calling the agent, and sends no `_undo` to a kind whose answer
-    /// said so (README, Verdict cache).
+    /// said so (docs/contract.md, Verdict cache).
     const TAKES: bool = false;
 
     /// Checks what the types cannot (cross-field rules). The message names the field.

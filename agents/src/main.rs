@@ -16,7 +16,7 @@ use daemon::telemetry::Telemetry;
 
 /// mimalloc rather than glibc's malloc: a decision allocates and frees many small buffers
 /// (headers, the state, encoded payloads) across threads, and glibc's allocator was a third
-/// of the process's CPU under load (README, Performance).
+/// of the process's CPU under load (docs/performance.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

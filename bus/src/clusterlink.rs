@@ -1,5 +1,5 @@
-//! ClusterLink's events beyond the seed three (see DESIGN.md's event table and the README's
-//! additions): a live connection's status, peers joining and leaving, and remote services
+//! ClusterLink's events beyond the seed three (see the event table of docs/contract.md):
+//! a live connection's status, peers joining and leaving, and remote services
 //! offered and withdrawn. Typed like the v1 events: missing or ill-typed fields are errors,
 //! unknown extra fields are ignored.
 

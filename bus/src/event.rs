@@ -25,7 +25,7 @@ pub const V1_EVENTS: [&str; 4] = [
     SERVICE_LIST_REQUEST,
     CONNECTION_CLOSED,
 ];
-/// Every event DESIGN.md names, ClusterLink's among them: with no subscription they are
+/// Every event the contract (docs/contract.md) names, ClusterLink's among them: with no subscription they are
 /// `no-subscribers`, any other name `unknown-event`; `subscribe` takes them without `--force`.
 pub const CONTRACT_EVENTS: [&str; 9] = [
     NEW_CONNECTION,
@@ -61,7 +61,7 @@ impl EventName {
     pub fn is_v1(&self) -> bool {
         V1_EVENTS.contains(&self.0.as_str())
     }
-    /// Whether DESIGN.md names this event.
+    /// Whether the contract names this event.
     pub fn is_contract(&self) -> bool {
         CONTRACT_EVENTS.contains(&self.0.as_str())
     }

@@ -1,4 +1,4 @@
-//! The policy-bus contract in code (see `DESIGN.md`): every subject, header, payload and merge
+//! The policy-bus contract in code (see `docs/contract.md`): every subject, header, payload and merge
 //! rule that crosses NATS is defined here and nowhere else, so that the dispatcher, the agents,
 //! the CLI and third-party Rust hookpoints cannot drift apart.
 #![forbid(unsafe_code)]

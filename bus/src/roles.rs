@@ -1,4 +1,4 @@
-//! Who may do what on the bus (README, "Security"): one role per process kind, each with the
+//! Who may do what on the bus (docs/security.md): one role per process kind, each with the
 //! least NATS permissions it needs. `policyctl auth` renders these as a nats-server
 //! configuration (`crate::accounts` lays out its accounts).
 //!

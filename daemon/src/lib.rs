@@ -310,7 +310,7 @@ impl Common {
 /// role answers only the inboxes of the roles that may ask it, `_INBOX.<prefix>.<role>.>`.
 pub const FOREIGN_INBOX: &str = "an answer was refused by the server: the requester asked from \
      an inbox outside its role's (_INBOX.<prefix>.<role>), so it gets no answer; a client must \
-     set its role's inbox prefix (README, Security: \"Clients of the engine\")";
+     set its role's inbox prefix (docs/security.md, \"Clients of the engine\")";
 
 impl Auth {
     /// The login of the role's store identity, if it has one: the given store seed or
@@ -524,7 +524,7 @@ pub fn exit<E: std::error::Error + 'static>(
 /// Installs the global subscriber. `RUST_LOG` filters (default `default_level`).
 /// The runtime a daemon runs on. One worker (the default) is a current-thread runtime: a
 /// dispatcher or agent mostly waits on one NATS socket, and handing each message between
-/// threads cost more than the work (README, Performance: CPU per decision fell by a quarter).
+/// threads cost more than the work (docs/performance.md: CPU per decision fell by a quarter).
 /// More workers help a CPU-heavy kind on a host with cores to spare; more instances in the
 /// queue group do too, and also survive a crash.
 pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {

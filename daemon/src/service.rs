@@ -125,7 +125,7 @@ pub fn refuse_reply(endpoint: &str, subject: &str, reply: &str, headers: Option<
         %subject,
         reply = %shown,
         event.id = bus::headers::event_id(headers).unwrap_or("-"),
-        "request refused: {NOT_AN_INBOX}, so it gets no answer (a client must ask from an inbox; see README, Security)"
+        "request refused: {NOT_AN_INBOX}, so it gets no answer (a client must ask from an inbox; see docs/security.md)"
     );
 }
 

@@ -5,7 +5,7 @@ use clap::Parser;
 
 /// mimalloc rather than glibc's malloc: a decision allocates and frees many small buffers
 /// (headers, the state, encoded payloads) across threads, and glibc's allocator was a third
-/// of the process's CPU under load (README, Performance).
+/// of the process's CPU under load (docs/performance.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -19,7 +19,7 @@ struct Cli {
     #[command(flatten)]
     common: daemon::Common,
     /// Events this instance handles at once; past it, new events wait in NATS. More costs
-    /// memory and, past a few hundred, throughput (README, Performance).
+    /// memory and, past a few hundred, throughput (docs/performance.md).
     #[arg(long, default_value_t = 512)]
     max_in_flight: usize,
     /// Admin commands this instance handles at once.

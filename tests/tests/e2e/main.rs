@@ -10,6 +10,7 @@ mod decision_log;
 mod decisions;
 mod declarative;
 mod deputies;
+mod docs;
 mod dryrun;
 mod events;
 mod faults;
@@ -173,7 +174,7 @@ pub fn pair(a: &str, b: &str) -> (String, String) {
 
 pub type Map = BTreeMap<String, V>;
 
-/// A third-party agent written against DESIGN.md only: raw NATS, MessagePack and base64, and
+/// A third-party agent written against the contract (docs/contract.md) only: raw NATS, MessagePack and base64, and
 /// the subjects spelled as the contract spells them. `handle` gets the event's attributes and
 /// the state, and returns the patch to answer with (`None`: never answer).
 pub async fn foreign_agent<F, Fut>(url: &str, kind: &str, event: &str, handle: F)

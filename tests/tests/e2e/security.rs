@@ -533,7 +533,7 @@ async fn a_third_party_kind_gets_its_role_from_the_same_generator() {
     engine.start(&["acl"]).await;
     engine.add_agent_role("geo");
     let geo_role = Role::Agent(Kind::new("geo").expect("kind"));
-    // Written against DESIGN.md only: its queue group, the services ping, a verdict.
+    // Written against the contract (docs/contract.md) only: its queue group, the services ping, a verdict.
     let (geo, mut errors) = engine.watched_client(&geo_role).await;
     let mut calls = geo
         .queue_subscribe("policy.agent.geo.new-connection", "geo".into())

@@ -14,7 +14,7 @@
 //!
 //! wasmi, not wasmtime: an interpreter with fuel metering that builds in seconds where
 //! wasmtime's compiler takes minutes on two cores, and a policy decision is a few thousand
-//! instructions, where instantiation, not execution speed, dominates (README, WebAssembly
+//! instructions, where instantiation, not execution speed, dominates (docs/wasm.md, WebAssembly
 //! agents).
 
 use wasmi::{Config, Engine, ExternType, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
