@@ -179,6 +179,21 @@ impl Gateways {
         let counts = *self.counts.lock().unwrap();
         counts
     }
+
+    fn decisions(&self) -> usize {
+        self.counts.lock().unwrap().0
+    }
+
+    /// Waits until the gateways have had `n` more decisions than `since`, or `within` passed:
+    /// on a loaded machine a restarted server's JetStream may take seconds to be back, and the
+    /// test needs load on both sides of the fault, not a fixed number of seconds of it.
+    async fn until_decided(&self, since: usize, n: usize, within: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.decisions() < since + n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.decisions() - since
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -208,13 +223,21 @@ async fn a_server_restart_under_gateways_leaks_no_slot() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Decisions the server drops on its way down (an admission made, its answer lost) are
     // cancelled by the gateways' client once it is back.
+    let before = gateways.decisions();
     engine.nats.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     engine.nats.restart();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let restarted = gateways.decisions();
+    let after = gateways
+        .until_decided(restarted, 100, Duration::from_secs(20))
+        .await;
     let (decisions, resent, errors) = gateways.finish().await;
-    println!("server down 2 s: {decisions} decisions, {resent} closes sent again, {errors} errors");
-    assert!(decisions > 100);
+    println!("server down 2 s: {decisions} decisions ({before} before the stop, {after} after the restart), {resent} closes sent again, {errors} errors");
+    assert!(before > 0, "no load before the stop");
+    assert!(
+        after >= 100,
+        "only {after} decisions in 20 s after the restart"
+    );
     no_slot_held(&engine, Duration::from_secs(5), "server down 2 s").await;
     assert!(engine.exited().is_empty(), "{:?}", engine.exited());
 }
