@@ -11,6 +11,7 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 
+pub use crate::error::ConfigError;
 use crate::store::{Jet, Store};
 use crate::subject::{Kind, Subjects};
 
@@ -88,22 +89,6 @@ pub fn key_token(s: &str) -> String {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("h{h:016x}")
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error(
-        "cannot open the config bucket {bucket:?} (is JetStream enabled on the server?): {source}"
-    )]
-    Open {
-        bucket: String,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("nats-server {version} is too old: policy-bus needs 2.10 or later (scripts/install-nats installs a current one)")]
-    ServerTooOld { version: String },
-    #[error("config bucket: {0}")]
-    Io(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 fn io(e: impl std::error::Error + Send + Sync + 'static) -> ConfigError {

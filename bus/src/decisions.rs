@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::store::{Jet, Store};
 use crate::subject::Subjects;
 

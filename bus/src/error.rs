@@ -130,6 +130,25 @@ impl ErrorReply {
     }
 }
 
+/// A JetStream store that could not be opened or used: the config bucket, the modules, the
+/// decision log, a limiter's bucket. Here, in a module that imports no other store module, so
+/// that `store` and `config` can both use it without importing each other.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "cannot open the config bucket {bucket:?} (is JetStream enabled on the server?): {source}"
+    )]
+    Open {
+        bucket: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("nats-server {version} is too old: policy-bus needs 2.10 or later (scripts/install-nats installs a current one)")]
+    ServerTooOld { version: String },
+    #[error("config bucket: {0}")]
+    Io(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@
 use async_nats::jetstream::object_store;
 
 use crate::admin::Module;
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::store::{Jet, Store};
 use crate::subject::Subjects;
 

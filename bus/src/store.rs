@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_nats::client::RequestErrorKind;
 use async_nats::jetstream::{self, kv, object_store, stream};
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::subject::Subjects;
 
 /// The longest a consumer of any store may stay without interest before the server deletes
