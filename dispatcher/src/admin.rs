@@ -1,12 +1,14 @@
-//! Admin commands on `<prefix>.admin.<command>`: subscriptions and policies, stored in the
-//! config bucket. A policy is validated by its agent kind before anything is stored.
+//! The admin commands on subscriptions and policies, stored in the config bucket, and what
+//! every admin command shares (replies, errors, reading and validating the stored
+//! configuration). A policy is validated by its agent kind before anything is stored.
+//! `crate::commands` routes each command here, to `crate::apply` or to `crate::modules`.
 
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bus::admin::{
     Done, ListSubscriptions, Policies, PolicyAdd, PolicyAdded, PolicyList, PolicyRef, PolicyRemove,
-    Request, Subscribe, Subscription, Subscriptions, Unsubscribe,
+    Subscribe, Subscription, Subscriptions, Unsubscribe,
 };
 use bus::client::{call, ClientError};
 use bus::config::{ConfigKey, WRITE_TIMEOUT};
@@ -34,22 +36,6 @@ pub(crate) fn unavailable(e: impl std::fmt::Display) -> ErrorReply {
         ErrorCode::Internal,
         format!("config bucket unavailable: {e}"),
     )
-}
-
-pub async fn handle(d: &Dispatcher, command: &str, payload: &[u8]) -> Result<Bytes, ErrorReply> {
-    match Request::decode(command, payload)? {
-        Request::Subscribe(a) => subscribe(d, a).await,
-        Request::Unsubscribe(a) => unsubscribe(d, a).await,
-        Request::Subscriptions(a) => subscriptions(d, a).await,
-        Request::PolicyAdd(a) => policy_add(d, a).await,
-        Request::PolicyRemove(a) => policy_remove(d, a).await,
-        Request::PolicyList(a) => policy_list(d, a).await,
-        Request::Apply(a) => crate::apply::apply(d, a).await,
-        Request::Status(_) => crate::apply::status(d).await,
-        Request::AgentDeploy(a) => crate::modules::deploy(d, a).await,
-        Request::AgentRemove(a) => crate::modules::remove(d, a).await,
-        Request::AgentList(_) => crate::modules::list(d).await,
-    }
 }
 
 /// Writes a key, then waits (briefly) until this dispatcher's table shows the write, so an
@@ -218,7 +204,7 @@ pub(crate) async fn check_subscribe(
     Ok(())
 }
 
-async fn subscribe(d: &Dispatcher, args: Subscribe) -> Result<Bytes, ErrorReply> {
+pub(crate) async fn subscribe(d: &Dispatcher, args: Subscribe) -> Result<Bytes, ErrorReply> {
     let sub = args.subscription();
     let kind = sub
         .validate()
@@ -237,13 +223,16 @@ async fn subscribe(d: &Dispatcher, args: Subscribe) -> Result<Bytes, ErrorReply>
     reply(&Done { ok: true })
 }
 
-async fn unsubscribe(d: &Dispatcher, u: Unsubscribe) -> Result<Bytes, ErrorReply> {
+pub(crate) async fn unsubscribe(d: &Dispatcher, u: Unsubscribe) -> Result<Bytes, ErrorReply> {
     let kind = Kind::new(&u.agent).map_err(bad_name)?;
     delete(d, &ConfigKey::subscription(u.event.as_str(), kind.as_str())).await?;
     reply(&Done { ok: true })
 }
 
-async fn subscriptions(d: &Dispatcher, q: ListSubscriptions) -> Result<Bytes, ErrorReply> {
+pub(crate) async fn subscriptions(
+    d: &Dispatcher,
+    q: ListSubscriptions,
+) -> Result<Bytes, ErrorReply> {
     let prefix = match &q.event {
         Some(e) => format!("sub.{e}."),
         None => "sub.".to_string(),
@@ -357,7 +346,7 @@ pub(crate) async fn prepare_policies(
     Ok(docs)
 }
 
-async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, ErrorReply> {
+pub(crate) async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, ErrorReply> {
     if add.policies.is_empty() {
         return Err(ErrorReply::new(
             ErrorCode::InvalidPolicy,
@@ -381,14 +370,14 @@ async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, ErrorReply>
     reply(&PolicyAdded { stored, unchanged })
 }
 
-async fn policy_remove(d: &Dispatcher, r: PolicyRemove) -> Result<Bytes, ErrorReply> {
+pub(crate) async fn policy_remove(d: &Dispatcher, r: PolicyRemove) -> Result<Bytes, ErrorReply> {
     let kind = Kind::new(&r.agent).map_err(bad_name)?;
     bus::admin::check_policy_id(&r.id).map_err(bad_name)?;
     delete(d, &ConfigKey::policy(kind.as_str(), &r.id)).await?;
     reply(&Done { ok: true })
 }
 
-async fn policy_list(d: &Dispatcher, q: PolicyList) -> Result<Bytes, ErrorReply> {
+pub(crate) async fn policy_list(d: &Dispatcher, q: PolicyList) -> Result<Bytes, ErrorReply> {
     let prefix = match &q.agent {
         Some(a) => format!("pol.{}.", Kind::new(a).map_err(bad_name)?),
         None => "pol.".to_string(),

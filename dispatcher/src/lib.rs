@@ -5,6 +5,7 @@
 pub mod admin;
 mod apply;
 pub mod chain;
+mod commands;
 mod decide;
 mod metrics;
 mod modules;
@@ -187,7 +188,7 @@ impl Dispatcher {
             .admin_of(&req.message.subject)
             .unwrap_or_default()
             .to_string();
-        let reply = match admin::handle(&self, &command, &req.message.payload).await {
+        let reply = match commands::handle(&self, &command, &req.message.payload).await {
             Ok(body) => {
                 tracing::info!(%command, "admin command done");
                 (HeaderMap::new(), body)

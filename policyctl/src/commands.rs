@@ -6,9 +6,10 @@ use bus::admin::{PolicyRef, Subscription};
 use bus::roles::Role;
 use bus::state::State;
 use bus::tap::TapRecord;
-use bus::{codec, AdminClient, Client, EventName, Value};
+use bus::{codec, AdminClient, Client, EventName};
 use futures::StreamExt;
 
+use crate::print::{line, parse_attributes, tap_line};
 use crate::{
     auth, files, output, AgentCommand, AuthCommand, Cli, Command, PolicyCommand, TapOutput,
 };
@@ -420,34 +421,6 @@ fn auth(cmd: &AuthCommand, subjects: &bus::Subjects) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes one line to stdout; fails when nobody reads it any more (a closed pipe), where
-/// `println!` would panic.
-pub fn line(text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}")?;
-    out.flush()
-}
-
-/// `key=value` pairs; a value in brackets (`[a,b]`) or braces is parsed as YAML, so lists and
-/// maps can be given, anything else is a string.
-pub fn parse_attributes(pairs: &[String]) -> anyhow::Result<State> {
-    let mut state = State::new();
-    for pair in pairs {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| anyhow!("attribute {pair:?} is not key=value"))?;
-        let value = if v.starts_with('[') || v.starts_with('{') {
-            serde_norway::from_str::<Value>(v)
-                .with_context(|| format!("attribute {k}: {v:?} is not a YAML list or map"))?
-        } else {
-            Value::from(v)
-        };
-        state.insert(k, value);
-    }
-    Ok(state)
-}
-
 /// The sample event, each given attribute overriding its field; an event with no sample
 /// takes the given attributes alone.
 fn bench_attributes(event: &str, given: &[String]) -> anyhow::Result<State> {
@@ -515,20 +488,6 @@ async fn tap(
             }
         }
     }
-}
-
-/// A tap record as `policyctl up` prints decisions, or as JSON.
-pub fn tap_line(rec: &TapRecord, output: TapOutput) -> anyhow::Result<String> {
-    Ok(match output {
-        TapOutput::Json => serde_json::to_string(rec)?,
-        TapOutput::Human => {
-            let attrs: State =
-                codec::decode("attributes", &codec::encode("attributes", &rec.attributes)?)
-                    .unwrap_or_default();
-            let took = std::time::Duration::from_micros(rec.total_us);
-            crate::up::describe(&rec.event, &attrs, &rec.decision, took)
-        }
-    })
 }
 
 #[cfg(test)]

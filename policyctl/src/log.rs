@@ -131,10 +131,10 @@ pub async fn run(
             TapOutput::Human => format!(
                 "{}  {}",
                 when(record.at_ms),
-                crate::commands::tap_line(&record, TapOutput::Human)?
+                crate::print::tap_line(&record, TapOutput::Human)?
             ),
         };
-        if crate::commands::line(&line).is_err() {
+        if crate::print::line(&line).is_err() {
             return Ok(());
         }
         shown += 1;

@@ -10,6 +10,7 @@ mod files;
 mod jwt;
 mod log;
 mod output;
+mod print;
 mod servers;
 mod top;
 mod up;

@@ -43,12 +43,10 @@ pub fn print<T: Serialize>(
 ) -> anyhow::Result<()> {
     match output {
         Output::Table => table(),
-        Output::Json => Ok(crate::commands::line(&serde_json::to_string_pretty(
-            value,
-        )?)?),
+        Output::Json => Ok(crate::print::line(&serde_json::to_string_pretty(value)?)?),
         Output::Yaml => {
             let text = serde_norway::to_string(value)?;
-            Ok(crate::commands::line(text.trim_end())?)
+            Ok(crate::print::line(text.trim_end())?)
         }
     }
 }

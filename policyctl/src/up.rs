@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use bus::roles::Role;
 use bus::subject::SHIPPED_KINDS;
-use bus::{headers, AdminClient, Client, Kind, State, Value};
+use bus::{headers, AdminClient, Client, Kind, State};
 use tokio::process::{Child, Command};
 
-use crate::commands::parse_attributes;
+use crate::print::{describe, parse_attributes};
 
 struct Stack {
     children: Vec<(String, Child)>,
@@ -290,17 +290,6 @@ const TRAFFIC: &[(&str, &[&str])] = &[
     ),
 ];
 
-fn list(v: Option<&Value>) -> String {
-    match v {
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter_map(|i| i.as_str())
-            .collect::<Vec<_>>()
-            .join(","),
-        _ => "-".into(),
-    }
-}
-
 /// The `connection-closed` event for an allowed connection.
 fn closing(attrs: &State, decision: &State) -> State {
     let mut closed = State::new();
@@ -315,75 +304,6 @@ fn closing(attrs: &State, decision: &State) -> State {
         }
     }
     closed
-}
-
-/// The bandwidth cap of a decision, for display.
-fn cap(d: &State) -> String {
-    let bps = d
-        .get("rate_limit")
-        .and_then(|r| r.as_map())
-        .and_then(|m| {
-            m.iter()
-                .find(|(k, _)| k.as_str() == Some("bits_per_second"))
-        })
-        .and_then(|(_, v)| v.as_u64());
-    bps.map(|b| format!(", cap {} Mbit/s", b / 1_000_000))
-        .unwrap_or_default()
-}
-
-pub fn describe(event: &str, attrs: &State, d: &State, took: Duration) -> String {
-    let reasons: Vec<String> = match d.get("reasons") {
-        Some(Value::Array(rs)) => rs
-            .iter()
-            .filter_map(|r| {
-                let m = r.as_map()?;
-                let get = |k: &str| {
-                    m.iter()
-                        .find(|(kk, _)| kk.as_str() == Some(k))
-                        .and_then(|(_, v)| v.as_str())
-                        .unwrap_or("?")
-                };
-                Some(format!(
-                    "{}/{} {}",
-                    get("agent"),
-                    get("policy"),
-                    get("effect")
-                ))
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    let what = match event {
-        "new-connection" => format!(
-            "{} -> {} [{}] => {} {}{}",
-            attrs.get_str("src_service").unwrap_or("?"),
-            attrs.get_str("dst_service").unwrap_or("?"),
-            list(attrs.get("dst_peers")),
-            d.get_str("action").unwrap_or("?"),
-            d.get_str("target_peer")
-                .map(|p| format!("to {p}"))
-                .unwrap_or_default(),
-            cap(d)
-        ),
-        "connection-closed" => format!("{} closed", attrs.get_str("connection_id").unwrap_or("?")),
-        "expose-service" => format!(
-            "{} to [{}] => [{}]",
-            attrs.get_str("service").unwrap_or("?"),
-            list(attrs.get("peers")),
-            list(d.get("target_peers"))
-        ),
-        _ => format!(
-            "{} sees [{}] => [{}]",
-            attrs.get_str("src_peer").unwrap_or("?"),
-            list(attrs.get("services")),
-            list(d.get("services"))
-        ),
-    };
-    format!(
-        "{event:<21} {what}  ({})  {:.1}ms",
-        reasons.join(", "),
-        took.as_secs_f64() * 1000.0
-    )
 }
 
 /// Sends the sample events, printing each decision, until the task is dropped.
@@ -402,27 +322,28 @@ async fn traffic(hook: Client, every: Duration) -> anyhow::Result<()> {
         let t0 = Instant::now();
         match hook.emit(event, &attrs).await {
             Ok(d) => {
-                crate::commands::line(&describe(event, &attrs, &d, t0.elapsed()))
+                crate::print::line(&describe(event, &attrs, &d, t0.elapsed()))
                     .context("stdout closed")?;
                 if event == "new-connection" && d.get_str("action") == Some("allow") {
                     open.push_back(closing(&attrs, &d));
                 }
             }
-            Err(e) => crate::commands::line(&format!("{event:<21} error: {e}"))
-                .context("stdout closed")?,
+            Err(e) => {
+                crate::print::line(&format!("{event:<21} error: {e}")).context("stdout closed")?
+            }
         }
         if open.len() > 4 {
             if let Some(closed) = open.pop_front() {
                 let t0 = Instant::now();
                 match hook.emit("connection-closed", &closed).await {
-                    Ok(d) => crate::commands::line(&describe(
+                    Ok(d) => crate::print::line(&describe(
                         "connection-closed",
                         &closed,
                         &d,
                         t0.elapsed(),
                     ))
                     .context("stdout closed")?,
-                    Err(e) => crate::commands::line(&format!("connection-closed     error: {e}"))
+                    Err(e) => crate::print::line(&format!("connection-closed     error: {e}"))
                         .context("stdout closed")?,
                 }
             }

@@ -1,0 +1,133 @@
+//! What policyctl prints, one line at a time: a line that fails quietly on a closed pipe, a
+//! decision as `up` and `tap` show it, and the `key=value` attributes the commands take. A leaf:
+//! the commands, `up`, `log` and the output formats all print through it.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use bus::tap::TapRecord;
+use bus::{codec, State, Value};
+
+use crate::TapOutput;
+
+/// Writes one line to stdout; fails when nobody reads it any more (a closed pipe), where
+/// `println!` would panic.
+pub fn line(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()
+}
+
+/// `key=value` pairs; a value in brackets (`[a,b]`) or braces is parsed as YAML, so lists and
+/// maps can be given, anything else is a string.
+pub fn parse_attributes(pairs: &[String]) -> anyhow::Result<State> {
+    let mut state = State::new();
+    for pair in pairs {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| anyhow!("attribute {pair:?} is not key=value"))?;
+        let value = if v.starts_with('[') || v.starts_with('{') {
+            serde_norway::from_str::<Value>(v)
+                .with_context(|| format!("attribute {k}: {v:?} is not a YAML list or map"))?
+        } else {
+            Value::from(v)
+        };
+        state.insert(k, value);
+    }
+    Ok(state)
+}
+
+/// A tap record as `policyctl up` prints decisions, or as JSON.
+pub fn tap_line(rec: &TapRecord, output: TapOutput) -> anyhow::Result<String> {
+    Ok(match output {
+        TapOutput::Json => serde_json::to_string(rec)?,
+        TapOutput::Human => {
+            let attrs: State =
+                codec::decode("attributes", &codec::encode("attributes", &rec.attributes)?)
+                    .unwrap_or_default();
+            let took = std::time::Duration::from_micros(rec.total_us);
+            describe(&rec.event, &attrs, &rec.decision, took)
+        }
+    })
+}
+
+pub fn describe(event: &str, attrs: &State, d: &State, took: Duration) -> String {
+    let reasons: Vec<String> = match d.get("reasons") {
+        Some(Value::Array(rs)) => rs
+            .iter()
+            .filter_map(|r| {
+                let m = r.as_map()?;
+                let get = |k: &str| {
+                    m.iter()
+                        .find(|(kk, _)| kk.as_str() == Some(k))
+                        .and_then(|(_, v)| v.as_str())
+                        .unwrap_or("?")
+                };
+                Some(format!(
+                    "{}/{} {}",
+                    get("agent"),
+                    get("policy"),
+                    get("effect")
+                ))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let what = match event {
+        "new-connection" => format!(
+            "{} -> {} [{}] => {} {}{}",
+            attrs.get_str("src_service").unwrap_or("?"),
+            attrs.get_str("dst_service").unwrap_or("?"),
+            list(attrs.get("dst_peers")),
+            d.get_str("action").unwrap_or("?"),
+            d.get_str("target_peer")
+                .map(|p| format!("to {p}"))
+                .unwrap_or_default(),
+            cap(d)
+        ),
+        "connection-closed" => format!("{} closed", attrs.get_str("connection_id").unwrap_or("?")),
+        "expose-service" => format!(
+            "{} to [{}] => [{}]",
+            attrs.get_str("service").unwrap_or("?"),
+            list(attrs.get("peers")),
+            list(d.get("target_peers"))
+        ),
+        _ => format!(
+            "{} sees [{}] => [{}]",
+            attrs.get_str("src_peer").unwrap_or("?"),
+            list(attrs.get("services")),
+            list(d.get("services"))
+        ),
+    };
+    format!(
+        "{event:<21} {what}  ({})  {:.1}ms",
+        reasons.join(", "),
+        took.as_secs_f64() * 1000.0
+    )
+}
+
+fn list(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => "-".into(),
+    }
+}
+
+/// The bandwidth cap of a decision, for display.
+fn cap(d: &State) -> String {
+    let bps = d
+        .get("rate_limit")
+        .and_then(|r| r.as_map())
+        .and_then(|m| {
+            m.iter()
+                .find(|(k, _)| k.as_str() == Some("bits_per_second"))
+        })
+        .and_then(|(_, v)| v.as_u64());
+    bps.map(|b| format!(", cap {} Mbit/s", b / 1_000_000))
+        .unwrap_or_default()
+}
