@@ -6,11 +6,11 @@ use async_nats::HeaderMap;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::admin::{self, Done, PolicyRef};
-use crate::client::{call, decode_reply, ClientError, DEFAULT_TIMEOUT};
 use crate::codec;
 use crate::event;
 use crate::state::Value;
 use crate::subject::{AdminCommand, Subjects};
+use crate::transport::{call, decode_reply, ClientError, DEFAULT_TIMEOUT};
 
 /// An operator's client: programs subscriptions and policies through the dispatcher.
 #[derive(Debug, Clone)]

@@ -22,8 +22,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
-use crate::client::{request, ClientError};
 use crate::headers;
+use crate::transport::{request, ClientError};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::time::Instant;

@@ -5,8 +5,8 @@
 
 use anyhow::{anyhow, bail, Context};
 use bus::admin::{Subscribe, Subscription};
-use bus::client::AdminClient;
 use bus::event::EventName;
+use bus::AdminClient;
 
 /// Stages in order; the kinds of one stage share a priority (run concurrently).
 #[derive(Debug, Clone, PartialEq, Eq)]

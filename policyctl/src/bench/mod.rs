@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use async_nats::HeaderMap;
-use bus::client::{call, AdminClient, ClientError};
+use bus::client::{call, ClientError};
 use bus::state::{keys, State};
+use bus::AdminClient;
 use bus::{Subjects, Value};
 use bytes::Bytes;
 use futures::StreamExt;
