@@ -77,6 +77,17 @@ pub trait AgentKind: Send + Sync + 'static {
     /// said so (docs/contract.md, Verdict cache).
     const TAKES: bool = false;
 
+    /// Whether the kind has an undo: something an answer takes stays taken if the event is
+    /// denied unless the dispatcher says so. A kind without one answers `Policy-Undo: never`,
+    /// and is sent no `_undo` (rate-limit's spent tokens stay spent: a budget, not a hold).
+    const UNDOES: bool = false;
+
+    /// For a kind that undoes: whether this answer holds something for the event's run
+    /// (`Policy-Undo: held`, else `none`).
+    fn holds(&self, _patch: &State) -> bool {
+        false
+    }
+
     /// Checks what the types cannot (cross-field rules). The message names the field.
     fn check(&self, policy: &Self::Policy) -> Result<(), String>;
 
@@ -125,6 +136,7 @@ pub trait AgentKind: Send + Sync + 'static {
     /// answers with an error, and the dispatcher asks again.
     fn undo<'a>(
         &'a self,
+        _rules: &'a Self::Rules,
         _decision: &'a State,
     ) -> impl Future<Output = Result<(), String>> + Send + 'a {
         std::future::ready(Ok(()))

@@ -8,6 +8,7 @@ use async_nats::HeaderMap;
 use bus::admin::Validated;
 use bus::config::{self, ConfigKey};
 use bus::event::EventName;
+use bus::headers::Undo;
 use bus::state::keys;
 use bus::subject::{UNDO_TOKEN, VALIDATE_TOKEN};
 use bus::{codec, headers, Effect, ErrorCode, ErrorReply, Event, Kind, Reason, State, Subjects};
@@ -114,12 +115,13 @@ where
             .clone()
     }
 
-    /// The kind's answer, and the `Policy-Cache` header when it may be cached.
+    /// The kind's answer, the `Policy-Cache` header when it may be cached, and what an undo
+    /// would find (`Policy-Undo`).
     async fn decide(
         &self,
         op: &str,
         msg: &async_nats::Message,
-    ) -> Result<(State, Option<String>), ErrorReply> {
+    ) -> Result<(State, Option<String>, Undo), ErrorReply> {
         let bad = |m: String| ErrorReply::new(ErrorCode::BadRequest, m);
         let name = EventName::new(op).map_err(|e| bad(e.to_string()))?;
         let event = Event::decode(&name, &msg.payload).map_err(|e| bad(e.to_string()))?;
@@ -135,7 +137,15 @@ where
             if !event.is_report() && !matches!(event, Event::Other { .. }) {
                 let reason = Reason::new(self.kind.name(), id, Effect::Deny)
                     .with_detail(format!("stored policy does not load: {err}"));
-                return Ok((kind::deny(reason), None));
+                return Ok((
+                    kind::deny(reason),
+                    None,
+                    if K::UNDOES {
+                        Undo::Nothing
+                    } else {
+                        Undo::Never
+                    },
+                ));
             }
         }
         let patch = self
@@ -150,7 +160,12 @@ where
                 .cache_inputs(&loaded.rules, &event, &state)
                 .map(|declared| declared.to_header(&loaded.fingerprint))
         };
-        Ok((patch, cache))
+        let undo = match (K::UNDOES, self.kind.holds(&patch)) {
+            (false, _) => Undo::Never,
+            (true, true) => Undo::Held,
+            (true, false) => Undo::Nothing,
+        };
+        Ok((patch, cache, undo))
     }
 
     fn validate(&self, payload: &[u8]) -> Result<State, ErrorReply> {
@@ -181,7 +196,7 @@ where
         let validating = op == VALIDATE_TOKEN;
         if op == UNDO_TOKEN {
             let reply = match State::decode(&msg.payload) {
-                Ok(decision) => match self.kind.undo(&decision).await {
+                Ok(decision) => match self.kind.undo(&self.current().rules, &decision).await {
                     Ok(()) => (
                         reply_headers,
                         codec::encode("undone", &Validated { ok: true })
@@ -225,7 +240,7 @@ where
             _ => None,
         };
         let result = if validating {
-            self.validate(&msg.payload).map(|s| (s, None))
+            self.validate(&msg.payload).map(|s| (s, None, Undo::Never))
         } else {
             self.decide(op, msg).await
         };
@@ -252,9 +267,10 @@ where
                     codec::encode("validated", &Validated { ok: true }).unwrap_or_default();
                 (reply_headers, payload.into())
             }
-            Ok((patch, cache)) => match patch.to_header() {
+            Ok((patch, cache, undo)) => match patch.to_header() {
                 Ok(h) => {
                     reply_headers.insert(headers::name(headers::POLICY_STATE), h);
+                    reply_headers.insert(headers::name(headers::POLICY_UNDO), undo.as_str());
                     if let Some(c) = cache {
                         reply_headers.insert(headers::name(headers::POLICY_CACHE), c);
                     }

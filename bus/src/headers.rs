@@ -16,6 +16,42 @@ pub const POLICY_DEADLINE: &str = "Policy-Deadline";
 pub const POLICY_DROPPED: &str = "Policy-Dropped";
 /// On an agent's reply: the answer may be cached (see [`crate::cache`]).
 pub const POLICY_CACHE: &str = "Policy-Cache";
+/// On an agent's reply: whether the answer holds something for the event that an `_undo`
+/// gives back if the event ends denied (see [`Undo`]). Absent (an agent that predates it): the
+/// dispatcher treats the answer as it did before, and undoes it unless it denied itself.
+pub const POLICY_UNDO: &str = "Policy-Undo";
+
+/// The values of [`POLICY_UNDO`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Undo {
+    /// This answer holds something for the event's run: undo it if the event is denied.
+    Held,
+    /// This answer holds nothing; the kind may hold for other answers, so a failed or hedged
+    /// call of it is still undone.
+    Nothing,
+    /// The kind never holds anything an undo would give back: no undo, even when it failed.
+    Never,
+}
+
+impl Undo {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Undo::Held => "held",
+            Undo::Nothing => "none",
+            Undo::Never => "never",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Undo> {
+        match value {
+            "held" => Some(Undo::Held),
+            "none" => Some(Undo::Nothing),
+            "never" => Some(Undo::Never),
+            _ => None,
+        }
+    }
+}
+
 /// Short error code on an error reply (see [`crate::ErrorCode`]).
 pub const POLICY_ERROR: &str = "Policy-Error";
 /// `true` on an event whose decision must change nothing: every agent answers what it would

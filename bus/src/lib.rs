@@ -23,6 +23,7 @@ pub mod limits;
 pub mod merge;
 pub mod modules;
 pub mod roles;
+pub mod slots;
 pub mod state;
 pub mod store;
 pub mod subject;

@@ -354,20 +354,29 @@ mod tests {
                 "{r}"
             );
             assert_eq!(r.store_account().is_some(), r != Role::Gateway, "{r}");
-            assert!(!store
-                .publish
-                .iter()
-                .any(|x| x.contains("STREAM.DELETE") || x.contains("STREAM.MSG.DELETE")));
-            // An update only of a key-value stream the role owns (to put back its routing).
+            assert!(!store.publish.iter().any(|x| x.contains("STREAM.DELETE")));
+            // conn-limit alone deletes messages: slots, in its own account's streams.
+            assert_eq!(
+                store
+                    .publish
+                    .iter()
+                    .any(|x| x.contains("STREAM.MSG.DELETE")),
+                r.name() == "agent-conn-limit",
+                "{r}"
+            );
+            // An update only of a stream the role owns: a key-value stream (to put back its
+            // routing), or conn-limit's slot streams (whose limits follow its policies).
             for update in store.publish.iter().filter(|x| x.contains("STREAM.UPDATE")) {
                 let owned: Vec<String> = r
                     .stores()
                     .into_iter()
                     .filter(|(_, how)| *how == Use::Own)
-                    .map(|(st, _)| format!("policy._js.API.STREAM.UPDATE.{}", st.stream(&s)))
+                    .flat_map(|(st, _)| st.own_api(&s))
+                    .map(|a| format!("policy._js.API.{a}"))
                     .collect();
                 assert!(owned.contains(update), "{r}: {update}");
-                assert!(update.contains("KV_"), "{r}: {update}");
+                let slots = r.name() == "agent-conn-limit" && update.ends_with(".*");
+                assert!(update.contains("KV_") || slots, "{r}: {update}");
             }
         }
         // Only the wasm host reads the modules; only the operator reads the decision log.

@@ -47,13 +47,15 @@ pub enum Store {
     Modules,
     /// The durable decision log: the dispatcher writes, `policyctl log` reads.
     Log,
-    /// conn-limit's slots: conn-limit alone.
+    /// conn-limit's slots (a stream per policy, see [`crate::slots`]) and its markers:
+    /// conn-limit alone.
     Conns,
     /// rate-limit's budgets: rate-limit alone.
     Rates,
 }
 
-/// What a store account may hold: one stream, and bounded consumers and bytes.
+/// What a store account may hold: its streams (one, but conn-limit's: one per policy besides),
+/// and bounded consumers and bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_mem: i64,
@@ -118,7 +120,10 @@ impl Store {
         Limits {
             max_mem: 64 * MIB,
             max_file,
-            max_streams: 1,
+            max_streams: match self {
+                Store::Conns => 1 + crate::slots::MAX_POLICIES,
+                _ => 1,
+            },
             max_consumers,
         }
     }
@@ -135,7 +140,12 @@ impl Store {
         };
         match self {
             Store::Config => kv(s.config_bucket()),
-            Store::Conns => kv(s.conn_bucket()),
+            Store::Conns => {
+                let slots = crate::slots::wildcard(s);
+                let mut subjects = kv(s.conn_bucket());
+                subjects.push((slots.clone(), format!("{api}.{slots}")));
+                subjects
+            }
             Store::Rates => kv(s.rate_bucket()),
             Store::Modules => {
                 let subject = format!("$O.{}.>", s.modules_bucket());
@@ -152,6 +162,20 @@ impl Store {
     /// second of each pair says whether one request may get several answers.
     pub fn read_api(self, s: &Subjects) -> Vec<(String, bool)> {
         let st = self.stream(s);
+        if self == Store::Conns {
+            // Its slot streams are named by policy: any stream of the account (only its own).
+            return vec![
+                ("STREAM.INFO.*".into(), false),
+                ("CONSUMER.CREATE.*".into(), false),
+                ("CONSUMER.CREATE.*.>".into(), false),
+                ("CONSUMER.DELETE.*.*".into(), false),
+                ("CONSUMER.INFO.*.*".into(), false),
+                ("CONSUMER.MSG.NEXT.*.*".into(), true),
+                ("DIRECT.GET.*".into(), true),
+                ("DIRECT.GET.*.>".into(), true),
+                ("STREAM.MSG.GET.*".into(), false),
+            ];
+        }
         vec![
             (format!("STREAM.INFO.{st}"), false),
             (format!("CONSUMER.CREATE.{st}"), false),
@@ -167,14 +191,20 @@ impl Store {
 
     /// The JetStream API its owner takes besides reading: create the stream; for a key-value
     /// store, update it (to put back what routes messages, see [`repair`]); for the modules
-    /// store, purge the chunks of a replaced or removed module. Nothing deletes a stream, and
-    /// nothing updates or purges another role's.
+    /// store, purge the chunks of a replaced or removed module; for conn-limit's, create and
+    /// update a policy's slot stream (its limit follows the policy) and delete a slot
+    /// (a release). Nothing deletes a stream, and nothing updates or purges another role's.
     pub fn own_api(self, s: &Subjects) -> Vec<String> {
         let st = self.stream(s);
         let mut api = vec![format!("STREAM.CREATE.{st}")];
         match self {
             Store::Modules => api.push(format!("STREAM.PURGE.{st}")),
-            Store::Config | Store::Conns | Store::Rates => api.push(format!("STREAM.UPDATE.{st}")),
+            Store::Config | Store::Rates => api.push(format!("STREAM.UPDATE.{st}")),
+            Store::Conns => {
+                api = ["STREAM.CREATE.*", "STREAM.UPDATE.*", "STREAM.MSG.DELETE.*"]
+                    .map(String::from)
+                    .to_vec();
+            }
             Store::Log => {}
         }
         api
@@ -232,6 +262,11 @@ impl Jet {
 
     pub fn client(&self) -> &async_nats::Client {
         &self.client
+    }
+
+    /// The API prefix of a store identity's imports (writes go under it too), or `None`.
+    pub fn api(&self) -> Option<&str> {
+        self.api.as_deref()
     }
 
     pub fn context(&self) -> jetstream::Context {
@@ -416,22 +451,30 @@ mod tests {
             )]
         );
         for st in Store::ALL {
-            assert_eq!(st.limits().max_streams, 1, "{st:?}");
+            let streams = if st == Store::Conns {
+                1 + crate::slots::MAX_POLICIES
+            } else {
+                1
+            };
+            assert_eq!(st.limits().max_streams, streams, "{st:?}");
             // Only the modules store may be purged, by its owner.
             assert_eq!(
                 st.own_api(&s).iter().any(|a| a.starts_with("STREAM.PURGE")),
                 st == Store::Modules
             );
-            assert!(!st
-                .own_api(&s)
+            // Only conn-limit deletes anything: a slot, a message of its own streams.
+            let deletes = |a: &String| a.contains("DELETE.") && !a.starts_with("CONSUMER.DELETE");
+            let own = st.own_api(&s);
+            assert!(own
                 .iter()
-                .chain(st.read_api(&s).iter().map(|(a, _)| a))
-                .any(|a| a.contains("DELETE.") && !a.starts_with("CONSUMER.DELETE")));
+                .filter(|a| deletes(a))
+                .all(|a| a == "STREAM.MSG.DELETE.*"));
+            assert_eq!(own.iter().any(deletes), st == Store::Conns);
+            assert!(!st.read_api(&s).iter().any(|(a, _)| deletes(a)));
+            assert!(!own.iter().any(|a| a.starts_with("STREAM.DELETE")));
             // Only a key-value store's owner may update it (to repair its routing).
             assert_eq!(
-                st.own_api(&s)
-                    .iter()
-                    .any(|a| a.starts_with("STREAM.UPDATE")),
+                own.iter().any(|a| a.starts_with("STREAM.UPDATE")),
                 st.stream(&s).starts_with("KV_")
             );
         }

@@ -19,6 +19,7 @@ use async_nats::HeaderMap;
 use bus::admin::FailureMode;
 use bus::client::ClientError;
 use bus::decision::failure;
+use bus::headers::Undo;
 use bus::merge::{merge, Flow, Holds};
 use bus::state::keys;
 use bus::tap::{AgentTiming, Outcome};
@@ -33,15 +34,9 @@ pub struct Run {
     pub state: State,
     pub degraded: bool,
     pub timings: Vec<AgentTiming>,
-    /// Kinds whose answer was pure (it said it may be cached, or came from the cache; or it
-    /// failed, and its last answer said so): they took nothing, so a deny has nothing of
-    /// theirs to undo.
-    /// Bit `i` for `timings[i]` (the first 64; a later one counts as not pure): no allocation
-    /// per event.
-    pub pure: u64,
-    /// Kinds whose call was hedged (more than one copy sent), by the same bits: another copy
-    /// may have been at work, and taken something, even if the one answered denied.
-    pub copies: u64,
+    /// Kinds owed an `_undo` if the event ends denied: what each call's answer said it holds
+    /// (`Policy-Undo`), or, for a call that failed, what the kind may hold (see [`owes_undo`]).
+    pub owed: Vec<bus::Kind>,
     /// A dry run that an agent answered as a real event: it must be undone.
     pub ignored_dry_run: bool,
 }
@@ -110,13 +105,19 @@ impl Call<'_> {
         m: &Member,
         state: &State,
         state_header: &str,
-    ) -> (Result<State, Failure>, Duration, Source, bool) {
+    ) -> (Result<State, Failure>, Duration, Answer) {
         let kind = m.kind.as_str();
         if let Some(patch) = self
             .verdicts
             .lookup(kind, self.event, self.attributes, state)
         {
-            return (Ok(patch), Duration::ZERO, Source::Cache, true);
+            let answer = Answer {
+                source: Source::Cache,
+                echoed: true,
+                undo: Some(Undo::Never),
+                hedged: false,
+            };
+            return (Ok(patch), Duration::ZERO, answer);
         }
         let start = Instant::now();
         let (reply, copies) = bus::hedge::ask_counted(
@@ -135,29 +136,41 @@ impl Call<'_> {
         let cache = reply.as_ref().ok().and_then(|msg| {
             headers::get(msg.headers.as_ref(), headers::POLICY_CACHE).map(str::to_string)
         });
+        let undo = reply
+            .as_ref()
+            .ok()
+            .and_then(|msg| headers::get(msg.headers.as_ref(), headers::POLICY_UNDO))
+            .and_then(Undo::parse);
         let patch = patch_of(m, reply, self.max_patch_bytes);
         if patch.is_ok() {
+            // What a failed call of this kind may have left: nothing, if its answers are pure
+            // or it says it never holds anything.
+            let nothing = cache.is_some() || undo == Some(Undo::Never);
             m.takes_nothing
-                .store(cache.is_some(), std::sync::atomic::Ordering::Relaxed);
+                .store(nothing, std::sync::atomic::Ordering::Relaxed);
         }
         let took = start.elapsed();
         let source = match cache {
             Some(_) if patch.is_ok() => Source::Pure,
-            _ if copies > 1 => Source::Copies,
             _ => Source::Agent,
         };
         if let (Ok(p), Some(h)) = (&patch, cache) {
             self.verdicts
                 .store(kind, self.event, &h, self.attributes, state, p);
         }
-        (patch, took, source, echoed)
+        let answer = Answer {
+            source,
+            echoed,
+            undo,
+            hedged: copies > 1,
+        };
+        (patch, took, answer)
     }
 
     /// Runs the chain from `state`, whose header form `header` the caller already made.
     pub async fn run(&self, chain: &Chain, mut state: State, header: String) -> Run {
         let mut timings = Vec::new();
-        let mut pure = 0u64;
-        let mut copies = 0u64;
+        let mut owed: Vec<bus::Kind> = Vec::new();
         let dry_run = headers::dry_run(Some(&self.trace));
         let mut ignored_dry_run = false;
         let mut degraded = false;
@@ -208,7 +221,8 @@ impl Call<'_> {
                 }
             };
             let mut stop = false;
-            for (m, (answer, took, source, echoed)) in callers.iter().zip(answers) {
+            for (m, (answer, took, how)) in callers.iter().zip(answers) {
+                let denied = answer.as_ref().is_ok_and(State::denies);
                 let merged = answer.and_then(|patch| {
                     merge(&mut state, patch, m.kind.as_str(), &mut holds).map_err(|e| Failure {
                         outcome: Outcome::Error,
@@ -219,8 +233,8 @@ impl Call<'_> {
                 match merged {
                     Ok(flow) => {
                         let mut t = timing(m, took, Outcome::Answered);
-                        t.cached = source == Source::Cache;
-                        if dry_run && !echoed && matches!(source, Source::Agent | Source::Copies) {
+                        t.cached = how.source == Source::Cache;
+                        if dry_run && !how.echoed && how.source == Source::Agent {
                             // It may have taken something for real: the decision becomes a
                             // deny, and what it took is undone.
                             deny(
@@ -233,23 +247,20 @@ impl Call<'_> {
                             );
                             ignored_dry_run = true;
                         }
-                        if timings.len() < 64 {
-                            let bit = 1 << timings.len();
-                            match source {
-                                Source::Pure | Source::Cache => pure |= bit,
-                                Source::Copies => copies |= bit,
-                                Source::Agent => {}
-                            }
+                        if owes_undo(Ended::Answered { how, denied }) {
+                            owed.push(m.kind.clone());
                         }
                         timings.push(t);
                         stop |= flow == Flow::Stop;
                     }
                     Err(f) => {
                         tracing::warn!(agent = %m.kind, code = f.code, detail = %f.detail, failure = m.failure.as_str(), "agent failed");
-                        if timings.len() < 64
-                            && m.takes_nothing.load(std::sync::atomic::Ordering::Relaxed)
-                        {
-                            pure |= 1 << timings.len();
+                        let nothing = m.takes_nothing.load(std::sync::atomic::Ordering::Relaxed);
+                        if owes_undo(Ended::Failed {
+                            outcome: f.outcome,
+                            nothing,
+                        }) {
+                            owed.push(m.kind.clone());
                         }
                         timings.push(timing(m, took, f.outcome));
                         let reason = Reason::new(m.kind.as_str(), f.code, Effect::Deny)
@@ -281,16 +292,55 @@ impl Call<'_> {
             state,
             degraded,
             timings,
-            pure,
-            copies,
+            owed,
             ignored_dry_run,
+        }
+    }
+}
+
+/// How an answer came, for what an undo owes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer {
+    pub source: Source,
+    /// It echoed `Policy-Dry-Run` (or needed not: from the cache).
+    pub echoed: bool,
+    /// Its `Policy-Undo` (`None`: an agent that predates it).
+    pub undo: Option<Undo>,
+    /// More than one copy of the call was sent: another may have run, and taken something.
+    pub hedged: bool,
+}
+
+/// How a call ended, for what an undo owes it.
+#[derive(Debug, Clone, Copy)]
+pub enum Ended {
+    /// `denied`: the answer itself denied.
+    Answered { how: Answer, denied: bool },
+    /// `nothing`: the kind's answers say it holds nothing (pure, or `Policy-Undo: never`).
+    Failed { outcome: Outcome, nothing: bool },
+}
+
+/// Whether a call owes an `_undo` if the event ends denied: it answered that it holds
+/// something; it answered that it holds nothing but was hedged (another copy may hold); it
+/// predates `Policy-Undo` and did not deny itself unhedged; or it failed in a way that may
+/// have left something taken (no answer in time, an error) and its kind may hold.
+pub fn owes_undo(ended: Ended) -> bool {
+    match ended {
+        Ended::Answered { how, .. } if how.source != Source::Agent => false,
+        Ended::Answered { how, denied } => match how.undo {
+            Some(Undo::Held) => true,
+            Some(Undo::Nothing) => how.hedged,
+            Some(Undo::Never) => false,
+            None => !denied || how.hedged,
+        },
+        Ended::Failed { outcome, nothing } => {
+            !nothing && matches!(outcome, Outcome::Timeout | Outcome::Error)
         }
     }
 }
 
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
+pub enum Source {
     /// The agent, with nothing said about what it depends on.
     Agent,
     /// The agent, saying its answer may be cached: a pure answer, which takes nothing (the
@@ -298,8 +348,6 @@ enum Source {
     Pure,
     /// The dispatcher's verdict cache: no agent was called.
     Cache,
-    /// The agent, after the call was hedged: another copy may have run, and taken something.
-    Copies,
 }
 
 fn timing(m: &Member, took: Duration, outcome: Outcome) -> AgentTiming {
@@ -320,7 +368,7 @@ fn push_reason(state: &mut State, reason: Reason) {
 }
 
 fn deny(state: &mut State, reason: Reason) {
-    state.insert(keys::ACTION, "deny");
+    state.set_action(bus::Action::Deny);
     push_reason(state, reason);
 }
 
@@ -362,10 +410,10 @@ pub fn finalize(run: &mut Run, event_id: &str, event: &Event) {
         Event::NewConnection(_) | Event::RemoteServiceAdded(_)
     );
     let s = &mut run.state;
-    if s.get_str(keys::ACTION) != Some("deny") {
+    if !s.denies() {
         check_target_peer(s);
     }
-    let denied = s.get_str(keys::ACTION) == Some("deny");
+    let denied = s.denies();
     if denied {
         for key in keys::CANDIDATES {
             if s.get(key).is_some() {
@@ -374,7 +422,7 @@ pub fn finalize(run: &mut Run, event_id: &str, event: &Event) {
         }
         s.remove(keys::TARGET_PEER);
     } else if is_connection {
-        s.insert(keys::ACTION, "allow");
+        s.set_action(bus::Action::Allow);
     }
     // `connection-closed` is acknowledged with its event id alone.
     let explained = !matches!(event, Event::ConnectionClosed(_));
@@ -388,50 +436,22 @@ pub fn finalize(run: &mut Run, event_id: &str, event: &Event) {
 }
 
 /// What a denied event's agents must give back: who to ask, with the final decision.
-pub struct Undo {
+pub struct UndoCall {
     pub kinds: Vec<bus::Kind>,
     pub decision: Bytes,
     pub trace: HeaderMap,
 }
 
-/// The kinds to tell that their event was denied: those that answered, or failed (a late
-/// answer may still have taken something), except the ones that denied it themselves (a kind
-/// that refuses keeps nothing; unless its call was hedged, when another copy may have taken), the ones whose answer was pure, and observers. `None` for an event that was not denied.
-pub fn undo_for(run: &Run, decision: &Bytes, trace: &HeaderMap) -> Option<Undo> {
-    if run.state.get_str(keys::ACTION) != Some("deny") {
+/// The kinds to tell that their event was denied: those the run owes an undo (see
+/// [`owes_undo`]). `None` for an event that was not denied, or owes none.
+pub fn undo_for(run: &Run, decision: &Bytes, trace: &HeaderMap) -> Option<UndoCall> {
+    if !run.state.denies() {
         return None;
     }
-    let deniers: Vec<&str> = match run.state.get(keys::REASONS) {
-        Some(Value::Array(reasons)) => reasons
-            .iter()
-            .filter_map(|r| {
-                let get = |k: &str| bus::state::field_str(r, k);
-                (get("effect") == Some("deny") && !failure::ALL.contains(&get("policy")?))
-                    .then_some(get("agent")?)
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    let mut kinds: Vec<bus::Kind> = run
-        .timings
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i >= 64 || run.pure & (1 << i) == 0)
-        .filter(|(_, t)| {
-            matches!(
-                t.outcome,
-                Outcome::Answered | Outcome::Timeout | Outcome::Error
-            )
-        })
-        .filter(|(i, t)| {
-            !deniers.contains(&t.agent.as_str()) || (*i < 64 && run.copies & (1 << i) != 0)
-        })
-        .map(|(_, t)| t)
-        .filter_map(|t| bus::Kind::new(&t.agent).ok())
-        .collect();
+    let mut kinds = run.owed.clone();
     kinds.sort();
     kinds.dedup();
-    (!kinds.is_empty()).then(|| Undo {
+    (!kinds.is_empty()).then(|| UndoCall {
         kinds,
         decision: decision.clone(),
         trace: trace.clone(),
@@ -446,8 +466,7 @@ pub fn broken_chain(state: State, broken: &[crate::table::Broken]) -> Run {
         state,
         degraded: false,
         timings: Vec::new(),
-        pure: 0,
-        copies: 0,
+        owed: Vec::new(),
         ignored_dry_run: false,
     };
     for b in broken {

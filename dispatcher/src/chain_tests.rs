@@ -20,8 +20,7 @@ fn run_with(state: State) -> Run {
         state,
         degraded: false,
         timings: Vec::new(),
-        pure: 0,
-        copies: 0,
+        owed: Vec::new(),
         ignored_dry_run: false,
     }
 }
@@ -61,64 +60,61 @@ fn a_target_peer_among_the_candidates_is_allowed() {
 }
 
 #[test]
-fn a_late_allow_becomes_a_deny_that_every_answering_kind_undoes() {
+fn a_late_allow_becomes_a_deny_that_the_kinds_owed_an_undo_get() {
     let mut s = State::new();
     s.set_strings(keys::DST_PEERS, &["p1"]);
     s.insert(keys::TARGET_PEER, "p1");
     let mut run = run_with(s);
-    let kind = |agent: &str, outcome| AgentTiming {
-        agent: agent.into(),
-        priority: 0,
-        latency_us: 1,
-        outcome,
-        cached: false,
-    };
-    run.timings = vec![
-        kind("acl", Outcome::Answered),
-        kind("conn-limit", Outcome::Answered),
-        kind("monitor", Outcome::Observed),
-    ];
+    run.owed = vec![bus::Kind::new("conn-limit").unwrap()];
+    assert!(
+        undo_for(&run, &Bytes::new(), &HeaderMap::new()).is_none(),
+        "allowed: nothing to undo"
+    );
     deny_late(&mut run);
     finalize(&mut run, "e", &connection(&["p1"]));
-    assert_eq!(run.state.get_str(keys::ACTION), Some("deny"));
+    assert!(run.state.denies());
     assert_eq!(run.state.get(keys::TARGET_PEER), None);
     let reasons = format!("{:?}", run.state.get(keys::REASONS));
     assert!(reasons.contains(PAST_DEADLINE), "{reasons}");
     let undo = undo_for(&run, &Bytes::new(), &HeaderMap::new()).expect("an undo");
     let kinds: Vec<&str> = undo.kinds.iter().map(|k| k.as_str()).collect();
-    assert_eq!(kinds, ["acl", "conn-limit"]);
-    // An answer that said it may be cached (or came from the cache) took nothing.
-    run.pure = 1; // acl, timings[0]
-    let undo = undo_for(&run, &Bytes::new(), &HeaderMap::new()).expect("an undo");
-    let kinds: Vec<&str> = undo.kinds.iter().map(|k| k.as_str()).collect();
     assert_eq!(kinds, ["conn-limit"]);
-    run.pure |= 1 << 1; // conn-limit
+    run.owed.clear();
     assert!(undo_for(&run, &Bytes::new(), &HeaderMap::new()).is_none());
 }
 
 #[test]
-fn a_kind_that_denied_is_undone_only_if_another_copy_of_its_call_may_have_run() {
-    let mut run = run_with(State::new());
-    run.timings = vec![AgentTiming {
-        agent: "conn-limit".into(),
-        priority: 0,
-        latency_us: 1,
-        outcome: Outcome::Answered,
-        cached: false,
-    }];
-    deny(
-        &mut run.state,
-        Reason::new("conn-limit", "db", Effect::Deny),
-    );
-    assert!(
-        undo_for(&run, &Bytes::new(), &HeaderMap::new()).is_none(),
-        "one copy, which refused: nothing taken"
-    );
-    run.copies = 1;
-    let undo = undo_for(&run, &Bytes::new(), &HeaderMap::new()).expect("an undo");
-    assert_eq!(
-        undo.kinds[0].as_str(),
-        "conn-limit",
-        "a hedged copy may have admitted"
-    );
+fn what_an_answer_says_it_holds_decides_its_undo() {
+    let answered = |source, undo, hedged, denied| {
+        owes_undo(Ended::Answered {
+            how: Answer {
+                source,
+                echoed: true,
+                undo,
+                hedged,
+            },
+            denied,
+        })
+    };
+    use bus::headers::Undo::{Held, Never, Nothing};
+    // What the kind says of its answer, whether or not it denied.
+    for denied in [false, true] {
+        assert!(answered(Source::Agent, Some(Held), false, denied));
+        assert!(!answered(Source::Agent, Some(Nothing), false, denied));
+        assert!(!answered(Source::Agent, Some(Never), true, denied));
+        // Another copy of a hedged call may hold what this one did not take.
+        assert!(answered(Source::Agent, Some(Nothing), true, denied));
+        // Pure answers, from the agent or the cache, hold nothing.
+        assert!(!answered(Source::Pure, None, true, denied));
+        assert!(!answered(Source::Cache, Some(Never), false, denied));
+    }
+    // An agent that predates `Policy-Undo`: undone unless it refused, unhedged.
+    assert!(answered(Source::Agent, None, false, false));
+    assert!(!answered(Source::Agent, None, false, true));
+    assert!(answered(Source::Agent, None, true, true));
+    // A failed call may have taken something, unless its kind never holds anything.
+    let failed = |outcome, nothing| owes_undo(Ended::Failed { outcome, nothing });
+    assert!(failed(Outcome::Timeout, false) && failed(Outcome::Error, false));
+    assert!(!failed(Outcome::Timeout, true));
+    assert!(!failed(Outcome::NoResponders, false), "no instance took it");
 }

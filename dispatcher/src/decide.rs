@@ -25,7 +25,7 @@ const UNDO_TIMEOUT: Duration = Duration::from_secs(1);
 /// A decision, and what follows it once it is sent.
 pub(crate) struct Decided {
     pub reply: Reply,
-    pub undo: Option<chain::Undo>,
+    pub undo: Option<chain::UndoCall>,
     /// None for a dry run: the tap is what was decided, and a dry run decided nothing.
     pub tap: Option<Tap>,
 }
@@ -221,7 +221,7 @@ impl Dispatcher {
             chain::deny_late(&mut run);
         }
         let dry_run = headers::dry_run(msg.headers.as_ref());
-        if !dry_run && run.state.get_str(keys::ACTION) != Some("deny") {
+        if !dry_run && !run.state.denies() {
             crate::peers::record(self, &event).await?;
         }
         finalize(&mut run, &event_id, &event);
@@ -250,8 +250,8 @@ impl Dispatcher {
         let undo = (!dry_run || run.ignored_dry_run)
             .then(|| chain::undo_for(&run, &body, &trace))
             .flatten();
-        let result = match run.state.get_str(keys::ACTION) {
-            Some("deny") => "deny",
+        let result = match run.state.action() {
+            Some(bus::Action::Deny) => "deny",
             _ if run.state.flag(keys::DEGRADED) => "degraded",
             _ => "allow",
         };
@@ -275,7 +275,7 @@ impl Dispatcher {
     /// Tells each kind that answered (or failed) on a denied event to give back what it took
     /// for it. After the reply, so the hookpoint does not wait; before the task ends, so a
     /// stopping dispatcher still sends it. What cannot be undone is left to the kind's lease.
-    pub(crate) async fn undo(&self, undo: chain::Undo) {
+    pub(crate) async fn undo(&self, undo: chain::UndoCall) {
         let failed = undo_calls(&self.nats, &self.subjects, &undo.kinds, &undo).await;
         if failed.is_empty() {
             return;
@@ -408,7 +408,7 @@ pub(crate) async fn undo_calls(
     nats: &async_nats::Client,
     subjects: &Subjects,
     kinds: &[bus::Kind],
-    undo: &chain::Undo,
+    undo: &chain::UndoCall,
 ) -> Vec<bus::Kind> {
     let calls = kinds.iter().map(|kind| {
         let subject = subjects.agent_undo(kind);

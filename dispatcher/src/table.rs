@@ -21,9 +21,10 @@ pub struct Member {
     pub observe: bool,
     /// The kind's answer latency on this dispatcher, for its hedge delay.
     pub latency: std::sync::Arc<bus::hedge::Latency>,
-    /// The kind's last answer said it may be cached (`Policy-Cache`), which a kind that takes
-    /// something never says: a call of it that fails needs no undo either. Under overload,
-    /// when calls time out by the thousand, that is an undo request saved per denied event.
+    /// The kind's last answer said it may be cached (`Policy-Cache`) or that the kind never
+    /// holds anything (`Policy-Undo: never`): a call of it that fails needs no undo either.
+    /// Under overload, when calls time out by the thousand, that is an undo request saved per
+    /// denied event.
     pub takes_nothing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 

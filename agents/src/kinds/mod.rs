@@ -1,11 +1,9 @@
 //! The agent kinds shipped with policy-bus. Others, in any language, join by subscription.
 
 pub mod acl;
-mod conn_admit;
-mod conn_block;
 pub mod conn_limit;
 mod conn_slots;
-mod conn_view;
+mod conn_store;
 pub mod lb;
 pub mod limit_match;
 pub mod monitor;

@@ -125,75 +125,47 @@ async fn bucket_writes(engine: &Engine, bucket: &str) -> u64 {
         .last_sequence
 }
 
+/// The burst of issue 19: 300 connections at once against a limit of 100 on two instances
+/// admit exactly 100, each holding exactly one slot, and no slot is held by a refused one.
+/// Hedged copies of a call (a burst makes the dispatcher hedge) share their connection's slot
+/// instead of taking a second one, so the limit is not eaten by copies.
 #[tokio::test(flavor = "multi_thread")]
-async fn admissions_waiting_together_share_one_write_and_the_limit_stays_exact() {
+async fn a_burst_three_times_the_limit_on_two_instances_admits_exactly_the_limit() {
     let limit = 100;
     let (engine, _admin, hook) = conn_limit_engine(2, &[], limit).await;
-    let before = bucket_writes(&engine, &engine.subjects().conn_bucket()).await;
-    // Far more at once than the limit, from two instances.
     let decisions = burst(&hook, 300).await;
-    let admitted = allowed(&decisions).len();
-    let writes = bucket_writes(&engine, &engine.subjects().conn_bucket()).await - before;
-    // Every slot is in use by an admitted connection: none is left free while connections
-    // were refused, and none is held for one that was refused. The one cost is hedging's: two
-    // copies of one call, on two instances at once, may both admit (two slots until the
-    // close), or one refuses first and the other's slot goes back by undo after the burst.
-    // The undos are let finish before the slots are counted: they run after the replies, and
-    // on a loaded machine the last of them can take longer than a fixed pause; a slot that is
-    // never given back still fails the assertion below, ten seconds on.
-    let ids: Vec<String> = allowed(&decisions)
+    let admitted: Vec<String> = allowed(&decisions)
         .iter()
         .filter_map(|d| d.connection_id.clone())
         .collect();
-    let holder_of = |h: &String| {
+    // Refused connections' runs are undone after the replies; a slot one of them still held
+    // would show below as a connection that was not admitted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let connection = |h: &String| {
         h.split(" = ")
             .nth(1)
             .and_then(|l| l.split('#').next())
             .unwrap_or("?")
             .to_string()
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
     let mut held = crate::slots::slots_held(&engine).await;
-    while held.iter().any(|h| !ids.contains(&holder_of(h))) && Instant::now() < deadline {
+    while held.iter().any(|h| !admitted.contains(&connection(h))) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
         held = crate::slots::slots_held(&engine).await;
     }
-    let mut per_connection: std::collections::HashMap<&str, usize> = Default::default();
-    for h in &held {
-        let token = h.split(" = ").nth(1).and_then(|l| l.split('#').next());
-        *per_connection.entry(token.unwrap_or("?")).or_default() += 1;
-    }
-    // Slots held by a second (or, with the hedge budget saved up in a burst, a third) copy of
-    // one connection's call.
-    let twice: usize = per_connection.values().map(|n| n - 1).sum();
-    let given_back = limit as usize - held.len().min(limit as usize);
     println!(
-        "{admitted} of 300 admitted under a limit of {limit}, with {writes} writes; {} slots held, {twice} extra slots held by copies and {given_back} slots given back (hedged copies)",
+        "{} of 300 admitted under a limit of {limit}; {} slots held",
+        admitted.len(),
         held.len()
     );
-    assert!(admitted <= limit as usize, "over the limit");
-    assert!(
-        per_connection.keys().all(|t| ids.iter().any(|i| i == t)),
-        "a slot held for a connection that was refused: {held:?}"
-    );
+    assert_eq!(admitted.len(), limit as usize, "exactly the limit admitted");
+    let mut holders: Vec<String> = held.iter().map(connection).collect();
+    holders.sort();
+    let mut expected = admitted.clone();
+    expected.sort();
     assert_eq!(
-        per_connection.len(),
-        admitted,
-        "every admitted connection holds its slot"
-    );
-    assert_eq!(
-        admitted + twice + given_back,
-        limit as usize,
-        "every slot admitted a connection, but for hedged copies"
-    );
-    assert!(
-        twice + given_back <= limit as usize / 5,
-        "hedged copies cost {} of {limit} slots",
-        twice + given_back
-    );
-    assert!(
-        writes * 3 <= admitted as u64,
-        "{writes} writes for {admitted} admissions: waiting admissions should share writes"
+        holders, expected,
+        "one slot per admitted connection, none for a refused one"
     );
 }
 

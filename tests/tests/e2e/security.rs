@@ -190,24 +190,13 @@ async fn every_role_does_its_job(
         effects(&second.reasons, "rate-limit"),
         [pair("billing-once", "deny")]
     );
-    let conns = engine
-        .jetstream_as(&role("agent-conn-limit"), bus::store::Store::Conns)
-        .await
-        .get_key_value("policy_conns")
-        .await
-        .expect("conn-limit reads its bucket");
+    let admitted = first.connection_id.clone().expect("connection id");
     eventually("the denied connection's slot is released", || async {
-        // Both slots are in block 0: one line per holder.
-        let held = match conns.get("slot.billing-two.0").await {
-            Ok(Some(v)) => String::from_utf8_lossy(&v)
-                .lines()
-                .filter(|l| !l.is_empty())
-                .count(),
-            _ => 0,
-        };
-        (held == 1)
+        let mut held = crate::slots::slots_held(&engine).await;
+        held.retain(|h| h.starts_with("billing-two = "));
+        (held.len() == 1 && held[0].starts_with(&format!("billing-two = {admitted}#")))
             .then_some(())
-            .ok_or(format!("{held} slots held"))
+            .ok_or(format!("slots held: {held:?}"))
     })
     .await;
 

@@ -10,40 +10,52 @@ use serde_json::json;
 
 use crate::*;
 
-/// The connection limiter's bucket, as conn-limit reads it (on a secured bus, only its role
-/// may).
-pub(crate) async fn slot_bucket(engine: &Engine) -> async_nats::jetstream::kv::Store {
+/// conn-limit's store, as conn-limit reaches it (on a secured bus, only its role may).
+pub(crate) async fn slot_store(engine: &Engine) -> async_nats::jetstream::Context {
     let role = bus::roles::Role::of_kind(&bus::Kind::new("conn-limit").expect("kind"));
-    engine
-        .jetstream_as(&role, bus::store::Store::Conns)
-        .await
-        .get_key_value("policy_conns")
-        .await
-        .expect("conn bucket")
+    engine.jetstream_as(&role, bus::store::Store::Conns).await
 }
 
-/// Slots held in the connection limiter's bucket: `block = holder since` each (a block's
-/// value is one line per holder; a block with none is an empty value).
+/// Slots held under every conn-limit policy: `<policy> = <connection>#<runs>` each (a slot is
+/// a message per connection in its policy's stream, listing the runs that hold it).
 pub(crate) async fn slots_held(engine: &Engine) -> Vec<String> {
     use futures::TryStreamExt;
-    let kv = slot_bucket(engine).await;
-    let keys: Vec<String> = kv
-        .keys()
+    let js = slot_store(engine).await;
+    let policies = engine
+        .admin()
         .await
-        .expect("keys")
-        .try_collect()
+        .policy_list(Some("conn-limit"))
         .await
-        .expect("keys");
+        .expect("policy list");
     let mut held = Vec::new();
-    // `slot._gone.<connection>` records a close, not a slot.
-    for k in keys.into_iter().filter(|k| !k.starts_with("slot._")) {
-        if let Ok(Some(v)) = kv.get(&k).await {
-            for line in String::from_utf8_lossy(&v)
-                .lines()
-                .filter(|l| !l.is_empty())
-            {
-                held.push(format!("{k} = {line}"));
-            }
+    for p in policies {
+        let Some(id) = p
+            .as_map()
+            .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("id")))
+            .and_then(|(_, v)| v.as_str())
+        else {
+            continue;
+        };
+        let Ok(stream) = js
+            .get_stream(bus::slots::stream(&engine.subjects(), id))
+            .await
+        else {
+            continue;
+        };
+        let subjects: Vec<(String, usize)> = stream
+            .info_with_subjects(">")
+            .await
+            .expect("slot subjects")
+            .try_collect()
+            .await
+            .expect("slot subjects");
+        for (subject, _) in subjects {
+            let Ok(m) = stream.get_last_raw_message_by_subject(&subject).await else {
+                continue;
+            };
+            let connection = subject.rsplit('.').next().unwrap_or("?");
+            let runs = String::from_utf8_lossy(&m.payload).replace('\n', ",");
+            held.push(format!("{id} = {connection}#{runs}"));
         }
     }
     held.sort();
@@ -247,34 +259,40 @@ async fn a_confirmed_close_has_freed_slots_another_instance_took_a_moment_before
     let engine = limited_engine(1).await;
     let hook = engine.hook().await;
     no_slot_held(&engine, Duration::from_secs(5), "the probe's slot").await;
-    // Another instance takes a slot (written to the bucket as it would) and the gateway closes
-    // the connection at once: the close reaches this instance before, or just after, its watch
-    // has seen the slot. Once the close is confirmed, the slot must already be free.
-    let kv = slot_bucket(&engine).await;
-    // Other instances busy with the bucket, so the watch has a backlog to work through.
+    // Another instance takes a slot (written to the store as it would) and the gateway closes
+    // the connection at once. Once the close is confirmed, the slot must already be free.
+    let js = slot_store(&engine).await;
+    let subjects = engine.subjects();
+    let stream = js
+        .get_stream(bus::slots::stream(&subjects, "db"))
+        .await
+        .expect("db's slots");
+    // Other instances busy with the store meanwhile.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut noise = Vec::new();
     for w in 0..4 {
-        let (kv, stop) = (kv.clone(), stop.clone());
+        let (js, stop, subject) = (
+            js.clone(),
+            stop.clone(),
+            bus::slots::subject(&subjects, "db", &format!("noise-{w}")),
+        );
         noise.push(tokio::spawn(async move {
-            let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let _ = kv
-                    .put(format!("slot.noise.{w}"), n.to_string().into())
-                    .await;
-                n += 1;
+                if let Ok(ack) = js.publish(subject.clone(), "noise".into()).await {
+                    let _ = ack.await;
+                }
             }
         }));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     for i in 0..50 {
         let connection = format!("gw-{i}");
-        kv.create(
-            format!("slot.db.{}", 900 + i),
-            format!("{connection}#elsewhere").into(),
-        )
-        .await
-        .expect("take a slot as another instance");
+        let subject = bus::slots::subject(&subjects, "db", &connection);
+        js.publish(subject.clone(), "elsewhere".into())
+            .await
+            .expect("take a slot as another instance")
+            .await
+            .expect("slot written");
         hook.connection_closed(&bus::event::ConnectionClosed {
             connection_id: connection.clone(),
             src_service: "web".into(),
@@ -283,10 +301,9 @@ async fn a_confirmed_close_has_freed_slots_another_instance_took_a_moment_before
         })
         .await
         .expect("close confirmed");
-        let held = kv.get(format!("slot.db.{}", 900 + i)).await.expect("read");
-        let held = held.map(|v| String::from_utf8_lossy(&v).into_owned());
+        let held = stream.get_last_raw_message_by_subject(&subject).await;
         assert!(
-            held.as_deref().unwrap_or("").trim().is_empty(),
+            held.is_err(),
             "close {i} confirmed, yet its slot is still held: {held:?}"
         );
     }

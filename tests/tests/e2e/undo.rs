@@ -147,7 +147,7 @@ async fn a_copy_admitted_after_its_undo_gives_its_slot_back_on_either_instance()
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_refused_copy_frees_only_its_own_slots() {
+async fn a_copy_of_an_admitted_run_shares_its_slots_under_every_policy() {
     let engine = limited_engine(1).await;
     no_slot_held(&engine, Duration::from_secs(5), "the probe's slot").await;
     engine
@@ -174,20 +174,26 @@ async fn a_refused_copy_frees_only_its_own_slots() {
     no_slot_held(&engine, Duration::from_secs(2), "the probe").await;
     let first = admit(&engine, "c", "r").await;
     assert_eq!(verdicts(&first), allowed, "{first:?}");
-    // A copy of the same run: `db` has room, `one` (limit 1) is full with the first copy. The
-    // copy is refused, and must not free the `db` slot the first copy's allow is using.
-    let copy = admit(&engine, "c", "r").await;
-    assert!(
-        verdicts(&copy).contains(&("one".to_string(), "deny".to_string())),
-        "{copy:?}"
-    );
+    // A copy of the same run, and a run of the same event on another dispatcher: `one`
+    // (limit 1) is full, with this very connection, so both are admitted, and the connection
+    // still holds one slot per policy.
+    for run in ["r", "r2"] {
+        let copy = admit(&engine, "c", run).await;
+        assert_eq!(verdicts(&copy), allowed, "{run}: {copy:?}");
+    }
     let held = slots_held(&engine).await;
-    assert_eq!(held.len(), 2, "the first copy's two slots: {held:?}");
+    assert_eq!(held, ["db = c#r,r2", "one = c#r,r2"], "one slot per policy");
+    // Another connection is refused by `one`; what it took under `db` stays for its run's
+    // undo (another copy's allow might have been the answer used).
+    let other = admit(&engine, "d", "rd").await;
     assert!(
-        held.iter().any(|h| h.starts_with("slot.db."))
-            && held.iter().any(|h| h.starts_with("slot.one.")),
-        "{held:?}"
+        verdicts(&other).contains(&("one".to_string(), "deny".to_string())),
+        "{other:?}"
     );
+    undo(&engine, "d", "rd", &other).await;
+    // The second run is denied in the end: the first still holds the slots.
+    undo(&engine, "c", "r2", &said("db")).await;
+    assert_eq!(slots_held(&engine).await, ["db = c#r", "one = c#r"]);
 }
 
 /// A kind that answers `new-connection` with an empty patch while `answering` is set (with
@@ -205,7 +211,7 @@ async fn silent_kind(
         .queue_subscribe(format!("policy.agent.{kind}.new-connection"), kind.into())
         .await
         .expect("subscribe");
-    let mut undos = client
+    let undos = client
         .subscribe(format!("policy.agent.{kind}._undo"))
         .await
         .expect("subscribe undo");
@@ -226,6 +232,12 @@ async fn silent_kind(
                 .await;
         }
     });
+    spy(undos)
+}
+
+/// Records the event id of each `_undo` request `undos` sees.
+fn spy(mut undos: async_nats::Subscriber) -> Arc<Mutex<Vec<String>>> {
+    use futures::StreamExt;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();
     tokio::spawn(async move {
@@ -238,6 +250,17 @@ async fn silent_kind(
         }
     });
     seen
+}
+
+/// A spy on the `_undo` requests a shipped kind is sent (the kind answers them itself).
+async fn undo_spy(engine: &Engine, kind: &str) -> Arc<Mutex<Vec<String>>> {
+    let client = engine.client_as(&Role::Operator).await;
+    let undos = client
+        .subscribe(format!("policy.agent.{kind}._undo"))
+        .await
+        .expect("subscribe undo");
+    client.flush().await.expect("flush");
+    spy(undos)
 }
 
 /// How many undo requests of event `id` the spy saw.
@@ -375,4 +398,68 @@ async fn a_dry_run_an_agent_answers_as_real_is_denied_and_undone() {
             .ok_or("no undo yet".to_string())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_denied_event_is_undone_by_the_kinds_that_hold_and_only_them() {
+    let mut engine = Engine::new();
+    engine.start(&["acl", "conn-limit", "rate-limit"]).await;
+    foreign_agent(&engine.nats.url(), "veto", "new-connection", |_, _| async {
+        let mut patch = Map::new();
+        patch.insert("action".into(), rmpv::Value::from("deny"));
+        Some(patch)
+    })
+    .await;
+    let admin = engine.admin().await;
+    subscribe_forced(
+        &admin,
+        &[
+            sub("new-connection", "acl", 10),
+            sub("new-connection", "conn-limit", 20),
+            sub("new-connection", "rate-limit", 20),
+            sub("new-connection", "veto", 40),
+        ],
+    )
+    .await;
+    admin
+        .policy_add(vec![
+            doc(json!({"agent": "acl", "id": "open", "action": "allow"})),
+            doc(json!({"agent": "conn-limit", "id": "db", "match": {"dst_service": "db"}, "max_connections": 100})),
+            doc(json!({"agent": "rate-limit", "id": "db", "match": {"dst_service": "db"}, "rate": "1000/s", "burst": 1000})),
+        ])
+        .await
+        .expect("policy add");
+    let (conn_limit, rate_limit) = (
+        undo_spy(&engine, "conn-limit").await,
+        undo_spy(&engine, "rate-limit").await,
+    );
+    let hook = engine.hook().await;
+    // rate-limit answers every call (it allows here, without a reason); conn-limit once its
+    // policy is loaded.
+    eventually("conn-limit counts", || async {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        (!effects(&d.reasons, "conn-limit").is_empty())
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .expect("decision");
+        assert_eq!(d.action, Action::Deny, "{d:?}");
+        ids.push(d.event_id);
+    }
+    // conn-limit said it held a slot for each; rate-limit says it never holds anything: a
+    // spent token stays spent, and an undo would be a round trip for nothing.
+    no_slot_held(&engine, Duration::from_secs(3), "denied events").await;
+    for id in &ids {
+        assert_eq!(undos_of(&conn_limit, id), 1, "conn-limit, {id}");
+        assert_eq!(undos_of(&rate_limit, id), 0, "rate-limit, {id}");
+    }
 }

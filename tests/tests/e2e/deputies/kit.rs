@@ -136,6 +136,7 @@ impl Readers {
             ("OBJ_policy_modules", &self.dispatcher),
             ("policy_decisions", &self.dispatcher),
             ("KV_policy_conns", &self.conns),
+            (SLOTS_DB, &self.conns),
             ("KV_policy_rates", &self.rates),
         ] {
             let info = js_call(client, format!("{api}.STREAM.INFO.{stream}"), json!({})).await;
@@ -270,9 +271,14 @@ impl Battery {
         self.attempt(name, attack).await;
         if let Some((_, changed, _)) = self.rows.last_mut() {
             changed.retain(|c| {
-                !["KV_policy_conns:", "KV_policy_rates:", "policy_decisions:"]
-                    .iter()
-                    .any(|s| c.starts_with(s))
+                ![
+                    "KV_policy_conns:",
+                    "SLOTS_",
+                    "KV_policy_rates:",
+                    "policy_decisions:",
+                ]
+                .iter()
+                .any(|s| c.starts_with(s))
             });
         }
     }
@@ -314,5 +320,7 @@ pub(super) async fn aim(
     let _ = client.flush().await;
 }
 
+/// The slot stream of the battery's conn-limit policy `db`.
+pub(super) const SLOTS_DB: &str = "SLOTS_policy_conns_db";
 pub(super) const SUB_ACL: &str = "$KV.policy_config.sub.new-connection.acl";
 pub(super) const POL_WEB: &str = "$KV.policy_config.pol.acl.web-to-db";

@@ -73,6 +73,24 @@ async fn battery(mut engine: Engine) {
         .as_str()
         .map(|e| format!("refused: {e}"))
         .unwrap_or_else(|| "created".into());
+    // And a policy's slot stream, with the same extras and no limit.
+    let slots = js_call(
+        &limiter,
+        format!("{limiter_api}.STREAM.CREATE.{SLOTS_DB}"),
+        json!({
+            "name": SLOTS_DB,
+            "subjects": ["$SLOT.policy_conns.db.*", "policy.tap.>"],
+            "max_msgs_per_subject": 1,
+            "discard": "new",
+            "republish": {"src": "$SLOT.policy_conns.db.*", "dest": "$KV.policy_config.x"},
+            "sources": [{"name": "KV_policy_config"}],
+        }),
+    )
+    .await;
+    let said_slots = slots["error"]["description"]
+        .as_str()
+        .map(|e| format!("refused: {e}"))
+        .unwrap_or_else(|| "created".into());
     engine.agent("conn-limit", &[]);
     engine.wait_instances("policy-agent-conn-limit", 1).await;
 
@@ -161,8 +179,31 @@ async fn battery(mut engine: Engine) {
     {
         config_changes.push(format!("the bucket kept its extras: {routes}"));
     }
+    let slots = js_call(
+        &limiter,
+        format!("{limiter_api}.STREAM.INFO.{SLOTS_DB}"),
+        json!({}),
+    )
+    .await;
+    let now = &slots["config"];
+    let slot_routes = format!(
+        "now subjects {}, max_msgs {}, republish {}, sources {}",
+        now["subjects"],
+        now["max_msgs"],
+        now.get("republish").unwrap_or(&json!(null)),
+        now.get("sources").unwrap_or(&json!(null))
+    );
+    if now["subjects"] != json!(["$SLOT.policy_conns.db.*"])
+        || now["max_msgs"] != json!(1000)
+        || now.get("republish").is_some()
+        || now
+            .get("sources")
+            .is_some_and(|s| s.as_array().is_some_and(|a| !a.is_empty()))
+    {
+        config_changes.push(format!("the slot stream kept its extras: {slot_routes}"));
+    }
     battery.rows.push((
-        format!("agent-conn-limit: its bucket first, with extra subjects, a republish into the config and a source of it [{said_create}; {routes}]"),
+        format!("agent-conn-limit: its bucket and a policy's slot stream first, with extra subjects, a republish into the config and a source of it [{said_create}; {routes}] [{said_slots}; {slot_routes}]"),
         config_changes,
         decisions_right(&battery.hook).await,
     ));
@@ -179,6 +220,9 @@ async fn battery(mut engine: Engine) {
         POL_WEB,
         "policy._js.API.$KV.policy_config.sub.new-connection.acl",
         "$JS.API.STREAM.PURGE.KV_policy_conns",
+        "$SLOT.policy_conns.db.victim",
+        "policy._js.API.$SLOT.policy_conns.db.victim",
+        "$JS.API.STREAM.MSG.DELETE.SLOTS_policy_conns_db",
         "$JS.API.STREAM.PURGE.KV_policy_rates",
         "$JS.API.STREAM.PURGE.KV_policy_config",
         "$JS.API.STREAM.DELETE.KV_policy_config",
@@ -315,7 +359,8 @@ async fn battery(mut engine: Engine) {
             .await;
         for deliver in [
             SUB_ACL,
-            "$KV.policy_conns.slot.db.0",
+            "$KV.policy_conns.closed.c1",
+            "$SLOT.policy_conns.db.c1",
             "$JS.API.STREAM.PURGE.KV_policy_config",
             "policy.agent.conn-limit.connection-closed",
             "policy.admin.policy-remove",

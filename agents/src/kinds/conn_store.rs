@@ -1,0 +1,355 @@
+//! The store behind conn-limit's slots, as a small trait: what [`super::conn_slots`] needs of
+//! it, so the races are unit-tested against an in-memory store with injected interleavings,
+//! and run against JetStream (the layout is `bus::slots`).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::context::{GetStreamErrorKind, PublishErrorKind};
+use async_nats::jetstream::stream::{DeleteMessageErrorKind, LastRawMessageErrorKind};
+use async_nats::jetstream::{self, kv, stream};
+use bus::{slots, Subjects};
+
+/// A connection's slot under one policy: the runs holding it, and the write that put them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub runs: Vec<String>,
+    pub revision: u64,
+}
+
+/// What a conditional write came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Yes,
+    /// The slot is no longer at the revision the write expected (absent: 0).
+    Conflict,
+    /// A new slot, with the policy's slots all taken.
+    Full,
+}
+
+/// A marker: what happened to a connection that a late copy of its admission must respect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marker<'a> {
+    Closed(&'a str),
+    Undone(&'a str, &'a str),
+}
+
+pub type StoreError = String;
+
+/// The slots of every policy and the markers. Every call is one request to the store; writes
+/// are conditional on the revision read, so the store decides every race.
+pub trait SlotStore: Send + Sync + 'static {
+    /// Makes the policy's slots exist, with `max` of them.
+    fn prepare(
+        &self,
+        policy: &str,
+        max: u32,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn get(
+        &self,
+        policy: &str,
+        connection: &str,
+    ) -> impl Future<Output = Result<Option<Slot>, StoreError>> + Send;
+    /// Writes the slot's runs if its last write is `expected` (0: there is none).
+    fn put(
+        &self,
+        policy: &str,
+        connection: &str,
+        runs: &[String],
+        expected: u64,
+    ) -> impl Future<Output = Result<Written, StoreError>> + Send;
+    /// Frees the slot if its last write is still `revision`.
+    fn remove(
+        &self,
+        policy: &str,
+        connection: &str,
+        revision: u64,
+    ) -> impl Future<Output = Result<Written, StoreError>> + Send;
+    fn mark(&self, marker: Marker<'_>) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Whether any of the markers was set less than [`slots::MARKER_FOR`] ago.
+    fn marked(
+        &self,
+        markers: &[Marker<'_>],
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Slots the policy holds.
+    fn in_use(&self, policy: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+fn key(marker: Marker<'_>) -> String {
+    match marker {
+        Marker::Closed(c) => slots::closed_key(c),
+        Marker::Undone(c, r) => slots::undone_key(c, r),
+    }
+}
+
+/// JetStream: a stream per policy whose limits are the limit (see `bus::slots`), and the
+/// markers in the conn bucket.
+pub struct JetStore {
+    js: jetstream::Context,
+    /// The API prefix slot writes go under (a store identity's import), or none.
+    api: Option<String>,
+    subjects: Subjects,
+    lease: Duration,
+    replicas: usize,
+    markers: kv::Store,
+    /// Streams opened, with the limit they were made for.
+    streams: Mutex<HashMap<String, (u32, stream::Stream)>>,
+}
+
+/// JetStream's error codes this store tells apart.
+const STREAM_NOT_FOUND: u64 = 10059;
+const SEQUENCE_NOT_FOUND: u64 = 10043;
+const DELETE_FAILED: u64 = 10057;
+const STORE_FAILED: u64 = 10077;
+
+impl JetStore {
+    pub fn new(
+        jet: &bus::store::Jet,
+        subjects: &Subjects,
+        lease: Duration,
+        replicas: usize,
+        markers: kv::Store,
+    ) -> Self {
+        JetStore {
+            js: jet.context(),
+            api: jet.api().map(str::to_string),
+            subjects: subjects.clone(),
+            lease,
+            replicas,
+            markers,
+            streams: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cached(&self, policy: &str) -> Option<(u32, stream::Stream)> {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.get(policy).map(|(m, s)| (*m, s.clone()))
+    }
+
+    /// The policy's stream, opened once; `None` if it was never made (nothing is held there).
+    async fn stream(&self, policy: &str) -> Result<Option<stream::Stream>, StoreError> {
+        if let Some((_, s)) = self.cached(policy) {
+            return Ok(Some(s));
+        }
+        match self
+            .js
+            .get_stream(slots::stream(&self.subjects, policy))
+            .await
+        {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code().0 == STREAM_NOT_FOUND) => {
+                Ok(None)
+            }
+            Err(e) => Err(format!("the slots of {policy} cannot be opened: {e}")),
+        }
+    }
+}
+
+/// The JetStream error in an error's sources, if it carries one.
+fn jet_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a jetstream::Error> {
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if let Some(j) = e.downcast_ref::<jetstream::Error>() {
+            return Some(j);
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// A read that found nothing: no such message, or no such stream (nothing held there).
+fn found_nothing(e: &stream::LastRawMessageError) -> bool {
+    match e.kind() {
+        LastRawMessageErrorKind::NoMessageFound => true,
+        LastRawMessageErrorKind::JetStream(j) => j.error_code().0 == STREAM_NOT_FOUND,
+        _ => false,
+    }
+}
+
+impl SlotStore for JetStore {
+    async fn prepare(&self, policy: &str, max: u32) -> Result<(), StoreError> {
+        if self.cached(policy).is_some_and(|(m, _)| m == max) {
+            return Ok(());
+        }
+        let mut expected = slots::stream_config(&self.subjects, policy, max, self.lease);
+        expected.num_replicas = self.replicas.max(1);
+        let name = expected.name.clone();
+        let opened = match self.js.get_stream(&name).await {
+            Ok(mut s) => {
+                let actual = s
+                    .info()
+                    .await
+                    .map_err(|e| format!("{name}: {e}"))?
+                    .config
+                    .clone();
+                // Its limits follow the policy, and what routes messages is put back: a role
+                // that may create it may have created it otherwise first (see
+                // `bus::store::repair`). A mirror takes no writes: admissions fail closed.
+                let routes = bus::store::routing_differs(&actual, &expected);
+                let limits = actual.max_messages != expected.max_messages
+                    || actual.max_messages_per_subject != 1
+                    || actual.discard != stream::DiscardPolicy::New
+                    || actual.deny_delete;
+                if limits || !routes.is_empty() {
+                    tracing::info!(stream = %name, max, ?routes, "putting a policy's slot limits back");
+                    let fixed = stream::Config {
+                        max_messages: expected.max_messages,
+                        max_messages_per_subject: 1,
+                        discard: stream::DiscardPolicy::New,
+                        deny_delete: false,
+                        subjects: expected.subjects.clone(),
+                        republish: None,
+                        sources: None,
+                        subject_transform: None,
+                        ..actual
+                    };
+                    self.js
+                        .update_stream(fixed)
+                        .await
+                        .map_err(|e| format!("{name}: {e}"))?;
+                }
+                s
+            }
+            Err(_) => self
+                .js
+                .get_or_create_stream(expected)
+                .await
+                .map_err(|e| format!("the slots of {policy} cannot be created: {e}"))?,
+        };
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.insert(policy.to_string(), (max, opened));
+        Ok(())
+    }
+
+    async fn get(&self, policy: &str, connection: &str) -> Result<Option<Slot>, StoreError> {
+        let Some(s) = self.stream(policy).await? else {
+            return Ok(None);
+        };
+        let subject = slots::subject(&self.subjects, policy, connection);
+        match s.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => Ok(Some(Slot {
+                runs: String::from_utf8_lossy(&m.payload)
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                revision: m.sequence,
+            })),
+            Err(e) if found_nothing(&e) => Ok(None),
+            Err(e) => Err(format!("could not read {subject}: {e}")),
+        }
+    }
+
+    async fn put(
+        &self,
+        policy: &str,
+        connection: &str,
+        runs: &[String],
+        expected: u64,
+    ) -> Result<Written, StoreError> {
+        let subject = slots::subject(&self.subjects, policy, connection);
+        let to = match &self.api {
+            Some(api) => format!("{api}.{subject}"),
+            None => subject.clone(),
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            expected.to_string().as_str(),
+        );
+        let body = runs.join("\n");
+        let ack = self
+            .js
+            .publish_with_headers(to, headers, body.into())
+            .await
+            .map_err(|e| format!("could not write {subject}: {e}"))?
+            .await;
+        match ack {
+            Ok(_) => Ok(Written::Yes),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Written::Conflict),
+            // `discard: new` at `max_msgs`: every slot is taken.
+            Err(e)
+                if jet_error(&e).is_some_and(|j| {
+                    j.error_code().0 == STORE_FAILED
+                        && j.to_string().starts_with("maximum messages exceeded")
+                }) =>
+            {
+                Ok(Written::Full)
+            }
+            Err(e) => Err(format!("could not write {subject}: {e}")),
+        }
+    }
+
+    async fn remove(
+        &self,
+        policy: &str,
+        connection: &str,
+        revision: u64,
+    ) -> Result<Written, StoreError> {
+        let Some(s) = self.stream(policy).await? else {
+            return Ok(Written::Yes);
+        };
+        match s.delete_message(revision).await {
+            Ok(_) => Ok(Written::Yes),
+            // Written again since (or expired): no longer the slot read.
+            Err(e)
+                if matches!(e.kind(), DeleteMessageErrorKind::JetStream(j)
+                    if j.error_code().0 == SEQUENCE_NOT_FOUND
+                        || (j.error_code().0 == DELETE_FAILED && j.to_string().contains("not found"))) =>
+            {
+                Ok(Written::Conflict)
+            }
+            Err(e) => Err(format!(
+                "could not free {policy}'s slot of {connection}: {e}"
+            )),
+        }
+    }
+
+    async fn mark(&self, marker: Marker<'_>) -> Result<(), StoreError> {
+        let key = key(marker);
+        self.markers
+            .put(&key, bytes::Bytes::new())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("could not record {key}: {e}"))
+    }
+
+    async fn marked(&self, markers: &[Marker<'_>]) -> Result<bool, StoreError> {
+        // From the stream's leader (not a direct get, which a replica may answer before it
+        // has the marker): a marker written before this call is seen.
+        let reads = markers.iter().map(|m| async move {
+            let subject = format!("{}{}", self.markers.prefix, key(*m));
+            match self
+                .markers
+                .stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+            {
+                Ok(msg) => {
+                    let at = SystemTime::from(msg.time);
+                    Ok(at.elapsed().unwrap_or_default() < slots::MARKER_FOR)
+                }
+                Err(e) if found_nothing(&e) => Ok(false),
+                Err(e) => Err(format!("could not read {subject}: {e}")),
+            }
+        });
+        let found = futures::future::join_all(reads).await;
+        let mut any = false;
+        for f in found {
+            any |= f?;
+        }
+        Ok(any)
+    }
+
+    async fn in_use(&self, policy: &str) -> Result<u64, StoreError> {
+        let Some(mut s) = self.stream(policy).await? else {
+            return Ok(0);
+        };
+        s.info()
+            .await
+            .map(|i| i.state.messages)
+            .map_err(|e| format!("could not count {policy}'s slots: {e}"))
+    }
+}
