@@ -177,7 +177,7 @@ pub fn check_identity(kind: &str, agent: &str, id: &str) -> Result<(), String> {
 /// A patch that denies, with one reason.
 pub fn deny(reason: Reason) -> State {
     let mut s = State::new();
-    s.insert(bus::state::keys::ACTION, "deny");
+    s.set_action(bus::Action::Deny);
     s.insert(
         bus::state::keys::REASONS,
         bus::Value::Array(vec![reason.to_value()]),

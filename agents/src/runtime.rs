@@ -11,6 +11,7 @@ use bus::event::EventName;
 use bus::headers::Undo;
 use bus::state::keys;
 use bus::subject::{UNDO_TOKEN, VALIDATE_TOKEN};
+use bus::watch;
 use bus::{codec, headers, Effect, ErrorCode, ErrorReply, Event, Kind, Reason, State, Subjects};
 use daemon::service::{Endpoint, EndpointSpec, Request, Service};
 use tracing::Instrument;
@@ -55,7 +56,7 @@ struct Agent<K: AgentKind> {
     working: bus::hedge::InProgress,
     /// The policies last loaded, to load again when the kind's validation changed (a new
     /// version of a WebAssembly module).
-    last: std::sync::Mutex<config::Snapshot>,
+    last: std::sync::Mutex<watch::Snapshot>,
     metrics: Option<crate::metrics::KindMetrics>,
 }
 
@@ -63,7 +64,7 @@ impl<K: AgentKind> Agent<K>
 where
     K::Policy: Clone,
 {
-    fn load(&self, snap: &config::Snapshot) {
+    fn load(&self, snap: &watch::Snapshot) {
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = snap.clone();
         let mut valid = Vec::with_capacity(snap.values.len());
         let mut broken = Vec::new();
@@ -484,8 +485,7 @@ where
         let reload = options.reload.clone();
         let again = agent.clone();
         tokio::spawn(async move {
-            let follow =
-                config::follow(store, filter, move |snap| agent.load(snap), Some(ready_tx));
+            let follow = watch::follow(store, filter, move |snap| agent.load(snap), Some(ready_tx));
             tokio::pin!(follow);
             loop {
                 tokio::select! {

@@ -9,7 +9,7 @@
 //! | `POLICY_AS_<ROLE>` | that role's store identity | exactly the store paths the role uses |
 
 use crate::roles::{Role, Use};
-use crate::store::{api_prefix, Limits, Store};
+use crate::store::{store_api_prefix, Limits, Store};
 use crate::subject::Subjects;
 
 /// The account of every role's messaging identity.
@@ -51,7 +51,6 @@ pub struct Import {
 /// Every account for `roles`: the messaging account, the stores that some role uses, and an
 /// identity account per role that uses a store.
 pub fn layout(s: &Subjects, roles: &[Role]) -> Vec<Account> {
-    let api = api_prefix(s);
     let mut accounts = vec![Account {
         name: MESSAGING.into(),
         about: "every role's messaging identity: events, admin, agents, the tap, services".into(),
@@ -150,11 +149,10 @@ pub fn layout(s: &Subjects, roles: &[Role]) -> Vec<Account> {
             if how == Use::Own {
                 calls.extend(store.own_api(s));
             }
-            imports.extend(
-                calls
-                    .into_iter()
-                    .map(|a| service(format!("$JS.API.{a}"), format!("{api}.{a}"))),
-            );
+            imports.extend(calls.into_iter().map(|a| {
+                let api = store_api_prefix(store, s);
+                service(format!("$JS.API.{a}"), format!("{api}.{a}"))
+            }));
             imports.push(service(store.flow_control(s), store.flow_control(s)));
             if how == Use::Own {
                 imports.extend(
@@ -245,6 +243,44 @@ mod tests {
             .expect("info export");
         assert!(info.to.contains(&"POLICY_AS_AGENT_ACL".to_string()));
         assert!(!info.to.contains(&"POLICY_AS_OPERATOR".to_string()));
+    }
+
+    /// Whether two subjects (with wildcards) can match a same subject.
+    fn overlap(a: &str, b: &str) -> bool {
+        let (a, b): (Vec<&str>, Vec<&str>) = (a.split('.').collect(), b.split('.').collect());
+        for i in 0..a.len().max(b.len()) {
+            match (a.get(i), b.get(i)) {
+                // `>` takes one token at least.
+                (None, _) | (_, None) => return false,
+                (Some(&">"), _) | (_, Some(&">")) => return true,
+                (Some(x), Some(y)) if x == y || *x == "*" || *y == "*" => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    #[test]
+    fn no_account_imports_two_services_one_subject_could_take() {
+        assert!(overlap("a.*.c", "a.b.c") && overlap("a.>", "a.b.c") && !overlap("a.*", "a.b.c"));
+        assert!(!overlap("a.b", "a.b.>") && overlap("a.*", "a.b"));
+        let accounts = layout(&Subjects::default(), &Role::shipped());
+        for account in &accounts {
+            // Service imports: a request must have one importer to go to. (The store inboxes
+            // are stream imports from every store, the same subject on purpose.)
+            let services: Vec<&Import> = account.imports.iter().filter(|i| i.service).collect();
+            for (i, x) in services.iter().enumerate() {
+                for y in &services[i + 1..] {
+                    assert!(
+                        !overlap(&x.local, &y.local),
+                        "{}: {} and {} overlap (nats-server 2.10 refuses such an account in operator mode)",
+                        account.name,
+                        x.local,
+                        y.local
+                    );
+                }
+            }
+        }
     }
 
     #[test]

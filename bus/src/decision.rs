@@ -6,13 +6,35 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::Value;
+use crate::state::{keys, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Allow,
     Deny,
+}
+
+/// The action of a state (a patch, or the decision so far), typed: here, beside [`Action`],
+/// so that `state` needs nothing of decisions.
+impl crate::state::State {
+    /// The decision's `action` so far, typed (`None`: not set, or not a known action).
+    pub fn action(&self) -> Option<Action> {
+        match self.get_str(keys::ACTION)? {
+            a if a == Action::Deny.as_str() => Some(Action::Deny),
+            a if a == Action::Allow.as_str() => Some(Action::Allow),
+            _ => None,
+        }
+    }
+
+    /// Whether the state (a patch, or the decision so far) denies.
+    pub fn denies(&self) -> bool {
+        self.action() == Some(Action::Deny)
+    }
+
+    pub fn set_action(&mut self, action: Action) {
+        self.insert(keys::ACTION, action.as_str());
+    }
 }
 
 impl Action {

@@ -29,6 +29,7 @@ pub mod store;
 pub mod subject;
 pub mod tap;
 pub mod transport;
+pub mod watch;
 
 pub use admin_client::AdminClient;
 pub use client::{Client, ClientError};

@@ -35,6 +35,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use crate::decision::Action;
 use crate::state::{keys, State, Value};
 
 /// What the chain does after a merge.
@@ -90,7 +91,8 @@ fn bits_per_second(v: &Value) -> Option<u64> {
 /// Checks every well-known key of the patch before anything is applied.
 fn check(patch: &State) -> Result<(), MergeError> {
     if let Some(a) = patch.get(keys::ACTION) {
-        if !matches!(a.as_str(), Some("allow" | "deny")) {
+        let known = [Action::Allow, Action::Deny].map(Action::as_str);
+        if !a.as_str().is_some_and(|a| known.contains(&a)) {
             return Err(bad(keys::ACTION, "\"allow\" or \"deny\""));
         }
     }
@@ -191,11 +193,12 @@ pub fn merge(
     for (key, value) in patch.0 {
         match key.as_str() {
             keys::ACTION => {
-                if value.as_str() == Some("deny") {
+                // `check` made sure the patch's action is one of the two.
+                if value.as_str() == Some(Action::Deny.as_str()) {
                     flow = Flow::Stop;
-                    state.insert(keys::ACTION, "deny");
-                } else if state.get_str(keys::ACTION) != Some("deny") {
-                    state.insert(keys::ACTION, "allow");
+                    state.set_action(Action::Deny);
+                } else if !state.denies() {
+                    state.set_action(Action::Allow);
                 }
             }
             keys::DST_PEERS | keys::TARGET_PEERS | keys::SERVICES => {

@@ -17,7 +17,7 @@
 use std::fmt;
 
 use crate::headers;
-use crate::store::{api_prefix, Store};
+use crate::store::{store_api_prefix, Store};
 use crate::subject::{Kind, Subjects, SHIPPED_KINDS};
 
 /// How a role uses a store: reading it, or owning it (creating and writing it, and reading).
@@ -159,9 +159,9 @@ impl Role {
     /// What its store identity may publish and subscribe to in its account: the store paths
     /// it imports there, no more.
     pub fn store_permissions(&self, s: &Subjects) -> Permissions {
-        let api = api_prefix(s);
         let mut p = Permissions::default();
         for (store, how) in self.stores() {
+            let api = store_api_prefix(store, s);
             p.publish.extend(
                 store
                     .read_api(s)
@@ -340,7 +340,7 @@ mod tests {
                 store
                     .publish
                     .iter()
-                    .any(|x| x == &format!("policy._js.API.$KV.{bucket}.>"))
+                    .any(|x| x.ends_with(&format!("API.$KV.{bucket}.>")))
             };
             assert_eq!(writes("policy_config"), r == Role::Dispatcher, "{r}");
             assert_eq!(
@@ -371,8 +371,12 @@ mod tests {
                     .stores()
                     .into_iter()
                     .filter(|(_, how)| *how == Use::Own)
-                    .flat_map(|(st, _)| st.own_api(&s))
-                    .map(|a| format!("policy._js.API.{a}"))
+                    .flat_map(|(st, _)| {
+                        let api = store_api_prefix(st, &s);
+                        st.own_api(&s)
+                            .into_iter()
+                            .map(move |a| format!("{api}.{a}"))
+                    })
                     .collect();
                 assert!(owned.contains(update), "{r}: {update}");
                 let slots = r.name() == "agent-conn-limit" && update.ends_with(".*");

@@ -52,7 +52,8 @@ pub fn undone_key(connection: &str, run: &str) -> String {
     format!("undone.{connection}.{run}")
 }
 
-/// The stream of one policy's slots, as conn-limit creates it.
+/// The stream of one policy's slots, as conn-limit creates it (with the stores' consumer
+/// limits, `crate::store::consumer_limits`, and its replicas).
 pub fn stream_config(s: &Subjects, policy: &str, max: u32, lease: Duration) -> stream::Config {
     stream::Config {
         name: stream(s, policy),
@@ -67,7 +68,6 @@ pub fn stream_config(s: &Subjects, policy: &str, max: u32, lease: Duration) -> s
         // this bounds it anyway.
         max_message_size: 1024,
         allow_direct: false,
-        consumer_limits: Some(crate::store::consumer_limits()),
         ..Default::default()
     }
 }

@@ -96,24 +96,6 @@ impl State {
         self.get(key) == Some(&Value::Boolean(true))
     }
 
-    /// The decision's `action` so far, typed (`None`: not set, or not a known action).
-    pub fn action(&self) -> Option<crate::Action> {
-        match self.get_str(keys::ACTION)? {
-            a if a == crate::Action::Deny.as_str() => Some(crate::Action::Deny),
-            a if a == crate::Action::Allow.as_str() => Some(crate::Action::Allow),
-            _ => None,
-        }
-    }
-
-    /// Whether the state (a patch, or the decision so far) denies.
-    pub fn denies(&self) -> bool {
-        self.action() == Some(crate::Action::Deny)
-    }
-
-    pub fn set_action(&mut self, action: crate::Action) {
-        self.insert(keys::ACTION, action.as_str());
-    }
-
     pub fn get_str(&self, key: &str) -> Option<&str> {
         self.get(key)?.as_str()
     }

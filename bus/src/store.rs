@@ -38,6 +38,18 @@ pub fn api_prefix(subjects: &Subjects) -> String {
     format!("{}._js.API", subjects.prefix())
 }
 
+/// Where a store's API and writes are imported in an identity account: [`api_prefix`], but for
+/// conn-limit's slots, `<prefix>._js.conns.API`. Its streams are named by policy, so its API is
+/// imported with a wildcard stream name (`STREAM.INFO.*`), which under the shared prefix would
+/// overlap the config's `STREAM.INFO.KV_<prefix>_config` in the same account (an account
+/// nats-server 2.10 refuses in operator mode, and an ambiguous route in any).
+pub fn store_api_prefix(store: Store, subjects: &Subjects) -> String {
+    match store {
+        Store::Conns => format!("{}._js.conns.API", subjects.prefix()),
+        _ => api_prefix(subjects),
+    }
+}
+
 /// One of the engine's streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Store {
@@ -133,7 +145,7 @@ impl Store {
     /// write behind the API prefix of a context that has one; an object chunk or a log record
     /// goes out under its own subject.
     pub fn write_subjects(self, s: &Subjects) -> Vec<(String, String)> {
-        let api = api_prefix(s);
+        let api = store_api_prefix(self, s);
         let kv = |bucket: String| {
             let subject = format!("$KV.{bucket}.>");
             vec![(subject.clone(), format!("{api}.{subject}"))]
@@ -229,7 +241,7 @@ pub struct Jet {
 const PROBE: Duration = Duration::from_secs(2);
 
 impl Jet {
-    /// Finds where `store` answers over `client`: at [`api_prefix`] when the connection is a
+    /// Finds where `store` answers over `client`: at [`store_api_prefix`] when the connection is a
     /// store identity on the secured bus (any answer, "stream not found" included, says so),
     /// else at `$JS.API`.
     pub async fn reach(
@@ -237,7 +249,7 @@ impl Jet {
         subjects: &Subjects,
         store: Store,
     ) -> Result<Jet, ConfigError> {
-        let api = api_prefix(subjects);
+        let api = store_api_prefix(store, subjects);
         let probe = format!("{api}.STREAM.INFO.{}", store.stream(subjects));
         let request = async_nats::Request::new().timeout(Some(PROBE));
         match client.send_request(probe, request).await {

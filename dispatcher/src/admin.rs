@@ -98,7 +98,7 @@ async fn delete(d: &Dispatcher, key: &str) -> Result<(), ErrorReply> {
                 .map_err(unavailable)?
                 .map_err(unavailable)?;
             // The delete marker is the stream's newest message: wait until it is applied.
-            if let Ok(state) = bus::config::stream_state(&d.store).await {
+            if let Ok(state) = bus::watch::stream_state(&d.store).await {
                 if key.starts_with("sub.") {
                     seen_here(d, state.last_sequence).await;
                 } else {

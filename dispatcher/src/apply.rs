@@ -171,7 +171,7 @@ fn plan(wanted: &BTreeMap<String, Bytes>, have: &BTreeMap<String, Stored>, prune
 
 pub(crate) async fn apply(d: &Dispatcher, args: Apply) -> Result<Bytes, ErrorReply> {
     let wanted = wanted(d, &args).await?;
-    let revision_before = bus::config::stream_state(&d.store)
+    let revision_before = bus::watch::stream_state(&d.store)
         .await
         .map_err(unavailable)?
         .last_sequence;
@@ -335,7 +335,7 @@ async fn roll_back(d: &Dispatcher, done: &[(&Step, u64)]) -> Result<(), Vec<Stri
 }
 
 pub(crate) async fn status(d: &Dispatcher) -> Result<Bytes, ErrorReply> {
-    let revision = bus::config::stream_state(&d.store)
+    let revision = bus::watch::stream_state(&d.store)
         .await
         .map_err(unavailable)?
         .last_sequence;

@@ -27,6 +27,7 @@ use bus::{headers, Effect, Event, Reason, State, Value};
 use bytes::Bytes;
 
 use crate::table::{Chain, Member};
+use crate::undo::{owes_undo, Answer, Ended, Source};
 
 /// What running a chain produced: the final state (before the dispatcher's own keys) and the
 /// per-agent timings for the tap.
@@ -168,7 +169,7 @@ impl Call<'_> {
     }
 
     /// Runs the chain from `state`, whose header form `header` the caller already made.
-    pub async fn run(&self, chain: &Chain, mut state: State, header: String) -> Run {
+    pub async fn run_chain(&self, chain: &Chain, mut state: State, header: String) -> Run {
         let mut timings = Vec::new();
         let mut owed: Vec<bus::Kind> = Vec::new();
         let dry_run = headers::dry_run(Some(&self.trace));
@@ -298,58 +299,6 @@ impl Call<'_> {
     }
 }
 
-/// How an answer came, for what an undo owes it.
-#[derive(Debug, Clone, Copy)]
-pub struct Answer {
-    pub source: Source,
-    /// It echoed `Policy-Dry-Run` (or needed not: from the cache).
-    pub echoed: bool,
-    /// Its `Policy-Undo` (`None`: an agent that predates it).
-    pub undo: Option<Undo>,
-    /// More than one copy of the call was sent: another may have run, and taken something.
-    pub hedged: bool,
-}
-
-/// How a call ended, for what an undo owes it.
-#[derive(Debug, Clone, Copy)]
-pub enum Ended {
-    /// `denied`: the answer itself denied.
-    Answered { how: Answer, denied: bool },
-    /// `nothing`: the kind's answers say it holds nothing (pure, or `Policy-Undo: never`).
-    Failed { outcome: Outcome, nothing: bool },
-}
-
-/// Whether a call owes an `_undo` if the event ends denied: it answered that it holds
-/// something; it answered that it holds nothing but was hedged (another copy may hold); it
-/// predates `Policy-Undo` and did not deny itself unhedged; or it failed in a way that may
-/// have left something taken (no answer in time, an error) and its kind may hold.
-pub fn owes_undo(ended: Ended) -> bool {
-    match ended {
-        Ended::Answered { how, .. } if how.source != Source::Agent => false,
-        Ended::Answered { how, denied } => match how.undo {
-            Some(Undo::Held) => true,
-            Some(Undo::Nothing) => how.hedged,
-            Some(Undo::Never) => false,
-            None => !denied || how.hedged,
-        },
-        Ended::Failed { outcome, nothing } => {
-            !nothing && matches!(outcome, Outcome::Timeout | Outcome::Error)
-        }
-    }
-}
-
-/// Where an answer came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// The agent, with nothing said about what it depends on.
-    Agent,
-    /// The agent, saying its answer may be cached: a pure answer, which takes nothing (the
-    /// dispatcher may give it again without calling the agent at all).
-    Pure,
-    /// The dispatcher's verdict cache: no agent was called.
-    Cache,
-}
-
 fn timing(m: &Member, took: Duration, outcome: Outcome) -> AgentTiming {
     AgentTiming {
         agent: m.kind.to_string(),
@@ -433,29 +382,6 @@ pub fn finalize(run: &mut Run, event_id: &str, event: &Event) {
         s.insert(keys::DEGRADED, true);
     }
     s.insert(keys::EVENT_ID, event_id);
-}
-
-/// What a denied event's agents must give back: who to ask, with the final decision.
-pub struct UndoCall {
-    pub kinds: Vec<bus::Kind>,
-    pub decision: Bytes,
-    pub trace: HeaderMap,
-}
-
-/// The kinds to tell that their event was denied: those the run owes an undo (see
-/// [`owes_undo`]). `None` for an event that was not denied, or owes none.
-pub fn undo_for(run: &Run, decision: &Bytes, trace: &HeaderMap) -> Option<UndoCall> {
-    if !run.state.denies() {
-        return None;
-    }
-    let mut kinds = run.owed.clone();
-    kinds.sort();
-    kinds.dedup();
-    (!kinds.is_empty()).then(|| UndoCall {
-        kinds,
-        decision: decision.clone(),
-        trace: trace.clone(),
-    })
 }
 
 /// The decision for an event whose stored subscriptions do not all load: deny, naming each

@@ -1,4 +1,5 @@
 use super::*;
+use crate::undo::undo_for;
 use bus::event::{Direction, NewConnection};
 
 fn connection(peers: &[&str]) -> Event {
@@ -67,7 +68,7 @@ fn a_late_allow_becomes_a_deny_that_the_kinds_owed_an_undo_get() {
     let mut run = run_with(s);
     run.owed = vec![bus::Kind::new("conn-limit").unwrap()];
     assert!(
-        undo_for(&run, &Bytes::new(), &HeaderMap::new()).is_none(),
+        undo_for(&run.state, &run.owed, &Bytes::new(), &HeaderMap::new()).is_none(),
         "allowed: nothing to undo"
     );
     deny_late(&mut run);
@@ -76,11 +77,11 @@ fn a_late_allow_becomes_a_deny_that_the_kinds_owed_an_undo_get() {
     assert_eq!(run.state.get(keys::TARGET_PEER), None);
     let reasons = format!("{:?}", run.state.get(keys::REASONS));
     assert!(reasons.contains(PAST_DEADLINE), "{reasons}");
-    let undo = undo_for(&run, &Bytes::new(), &HeaderMap::new()).expect("an undo");
+    let undo = undo_for(&run.state, &run.owed, &Bytes::new(), &HeaderMap::new()).expect("an undo");
     let kinds: Vec<&str> = undo.kinds.iter().map(|k| k.as_str()).collect();
     assert_eq!(kinds, ["conn-limit"]);
     run.owed.clear();
-    assert!(undo_for(&run, &Bytes::new(), &HeaderMap::new()).is_none());
+    assert!(undo_for(&run.state, &run.owed, &Bytes::new(), &HeaderMap::new()).is_none());
 }
 
 #[test]

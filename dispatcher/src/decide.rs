@@ -2,47 +2,27 @@
 //! prepare what is published after the reply (the tap record) and undone (a denied event's
 //! takings). The reply goes out first: the hookpoint never waits for the tap or an undo.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use async_nats::HeaderMap;
 use bus::event::{new_id, Event, EventName};
 use bus::state::keys;
-use bus::tap::{AgentTiming, Outcome, RawTapRecord};
-use bus::{codec, headers, ErrorCode, ErrorReply, Subjects, Value};
+use bus::tap::Outcome;
+use bus::{codec, headers, ErrorCode, ErrorReply, Value};
 use bytes::Bytes;
 
 use crate::chain::{self, finalize, Call};
+use crate::tap::Tap;
 use crate::Dispatcher;
 
 pub(crate) type Reply = (HeaderMap, Bytes);
 
-/// How long an undo no kind instance confirmed is asked again, in the background.
-const UNDO_RETRY_FOR: Duration = Duration::from_secs(120);
-
-/// How long a kind has to confirm an undo (one copy per attempt).
-const UNDO_TIMEOUT: Duration = Duration::from_secs(1);
-
 /// A decision, and what follows it once it is sent.
 pub(crate) struct Decided {
     pub reply: Reply,
-    pub undo: Option<chain::UndoCall>,
+    pub undo: Option<crate::undo::UndoCall>,
     /// None for a dry run: the tap is what was decided, and a dry run decided nothing.
     pub tap: Option<Tap>,
-}
-
-/// The parts of a tap record, encoded and published after the reply.
-pub(crate) struct Tap {
-    name: EventName,
-    event_id: String,
-    /// The hookpoint's attributes (with the connection id), as encoded.
-    attributes: Bytes,
-    /// The decision, as sent.
-    decision: Bytes,
-    timings: Vec<AgentTiming>,
-    total_us: u64,
-    trace: HeaderMap,
-    /// `allow`, `deny` or `degraded`, for the metrics.
-    result: &'static str,
 }
 
 fn bad(e: impl ToString) -> ErrorReply {
@@ -141,8 +121,9 @@ impl Dispatcher {
         if let Some(id) = &connection_id {
             state.insert(keys::CONNECTION_ID, id.as_str());
         }
-        // Agents may key on the event (conn-limit's slots do, so a hedged duplicate's slot is
-        // freed with the original's); like the connection id, no patch can change it.
+        // Agents may key on the event and on this run of it (conn-limit's slots list the runs
+        // holding them, and a denied run's undo takes out that run only); like the connection
+        // id, no patch can change either.
         state.insert(keys::EVENT_ID, event_id.as_str());
         state.insert(keys::RUN_ID, new_id().as_str());
         // What the hookpoint sent, with the connection id: the tap's copy. The agents' copy
@@ -180,7 +161,7 @@ impl Dispatcher {
                 trace: trace.clone(),
                 max_patch_bytes: self.options.max_patch_bytes,
             };
-            call.run(&chain, state, first_header).await
+            call.run_chain(&chain, state, first_header).await
         } else {
             chain::broken_chain(state, &chain.broken)
         };
@@ -248,7 +229,7 @@ impl Dispatcher {
         let body = Bytes::from(body);
         // A dry run took nothing: nothing to undo, nothing for the monitor to count.
         let undo = (!dry_run || run.ignored_dry_run)
-            .then(|| chain::undo_for(&run, &body, &trace))
+            .then(|| crate::undo::undo_for(&run.state, &run.owed, &body, &trace))
             .flatten();
         let result = match run.state.action() {
             Some(bus::Action::Deny) => "deny",
@@ -271,89 +252,10 @@ impl Dispatcher {
             tap,
         })
     }
-
-    /// Tells each kind that answered (or failed) on a denied event to give back what it took
-    /// for it. After the reply, so the hookpoint does not wait; before the task ends, so a
-    /// stopping dispatcher still sends it. What cannot be undone is left to the kind's lease.
-    pub(crate) async fn undo(&self, undo: chain::UndoCall) {
-        let failed = undo_calls(&self.nats, &self.subjects, &undo.kinds, &undo).await;
-        if failed.is_empty() {
-            return;
-        }
-        // A kind that cannot be reached now (NATS restarting, no instance) is asked again in
-        // the background, for up to UNDO_RETRY_FOR, rather than left to its lease.
-        let (nats, subjects) = (self.nats.clone(), self.subjects.clone());
-        tokio::spawn(async move {
-            let until = Instant::now() + UNDO_RETRY_FOR;
-            let mut kinds = failed;
-            let mut pause = Duration::from_millis(250);
-            while !kinds.is_empty() {
-                tokio::time::sleep(pause).await;
-                // A kind that answers "not confirmed" (its store away) is not asked 4 times a
-                // second by every undo waiting on it.
-                pause = (pause * 2).min(Duration::from_secs(5));
-                kinds = undo_calls(&nats, &subjects, &kinds, &undo).await;
-                if Instant::now() >= until {
-                    for kind in &kinds {
-                        tracing::warn!(agent = %kind, "could not undo what the agent took for a denied event; its lease will");
-                    }
-                    return;
-                }
-            }
-        });
-    }
-
-    /// Publishes the tap record of a decision already sent. At most once: a lost record is
-    /// a gap in the monitor's counts, never a lost decision.
-    pub(crate) async fn tap(&self, tap: Tap) {
-        // Counted here, after the reply, with the tap: the metrics' label work (a lock and a
-        // few strings per event) stays off the decision path.
-        if let Some(m) = &self.metrics {
-            m.decided(tap.name.as_str(), tap.result, tap.total_us, &tap.timings);
-        }
-        let record = RawTapRecord {
-            event: tap.name.as_str(),
-            event_id: &tap.event_id,
-            attributes: &tap.attributes,
-            decision: &tap.decision,
-            total_us: tap.total_us,
-            agents: &tap.timings,
-            at_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-            traceparent: headers::get(Some(&tap.trace), headers::TRACEPARENT),
-        };
-        match record.encode() {
-            Ok(bytes) => {
-                let bytes = Bytes::from(bytes);
-                if self.log_decisions {
-                    // A plain publish the stream stores: nothing waits for its acknowledgement.
-                    let subject = self.subjects.decision_log(tap.name.as_str());
-                    if let Err(e) = self
-                        .jet
-                        .client()
-                        .publish_with_headers(subject, tap.trace.clone(), bytes.clone())
-                        .await
-                    {
-                        tracing::warn!(error = %e, "could not publish to the decision log");
-                    }
-                }
-                let subject = self.subjects.tap(tap.name.as_str());
-                if let Err(e) = self
-                    .nats
-                    .publish_with_headers(subject, tap.trace, bytes)
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not publish tap record");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not encode tap record"),
-        }
-    }
 }
 
-/// Sets `key` in an attributes map (a payload that is not a map has no attributes to keep).
+/// Sets `key` in an attributes map. A payload that is not a map has no attributes to keep:
+/// it becomes a map of this one key.
 fn set_attribute(attributes: &mut Value, key: &str, value: &str) {
     let Value::Map(map) = attributes else {
         *attributes = Value::Map(vec![(key.into(), value.into())]);
@@ -401,35 +303,6 @@ fn outcome_name(o: Outcome) -> &'static str {
         Outcome::Error => "it answered with an error",
         Outcome::Answered | Outcome::Observed => "answered",
     }
-}
-
-/// Asks each kind to undo; returns the kinds that could not be reached.
-pub(crate) async fn undo_calls(
-    nats: &async_nats::Client,
-    subjects: &Subjects,
-    kinds: &[bus::Kind],
-    undo: &chain::UndoCall,
-) -> Vec<bus::Kind> {
-    let calls = kinds.iter().map(|kind| {
-        let subject = subjects.agent_undo(kind);
-        let (trace, decision) = (undo.trace.clone(), undo.decision.clone());
-        async move {
-            // One copy per attempt, never hedged: an undo is asked again in the background if
-            // it fails, and hedging it (with a fresh budget per call) multiplied the requests of
-            // an overloaded engine's undo storm sixteen times.
-            let latency = bus::hedge::Latency::new(UNDO_TIMEOUT, 1);
-            let r = bus::hedge::ask(nats, &subject, trace, decision, UNDO_TIMEOUT, &latency).await;
-            (kind, r)
-        }
-    });
-    let mut failed = Vec::new();
-    for (kind, r) in futures::future::join_all(calls).await {
-        if let Err(e) = r {
-            tracing::debug!(agent = %kind, error = %e, "undo not confirmed yet");
-            failed.push(kind.clone());
-        }
-    }
-    failed
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ mod metrics;
 mod modules;
 mod peers;
 pub mod table;
+mod tap;
+mod undo;
 mod verdicts;
 
 use std::future::Future;
@@ -21,6 +23,7 @@ use async_nats::HeaderMap;
 use bus::config::{self, ConfigKey};
 use bus::limits::Limits;
 use bus::roles::Role;
+use bus::watch;
 use bus::{headers, Subjects};
 use daemon::service::{Endpoint, EndpointSpec, Request, Service};
 use tokio::sync::Semaphore;
@@ -301,16 +304,16 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let watcher = {
         let d = dispatcher.clone();
-        let mut subs = config::Snapshot::default();
+        let mut subs = watch::Snapshot::default();
         let is_sub =
             |key: &str| matches!(ConfigKey::parse(key), Some(ConfigKey::Subscription { .. }));
-        tokio::spawn(config::watch(
+        tokio::spawn(watch::watch(
             store.clone(),
             ">".to_string(),
             move |update| {
                 let subs_changed = match &update {
-                    config::Update::Loaded(snap) => {
-                        subs = config::Snapshot {
+                    watch::Update::Loaded(snap) => {
+                        subs = watch::Snapshot {
                             values: snap
                                 .values
                                 .iter()
@@ -322,7 +325,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
                         };
                         true
                     }
-                    config::Update::Changed(changes) => {
+                    watch::Update::Changed(changes) => {
                         let mut any = false;
                         for c in changes.iter().filter(|c| is_sub(c.key())) {
                             subs.apply(c);
@@ -336,8 +339,8 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
                 }
                 if let Some(m) = &d.metrics {
                     let revision = match &update {
-                        config::Update::Loaded(snap) => snap.revision,
-                        config::Update::Changed(changes) => {
+                        watch::Update::Loaded(snap) => snap.revision,
+                        watch::Update::Changed(changes) => {
                             changes.last().map_or(subs.revision, |c| c.revision())
                         }
                     };

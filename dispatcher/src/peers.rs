@@ -7,9 +7,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
 
-use bus::config::{Change, ConfigKey, Update};
+use bus::config::ConfigKey;
 use bus::event::Event;
 use bus::state::keys;
+use bus::watch::{Change, Update};
 use bus::{ErrorCode, ErrorReply, State};
 
 /// Peers removed at once, at most: a `peer-removed` past it is refused (`bad-request`) until
@@ -130,7 +131,7 @@ pub(crate) async fn record(d: &crate::Dispatcher, event: &Event) -> Result<(), E
                 .await
                 .map_err(|e| unavailable(e.to_string()))?;
             // A delete says no revision: the bucket's last one is at or past it.
-            bus::config::stream_state(&d.store)
+            bus::watch::stream_state(&d.store)
                 .await
                 .map_err(|e| unavailable(e.to_string()))?
                 .last_sequence
@@ -144,7 +145,7 @@ pub(crate) async fn record(d: &crate::Dispatcher, event: &Event) -> Result<(), E
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bus::config::Snapshot;
+    use bus::watch::Snapshot;
 
     #[test]
     fn removed_peers_are_bounded_and_filtering_does_not_scan_them() {

@@ -7,7 +7,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bus::admin::{FailureMode, Subscription};
-use bus::config::{ConfigKey, Snapshot};
+use bus::config::ConfigKey;
+use bus::watch::Snapshot;
 use bus::{codec, Kind, Subjects};
 
 /// One subscribed agent, with its subject formatted once.

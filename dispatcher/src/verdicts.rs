@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, RwLock};
 
 use bus::cache::{CacheHeader, Inputs, VerdictCache};
-use bus::config::{Change, ConfigKey, Update};
+use bus::config::ConfigKey;
+use bus::watch::{Change, Update};
 use bus::{State, Value};
 
 /// A kind's policy documents (key → digest) and the set's fingerprint.
@@ -291,7 +292,7 @@ pub(crate) async fn confirm(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bus::config::Snapshot;
+    use bus::watch::Snapshot;
 
     fn put(key: &str, value: &[u8], revision: u64) -> Change {
         Change::Put {

@@ -4,15 +4,10 @@
 use anyhow::{anyhow, Context};
 use bus::admin::{PolicyRef, Subscription};
 use bus::roles::Role;
-use bus::state::State;
-use bus::tap::TapRecord;
-use bus::{codec, AdminClient, Client, EventName};
-use futures::StreamExt;
+use bus::{AdminClient, Client, EventName};
 
-use crate::print::{line, parse_attributes, tap_line};
-use crate::{
-    auth, files, output, AgentCommand, AuthCommand, Cli, Command, PolicyCommand, TapOutput,
-};
+use crate::print::{line, parse_attributes};
+use crate::{auth, files, output, AgentCommand, Cli, Command, PolicyCommand};
 
 /// Prints a line of a command's output; a reader that went away (`| head`) ends the command
 /// quietly instead of a panic.
@@ -37,7 +32,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let nodes = usize::from(*cluster);
             return crate::up::run(&cli.common, examples, *every, metrics_addr, auth, nodes).await;
         }
-        Command::Auth(cmd) => return auth(cmd, &subjects),
+        Command::Auth(cmd) => return auth::command::run(cmd, &subjects),
         Command::Probe { url } => return probe(url),
         Command::Completions { shell } => {
             crate::completions(*shell, &mut std::io::stdout());
@@ -277,7 +272,9 @@ async fn command(
                 .await?;
             crate::log::run(&store, &subjects, since, filter, limit, output).await?
         }
-        Command::Tap { event, output } => tap(&nats, &subjects, event.as_deref(), output).await?,
+        Command::Tap { event, output } => {
+            crate::tap::run(&nats, &subjects, event.as_deref(), output).await?
+        }
         Command::Top { interval, count } => {
             crate::top::run(&nats, &subjects, interval, count).await?
         }
@@ -291,7 +288,7 @@ async fn command(
             operator_nkey_file,
             dry_run,
         } => {
-            let attributes = bench_attributes(&event, &attributes)?;
+            let attributes = crate::bench::sample::attributes(&event, &attributes)?;
             let options = crate::bench::Options {
                 event,
                 attributes,
@@ -379,133 +376,4 @@ fn probe(url: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     Err(anyhow!("{url}: {status}: {}", body.trim()))
-}
-
-fn auth(cmd: &AuthCommand, subjects: &bus::Subjects) -> anyhow::Result<()> {
-    match cmd {
-        AuthCommand::Init { auth_dir, jwt } => {
-            let written = auth::ensure(auth_dir, subjects, &Role::shipped())?;
-            for path in &written {
-                out!("wrote {}", path.display());
-            }
-            if *jwt {
-                crate::jwt::ensure(auth_dir, subjects)?;
-                out!(
-                    "{}: the operator-mode server configuration; processes log in with --creds {}/<role>.creds",
-                    crate::jwt::conf_file(auth_dir).display(),
-                    auth_dir.display()
-                );
-            }
-            out!(
-                "{}: users and permissions for every role ({} new seeds); {}: a server configuration \
-                 with JetStream that includes it (run nats-server -c {} in the directory for its store)",
-                auth::accounts_file(auth_dir).display(),
-                written.len(),
-                auth::conf_file(auth_dir).display(),
-                auth::conf_file(auth_dir).display()
-            );
-        }
-        AuthCommand::AddAgent { kind, auth_dir } => {
-            let seed = auth::add_agent(auth_dir, subjects, kind)?;
-            if crate::jwt::conf_file(auth_dir).exists() {
-                crate::jwt::ensure(auth_dir, subjects)?;
-            }
-            out!(
-                "{}: the seed for agent kind {kind}; {} now has its user: reload the server (nats-server --signal reload)",
-                seed.display(),
-                auth::accounts_file(auth_dir).display()
-            );
-        }
-        AuthCommand::Template => print!("{}", auth::template(subjects, &Role::shipped())),
-    }
-    Ok(())
-}
-
-/// The sample event, each given attribute overriding its field; an event with no sample
-/// takes the given attributes alone.
-fn bench_attributes(event: &str, given: &[String]) -> anyhow::Result<State> {
-    let given = parse_attributes(given)?;
-    let mut attributes = match sample_attributes(event) {
-        Ok(sample) => sample,
-        Err(_) if !given.is_empty() => State::new(),
-        Err(e) => return Err(e),
-    };
-    for (k, v) in given.0 {
-        attributes.insert(k, v);
-    }
-    Ok(attributes)
-}
-
-/// A representative event for `bench` when no attributes are given.
-fn sample_attributes(event: &str) -> anyhow::Result<State> {
-    let pairs: &[&str] = match event {
-        bus::event::NEW_CONNECTION => &[
-            "src_service=web",
-            "dst_service=db",
-            "direction=outgoing",
-            "src_peer=local",
-            "dst_peers=[peer-a,peer-b,peer-c]",
-        ],
-        bus::event::EXPOSE_SERVICE => &["service=db", "peers=[peer-a,peer-b,peer-c]"],
-        bus::event::SERVICE_LIST_REQUEST => &["src_peer=peer-a", "services=[db,web,api]"],
-        _ => {
-            return Err(anyhow!(
-                "no sample attributes for {event}: give them as key=value"
-            ))
-        }
-    };
-    parse_attributes(&pairs.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-}
-
-async fn tap(
-    nats: &async_nats::Client,
-    subjects: &bus::Subjects,
-    event: Option<&str>,
-    output: TapOutput,
-) -> anyhow::Result<()> {
-    let subject = match event {
-        Some(e) => subjects.tap(EventName::new(e)?.as_str()),
-        None => subjects.tap_wildcard(),
-    };
-    let mut sub = nats.subscribe(subject).await?;
-    // One Ctrl-C future for the whole loop, so a press is never lost between messages.
-    let stop = tokio::signal::ctrl_c();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => return Ok(()),
-            msg = sub.next() => {
-                let Some(msg) = msg else { return Err(anyhow!("tap subscription closed")) };
-                match codec::decode::<TapRecord>("tap record", &msg.payload) {
-                    Ok(rec) => {
-                        // A reader that went away (`policyctl tap | head`) ends the stream.
-                        if line(&tap_line(&rec, output)?).is_err() {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) => eprintln!("policyctl: skipped a tap message on {}: {e}", msg.subject),
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bench_attributes_override_the_sample_field_by_field() {
-        let a = bench_attributes("new-connection", &["dst_service=api".into()]).unwrap();
-        assert_eq!(a.get_str("dst_service"), Some("api"));
-        assert_eq!(
-            a.get_str("src_service"),
-            Some("web"),
-            "the rest of the sample stays"
-        );
-        assert!(a.get("dst_peers").is_some());
-        let own = bench_attributes("my-event", &["k=v".into()]).unwrap();
-        assert_eq!(own.0.len(), 1);
-        assert!(bench_attributes("my-event", &[]).is_err());
-    }
 }

@@ -5,6 +5,7 @@ mod auth;
 mod bench;
 mod commands;
 mod declarative;
+mod demo;
 mod explain;
 mod files;
 mod jwt;
@@ -12,6 +13,7 @@ mod log;
 mod output;
 mod print;
 mod servers;
+mod tap;
 mod top;
 mod up;
 

@@ -8,10 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use bus::roles::Role;
 use bus::subject::SHIPPED_KINDS;
-use bus::{headers, AdminClient, Client, Kind, State};
+use bus::{headers, AdminClient, Client, Kind};
 use tokio::process::{Child, Command};
-
-use crate::print::{describe, parse_attributes};
 
 struct Stack {
     children: Vec<(String, Child)>,
@@ -221,137 +219,6 @@ async fn wait_ready(
     Ok(())
 }
 
-pub async fn load_examples(admin: &AdminClient, dir: &Path) -> anyhow::Result<()> {
-    let inputs = crate::declarative::read_inputs(&[dir.to_path_buf()])?;
-    let applied = crate::declarative::apply(admin, &inputs, Default::default()).await?;
-    let unchanged = match applied.unchanged {
-        0 => String::new(),
-        n => format!(" ({n} unchanged)"),
-    };
-    eprintln!(
-        "loaded {} subscriptions and {} policies{unchanged} from {} (configuration revision {})",
-        inputs.subscriptions.as_ref().map_or(0, Vec::len),
-        inputs.policies.as_ref().map_or(0, Vec::len),
-        dir.display(),
-        applied.revision
-    );
-    Ok(())
-}
-
-/// Sample hookpoint traffic: (event, attributes).
-const TRAFFIC: &[(&str, &[&str])] = &[
-    (
-        "new-connection",
-        &[
-            "src_service=web",
-            "dst_service=db",
-            "direction=outgoing",
-            "src_peer=local",
-            "dst_peers=[peer-a,peer-b,peer-c]",
-        ],
-    ),
-    (
-        "new-connection",
-        &[
-            "src_service=web",
-            "dst_service=api",
-            "direction=outgoing",
-            "src_peer=local",
-            "dst_peers=[peer-a,peer-b,peer-c]",
-        ],
-    ),
-    (
-        "new-connection",
-        &[
-            "src_service=batch",
-            "dst_service=billing",
-            "direction=outgoing",
-            "src_peer=local",
-            "dst_peers=[peer-a,peer-b]",
-        ],
-    ),
-    (
-        "new-connection",
-        &[
-            "src_service=web",
-            "dst_service=cache",
-            "direction=outgoing",
-            "src_peer=local",
-            "dst_peers=[peer-a,peer-b,peer-c]",
-        ],
-    ),
-    (
-        "expose-service",
-        &["service=db", "peers=[peer-a,peer-b,partner-x]"],
-    ),
-    (
-        "service-list-request",
-        &["src_peer=partner-x", "services=[db,api,billing,cache]"],
-    ),
-];
-
-/// The `connection-closed` event for an allowed connection.
-fn closing(attrs: &State, decision: &State) -> State {
-    let mut closed = State::new();
-    for (from, keys) in [
-        (decision, ["connection_id", "target_peer"]),
-        (attrs, ["src_service", "dst_service"]),
-    ] {
-        for k in keys {
-            if let Some(v) = from.get(k) {
-                closed.insert(k, v.clone());
-            }
-        }
-    }
-    closed
-}
-
-/// Sends the sample events, printing each decision, until the task is dropped.
-async fn traffic(hook: Client, every: Duration) -> anyhow::Result<()> {
-    let mut i = 0usize;
-    // Allowed connections, closed a few events later so conn-limit sees them go.
-    let mut open: std::collections::VecDeque<State> = Default::default();
-    loop {
-        if every.is_zero() {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            continue;
-        }
-        let (event, pairs) = TRAFFIC[i % TRAFFIC.len()];
-        i += 1;
-        let attrs = parse_attributes(&pairs.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-        let t0 = Instant::now();
-        match hook.emit(event, &attrs).await {
-            Ok(d) => {
-                crate::print::line(&describe(event, &attrs, &d, t0.elapsed()))
-                    .context("stdout closed")?;
-                if event == "new-connection" && d.get_str("action") == Some("allow") {
-                    open.push_back(closing(&attrs, &d));
-                }
-            }
-            Err(e) => {
-                crate::print::line(&format!("{event:<21} error: {e}")).context("stdout closed")?
-            }
-        }
-        if open.len() > 4 {
-            if let Some(closed) = open.pop_front() {
-                let t0 = Instant::now();
-                match hook.emit("connection-closed", &closed).await {
-                    Ok(d) => crate::print::line(&describe(
-                        "connection-closed",
-                        &closed,
-                        &d,
-                        t0.elapsed(),
-                    ))
-                    .context("stdout closed")?,
-                    Err(e) => crate::print::line(&format!("connection-closed     error: {e}"))
-                        .context("stdout closed")?,
-                }
-            }
-        }
-        tokio::time::sleep(every).await;
-    }
-}
-
 pub async fn run(
     common: &daemon::Common,
     examples: &Path,
@@ -436,7 +303,8 @@ pub async fn run(
             "engine up: dispatcher, agents {} and a wasm host",
             SHIPPED_KINDS.join(", ")
         );
-        load_examples(&AdminClient::new(nats.clone(), subjects.clone()), examples).await?;
+        crate::demo::load_examples(&AdminClient::new(nats.clone(), subjects.clone()), examples)
+            .await?;
         let login = match auth {
             Some(dir) => format!(
                 " --nkey-file {}",
@@ -452,7 +320,7 @@ pub async fn run(
         let gateway = as_role(&all, auth, &Role::Gateway)
             .connect("policyctl-traffic", true, &Role::Gateway)
             .await?;
-        traffic(Client::new(gateway, subjects), every).await
+        crate::demo::traffic(Client::new(gateway, subjects), every).await
     };
     let outcome = tokio::select! {
         r = result => r,

@@ -282,14 +282,22 @@ impl AgentKind for ConnLimiter {
     }
 
     async fn attach(&mut self, ctx: Attach<'_>) -> Result<(), AttachError> {
-        let markers = ctx
+        // Markers live as long as they count: a close or undo per connection would otherwise
+        // pile up for a lease. A bucket an older version made with the lease is brought down.
+        let mut markers = ctx
             .state_bucket(
                 bus::store::Store::Conns,
                 "policy-bus connection limiter: closes and undos, for late copies of admissions",
-                self.lease,
+                bus::slots::MARKER_FOR,
             )
             .await?;
         let jet = bus::store::Jet::reach(ctx.store, ctx.subjects, bus::store::Store::Conns).await?;
+        let mut info = markers.stream.info().await?.config.clone();
+        if info.max_age != bus::slots::MARKER_FOR {
+            tracing::info!(bucket = %ctx.subjects.conn_bucket(), was = ?info.max_age, "markers kept 120 s");
+            info.max_age = bus::slots::MARKER_FOR;
+            jet.context().update_stream(info).await?;
+        }
         let store = JetStore::new(&jet, ctx.subjects, self.lease, ctx.kv_replicas, markers);
         self.slots = Some(Arc::new(Slots::new(store)));
         Ok(())

@@ -175,6 +175,7 @@ impl SlotStore for JetStore {
         }
         let mut expected = slots::stream_config(&self.subjects, policy, max, self.lease);
         expected.num_replicas = self.replicas.max(1);
+        expected.consumer_limits = Some(bus::store::consumer_limits());
         let name = expected.name.clone();
         let opened = match self.js.get_stream(&name).await {
             Ok(mut s) => {
@@ -269,6 +270,12 @@ impl SlotStore for JetStore {
         match ack {
             Ok(_) => Ok(Written::Yes),
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Written::Conflict),
+            // Deleted under us: made again on the next admission.
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+                streams.remove(policy);
+                Err(format!("could not write {subject}: {e}"))
+            }
             // `discard: new` at `max_msgs`: every slot is taken.
             Err(e)
                 if jet_error(&e).is_some_and(|j| {

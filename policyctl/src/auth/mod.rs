@@ -15,6 +15,8 @@
 //! configuration reload when only a flag enabled it, and refuses a reload when the flag's store
 //! directory differs from the file's; and a reload is how a new agent kind's user goes live.
 
+pub mod command;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};

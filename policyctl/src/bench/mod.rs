@@ -6,6 +6,7 @@
 
 mod chain;
 mod cpu;
+pub mod sample;
 
 use std::time::{Duration, Instant};
 

@@ -16,6 +16,7 @@ mod events;
 mod faults;
 mod integrity;
 mod labels;
+mod layout;
 mod limits;
 mod live;
 mod monitor;

@@ -181,10 +181,10 @@ impl Metrics {
     pub fn record(&self, r: &TapRecord) {
         let event = self.events.admit(&r.event);
         let d = &r.decision;
-        let action = match d.get_str(keys::ACTION) {
-            None | Some("allow") => "allow",
-            Some("deny") => "deny",
-            Some(_) => "other",
+        let action = match (d.get_str(keys::ACTION), d.action()) {
+            (None, _) | (_, Some(bus::Action::Allow)) => "allow",
+            (_, Some(bus::Action::Deny)) => "deny",
+            (Some(_), None) => "other",
         }
         .to_string();
         self.decisions

@@ -73,7 +73,7 @@ pub(super) async fn jet_login(engine: &Engine, role: &str) -> async_nats::Client
 /// Where `stream` answers the JetStream API over `client`: the store identities' prefix, or
 /// the server's own.
 pub(super) async fn api(client: &async_nats::Client, stream: &str) -> String {
-    for prefix in ["policy._js.API", "$JS.API"] {
+    for prefix in ["policy._js.API", "policy._js.conns.API", "$JS.API"] {
         let request = async_nats::Request::new().timeout(Some(Duration::from_secs(1)));
         if client
             .send_request(format!("{prefix}.STREAM.INFO.{stream}"), request)

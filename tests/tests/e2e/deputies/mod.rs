@@ -221,7 +221,7 @@ async fn battery(mut engine: Engine) {
         "policy._js.API.$KV.policy_config.sub.new-connection.acl",
         "$JS.API.STREAM.PURGE.KV_policy_conns",
         "$SLOT.policy_conns.db.victim",
-        "policy._js.API.$SLOT.policy_conns.db.victim",
+        "policy._js.conns.API.$SLOT.policy_conns.db.victim",
         "$JS.API.STREAM.MSG.DELETE.SLOTS_policy_conns_db",
         "$JS.API.STREAM.PURGE.KV_policy_rates",
         "$JS.API.STREAM.PURGE.KV_policy_config",
