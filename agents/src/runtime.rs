@@ -175,8 +175,6 @@ where
             .map_err(|e| ErrorReply::new(ErrorCode::InvalidPolicy, e))
     }
 
-    /// Answers one request. `track` puts it in the in-progress set, so that a hedged copy
-    /// arriving meanwhile is dropped; a request answered inline has no "meanwhile".
     /// Counts an answered request, when the process keeps metrics.
     fn count(&self, op: &str, outcome: &str) {
         if let Some(m) = &self.metrics {
@@ -184,6 +182,8 @@ where
         }
     }
 
+    /// Answers one request. `track` puts it in the in-progress set, so that a hedged copy
+    /// arriving meanwhile is dropped; a request answered inline has no "meanwhile".
     async fn handle(self: Arc<Self>, req: Request, track: bool) {
         let _in_flight = self.metrics.as_ref().map(|m| m.started());
         let started = std::time::Instant::now();

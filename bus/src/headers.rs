@@ -71,8 +71,9 @@ pub const NATS_SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
 pub const DISPATCHER_SERVICE: &str = "policy-dispatcher";
 /// The services API name of `policy-agent wasm`, the host of WebAssembly agent kinds.
 pub const WASM_HOST_SERVICE: &str = "policy-agent-wasm";
-/// (Any displayable kind name: taking `Kind` itself would tie headers to subjects, which tie
-/// back through their errors.)
+/// The services API name of an agent kind's instances: `policy-agent-<kind>`. It takes any
+/// displayable kind name: taking `Kind` itself would tie headers to subjects, which tie back
+/// through their errors.
 pub fn agent_service(kind: impl std::fmt::Display) -> String {
     format!("policy-agent-{kind}")
 }

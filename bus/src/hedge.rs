@@ -12,8 +12,8 @@
 //! is asked again after a short pause, also until the timeout.
 //!
 //! An agent may so receive the same request twice: it must answer it the same way, or undo
-//! what the duplicate took (conn-limit's slots carry the event id, so a duplicate's are freed
-//! with the connection's). Every request carries its deadline (`Policy-Deadline`), so an agent
+//! what the duplicate took (conn-limit's slot is one per connection and lists the runs holding
+//! it, so a duplicate shares the original's, and a denied run's undo takes it out). Every request carries its deadline (`Policy-Deadline`), so an agent
 //! does not start work on a request the dispatcher has already given up on.
 
 use std::sync::atomic::{AtomicU64, Ordering};

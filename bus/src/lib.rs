@@ -6,6 +6,7 @@
 pub mod accounts;
 pub mod admin;
 mod admin_client;
+pub mod attrs;
 pub mod batch;
 pub mod cache;
 pub mod client;

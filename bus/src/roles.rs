@@ -9,10 +9,11 @@
 //! *store* identity, alone in an account of its own, reaches the JetStream stores the role
 //! reads or owns (`crate::store`), and nothing else.
 //!
-//! Nothing grants `STREAM.UPDATE`, `STREAM.DELETE` or `STREAM.MSG.DELETE`: no process of the
-//! engine needs them, so no credential of the engine can wipe a bucket. The one `STREAM.PURGE`
-//! is the dispatcher's, on the modules object store alone: replacing or removing a module
-//! purges its old chunks.
+//! Nothing grants `STREAM.DELETE`: no credential of the engine can remove a store. An owner
+//! may update its key-value stream (to put back its routing, `crate::store::repair`); conn-limit
+//! may update its slot streams (their limits follow its policies) and delete a message of them
+//! (a released slot). The one `STREAM.PURGE` is the dispatcher's, on the modules object store
+//! alone: replacing or removing a module purges its old chunks.
 
 use std::fmt;
 

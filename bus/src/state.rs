@@ -12,7 +12,6 @@ use crate::codec::{self, CodecError};
 /// A MessagePack value: what a state key maps to.
 pub type Value = rmpv::Value;
 
-/// Well-known state keys with merge rules of their own (see [`crate::merge`]).
 /// A value of a MessagePack map by key (a reason's fields, an event's attributes, a map in the
 /// state); `None` when `map` is no map or has no such key.
 pub fn field<'a>(map: &'a Value, name: &str) -> Option<&'a Value> {
@@ -27,6 +26,7 @@ pub fn field_str<'a>(map: &'a Value, name: &str) -> Option<&'a str> {
     field(map, name)?.as_str()
 }
 
+/// Well-known state keys with merge rules of their own (see [`crate::merge`]).
 pub mod keys {
     pub const ACTION: &str = "action";
     pub const DST_PEERS: &str = "dst_peers";

@@ -248,7 +248,8 @@ impl Subjects {
         format!("{}_config", self.prefix.replace('.', "_"))
     }
 
-    /// The connection limiter's bucket: one key per taken slot, shared by its instances.
+    /// The connection limiter's marker bucket (closes and undos), and the base of its slot
+    /// streams' names and subjects (`crate::slots`).
     pub fn conn_bucket(&self) -> String {
         format!("{}_conns", self.prefix.replace('.', "_"))
     }

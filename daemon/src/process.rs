@@ -40,7 +40,6 @@ pub fn exit<E: std::error::Error + 'static>(
     }
 }
 
-/// Installs the global subscriber. `RUST_LOG` filters (default `default_level`).
 /// The runtime a daemon runs on. One worker (the default) is a current-thread runtime: a
 /// dispatcher or agent mostly waits on one NATS socket, and handing each message between
 /// threads cost more than the work (docs/performance.md: CPU per decision fell by a quarter).
@@ -80,6 +79,7 @@ where
     }
 }
 
+/// Installs the global subscriber. `RUST_LOG` filters (default `default_level`).
 pub fn init_logging(json: bool, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));

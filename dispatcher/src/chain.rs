@@ -100,7 +100,7 @@ impl Call<'_> {
 
     /// Calls one agent within its subscription's timeout, hedged (see [`bus::hedge`]), or
     /// answers from the verdict cache. `state` is the state sent, `state_header` its header
-    /// form. The flag says whether the answer came from the cache.
+    /// form. The [`Answer`] says where the answer came from and what an undo owes it.
     async fn ask(
         &self,
         m: &Member,
@@ -260,6 +260,7 @@ impl Call<'_> {
                         if owes_undo(Ended::Failed {
                             outcome: f.outcome,
                             nothing,
+                            hedged: how.hedged,
                         }) {
                             owed.push(m.kind.clone());
                         }

@@ -114,8 +114,21 @@ fn what_an_answer_says_it_holds_decides_its_undo() {
     assert!(!answered(Source::Agent, None, false, true));
     assert!(answered(Source::Agent, None, true, true));
     // A failed call may have taken something, unless its kind never holds anything.
-    let failed = |outcome, nothing| owes_undo(Ended::Failed { outcome, nothing });
-    assert!(failed(Outcome::Timeout, false) && failed(Outcome::Error, false));
-    assert!(!failed(Outcome::Timeout, true));
-    assert!(!failed(Outcome::NoResponders, false), "no instance took it");
+    let failed = |outcome, nothing, hedged| {
+        owes_undo(Ended::Failed {
+            outcome,
+            nothing,
+            hedged,
+        })
+    };
+    assert!(failed(Outcome::Timeout, false, false) && failed(Outcome::Error, false, false));
+    assert!(!failed(Outcome::Timeout, true, true));
+    assert!(
+        !failed(Outcome::NoResponders, false, false),
+        "no instance took it"
+    );
+    assert!(
+        failed(Outcome::NoResponders, false, true),
+        "an earlier copy reached an instance that is gone now"
+    );
 }

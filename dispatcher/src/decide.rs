@@ -277,7 +277,8 @@ fn agents_copy(attributes: &Value) -> Option<Value> {
         return None;
     };
     let is_candidates = |k: &Value, v: &Value| {
-        matches!(k.as_str(), Some("dst_peers" | "peers" | "services"))
+        k.as_str()
+            .is_some_and(|k| bus::attrs::CANDIDATES.contains(&k))
             && matches!(v, Value::Array(items) if !items.is_empty())
     };
     if !map.iter().any(|(k, v)| is_candidates(k, v)) {

@@ -47,13 +47,20 @@ pub enum Ended {
     /// `denied`: the answer itself denied.
     Answered { how: Answer, denied: bool },
     /// `nothing`: the kind's answers say it holds nothing (pure, or `Policy-Undo: never`).
-    Failed { outcome: Outcome, nothing: bool },
+    /// `hedged`: more than one copy was sent (an earlier one may have reached an instance
+    /// that took something, before the last found none).
+    Failed {
+        outcome: Outcome,
+        nothing: bool,
+        hedged: bool,
+    },
 }
 
 /// Whether a call owes an `_undo` if the event ends denied: it answered that it holds
 /// something; it answered that it holds nothing but was hedged (another copy may hold); it
 /// predates `Policy-Undo` and did not deny itself unhedged; or it failed in a way that may
-/// have left something taken (no answer in time, an error) and its kind may hold.
+/// have left something taken (no answer in time, an error, or no instance left for a copy
+/// after an earlier one was sent) and its kind may hold.
 pub fn owes_undo(ended: Ended) -> bool {
     match ended {
         Ended::Answered { how, .. } if how.source != Source::Agent => false,
@@ -63,8 +70,14 @@ pub fn owes_undo(ended: Ended) -> bool {
             Some(Undo::Never) => false,
             None => !denied || how.hedged,
         },
-        Ended::Failed { outcome, nothing } => {
-            !nothing && matches!(outcome, Outcome::Timeout | Outcome::Error)
+        Ended::Failed {
+            outcome,
+            nothing,
+            hedged,
+        } => {
+            !nothing
+                && (matches!(outcome, Outcome::Timeout | Outcome::Error)
+                    || (outcome == Outcome::NoResponders && hedged))
         }
     }
 }

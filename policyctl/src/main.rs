@@ -177,7 +177,7 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Stream decisions from the tap, one JSON object a line.
+    /// Stream decisions from the tap, one line each (human, or JSON with `-o json`).
     Tap {
         /// Only this event's decisions.
         event: Option<String>,

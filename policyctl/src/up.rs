@@ -75,8 +75,6 @@ fn as_role(common: &daemon::Common, auth: Option<&Path>, role: &Role) -> daemon:
     c
 }
 
-/// Connects as the operator to the URL's server, or starts one there (with the generated
-/// users and permissions when `auth` is given).
 /// Connects as the operator to the URL's server, or starts `nodes` there (a cluster with more
 /// than one); returns the client and every server's URL.
 async fn nats(

@@ -25,6 +25,7 @@
 //! of the destination service: an event checks the rules that name its service, peer or a
 //! label it has, plus the rules that leave all three open, never the whole list.
 
+use bus::attrs;
 use bus::event::{Direction, Event, Labels};
 use bus::state::keys;
 use bus::{Action, Effect, Reason, State};
@@ -370,25 +371,29 @@ impl AgentKind for Acl {
         let (attrs, state): (&'static [&'static str], &'static [&'static str]) = match event {
             Event::NewConnection(_) => (
                 &[
-                    "src_service",
-                    "dst_service",
-                    "src_peer",
-                    "direction",
-                    "src_labels",
-                    "dst_labels",
-                    "peer_labels",
+                    attrs::SRC_SERVICE,
+                    attrs::DST_SERVICE,
+                    attrs::SRC_PEER,
+                    attrs::DIRECTION,
+                    attrs::SRC_LABELS,
+                    attrs::DST_LABELS,
+                    attrs::PEER_LABELS,
                 ],
                 &[keys::DST_PEERS],
             ),
             Event::ExposeService(_) => (
-                &["service", "service_labels", "peer_labels"],
+                &[attrs::SERVICE, attrs::SERVICE_LABELS, attrs::PEER_LABELS],
                 &[keys::TARGET_PEERS],
             ),
             Event::ServiceListRequest(_) => (
-                &["src_peer", "src_peer_labels", "service_labels"],
+                &[
+                    attrs::SRC_PEER,
+                    attrs::SRC_PEER_LABELS,
+                    attrs::SERVICE_LABELS,
+                ],
                 &[keys::SERVICES],
             ),
-            Event::RemoteServiceAdded(_) => (&["service", "peer", "labels"], &[]),
+            Event::RemoteServiceAdded(_) => (&[attrs::SERVICE, attrs::PEER, attrs::LABELS], &[]),
             _ => return None,
         };
         Some(bus::cache::Declared { attrs, state })

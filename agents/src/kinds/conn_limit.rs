@@ -132,12 +132,10 @@ impl ConnLimiter {
         patch
     }
 
-    fn policies(rules: &[Compiled], may: impl Fn(&LimitMatch) -> bool) -> Vec<&str> {
-        rules
-            .iter()
-            .filter(|c| may(&c.matcher))
-            .map(|c| c.id.as_str())
-            .collect()
+    /// Every policy's id: a release looks under each (a policy whose `match` changed since
+    /// the admission still holds the connection's slot).
+    fn policies(rules: &[Compiled]) -> Vec<&str> {
+        rules.iter().map(|c| c.id.as_str()).collect()
     }
 }
 
@@ -229,8 +227,7 @@ impl AgentKind for ConnLimiter {
         };
         match event {
             Event::ConnectionClosed(e) => {
-                let policies =
-                    Self::policies(rules, |m| m.may_match(&e.src_service, &e.dst_service));
+                let policies = Self::policies(rules);
                 slots
                     .close(&key_token(&e.connection_id), &policies)
                     .await
@@ -240,7 +237,7 @@ impl AgentKind for ConnLimiter {
             // slots, `closed` and `failed` free them as a close does.
             Event::ConnectionStatus(status) => {
                 let token = key_token(&status.connection_id);
-                let policies = Self::policies(rules, |_| true);
+                let policies = Self::policies(rules);
                 match status.state {
                     ConnectionState::Open => {
                         if let Err(e) = slots.renew(&token, &policies).await {
@@ -277,7 +274,7 @@ impl AgentKind for ConnLimiter {
         ) else {
             return Ok(());
         };
-        let policies = Self::policies(rules, |_| true);
+        let policies = Self::policies(rules);
         slots.undo(&key_token(conn), &run, &policies).await
     }
 
@@ -298,7 +295,7 @@ impl AgentKind for ConnLimiter {
             info.max_age = bus::slots::MARKER_FOR;
             jet.context().update_stream(info).await?;
         }
-        let store = JetStore::new(&jet, ctx.subjects, self.lease, ctx.kv_replicas, markers);
+        let store = JetStore::new(&jet, ctx.subjects, self.lease, markers);
         self.slots = Some(Arc::new(Slots::new(store)));
         Ok(())
     }

@@ -20,21 +20,29 @@
 //! agent call plus a store request ([`MAX_CALL`]), so no copy started before a marker writes
 //! after it stops counting (checked below, at compile time).
 
+use std::time::{Duration, Instant};
+
 use super::conn_store::{Marker, SlotStore, StoreError, Written};
 
-/// The longest a copy of an admission can be under way: the longest agent call a
-/// subscription may set (`MAX_TIMEOUT_MS`), plus its store requests (5 s each at most, two
-/// before the write that matters).
-pub const MAX_CALL: std::time::Duration =
-    std::time::Duration::from_millis(bus::admin::MAX_TIMEOUT_MS + 10_000);
+/// How long one admission may go on writing once started: past it, it fails instead of
+/// writing (a store slow enough to need more is failing anyway).
+pub const ADMIT_FOR: Duration = Duration::from_secs(10);
+/// The last write of an admission may itself take a request's timeout.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest between a copy being sent and its last write: the runtime starts no request
+/// past its `Policy-Deadline` (at most `MAX_TIMEOUT_MS` after it was sent), and a started
+/// admission writes for [`ADMIT_FOR`] at most, plus its last request.
+pub const MAX_CALL: Duration = Duration::from_millis(
+    bus::admin::MAX_TIMEOUT_MS + ADMIT_FOR.as_millis() as u64 + REQUEST_TIMEOUT.as_millis() as u64,
+);
 const _: () = assert!(bus::slots::MARKER_FOR.as_millis() > MAX_CALL.as_millis());
 
 /// Conditional writes of one slot before giving up: only copies of one connection's
 /// admission (and its close, undo or renewal) write the same slot, so a few suffice.
 const ATTEMPTS: usize = 16;
 /// Runs a slot lists at most: one per dispatcher run of the event (a hookpoint sends three
-/// copies at most). Past it, a run shares the slot without being listed: it is not undone
-/// separately, so the slot stays until the close or the last listed run's undo.
+/// copies at most). Past it, an admission fails (closed) rather than hold the slot unlisted,
+/// which the listed runs' undos would free under it.
 const MAX_RUNS: usize = 8;
 
 /// What an admission under one policy came to.
@@ -68,17 +76,26 @@ impl<S: SlotStore> Slots<S> {
         connection: &str,
         run: &str,
     ) -> Result<Admission, StoreError> {
+        let until = Instant::now() + ADMIT_FOR;
         self.store.prepare(policy, max).await?;
         // A new connection is the usual case: write first, read only if the slot exists.
         let (mut runs, mut expected) = (vec![run.to_string()], 0);
         for _ in 0..ATTEMPTS {
+            if Instant::now() >= until {
+                return Err(format!(
+                    "the slot of {connection} under {policy}: no write within {ADMIT_FOR:?}"
+                ));
+            }
             let written = self.store.put(policy, connection, &runs, expected).await?;
             if written == Written::Yes {
                 return self.after_write(policy, connection, run).await;
             }
             match self.store.get(policy, connection).await? {
-                Some(slot) if slot.runs.iter().any(|r| r == run) || slot.runs.len() >= MAX_RUNS => {
-                    return Ok(Admission::Held)
+                Some(slot) if slot.runs.iter().any(|r| r == run) => return Ok(Admission::Held),
+                Some(slot) if slot.runs.len() >= MAX_RUNS => {
+                    return Err(format!(
+                        "the slot of {connection} under {policy} lists {MAX_RUNS} runs already"
+                    ))
                 }
                 Some(slot) => {
                     runs = slot.runs;
@@ -149,10 +166,14 @@ impl<S: SlotStore> Slots<S> {
     /// its admission still under way gives back what it writes.
     pub async fn close(&self, connection: &str, policies: &[&str]) -> Result<(), StoreError> {
         self.store.mark(Marker::Closed(connection)).await?;
+        // Every policy, even after one failed: the close is sent again, and frees fewer then.
+        let mut failed = Ok(());
         for policy in policies {
-            self.leave(policy, connection, None).await?;
+            if let Err(e) = self.leave(policy, connection, None).await {
+                failed = Err(e);
+            }
         }
-        Ok(())
+        failed
     }
 
     /// The run's event was denied: the run leaves the connection's slots under `policies`, and

@@ -319,3 +319,19 @@ async fn a_release_that_loses_a_race_reads_again() {
     a.undo("c1", "r1", &["db"]).await.unwrap();
     assert_eq!(mem.held("db"), [("c1".to_string(), vec!["r2".to_string()])]);
 }
+
+#[tokio::test]
+async fn a_slot_lists_a_bounded_number_of_runs_and_refuses_more() {
+    let mem = Mem::default();
+    let a = mem.instance();
+    for r in 0..MAX_RUNS {
+        assert_eq!(
+            a.admit("db", 5, "c1", &format!("r{r}")).await,
+            Ok(Admission::Took)
+        );
+    }
+    // A ninth run is refused (fails closed) rather than held unlisted: the listed runs'
+    // undos would otherwise free the slot under its allow.
+    assert!(a.admit("db", 5, "c1", "r-more").await.is_err());
+    assert_eq!(a.admit("db", 5, "c1", "r0").await, Ok(Admission::Held));
+}

@@ -92,24 +92,34 @@ pub struct JetStore {
     api: Option<String>,
     subjects: Subjects,
     lease: Duration,
-    replicas: usize,
     markers: kv::Store,
     /// Streams opened, with the limit they were made for.
     streams: Mutex<HashMap<String, (u32, stream::Stream)>>,
 }
 
+/// Replicas of a slot stream: one. nats-server 2.12 checks a replicated stream's `max_msgs`
+/// before its leader proposes a write, without allowing for a write that replaces its
+/// subject's message: a full replicated stream would refuse every renewal and every run added
+/// or taken out (and the slots of live connections would lapse with the lease). A stream of
+/// one replica is checked by its store, which allows it. The markers stay replicated.
+const SLOT_REPLICAS: usize = 1;
+
 /// JetStream's error codes this store tells apart.
 const STREAM_NOT_FOUND: u64 = 10059;
+/// MSG.DELETE of a sequence no longer there: 10043 inside a block, 10057 ("no message found")
+/// below the stream's first sequence (a rewrite of the oldest slot moves it on).
 const SEQUENCE_NOT_FOUND: u64 = 10043;
 const DELETE_FAILED: u64 = 10057;
 const STORE_FAILED: u64 = 10077;
+/// On a cluster: another write of the subject is in flight (10164), or the expected
+/// sequence cannot be checked yet (10163). Either is a write that lost a race.
+const SUBJECT_IN_FLIGHT: [u64; 2] = [10163, 10164];
 
 impl JetStore {
     pub fn new(
         jet: &bus::store::Jet,
         subjects: &Subjects,
         lease: Duration,
-        replicas: usize,
         markers: kv::Store,
     ) -> Self {
         JetStore {
@@ -117,10 +127,16 @@ impl JetStore {
             api: jet.api().map(str::to_string),
             subjects: subjects.clone(),
             lease,
-            replicas,
             markers,
             streams: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Forgets a stream that was deleted (or could not be reached): the next admission makes
+    /// it again.
+    fn forget(&self, policy: &str) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.remove(policy);
     }
 
     fn cached(&self, policy: &str) -> Option<(u32, stream::Stream)> {
@@ -174,7 +190,7 @@ impl SlotStore for JetStore {
             return Ok(());
         }
         let mut expected = slots::stream_config(&self.subjects, policy, max, self.lease);
-        expected.num_replicas = self.replicas.max(1);
+        expected.num_replicas = SLOT_REPLICAS;
         expected.consumer_limits = Some(bus::store::consumer_limits());
         let name = expected.name.clone();
         let opened = match self.js.get_stream(&name).await {
@@ -238,7 +254,12 @@ impl SlotStore for JetStore {
                     .collect(),
                 revision: m.sequence,
             })),
-            Err(e) if found_nothing(&e) => Ok(None),
+            Err(e) if found_nothing(&e) => {
+                if !matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) {
+                    self.forget(policy);
+                }
+                Ok(None)
+            }
             Err(e) => Err(format!("could not read {subject}: {e}")),
         }
     }
@@ -270,10 +291,19 @@ impl SlotStore for JetStore {
         match ack {
             Ok(_) => Ok(Written::Yes),
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Written::Conflict),
-            // Deleted under us: made again on the next admission.
-            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
-                let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-                streams.remove(policy);
+            Err(e)
+                if jet_error(&e).is_some_and(|j| SUBJECT_IN_FLIGHT.contains(&j.error_code().0)) =>
+            {
+                Ok(Written::Conflict)
+            }
+            // Deleted under us (or not answering): made again on the next admission.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    PublishErrorKind::StreamNotFound | PublishErrorKind::TimedOut
+                ) =>
+            {
+                self.forget(policy);
                 Err(format!("could not write {subject}: {e}"))
             }
             // `discard: new` at `max_msgs`: every slot is taken.
@@ -303,10 +333,16 @@ impl SlotStore for JetStore {
             // Written again since (or expired): no longer the slot read.
             Err(e)
                 if matches!(e.kind(), DeleteMessageErrorKind::JetStream(j)
-                    if j.error_code().0 == SEQUENCE_NOT_FOUND
-                        || (j.error_code().0 == DELETE_FAILED && j.to_string().contains("not found"))) =>
+                    if [SEQUENCE_NOT_FOUND, DELETE_FAILED].contains(&j.error_code().0)) =>
             {
                 Ok(Written::Conflict)
+            }
+            Err(e)
+                if matches!(e.kind(), DeleteMessageErrorKind::JetStream(j)
+                    if j.error_code().0 == STREAM_NOT_FOUND) =>
+            {
+                self.forget(policy);
+                Ok(Written::Yes)
             }
             Err(e) => Err(format!(
                 "could not free {policy}'s slot of {connection}: {e}"

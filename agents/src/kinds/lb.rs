@@ -231,7 +231,11 @@ impl AgentKind for Lb {
             Scheme::Random | Scheme::RoundRobin | Scheme::Weighted => false,
         };
         pure.then_some(bus::cache::Declared {
-            attrs: &["dst_service", "src_service", "src_peer"],
+            attrs: &[
+                bus::attrs::DST_SERVICE,
+                bus::attrs::SRC_SERVICE,
+                bus::attrs::SRC_PEER,
+            ],
             state: &[keys::DST_PEERS],
         })
     }

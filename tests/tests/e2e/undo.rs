@@ -263,6 +263,16 @@ async fn undo_spy(engine: &Engine, kind: &str) -> Arc<Mutex<Vec<String>>> {
     spy(undos)
 }
 
+/// A kind `veto` that denies every `new-connection`.
+async fn veto(engine: &Engine) {
+    foreign_agent(&engine.nats.url(), "veto", "new-connection", |_, _| async {
+        let mut patch = Map::new();
+        patch.insert("action".into(), rmpv::Value::from("deny"));
+        Some(patch)
+    })
+    .await;
+}
+
 /// How many undo requests of event `id` the spy saw.
 fn undos_of(spy: &Mutex<Vec<String>>, id: &str) -> usize {
     spy.lock().expect("spy").iter().filter(|e| *e == id).count()
@@ -275,12 +285,7 @@ async fn an_undo_is_one_request_per_attempt_and_none_to_a_failed_kind_whose_answ
     let answering = Arc::new(AtomicBool::new(true));
     let taker = silent_kind(&engine, "taker", false, Arc::new(AtomicBool::new(true))).await;
     let pure = silent_kind(&engine, "pure", true, answering.clone()).await;
-    foreign_agent(&engine.nats.url(), "veto", "new-connection", |_, _| async {
-        let mut patch = Map::new();
-        patch.insert("action".into(), rmpv::Value::from("deny"));
-        Some(patch)
-    })
-    .await;
+    veto(&engine).await;
     let admin = engine.admin().await;
     let mut short = sub("new-connection", "pure", 20);
     short.timeout_ms = 300;
@@ -404,12 +409,7 @@ async fn a_dry_run_an_agent_answers_as_real_is_denied_and_undone() {
 async fn a_denied_event_is_undone_by_the_kinds_that_hold_and_only_them() {
     let mut engine = Engine::new();
     engine.start(&["acl", "conn-limit", "rate-limit"]).await;
-    foreign_agent(&engine.nats.url(), "veto", "new-connection", |_, _| async {
-        let mut patch = Map::new();
-        patch.insert("action".into(), rmpv::Value::from("deny"));
-        Some(patch)
-    })
-    .await;
+    veto(&engine).await;
     let admin = engine.admin().await;
     subscribe_forced(
         &admin,

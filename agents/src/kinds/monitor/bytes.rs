@@ -65,7 +65,7 @@ impl ConnectionBytes {
 
     /// A status report: counts the bytes since the last one. `admit` caps a label's values.
     pub(super) fn status(&self, attributes: &Value, admit: impl Fn(&str, bool) -> String) {
-        let Some(connection) = text(attributes, "connection_id") else {
+        let Some(connection) = text(attributes, bus::attrs::CONNECTION_ID) else {
             return;
         };
         let total = |name: &str| get(attributes, name).and_then(Value::as_u64).unwrap_or(0);
@@ -77,11 +77,11 @@ impl ConnectionBytes {
             return;
         }
         let seen = live.entry(connection.to_string()).or_default();
-        let service = match text(attributes, "dst_service") {
+        let service = match text(attributes, bus::attrs::DST_SERVICE) {
             Some(s) => admit(s, true),
             None => seen.service.clone().unwrap_or_else(|| "unknown".into()),
         };
-        let peer = match text(attributes, "target_peer") {
+        let peer = match text(attributes, bus::attrs::TARGET_PEER) {
             Some(p) => admit(p, false),
             None => seen.peer.clone().unwrap_or_else(|| "unknown".into()),
         };

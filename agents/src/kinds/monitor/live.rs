@@ -106,12 +106,12 @@ impl Live {
             (None, false) => "allow",
         }
         .to_string();
-        let service = field_str(&r.attributes, "dst_service")
-            .or_else(|| field_str(&r.attributes, "service"))
+        let service = field_str(&r.attributes, bus::attrs::DST_SERVICE)
+            .or_else(|| field_str(&r.attributes, bus::attrs::SERVICE))
             .unwrap_or("")
             .to_string();
-        let source = field_str(&r.attributes, "src_service")
-            .or_else(|| field_str(&r.attributes, "src_peer"))
+        let source = field_str(&r.attributes, bus::attrs::SRC_SERVICE)
+            .or_else(|| field_str(&r.attributes, bus::attrs::SRC_PEER))
             .unwrap_or("")
             .to_string();
         let reasons = match d.get(keys::REASONS) {

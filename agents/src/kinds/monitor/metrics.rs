@@ -204,8 +204,8 @@ impl Metrics {
                 self.reasons.get_or_create(&labels).inc();
             }
         }
-        let service =
-            field(&r.attributes, "dst_service").or_else(|| field(&r.attributes, "service"));
+        let service = field(&r.attributes, bus::attrs::DST_SERVICE)
+            .or_else(|| field(&r.attributes, bus::attrs::SERVICE));
         if let Some(service) = service {
             let labels = ServiceLabels {
                 event: event.clone(),
@@ -223,7 +223,7 @@ impl Metrics {
                 }
             }
             bus::event::CONNECTION_CLOSED => {
-                if let Some(c) = field(&r.attributes, "connection_id") {
+                if let Some(c) = field(&r.attributes, bus::attrs::CONNECTION_ID) {
                     self.bytes.closed(c);
                 }
             }
@@ -241,7 +241,7 @@ impl Metrics {
         let peer = d
             .get_str(keys::TARGET_PEER)
             .or_else(|| match event.as_str() {
-                bus::event::SERVICE_LIST_REQUEST => field(&r.attributes, "src_peer"),
+                bus::event::SERVICE_LIST_REQUEST => field(&r.attributes, bus::attrs::SRC_PEER),
                 bus::event::PEER_ADDED
                 | bus::event::PEER_REMOVED
                 | bus::event::REMOTE_SERVICE_ADDED

@@ -21,7 +21,7 @@ pub const NAME: &str = "monitor";
 pub struct Monitor {
     /// The process's metrics endpoint, which serves the monitor's families too.
     pub telemetry: Arc<daemon::telemetry::Telemetry>,
-    /// Filled in by `attach`; the agent side of the monitor does not need it.
+    /// The monitor's counters, fed from the tap (`attach` starts the task that feeds them).
     pub metrics: Arc<metrics::Metrics>,
 }
 
