@@ -8,9 +8,11 @@
 //!   sends it), `max_msgs_per_subject: 1` (a connection counts once, however many copies of its
 //!   admission write), and `max_age` is the lease. A slot's value is the runs that hold it,
 //!   one key token a line.
-//! - **Markers**: keys of the bucket `<prefix>_conns` (`KV_<prefix>_conns`): `closed.<connection>`
-//!   once a connection is closed, `undone.<connection>.<run>` once a run's event was denied. A
-//!   copy of an admission that writes after one gives its slot back.
+//! - **Markers**: one key per connection in the bucket `<prefix>_conns` (`KV_<prefix>_conns`),
+//!   `gone.<connection>`, whose value has a line `closed` once the connection is closed and a
+//!   line `run <run>` for each of its runs whose event was denied. A copy of an admission that
+//!   writes after one that concerns it gives its slot back. One key, so that an admission
+//!   checks with one read.
 
 use std::time::Duration;
 
@@ -42,14 +44,17 @@ pub fn wildcard(s: &Subjects) -> String {
     format!("$SLOT.{}.>", s.conn_bucket())
 }
 
-/// The marker of a closed connection.
-pub fn closed_key(connection: &str) -> String {
-    format!("closed.{connection}")
+/// The markers' key of a connection.
+pub fn gone_key(connection: &str) -> String {
+    format!("gone.{connection}")
 }
 
-/// The marker of an undone run of a connection.
-pub fn undone_key(connection: &str, run: &str) -> String {
-    format!("undone.{connection}.{run}")
+/// The markers' line of a closed connection.
+pub const CLOSED: &str = "closed";
+
+/// The markers' line of an undone run.
+pub fn undone_line(run: &str) -> String {
+    format!("run {run}")
 }
 
 /// The stream of one policy's slots, as conn-limit creates it (with the stores' consumer
@@ -85,6 +90,7 @@ mod tests {
         assert_eq!(subject(&s, "db", "c1"), "$SLOT.policy_conns.db.c1");
         assert_eq!((c.max_messages, c.max_messages_per_subject), (100, 1));
         assert_eq!(c.discard, stream::DiscardPolicy::New);
-        assert_eq!(undone_key("c1", "r1"), "undone.c1.r1");
+        assert_eq!(gone_key("c1"), "gone.c1");
+        assert_eq!(undone_line("r1"), "run r1");
     }
 }

@@ -120,8 +120,7 @@ impl<S: SlotStore> Slots<S> {
         connection: &str,
         run: &str,
     ) -> Result<Admission, StoreError> {
-        let markers = [Marker::Closed(connection), Marker::Undone(connection, run)];
-        if !self.store.marked(&markers).await? {
+        if !self.store.marked(connection, run).await? {
             return Ok(Admission::Took);
         }
         tracing::debug!(%policy, %connection, %run, "admitted after its close or undo: given back");

@@ -145,8 +145,9 @@ impl SlotStore for Mem {
         Ok(())
     }
 
-    async fn marked(&self, markers: &[Marker<'_>]) -> Result<bool, StoreError> {
+    async fn marked(&self, connection: &str, run: &str) -> Result<bool, StoreError> {
         let inner = self.inner.lock().unwrap();
+        let markers = [Marker::Closed(connection), Marker::Undone(connection, run)];
         Ok(markers
             .iter()
             .any(|m| inner.markers.contains(&marker_key(m))))

@@ -68,20 +68,29 @@ pub trait SlotStore: Send + Sync + 'static {
         revision: u64,
     ) -> impl Future<Output = Result<Written, StoreError>> + Send;
     fn mark(&self, marker: Marker<'_>) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Whether any of the markers was set less than [`slots::MARKER_FOR`] ago.
+    /// Whether the connection was closed, or the run undone, less than
+    /// [`slots::MARKER_FOR`] ago: one read.
     fn marked(
         &self,
-        markers: &[Marker<'_>],
+        connection: &str,
+        run: &str,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Slots the policy holds.
     fn in_use(&self, policy: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
-fn key(marker: Marker<'_>) -> String {
-    match marker {
-        Marker::Closed(c) => slots::closed_key(c),
-        Marker::Undone(c, r) => slots::undone_key(c, r),
-    }
+/// Markers' writes of one connection that may lose to another before one lands.
+const MARK_ATTEMPTS: usize = 8;
+
+/// The lines of a connection's markers, if they still count.
+fn live_lines(entry: &kv::Entry) -> Option<Vec<String>> {
+    let at = SystemTime::from(entry.created);
+    (at.elapsed().unwrap_or_default() < slots::MARKER_FOR).then(|| {
+        String::from_utf8_lossy(&entry.value)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    })
 }
 
 /// JetStream: a stream per policy whose limits are the limit (see `bus::slots`), and the
@@ -351,39 +360,59 @@ impl SlotStore for JetStore {
     }
 
     async fn mark(&self, marker: Marker<'_>) -> Result<(), StoreError> {
-        let key = key(marker);
-        self.markers
-            .put(&key, bytes::Bytes::new())
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("could not record {key}: {e}"))
+        let (connection, line) = match marker {
+            Marker::Closed(c) => (c, slots::CLOSED.to_string()),
+            Marker::Undone(c, r) => (c, slots::undone_line(r)),
+        };
+        let key = slots::gone_key(connection);
+        let failed = |e: &dyn std::fmt::Display| format!("could not record {key}: {e}");
+        // A close concerns every run: it replaces what was there.
+        if line == slots::CLOSED {
+            return self
+                .markers
+                .put(&key, line.into())
+                .await
+                .map(|_| ())
+                .map_err(|e| failed(&e));
+        }
+        for _ in 0..MARK_ATTEMPTS {
+            let entry = self.markers.entry(&key).await.map_err(|e| failed(&e))?;
+            let lines = entry.as_ref().and_then(live_lines).unwrap_or_default();
+            if lines.iter().any(|l| *l == line || l == slots::CLOSED) {
+                return Ok(());
+            }
+            let value: bytes::Bytes = lines
+                .iter()
+                .chain(std::iter::once(&line))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+                .into();
+            let written = match &entry {
+                Some(e) => self.markers.update(&key, value, e.revision).await.is_ok(),
+                None => self.markers.create(&key, value).await.is_ok(),
+            };
+            if written {
+                return Ok(());
+            }
+        }
+        Err(failed(&"too contended"))
     }
 
-    async fn marked(&self, markers: &[Marker<'_>]) -> Result<bool, StoreError> {
-        // From the stream's leader (not a direct get, which a replica may answer before it
-        // has the marker): a marker written before this call is seen.
-        let reads = markers.iter().map(|m| async move {
-            let subject = format!("{}{}", self.markers.prefix, key(*m));
-            match self
-                .markers
-                .stream
-                .get_last_raw_message_by_subject(&subject)
-                .await
-            {
-                Ok(msg) => {
-                    let at = SystemTime::from(msg.time);
-                    Ok(at.elapsed().unwrap_or_default() < slots::MARKER_FOR)
-                }
-                Err(e) if found_nothing(&e) => Ok(false),
-                Err(e) => Err(format!("could not read {subject}: {e}")),
-            }
-        });
-        let found = futures::future::join_all(reads).await;
-        let mut any = false;
-        for f in found {
-            any |= f?;
-        }
-        Ok(any)
+    async fn marked(&self, connection: &str, run: &str) -> Result<bool, StoreError> {
+        // One direct get: on one replica (the store's default) it is the leader's answer, so a
+        // marker written before this call is seen.
+        let key = slots::gone_key(connection);
+        let entry = self
+            .markers
+            .entry(&key)
+            .await
+            .map_err(|e| format!("could not read {key}: {e}"))?;
+        let undone = slots::undone_line(run);
+        Ok(entry
+            .as_ref()
+            .and_then(live_lines)
+            .is_some_and(|lines| lines.iter().any(|l| l == slots::CLOSED || *l == undone)))
     }
 
     async fn in_use(&self, policy: &str) -> Result<u64, StoreError> {
