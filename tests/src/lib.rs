@@ -247,9 +247,11 @@ pub fn start_cluster(n: usize) -> Vec<NatsServer> {
         .collect()
 }
 
-/// Waits until the cluster's JetStream has a meta leader (account info answers), so that the
-/// first process does not spend its start retrying.
-pub async fn wait_for_jetstream(url: &str) {
+/// Waits until the cluster's JetStream has a meta leader (account info answers) and knows
+/// `replicas` peers (a stream of that many replicas can be placed), so that the first process
+/// does not spend its start retrying: a meta leader answers before every peer has reported
+/// in, and until then an R3 bucket gets "no suitable peers for placement".
+pub async fn wait_for_jetstream(url: &str, replicas: usize) {
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .connect(url)
@@ -264,6 +266,24 @@ pub async fn wait_for_jetstream(url: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let probe = async_nats::jetstream::stream::Config {
+        name: "E2E_PLACEMENT_PROBE".into(),
+        subjects: vec!["_e2e.placement.probe".into()],
+        num_replicas: replicas,
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    };
+    loop {
+        match js.create_stream(probe.clone()).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "JetStream never placed a stream of {replicas} replicas: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = js.delete_stream("E2E_PLACEMENT_PROBE").await;
 }
 
 /// A running binary. Dropping it kills it.

@@ -13,12 +13,13 @@
 //! is written only if none exists and fewer than the limit do, anything else only over the
 //! revision read. What it cannot see is a copy that writes *after* the close or the undo of
 //! its connection: so both first set a marker, then free, and every write that adds a run
-//! then reads the markers and gives back at once what it wrote if one is set. Either the
+//! then reads the connection's markers and gives back at once what it wrote if they concern
+//! it. Either the
 //! write came before the free (and is freed by it) or after the marker (and gives itself back).
 //!
-//! Timing rule: a marker counts for [`bus::slots::MARKER_FOR`], which must exceed the longest
-//! agent call plus a store request ([`MAX_CALL`]), so no copy started before a marker writes
-//! after it stops counting (checked below, at compile time).
+//! Timing rule: a marker counts for [`bus::slots::MARKER_FOR`], which must exceed
+//! [`MAX_CALL`], the longest between a copy being sent and its last write, so no copy sent
+//! before a marker writes after it stops counting (checked below, at compile time).
 
 use std::time::{Duration, Instant};
 

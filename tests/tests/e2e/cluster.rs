@@ -36,7 +36,7 @@ async fn losing_the_node_that_leads_the_config_and_serves_half_the_engine_makes_
 {
     let mut engine = Engine::on_cluster(e2e::start_cluster(3));
     // The first dispatcher creates the config bucket with three replicas.
-    e2e::wait_for_jetstream(&engine.nats.url()).await;
+    e2e::wait_for_jetstream(&engine.nats.url(), 3).await;
     engine.spawn_on(0, "policy-dispatcher", &["--kv-replicas", "3"]);
     engine.wait_instances("policy-dispatcher", 1).await;
     let leader = config_leader(&engine).await;
