@@ -100,8 +100,12 @@ impl ConnLimiter {
                     refused = Some((c, "the connection was closed, or its event denied, while this copy of its admission was under way".into()))
                 }
                 Err(why) => {
-                    // The write may have landed: held until the run's undo says otherwise.
+                    // The write may have landed, or land later: held until the run's undo
+                    // says otherwise, and watched until then (see `Slots::settle`).
                     held.push(&c.id);
+                    let (slots, policy, conn, run) =
+                        (slots.clone(), c.id.clone(), conn.clone(), run.clone());
+                    tokio::spawn(async move { slots.settle(&policy, &conn, &run).await });
                     refused = Some((c, format!("slot store unavailable, failing closed: {why}")));
                 }
             }

@@ -38,6 +38,8 @@ pub const MAX_CALL: Duration = Duration::from_millis(
 );
 const _: () = assert!(bus::slots::MARKER_FOR.as_millis() > MAX_CALL.as_millis());
 
+/// How often [`Slots::settle`] looks again.
+const SETTLE_EVERY: Duration = Duration::from_secs(5);
 /// Conditional writes of one slot before giving up: only copies of one connection's
 /// admission (and its close, undo or renewal) write the same slot, so a few suffice.
 const ATTEMPTS: usize = 16;
@@ -160,6 +162,23 @@ impl<S: SlotStore> Slots<S> {
         Err(format!(
             "the slot of {connection} under {policy} is too contended"
         ))
+    }
+
+    /// After an admission whose write has an unknown outcome (no acknowledgement: the server
+    /// went away): the client may still send that write once it reconnects, after the run's
+    /// undo (or the connection's close) has already freed what there was. So for
+    /// [`MAX_CALL`], every [`SETTLE_EVERY`], once the connection is closed or the run undone,
+    /// the run is taken out of the slot again.
+    pub async fn settle(&self, policy: &str, connection: &str, run: &str) {
+        let until = tokio::time::Instant::now() + MAX_CALL;
+        while tokio::time::Instant::now() < until {
+            tokio::time::sleep(SETTLE_EVERY).await;
+            if let Ok(true) = self.store.marked(connection, run).await {
+                if let Err(e) = self.leave(policy, connection, Some(run)).await {
+                    tracing::debug!(%policy, %connection, error = %e, "a write of unknown outcome not given back yet");
+                }
+            }
+        }
     }
 
     /// The connection is closed: every slot it holds under `policies` is freed, and a copy of

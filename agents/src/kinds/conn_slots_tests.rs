@@ -336,3 +336,23 @@ async fn a_slot_lists_a_bounded_number_of_runs_and_refuses_more() {
     assert!(a.admit("db", 5, "c1", "r-more").await.is_err());
     assert_eq!(a.admit("db", 5, "c1", "r0").await, Ok(Admission::Held));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_write_that_lands_after_its_undo_is_given_back_by_settle() {
+    let mem = Mem::default();
+    let a = mem.instance();
+    // The admission's write got no acknowledgement; the run was undone, and only then did the
+    // write land (a client that sends it once it reconnects).
+    a.undo("c1", "r", &["db"]).await.unwrap();
+    mem.inner.lock().unwrap().max.insert("db".into(), 5);
+    assert_eq!(
+        mem.instance()
+            .store
+            .put("db", "c1", &["r".to_string()], 0)
+            .await,
+        Ok(Written::Yes)
+    );
+    assert_eq!(mem.held("db").len(), 1);
+    a.settle("db", "c1", "r").await;
+    assert!(mem.held("db").is_empty(), "given back");
+}
