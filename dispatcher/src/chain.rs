@@ -35,9 +35,11 @@ pub struct Run {
     pub state: State,
     pub degraded: bool,
     pub timings: Vec<AgentTiming>,
-    /// Kinds owed an `_undo` if the event ends denied: what each call's answer said it holds
+    /// Calls owed an `_undo` if the event ends denied: what each call's answer said it holds
     /// (`Policy-Undo`), or, for a call that failed, what the kind may hold (see [`owes_undo`]).
-    pub owed: Vec<bus::Kind>,
+    /// Bit `i` for `timings[i]`: no allocation per event on the decision path. A call past
+    /// the 64th is taken to be owed one, as any answered or failed call.
+    pub owed: u64,
     /// A dry run that an agent answered as a real event: it must be undone.
     pub ignored_dry_run: bool,
 }
@@ -171,7 +173,7 @@ impl Call<'_> {
     /// Runs the chain from `state`, whose header form `header` the caller already made.
     pub async fn run_chain(&self, chain: &Chain, mut state: State, header: String) -> Run {
         let mut timings = Vec::new();
-        let mut owed: Vec<bus::Kind> = Vec::new();
+        let mut owed = 0u64;
         let dry_run = headers::dry_run(Some(&self.trace));
         let mut ignored_dry_run = false;
         let mut degraded = false;
@@ -249,7 +251,7 @@ impl Call<'_> {
                             ignored_dry_run = true;
                         }
                         if owes_undo(Ended::Answered { how, denied }) {
-                            owed.push(m.kind.clone());
+                            owed |= 1u64.checked_shl(timings.len() as u32).unwrap_or(0);
                         }
                         timings.push(t);
                         stop |= flow == Flow::Stop;
@@ -262,7 +264,7 @@ impl Call<'_> {
                             nothing,
                             hedged: how.hedged,
                         }) {
-                            owed.push(m.kind.clone());
+                            owed |= 1u64.checked_shl(timings.len() as u32).unwrap_or(0);
                         }
                         timings.push(timing(m, took, f.outcome));
                         let reason = Reason::new(m.kind.as_str(), f.code, Effect::Deny)
@@ -393,7 +395,7 @@ pub fn broken_chain(state: State, broken: &[crate::table::Broken]) -> Run {
         state,
         degraded: false,
         timings: Vec::new(),
-        owed: Vec::new(),
+        owed: 0,
         ignored_dry_run: false,
     };
     for b in broken {

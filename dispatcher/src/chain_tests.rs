@@ -21,7 +21,7 @@ fn run_with(state: State) -> Run {
         state,
         degraded: false,
         timings: Vec::new(),
-        owed: Vec::new(),
+        owed: 0,
         ignored_dry_run: false,
     }
 }
@@ -66,9 +66,24 @@ fn a_late_allow_becomes_a_deny_that_the_kinds_owed_an_undo_get() {
     s.set_strings(keys::DST_PEERS, &["p1"]);
     s.insert(keys::TARGET_PEER, "p1");
     let mut run = run_with(s);
-    run.owed = vec![bus::Kind::new("conn-limit").unwrap()];
+    let call = |agent: &str| AgentTiming {
+        agent: agent.into(),
+        priority: 0,
+        latency_us: 1,
+        outcome: Outcome::Answered,
+        cached: false,
+    };
+    run.timings = vec![call("acl"), call("conn-limit")];
+    run.owed = 0b10; // conn-limit's call
     assert!(
-        undo_for(&run.state, &run.owed, &Bytes::new(), &HeaderMap::new()).is_none(),
+        undo_for(
+            &run.state,
+            &run.timings,
+            run.owed,
+            &Bytes::new(),
+            &HeaderMap::new()
+        )
+        .is_none(),
         "allowed: nothing to undo"
     );
     deny_late(&mut run);
@@ -77,11 +92,25 @@ fn a_late_allow_becomes_a_deny_that_the_kinds_owed_an_undo_get() {
     assert_eq!(run.state.get(keys::TARGET_PEER), None);
     let reasons = format!("{:?}", run.state.get(keys::REASONS));
     assert!(reasons.contains(PAST_DEADLINE), "{reasons}");
-    let undo = undo_for(&run.state, &run.owed, &Bytes::new(), &HeaderMap::new()).expect("an undo");
+    let undo = undo_for(
+        &run.state,
+        &run.timings,
+        run.owed,
+        &Bytes::new(),
+        &HeaderMap::new(),
+    )
+    .expect("an undo");
     let kinds: Vec<&str> = undo.kinds.iter().map(|k| k.as_str()).collect();
     assert_eq!(kinds, ["conn-limit"]);
-    run.owed.clear();
-    assert!(undo_for(&run.state, &run.owed, &Bytes::new(), &HeaderMap::new()).is_none());
+    run.owed = 0;
+    assert!(undo_for(
+        &run.state,
+        &run.timings,
+        run.owed,
+        &Bytes::new(),
+        &HeaderMap::new()
+    )
+    .is_none());
 }
 
 #[test]

@@ -229,7 +229,7 @@ impl Dispatcher {
         let body = Bytes::from(body);
         // A dry run took nothing: nothing to undo, nothing for the monitor to count.
         let undo = (!dry_run || run.ignored_dry_run)
-            .then(|| crate::undo::undo_for(&run.state, &run.owed, &body, &trace))
+            .then(|| crate::undo::undo_for(&run.state, &run.timings, run.owed, &body, &trace))
             .flatten();
         let result = match run.state.action() {
             Some(bus::Action::Deny) => "deny",

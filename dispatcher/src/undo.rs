@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use bus::headers::Undo;
-use bus::tap::Outcome;
+use bus::tap::{AgentTiming, Outcome};
 use bus::{State, Subjects};
 use bytes::Bytes;
 
@@ -93,14 +93,26 @@ pub struct UndoCall {
 /// [`owes_undo`]). `None` for an event that was not denied, or owes none.
 pub fn undo_for(
     state: &State,
-    owed: &[bus::Kind],
+    timings: &[AgentTiming],
+    owed: u64,
     decision: &Bytes,
     trace: &HeaderMap,
 ) -> Option<UndoCall> {
     if !state.denies() {
         return None;
     }
-    let mut kinds = owed.to_vec();
+    let mut kinds: Vec<bus::Kind> = timings
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| match 1u64.checked_shl(*i as u32) {
+            Some(bit) => owed & bit != 0,
+            None => matches!(
+                t.outcome,
+                Outcome::Answered | Outcome::Timeout | Outcome::Error
+            ),
+        })
+        .filter_map(|(_, t)| bus::Kind::new(&t.agent).ok())
+        .collect();
     kinds.sort();
     kinds.dedup();
     (!kinds.is_empty()).then(|| UndoCall {

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::context::{GetStreamErrorKind, PublishErrorKind};
@@ -102,8 +102,9 @@ pub struct JetStore {
     subjects: Subjects,
     lease: Duration,
     markers: kv::Store,
-    /// Streams opened, with the limit they were made for.
-    streams: Mutex<HashMap<String, (u32, stream::Stream)>>,
+    /// Streams opened, with the limit they were made for. Shared, not cloned: a
+    /// `stream::Stream` carries its whole cached info, and every admission looks one up.
+    streams: Mutex<HashMap<String, (u32, Arc<stream::Stream>)>>,
 }
 
 /// Replicas of a slot stream: one. nats-server 2.12 checks a replicated stream's `max_msgs`
@@ -148,14 +149,21 @@ impl JetStore {
         streams.remove(policy);
     }
 
-    fn cached(&self, policy: &str) -> Option<(u32, stream::Stream)> {
+    fn cached(&self, policy: &str) -> Option<Arc<stream::Stream>> {
         let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        streams.get(policy).map(|(m, s)| (*m, s.clone()))
+        streams.get(policy).map(|(_, s)| s.clone())
     }
 
-    /// The policy's stream, opened once; `None` if it was never made (nothing is held there).
-    async fn stream(&self, policy: &str) -> Result<Option<stream::Stream>, StoreError> {
-        if let Some((_, s)) = self.cached(policy) {
+    /// Whether the policy's stream is open with room for `max`: no lookup of the stream.
+    fn prepared(&self, policy: &str, max: u32) -> bool {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.get(policy).is_some_and(|(m, _)| *m == max)
+    }
+
+    /// The policy's stream, opened once and kept; `None` if it was never made (nothing is held
+    /// there).
+    async fn stream(&self, policy: &str) -> Result<Option<Arc<stream::Stream>>, StoreError> {
+        if let Some(s) = self.cached(policy) {
             return Ok(Some(s));
         }
         match self
@@ -163,7 +171,15 @@ impl JetStore {
             .get_stream(slots::stream(&self.subjects, policy))
             .await
         {
-            Ok(s) => Ok(Some(s)),
+            Ok(s) => {
+                // Kept for the next call, with no limit known: `prepare` still checks it.
+                let s = Arc::new(s);
+                let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+                streams
+                    .entry(policy.to_string())
+                    .or_insert_with(|| (0, s.clone()));
+                Ok(Some(s))
+            }
             Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code().0 == STREAM_NOT_FOUND) => {
                 Ok(None)
             }
@@ -195,7 +211,7 @@ fn found_nothing(e: &stream::LastRawMessageError) -> bool {
 
 impl SlotStore for JetStore {
     async fn prepare(&self, policy: &str, max: u32) -> Result<(), StoreError> {
-        if self.cached(policy).is_some_and(|(m, _)| m == max) {
+        if self.prepared(policy, max) {
             return Ok(());
         }
         let mut expected = slots::stream_config(&self.subjects, policy, max, self.lease);
@@ -245,7 +261,7 @@ impl SlotStore for JetStore {
                 .map_err(|e| format!("the slots of {policy} cannot be created: {e}"))?,
         };
         let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        streams.insert(policy.to_string(), (max, opened));
+        streams.insert(policy.to_string(), (max, Arc::new(opened)));
         Ok(())
     }
 
@@ -416,10 +432,10 @@ impl SlotStore for JetStore {
     }
 
     async fn in_use(&self, policy: &str) -> Result<u64, StoreError> {
-        let Some(mut s) = self.stream(policy).await? else {
+        let Some(s) = self.stream(policy).await? else {
             return Ok(0);
         };
-        s.info()
+        s.get_info()
             .await
             .map(|i| i.state.messages)
             .map_err(|e| format!("could not count {policy}'s slots: {e}"))
