@@ -1,22 +1,23 @@
 //! ACL decide cost as the rule set grows: the index keeps it flat, with name rules alone and
 //! with half of the rules selecting by labels.
 
+use agents::kind::Stored;
 use agents::kinds::acl::{Acl, AclPolicy};
 use agents::AgentKind;
 use bus::event::{Direction, Event, NewConnection};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 /// One policy from its JSON text, through the real decoder.
-fn policy(id: String, doc: &str) -> (String, AclPolicy) {
+fn policy(id: String, doc: &str) -> Stored<AclPolicy> {
     let v: serde_json::Value = serde_json::from_str(doc).unwrap();
     let bytes = rmp_serde::to_vec_named(&v).unwrap();
-    (
+    Stored::site(
         id,
         agents::kind::parse_policy(&Acl::default(), &bytes).unwrap(),
     )
 }
 
-fn rules(n: usize) -> Vec<(String, AclPolicy)> {
+fn rules(n: usize) -> Vec<Stored<AclPolicy>> {
     (0..n)
         .map(|i| {
             let doc = format!(
@@ -32,7 +33,7 @@ fn rules(n: usize) -> Vec<(String, AclPolicy)> {
 
 /// `n` rules, half by names (as [`rules`]) and half by labels: each selects a destination
 /// service by its `app` label (the index's key) and the source by a `matchExpressions` term.
-fn mixed(n: usize) -> Vec<(String, AclPolicy)> {
+fn mixed(n: usize) -> Vec<Stored<AclPolicy>> {
     let mut out = rules(n / 2);
     out.extend((0..n / 2).map(|i| {
         let doc = format!(

@@ -53,8 +53,26 @@ impl Attach<'_> {
     }
 }
 
-/// A policy with the id it is stored under.
-pub type Stored<P> = (String, P);
+/// A policy with the id it is stored under, and whether it is the fleet's or the site's (see
+/// `bus::fleet`): ids are unique within a kind, a fleet policy shadowing a site's of the same
+/// id, and a kind whose policies are ordered puts the fleet's first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored<P> {
+    pub id: String,
+    pub level: bus::fleet::Level,
+    pub policy: P,
+}
+
+impl<P> Stored<P> {
+    /// A site's policy (what tests and a fleet-less engine have).
+    pub fn site(id: impl Into<String>, policy: P) -> Self {
+        Stored {
+            id: id.into(),
+            level: bus::fleet::Level::Site,
+            policy,
+        }
+    }
+}
 
 pub trait AgentKind: Send + Sync + 'static {
     /// The policy document, decoded strictly (unknown fields are errors: they are typos).

@@ -16,7 +16,7 @@ use bus::{codec, headers, Effect, ErrorCode, ErrorReply, Event, Kind, Reason, St
 use daemon::service::{Endpoint, EndpointSpec, Request, Service};
 use tracing::Instrument;
 
-use crate::kind::{self, parse_policy, AgentKind};
+use crate::kind::{self, parse_policy, AgentKind, Stored};
 use crate::metrics::AgentMetrics;
 use daemon::telemetry::Telemetry;
 
@@ -68,12 +68,20 @@ where
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = snap.clone();
         let mut valid = Vec::with_capacity(snap.values.len());
         let mut broken = Vec::new();
+        // The fleet's keys (`fleet.pol…`) sort before the site's: a site policy whose id the
+        // fleet also uses is shadowed, not loaded.
+        let mut ids = std::collections::HashSet::new();
         for (key, doc) in &snap.values {
-            let Some(ConfigKey::Policy { id, .. }) = ConfigKey::parse(key) else {
+            let Some(ConfigKey::Policy { id, level, .. }) = ConfigKey::parse(key) else {
                 continue;
             };
+            if !ids.insert(id.clone()) {
+                tracing::warn!(agent = self.kind.name(), policy.id = %id, %level,
+                    "a site policy with the id of a fleet policy is shadowed by it");
+                continue;
+            }
             match parse_policy(&self.kind, doc) {
-                Ok(p) => valid.push((id.clone(), p)),
+                Ok(policy) => valid.push(Stored { id, level, policy }),
                 Err(e) => {
                     tracing::error!(agent = self.kind.name(), policy.id = %id, error = %e,
                         "stored policy does not load; denying until it is fixed or removed");
@@ -440,8 +448,7 @@ where
     let store = config::open_waiting(
         &store_client,
         subjects,
-        common.kv_replicas,
-        config::Access::Reader,
+        config::Opening::reader(common.kv_replicas),
     )
     .await?;
     kind.attach(kind::Attach {

@@ -2,13 +2,15 @@
 //! that every instance converges on the same set and restarts lose nothing.
 //!
 //! Keys: `sub.<event>.<kind>` holds a [`crate::admin::Subscription`];
-//! `pol.<kind>.<id>` holds a policy document. Values are MessagePack maps.
+//! `pol.<kind>.<id>` holds a policy document. Values are MessagePack maps. At a site of a
+//! fleet, the same keys under `fleet.` are the fleet's documents (see [`crate::fleet`]).
 
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
 
 pub use crate::error::ConfigError;
+use crate::fleet::{split_level, Level};
 use crate::store::{Jet, Store};
 use crate::subject::{Kind, Subjects};
 
@@ -20,8 +22,16 @@ const MAX_BYTES: i64 = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigKey {
-    Subscription { event: String, kind: String },
-    Policy { kind: String, id: String },
+    Subscription {
+        event: String,
+        kind: String,
+        level: Level,
+    },
+    Policy {
+        kind: String,
+        id: String,
+        level: Level,
+    },
 }
 
 impl ConfigKey {
@@ -31,13 +41,10 @@ impl ConfigKey {
     pub fn policy(kind: &str, id: &str) -> String {
         format!("pol.{kind}.{id}")
     }
-    /// The key filter for every subscription.
-    pub fn all_subscriptions() -> &'static str {
-        "sub.>"
-    }
-    /// The key filter for one kind's policies.
-    pub fn policies_of(kind: &Kind) -> String {
-        format!("pol.{kind}.>")
+    /// The key filters for one kind's policies, the site's and the fleet's.
+    pub fn policies_of(kind: &Kind) -> Vec<String> {
+        let site = format!("pol.{kind}.>");
+        vec![format!("{}{site}", crate::fleet::FLEET_KEYS), site]
     }
 
     /// The key of a peer taken out of the candidates by `peer-removed`, until `peer-added`
@@ -52,18 +59,27 @@ impl ConfigKey {
     }
 
     pub fn parse(key: &str) -> Option<ConfigKey> {
+        let (level, key) = split_level(key);
         let mut parts = key.splitn(3, '.');
         let (tag, a, b) = (parts.next()?, parts.next()?, parts.next()?);
         match tag {
             "sub" => Some(ConfigKey::Subscription {
                 event: a.into(),
                 kind: b.into(),
+                level,
             }),
             "pol" => Some(ConfigKey::Policy {
                 kind: a.into(),
                 id: b.into(),
+                level,
             }),
             _ => None,
+        }
+    }
+
+    pub fn level(&self) -> Level {
+        match self {
+            ConfigKey::Subscription { level, .. } | ConfigKey::Policy { level, .. } => *level,
         }
     }
 }
@@ -96,19 +112,43 @@ pub enum Access {
     Reader,
 }
 
+/// Who opens the config bucket, and, for its owner at a site of a fleet, the hub's JetStream
+/// domain its bucket takes the fleet's documents from (see [`crate::fleet`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opening<'a> {
+    pub replicas: usize,
+    pub access: Access,
+    pub fleet_hub: Option<&'a str>,
+}
+
+impl Opening<'_> {
+    pub fn reader(replicas: usize) -> Self {
+        Opening {
+            replicas,
+            access: Access::Reader,
+            fleet_hub: None,
+        }
+    }
+}
+
 /// Opens the config bucket; its owner creates it on first use.
 pub async fn open(
     client: &async_nats::Client,
     subjects: &Subjects,
-    replicas: usize,
-    access: Access,
+    opening: Opening<'_>,
 ) -> Result<kv::Store, ConfigError> {
+    let Opening {
+        replicas,
+        access,
+        fleet_hub,
+    } = opening;
     let config = kv::Config {
         bucket: subjects.config_bucket(),
         description: "policy-bus subscriptions and policies".into(),
         history: HISTORY,
         max_bytes: MAX_BYTES,
         num_replicas: replicas.max(1),
+        sources: fleet_hub.map(|hub| vec![crate::fleet::source(subjects, hub)]),
         ..Default::default()
     };
     // On a server that can, the owner creates the bucket able to take atomic batches, so
@@ -129,12 +169,12 @@ pub async fn open(
 pub async fn open_waiting(
     client: &async_nats::Client,
     subjects: &Subjects,
-    replicas: usize,
-    access: Access,
+    opening: Opening<'_>,
 ) -> Result<kv::Store, ConfigError> {
+    let access = opening.access;
     let mut attempt = 0;
     loop {
-        match open(client, subjects, replicas, access).await {
+        match open(client, subjects, opening).await {
             Ok(store) => return Ok(store),
             Err(e @ ConfigError::ServerTooOld { .. }) => return Err(e),
             Err(e) if attempt >= 60 => return Err(e),
@@ -233,16 +273,27 @@ mod tests {
             ConfigKey::parse(&ConfigKey::subscription("new-connection", "acl")),
             Some(ConfigKey::Subscription {
                 event: "new-connection".into(),
-                kind: "acl".into()
+                kind: "acl".into(),
+                level: Level::Site,
             })
         );
         assert_eq!(
             ConfigKey::parse(&ConfigKey::policy("acl", "r-1")),
             Some(ConfigKey::Policy {
                 kind: "acl".into(),
-                id: "r-1".into()
+                id: "r-1".into(),
+                level: Level::Site,
             })
         );
+        assert_eq!(
+            ConfigKey::parse("fleet.pol.acl.r-1"),
+            Some(ConfigKey::Policy {
+                kind: "acl".into(),
+                id: "r-1".into(),
+                level: Level::Fleet,
+            })
+        );
+        assert_eq!(ConfigKey::parse("fleet.peer.x"), None);
         assert_eq!(ConfigKey::parse("other.a.b"), None);
         assert_eq!(ConfigKey::parse("sub.a"), None);
     }

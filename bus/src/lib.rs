@@ -18,6 +18,7 @@ pub mod decisions;
 pub mod discovery;
 pub mod error;
 pub mod event;
+pub mod fleet;
 pub mod headers;
 pub mod hedge;
 pub mod limits;

@@ -327,6 +327,7 @@ pub fn kv_stream(config: kv::Config, atomic: bool) -> stream::Config {
         discard: stream::DiscardPolicy::New,
         allow_atomic_publish: atomic,
         consumer_limits: Some(consumer_limits()),
+        sources: config.sources,
         ..Default::default()
     }
 }
@@ -358,7 +359,8 @@ pub fn consumer_limits() -> stream::ConsumerLimits {
 }
 
 /// What in `actual` routes messages otherwise than `expected` does: subjects the engine does
-/// not give it, a republish, sources, a mirror, a subject transform. A role that may create
+/// not give it, a republish, sources other than the expected ones (a site's fleet source),
+/// a mirror, a subject transform. A role that may create
 /// its bucket could create it so before its process does; its account confines what that
 /// reaches (nothing outside), but the process must not run on it either.
 pub fn routing_differs(actual: &stream::Config, expected: &stream::Config) -> Vec<&'static str> {
@@ -373,7 +375,15 @@ pub fn routing_differs(actual: &stream::Config, expected: &stream::Config) -> Ve
     if actual.republish.is_some() {
         differs.push("republish");
     }
-    if actual.sources.as_ref().is_some_and(|s| !s.is_empty()) {
+    let (a, e) = (
+        actual.sources.as_deref().unwrap_or_default(),
+        expected.sources.as_deref().unwrap_or_default(),
+    );
+    if a.len() != e.len()
+        || a.iter()
+            .zip(e)
+            .any(|(a, e)| !crate::fleet::same_source(a, e))
+    {
         differs.push("sources");
     }
     if actual.mirror.is_some() {
@@ -408,11 +418,11 @@ pub async fn repair(
         ));
     }
     tracing::warn!(stream = %name, settings = ?differs,
-        "the bucket routes messages otherwise than the engine makes it (someone with this role's seed created it so): putting those settings back");
+        "the bucket routes messages otherwise than this process makes it (a fleet source added or taken away, or someone with this role's seed created it so): putting those settings back");
     let fixed = stream::Config {
         subjects: expected.subjects.clone(),
         republish: None,
-        sources: None,
+        sources: expected.sources.clone(),
         subject_transform: None,
         ..actual
     };

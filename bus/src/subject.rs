@@ -160,6 +160,14 @@ impl Subjects {
         &self.prefix
     }
 
+    /// The engine at the hub of this engine's fleet: the prefix `<prefix>.fleet`, so that the
+    /// hub's subjects and buckets are never a site's (see [`crate::fleet`]).
+    pub fn fleet(&self) -> Subjects {
+        Subjects {
+            prefix: format!("{}.fleet", self.prefix),
+        }
+    }
+
     pub fn event(&self, event: &str) -> String {
         format!("{}.event.{event}", self.prefix)
     }

@@ -37,20 +37,26 @@ pub async fn stream_state(
     Ok(store.stream.get_info().await.map_err(io)?.state)
 }
 
-/// Loads the current values under `filter` and returns them with a stream of every later
+/// Whether a key is under one of the filters (`a.b.>` style prefixes, or `>` for all).
+fn under(filters: &[String], key: &str) -> bool {
+    filters
+        .iter()
+        .any(|f| key.starts_with(f.trim_end_matches('>')))
+}
+
+/// Loads the current values under `filters` and returns them with a stream of every later
 /// change. The watch starts just after the stream sequence read before loading, so no change
 /// falls between the load and the watch (a change may be seen twice; applying it is idempotent).
 pub async fn load_and_watch(
     store: &kv::Store,
-    filter: &str,
+    filters: &[String],
 ) -> Result<(Snapshot, impl Stream<Item = Result<Change, ConfigError>>), ConfigError> {
     let last = stream_state(store).await?.last_sequence;
-    let prefix = filter.trim_end_matches('>');
     let keys: Vec<String> = store
         .keys()
         .await
         .map_err(io)?
-        .try_filter(|k| futures::future::ready(k.starts_with(prefix)))
+        .try_filter(|k| futures::future::ready(under(filters, k)))
         .try_collect()
         .await
         .map_err(io)?;
@@ -73,7 +79,7 @@ pub async fn load_and_watch(
             }
         }
     }
-    // The whole bucket is watched, and changes outside `filter` dropped by the caller: so every
+    // The whole bucket is watched, and changes outside `filters` dropped by the caller: so every
     // message of the stream passes here, and a watch that fell behind the stream (its consumer
     // lost with a node, say) shows as such.
     let watch = store.watch_from_revision(">", last + 1).await.map_err(io)?;
@@ -152,17 +158,17 @@ impl Snapshot {
     }
 }
 
-/// Keeps `on` in step with the keys under `filter` for as long as the task runs. A broken
+/// Keeps `on` in step with the keys under `filters` for as long as the task runs. A broken
 /// watch (the server restarted, the stream was lost) is reopened and everything reloaded, so
 /// no change is missed. `ready` fires after the first load.
 pub async fn watch(
     store: kv::Store,
-    filter: String,
+    filters: Vec<String>,
     mut on: impl FnMut(Update<'_>),
     mut ready: Option<tokio::sync::oneshot::Sender<()>>,
 ) {
     loop {
-        match load_and_watch(&store, &filter).await {
+        match load_and_watch(&store, &filters).await {
             Ok((snap, changes)) => {
                 on(Update::Loaded(&snap));
                 if let Some(ready) = ready.take() {
@@ -170,7 +176,6 @@ pub async fn watch(
                 }
                 let mut changes = std::pin::pin!(changes);
                 let mut batch = Vec::new();
-                let prefix = filter.trim_end_matches('>');
                 let mut seen = snap.revision;
                 let mut check = tokio::time::interval(STALL_CHECK);
                 check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -185,7 +190,7 @@ pub async fn watch(
                         },
                         _ = check.tick() => {
                             if due.is_some_and(|d| seen < d) {
-                                tracing::warn!(%filter, seen, behind = ?due, "config watch stalled behind the bucket; reloading");
+                                tracing::warn!(?filters, seen, behind = ?due, "config watch stalled behind the bucket; reloading");
                                 break 'watch;
                             }
                             due = match tokio::time::timeout(STALL_CHECK, stream_state(&store)).await {
@@ -200,12 +205,12 @@ pub async fn watch(
                         match change {
                             Ok(c) => {
                                 seen = seen.max(c.revision());
-                                if c.key().starts_with(prefix) {
+                                if under(&filters, c.key()) {
                                     batch.push(c);
                                 }
                             }
                             Err(e) => {
-                                tracing::warn!(error = %e, %filter, "config watch failed; reloading");
+                                tracing::warn!(error = %e, ?filters, "config watch failed; reloading");
                                 break 'watch;
                             }
                         }
@@ -217,7 +222,7 @@ pub async fn watch(
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, %filter, "cannot load config; retrying"),
+            Err(e) => tracing::warn!(error = %e, ?filters, "cannot load config; retrying"),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -227,7 +232,7 @@ pub async fn watch(
 /// after the first load and after every batch of changes.
 pub async fn follow(
     store: kv::Store,
-    filter: String,
+    filters: Vec<String>,
     mut apply: impl FnMut(&Snapshot),
     ready: Option<tokio::sync::oneshot::Sender<()>>,
 ) {
@@ -239,7 +244,7 @@ pub async fn follow(
         }
         apply(&current);
     };
-    watch(store, filter, on, ready).await
+    watch(store, filters, on, ready).await
 }
 
 #[cfg(test)]

@@ -38,9 +38,52 @@ pub(crate) fn unavailable(e: impl std::fmt::Display) -> ErrorReply {
     )
 }
 
+/// Refuses a site's write of a key the fleet holds (at a site of a fleet, `bus::fleet`): the
+/// fleet's document would shadow it, and the operator would think it applied. One key is one
+/// read; more are checked against one listing.
+pub(crate) async fn not_the_fleets(d: &Dispatcher, keys: &[&str]) -> Result<(), ErrorReply> {
+    let fleet_key = |k: &str| format!("{}{k}", bus::fleet::FLEET_KEYS);
+    let held: Vec<&str> = match keys {
+        [] => Vec::new(),
+        [key] => match d.store.get(fleet_key(key)).await.map_err(unavailable)? {
+            Some(_) => vec![*key],
+            None => Vec::new(),
+        },
+        _ => {
+            let fleet = entries(d, bus::fleet::FLEET_KEYS).await?;
+            keys.iter()
+                .copied()
+                .filter(|k| fleet.contains_key(&fleet_key(k)))
+                .collect()
+        }
+    };
+    let Some(first) = held.first() else {
+        return Ok(());
+    };
+    let name = match ConfigKey::parse(first) {
+        Some(ConfigKey::Policy { kind, id, .. }) => format!("policy `{kind}/{id}`"),
+        Some(ConfigKey::Subscription { event, kind, .. }) => {
+            format!("subscription `{event}/{kind}`")
+        }
+        None => format!("`{first}`"),
+    };
+    Err(ErrorReply::new(
+        ErrorCode::BadRequest,
+        format!(
+            "{name} is the fleet's (applied at the hub{}): a site's document would be shadowed \
+             by it; give it an id of its own, or change the fleet's with `policyctl --fleet`",
+            match held.len() {
+                1 => String::new(),
+                n => format!("; {} more of this request are too", n - 1),
+            }
+        ),
+    ))
+}
+
 /// Writes a key, then waits (briefly) until this dispatcher's table shows the write, so an
 /// operator's next event through this instance already sees it.
 async fn put(d: &Dispatcher, key: String, value: Vec<u8>) -> Result<(), ErrorReply> {
+    not_the_fleets(d, &[&key]).await?;
     let revision = tokio::time::timeout(WRITE_TIMEOUT, d.store.put(&key, value.into()))
         .await
         .map_err(unavailable)?
@@ -67,8 +110,8 @@ fn bad_name(e: impl std::fmt::Display) -> ErrorReply {
 /// Says, in the operator's words, that `key` holds nothing, with the closest stored name.
 async fn not_stored(d: &Dispatcher, key: &str) -> ErrorReply {
     let (what, prefix, name) = match ConfigKey::parse(key) {
-        Some(ConfigKey::Policy { kind, id }) => ("policy", "pol.", format!("{kind}/{id}")),
-        Some(ConfigKey::Subscription { event, kind }) => {
+        Some(ConfigKey::Policy { kind, id, .. }) => ("policy", "pol.", format!("{kind}/{id}")),
+        Some(ConfigKey::Subscription { event, kind, .. }) => {
             ("subscription", "sub.", format!("{event}/{kind}"))
         }
         None => ("key", "", key.to_string()),
@@ -77,8 +120,8 @@ async fn not_stored(d: &Dispatcher, key: &str) -> ErrorReply {
         Ok(entries) => entries
             .into_iter()
             .filter_map(|(k, _)| match ConfigKey::parse(&k)? {
-                ConfigKey::Policy { kind, id } => Some(format!("{kind}/{id}")),
-                ConfigKey::Subscription { event, kind } => Some(format!("{event}/{kind}")),
+                ConfigKey::Policy { kind, id, .. } => Some(format!("{kind}/{id}")),
+                ConfigKey::Subscription { event, kind, .. } => Some(format!("{event}/{kind}")),
             })
             .collect(),
         Err(_) => Vec::new(),

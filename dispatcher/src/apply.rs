@@ -13,7 +13,9 @@ use bus::{codec, ErrorCode, ErrorReply};
 use bytes::Bytes;
 use futures::TryStreamExt;
 
-use crate::admin::{check_subscribe, prepare_policies, reply, seen_here, unavailable};
+use crate::admin::{
+    check_subscribe, not_the_fleets, prepare_policies, reply, seen_here, unavailable,
+};
 use crate::Dispatcher;
 
 /// A key's stored value and revision.
@@ -36,10 +38,10 @@ fn bad(message: String) -> ErrorReply {
 /// `sub.<event>.<kind>` → `<event>/<kind>`, `pol.<kind>.<id>` → `<kind>/<id>`.
 fn name_of(key: &str) -> (Section, String) {
     match ConfigKey::parse(key) {
-        Some(ConfigKey::Subscription { event, kind }) => {
+        Some(ConfigKey::Subscription { event, kind, .. }) => {
             (Section::Subscription, format!("{event}/{kind}"))
         }
-        Some(ConfigKey::Policy { kind, id }) => (Section::Policy, format!("{kind}/{id}")),
+        Some(ConfigKey::Policy { kind, id, .. }) => (Section::Policy, format!("{kind}/{id}")),
         None => (Section::Policy, key.to_string()),
     }
 }
@@ -67,6 +69,8 @@ async fn wanted(d: &Dispatcher, args: &Apply) -> Result<BTreeMap<String, Bytes>,
             out.insert(ConfigKey::policy(&r.agent, &r.id), Bytes::from(value));
         }
     }
+    let keys: Vec<&str> = out.keys().map(String::as_str).collect();
+    not_the_fleets(d, &keys).await?;
     Ok(out)
 }
 

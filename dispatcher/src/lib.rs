@@ -61,6 +61,9 @@ pub struct Options {
     pub telemetry: Option<Arc<daemon::telemetry::Telemetry>>,
     /// The durable decision log's bounds; `None` keeps no log.
     pub decision_log: Option<bus::decisions::Retention>,
+    /// At a site of a fleet: the hub's JetStream domain, whose configuration the site's
+    /// config bucket takes beside its own (see `bus::fleet`).
+    pub fleet_hub: Option<String>,
 }
 
 impl Default for Options {
@@ -74,6 +77,7 @@ impl Default for Options {
             verdict_cache_bytes: bus::cache::DEFAULT_MAX_BYTES,
             telemetry: None,
             decision_log: None,
+            fleet_hub: None,
         }
     }
 }
@@ -258,8 +262,11 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
     let store = config::open_waiting(
         &store_nats,
         &subjects,
-        common.kv_replicas,
-        config::Access::Owner,
+        config::Opening {
+            replicas: common.kv_replicas,
+            access: config::Access::Owner,
+            fleet_hub: options.fleet_hub.as_deref(),
+        },
     )
     .await?;
     let jet = bus::store::Jet::reach(&store_nats, &subjects, bus::store::Store::Config).await?;
@@ -309,7 +316,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
             |key: &str| matches!(ConfigKey::parse(key), Some(ConfigKey::Subscription { .. }));
         tokio::spawn(watch::watch(
             store.clone(),
-            ">".to_string(),
+            vec![">".to_string()],
             move |update| {
                 let subs_changed = match &update {
                     watch::Update::Loaded(snap) => {

@@ -64,6 +64,18 @@ struct Cli {
     /// Keep no decision log (the tap still streams decisions to whoever listens).
     #[arg(long, env = "POLICY_NO_DECISION_LOG")]
     no_decision_log: bool,
+    /// Run as a site of a fleet: the JetStream domain of the hub, whose engine (prefix
+    /// `<prefix>.fleet`) holds the fleet's configuration. This site's config bucket then takes
+    /// the fleet's subscriptions and policies (keys under `fleet.`) beside its own, through
+    /// the leaf connection; decisions never wait on the hub (docs/fleet.md).
+    #[arg(long, env = "POLICY_FLEET_HUB", value_parser = hub_domain)]
+    fleet_hub: Option<String>,
+}
+
+fn hub_domain(s: &str) -> Result<String, String> {
+    bus::fleet::check_domain(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 fn main() -> std::process::ExitCode {
@@ -98,6 +110,7 @@ async fn run(cli: Cli) -> Result<(), dispatcher::DispatcherError> {
             max_age: cli.decision_log_max_age,
             max_bytes: cli.decision_log_max_bytes,
         }),
+        fleet_hub: cli.fleet_hub,
     };
     dispatcher::run(&cli.common, options, daemon::shutdown_signal()).await
 }

@@ -112,10 +112,17 @@ impl Table {
     pub fn load(&self, subjects: &Subjects, snap: &Snapshot) {
         let mut subs: Vec<Subscription> = Vec::new();
         let mut broken: Vec<(String, Broken)> = Vec::new();
+        // The fleet's keys (`fleet.sub…`) sort first: its subscription of a kind to an event
+        // shadows the site's (see `bus::fleet`).
+        let mut taken = std::collections::HashSet::new();
         for (key, value) in &snap.values {
-            let Some(ConfigKey::Subscription { event, kind }) = ConfigKey::parse(key) else {
+            let Some(ConfigKey::Subscription { event, kind, level }) = ConfigKey::parse(key) else {
                 continue;
             };
+            if !taken.insert((event.clone(), kind.clone())) {
+                tracing::warn!(%key, %level, "a site subscription shadowed by the fleet's of the same kind to the same event");
+                continue;
+            }
             match check_record(&event, &kind, value) {
                 Ok(s) => subs.push(s),
                 Err(error) => {

@@ -191,7 +191,7 @@ fn sample_events() -> Vec<Event> {
 fn policy(input: &[u8]) {
     fn decide<K: AgentKind>(kind: &K, input: &[u8], events: &[Event]) {
         if let Ok(p) = parse_policy(kind, input) {
-            let rules = kind.compile(vec![("p".to_string(), p)]);
+            let rules = kind.compile(vec![agents::kind::Stored::site("p", p)]);
             for ev in events {
                 let s = ev.initial_state();
                 let patch = kind.decide(&rules, ev, &s);
@@ -205,11 +205,12 @@ fn policy(input: &[u8]) {
     decide(&Lb, input, &events);
     // The limiters' decide needs their buckets: decode and compile only.
     if let Ok(p) = parse_policy(&ConnLimiter::new(std::time::Duration::from_secs(1)), input) {
-        let _ = ConnLimiter::new(std::time::Duration::from_secs(1)).compile(vec![("p".into(), p)]);
+        let _ = ConnLimiter::new(std::time::Duration::from_secs(1))
+            .compile(vec![agents::kind::Stored::site("p", p)]);
     }
     let rate = RateLimiter::default();
     if let Ok(p) = parse_policy(&rate, input) {
-        let _ = rate.compile(vec![("p".into(), p)]);
+        let _ = rate.compile(vec![agents::kind::Stored::site("p", p)]);
     }
 }
 

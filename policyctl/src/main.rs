@@ -33,6 +33,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 pub struct Cli {
     #[command(flatten)]
     pub common: daemon::Common,
+    /// Act on the fleet's configuration: the hub's engine, whose prefix is `<prefix>.fleet`
+    /// (point `--nats-url` at the hub). Every site decides on it beside its own
+    /// (docs/fleet.md).
+    #[arg(long, env = "POLICY_FLEET", global = true)]
+    pub fleet: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -376,7 +381,16 @@ pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if cli.fleet {
+        match bus::Subjects::new(&cli.common.prefix) {
+            Ok(s) => cli.common.prefix = s.fleet().prefix().to_string(),
+            Err(e) => {
+                eprintln!("policyctl: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     if matches!(cli.command, Command::Up { .. }) {
         // The decisions are the output; only warnings from policyctl itself.
         daemon::init_logging(cli.common.log_json, "warn");

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use bus::roles::Role;
 use bus::{AdminClient, Client, Subjects};
 
+pub mod fleet;
+
 /// Every receive in a test is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
 

@@ -1,6 +1,7 @@
 //! ACL: allow or deny by service, peer and direction, narrowing the candidates.
 //!
-//! Rules are ordered by `priority` (lower first), then deny before allow, then id; the first
+//! Rules are ordered by level (every fleet rule before any site rule, see `bus::fleet`), then
+//! `priority` (lower first), then deny before allow, then id; the first
 //! matching `enforce` rule decides and no match means the agent's default (deny unless
 //! `--default allow`). `audit` rules never change a decision: every audit rule that matches is
 //! reported in `reasons` with effect `audit`.
@@ -117,6 +118,8 @@ struct Query<'a> {
 #[derive(Debug)]
 struct Rule {
     id: String,
+    /// Every fleet rule is checked before any site rule (see `bus::fleet`).
+    level: bus::fleet::Level,
     action: Action,
     m: Match,
 }
@@ -343,9 +346,15 @@ impl AgentKind for Acl {
 
     fn compile(&self, policies: Vec<Stored<AclPolicy>>) -> AclRules {
         let (mut enforce, mut audit) = (Vec::new(), Vec::new());
-        for (id, p) in policies {
+        for Stored {
+            id,
+            level,
+            policy: p,
+        } in policies
+        {
             let rule = Rule {
                 id,
+                level,
                 action: p.action,
                 m: p.matcher,
             };

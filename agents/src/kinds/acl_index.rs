@@ -32,7 +32,7 @@ impl Index {
     pub(super) fn new(mut rules: Vec<(i32, Rule)>) -> Self {
         rules.sort_by(|(pa, a), (pb, b)| {
             let deny_first = |r: &Rule| r.action != Action::Deny;
-            (pa, deny_first(a), &a.id).cmp(&(pb, deny_first(b), &b.id))
+            (a.level, pa, deny_first(a), &a.id).cmp(&(b.level, pb, deny_first(b), &b.id))
         });
         let rules: Vec<Rule> = rules.into_iter().map(|(_, r)| r).collect();
         let mut index = Index::default();

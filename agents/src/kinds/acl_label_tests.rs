@@ -19,7 +19,7 @@ fn rules(docs: serde_json::Value) -> AclRules {
         .into_iter()
         .map(|d| {
             let p = parse_policy(&acl, &rmp_serde::to_vec_named(&d).unwrap()).unwrap();
-            (p.id.clone(), p)
+            Stored::site(p.id.clone(), p)
         })
         .collect();
     acl.compile(policies)

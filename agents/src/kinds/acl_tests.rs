@@ -33,13 +33,13 @@ fn rule(id: &str, priority: i32, action: &str, matcher: &[(&str, &str)]) -> Stor
         ("match", m(matcher)),
     ])
     .unwrap();
-    (id.to_string(), p)
+    Stored::site(id, p)
 }
 
 fn audit(id: &str, action: &str, matcher: &[(&str, &str)]) -> Stored<AclPolicy> {
-    let (id, mut p) = rule(id, 0, action, matcher);
-    p.mode = Mode::Audit;
-    (id, p)
+    let mut r = rule(id, 0, action, matcher);
+    r.policy.mode = Mode::Audit;
+    r
 }
 
 fn conn(src: &str, dst: &str, peers: &[&str]) -> (Event, State) {
@@ -102,6 +102,42 @@ fn first_matching_rule_by_priority_decides_and_deny_wins_ties() {
     assert_eq!(
         effects(&patch),
         [("allow-web".to_string(), "allow".to_string())]
+    );
+}
+
+/// A fleet rule decides before any site rule, whatever their priorities: a site's allow at a
+/// lower priority number does not shadow the fleet's deny, and a site decides what the
+/// fleet leaves unmatched.
+#[test]
+fn fleet_rules_decide_before_any_site_rule() {
+    let acl = Acl::default();
+    let fleet = |mut r: Stored<AclPolicy>| {
+        r.level = bus::fleet::Level::Fleet;
+        r
+    };
+    let rules = acl.compile(vec![
+        rule("site-allows-db", -100, "allow", &[("dst_service", "db")]),
+        fleet(rule(
+            "fleet-denies-db",
+            100,
+            "deny",
+            &[("dst_service", "db")],
+        )),
+        rule("site-allows-rest", 0, "allow", &[]),
+    ]);
+    let (ev, st) = conn("web", "db", &["p1"]);
+    let patch = acl.decide(&rules, &ev, &st);
+    assert_eq!(patch.get_str(keys::ACTION), Some("deny"));
+    assert_eq!(
+        effects(&patch),
+        [("fleet-denies-db".to_string(), "deny".to_string())]
+    );
+    let (ev, st) = conn("web", "api", &["p1"]);
+    let patch = acl.decide(&rules, &ev, &st);
+    assert_eq!(patch.get_str(keys::ACTION), Some("allow"));
+    assert_eq!(
+        effects(&patch),
+        [("site-allows-rest".to_string(), "allow".to_string())]
     );
 }
 

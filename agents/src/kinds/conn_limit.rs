@@ -198,10 +198,10 @@ impl AgentKind for ConnLimiter {
     }
 
     fn compile(&self, mut policies: Vec<Stored<ConnLimitPolicy>>) -> Vec<Compiled> {
-        policies.sort_by(|a, b| a.0.cmp(&b.0));
+        policies.sort_by(|a, b| a.id.cmp(&b.id));
         policies
             .into_iter()
-            .map(|(id, p)| Compiled {
+            .map(|Stored { id, policy: p, .. }| Compiled {
                 id,
                 matcher: p.matcher,
                 max: p.max_connections.get(),

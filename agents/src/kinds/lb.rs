@@ -181,13 +181,14 @@ impl AgentKind for Lb {
     }
 
     fn compile(&self, mut policies: Vec<Stored<LbPolicy>>) -> LbRules {
-        // Sorted by id, so that with two policies for one service the lowest id wins everywhere.
-        policies.sort_by(|a, b| a.0.cmp(&b.0));
+        // Sorted by level, then id, so that with two policies for one service the fleet's wins,
+        // then the lowest id, everywhere.
+        policies.sort_by(|a, b| (a.level, &a.id).cmp(&(b.level, &b.id)));
         let mut rules = LbRules {
             by_service: HashMap::new(),
             catch_all: None,
         };
-        for (id, policy) in policies {
+        for Stored { id, policy, .. } in policies {
             let c = Compiled {
                 id,
                 next: AtomicUsize::new(0),
@@ -197,7 +198,7 @@ impl AgentKind for Lb {
                 rules.catch_all.get_or_insert(c);
             } else if let Some(other) = rules.by_service.get(&c.policy.dst_service) {
                 tracing::warn!(service = %c.policy.dst_service, used = %other.id, ignored = %c.id,
-                    "two lb policies for one service; the lowest id wins");
+                    "two lb policies for one service; the fleet's wins, then the lowest id");
             } else {
                 rules.by_service.insert(c.policy.dst_service.clone(), c);
             }

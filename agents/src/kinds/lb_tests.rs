@@ -46,7 +46,10 @@ fn picks(rules: &LbRules, src: &str, peers: &[&str], n: usize) -> HashMap<String
 
 #[test]
 fn round_robin_cycles() {
-    let rules = Lb.compile(vec![("rr".into(), policy("rr", "db", Scheme::RoundRobin))]);
+    let rules = Lb.compile(vec![Stored::site(
+        "rr",
+        policy("rr", "db", Scheme::RoundRobin),
+    )]);
     let c = picks(&rules, "a", &["p1", "p2", "p3"], 300);
     assert_eq!(c.values().copied().collect::<Vec<_>>(), vec![100; 3]);
 }
@@ -55,7 +58,7 @@ fn round_robin_cycles() {
 fn weighted_follows_the_weights() {
     let mut p = policy("w", "db", Scheme::Weighted);
     p.weights = [("p1".to_string(), 3), ("p2".to_string(), 1)].into();
-    let rules = Lb.compile(vec![("w".into(), p)]);
+    let rules = Lb.compile(vec![Stored::site("w", p)]);
     let c = picks(&rules, "a", &["p1", "p2", "p3"], 4000);
     assert!(!c.contains_key("p3"));
     let share = c["p1"] as f64 / 4000.0;
@@ -66,7 +69,7 @@ fn weighted_follows_the_weights() {
 fn static_uses_its_peer_or_falls_back() {
     let mut p = policy("s", "db", Scheme::Static);
     p.peer = Some("p2".into());
-    let rules = Lb.compile(vec![("s".into(), p)]);
+    let rules = Lb.compile(vec![Stored::site("s", p)]);
     assert_eq!(picks(&rules, "a", &["p1", "p2"], 50)["p2"], 50);
     let (ev, st) = event("a", &["p1", "p3"]);
     let patch = Lb.decide(&rules, &ev, &st);
@@ -75,8 +78,8 @@ fn static_uses_its_peer_or_falls_back() {
 
 #[test]
 fn consistent_hash_is_sticky_and_moves_only_removed_keys() {
-    let rules = Lb.compile(vec![(
-        "h".into(),
+    let rules = Lb.compile(vec![Stored::site(
+        "h",
         policy("h", "db", Scheme::ConsistentHash),
     )]);
     let peers = ["p1", "p2", "p3", "p4"];

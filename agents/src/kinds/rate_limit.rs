@@ -457,10 +457,10 @@ impl AgentKind for RateLimiter {
     }
 
     fn compile(&self, mut policies: Vec<Stored<RateLimitPolicy>>) -> Vec<Compiled> {
-        policies.sort_by(|a, b| a.0.cmp(&b.0));
+        policies.sort_by(|a, b| a.id.cmp(&b.id));
         policies
             .into_iter()
-            .map(|(id, p)| Compiled {
+            .map(|Stored { id, policy: p, .. }| Compiled {
                 id,
                 gcra: p.rate.map(|r| (Gcra::new(r, p.burst), r, p.burst)),
                 bandwidth: p.bandwidth.map(|b| b.0),

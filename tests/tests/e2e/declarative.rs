@@ -179,7 +179,12 @@ async fn an_atomic_batch_with_one_stale_revision_stores_nothing() {
         .await
         .0;
     let subjects = bus::Subjects::new("policy").expect("prefix");
-    let store = bus::config::open_waiting(&nats, &subjects, 1, bus::config::Access::Owner)
+    let opening = bus::config::Opening {
+        replicas: 1,
+        access: bus::config::Access::Owner,
+        fleet_hub: None,
+    };
+    let store = bus::config::open_waiting(&nats, &subjects, opening)
         .await
         .expect("config bucket");
     let jet = bus::store::Jet::reach(&nats, &subjects, bus::store::Store::Config)

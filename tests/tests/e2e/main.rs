@@ -14,6 +14,7 @@ mod docs;
 mod dryrun;
 mod events;
 mod faults;
+mod fleet;
 mod integrity;
 mod labels;
 mod layout;

@@ -111,7 +111,7 @@ impl AgentKind for WasmKind {
     }
 
     fn compile(&self, policies: Vec<Stored<Value>>) -> Self::Rules {
-        Arc::new(policies.into_iter().map(|(_, p)| p).collect())
+        Arc::new(policies.into_iter().map(|s| s.policy).collect())
     }
 
     fn decide_async<'a>(

@@ -1,0 +1,177 @@
+//! A fleet of sites: one hub whose configuration every site decides on, beside its own.
+//!
+//! The hub is an engine like any other, with the prefix `<prefix>.fleet` (so its buckets and
+//! subjects are never a site's, even over a leaf connection that lets everything through), on
+//! a NATS server (or cluster) with its own JetStream domain; what an operator applies there is
+//! the fleet's configuration. Each site is an engine with the prefix `<prefix>` on a NATS
+//! server that is a leaf node of the hub, with a domain of its own. A site's dispatcher, which
+//! owns the site's config bucket, makes the bucket *source* the hub's subscriptions and
+//! policies through the leaf connection, under the keys `fleet.sub.…` and `fleet.pol.…` (a
+//! subject transform). So the fleet's documents are stored at every site, in
+//! the order the hub wrote them: a site decides on its last copy when cut off from the hub,
+//! and JetStream resumes the source where it stopped when the link comes back, with nothing
+//! lost or applied twice. No decision waits on the hub.
+//!
+//! Precedence (the agents and the dispatcher apply it, see `docs/fleet.md`): a fleet document
+//! wins over a site's with the same key; the ACL evaluates every fleet rule before any site
+//! rule, so a site cannot shadow or remove a fleet deny (nor a fleet allow); limits of both
+//! levels all apply, each counted at the site.
+
+use std::fmt;
+
+use async_nats::jetstream::stream::{External, Source, SubjectTransform};
+
+use crate::error::InvalidName;
+use crate::subject::Subjects;
+
+/// Where a stored document comes from. The fleet's come first wherever order matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    Fleet,
+    Site,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Fleet => "fleet",
+            Level::Site => "site",
+        }
+    }
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The key prefix of the fleet's documents in a site's config bucket.
+pub const FLEET_KEYS: &str = "fleet.";
+
+/// The level of a config key, and the key as its level's writer stored it.
+pub fn split_level(key: &str) -> (Level, &str) {
+    match key.strip_prefix(FLEET_KEYS) {
+        Some(rest) => (Level::Fleet, rest),
+        None => (Level::Site, key),
+    }
+}
+
+/// The key-space of the hub's config bucket a site takes: subscriptions and policies. A
+/// removed peer (`peer.…`) is a site's own gateway's news and stays at the hub.
+const FLEET_DOCUMENTS: [&str; 2] = ["sub", "pol"];
+
+/// A JetStream domain name, as nats-server takes it: one token of letters, digits, `-`, `_`.
+pub fn check_domain(domain: &str) -> Result<(), InvalidName> {
+    let ok = !domain.is_empty()
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    ok.then_some(()).ok_or_else(|| InvalidName {
+        what: "JetStream domain",
+        name: domain.to_string(),
+        rule: "one token of letters, digits, '-' and '_'",
+    })
+}
+
+/// The source a site's config bucket takes the fleet's documents from: the hub's config
+/// bucket (`subjects.fleet()`'s) in the hub's JetStream domain, each key under `fleet.`.
+pub fn source(subjects: &Subjects, hub_domain: &str) -> Source {
+    let (hub, site) = (subjects.fleet().config_bucket(), subjects.config_bucket());
+    Source {
+        name: format!("KV_{hub}"),
+        external: Some(External {
+            api_prefix: format!("$JS.{hub_domain}.API"),
+            delivery_prefix: None,
+        }),
+        subject_transforms: FLEET_DOCUMENTS
+            .iter()
+            .map(|tag| SubjectTransform {
+                source: format!("$KV.{hub}.{tag}.>"),
+                destination: format!("$KV.{site}.{FLEET_KEYS}{tag}.>"),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// The subjects a site's leaf connection to the hub must carry neither way: the engine's own
+/// (`<prefix>.>`, which holds the hub's `<prefix>.fleet.>`: no event, admin command or answer
+/// crosses, so no decision waits on the hub), the stores' (`$KV`, `$O`, `$SLOT`: a write never
+/// lands in the other side's stream) and the services API (`$SRV`: instances are counted per
+/// site). What crosses is JetStream's own traffic for the sources, under `$JS.<domain>.API`.
+pub fn leaf_denies(subjects: &Subjects) -> Vec<String> {
+    let mut deny = vec![format!("{}.>", subjects.prefix())];
+    deny.extend(["$KV.>", "$O.>", "$SLOT.>", "$SRV.>"].map(String::from));
+    deny
+}
+
+/// Whether two sources take the same messages the same way (the server fills in defaults,
+/// such as an empty delivery prefix, in what it returns).
+pub fn same_source(a: &Source, b: &Source) -> bool {
+    let api = |s: &Source| s.external.as_ref().map(|e| e.api_prefix.clone());
+    let transforms = |s: &Source| {
+        let mut t: Vec<(String, String)> = s
+            .subject_transforms
+            .iter()
+            .map(|t| (t.source.clone(), t.destination.clone()))
+            .collect();
+        t.sort();
+        t
+    };
+    a.name == b.name
+        && api(a) == api(b)
+        && a.filter_subject.as_deref().unwrap_or_default()
+            == b.filter_subject.as_deref().unwrap_or_default()
+        && transforms(a) == transforms(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_come_from_the_key() {
+        assert_eq!(split_level("fleet.pol.acl.a"), (Level::Fleet, "pol.acl.a"));
+        assert_eq!(split_level("pol.acl.a"), (Level::Site, "pol.acl.a"));
+        assert!(Level::Fleet < Level::Site);
+    }
+
+    #[test]
+    fn the_source_takes_documents_only_under_fleet() {
+        let s = source(&Subjects::default(), "hub");
+        assert_eq!(s.name, "KV_policy_fleet_config");
+        assert_eq!(
+            s.external.as_ref().map(|e| e.api_prefix.as_str()),
+            Some("$JS.hub.API")
+        );
+        let pairs: Vec<(&str, &str)> = s
+            .subject_transforms
+            .iter()
+            .map(|t| (t.source.as_str(), t.destination.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                (
+                    "$KV.policy_fleet_config.sub.>",
+                    "$KV.policy_config.fleet.sub.>"
+                ),
+                (
+                    "$KV.policy_fleet_config.pol.>",
+                    "$KV.policy_config.fleet.pol.>"
+                )
+            ]
+        );
+        assert!(same_source(&s, &s.clone()));
+        assert!(!same_source(&s, &source(&Subjects::default(), "other")));
+    }
+
+    #[test]
+    fn domains_are_one_token() {
+        assert!(check_domain("hub").is_ok());
+        assert!(check_domain("site-a_1").is_ok());
+        assert!(check_domain("a.b").is_err());
+        assert!(check_domain("").is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! A fleet: a hub and two sites, each a real nats-server with its own JetStream domain, the
+//! sites leaf nodes of the hub, each running its own engine. The fleet's documents, applied at
+//! the hub, reach both sites; a site's stay there; the fleet's decide first.
+
+use bus::{Action, ErrorCode};
+use e2e::fleet::{hub_engine, FleetServers, HUB_DOMAIN};
+use e2e::Engine;
+use serde_json::json;
+
+use crate::*;
+
+/// A site's engine: its dispatcher takes the fleet's configuration from the hub's domain.
+async fn site_engine(server: e2e::NatsServer) -> Engine {
+    let mut engine = Engine::on(server);
+    engine.spawn("policy-dispatcher", &["--fleet-hub", HUB_DOMAIN]);
+    engine.agent("acl", &[]);
+    engine
+        .wait_instances(bus::headers::DISPATCHER_SERVICE, 1)
+        .await;
+    engine.wait_instances("policy-agent-acl", 1).await;
+    engine
+}
+
+/// The action a site's engine decides for `web -> dst`, as the gateway there would see it.
+async fn decides(hook: &bus::Client, dst: &str) -> Result<Action, String> {
+    hook.new_connection(&conn("web", dst, &["p1"]))
+        .await
+        .map(|d| d.action)
+        .map_err(|e| e.to_string())
+}
+
+async fn eventually_decides(hook: &bus::Client, site: &str, dst: &str, want: Action) {
+    eventually(
+        &format!("{site} decides {want:?} for web -> {dst}"),
+        || async {
+            let got = decides(hook, dst).await?;
+            (got == want).then_some(()).ok_or(format!("{got:?}"))
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fleet_documents_reach_every_site_and_decide_before_a_sites_own() {
+    let FleetServers {
+        hub,
+        mut sites,
+        confs: _confs,
+        ..
+    } = FleetServers::start(&["site-a", "site-b"]);
+    let mut hub = hub_engine(hub);
+    hub.start(&["acl"]).await;
+    let site_b = site_engine(sites.pop().expect("site-b")).await;
+    let site_a = site_engine(sites.pop().expect("site-a")).await;
+
+    // The fleet: the ACL on every new connection, and no connection to db.
+    let fleet = hub.admin().await;
+    subscribe(&fleet, &[sub("new-connection", "acl", 10)]).await;
+    fleet
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "no-db", "priority": 100,
+            "action": "deny", "match": {"dst_service": "db"}}),
+        )])
+        .await
+        .expect("fleet policy");
+    // Site A allows everything, at a priority that would come first among its own rules.
+    let admin_a = site_a.admin().await;
+    admin_a
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "all", "priority": -100,
+            "action": "allow", "match": {}}),
+        )])
+        .await
+        .expect("site policy");
+
+    let (hook_a, hook_b) = (site_a.hook().await, site_b.hook().await);
+    // The fleet's subscription and deny are at both sites; site A's allow only at A: the
+    // fleet's deny decides first there.
+    eventually_decides(&hook_a, "site-a", "api", Action::Allow).await;
+    eventually_decides(&hook_b, "site-b", "db", Action::Deny).await;
+    assert_eq!(decides(&hook_a, "db").await, Ok(Action::Deny));
+    assert_eq!(decides(&hook_b, "api").await, Ok(Action::Deny));
+    let d = hook_a
+        .new_connection(&conn("web", "db", &["p1"]))
+        .await
+        .expect("decision");
+    assert_eq!(effects(&d.reasons, "acl"), [pair("no-db", "deny")]);
+
+    // A site cannot take a fleet document's id: the fleet's would shadow it.
+    let err = admin_a
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "no-db", "priority": 0,
+            "action": "allow", "match": {}}),
+        )])
+        .await
+        .expect_err("a site policy with a fleet policy's id");
+    assert_eq!(err.code(), Some(ErrorCode::BadRequest), "{err}");
+    assert!(err.to_string().contains("is the fleet's"), "{err}");
+
+    // A fleet change reaches both sites; removing the fleet's deny lets site A's allow decide.
+    fleet
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "cache-ok", "priority": 100,
+            "action": "allow", "match": {"dst_service": "cache"}}),
+        )])
+        .await
+        .expect("fleet policy");
+    eventually_decides(&hook_b, "site-b", "cache", Action::Allow).await;
+    fleet.policy_remove("acl", "no-db").await.expect("remove");
+    eventually_decides(&hook_a, "site-a", "db", Action::Allow).await;
+    eventually_decides(&hook_b, "site-b", "cache", Action::Allow).await;
+    assert_eq!(decides(&hook_b, "db").await, Ok(Action::Deny));
+}
+
+/// A site whose engine ran alone joins the fleet: its dispatcher, started again with
+/// `--fleet-hub`, adds the source to the bucket it made before, and the site keeps its own
+/// documents beside the fleet's.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_engine_that_ran_alone_joins_the_fleet_keeping_its_own_documents() {
+    let FleetServers {
+        hub,
+        mut sites,
+        confs: _confs,
+        ..
+    } = FleetServers::start(&["site-a"]);
+    let mut hub = hub_engine(hub);
+    hub.start(&["acl"]).await;
+    let fleet = hub.admin().await;
+    subscribe(&fleet, &[sub("new-connection", "acl", 10)]).await;
+    fleet
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "no-db", "priority": 100,
+            "action": "deny", "match": {"dst_service": "db"}}),
+        )])
+        .await
+        .expect("fleet policy");
+
+    let mut site = Engine::on(sites.pop().expect("site-a"));
+    site.start(&["acl"]).await;
+    let admin = site.admin().await;
+    subscribe(&admin, &[sub("new-connection", "acl", 10)]).await;
+    admin
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "all", "priority": 0,
+            "action": "allow", "match": {}}),
+        )])
+        .await
+        .expect("site policy");
+    let hook = site.hook().await;
+    eventually_decides(&hook, "the lone engine", "db", Action::Allow).await;
+
+    let alone = site.take("policy-dispatcher");
+    assert!(alone.terminate(), "the dispatcher drains and exits");
+    site.spawn("policy-dispatcher", &["--fleet-hub", HUB_DOMAIN]);
+    site.wait_instances(bus::headers::DISPATCHER_SERVICE, 1)
+        .await;
+    eventually_decides(&hook, "the site", "db", Action::Deny).await;
+    assert_eq!(decides(&hook, "api").await, Ok(Action::Allow));
+}
