@@ -261,6 +261,28 @@ pub struct Status {
     pub policies: usize,
     /// Whether `apply` stores in one atomic batch on this bucket.
     pub atomic_apply: bool,
+    /// At a site of a fleet: where it stands with the hub (absent elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetStatus>,
+}
+
+/// A site's view of its fleet (see `crate::fleet`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// The hub's JetStream domain.
+    pub hub: String,
+    /// Whether the site has had the fleet's configuration (it denies every event until then).
+    pub synced: bool,
+    /// The hub revision of the newest fleet document the site holds (0: none).
+    pub revision: u64,
+    /// The hub's newest configuration revision, as of the last time it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_revision: Option<u64>,
+    /// Hub revisions the site does not have yet.
+    pub lag: u64,
+    /// Milliseconds since the hub last answered (absent: never, since this dispatcher started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_seen_ms_ago: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

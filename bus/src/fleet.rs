@@ -49,6 +49,12 @@ impl fmt::Display for Level {
 /// The key prefix of the fleet's documents in a site's config bucket.
 pub const FLEET_KEYS: &str = "fleet.";
 
+/// The key of a site's config bucket that records, once, that the site has had the fleet's
+/// configuration (its value: the hub revision it had then). Until it exists, the site's
+/// dispatcher denies every event: the site's own documents alone might allow what the fleet
+/// denies. Not under [`FLEET_KEYS`]: the site writes it, not the source.
+pub const SYNCED_KEY: &str = "site.fleet-synced";
+
 /// The level of a config key, and the key as its level's writer stored it.
 pub fn split_level(key: &str) -> (Level, &str) {
     match key.strip_prefix(FLEET_KEYS) {

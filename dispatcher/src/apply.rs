@@ -360,6 +360,7 @@ pub(crate) async fn status(d: &Dispatcher) -> Result<Bytes, ErrorReply> {
         subscriptions: count("sub."),
         policies: count("pol."),
         atomic_apply: bus::batch::atomic(&d.store),
+        fleet: d.fleet.as_deref().map(crate::fleet::Fleet::status),
     })
 }
 

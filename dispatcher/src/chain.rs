@@ -390,6 +390,22 @@ pub fn finalize(run: &mut Run, event_id: &str, event: &Event) {
 /// The decision for an event whose stored subscriptions do not all load: deny, naming each
 /// broken record. A record nobody can read might have been the ACL's, so the chain does not run
 /// without it (fail closed, as an agent does with a broken policy).
+/// A run the dispatcher denies without calling any agent, naming `policy` and why.
+pub fn refused_run(state: State, policy: &str, why: String) -> Run {
+    let mut run = Run {
+        state,
+        degraded: false,
+        timings: Vec::new(),
+        owed: 0,
+        ignored_dry_run: false,
+    };
+    deny(
+        &mut run.state,
+        Reason::new("dispatcher", policy, Effect::Deny).with_detail(why),
+    );
+    run
+}
+
 pub fn broken_chain(state: State, broken: &[crate::table::Broken]) -> Run {
     let mut run = Run {
         state,

@@ -44,7 +44,12 @@ impl Dispatcher {
         let raw = self.subjects.event_of(&msg.subject).unwrap_or_default();
         let name = EventName::new(raw)
             .map_err(|e| ErrorReply::new(ErrorCode::UnknownEvent, e.to_string()))?;
+        // A site of a fleet that has never had the fleet's configuration decides nothing.
+        let unsynced = self.fleet.as_ref().and_then(|f| f.unsynced());
         let Some(chain) = self.table.chain(name.as_str()) else {
+            if let Some(why) = unsynced {
+                return Err(ErrorReply::new(ErrorCode::NoSubscribers, why));
+            }
             return Err(if name.is_contract() {
                 ErrorReply::new(
                     ErrorCode::NoSubscribers,
@@ -151,7 +156,9 @@ impl Dispatcher {
                 "{name} event: with its candidates in the state, a call to an agent would be {per_call} bytes, more than the server's max_payload of {max}"
             )));
         }
-        let mut run = if chain.broken.is_empty() {
+        let mut run = if let Some(why) = unsynced {
+            chain::refused_run(state, "fleet", why)
+        } else if chain.broken.is_empty() {
             let call = Call {
                 nats: &self.nats,
                 event: name.as_str(),

@@ -7,6 +7,7 @@ mod apply;
 pub mod chain;
 mod commands;
 mod decide;
+mod fleet;
 mod metrics;
 mod modules;
 mod peers;
@@ -101,6 +102,8 @@ pub struct Dispatcher {
     pub(crate) metrics: Option<metrics::DispatcherMetrics>,
     /// Whether decisions also go to the durable decision log.
     pub(crate) log_decisions: bool,
+    /// At a site of a fleet: whether it has had the fleet's configuration, and its lag.
+    pub(crate) fleet: Option<Arc<fleet::Fleet>>,
 }
 
 impl Dispatcher {
@@ -240,9 +243,10 @@ struct Serving {
     nats: async_nats::Client,
     events: Endpoint,
     admin: Endpoint,
-    /// The config watch (subscriptions; policies, for the verdict cache), and the task
-    /// confirming policy changes to other dispatchers.
-    watchers: [tokio::task::JoinHandle<()>; 2],
+    /// The config watch (subscriptions; policies, for the verdict cache), the task
+    /// confirming policy changes to other dispatchers, and at a site of a fleet the one
+    /// following the hub.
+    watchers: Vec<tokio::task::JoinHandle<()>>,
     options: Options,
     /// Answers the services API for as long as the dispatcher runs.
     _service: Service,
@@ -301,6 +305,10 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
             .as_deref()
             .map(metrics::DispatcherMetrics::new),
         log_decisions,
+        fleet: options
+            .fleet_hub
+            .clone()
+            .map(|hub| Arc::new(fleet::Fleet::new(hub))),
     });
 
     // One watch of the bucket feeds both the chain table (subscriptions) and the verdict
@@ -375,6 +383,10 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
             ))
         })?;
     let confirming = tokio::spawn(verdicts::confirm(dispatcher.clone(), asks));
+    let mut watchers = vec![watcher, confirming];
+    if let Some(f) = &dispatcher.fleet {
+        watchers.push(tokio::spawn(fleet::follow(dispatcher.clone(), f.clone())));
+    }
 
     let endpoint = |name, subject| EndpointSpec {
         name,
@@ -405,7 +417,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
         nats,
         events,
         admin,
-        watchers: [watcher, confirming],
+        watchers,
         options,
         _service: service,
     })

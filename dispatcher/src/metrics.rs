@@ -65,6 +65,9 @@ pub struct DispatcherMetrics {
     agent_seconds: HistFamily<AgentLabels>,
     revision: Gauge,
     subscriptions: Gauge,
+    fleet_revision: Gauge,
+    fleet_lag: Gauge,
+    fleet_hub_age: Gauge,
     events: Names,
     agents: Names,
 }
@@ -90,6 +93,9 @@ impl DispatcherMetrics {
             agent_seconds: HistFamily::new_with_constructor(latency),
             revision: Gauge::default(),
             subscriptions: Gauge::default(),
+            fleet_revision: Gauge::default(),
+            fleet_lag: Gauge::default(),
+            fleet_hub_age: Gauge::default(),
             events: Names::new(MAX_EVENTS),
             agents: Names::new(MAX_EVENTS),
         };
@@ -138,6 +144,21 @@ impl DispatcherMetrics {
                 "dispatcher_subscriptions",
                 "Subscriptions in this dispatcher's chain table",
                 m.subscriptions.clone(),
+            );
+            r.register(
+                "fleet_revision",
+                "At a site of a fleet: the hub's configuration revision this site has (0: none yet)",
+                m.fleet_revision.clone(),
+            );
+            r.register(
+                "fleet_lag",
+                "At a site of a fleet: hub configuration revisions this site does not have yet, as of the last time the hub answered",
+                m.fleet_lag.clone(),
+            );
+            r.register(
+                "fleet_hub_unreachable_seconds",
+                "At a site of a fleet: seconds since the hub last answered (0 while it answers)",
+                m.fleet_hub_age.clone(),
             );
         });
         m
@@ -195,6 +216,15 @@ impl DispatcherMetrics {
                     .observe(t.latency_us as f64 / 1e6);
             }
         }
+    }
+
+    /// A site's view of the fleet: the hub revision it has, how many it lacks, and how long
+    /// since the hub answered.
+    pub fn fleet(&self, revision: u64, lag: u64, unreachable_for: std::time::Duration) {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.fleet_revision.set(n(revision));
+        self.fleet_lag.set(n(lag));
+        self.fleet_hub_age.set(n(unreachable_for.as_secs()));
     }
 
     pub fn config(&self, revision: u64, subscriptions: usize) {

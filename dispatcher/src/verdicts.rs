@@ -175,6 +175,11 @@ impl Verdicts {
         self.revision.send_modify(|r| *r = (*r).max(revision));
     }
 
+    /// The bucket revision this dispatcher's watch has applied.
+    pub fn revision(&self) -> u64 {
+        *self.revision.borrow()
+    }
+
     /// Waits (briefly) until the fingerprints reflect bucket revision `revision`.
     pub async fn seen(&self, revision: u64) {
         let mut seen = self.revision.subscribe();

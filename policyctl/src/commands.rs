@@ -227,6 +227,9 @@ async fn command(
                         false => "key by key, rolling back on a failure (the bucket was not created on nats-server 2.12+)",
                     }
                 );
+                if let Some(f) = &status.fleet {
+                    out!("{}", crate::print::fleet_status(f));
+                }
                 Ok(())
             })?;
         }

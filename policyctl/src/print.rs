@@ -131,3 +131,25 @@ fn cap(d: &State) -> String {
     bps.map(|b| format!(", cap {} Mbit/s", b / 1_000_000))
         .unwrap_or_default()
 }
+
+/// A site's standing with its fleet's hub, in one line.
+pub fn fleet_status(f: &bus::admin::FleetStatus) -> String {
+    let seen = match f.hub_seen_ms_ago {
+        None => "not reached since this dispatcher started".to_string(),
+        Some(ms) if ms < 5_000 => "answering".to_string(),
+        Some(ms) => format!("last answered {}s ago", ms / 1000),
+    };
+    let hub = match f.hub_revision {
+        Some(h) => format!("hub at revision {h}, {} behind", f.lag),
+        None => "hub revision unknown".to_string(),
+    };
+    let synced = if f.synced {
+        ""
+    } else {
+        "; DENYING every event until it has had the fleet's configuration"
+    };
+    format!(
+        "fleet: site of hub `{}` ({seen}): has fleet revision {}, {hub}{synced}",
+        f.hub, f.revision
+    )
+}

@@ -49,14 +49,15 @@ pub fn site_conf(name: &str, leaf_url: &str, subjects: &Subjects) -> String {
 impl FleetServers {
     /// A hub and one site per name, the sites' leaf connections going straight to the hub.
     pub fn start(sites: &[&str]) -> Self {
-        Self::start_via(sites, |_, hub_leaf| hub_leaf)
+        let leaf_port = free_port();
+        Self::start_via(sites, leaf_port, |_| leaf_port)
     }
 
-    /// As [`Self::start`], each site's leaf connection going to the port `via(site, hub's leaf
-    /// port)` returns: a proxy the test controls, to cut and heal the link.
-    pub fn start_via(sites: &[&str], via: impl Fn(usize, u16) -> u16) -> Self {
+    /// As [`Self::start`], with the hub taking leaf connections on `leaf_port` and site `i`'s
+    /// leaf connection going to the port `via(i)`: a proxy the test controls, to cut and heal
+    /// the link.
+    pub fn start_via(sites: &[&str], leaf_port: u16, via: impl Fn(usize) -> u16) -> Self {
         let confs = tempfile::tempdir().expect("temp dir");
-        let leaf_port = free_port();
         let hub_conf = format!(
             "server_name: hub\n\
              jetstream {{ domain: {HUB_DOMAIN}, store_dir: \"js\" }}\n\
@@ -68,7 +69,7 @@ impl FleetServers {
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                let url = format!("nats-leaf://127.0.0.1:{}", via(i, leaf_port));
+                let url = format!("nats-leaf://127.0.0.1:{}", via(i));
                 let conf = site_conf(name, &url, &subjects);
                 NatsServer::start_with_conf(&write(&confs, name, &conf), Vec::new())
             })

@@ -11,6 +11,7 @@ use bus::roles::Role;
 use bus::{AdminClient, Client, Subjects};
 
 pub mod fleet;
+pub mod proxy;
 
 /// Every receive in a test is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);

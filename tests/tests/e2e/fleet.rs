@@ -154,6 +154,16 @@ async fn an_engine_that_ran_alone_joins_the_fleet_keeping_its_own_documents() {
     site.spawn("policy-dispatcher", &["--fleet-hub", HUB_DOMAIN]);
     site.wait_instances(bus::headers::DISPATCHER_SERVICE, 1)
         .await;
-    eventually_decides(&hook, "the site", "db", Action::Deny).await;
+    // Once the site has the fleet's configuration: the fleet's deny, and the site's own allow.
+    eventually("the site denies db by the fleet's policy", || async {
+        let d = hook
+            .new_connection(&conn("web", "db", &["p1"]))
+            .await
+            .map_err(|e| e.to_string())?;
+        (effects(&d.reasons, "acl") == [pair("no-db", "deny")])
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
     assert_eq!(decides(&hook, "api").await, Ok(Action::Allow));
 }

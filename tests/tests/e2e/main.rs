@@ -15,6 +15,7 @@ mod dryrun;
 mod events;
 mod faults;
 mod fleet;
+mod fleet_faults;
 mod integrity;
 mod labels;
 mod layout;

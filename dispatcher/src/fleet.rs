@@ -1,0 +1,259 @@
+//! At a site of a fleet (`--fleet-hub`, see `bus::fleet`): whether this site has ever had the
+//! fleet's configuration, and how far behind the hub it is.
+//!
+//! A site that has never had it fails closed: its own documents alone might allow what the
+//! fleet denies. So until the site has once held everything the hub had (the newest fleet
+//! message it stores came from the hub's newest subscription or policy write), every event is
+//! denied, saying why. That first sync is recorded in the site's own bucket
+//! ([`bus::fleet::SYNCED_KEY`]), so a site restarted while cut off decides at once on what it
+//! last had. Checking asks the hub, through the leaf connection, for its newest write: never
+//! on a decision's path.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::stream::DirectGetErrorKind;
+use async_nats::jetstream::{self, stream};
+
+use crate::Dispatcher;
+
+/// How often the site compares what it has with the hub.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long one look at the hub may take: it is across a WAN, and may be cut off.
+const HUB_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the source may stay behind, with the hub answering, before it is restarted.
+/// nats-server 2.10 waits up to about 40 s before it tries a source again after a long cut;
+/// 2.12 catches up in about a second by itself.
+const STALLED_FOR: Duration = Duration::from_secs(3);
+
+pub(crate) struct Fleet {
+    hub: String,
+    synced: AtomicBool,
+    view: Mutex<View>,
+}
+
+/// What the site knows of the hub, as of the last check.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct View {
+    /// The hub revision of the newest fleet document this site holds (0: none).
+    pub(crate) revision: u64,
+    /// The hub's newest subscription or policy revision, when it last answered.
+    pub(crate) hub_revision: Option<u64>,
+    /// When the hub last answered.
+    pub(crate) hub_seen: Option<Instant>,
+}
+
+/// Whether the hub has not answered for a while (a missed check or two are not news).
+fn hub_lost(v: &View) -> bool {
+    v.hub_seen
+        .is_some_and(|t| t.elapsed() > CHECK_EVERY * 2 + HUB_TIMEOUT)
+}
+
+impl View {
+    pub(crate) fn lag(&self) -> u64 {
+        self.hub_revision
+            .map_or(0, |h| h.saturating_sub(self.revision))
+    }
+}
+
+impl Fleet {
+    pub(crate) fn new(hub: String) -> Self {
+        Fleet {
+            hub,
+            synced: AtomicBool::new(false),
+            view: Mutex::new(View::default()),
+        }
+    }
+
+    /// Why this site may not decide yet: it has never had the fleet's configuration.
+    pub(crate) fn unsynced(&self) -> Option<String> {
+        (!self.synced.load(Ordering::Acquire)).then(|| {
+            format!(
+                "this site has never had the fleet's configuration: the hub (JetStream domain \
+                 `{}`) has not been reached since the site started, and the site's own documents \
+                 alone might allow what the fleet denies",
+                self.hub
+            )
+        })
+    }
+
+    pub(crate) fn status(&self) -> bus::admin::FleetStatus {
+        let v = *self.view.lock().unwrap_or_else(|e| e.into_inner());
+        bus::admin::FleetStatus {
+            hub: self.hub.clone(),
+            synced: self.synced.load(Ordering::Acquire),
+            revision: v.revision,
+            hub_revision: v.hub_revision,
+            lag: v.lag(),
+            hub_seen_ms_ago: v
+                .hub_seen
+                .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
+/// The newest message under `subject` (a wildcard) in `stream`, if any.
+async fn newest<I>(
+    stream: &stream::Stream<I>,
+    subject: String,
+) -> Result<Option<jetstream::message::StreamMessage>, String> {
+    match stream.direct_get_last_for_subject(subject).await {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Keeps the site's view of the fleet, and opens the site to decisions once it has synced.
+pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
+    if let Ok(Some(_)) = d.store.get(bus::fleet::SYNCED_KEY).await {
+        fleet.synced.store(true, Ordering::Release);
+    }
+    let hub_js = jetstream::with_domain(d.jet.client().clone(), &fleet.hub);
+    let hub_bucket = d.subjects.fleet().config_bucket();
+    let site_bucket = d.subjects.config_bucket();
+    // Since when the source is behind without moving, and the revision it is stuck at.
+    let mut stalled: Option<(Instant, u64)> = None;
+    let mut ticks = tokio::time::interval(CHECK_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let site = d.store.stream.clone();
+        let held = match site
+            .direct_get_last_for_subject(format!("$KV.{site_bucket}.{}>", bus::fleet::FLEET_KEYS))
+            .await
+        {
+            Ok(m) => Some((
+                m.sequence,
+                m.headers.get("Nats-Stream-Source").map(|v| v.to_string()),
+            )),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read this site's fleet documents");
+                continue;
+            }
+        };
+        let (held_at, revision) = match &held {
+            Some((seq, Some(source))) => (
+                *seq,
+                source
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0),
+            ),
+            _ => (0, 0),
+        };
+        let hub = tokio::time::timeout(HUB_TIMEOUT, async {
+            let stream = hub_js
+                .get_stream_no_info(format!("KV_{hub_bucket}"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut newest_write = 0;
+            for tag in ["sub", "pol"] {
+                if let Some(m) = newest(&stream, format!("$KV.{hub_bucket}.{tag}.>")).await? {
+                    newest_write = newest_write.max(m.sequence);
+                }
+            }
+            Ok::<u64, String>(newest_write)
+        })
+        .await;
+        let hub_revision = match hub {
+            Ok(Ok(r)) => Some(r),
+            Ok(Err(e)) => {
+                tracing::debug!(hub = %fleet.hub, error = %e, "the hub did not answer");
+                None
+            }
+            Err(_) => None,
+        };
+        let view = {
+            let mut v = fleet.view.lock().unwrap_or_else(|e| e.into_inner());
+            match (v.hub_seen.is_some(), hub_revision) {
+                (_, Some(h)) if v.hub_revision.is_none() || hub_lost(&v) => {
+                    tracing::info!(hub = %fleet.hub, hub_revision = h, revision, "the hub answers")
+                }
+                (true, None) if !hub_lost(&v) => {
+                    tracing::warn!(hub = %fleet.hub, revision, "the hub does not answer: deciding on the fleet's configuration this site has")
+                }
+                _ => {}
+            }
+            v.revision = revision;
+            if let Some(h) = hub_revision {
+                v.hub_revision = Some(h);
+                v.hub_seen = Some(Instant::now());
+            }
+            *v
+        };
+        if let Some(m) = &d.metrics {
+            let unreachable = view.hub_seen.map_or(Duration::ZERO, |t| {
+                if hub_revision.is_some() {
+                    Duration::ZERO
+                } else {
+                    t.elapsed()
+                }
+            });
+            m.fleet(view.revision, view.lag(), unreachable);
+        }
+        // Behind, with the hub answering, and not moving: the server is waiting to try the
+        // source again. Taking it away and putting it back starts it at once, from the last
+        // message it stored (nats-server resumes a source from its `Nats-Stream-Source`
+        // headers), so nothing is lost or taken twice.
+        let behind = hub_revision.is_some_and(|h| revision < h);
+        match (&mut stalled, behind) {
+            (Some((since, at)), true) if *at == revision => {
+                if since.elapsed() >= STALLED_FOR {
+                    restart_source(&d).await;
+                    stalled = None;
+                }
+            }
+            (_, true) => stalled = Some((Instant::now(), revision)),
+            (_, false) => stalled = None,
+        }
+        // Synced once the site holds the hub's newest write and this dispatcher has loaded it.
+        let caught_up =
+            hub_revision.is_some_and(|h| revision >= h) && d.verdicts.revision() >= held_at;
+        if caught_up && !fleet.synced.load(Ordering::Acquire) {
+            let value = format!("{revision}").into_bytes();
+            match d.store.put(bus::fleet::SYNCED_KEY, value.into()).await {
+                Ok(_) => {
+                    tracing::info!(hub = %fleet.hub, revision, "this site has the fleet's configuration: deciding");
+                    fleet.synced.store(true, Ordering::Release);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot record that this site has the fleet's configuration")
+                }
+            }
+        }
+    }
+}
+
+/// Takes the site bucket's source away and puts it back (see the caller).
+async fn restart_source(d: &Dispatcher) {
+    let js = d.jet.context();
+    let restarted = async {
+        let mut stream = js
+            .get_stream(format!("KV_{}", d.subjects.config_bucket()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let config = stream
+            .info()
+            .await
+            .map_err(|e| e.to_string())?
+            .config
+            .clone();
+        let without = stream::Config {
+            sources: None,
+            ..config.clone()
+        };
+        js.update_stream(without).await.map_err(|e| e.to_string())?;
+        js.update_stream(config).await.map_err(|e| e.to_string())?;
+        Ok::<(), String>(())
+    };
+    match restarted.await {
+        Ok(()) => {
+            tracing::info!("the fleet's source stayed behind with the hub answering: restarted it")
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot restart the fleet's source"),
+    }
+}
