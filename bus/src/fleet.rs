@@ -112,6 +112,33 @@ pub fn leaf_denies(subjects: &Subjects) -> Vec<String> {
     deny
 }
 
+/// The hub's nats-server configuration, to be completed with its client port and, on a secured
+/// bus, its accounts: its JetStream domain, and where it takes the sites' leaf connections.
+/// JetStream's store goes in `js` under the directory the server runs in.
+pub fn hub_conf(domain: &str, leaf_listen: &str) -> String {
+    format!(
+        "server_name: {domain}\n\
+         jetstream {{ domain: {domain}, store_dir: \"js\" }}\n\
+         leafnodes {{ listen: \"{leaf_listen}\" }}\n"
+    )
+}
+
+/// A site's nats-server configuration: its JetStream domain (its name), and its leaf
+/// connection to the hub at `leaf_url`, carrying nothing of the engine's own
+/// ([`leaf_denies`]) and retried every second.
+pub fn site_conf(name: &str, leaf_url: &str, subjects: &Subjects) -> String {
+    let deny = leaf_denies(subjects)
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "server_name: {name}\n\
+         jetstream {{ domain: {name}, store_dir: \"js\" }}\n\
+         leafnodes {{\n  reconnect: 1\n  remotes [ {{ url: \"{leaf_url}\", deny_exports: [{deny}], deny_imports: [{deny}] }} ]\n}}\n"
+    )
+}
+
 /// Whether two sources take the same messages the same way (the server fills in defaults,
 /// such as an empty delivery prefix, in what it returns).
 pub fn same_source(a: &Source, b: &Source) -> bool {

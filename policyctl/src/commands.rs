@@ -27,7 +27,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             secure,
             auth_dir,
             cluster,
+            sites,
+            site_examples,
         } => {
+            if let Some(sites) = sites {
+                let demo = crate::fleet_up::Demo {
+                    examples,
+                    site_examples,
+                    every: *every,
+                    metrics_addr,
+                    sites: usize::from(*sites),
+                };
+                return crate::fleet_up::run(&cli.common, demo).await;
+            }
             let auth = secure.then_some(auth_dir.as_path());
             let nodes = usize::from(*cluster);
             return crate::up::run(&cli.common, examples, *every, metrics_addr, auth, nodes).await;

@@ -94,8 +94,8 @@ fn closing(attrs: &State, decision: &State) -> State {
     closed
 }
 
-/// Sends the sample events, printing each decision, until the task is dropped.
-pub async fn traffic(hook: Client, every: Duration) -> anyhow::Result<()> {
+/// Sends the sample events, printing each decision (after `label`), until the task is dropped.
+pub async fn traffic(hook: Client, every: Duration, label: &str) -> anyhow::Result<()> {
     let mut i = 0usize;
     // Allowed connections, closed a few events later so conn-limit sees them go.
     let mut open: std::collections::VecDeque<State> = Default::default();
@@ -110,29 +110,31 @@ pub async fn traffic(hook: Client, every: Duration) -> anyhow::Result<()> {
         let t0 = Instant::now();
         match hook.emit(event, &attrs).await {
             Ok(d) => {
-                crate::print::line(&describe(event, &attrs, &d, t0.elapsed()))
-                    .context("stdout closed")?;
+                crate::print::line(&format!(
+                    "{label}{}",
+                    describe(event, &attrs, &d, t0.elapsed())
+                ))
+                .context("stdout closed")?;
                 if event == "new-connection" && d.get_str("action") == Some("allow") {
                     open.push_back(closing(&attrs, &d));
                 }
             }
-            Err(e) => {
-                crate::print::line(&format!("{event:<21} error: {e}")).context("stdout closed")?
-            }
+            Err(e) => crate::print::line(&format!("{label}{event:<21} error: {e}"))
+                .context("stdout closed")?,
         }
         if open.len() > 4 {
             if let Some(closed) = open.pop_front() {
                 let t0 = Instant::now();
                 match hook.emit("connection-closed", &closed).await {
-                    Ok(d) => crate::print::line(&describe(
-                        "connection-closed",
-                        &closed,
-                        &d,
-                        t0.elapsed(),
+                    Ok(d) => crate::print::line(&format!(
+                        "{label}{}",
+                        describe("connection-closed", &closed, &d, t0.elapsed())
                     ))
                     .context("stdout closed")?,
-                    Err(e) => crate::print::line(&format!("connection-closed     error: {e}"))
-                        .context("stdout closed")?,
+                    Err(e) => {
+                        crate::print::line(&format!("{label}connection-closed     error: {e}"))
+                            .context("stdout closed")?
+                    }
                 }
             }
         }

@@ -8,6 +8,7 @@ mod declarative;
 mod demo;
 mod explain;
 mod files;
+mod fleet_up;
 mod jwt;
 mod log;
 mod output;
@@ -248,6 +249,14 @@ pub enum Command {
         /// --nats-url's up), the engine spread over it and its buckets replicated.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
         cluster: u16,
+        /// Start a local fleet instead (docs/fleet.md): a hub on --nats-url's port and this many
+        /// sites on the next ports, each its own nats-server and engine, the sites leaf nodes
+        /// of the hub. --examples go to the hub (the fleet's), --site-examples to every site.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=9), conflicts_with_all = ["secure", "cluster"])]
+        sites: Option<u16>,
+        /// With --sites: every site's own documents.
+        #[arg(long, default_value = "examples/fleet/site")]
+        site_examples: PathBuf,
     },
     /// Print a shell completion script: `source <(policyctl completions bash)`, or save it
     /// where your shell loads completions from.

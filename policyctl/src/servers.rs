@@ -114,3 +114,72 @@ pub fn start(host: &str, port: u16, nodes: usize, auth: Option<&Path>) -> anyhow
     started.urls = urls.join(",");
     Ok(started)
 }
+
+/// A local fleet's servers (see `bus::fleet`): the hub, and the sites as its leaf nodes.
+pub struct Fleet {
+    pub started: Started,
+    /// The hub's client URL.
+    pub hub: String,
+    /// Each site's name (its JetStream domain) and client URL.
+    pub sites: Vec<(String, String)>,
+}
+
+/// Starts a hub on `host:port` (JetStream domain [`bus::fleet`]'s `hub`) and `sites` sites on
+/// the next ports, named `site-1`, `site-2`, ..., each a leaf node of the hub with the
+/// configuration `bus::fleet::site_conf` writes.
+pub fn start_fleet(
+    host: &str,
+    port: u16,
+    sites: usize,
+    subjects: &bus::Subjects,
+) -> anyhow::Result<Fleet> {
+    let bin = nats_server_bin()?;
+    let leaf = free_ports(host, 1, u32::from(port)..u32::from(port) + sites as u32 + 1)?[0];
+    let mut confs = vec![(
+        HUB_DOMAIN.to_string(),
+        bus::fleet::hub_conf(HUB_DOMAIN, &format!("{host}:{leaf}")),
+    )];
+    for i in 1..=sites {
+        let name = format!("site-{i}");
+        let conf = bus::fleet::site_conf(&name, &format!("nats-leaf://{host}:{leaf}"), subjects);
+        confs.push((name, conf));
+    }
+    let mut started = Started {
+        children: Vec::new(),
+        stores: Vec::new(),
+        urls: String::new(),
+    };
+    let mut urls = Vec::new();
+    for (i, (name, conf)) in confs.iter().enumerate() {
+        let client_port = port
+            .checked_add(i as u16)
+            .ok_or_else(|| anyhow!("no room for {} ports above {port}", sites + 1))?;
+        let store = tempfile::tempdir()?;
+        let file = store.path().join("nats.conf");
+        std::fs::write(&file, conf).with_context(|| format!("cannot write {}", file.display()))?;
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&file)
+            .args(["-a", host, "-p", &client_port.to_string()])
+            .current_dir(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {} for {name}", bin.display()))?;
+        started.children.push(("nats-server".into(), child));
+        started.stores.push(store);
+        urls.push((name.clone(), format!("nats://{host}:{client_port}")));
+    }
+    let mut urls = urls.into_iter();
+    let (_, hub) = urls.next().ok_or_else(|| anyhow!("no hub"))?;
+    started.urls = hub.clone();
+    Ok(Fleet {
+        started,
+        hub,
+        sites: urls.collect(),
+    })
+}
+
+/// The JetStream domain of the hub `up --sites` starts.
+pub const HUB_DOMAIN: &str = "hub";

@@ -11,16 +11,16 @@ use bus::subject::SHIPPED_KINDS;
 use bus::{headers, AdminClient, Client, Kind};
 use tokio::process::{Child, Command};
 
-struct Stack {
-    children: Vec<(String, Child)>,
-    stores: Vec<tempfile::TempDir>,
+pub(crate) struct Stack {
+    pub(crate) children: Vec<(String, Child)>,
+    pub(crate) stores: Vec<tempfile::TempDir>,
 }
 
 impl Stack {
     /// Stops the engine's processes all at once (SIGTERM, then each drains, which they do in a
     /// few seconds even when NATS is already gone), then NATS itself, so that the processes
     /// drain against a live server when it is still up.
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         let (nats, engine): (Vec<_>, Vec<_>) = std::mem::take(&mut self.children)
             .into_iter()
             .partition(|(name, _)| name == "nats-server");
@@ -64,7 +64,7 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// `common` with the seed of `role` when the bus is secured (`auth` is the seeds' directory).
-fn as_role(common: &daemon::Common, auth: Option<&Path>, role: &Role) -> daemon::Common {
+pub(crate) fn as_role(common: &daemon::Common, auth: Option<&Path>, role: &Role) -> daemon::Common {
     let mut c = common.clone();
     if let Some(dir) = auth {
         c.auth = daemon::Auth {
@@ -160,7 +160,7 @@ async fn nats(
     Ok((client, started.urls))
 }
 
-fn spawn(
+pub(crate) fn spawn(
     stack: &mut Stack,
     common: &daemon::Common,
     auth: Option<&Path>,
@@ -193,7 +193,7 @@ fn spawn(
 
 /// Waits until `service` answers its ping, for up to `within`. A process of the stack that
 /// exits meanwhile ends the wait at once: its own error is just above on the terminal.
-async fn wait_ready(
+pub(crate) async fn wait_ready(
     stack: &mut Stack,
     nats: &async_nats::Client,
     service: &str,
@@ -318,7 +318,7 @@ pub async fn run(
         let gateway = as_role(&all, auth, &Role::Gateway)
             .connect("policyctl-traffic", true, &Role::Gateway)
             .await?;
-        crate::demo::traffic(Client::new(gateway, subjects), every).await
+        crate::demo::traffic(Client::new(gateway, subjects), every, "").await
     };
     let outcome = tokio::select! {
         r = result => r,

@@ -1,7 +1,7 @@
 //! A local fleet for the tests: a hub nats-server with its own JetStream domain and a leaf
 //! node listener, and sites that are leaf nodes of it, each with a domain of its own. The
-//! configuration is what `docs/fleet.md` tells an operator to write, with the leaf's denies
-//! from `bus::fleet::leaf_denies`.
+//! configuration is what `docs/fleet.md` tells an operator to write (`bus::fleet::hub_conf`,
+//! `bus::fleet::site_conf`), as `policyctl up --sites` writes it.
 
 use std::path::PathBuf;
 
@@ -27,25 +27,6 @@ fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
     path
 }
 
-fn quoted(subjects: &[String]) -> String {
-    subjects
-        .iter()
-        .map(|s| format!("{s:?}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// A site's server configuration: its domain (its name), and a leaf connection to `leaf_url`
-/// that carries nothing of the engine's own (see `bus::fleet::leaf_denies`).
-pub fn site_conf(name: &str, leaf_url: &str, subjects: &Subjects) -> String {
-    let deny = quoted(&bus::fleet::leaf_denies(subjects));
-    format!(
-        "server_name: {name}\n\
-         jetstream {{ domain: {name}, store_dir: \"js\" }}\n\
-         leafnodes {{\n  reconnect: 1\n  remotes [ {{ url: \"{leaf_url}\", deny_exports: [{deny}], deny_imports: [{deny}] }} ]\n}}\n"
-    )
-}
-
 impl FleetServers {
     /// A hub and one site per name, the sites' leaf connections going straight to the hub.
     pub fn start(sites: &[&str]) -> Self {
@@ -58,11 +39,7 @@ impl FleetServers {
     /// the link.
     pub fn start_via(sites: &[&str], leaf_port: u16, via: impl Fn(usize) -> u16) -> Self {
         let confs = tempfile::tempdir().expect("temp dir");
-        let hub_conf = format!(
-            "server_name: hub\n\
-             jetstream {{ domain: {HUB_DOMAIN}, store_dir: \"js\" }}\n\
-             leafnodes {{ listen: \"127.0.0.1:{leaf_port}\" }}\n"
-        );
+        let hub_conf = bus::fleet::hub_conf(HUB_DOMAIN, &format!("127.0.0.1:{leaf_port}"));
         let hub = NatsServer::start_with_conf(&write(&confs, "hub", &hub_conf), Vec::new());
         let subjects = Subjects::default();
         let sites = sites
@@ -70,7 +47,7 @@ impl FleetServers {
             .enumerate()
             .map(|(i, name)| {
                 let url = format!("nats-leaf://127.0.0.1:{}", via(i));
-                let conf = site_conf(name, &url, &subjects);
+                let conf = bus::fleet::site_conf(name, &url, &subjects);
                 NatsServer::start_with_conf(&write(&confs, name, &conf), Vec::new())
             })
             .collect();

@@ -24,7 +24,12 @@ fn run(tool: &str, args: &[&str]) -> (bool, String) {
 
 #[test]
 fn compose_files_follow_the_compose_spec() {
-    let files = ["compose.yaml", "compose.cluster.yaml", "compose.host.yaml"];
+    let files = [
+        "compose.yaml",
+        "compose.cluster.yaml",
+        "compose.host.yaml",
+        "compose.fleet.yaml",
+    ];
     let mut args = vec!["--builtin-schema", "vendor.compose-spec"];
     args.extend(files);
     let (ok, said) = run("check-jsonschema", &args);
@@ -96,5 +101,43 @@ fn compose_checks_readiness_outlasts_the_drain_and_keeps_nats_off_the_host() {
             health["test"].to_string().contains(&format!(":{port}/")),
             "{name}"
         );
+    }
+}
+
+/// The fleet's compose file runs what `bus::fleet` describes: the servers' configurations are
+/// what it writes, the hub's engine has the fleet's prefix, and every site's dispatcher takes
+/// the fleet's configuration from the hub.
+#[test]
+fn the_fleet_compose_file_runs_a_hub_and_sites_as_bus_fleet_describes() {
+    let body = |name: &str| {
+        read(&format!("deploy/nats/fleet/{name}.conf"))
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    };
+    assert_eq!(body("hub"), bus::fleet::hub_conf("hub", "0.0.0.0:7422"));
+    let subjects = bus::Subjects::default();
+    for site in ["site-1", "site-2"] {
+        assert_eq!(
+            body(site),
+            bus::fleet::site_conf(site, "nats-leaf://nats-hub:7422", &subjects)
+        );
+    }
+    let doc: serde_json::Value = serde_norway::from_str(&read("compose.fleet.yaml")).expect("yaml");
+    let env = |service: &str, key: &str| {
+        doc["services"][service]["environment"][key]
+            .as_str()
+            .map(str::to_string)
+    };
+    assert_eq!(
+        env("hub-dispatcher", "POLICY_PREFIX").as_deref(),
+        Some(subjects.fleet().prefix())
+    );
+    assert_eq!(env("hub-dispatcher", "POLICY_FLEET_HUB"), None);
+    for site in ["site-1", "site-2"] {
+        let dispatcher = format!("{site}-dispatcher");
+        assert_eq!(env(&dispatcher, "POLICY_FLEET_HUB").as_deref(), Some("hub"));
+        assert_eq!(env(&dispatcher, "POLICY_PREFIX").as_deref(), Some("policy"));
     }
 }

@@ -1,0 +1,101 @@
+//! `policyctl up --sites 2`: a hub and two sites on this machine, each its own nats-server and
+//! engine, in one command; the fleet's examples at the hub, the site examples at each site,
+//! traffic to both; Ctrl-C stops all of it.
+
+use std::io::BufRead;
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use e2e::{bin, free_port};
+
+/// A port with the next two free as well: the hub's and the sites' client ports.
+fn three_free_ports() -> u16 {
+    loop {
+        let p = free_port();
+        let free = |q: u16| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok();
+        if p < u16::MAX - 2 && free(p + 1) && free(p + 2) {
+            return p;
+        }
+    }
+}
+
+#[test]
+fn policyctl_up_sites_2_runs_a_fleet_and_ctrl_c_stops_all_of_it() {
+    let port = three_free_ports();
+    let metrics = three_free_ports();
+    let mut up = std::process::Command::new(bin("policyctl"))
+        .args(["--nats-url", &format!("nats://127.0.0.1:{port}"), "up"])
+        .args(["--sites", "2", "--every", "50ms"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+        .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/..")
+        .env("RUST_LOG", "warn")
+        .process_group(0)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("policyctl up --sites 2");
+    let pgid = up.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for out in [
+        Box::new(up.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+        Box::new(up.stderr.take().expect("stderr")),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    // Each site decides on the fleet's rules and its own: batch -> billing, which the fleet
+    // leaves open, is allowed by the site's rule at both.
+    let mut seen = [false, false];
+    let mut said = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while seen != [true, true] {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| {
+                panic!("no decision from both sites; up said:\n{}", said.join("\n"))
+            });
+        for (i, site) in ["[site-1] ", "[site-2] "].iter().enumerate() {
+            if line.starts_with(site)
+                && line.contains("batch -> billing")
+                && line.contains("acl/site-batch-billing allow")
+            {
+                seen[i] = true;
+            }
+        }
+        said.push(line);
+    }
+    assert!(
+        said.iter()
+            .any(|l| l.contains("hub at") && l.contains("JetStream domain `hub`")),
+        "{}",
+        said.join("\n")
+    );
+    let members = || {
+        let out = std::process::Command::new("pgrep")
+            .args(["-g", &pgid.to_string()])
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert!(
+        members() >= 1 + 3 + 3 * 6,
+        "up, three nats-servers, and per engine a dispatcher and five agents"
+    );
+    let pressed = Instant::now();
+    let _ = std::process::Command::new("kill")
+        .args(["-s", "INT", "--", &format!("-{pgid}")])
+        .status();
+    while up.try_wait().expect("wait").is_none() || members() > 0 {
+        assert!(
+            pressed.elapsed() < Duration::from_secs(15),
+            "{} processes left after 15 s",
+            members()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = up.wait();
+}
