@@ -152,6 +152,10 @@ pub struct ListSubscriptions {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subscriptions {
     pub subscriptions: Vec<Subscription>,
+    /// At a site of a fleet: the fleet's subscriptions, which the site decides on and cannot
+    /// change (see `crate::fleet`). Absent elsewhere; an older client ignores it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fleet: Vec<Subscription>,
 }
 
 /// `policy-add`: every document is validated by its agent kind before any is stored.
@@ -471,6 +475,9 @@ pub struct PolicyList {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Policies {
     pub policies: Vec<Value>,
+    /// At a site of a fleet: the fleet's policies (see [`Subscriptions::fleet`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fleet: Vec<Value>,
 }
 
 /// The reply of commands that only change something.

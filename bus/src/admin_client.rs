@@ -74,11 +74,18 @@ impl AdminClient {
         &self,
         event: Option<&str>,
     ) -> Result<Vec<admin::Subscription>, ClientError> {
+        Ok(self.subscriptions_by_level(event).await?.subscriptions)
+    }
+
+    /// The stored subscriptions, and at a site of a fleet the fleet's apart.
+    pub async fn subscriptions_by_level(
+        &self,
+        event: Option<&str>,
+    ) -> Result<admin::Subscriptions, ClientError> {
         let args = admin::ListSubscriptions {
             event: event.map(event::EventName::new).transpose()?,
         };
-        let r: admin::Subscriptions = self.command(AdminCommand::Subscriptions, &args).await?;
-        Ok(r.subscriptions)
+        self.command(AdminCommand::Subscriptions, &args).await
     }
 
     /// Adds policies; returns every document's ref, written or unchanged.
@@ -107,11 +114,18 @@ impl AdminClient {
     }
 
     pub async fn policy_list(&self, agent: Option<&str>) -> Result<Vec<Value>, ClientError> {
+        Ok(self.policy_list_by_level(agent).await?.policies)
+    }
+
+    /// The stored policies, and at a site of a fleet the fleet's apart.
+    pub async fn policy_list_by_level(
+        &self,
+        agent: Option<&str>,
+    ) -> Result<admin::Policies, ClientError> {
         let args = admin::PolicyList {
             agent: agent.map(str::to_owned),
         };
-        let r: admin::Policies = self.command(AdminCommand::PolicyList, &args).await?;
-        Ok(r.policies)
+        self.command(AdminCommand::PolicyList, &args).await
     }
 
     /// Makes the stored configuration equal `args` (see [`admin::Apply`]). Validating a large

@@ -280,18 +280,28 @@ pub(crate) async fn subscriptions(
         Some(e) => format!("sub.{e}."),
         None => "sub.".to_string(),
     };
-    let mut subs: Vec<Subscription> = Vec::new();
-    for (key, value) in list(d, &prefix).await? {
-        match codec::decode("subscription", &value) {
-            Ok(s) => subs.push(s),
-            Err(e) => tracing::warn!(%key, error = %e, "stored subscription does not decode"),
+    let mut levels = [Vec::new(), Vec::new()];
+    for (i, prefix) in [
+        prefix.clone(),
+        format!("{}{prefix}", bus::fleet::FLEET_KEYS),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for (key, value) in list(d, prefix).await? {
+            match codec::decode::<Subscription>("subscription", &value) {
+                Ok(s) => levels[i].push(s),
+                Err(e) => tracing::warn!(%key, error = %e, "stored subscription does not decode"),
+            }
         }
+        levels[i].sort_by(|a: &Subscription, b| {
+            (a.event.as_str(), a.priority, &a.agent).cmp(&(b.event.as_str(), b.priority, &b.agent))
+        });
     }
-    subs.sort_by(|a: &Subscription, b| {
-        (a.event.as_str(), a.priority, &a.agent).cmp(&(b.event.as_str(), b.priority, &b.agent))
-    });
+    let [subscriptions, fleet] = levels;
     reply(&Subscriptions {
-        subscriptions: subs,
+        subscriptions,
+        fleet,
     })
 }
 
@@ -425,12 +435,21 @@ pub(crate) async fn policy_list(d: &Dispatcher, q: PolicyList) -> Result<Bytes, 
         Some(a) => format!("pol.{}.", Kind::new(a).map_err(bad_name)?),
         None => "pol.".to_string(),
     };
-    let mut policies = Vec::new();
-    for (key, value) in list(d, &prefix).await? {
-        match codec::decode::<Value>("policy", &value) {
-            Ok(v) => policies.push(v),
-            Err(e) => tracing::warn!(%key, error = %e, "stored policy does not decode"),
+    let mut levels = [Vec::new(), Vec::new()];
+    for (i, prefix) in [
+        prefix.clone(),
+        format!("{}{prefix}", bus::fleet::FLEET_KEYS),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for (key, value) in list(d, prefix).await? {
+            match codec::decode::<Value>("policy", &value) {
+                Ok(v) => levels[i].push(v),
+                Err(e) => tracing::warn!(%key, error = %e, "stored policy does not decode"),
+            }
         }
     }
-    reply(&Policies { policies })
+    let [policies, fleet] = levels;
+    reply(&Policies { policies, fleet })
 }

@@ -121,24 +121,38 @@ async fn command(
             out!("unsubscribed {agent} from {event}");
         }
         Command::Subscriptions { event, output } => {
-            let subs = admin.subscriptions(event.as_deref()).await?;
-            output::print(output.get(), &subs, || {
-                let rows: Vec<Vec<String>> = subs
-                    .iter()
-                    .map(|s| {
-                        vec![
+            let all = admin.subscriptions_by_level(event.as_deref()).await?;
+            // At a site of a fleet, the fleet's too, each row saying whose.
+            let levels = !all.fleet.is_empty();
+            let print = |out: &dyn Fn() -> anyhow::Result<()>| match levels {
+                true => output::print(output.get(), &all, out),
+                false => output::print(output.get(), &all.subscriptions, out),
+            };
+            print(&|| {
+                let rows: Vec<Vec<String>> = [("site", &all.subscriptions), ("fleet", &all.fleet)]
+                    .into_iter()
+                    .flat_map(|(level, subs)| subs.iter().map(move |s| (level, s)))
+                    .map(|(level, s)| {
+                        let mut row = vec![
                             s.event.to_string(),
                             s.agent.clone(),
                             s.priority.to_string(),
                             format!("{}ms", s.timeout_ms),
                             s.failure.as_str().to_string(),
                             if s.observe { "yes" } else { "no" }.to_string(),
-                        ]
+                        ];
+                        if levels {
+                            row.push(level.to_string());
+                        }
+                        row
                     })
                     .collect();
-                let header = [
+                let mut header = vec![
                     "EVENT", "AGENT", "PRIORITY", "TIMEOUT", "FAILURE", "OBSERVE",
                 ];
+                if levels {
+                    header.push("LEVEL");
+                }
                 for l in output::table(&header, &rows) {
                     out!("{l}");
                 }
@@ -161,8 +175,9 @@ async fn command(
             out!("removed {agent}/{id}");
         }
         Command::Policy(PolicyCommand::List { agent, output }) => {
-            let policies = admin.policy_list(agent.as_deref()).await?;
-            if let (Some(kind), true) = (&agent, policies.is_empty()) {
+            let all = admin.policy_list_by_level(agent.as_deref()).await?;
+            let policies = &all.policies;
+            if let (Some(kind), true) = (&agent, policies.is_empty() && all.fleet.is_empty()) {
                 // The kinds that have policies, and the shipped ones: the closest is likely
                 // what was meant.
                 let mut known: Vec<String> = admin
@@ -183,23 +198,36 @@ async fn command(
                 )
                 .into());
             }
-            output::print(output.get(), &policies, || {
-                let rows: Vec<Vec<String>> = policies
-                    .iter()
-                    .map(|p| {
+            let levels = !all.fleet.is_empty();
+            let table = || {
+                let rows: Vec<Vec<String>> = [("site", policies), ("fleet", &all.fleet)]
+                    .into_iter()
+                    .flat_map(|(level, docs)| docs.iter().map(move |p| (level, p)))
+                    .map(|(level, p)| {
                         let r = PolicyRef::of(p).unwrap_or(PolicyRef {
                             agent: "?".into(),
                             id: "?".into(),
                         });
                         let doc = serde_json::to_string(p).unwrap_or_default();
-                        vec![r.agent, r.id, doc]
+                        match levels {
+                            true => vec![r.agent, r.id, level.to_string(), doc],
+                            false => vec![r.agent, r.id, doc],
+                        }
                     })
                     .collect();
-                for l in output::table(&["AGENT", "ID", "DOCUMENT"], &rows) {
+                let header: &[&str] = match levels {
+                    true => &["AGENT", "ID", "LEVEL", "DOCUMENT"],
+                    false => &["AGENT", "ID", "DOCUMENT"],
+                };
+                for l in output::table(header, &rows) {
                     out!("{l}");
                 }
                 Ok(())
-            })?;
+            };
+            match levels {
+                true => output::print(output.get(), &all, table)?,
+                false => output::print(output.get(), policies, table)?,
+            }
         }
         Command::Apply {
             paths,

@@ -298,11 +298,42 @@ pub fn report(applied: &Applied) -> Vec<String> {
 
 /// Writes the stored set into `dir`: `subscriptions.yaml` and `policies.yaml`.
 pub async fn export(admin: &AdminClient, dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let subs = admin.subscriptions(None).await?;
-    let policies = admin.policy_list(None).await?;
+    let subs = admin.subscriptions_by_level(None).await?;
+    let policies = admin.policy_list_by_level(None).await?;
     let header = "# Exported by `policyctl export`: `policyctl diff` finds this directory equal to the store.\n";
-    let subs_yaml = format!("{header}{}", serde_norway::to_string(&subs)?);
+    write_config(dir, header, &subs.subscriptions, &policies.policies)?;
+    println!(
+        "exported {} subscriptions and {} policies to {}",
+        subs.subscriptions.len(),
+        policies.policies.len(),
+        dir.display()
+    );
+    // At a site of a fleet, the fleet's documents too, in a folder of their own: `apply` and
+    // `diff` of `dir` read only its own files, and a site cannot store the fleet's.
+    if !subs.fleet.is_empty() || !policies.fleet.is_empty() {
+        let fleet = dir.join("fleet");
+        let header = "# The fleet's configuration, as this site has it from the hub (`policyctl export`): read-only\n\
+                      # here; change it at the hub with `policyctl --fleet`.\n";
+        write_config(&fleet, header, &subs.fleet, &policies.fleet)?;
+        println!(
+            "exported the fleet's {} subscriptions and {} policies to {}",
+            subs.fleet.len(),
+            policies.fleet.len(),
+            fleet.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes `subscriptions.yaml` and `policies.yaml` into `dir`, each after `header`.
+fn write_config(
+    dir: &Path,
+    header: &str,
+    subs: &[bus::admin::Subscription],
+    policies: &[bus::Value],
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let subs_yaml = format!("{header}{}", serde_norway::to_string(subs)?);
     std::fs::write(dir.join("subscriptions.yaml"), subs_yaml)
         .with_context(|| format!("cannot write {}", dir.join("subscriptions.yaml").display()))?;
     let mut docs = String::from(header);
@@ -314,12 +345,6 @@ pub async fn export(admin: &AdminClient, dir: &Path) -> anyhow::Result<()> {
     }
     std::fs::write(dir.join("policies.yaml"), docs)
         .with_context(|| format!("cannot write {}", dir.join("policies.yaml").display()))?;
-    println!(
-        "exported {} subscriptions and {} policies to {}",
-        subs.len(),
-        policies.len(),
-        dir.display()
-    );
     Ok(())
 }
 

@@ -110,6 +110,39 @@ async fn fleet_documents_reach_every_site_and_decide_before_a_sites_own() {
     eventually_decides(&hook_a, "site-a", "db", Action::Allow).await;
     eventually_decides(&hook_b, "site-b", "cache", Action::Allow).await;
     assert_eq!(decides(&hook_b, "db").await, Ok(Action::Deny));
+
+    // The operator's tools at a site say which level each document comes from.
+    let (code, out, err) = policyctl(&site_a, &["policy", "list"]);
+    assert_eq!(code, Some(0), "{err}");
+    let level_of = |id: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+    };
+    assert_eq!(level_of("all").as_deref(), Some("site"), "{out}");
+    assert_eq!(level_of("cache-ok").as_deref(), Some("fleet"), "{out}");
+    let (code, out, err) = policyctl(&site_a, &["subscriptions"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("new-connection") && l.trim_end().ends_with("fleet")),
+        "{out}"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (code, _, err) = policyctl(&site_a, &["export", dir.path().to_str().expect("utf-8")]);
+    assert_eq!(code, Some(0), "{err}");
+    let fleet_docs =
+        std::fs::read_to_string(dir.path().join("fleet/policies.yaml")).expect("fleet/");
+    assert!(
+        fleet_docs.contains("cache-ok") && !fleet_docs.contains("id: all"),
+        "{fleet_docs}"
+    );
+    let (code, out, err) = policyctl(&site_a, &["diff", dir.path().to_str().expect("utf-8")]);
+    assert_eq!(
+        code,
+        Some(0),
+        "the site's export diffs equal to the site: {out}{err}"
+    );
 }
 
 /// A site whose engine ran alone joins the fleet: its dispatcher, started again with
