@@ -86,10 +86,7 @@ pub fn source(subjects: &Subjects, hub_domain: &str) -> Source {
     let (hub, site) = (subjects.fleet().config_bucket(), subjects.config_bucket());
     Source {
         name: format!("KV_{hub}"),
-        external: Some(External {
-            api_prefix: format!("$JS.{hub_domain}.API"),
-            delivery_prefix: None,
-        }),
+        external: external(hub_domain),
         subject_transforms: FLEET_DOCUMENTS
             .iter()
             .map(|tag| SubjectTransform {
@@ -110,6 +107,54 @@ pub fn leaf_denies(subjects: &Subjects) -> Vec<String> {
     let mut deny = vec![format!("{}.>", subjects.prefix())];
     deny.extend(["$KV.>", "$O.>", "$SLOT.>", "$SRV.>"].map(String::from));
     deny
+}
+
+/// The key of a site's config bucket with the hub revision of the newest fleet document the
+/// site has applied; the hub sources it (see [`site_status_source`]).
+pub const REVISION_KEY: &str = "site.fleet-revision";
+
+/// The sites' subjects, from the hub's (`<prefix>.fleet` → `<prefix>`).
+pub fn sites_of(hub: &Subjects) -> Option<Subjects> {
+    let prefix = hub.prefix().strip_suffix(".fleet")?;
+    Subjects::new(prefix).ok()
+}
+
+/// A JetStream API prefix of a domain, as a source's `external.api`.
+fn external(domain: &str) -> Option<External> {
+    Some(External {
+        api_prefix: format!("$JS.{domain}.API"),
+        delivery_prefix: None,
+    })
+}
+
+/// The source by which the hub's sites bucket (`hub.sites_bucket()`) takes a site's standing:
+/// its config bucket's `site.…` keys, under `<site>.…`.
+pub fn site_status_source(hub: &Subjects, sites: &Subjects, site: &str) -> Source {
+    let (from, to) = (sites.config_bucket(), hub.sites_bucket());
+    Source {
+        name: format!("KV_{from}"),
+        external: external(site),
+        subject_transforms: vec![SubjectTransform {
+            source: format!("$KV.{from}.site.>"),
+            destination: format!("$KV.{to}.{site}.>"),
+        }],
+        ..Default::default()
+    }
+}
+
+/// The source by which the hub's decision log takes a site's: `<prefix>.log.>` there becomes
+/// `<hub prefix>.site.<site>.log.>` here.
+pub fn site_log_source(hub: &Subjects, sites: &Subjects, site: &str) -> Source {
+    let to = hub.site_decision_log_wildcard(site);
+    Source {
+        name: sites.decisions_stream(),
+        external: external(site),
+        subject_transforms: vec![SubjectTransform {
+            source: sites.decision_log_wildcard(),
+            destination: to,
+        }],
+        ..Default::default()
+    }
 }
 
 /// The hub's nats-server configuration, to be completed with its client port and, on a secured

@@ -262,6 +262,11 @@ impl Subjects {
         format!("{}_conns", self.prefix.replace('.', "_"))
     }
 
+    /// At the hub of a fleet: each site's standing, sourced from the sites (`crate::fleet`).
+    pub fn sites_bucket(&self) -> String {
+        format!("{}_sites", self.prefix.replace('.', "_"))
+    }
+
     /// The rate limiter's bucket: one GCRA state per limited key, shared by its instances.
     pub fn rate_bucket(&self) -> String {
         format!("{}_rates", self.prefix.replace('.', "_"))
@@ -274,6 +279,11 @@ impl Subjects {
     }
     pub fn decision_log_wildcard(&self) -> String {
         format!("{}.log.>", self.prefix)
+    }
+    /// At the hub of a fleet: where a site's decision records are kept once sourced (`*` for
+    /// every site), under the hub's prefix.
+    pub fn site_decision_log_wildcard(&self, site: &str) -> String {
+        format!("{}.site.{site}.log.>", self.prefix)
     }
     /// The JetStream stream that keeps the decision log, bounded by age and size.
     pub fn decisions_stream(&self) -> String {

@@ -361,6 +361,16 @@ pub(crate) async fn status(d: &Dispatcher) -> Result<Bytes, ErrorReply> {
         policies: count("pol."),
         atomic_apply: bus::batch::atomic(&d.store),
         fleet: d.fleet.as_deref().map(crate::fleet::Fleet::status),
+        sites: match &d.hub {
+            Some(hub) => {
+                let bucket = d.subjects.config_bucket();
+                let newest = crate::fleet::newest_revision(&d.store.stream, &bucket)
+                    .await
+                    .map_err(unavailable)?;
+                hub.status(newest).await
+            }
+            None => Vec::new(),
+        },
     })
 }
 

@@ -105,6 +105,21 @@ async fn newest<I>(
     }
 }
 
+/// The newest subscription or policy write of the config bucket `bucket` held by `stream`
+/// (0: none): the configuration revision a fleet's sites must have.
+pub(crate) async fn newest_revision<I>(
+    stream: &stream::Stream<I>,
+    bucket: &str,
+) -> Result<u64, String> {
+    let mut newest_write = 0;
+    for tag in ["sub", "pol"] {
+        if let Some(m) = newest(stream, format!("$KV.{bucket}.{tag}.>")).await? {
+            newest_write = newest_write.max(m.sequence);
+        }
+    }
+    Ok(newest_write)
+}
+
 /// Keeps the site's view of the fleet, and opens the site to decisions once it has synced.
 pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
     if let Ok(Some(_)) = d.store.get(bus::fleet::SYNCED_KEY).await {
@@ -115,6 +130,11 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
     let site_bucket = d.subjects.config_bucket();
     // Since when the source is behind without moving, and the revision it is stuck at.
     let mut stalled: Option<(Instant, u64)> = None;
+    // The revision this site last reported as applied, for the hub to source.
+    let mut reported: Option<u64> = match d.store.get(bus::fleet::REVISION_KEY).await {
+        Ok(Some(v)) => String::from_utf8_lossy(&v).trim().parse().ok(),
+        _ => None,
+    };
     let mut ticks = tokio::time::interval(CHECK_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -150,13 +170,7 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
                 .get_stream_no_info(format!("KV_{hub_bucket}"))
                 .await
                 .map_err(|e| e.to_string())?;
-            let mut newest_write = 0;
-            for tag in ["sub", "pol"] {
-                if let Some(m) = newest(&stream, format!("$KV.{hub_bucket}.{tag}.>")).await? {
-                    newest_write = newest_write.max(m.sequence);
-                }
-            }
-            Ok::<u64, String>(newest_write)
+            newest_revision(&stream, &hub_bucket).await
         })
         .await;
         let hub_revision = match hub {
@@ -223,6 +237,15 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot record that this site has the fleet's configuration")
                 }
+            }
+        }
+        // What this site decides on now, for the hub to see: written when it changes.
+        let applied = d.verdicts.revision() >= held_at;
+        if applied && fleet.synced.load(Ordering::Acquire) && reported != Some(revision) {
+            let value = revision.to_string().into_bytes();
+            match d.store.put(bus::fleet::REVISION_KEY, value.into()).await {
+                Ok(_) => reported = Some(revision),
+                Err(e) => tracing::debug!(error = %e, "cannot record the fleet revision applied"),
             }
         }
     }

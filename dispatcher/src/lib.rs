@@ -8,6 +8,7 @@ pub mod chain;
 mod commands;
 mod decide;
 mod fleet;
+mod hub;
 mod metrics;
 mod modules;
 mod peers;
@@ -40,6 +41,8 @@ pub enum DispatcherError {
     Config(#[from] config::ConfigError),
     #[error("cannot register with the NATS services API: {0}")]
     Service(String),
+    #[error("fleet: {0}")]
+    Fleet(String),
 }
 
 /// Tunables that are not part of the contract.
@@ -65,6 +68,9 @@ pub struct Options {
     /// At a site of a fleet: the hub's JetStream domain, whose configuration the site's
     /// config bucket takes beside its own (see `bus::fleet`).
     pub fleet_hub: Option<String>,
+    /// At the hub of a fleet: the sites (their JetStream domains) whose standing and decision
+    /// log the hub takes (see `hub`).
+    pub fleet_sites: Vec<String>,
 }
 
 impl Default for Options {
@@ -79,6 +85,7 @@ impl Default for Options {
             telemetry: None,
             decision_log: None,
             fleet_hub: None,
+            fleet_sites: Vec::new(),
         }
     }
 }
@@ -104,6 +111,8 @@ pub struct Dispatcher {
     pub(crate) log_decisions: bool,
     /// At a site of a fleet: whether it has had the fleet's configuration, and its lag.
     pub(crate) fleet: Option<Arc<fleet::Fleet>>,
+    /// At the hub of a fleet: the sites it follows.
+    pub(crate) hub: Option<hub::Hub>,
 }
 
 impl Dispatcher {
@@ -290,6 +299,19 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
             }
         }
     };
+    let hub = match options.fleet_sites.is_empty() {
+        true => None,
+        false => Some(
+            hub::Hub::open(
+                &jet,
+                &subjects,
+                common.kv_replicas,
+                options.fleet_sites.clone(),
+                log_decisions,
+            )
+            .await?,
+        ),
+    };
     let dispatcher = Arc::new(Dispatcher {
         nats: nats.clone(),
         jet,
@@ -309,6 +331,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
             .fleet_hub
             .clone()
             .map(|hub| Arc::new(fleet::Fleet::new(hub))),
+        hub,
     });
 
     // One watch of the bucket feeds both the chain table (subscriptions) and the verdict
@@ -386,6 +409,14 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
     let mut watchers = vec![watcher, confirming];
     if let Some(f) = &dispatcher.fleet {
         watchers.push(tokio::spawn(fleet::follow(dispatcher.clone(), f.clone())));
+    }
+    if dispatcher.hub.is_some() {
+        let d = dispatcher.clone();
+        watchers.push(tokio::spawn(async move {
+            if let Some(hub) = &d.hub {
+                hub.follow(&d.jet).await;
+            }
+        }));
     }
 
     let endpoint = |name, subject| EndpointSpec {

@@ -70,6 +70,11 @@ struct Cli {
     /// the leaf connection; decisions never wait on the hub (docs/fleet.md).
     #[arg(long, env = "POLICY_FLEET_HUB", value_parser = hub_domain)]
     fleet_hub: Option<String>,
+    /// Run as the hub of a fleet (prefix `<prefix>.fleet`), following these sites (their
+    /// JetStream domains, comma-separated): each one's standing for `policyctl --fleet status`
+    /// and its decision log for `policyctl --fleet log --site` (docs/fleet.md).
+    #[arg(long, env = "POLICY_FLEET_SITES", value_delimiter = ',', value_parser = hub_domain, conflicts_with = "fleet_hub")]
+    fleet_sites: Vec<String>,
 }
 
 fn hub_domain(s: &str) -> Result<String, String> {
@@ -111,6 +116,7 @@ async fn run(cli: Cli) -> Result<(), dispatcher::DispatcherError> {
             max_bytes: cli.decision_log_max_bytes,
         }),
         fleet_hub: cli.fleet_hub,
+        fleet_sites: cli.fleet_sites,
     };
     dispatcher::run(&cli.common, options, daemon::shutdown_signal()).await
 }

@@ -270,6 +270,13 @@ async fn command(
                 if let Some(f) = &status.fleet {
                     out!("{}", crate::print::fleet_status(f));
                 }
+                if !status.sites.is_empty() {
+                    let rows: Vec<Vec<String>> =
+                        status.sites.iter().map(crate::print::site_row).collect();
+                    for l in output::table(&["SITE", "REVISION", "LAG", "LAST HEARD"], &rows) {
+                        out!("{l}");
+                    }
+                }
                 Ok(())
             })?;
         }
@@ -301,12 +308,14 @@ async fn command(
             agent,
             limit,
             output,
+            site,
         } => {
             let filter = crate::log::Filter {
                 event,
                 action,
                 service,
                 agent,
+                site: site.map(|s| if s == "all" { "*".into() } else { s }),
             };
             // The log is a store: read as the operator's store identity on a secured bus.
             let store = cli

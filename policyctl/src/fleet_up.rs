@@ -162,7 +162,9 @@ pub async fn run(common: &daemon::Common, demo: Demo<'_>) -> anyhow::Result<()> 
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        start_engine(&mut stack, &hub, &[], metrics)?;
+        let names: Vec<&str> = fleet.sites.iter().map(|(n, _)| n.as_str()).collect();
+        let follow = names.join(",");
+        start_engine(&mut stack, &hub, &["--fleet-sites", &follow], metrics)?;
         for (i, site) in sites.iter().enumerate() {
             let port = metrics.port().checked_add(i as u16 + 1).unwrap_or(0);
             let at = SocketAddr::new(metrics.ip(), port);

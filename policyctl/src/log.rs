@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use async_nats::jetstream::consumer;
 use bus::state::{field_str, keys};
 use bus::tap::TapRecord;
@@ -21,6 +21,8 @@ pub struct Filter {
     pub action: Option<String>,
     pub service: Option<String>,
     pub agent: Option<String>,
+    /// At the hub of a fleet: a site's decisions (`*`: every site's), see `bus::fleet`.
+    pub site: Option<String>,
 }
 
 impl Filter {
@@ -64,6 +66,15 @@ fn when(at_ms: u64) -> String {
     at.format(&format).unwrap_or_default()
 }
 
+/// The site a record sourced into the hub's log came from (`<prefix>.site.<site>.log.…`).
+fn site_of<'a>(subjects: &Subjects, subject: &'a str) -> Option<&'a str> {
+    subject
+        .strip_prefix(subjects.prefix())?
+        .strip_prefix(".site.")?
+        .split('.')
+        .next()
+}
+
 pub async fn run(
     nats: &async_nats::Client,
     subjects: &Subjects,
@@ -81,9 +92,23 @@ pub async fn run(
             jet.hint()
         )
     })?;
-    let filter_subject = match &filter.event {
-        Some(e) => subjects.decision_log(EventName::new(e)?.as_str()),
-        None => subjects.decision_log_wildcard(),
+    let filter_subject = match (&filter.site, &filter.event) {
+        (Some(site), event) => {
+            if bus::fleet::sites_of(subjects).is_none() {
+                bail!("--site reads the hub's copy of the sites' decisions: add --fleet, and point --nats-url at the hub");
+            }
+            let all = subjects.site_decision_log_wildcard(site);
+            match event {
+                Some(e) => format!(
+                    "{}{}",
+                    all.trim_end_matches('>'),
+                    EventName::new(e)?.as_str()
+                ),
+                None => all,
+            }
+        }
+        (None, Some(e)) => subjects.decision_log(EventName::new(e)?.as_str()),
+        (None, None) => subjects.decision_log_wildcard(),
     };
     let start = SystemTime::now()
         .checked_sub(since)
@@ -129,8 +154,14 @@ pub async fn run(
         let line = match output {
             TapOutput::Json => serde_json::to_string(&record)?,
             TapOutput::Human => format!(
-                "{}  {}",
+                "{}  {}{}",
                 when(record.at_ms),
+                match &filter.site {
+                    Some(_) => site_of(subjects, &msg.subject)
+                        .map(|s| format!("[{s}] "))
+                        .unwrap_or_default(),
+                    None => String::new(),
+                },
                 crate::print::tap_line(&record, TapOutput::Human)?
             ),
         };

@@ -215,6 +215,10 @@ pub enum Command {
         /// How to print: one human line a decision (the default), or JSON, one record a line.
         #[arg(short = 'o', long = "output", value_enum, default_value = "human")]
         output: TapOutput,
+        /// At the hub of a fleet (with --fleet): this site's decisions, sourced from it; `all`
+        /// for every site's.
+        #[arg(long)]
+        site: Option<String>,
     },
     /// A live view of the tap: decisions/s, deny ratio and latency percentiles per event and
     /// per agent, refreshed in place.

@@ -153,3 +153,18 @@ pub fn fleet_status(f: &bus::admin::FleetStatus) -> String {
         f.hub, f.revision
     )
 }
+
+/// A site as the hub sees it: name, revision applied, lag, when last heard from.
+pub fn site_row(s: &bus::admin::SiteStatus) -> Vec<String> {
+    let or_dash = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    vec![
+        s.name.clone(),
+        or_dash(s.revision),
+        or_dash(s.lag),
+        match s.seen_ms_ago {
+            None => "never".to_string(),
+            Some(ms) if ms < 5_000 => "now".to_string(),
+            Some(ms) => format!("{}s ago", ms / 1000),
+        },
+    ]
+}

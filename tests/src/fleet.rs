@@ -71,3 +71,17 @@ pub fn hub_engine(hub: NatsServer) -> Engine {
     engine.prefix = Subjects::default().fleet().prefix().to_string();
     engine
 }
+
+/// The hub's engine, running: its dispatcher following `sites`, and an ACL agent to validate
+/// the fleet's policies.
+pub async fn start_hub(hub: NatsServer, sites: &[&str]) -> Engine {
+    let mut engine = hub_engine(hub);
+    let sites = sites.join(",");
+    engine.spawn("policy-dispatcher", &["--fleet-sites", &sites]);
+    engine.agent("acl", &[]);
+    engine
+        .wait_instances(bus::headers::DISPATCHER_SERVICE, 1)
+        .await;
+    engine.wait_instances("policy-agent-acl", 1).await;
+    engine
+}

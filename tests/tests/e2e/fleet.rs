@@ -3,7 +3,7 @@
 //! the hub, reach both sites; a site's stay there; the fleet's decide first.
 
 use bus::{Action, ErrorCode};
-use e2e::fleet::{hub_engine, FleetServers, HUB_DOMAIN};
+use e2e::fleet::{hub_engine, start_hub, FleetServers, HUB_DOMAIN};
 use e2e::Engine;
 use serde_json::json;
 
@@ -48,8 +48,7 @@ async fn fleet_documents_reach_every_site_and_decide_before_a_sites_own() {
         confs: _confs,
         ..
     } = FleetServers::start(&["site-a", "site-b"]);
-    let mut hub = hub_engine(hub);
-    hub.start(&["acl"]).await;
+    let hub = start_hub(hub, &["site-a", "site-b"]).await;
     let site_b = site_engine(sites.pop().expect("site-b")).await;
     let site_a = site_engine(sites.pop().expect("site-a")).await;
 
@@ -143,6 +142,37 @@ async fn fleet_documents_reach_every_site_and_decide_before_a_sites_own() {
         Some(0),
         "the site's export diffs equal to the site: {out}{err}"
     );
+
+    // One view of the fleet at the hub: every site's revision and lag, and their decisions.
+    let hub_admin = hub.admin().await;
+    eventually("the hub sees both sites up to date", || async {
+        let s = hub_admin.status().await.map_err(|e| e.to_string())?;
+        let fresh = s.sites.len() == 2
+            && s.sites.iter().all(|site| {
+                site.lag == Some(0)
+                    && site.revision.is_some_and(|r| r > 0)
+                    && site.seen_ms_ago.is_some()
+            });
+        fresh.then_some(()).ok_or(format!("{:?}", s.sites))
+    })
+    .await;
+    let (code, out, err) = policyctl(&hub, &["status"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("SITE") && out.contains("site-a") && out.contains("site-b"),
+        "{out}"
+    );
+    eventually("the hub has both sites' decisions", || async {
+        let (_, out, err) = policyctl(&hub, &["log", "--site", "all", "--event", "new-connection"]);
+        let from = |site: &str| out.lines().any(|l| l.contains(&format!("[{site}]")));
+        (from("site-a") && from("site-b"))
+            .then_some(())
+            .ok_or(format!("{out}{err}"))
+    })
+    .await;
+    let (code, out, err) = policyctl(&hub, &["log", "--site", "site-b"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!out.is_empty() && !out.contains("[site-a]"), "{out}");
 }
 
 /// A site whose engine ran alone joins the fleet: its dispatcher, started again with

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bus::Action;
-use e2e::fleet::{hub_engine, FleetServers, HUB_DOMAIN};
+use e2e::fleet::{hub_engine, start_hub, FleetServers, HUB_DOMAIN};
 use e2e::proxy::Proxy;
 use e2e::{free_port, Engine};
 use serde_json::json;
@@ -203,8 +203,7 @@ async fn a_site_cut_off_from_the_hub_keeps_deciding_and_catches_up_in_order() {
         confs: _confs,
         ..
     } = FleetServers::start_via(&["site-a", "site-b"], leaf_port, |i| proxies[i].port());
-    let mut hub = hub_engine(hub);
-    hub.start(&["acl"]).await;
+    let hub = start_hub(hub, &["site-a", "site-b"]).await;
     let site_b = site_engine(sites.pop().expect("site-b")).await;
     let site_a = site_engine(sites.pop().expect("site-a")).await;
     apply_fleet(&hub).await;
@@ -214,6 +213,17 @@ async fn a_site_cut_off_from_the_hub_keeps_deciding_and_catches_up_in_order() {
         time_until(hook, "db", Action::Deny, WAIT).await;
     }
 
+    let hub_admin = hub.admin().await;
+    eventually_within(
+        "the hub hears from both sites",
+        Duration::from_secs(60),
+        || async {
+            let s = hub_admin.status().await.map_err(|e| e.to_string())?;
+            let heard = s.sites.iter().filter(|site| site.lag == Some(0)).count() == 2;
+            heard.then_some(()).ok_or(format!("{:?}", s.sites))
+        },
+    )
+    .await;
     let (load_a, load_b) = (load(&site_a, 4), load(&site_b, 4));
     tokio::time::sleep(Duration::from_secs(1)).await;
     proxies[0].cut();
@@ -257,6 +267,17 @@ async fn a_site_cut_off_from_the_hub_keeps_deciding_and_catches_up_in_order() {
         Ok(Action::Deny),
         "site A cannot have the fleet's change while cut off"
     );
+    // The hub sees that site A lags, from its last report; site B is up to date.
+    let at_hub = hub.admin().await.status().await.expect("the hub's status");
+    let lag = |name: &str| {
+        at_hub
+            .sites
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.lag)
+    };
+    assert!(lag("site-a").is_some_and(|l| l > 0), "{:?}", at_hub.sites);
+    assert_eq!(lag("site-b"), Some(0), "{:?}", at_hub.sites);
     let cut = site_a.admin().await.status().await.expect("status");
     let cut = cut
         .fleet

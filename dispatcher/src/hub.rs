@@ -1,0 +1,176 @@
+//! At the hub of a fleet (`--fleet-sites`, see `bus::fleet`): each site's standing and its
+//! decision log, taken from the sites by JetStream sources through their leaf connections.
+//! Each site's dispatcher records the hub revision it has applied in its own bucket
+//! (`bus::fleet::REVISION_KEY`); the hub's sites bucket sources those keys, and its decision
+//! log sources each site's. Nothing here is on a site's decision path: a site cut off from
+//! the hub just stops reporting, and the hub shows for how long.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{kv, stream};
+use bus::admin::SiteStatus;
+use bus::fleet;
+use bus::{store::Jet, Subjects};
+
+use crate::DispatcherError;
+
+pub(crate) struct Hub {
+    sites: Vec<String>,
+    bucket: kv::Store,
+    /// The streams that source from the sites: the sites bucket's, and the decision log's.
+    streams: Vec<String>,
+}
+
+/// How often the hub looks for sources that never reached their site.
+const RETRY_EVERY: Duration = Duration::from_secs(10);
+
+fn io(what: &str, e: impl std::fmt::Display) -> DispatcherError {
+    DispatcherError::Fleet(format!("{what}: {e}"))
+}
+
+/// Makes `stream` source exactly `sources` (an update only when they differ).
+async fn source_exactly(
+    jet: &Jet,
+    name: &str,
+    sources: Vec<stream::Source>,
+) -> Result<(), DispatcherError> {
+    let js = jet.context();
+    let mut s = js.get_stream(name).await.map_err(|e| io(name, e))?;
+    let config = s.info().await.map_err(|e| io(name, e))?.config.clone();
+    let have = config.sources.clone().unwrap_or_default();
+    let same = have.len() == sources.len()
+        && have
+            .iter()
+            .zip(&sources)
+            .all(|(a, b)| fleet::same_source(a, b));
+    if !same {
+        tracing::info!(stream = %name, sites = sources.len(), "following the fleet's sites");
+        js.update_stream(stream::Config {
+            sources: Some(sources),
+            ..config
+        })
+        .await
+        .map_err(|e| io(name, e))?;
+    }
+    Ok(())
+}
+
+impl Hub {
+    /// Opens the sites bucket, sourcing every site's standing, and makes the decision log (if
+    /// this dispatcher keeps one) source every site's.
+    pub(crate) async fn open(
+        jet: &Jet,
+        subjects: &Subjects,
+        replicas: usize,
+        sites: Vec<String>,
+        log: bool,
+    ) -> Result<Hub, DispatcherError> {
+        let Some(site_subjects) = fleet::sites_of(subjects) else {
+            return Err(DispatcherError::Fleet(format!(
+                "--fleet-sites is for the hub's engine, whose prefix ends in `.fleet` (this one's is `{}`)",
+                subjects.prefix()
+            )));
+        };
+        let status = |site: &String| fleet::site_status_source(subjects, &site_subjects, site);
+        let config = kv::Config {
+            bucket: subjects.sites_bucket(),
+            description: "policy-bus fleet: each site's standing, sourced from the sites".into(),
+            history: 1,
+            num_replicas: replicas.max(1),
+            sources: Some(sites.iter().map(status).collect()),
+            ..Default::default()
+        };
+        let bucket = bus::config::open_bucket(jet, config, true)
+            .await
+            .map_err(|e| io("the sites bucket", e))?;
+        let mut streams = vec![format!("KV_{}", subjects.sites_bucket())];
+        if log {
+            let logs = sites
+                .iter()
+                .map(|site| fleet::site_log_source(subjects, &site_subjects, site))
+                .collect();
+            source_exactly(jet, &subjects.decisions_stream(), logs).await?;
+            streams.push(subjects.decisions_stream());
+        }
+        Ok(Hub {
+            sites,
+            bucket,
+            streams,
+        })
+    }
+
+    /// Restarts, every [`RETRY_EVERY`], the sources of a stream that have never reached their
+    /// site since they started: a site whose stream did not exist yet when the hub started
+    /// (its engine came up later) is otherwise retried by nats-server only after a backoff of
+    /// tens of seconds. A source that did reach its site and lost it is left to JetStream.
+    pub(crate) async fn follow(&self, jet: &Jet) {
+        let js = jet.context();
+        let mut ticks = tokio::time::interval(RETRY_EVERY);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            for name in &self.streams {
+                let Ok(mut s) = js.get_stream(name).await else {
+                    continue;
+                };
+                let Ok(info) = s.info().await else {
+                    continue;
+                };
+                if info.sources.iter().all(|s| s.active.is_some()) {
+                    continue;
+                }
+                let config = info.config.clone();
+                let without = stream::Config {
+                    sources: None,
+                    ..config.clone()
+                };
+                let restarted = async {
+                    js.update_stream(without).await?;
+                    js.update_stream(config).await
+                };
+                match restarted.await {
+                    Ok(_) => {
+                        tracing::debug!(stream = %name, "restarted sources that never reached their site")
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream = %name, error = %e, "cannot restart the sites' sources")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every site's standing: the revision it last reported, what it lacks of `newest` (the
+    /// hub's newest configuration revision), and when the hub last heard from it.
+    pub(crate) async fn status(&self, newest: u64) -> Vec<SiteStatus> {
+        let sources = match self.bucket.stream.get_info().await {
+            Ok(info) => info.sources,
+            Err(_) => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for site in &self.sites {
+            let revision = match self.bucket.get(format!("{site}.fleet-revision")).await {
+                Ok(Some(v)) => String::from_utf8_lossy(&v).trim().parse::<u64>().ok(),
+                _ => None,
+            };
+            let marker = format!(".{site}.>");
+            let seen = sources
+                .iter()
+                .find(|s| {
+                    s.subject_transforms
+                        .iter()
+                        .any(|t| t.destination.ends_with(&marker))
+                })
+                .and_then(|s| s.active)
+                .map(|d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            out.push(SiteStatus {
+                name: site.clone(),
+                revision,
+                lag: revision.map(|r| newest.saturating_sub(r)),
+                seen_ms_ago: seen,
+            });
+        }
+        out
+    }
+}
