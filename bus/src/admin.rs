@@ -267,45 +267,10 @@ pub struct Status {
     pub atomic_apply: bool,
     /// At a site of a fleet: where it stands with the hub (absent elsewhere).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fleet: Option<FleetStatus>,
+    pub fleet: Option<crate::fleet::FleetStatus>,
     /// At the hub of a fleet: every site it follows (absent elsewhere).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub sites: Vec<SiteStatus>,
-}
-
-/// A site as the hub sees it, from what the site's dispatcher recorded and the hub sourced.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SiteStatus {
-    /// The site's name, its JetStream domain.
-    pub name: String,
-    /// The hub revision the site has applied (absent: it never reported one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revision: Option<u64>,
-    /// Hub revisions the site lacks, as of its last report.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lag: Option<u64>,
-    /// Milliseconds since the hub last heard from the site (absent: never since it started).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seen_ms_ago: Option<u64>,
-}
-
-/// A site's view of its fleet (see `crate::fleet`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FleetStatus {
-    /// The hub's JetStream domain.
-    pub hub: String,
-    /// Whether the site has had the fleet's configuration (it denies every event until then).
-    pub synced: bool,
-    /// The hub revision of the newest fleet document the site holds (0: none).
-    pub revision: u64,
-    /// The hub's newest configuration revision, as of the last time it answered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hub_revision: Option<u64>,
-    /// Hub revisions the site does not have yet.
-    pub lag: u64,
-    /// Milliseconds since the hub last answered (absent: never, since this dispatcher started).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hub_seen_ms_ago: Option<u64>,
+    pub sites: Vec<crate::fleet::SiteStatus>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,6 +20,7 @@
 use std::fmt;
 
 use async_nats::jetstream::stream::{External, Source, SubjectTransform};
+use serde::{Deserialize, Serialize};
 
 use crate::error::InvalidName;
 use crate::subject::Subjects;
@@ -113,6 +114,32 @@ pub fn leaf_denies(subjects: &Subjects) -> Vec<String> {
 /// site has applied; the hub sources it (see [`site_status_source`]).
 pub const REVISION_KEY: &str = "site.fleet-revision";
 
+/// The header nats-server puts on a sourced message: `<stream>[:<hash>] <sequence> …`, the
+/// sequence being the message's in the stream it came from (at a site: the hub revision).
+pub const SOURCE_HEADER: &str = "Nats-Stream-Source";
+
+/// The sequence, in the stream it came from, of a sourced message's [`SOURCE_HEADER`] value.
+pub fn source_sequence(header: &str) -> Option<u64> {
+    header.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The key filters of a config bucket's subscriptions and policies (the fleet's documents, at
+/// the hub).
+pub fn document_filters(bucket: &str) -> [String; 2] {
+    FLEET_DOCUMENTS.map(|tag| format!("$KV.{bucket}.{tag}.>"))
+}
+
+/// The filter of every fleet document a site's config bucket holds.
+pub fn fleet_documents_filter(sites: &Subjects) -> String {
+    format!("$KV.{}.{FLEET_KEYS}>", sites.config_bucket())
+}
+
+/// The key, in the hub's sites bucket, of a site's [`REVISION_KEY`].
+pub fn site_revision_key(site: &str) -> String {
+    let key = REVISION_KEY.strip_prefix("site.").unwrap_or(REVISION_KEY);
+    format!("{site}.{key}")
+}
+
 /// The sites' subjects, from the hub's (`<prefix>.fleet` → `<prefix>`).
 pub fn sites_of(hub: &Subjects) -> Option<Subjects> {
     let prefix = hub.prefix().strip_suffix(".fleet")?;
@@ -140,6 +167,16 @@ pub fn site_status_source(hub: &Subjects, sites: &Subjects, site: &str) -> Sourc
         }],
         ..Default::default()
     }
+}
+
+/// The site (JetStream domain) a source of the hub takes from.
+pub fn site_of_source(source: &Source) -> Option<&str> {
+    source
+        .external
+        .as_ref()?
+        .api_prefix
+        .strip_prefix("$JS.")?
+        .strip_suffix(".API")
 }
 
 /// The source by which the hub's decision log takes a site's: `<prefix>.log.>` there becomes
@@ -204,6 +241,41 @@ pub fn same_source(a: &Source, b: &Source) -> bool {
         && transforms(a) == transforms(b)
 }
 
+/// A site's view of its fleet .
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// The hub's JetStream domain.
+    pub hub: String,
+    /// Whether the site has had the fleet's configuration (it denies every event until then).
+    pub synced: bool,
+    /// The hub revision of the newest fleet document the site holds (0: none).
+    pub revision: u64,
+    /// The hub's newest configuration revision, as of the last time it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_revision: Option<u64>,
+    /// Hub revisions the site does not have yet.
+    pub lag: u64,
+    /// Milliseconds since the hub last answered (absent: never, since this dispatcher started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_seen_ms_ago: Option<u64>,
+}
+
+/// A site as the hub sees it, from what the site's dispatcher recorded and the hub sourced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteStatus {
+    /// The site's name, its JetStream domain.
+    pub name: String,
+    /// The hub revision the site has applied (absent: it never reported one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    /// Hub revisions the site lacks, as of its last report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+    /// Milliseconds since the hub last heard from the site (absent: never since it started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_ms_ago: Option<u64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,6 +315,28 @@ mod tests {
         );
         assert!(same_source(&s, &s.clone()));
         assert!(!same_source(&s, &source(&Subjects::default(), "other")));
+    }
+
+    #[test]
+    fn sourced_headers_and_keys() {
+        assert_eq!(
+            source_sequence("KV_policy_fleet_config:bTMUkJQk 3 $KV.a.> $KV.b.> $KV.a.x"),
+            Some(3)
+        );
+        assert_eq!(source_sequence("KV_x"), None);
+        assert_eq!(site_revision_key("site-1"), "site-1.fleet-revision");
+        let hub = Subjects::default().fleet();
+        let sites = sites_of(&hub).expect("the sites' prefix");
+        assert_eq!(sites, Subjects::default());
+        let status = site_status_source(&hub, &sites, "site-1");
+        assert_eq!(
+            status.subject_transforms[0].destination,
+            "$KV.policy_fleet_sites.site-1.>"
+        );
+        assert_eq!(
+            hub.site_of_decision_log("policy.fleet.site.site-1.log.new-connection"),
+            Some("site-1")
+        );
     }
 
     #[test]

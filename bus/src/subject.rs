@@ -285,6 +285,14 @@ impl Subjects {
     pub fn site_decision_log_wildcard(&self, site: &str) -> String {
         format!("{}.site.{site}.log.>", self.prefix)
     }
+    /// The site a record of [`Self::site_decision_log_wildcard`] came from.
+    pub fn site_of_decision_log<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix(&self.prefix)?
+            .strip_prefix(".site.")?
+            .split('.')
+            .next()
+    }
     /// The JetStream stream that keeps the decision log, bounded by age and size.
     pub fn decisions_stream(&self) -> String {
         format!("{}_decisions", self.prefix.replace('.', "_"))

@@ -42,6 +42,9 @@ pub(crate) fn unavailable(e: impl std::fmt::Display) -> ErrorReply {
 /// fleet's document would shadow it, and the operator would think it applied. One key is one
 /// read; more are checked against one listing.
 pub(crate) async fn not_the_fleets(d: &Dispatcher, keys: &[&str]) -> Result<(), ErrorReply> {
+    if d.fleet.is_none() {
+        return Ok(());
+    }
     let fleet_key = |k: &str| format!("{}{k}", bus::fleet::FLEET_KEYS);
     let held: Vec<&str> = match keys {
         [] => Vec::new(),
@@ -83,7 +86,6 @@ pub(crate) async fn not_the_fleets(d: &Dispatcher, keys: &[&str]) -> Result<(), 
 /// Writes a key, then waits (briefly) until this dispatcher's table shows the write, so an
 /// operator's next event through this instance already sees it.
 async fn put(d: &Dispatcher, key: String, value: Vec<u8>) -> Result<(), ErrorReply> {
-    not_the_fleets(d, &[&key]).await?;
     let revision = tokio::time::timeout(WRITE_TIMEOUT, d.store.put(&key, value.into()))
         .await
         .map_err(unavailable)?
@@ -257,12 +259,9 @@ pub(crate) async fn subscribe(d: &Dispatcher, args: Subscribe) -> Result<Bytes, 
     }
     let value = codec::encode("subscription", &sub)
         .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
-    put(
-        d,
-        ConfigKey::subscription(sub.event.as_str(), kind.as_str()),
-        value,
-    )
-    .await?;
+    let key = ConfigKey::subscription(sub.event.as_str(), kind.as_str());
+    not_the_fleets(d, &[&key]).await?;
+    put(d, key, value).await?;
     reply(&Done { ok: true })
 }
 
@@ -407,6 +406,12 @@ pub(crate) async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, 
         ));
     }
     let docs = prepare_policies(d, &add.policies).await?;
+    // Every key first: a request with one of the fleet's ids stores nothing.
+    let keys: Vec<String> = docs
+        .iter()
+        .map(|(r, _)| ConfigKey::policy(&r.agent, &r.id))
+        .collect();
+    not_the_fleets(d, &keys.iter().map(String::as_str).collect::<Vec<_>>()).await?;
     let (mut stored, mut unchanged) = (Vec::new(), Vec::new());
     for (r, bytes) in docs {
         let key = ConfigKey::policy(&r.agent, &r.id);

@@ -387,10 +387,8 @@ pub fn finalize(run: &mut Run, event_id: &str, event: &Event) {
     s.insert(keys::EVENT_ID, event_id);
 }
 
-/// The decision for an event whose stored subscriptions do not all load: deny, naming each
-/// broken record. A record nobody can read might have been the ACL's, so the chain does not run
-/// without it (fail closed, as an agent does with a broken policy).
-/// A run the dispatcher denies without calling any agent, naming `policy` and why.
+/// A run the dispatcher denies without calling any agent, naming `policy` and why: a site of a
+/// fleet that never had the fleet's configuration (see `crate::fleet`).
 pub fn refused_run(state: State, policy: &str, why: String) -> Run {
     let mut run = Run {
         state,
@@ -406,6 +404,9 @@ pub fn refused_run(state: State, policy: &str, why: String) -> Run {
     run
 }
 
+/// The decision for an event whose stored subscriptions do not all load: deny, naming each
+/// broken record. A record nobody can read might have been the ACL's, so the chain does not run
+/// without it (fail closed, as an agent does with a broken policy).
 pub fn broken_chain(state: State, broken: &[crate::table::Broken]) -> Run {
     let mut run = Run {
         state,

@@ -156,7 +156,16 @@ impl Dispatcher {
                 "{name} event: with its candidates in the state, a call to an agent would be {per_call} bytes, more than the server's max_payload of {max}"
             )));
         }
-        let mut run = if let Some(why) = unsynced {
+        // A close is an acknowledgement, not a decision (see below). A status that says the
+        // connection ended releases its slots as a close does.
+        let releases = match &event {
+            Event::ConnectionClosed(_) => true,
+            Event::ConnectionStatus(s) => s.state != bus::event::ConnectionState::Open,
+            _ => false,
+        };
+        // A site that never had the fleet's configuration decides nothing; it still frees what
+        // a release frees, which is never less safe.
+        let mut run = if let Some(why) = unsynced.filter(|_| !releases) {
             chain::refused_run(state, "fleet", why)
         } else if chain.broken.is_empty() {
             let call = Call {
@@ -172,15 +181,9 @@ impl Dispatcher {
         } else {
             chain::broken_chain(state, &chain.broken)
         };
-        // A close is an acknowledgement, not a decision: if an agent subscribed to it failed
-        // (conn-limit down, say), acking it would hide that its slots were not freed. The
-        // hookpoint gets an error instead, and sends the close again.
-        // A status that says the connection ended releases its slots as a close does.
-        let releases = match &event {
-            Event::ConnectionClosed(_) => true,
-            Event::ConnectionStatus(s) => s.state != bus::event::ConnectionState::Open,
-            _ => false,
-        };
+        // If an agent subscribed to a release failed (conn-limit down, say), acking it would
+        // hide that its slots were not freed. The hookpoint gets an error instead, and sends
+        // the close again.
         if releases {
             if let Some(failed) = run.timings.iter().find(|t| {
                 matches!(

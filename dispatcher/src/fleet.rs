@@ -58,29 +58,55 @@ impl View {
 }
 
 impl Fleet {
-    pub(crate) fn new(hub: String) -> Self {
+    /// The site's standing as recorded in its bucket, read before it serves, so that a site
+    /// restarted while cut off decides at once on what it had. A read that fails a few times
+    /// leaves the site denying until [`follow`] can read it.
+    pub(crate) async fn open(hub: String, store: &async_nats::jetstream::kv::Store) -> Self {
+        let mut synced = false;
+        for attempt in 1..=3 {
+            match store.get(bus::fleet::SYNCED_KEY).await {
+                Ok(v) => {
+                    synced = v.is_some();
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "cannot read whether this site ever had the fleet's configuration");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
         Fleet {
             hub,
-            synced: AtomicBool::new(false),
+            synced: AtomicBool::new(synced),
             view: Mutex::new(View::default()),
         }
     }
 
     /// Why this site may not decide yet: it has never had the fleet's configuration.
     pub(crate) fn unsynced(&self) -> Option<String> {
-        (!self.synced.load(Ordering::Acquire)).then(|| {
-            format!(
-                "this site has never had the fleet's configuration: the hub (JetStream domain \
-                 `{}`) has not been reached since the site started, and the site's own documents \
-                 alone might allow what the fleet denies",
-                self.hub
-            )
-        })
+        if self.synced.load(Ordering::Acquire) {
+            return None;
+        }
+        let view = self.view();
+        let why = match view.hub_revision {
+            Some(0) => "the hub has no fleet documents yet (apply them there with `policyctl --fleet apply`)".to_string(),
+            Some(h) => format!("it has fleet revision {} of the hub's {h} so far", view.revision),
+            None => "the hub has not been reached since this dispatcher started".to_string(),
+        };
+        Some(format!(
+            "this site has never had the fleet's configuration from the hub (JetStream domain \
+             `{}`): {why}; the site's own documents alone might allow what the fleet denies",
+            self.hub
+        ))
     }
 
-    pub(crate) fn status(&self) -> bus::admin::FleetStatus {
-        let v = *self.view.lock().unwrap_or_else(|e| e.into_inner());
-        bus::admin::FleetStatus {
+    fn view(&self) -> View {
+        *self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn status(&self) -> bus::fleet::FleetStatus {
+        let v = self.view();
+        bus::fleet::FleetStatus {
             hub: self.hub.clone(),
             synced: self.synced.load(Ordering::Acquire),
             revision: v.revision,
@@ -105,6 +131,47 @@ async fn newest<I>(
     }
 }
 
+/// This dispatcher's part in a fleet, from its options: a site's standing (`--fleet-hub`), or
+/// the hub's following of its sites (`--fleet-sites`).
+pub(crate) async fn open(
+    options: &crate::Options,
+    jet: &bus::store::Jet,
+    subjects: &bus::Subjects,
+    store: &async_nats::jetstream::kv::Store,
+    replicas: usize,
+    log_decisions: bool,
+) -> Result<(Option<Arc<Fleet>>, Option<crate::hub::Hub>), crate::DispatcherError> {
+    let fleet = match &options.fleet_hub {
+        Some(hub) => Some(Arc::new(Fleet::open(hub.clone(), store).await)),
+        None => None,
+    };
+    let hub = match options.fleet_sites.is_empty() {
+        true => None,
+        false => {
+            let sites = options.fleet_sites.clone();
+            Some(crate::hub::Hub::open(jet, subjects, replicas, sites, log_decisions).await?)
+        }
+    };
+    Ok((fleet, hub))
+}
+
+/// The tasks of this dispatcher's part in a fleet.
+pub(crate) fn spawn(d: &Arc<Dispatcher>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    if let Some(f) = &d.fleet {
+        tasks.push(tokio::spawn(follow(d.clone(), f.clone())));
+    }
+    if d.hub.is_some() {
+        let d = d.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Some(hub) = &d.hub {
+                hub.follow(&d.jet).await;
+            }
+        }));
+    }
+    tasks
+}
+
 /// The newest subscription or policy write of the config bucket `bucket` held by `stream`
 /// (0: none): the configuration revision a fleet's sites must have.
 pub(crate) async fn newest_revision<I>(
@@ -112,8 +179,8 @@ pub(crate) async fn newest_revision<I>(
     bucket: &str,
 ) -> Result<u64, String> {
     let mut newest_write = 0;
-    for tag in ["sub", "pol"] {
-        if let Some(m) = newest(stream, format!("$KV.{bucket}.{tag}.>")).await? {
+    for filter in bus::fleet::document_filters(bucket) {
+        if let Some(m) = newest(stream, filter).await? {
             newest_write = newest_write.max(m.sequence);
         }
     }
@@ -122,12 +189,8 @@ pub(crate) async fn newest_revision<I>(
 
 /// Keeps the site's view of the fleet, and opens the site to decisions once it has synced.
 pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
-    if let Ok(Some(_)) = d.store.get(bus::fleet::SYNCED_KEY).await {
-        fleet.synced.store(true, Ordering::Release);
-    }
     let hub_js = jetstream::with_domain(d.jet.client().clone(), &fleet.hub);
     let hub_bucket = d.subjects.fleet().config_bucket();
-    let site_bucket = d.subjects.config_bucket();
     // Since when the source is behind without moving, and the revision it is stuck at.
     let mut stalled: Option<(Instant, u64)> = None;
     // The revision this site last reported as applied, for the hub to source.
@@ -138,15 +201,28 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
     let mut ticks = tokio::time::interval(CHECK_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // The first sync, recorded earlier: read until known (a restarted server's stream may
+        // not answer at once; until then the site fails closed).
+        if !fleet.synced.load(Ordering::Acquire) {
+            match d.store.get(bus::fleet::SYNCED_KEY).await {
+                Ok(Some(_)) => fleet.synced.store(true, Ordering::Release),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read whether this site ever had the fleet's configuration; denying until it can")
+                }
+            }
+        }
         ticks.tick().await;
         let site = d.store.stream.clone();
         let held = match site
-            .direct_get_last_for_subject(format!("$KV.{site_bucket}.{}>", bus::fleet::FLEET_KEYS))
+            .direct_get_last_for_subject(bus::fleet::fleet_documents_filter(&d.subjects))
             .await
         {
             Ok(m) => Some((
                 m.sequence,
-                m.headers.get("Nats-Stream-Source").map(|v| v.to_string()),
+                m.headers
+                    .get(bus::fleet::SOURCE_HEADER)
+                    .and_then(|v| bus::fleet::source_sequence(v.as_str())),
             )),
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
             Err(e) => {
@@ -154,16 +230,15 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
                 continue;
             }
         };
-        let (held_at, revision) = match &held {
-            Some((seq, Some(source))) => (
-                *seq,
-                source
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0),
-            ),
-            _ => (0, 0),
+        // A fleet document without the source's header was written at the site by someone
+        // else: it proves nothing about the hub.
+        let (held_at, revision) = match held {
+            Some((seq, Some(revision))) => (seq, revision),
+            Some((_, None)) => {
+                tracing::warn!("the newest fleet document here did not come from the hub's source (written at the site?)");
+                (0, 0)
+            }
+            None => (0, 0),
         };
         let hub = tokio::time::timeout(HUB_TIMEOUT, async {
             let stream = hub_js
@@ -207,7 +282,12 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
                     t.elapsed()
                 }
             });
-            m.fleet(view.revision, view.lag(), unreachable);
+            m.fleet(
+                fleet.synced.load(Ordering::Acquire),
+                view.revision,
+                view.lag(),
+                unreachable,
+            );
         }
         // Behind, with the hub answering, and not moving: the server is waiting to try the
         // source again. Taking it away and putting it back starts it at once, from the last
@@ -217,7 +297,7 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
         match (&mut stalled, behind) {
             (Some((since, at)), true) if *at == revision => {
                 if since.elapsed() >= STALLED_FOR {
-                    restart_source(&d).await;
+                    restart_source(&d, &fleet.hub).await;
                     stalled = None;
                 }
             }
@@ -225,8 +305,9 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
             (_, false) => stalled = None,
         }
         // Synced once the site holds the hub's newest write and this dispatcher has loaded it.
-        let caught_up =
-            hub_revision.is_some_and(|h| revision >= h) && d.verdicts.revision() >= held_at;
+        // A hub with no documents yet is not a configuration to decide on.
+        let caught_up = hub_revision.is_some_and(|h| h > 0 && revision >= h)
+            && d.verdicts.revision() >= held_at;
         if caught_up && !fleet.synced.load(Ordering::Acquire) {
             let value = format!("{revision}").into_bytes();
             match d.store.put(bus::fleet::SYNCED_KEY, value.into()).await {
@@ -251,30 +332,12 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
     }
 }
 
-/// Takes the site bucket's source away and puts it back (see the caller).
-async fn restart_source(d: &Dispatcher) {
-    let js = d.jet.context();
-    let restarted = async {
-        let mut stream = js
-            .get_stream(format!("KV_{}", d.subjects.config_bucket()))
-            .await
-            .map_err(|e| e.to_string())?;
-        let config = stream
-            .info()
-            .await
-            .map_err(|e| e.to_string())?
-            .config
-            .clone();
-        let without = stream::Config {
-            sources: None,
-            ..config.clone()
-        };
-        js.update_stream(without).await.map_err(|e| e.to_string())?;
-        js.update_stream(config).await.map_err(|e| e.to_string())?;
-        Ok::<(), String>(())
-    };
-    match restarted.await {
-        Ok(()) => {
+/// Restarts the site bucket's source (see the caller), putting back the expected one.
+async fn restart_source(d: &Dispatcher, hub: &str) {
+    let expected = [bus::fleet::source(&d.subjects, hub)];
+    let name = format!("KV_{}", d.subjects.config_bucket());
+    match crate::sources::restart(&d.jet, &name, &expected, |_| true).await {
+        Ok(_) => {
             tracing::info!("the fleet's source stayed behind with the hub answering: restarted it")
         }
         Err(e) => tracing::warn!(error = %e, "cannot restart the fleet's source"),

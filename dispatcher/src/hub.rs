@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{kv, stream};
-use bus::admin::SiteStatus;
 use bus::fleet;
+use bus::fleet::SiteStatus;
 use bus::{store::Jet, Subjects};
 
 use crate::DispatcherError;
@@ -17,12 +17,15 @@ use crate::DispatcherError;
 pub(crate) struct Hub {
     sites: Vec<String>,
     bucket: kv::Store,
-    /// The streams that source from the sites: the sites bucket's, and the decision log's.
-    streams: Vec<String>,
+    /// The streams that source from the sites (the sites bucket's, the decision log's), each
+    /// with the sources it must have.
+    streams: Vec<(String, Vec<stream::Source>)>,
 }
 
-/// How often the hub looks for sources that never reached their site.
+/// How often the hub first looks for sources that never reached their site; it waits twice
+/// as long after each restart that did not help, up to [`RETRY_AT_MOST`].
 const RETRY_EVERY: Duration = Duration::from_secs(10);
+const RETRY_AT_MOST: Duration = Duration::from_secs(300);
 
 fn io(what: &str, e: impl std::fmt::Display) -> DispatcherError {
     DispatcherError::Fleet(format!("{what}: {e}"))
@@ -72,25 +75,26 @@ impl Hub {
             )));
         };
         let status = |site: &String| fleet::site_status_source(subjects, &site_subjects, site);
+        let status_sources: Vec<stream::Source> = sites.iter().map(status).collect();
         let config = kv::Config {
             bucket: subjects.sites_bucket(),
             description: "policy-bus fleet: each site's standing, sourced from the sites".into(),
             history: 1,
             num_replicas: replicas.max(1),
-            sources: Some(sites.iter().map(status).collect()),
+            sources: Some(status_sources.clone()),
             ..Default::default()
         };
         let bucket = bus::config::open_bucket(jet, config, true)
             .await
             .map_err(|e| io("the sites bucket", e))?;
-        let mut streams = vec![format!("KV_{}", subjects.sites_bucket())];
+        let mut streams = vec![(format!("KV_{}", subjects.sites_bucket()), status_sources)];
         if log {
-            let logs = sites
+            let logs: Vec<stream::Source> = sites
                 .iter()
                 .map(|site| fleet::site_log_source(subjects, &site_subjects, site))
                 .collect();
-            source_exactly(jet, &subjects.decisions_stream(), logs).await?;
-            streams.push(subjects.decisions_stream());
+            source_exactly(jet, &subjects.decisions_stream(), logs.clone()).await?;
+            streams.push((subjects.decisions_stream(), logs));
         }
         Ok(Hub {
             sites,
@@ -99,44 +103,30 @@ impl Hub {
         })
     }
 
-    /// Restarts, every [`RETRY_EVERY`], the sources of a stream that have never reached their
-    /// site since they started: a site whose stream did not exist yet when the hub started
-    /// (its engine came up later) is otherwise retried by nats-server only after a backoff of
-    /// tens of seconds. A source that did reach its site and lost it is left to JetStream.
+    /// Restarts the sources that have never reached their site since they started: a site
+    /// whose stream did not exist yet when the hub started (its engine came up later) is
+    /// otherwise retried by nats-server only after a backoff of tens of seconds. A source that
+    /// did reach its site and lost it is left to JetStream, and so are the running ones. While
+    /// some source stays unreached, the wait doubles, up to [`RETRY_AT_MOST`].
     pub(crate) async fn follow(&self, jet: &Jet) {
-        let js = jet.context();
-        let mut ticks = tokio::time::interval(RETRY_EVERY);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticks.tick().await;
+        let mut wait = RETRY_EVERY;
         loop {
-            ticks.tick().await;
-            for name in &self.streams {
-                let Ok(mut s) = js.get_stream(name).await else {
-                    continue;
-                };
-                let Ok(info) = s.info().await else {
-                    continue;
-                };
-                if info.sources.iter().all(|s| s.active.is_some()) {
-                    continue;
-                }
-                let config = info.config.clone();
-                let without = stream::Config {
-                    sources: None,
-                    ..config.clone()
-                };
-                let restarted = async {
-                    js.update_stream(without).await?;
-                    js.update_stream(config).await
-                };
-                match restarted.await {
-                    Ok(_) => {
-                        tracing::debug!(stream = %name, "restarted sources that never reached their site")
-                    }
+            tokio::time::sleep(wait).await;
+            let mut restarted = 0;
+            for (name, expected) in &self.streams {
+                match crate::sources::restart(jet, name, expected, |i| i.active.is_none()).await {
+                    Ok(n) => restarted += n,
                     Err(e) => {
-                        tracing::warn!(stream = %name, error = %e, "cannot restart the sites' sources")
+                        tracing::warn!(stream = %name, error = %e, "cannot restart the sources of sites not reached yet")
                     }
                 }
+            }
+            wait = match restarted {
+                0 => RETRY_EVERY,
+                _ => (wait * 2).min(RETRY_AT_MOST),
+            };
+            if restarted > 0 {
+                tracing::info!(restarted, next = ?wait, "restarted the sources of sites not reached yet");
             }
         }
     }
@@ -150,18 +140,18 @@ impl Hub {
         };
         let mut out = Vec::new();
         for site in &self.sites {
-            let revision = match self.bucket.get(format!("{site}.fleet-revision")).await {
+            let revision = match self.bucket.get(fleet::site_revision_key(site)).await {
                 Ok(Some(v)) => String::from_utf8_lossy(&v).trim().parse::<u64>().ok(),
                 _ => None,
             };
-            let marker = format!(".{site}.>");
+            let expected = self.streams.first().and_then(|(_, sources)| {
+                sources
+                    .iter()
+                    .find(|s| fleet::site_of_source(s) == Some(site.as_str()))
+            });
             let seen = sources
                 .iter()
-                .find(|s| {
-                    s.subject_transforms
-                        .iter()
-                        .any(|t| t.destination.ends_with(&marker))
-                })
+                .find(|s| expected.is_some_and(|e| crate::sources::is(s, e)))
                 .and_then(|s| s.active)
                 .map(|d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             out.push(SiteStatus {

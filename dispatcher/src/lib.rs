@@ -12,6 +12,7 @@ mod hub;
 mod metrics;
 mod modules;
 mod peers;
+mod sources;
 pub mod table;
 mod tap;
 mod undo;
@@ -299,19 +300,15 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
             }
         }
     };
-    let hub = match options.fleet_sites.is_empty() {
-        true => None,
-        false => Some(
-            hub::Hub::open(
-                &jet,
-                &subjects,
-                common.kv_replicas,
-                options.fleet_sites.clone(),
-                log_decisions,
-            )
-            .await?,
-        ),
-    };
+    let (fleet, hub) = fleet::open(
+        &options,
+        &jet,
+        &subjects,
+        &store,
+        common.kv_replicas,
+        log_decisions,
+    )
+    .await?;
     let dispatcher = Arc::new(Dispatcher {
         nats: nats.clone(),
         jet,
@@ -327,10 +324,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
             .as_deref()
             .map(metrics::DispatcherMetrics::new),
         log_decisions,
-        fleet: options
-            .fleet_hub
-            .clone()
-            .map(|hub| Arc::new(fleet::Fleet::new(hub))),
+        fleet,
         hub,
     });
 
@@ -407,17 +401,7 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
         })?;
     let confirming = tokio::spawn(verdicts::confirm(dispatcher.clone(), asks));
     let mut watchers = vec![watcher, confirming];
-    if let Some(f) = &dispatcher.fleet {
-        watchers.push(tokio::spawn(fleet::follow(dispatcher.clone(), f.clone())));
-    }
-    if dispatcher.hub.is_some() {
-        let d = dispatcher.clone();
-        watchers.push(tokio::spawn(async move {
-            if let Some(hub) = &d.hub {
-                hub.follow(&d.jet).await;
-            }
-        }));
-    }
+    watchers.extend(fleet::spawn(&dispatcher));
 
     let endpoint = |name, subject| EndpointSpec {
         name,

@@ -68,6 +68,7 @@ pub struct DispatcherMetrics {
     fleet_revision: Gauge,
     fleet_lag: Gauge,
     fleet_hub_age: Gauge,
+    fleet_synced: Gauge,
     events: Names,
     agents: Names,
 }
@@ -96,6 +97,7 @@ impl DispatcherMetrics {
             fleet_revision: Gauge::default(),
             fleet_lag: Gauge::default(),
             fleet_hub_age: Gauge::default(),
+            fleet_synced: Gauge::default(),
             events: Names::new(MAX_EVENTS),
             agents: Names::new(MAX_EVENTS),
         };
@@ -154,6 +156,11 @@ impl DispatcherMetrics {
                 "fleet_lag",
                 "At a site of a fleet: hub configuration revisions this site does not have yet, as of the last time the hub answered",
                 m.fleet_lag.clone(),
+            );
+            r.register(
+                "fleet_synced",
+                "At a site of a fleet: 1 once the site has had the fleet's configuration; 0 while it denies every event for want of it",
+                m.fleet_synced.clone(),
             );
             r.register(
                 "fleet_hub_unreachable_seconds",
@@ -220,8 +227,15 @@ impl DispatcherMetrics {
 
     /// A site's view of the fleet: the hub revision it has, how many it lacks, and how long
     /// since the hub answered.
-    pub fn fleet(&self, revision: u64, lag: u64, unreachable_for: std::time::Duration) {
+    pub fn fleet(
+        &self,
+        synced: bool,
+        revision: u64,
+        lag: u64,
+        unreachable_for: std::time::Duration,
+    ) {
         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.fleet_synced.set(i64::from(synced));
         self.fleet_revision.set(n(revision));
         self.fleet_lag.set(n(lag));
         self.fleet_hub_age.set(n(unreachable_for.as_secs()));

@@ -66,15 +66,6 @@ fn when(at_ms: u64) -> String {
     at.format(&format).unwrap_or_default()
 }
 
-/// The site a record sourced into the hub's log came from (`<prefix>.site.<site>.log.…`).
-fn site_of<'a>(subjects: &Subjects, subject: &'a str) -> Option<&'a str> {
-    subject
-        .strip_prefix(subjects.prefix())?
-        .strip_prefix(".site.")?
-        .split('.')
-        .next()
-}
-
 pub async fn run(
     nats: &async_nats::Client,
     subjects: &Subjects,
@@ -96,6 +87,9 @@ pub async fn run(
         (Some(site), event) => {
             if bus::fleet::sites_of(subjects).is_none() {
                 bail!("--site reads the hub's copy of the sites' decisions: add --fleet, and point --nats-url at the hub");
+            }
+            if site != "*" {
+                bus::fleet::check_domain(site).map_err(|e| anyhow!("--site: {e}"))?;
             }
             let all = subjects.site_decision_log_wildcard(site);
             match event {
@@ -157,7 +151,8 @@ pub async fn run(
                 "{}  {}{}",
                 when(record.at_ms),
                 match &filter.site {
-                    Some(_) => site_of(subjects, &msg.subject)
+                    Some(_) => subjects
+                        .site_of_decision_log(&msg.subject)
                         .map(|s| format!("[{s}] "))
                         .unwrap_or_default(),
                     None => String::new(),

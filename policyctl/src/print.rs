@@ -133,7 +133,7 @@ fn cap(d: &State) -> String {
 }
 
 /// A site's standing with its fleet's hub, in one line.
-pub fn fleet_status(f: &bus::admin::FleetStatus) -> String {
+pub fn fleet_status(f: &bus::fleet::FleetStatus) -> String {
     let seen = match f.hub_seen_ms_ago {
         None => "not reached since this dispatcher started".to_string(),
         Some(ms) if ms < 5_000 => "answering".to_string(),
@@ -155,7 +155,7 @@ pub fn fleet_status(f: &bus::admin::FleetStatus) -> String {
 }
 
 /// A site as the hub sees it: name, revision applied, lag, when last heard from.
-pub fn site_row(s: &bus::admin::SiteStatus) -> Vec<String> {
+pub fn site_row(s: &bus::fleet::SiteStatus) -> Vec<String> {
     let or_dash = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     vec![
         s.name.clone(),

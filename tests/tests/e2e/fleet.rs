@@ -85,16 +85,24 @@ async fn fleet_documents_reach_every_site_and_decide_before_a_sites_own() {
         .expect("decision");
     assert_eq!(effects(&d.reasons, "acl"), [pair("no-db", "deny")]);
 
-    // A site cannot take a fleet document's id: the fleet's would shadow it.
+    // A site cannot take a fleet document's id: the fleet's would shadow it. Nothing of such a
+    // request is stored.
     let err = admin_a
-        .policy_add(vec![doc(
-            json!({"agent": "acl", "id": "no-db", "priority": 0,
-            "action": "allow", "match": {}}),
-        )])
+        .policy_add(vec![
+            doc(json!({"agent": "acl", "id": "fresh", "priority": 0,
+                "action": "allow", "match": {"dst_service": "fresh"}})),
+            doc(json!({"agent": "acl", "id": "no-db", "priority": 0,
+                "action": "allow", "match": {}})),
+        ])
         .await
         .expect_err("a site policy with a fleet policy's id");
     assert_eq!(err.code(), Some(ErrorCode::BadRequest), "{err}");
     assert!(err.to_string().contains("is the fleet's"), "{err}");
+    let stored = admin_a.policy_list(Some("acl")).await.expect("list");
+    assert!(
+        !stored.iter().any(|p| format!("{p}").contains("fresh")),
+        "{stored:?}"
+    );
 
     // A fleet change reaches both sites; removing the fleet's deny lets site A's allow decide.
     fleet
@@ -107,7 +115,7 @@ async fn fleet_documents_reach_every_site_and_decide_before_a_sites_own() {
     eventually_decides(&hook_b, "site-b", "cache", Action::Allow).await;
     fleet.policy_remove("acl", "no-db").await.expect("remove");
     eventually_decides(&hook_a, "site-a", "db", Action::Allow).await;
-    eventually_decides(&hook_b, "site-b", "cache", Action::Allow).await;
+    eventually_decides(&hook_a, "site-a", "cache", Action::Allow).await;
     assert_eq!(decides(&hook_b, "db").await, Ok(Action::Deny));
 
     // The operator's tools at a site say which level each document comes from.
