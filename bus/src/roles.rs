@@ -173,8 +173,7 @@ impl Role {
             if how == Use::Own {
                 p.publish
                     .extend(store.own_api(s).into_iter().map(|a| format!("{api}.{a}")));
-                p.publish
-                    .extend(store.write_subjects(s).into_iter().map(|(_, local)| local));
+                p.publish.extend(store.write_permissions(s));
             }
         }
         if !p.publish.is_empty() {
@@ -341,9 +340,19 @@ mod tests {
                 store
                     .publish
                     .iter()
-                    .any(|x| x.ends_with(&format!("API.$KV.{bucket}.>")))
+                    .any(|x| x.contains(&format!("API.$KV.{bucket}.")))
             };
             assert_eq!(writes("policy_config"), r == Role::Dispatcher, "{r}");
+            // A site's fleet documents come from the hub alone (see `crate::fleet`).
+            assert!(
+                !store
+                    .publish
+                    .iter()
+                    .any(|x| x.contains("$KV.policy_config.>")
+                        || x.contains("$KV.policy_config.fleet.")),
+                "{r}: {:?}",
+                store.publish
+            );
             assert_eq!(
                 writes("policy_conns"),
                 r.name() == "agent-conn-limit",

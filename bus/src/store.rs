@@ -170,6 +170,29 @@ impl Store {
         }
     }
 
+    /// What its owner's store identity may publish of [`Self::write_subjects`]: all of it,
+    /// but in the config bucket only the keys an owner writes (subscriptions, policies,
+    /// removed peers, a site's own records). A site of a fleet holds the fleet's documents
+    /// under `fleet.`, written by the bucket's source alone: its dispatcher's identity cannot
+    /// change them.
+    pub fn write_permissions(self, s: &Subjects) -> Vec<String> {
+        match self {
+            Store::Config => {
+                let api = store_api_prefix(self, s);
+                let bucket = s.config_bucket();
+                ["sub", "pol", "peer", "site"]
+                    .iter()
+                    .map(|tag| format!("{api}.$KV.{bucket}.{tag}.>"))
+                    .collect()
+            }
+            _ => self
+                .write_subjects(s)
+                .into_iter()
+                .map(|(_, local)| local)
+                .collect(),
+        }
+    }
+
     /// The JetStream API reading it takes (after `$JS.API.`): open, get, watch, pull. The
     /// second of each pair says whether one request may get several answers.
     pub fn read_api(self, s: &Subjects) -> Vec<(String, bool)> {

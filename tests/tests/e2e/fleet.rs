@@ -2,6 +2,8 @@
 //! sites leaf nodes of the hub, each running its own engine. The fleet's documents, applied at
 //! the hub, reach both sites; a site's stay there; the fleet's decide first.
 
+use std::time::Duration;
+
 use bus::{Action, ErrorCode};
 use e2e::fleet::{hub_engine, start_hub, FleetServers, HUB_DOMAIN};
 use e2e::Engine;
@@ -237,4 +239,49 @@ async fn an_engine_that_ran_alone_joins_the_fleet_keeping_its_own_documents() {
     })
     .await;
     assert_eq!(decides(&hook, "api").await, Ok(Action::Allow));
+}
+
+/// On the secured bus, a dispatcher's store identity writes its config bucket's own keys, not
+/// the `fleet.` ones: at a site those come from the hub's source alone, so not even the site's
+/// own dispatcher seed can change or remove a fleet deny there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dispatchers_identity_cannot_write_the_fleets_documents() {
+    let mut engine = Engine::secured();
+    engine.start(&["acl"]).await;
+    let subjects = engine.subjects();
+    let (client, mut errors) = engine
+        .watched_store_client(&bus::roles::Role::Dispatcher)
+        .await;
+    let jet = bus::store::Jet::reach(&client, &subjects, bus::store::Store::Config)
+        .await
+        .expect("reach the config store");
+    let kv = jet
+        .context()
+        .get_key_value(subjects.config_bucket())
+        .await
+        .expect("the config bucket");
+    kv.put("site.probe", "x".into())
+        .await
+        .expect("a site's own record is the dispatcher's to write");
+    let injected = tokio::time::timeout(
+        Duration::from_secs(5),
+        kv.put("fleet.pol.acl.injected", "x".into()),
+    )
+    .await;
+    assert!(
+        !matches!(injected, Ok(Ok(_))),
+        "a fleet key written by the dispatcher's identity"
+    );
+    let said = tokio::time::timeout(Duration::from_secs(5), errors.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    assert!(said.contains("Permissions Violation"), "{said}");
+    assert!(said.contains("fleet.pol.acl.injected"), "{said}");
+    assert_eq!(
+        kv.get("fleet.pol.acl.injected").await.expect("read"),
+        None,
+        "nothing stored"
+    );
 }
