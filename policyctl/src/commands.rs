@@ -3,6 +3,7 @@
 
 use anyhow::{anyhow, Context};
 use bus::admin::{PolicyRef, Subscription};
+use bus::fleet::Level;
 use bus::roles::Role;
 use bus::{AdminClient, Client, EventName};
 
@@ -129,24 +130,27 @@ async fn command(
                 false => output::print(output.get(), &all.subscriptions, out),
             };
             print(&|| {
-                let rows: Vec<Vec<String>> = [("site", &all.subscriptions), ("fleet", &all.fleet)]
-                    .into_iter()
-                    .flat_map(|(level, subs)| subs.iter().map(move |s| (level, s)))
-                    .map(|(level, s)| {
-                        let mut row = vec![
-                            s.event.to_string(),
-                            s.agent.clone(),
-                            s.priority.to_string(),
-                            format!("{}ms", s.timeout_ms),
-                            s.failure.as_str().to_string(),
-                            if s.observe { "yes" } else { "no" }.to_string(),
-                        ];
-                        if levels {
-                            row.push(level.to_string());
-                        }
-                        row
-                    })
-                    .collect();
+                let rows: Vec<Vec<String>> = [
+                    (Level::Site, &all.subscriptions),
+                    (Level::Fleet, &all.fleet),
+                ]
+                .into_iter()
+                .flat_map(|(level, subs)| subs.iter().map(move |s| (level, s)))
+                .map(|(level, s)| {
+                    let mut row = vec![
+                        s.event.to_string(),
+                        s.agent.clone(),
+                        s.priority.to_string(),
+                        format!("{}ms", s.timeout_ms),
+                        s.failure.as_str().to_string(),
+                        if s.observe { "yes" } else { "no" }.to_string(),
+                    ];
+                    if levels {
+                        row.push(level.to_string());
+                    }
+                    row
+                })
+                .collect();
                 let mut header = vec![
                     "EVENT", "AGENT", "PRIORITY", "TIMEOUT", "FAILURE", "OBSERVE",
                 ];
@@ -200,7 +204,7 @@ async fn command(
             }
             let levels = !all.fleet.is_empty();
             let table = || {
-                let rows: Vec<Vec<String>> = [("site", policies), ("fleet", &all.fleet)]
+                let rows: Vec<Vec<String>> = [(Level::Site, policies), (Level::Fleet, &all.fleet)]
                     .into_iter()
                     .flat_map(|(level, docs)| docs.iter().map(move |p| (level, p)))
                     .map(|(level, p)| {
