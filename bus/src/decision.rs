@@ -123,6 +123,10 @@ pub struct Reason {
     /// A human explanation, when the id and effect alone do not say enough.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// `fleet` when the policy is the fleet's (at a site of a fleet, see `crate::fleet`);
+    /// absent for a site's own, and for everything a single engine decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<crate::fleet::Level>,
 }
 
 impl Reason {
@@ -132,7 +136,13 @@ impl Reason {
             policy: policy.into(),
             effect,
             detail: None,
+            level: None,
         }
+    }
+    /// Marks the reason as the fleet's when `level` is (a site's own stays unmarked).
+    pub fn with_level(mut self, level: crate::fleet::Level) -> Self {
+        self.level = (level == crate::fleet::Level::Fleet).then_some(level);
+        self
     }
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
         self.detail = Some(detail.into());
@@ -147,6 +157,9 @@ impl Reason {
         ];
         if let Some(d) = &self.detail {
             m.push((Value::from("detail"), Value::from(d.as_str())));
+        }
+        if let Some(l) = self.level {
+            m.push((Value::from("level"), Value::from(l.as_str())));
         }
         Value::Map(m)
     }

@@ -26,7 +26,8 @@ use crate::error::InvalidName;
 use crate::subject::Subjects;
 
 /// Where a stored document comes from. The fleet's come first wherever order matters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Level {
     Fleet,
     Site,

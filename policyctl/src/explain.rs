@@ -94,9 +94,14 @@ fn summary(d: &Json) -> String {
     s
 }
 
+/// `policy: effect (detail)`, the policy marked `(fleet)` when it is the fleet's.
 fn reason_line(r: &Json) -> String {
+    let level = match r["level"].as_str() {
+        Some(level) => format!(" ({level})"),
+        None => String::new(),
+    };
     let mut s = format!(
-        "{}: {}",
+        "{}{level}: {}",
         r["policy"].as_str().unwrap_or("?"),
         r["effect"].as_str().unwrap_or("?")
     );

@@ -338,10 +338,10 @@ mod tests {
         let jwt = text.lines().nth(1).expect("jwt line");
         let c = claims(jwt);
         assert_eq!(c["nats"]["type"], "user");
-        assert!(c["nats"]["pub"]["allow"]
-            .as_array()
-            .expect("allow")
-            .contains(&Value::from("policy._js.API.$KV.policy_config.>")));
+        let allow = c["nats"]["pub"]["allow"].as_array().expect("allow");
+        assert!(allow.contains(&Value::from("policy._js.API.$KV.policy_config.pol.>")));
+        // A site's fleet documents come from the hub's source alone (`bus::fleet`).
+        assert!(!allow.contains(&Value::from("policy._js.API.$KV.policy_config.>")));
         let conf = std::fs::read_to_string(conf_file(dir.path())).expect("conf");
         assert_eq!(
             conf.lines()

@@ -28,6 +28,7 @@
 
 use bus::attrs;
 use bus::event::{Direction, Event, Labels};
+use bus::fleet::Level;
 use bus::state::keys;
 use bus::{Action, Effect, Reason, State};
 use serde::Deserialize;
@@ -119,7 +120,7 @@ struct Query<'a> {
 struct Rule {
     id: String,
     /// Every fleet rule is checked before any site rule (see `bus::fleet`).
-    level: bus::fleet::Level,
+    level: Level,
     action: Action,
     m: Match,
 }
@@ -179,7 +180,7 @@ struct Explain {
 }
 
 impl Explain {
-    fn add(&mut self, policy: &str, effect: Effect, detail: Option<String>) {
+    fn add(&mut self, policy: &str, level: Option<Level>, effect: Effect, detail: Option<String>) {
         if let Some(r) = self.reasons.iter_mut().find(|r| r.policy == policy) {
             // A rule that allowed some candidates and removed others narrowed.
             if r.effect != effect && r.effect != Effect::Audit {
@@ -189,6 +190,9 @@ impl Explain {
         }
         let mut r = Reason::new(NAME, policy, effect);
         r.detail = detail;
+        if let Some(level) = level {
+            r = r.with_level(level);
+        }
         self.reasons.push(r);
     }
 }
@@ -205,19 +209,19 @@ impl Acl {
         let mut allowed = Vec::with_capacity(candidates.len());
         for &c in candidates {
             let q = query(c);
-            let (id, action) = match rules.enforce.first_match(&q) {
-                Some(r) => (r.id.as_str(), r.action),
-                None => ("default", self.default),
+            let (id, level, action) = match rules.enforce.first_match(&q) {
+                Some(r) => (r.id.as_str(), Some(r.level), r.action),
+                None => ("default", None, self.default),
             };
             if action == Action::Allow {
                 allowed.push(c);
-                explain.add(id, Effect::Allow, None);
+                explain.add(id, level, Effect::Allow, None);
             } else {
-                explain.add(id, Effect::Deny, None);
+                explain.add(id, level, Effect::Deny, None);
             }
             for r in rules.audit.candidates(&q).filter(|r| r.matches(&q)) {
                 let detail = format!("would {}", r.action.as_str());
-                explain.add(&r.id, Effect::Audit, Some(detail));
+                explain.add(&r.id, Some(r.level), Effect::Audit, Some(detail));
             }
         }
         (allowed, explain)

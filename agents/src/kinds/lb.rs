@@ -60,6 +60,8 @@ pub struct LbPolicy {
 
 struct Compiled {
     id: String,
+    /// Said in the pick's reason when the fleet's (see `bus::fleet`).
+    level: bus::fleet::Level,
     policy: LbPolicy,
     next: AtomicUsize,
 }
@@ -188,9 +190,10 @@ impl AgentKind for Lb {
             by_service: HashMap::new(),
             catch_all: None,
         };
-        for Stored { id, policy, .. } in policies {
+        for Stored { id, level, policy } in policies {
             let c = Compiled {
                 id,
+                level,
                 next: AtomicUsize::new(0),
                 policy,
             };
@@ -265,6 +268,9 @@ impl AgentKind for Lb {
         };
         let mut reason = Reason::new(NAME, id, Effect::Pick);
         reason.detail = detail;
+        if let Some(c) = policy {
+            reason = reason.with_level(c.level);
+        }
         let mut patch = State::new();
         patch.insert(keys::TARGET_PEER, target);
         patch.insert(keys::REASONS, kind::reasons([reason]));

@@ -86,6 +86,34 @@ async fn fleet_documents_reach_every_site_and_decide_before_a_sites_own() {
         .await
         .expect("decision");
     assert_eq!(effects(&d.reasons, "acl"), [pair("no-db", "deny")]);
+    // The reason says the deny is the fleet's; a site's own allow is not marked.
+    let level = |d: &bus::ConnectionDecision, id: &str| {
+        d.reasons.iter().find(|r| r.policy == id).map(|r| r.level)
+    };
+    assert_eq!(
+        level(&d, "no-db"),
+        Some(Some(bus::fleet::Level::Fleet)),
+        "{d:?}"
+    );
+    let api = hook_a
+        .new_connection(&conn("web", "api", &["p1"]))
+        .await
+        .expect("decision");
+    assert_eq!(level(&api, "all"), Some(None), "{api:?}");
+    let (code, out, err) = policyctl(
+        &site_a,
+        &[
+            "explain",
+            "new-connection",
+            "src_service=web",
+            "dst_service=db",
+            "direction=outgoing",
+            "src_peer=local",
+            "dst_peers=[p1]",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("decided by: acl no-db (fleet): deny"), "{out}");
 
     // A site cannot take a fleet document's id: the fleet's would shadow it. Nothing of such a
     // request is stored.
