@@ -171,13 +171,21 @@ pub(crate) async fn entries(
     d: &Dispatcher,
     prefix: &str,
 ) -> Result<std::collections::BTreeMap<String, (Bytes, u64)>, ErrorReply> {
+    entries_under(d, &[prefix]).await
+}
+
+/// [`entries`] under any of `prefixes`, in one listing of the bucket's keys.
+pub(crate) async fn entries_under(
+    d: &Dispatcher,
+    prefixes: &[&str],
+) -> Result<std::collections::BTreeMap<String, (Bytes, u64)>, ErrorReply> {
     let read = async {
         let keys: Vec<String> = d
             .store
             .keys()
             .await
             .map_err(unavailable)?
-            .try_filter(|k| futures::future::ready(k.starts_with(prefix)))
+            .try_filter(|k| futures::future::ready(prefixes.iter().any(|p| k.starts_with(p))))
             .try_collect()
             .await
             .map_err(unavailable)?;
@@ -279,21 +287,19 @@ pub(crate) async fn subscriptions(
         Some(e) => format!("sub.{e}."),
         None => "sub.".to_string(),
     };
+    // The site's and the fleet's, in one listing (a cluster that just lost a node answers
+    // slowly: one listing fits the operator's timeout where two may not).
+    let fleet = format!("{}{prefix}", bus::fleet::FLEET_KEYS);
     let mut levels = [Vec::new(), Vec::new()];
-    for (i, prefix) in [
-        prefix.clone(),
-        format!("{}{prefix}", bus::fleet::FLEET_KEYS),
-    ]
-    .iter()
-    .enumerate()
-    {
-        for (key, value) in list(d, prefix).await? {
-            match codec::decode::<Subscription>("subscription", &value) {
-                Ok(s) => levels[i].push(s),
-                Err(e) => tracing::warn!(%key, error = %e, "stored subscription does not decode"),
-            }
+    for (key, (value, _)) in entries_under(d, &[&prefix, &fleet]).await? {
+        let i = usize::from(key.starts_with(bus::fleet::FLEET_KEYS));
+        match codec::decode::<Subscription>("subscription", &value) {
+            Ok(s) => levels[i].push(s),
+            Err(e) => tracing::warn!(%key, error = %e, "stored subscription does not decode"),
         }
-        levels[i].sort_by(|a: &Subscription, b| {
+    }
+    for level in &mut levels {
+        level.sort_by(|a: &Subscription, b| {
             (a.event.as_str(), a.priority, &a.agent).cmp(&(b.event.as_str(), b.priority, &b.agent))
         });
     }
@@ -440,19 +446,13 @@ pub(crate) async fn policy_list(d: &Dispatcher, q: PolicyList) -> Result<Bytes, 
         Some(a) => format!("pol.{}.", Kind::new(a).map_err(bad_name)?),
         None => "pol.".to_string(),
     };
+    let fleet = format!("{}{prefix}", bus::fleet::FLEET_KEYS);
     let mut levels = [Vec::new(), Vec::new()];
-    for (i, prefix) in [
-        prefix.clone(),
-        format!("{}{prefix}", bus::fleet::FLEET_KEYS),
-    ]
-    .iter()
-    .enumerate()
-    {
-        for (key, value) in list(d, prefix).await? {
-            match codec::decode::<Value>("policy", &value) {
-                Ok(v) => levels[i].push(v),
-                Err(e) => tracing::warn!(%key, error = %e, "stored policy does not decode"),
-            }
+    for (key, (value, _)) in entries_under(d, &[&prefix, &fleet]).await? {
+        let i = usize::from(key.starts_with(bus::fleet::FLEET_KEYS));
+        match codec::decode::<Value>("policy", &value) {
+            Ok(v) => levels[i].push(v),
+            Err(e) => tracing::warn!(%key, error = %e, "stored policy does not decode"),
         }
     }
     let [policies, fleet] = levels;
