@@ -37,8 +37,16 @@ pub struct ConnLimitPolicy {
 
 pub struct Compiled {
     id: String,
+    /// Said in its reasons when the fleet's (see `bus::fleet`).
+    level: bus::fleet::Level,
     matcher: LimitMatch,
     max: u32,
+}
+
+impl Compiled {
+    fn reason(&self, effect: Effect) -> Reason {
+        Reason::new(NAME, &self.id, effect).with_level(self.level)
+    }
 }
 
 /// The state key where an admission records what it holds for its run: `{run, policies}`,
@@ -65,9 +73,8 @@ impl ConnLimiter {
         if matched.is_empty() {
             return State::new();
         }
-        let deny = |c: &Compiled, detail: String| {
-            kind::deny(Reason::new(NAME, &c.id, Effect::Deny).with_detail(detail))
-        };
+        let deny =
+            |c: &Compiled, detail: String| kind::deny(c.reason(Effect::Deny).with_detail(detail));
         let (Some(slots), Some(conn)) = (&self.slots, e.connection_id.as_deref()) else {
             return deny(
                 matched[0],
@@ -88,7 +95,7 @@ impl ConnLimiter {
             match slots.admit(&c.id, c.max, &conn, &run).await {
                 Ok(Admission::Took | Admission::Held) => {
                     held.push(&c.id);
-                    reasons.push(Reason::new(NAME, &c.id, Effect::Allow).with_detail(format!(
+                    reasons.push(c.reason(Effect::Allow).with_detail(format!(
                         "holds a slot; at most {} live connections",
                         c.max
                     )));
@@ -151,18 +158,18 @@ async fn dry_run(store: &impl SlotStore, matched: &[&Compiled]) -> State {
             Ok(n) => n,
             Err(e) => {
                 return kind::deny(
-                    Reason::new(NAME, &c.id, Effect::Deny)
+                    c.reason(Effect::Deny)
                         .with_detail(format!("dry run: slot store unavailable: {e}")),
                 )
             }
         };
         if used >= u64::from(c.max) {
-            return kind::deny(Reason::new(NAME, &c.id, Effect::Deny).with_detail(format!(
+            return kind::deny(c.reason(Effect::Deny).with_detail(format!(
                 "dry run: limit of {} live connections reached",
                 c.max
             )));
         }
-        reasons.push(Reason::new(NAME, &c.id, Effect::Allow).with_detail(format!(
+        reasons.push(c.reason(Effect::Allow).with_detail(format!(
             "dry run: would take a slot ({used} of {} in use)",
             c.max
         )));
@@ -201,11 +208,18 @@ impl AgentKind for ConnLimiter {
         policies.sort_by(|a, b| a.id.cmp(&b.id));
         policies
             .into_iter()
-            .map(|Stored { id, policy: p, .. }| Compiled {
-                id,
-                matcher: p.matcher,
-                max: p.max_connections.get(),
-            })
+            .map(
+                |Stored {
+                     id,
+                     level,
+                     policy: p,
+                 }| Compiled {
+                    id,
+                    level,
+                    matcher: p.matcher,
+                    max: p.max_connections.get(),
+                },
+            )
             .collect()
     }
 

@@ -60,10 +60,18 @@ pub const DEFAULT_MAX_KEYS: usize = 10_000;
 
 pub struct Compiled {
     id: String,
+    /// Said in its reasons when the fleet's (see `bus::fleet`).
+    level: bus::fleet::Level,
     matcher: LimitMatch,
     gcra: Option<(Gcra, Rate, u32)>,
     bandwidth: Option<u64>,
     max_keys: usize,
+}
+
+impl Compiled {
+    fn reason(&self, effect: Effect) -> Reason {
+        Reason::new(NAME, &self.id, effect).with_level(self.level)
+    }
 }
 
 /// Wall-clock nanoseconds: shared by instances on one host, close across NTP-synced hosts.
@@ -375,7 +383,7 @@ impl RateLimiter {
             .collect();
         if let Some(first) = steps.first() {
             let deny = |c: &Compiled, detail: String| {
-                kind::deny(Reason::new(NAME, &c.id, Effect::Deny).with_detail(detail))
+                kind::deny(c.reason(Effect::Deny).with_detail(detail))
             };
             let Some(store) = &self.store else {
                 return deny(first.policy, "no rate state store".into());
@@ -404,9 +412,7 @@ impl RateLimiter {
         for c in &matched {
             if let Some(bps) = c.bandwidth {
                 cap = Some(cap.map_or(bps, |old| old.min(bps)));
-                reasons.push(
-                    Reason::new(NAME, &c.id, Effect::Limit).with_detail(format!("{bps} bit/s")),
-                );
+                reasons.push(c.reason(Effect::Limit).with_detail(format!("{bps} bit/s")));
             }
         }
         let mut patch = State::new();
@@ -460,13 +466,20 @@ impl AgentKind for RateLimiter {
         policies.sort_by(|a, b| a.id.cmp(&b.id));
         policies
             .into_iter()
-            .map(|Stored { id, policy: p, .. }| Compiled {
-                id,
-                gcra: p.rate.map(|r| (Gcra::new(r, p.burst), r, p.burst)),
-                bandwidth: p.bandwidth.map(|b| b.0),
-                max_keys: p.max_keys.map_or(DEFAULT_MAX_KEYS, |n| n.get() as usize),
-                matcher: p.matcher,
-            })
+            .map(
+                |Stored {
+                     id,
+                     level,
+                     policy: p,
+                 }| Compiled {
+                    id,
+                    level,
+                    gcra: p.rate.map(|r| (Gcra::new(r, p.burst), r, p.burst)),
+                    bandwidth: p.bandwidth.map(|b| b.0),
+                    max_keys: p.max_keys.map_or(DEFAULT_MAX_KEYS, |n| n.get() as usize),
+                    matcher: p.matcher,
+                },
+            )
             .collect()
     }
 
@@ -498,3 +511,7 @@ impl AgentKind for RateLimiter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "rate_limit_tests.rs"]
+mod tests;
