@@ -75,9 +75,19 @@ pub fn hub_engine(hub: NatsServer) -> Engine {
 /// The hub's engine, running: its dispatcher following `sites`, and an ACL agent to validate
 /// the fleet's policies.
 pub async fn start_hub(hub: NatsServer, sites: &[&str]) -> Engine {
-    let mut engine = hub_engine(hub);
     let sites = sites.join(",");
-    engine.spawn("policy-dispatcher", &["--fleet-sites", &sites]);
+    with_acl(hub_engine(hub), &["--fleet-sites", &sites]).await
+}
+
+/// A site's engine, running: its dispatcher takes the fleet's configuration from the hub's
+/// domain; an ACL agent decides.
+pub async fn start_site(server: NatsServer) -> Engine {
+    with_acl(Engine::on(server), &["--fleet-hub", HUB_DOMAIN]).await
+}
+
+/// `engine` with a dispatcher (given `args`) and an ACL agent, both ready.
+async fn with_acl(mut engine: Engine, args: &[&str]) -> Engine {
+    engine.spawn("policy-dispatcher", args);
     engine.agent("acl", &[]);
     engine
         .wait_instances(bus::headers::DISPATCHER_SERVICE, 1)

@@ -208,18 +208,12 @@ impl AgentKind for ConnLimiter {
         policies.sort_by(|a, b| a.id.cmp(&b.id));
         policies
             .into_iter()
-            .map(
-                |Stored {
-                     id,
-                     level,
-                     policy: p,
-                 }| Compiled {
-                    id,
-                    level,
-                    matcher: p.matcher,
-                    max: p.max_connections.get(),
-                },
-            )
+            .map(|s| Compiled {
+                id: s.id,
+                level: s.level,
+                max: s.policy.max_connections.get(),
+                matcher: s.policy.matcher,
+            })
             .collect()
     }
 

@@ -466,20 +466,18 @@ impl AgentKind for RateLimiter {
         policies.sort_by(|a, b| a.id.cmp(&b.id));
         policies
             .into_iter()
-            .map(
-                |Stored {
-                     id,
-                     level,
-                     policy: p,
-                 }| Compiled {
-                    id,
-                    level,
-                    gcra: p.rate.map(|r| (Gcra::new(r, p.burst), r, p.burst)),
-                    bandwidth: p.bandwidth.map(|b| b.0),
-                    max_keys: p.max_keys.map_or(DEFAULT_MAX_KEYS, |n| n.get() as usize),
-                    matcher: p.matcher,
-                },
-            )
+            .map(|Stored { id, level, policy }| Compiled {
+                id,
+                level,
+                gcra: policy
+                    .rate
+                    .map(|r| (Gcra::new(r, policy.burst), r, policy.burst)),
+                bandwidth: policy.bandwidth.map(|b| b.0),
+                max_keys: policy
+                    .max_keys
+                    .map_or(DEFAULT_MAX_KEYS, |n| n.get() as usize),
+                matcher: policy.matcher,
+            })
             .collect()
     }
 

@@ -281,37 +281,45 @@ async fn a_terminal_ctrl_c_stops_policyctl_up_and_everything_it_started() {
             break;
         }
     }
-    let members = || {
-        let out = std::process::Command::new("pgrep")
-            .args(["-g", &pgid.to_string()])
-            .output()
-            .expect("pgrep");
-        String::from_utf8_lossy(&out.stdout).lines().count()
-    };
     assert!(
-        members() >= 7,
+        group_members(pgid) >= 7,
         "up, nats-server, the dispatcher and five agents"
     );
-    // What a terminal does on Ctrl-C: SIGINT to the whole process group, NATS included.
+    let gone = ctrl_c_to_the_group(&mut up, Duration::from_secs(8));
+    println!("policyctl up and everything it started gone {gone:?} after Ctrl-C");
+}
+
+/// How many processes are in the process group `pgid` (a zombie counts).
+pub(crate) fn group_members(pgid: u32) -> usize {
+    let out = std::process::Command::new("pgrep")
+        .args(["-g", &pgid.to_string()])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// What a terminal does on Ctrl-C: SIGINT to the whole process group of `leader` (which leads
+/// a group of its own), NATS included; then waits until every member is gone, for at most
+/// `within`. Returns how long that took.
+pub(crate) fn ctrl_c_to_the_group(leader: &mut std::process::Child, within: Duration) -> Duration {
+    let pgid = leader.id();
     let pressed = Instant::now();
     // `--`: without it, procps's kill does not take `-<pgid>` as a process group.
     let _ = std::process::Command::new("kill")
         .args(["-s", "INT", "--", &format!("-{pgid}")])
         .status();
-    // Reap policyctl up as soon as it exits: a zombie still counts as a member of its group.
-    while up.try_wait().expect("wait").is_none() || members() > 0 {
+    // Reap the leader as soon as it exits: a zombie still counts as a member of its group.
+    while leader.try_wait().expect("wait").is_none() || group_members(pgid) > 0 {
         assert!(
-            pressed.elapsed() < Duration::from_secs(8),
-            "{} processes left after 8 s",
-            members()
+            pressed.elapsed() < within,
+            "{} processes left after {within:?}",
+            group_members(pgid)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    println!(
-        "policyctl up and everything it started gone {:?} after Ctrl-C",
-        pressed.elapsed()
-    );
-    let _ = up.wait();
+    let gone = pressed.elapsed();
+    let _ = leader.wait();
+    gone
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,26 +5,14 @@
 use std::time::Duration;
 
 use bus::{Action, ErrorCode};
-use e2e::fleet::{hub_engine, start_hub, FleetServers, HUB_DOMAIN};
+use e2e::fleet::{hub_engine, start_hub, start_site, FleetServers, HUB_DOMAIN};
 use e2e::Engine;
 use serde_json::json;
 
 use crate::*;
 
-/// A site's engine: its dispatcher takes the fleet's configuration from the hub's domain.
-async fn site_engine(server: e2e::NatsServer) -> Engine {
-    let mut engine = Engine::on(server);
-    engine.spawn("policy-dispatcher", &["--fleet-hub", HUB_DOMAIN]);
-    engine.agent("acl", &[]);
-    engine
-        .wait_instances(bus::headers::DISPATCHER_SERVICE, 1)
-        .await;
-    engine.wait_instances("policy-agent-acl", 1).await;
-    engine
-}
-
 /// The action a site's engine decides for `web -> dst`, as the gateway there would see it.
-async fn decides(hook: &bus::Client, dst: &str) -> Result<Action, String> {
+pub(crate) async fn decides(hook: &bus::Client, dst: &str) -> Result<Action, String> {
     hook.new_connection(&conn("web", dst, &["p1"]))
         .await
         .map(|d| d.action)
@@ -51,8 +39,8 @@ async fn fleet_documents_reach_every_site_and_decide_before_a_sites_own() {
         ..
     } = FleetServers::start(&["site-a", "site-b"]);
     let hub = start_hub(hub, &["site-a", "site-b"]).await;
-    let site_b = site_engine(sites.pop().expect("site-b")).await;
-    let site_a = site_engine(sites.pop().expect("site-a")).await;
+    let site_b = start_site(sites.pop().expect("site-b")).await;
+    let site_a = start_site(sites.pop().expect("site-a")).await;
 
     // The fleet: the ACL on every new connection, and no connection to db.
     let fleet = hub.admin().await;

@@ -7,34 +7,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bus::Action;
-use e2e::fleet::{hub_engine, start_hub, FleetServers, HUB_DOMAIN};
+use e2e::fleet::{hub_engine, start_hub, start_site, FleetServers, HUB_DOMAIN};
 use e2e::proxy::Proxy;
 use e2e::{free_port, Engine};
 use serde_json::json;
 
 use crate::faults::{Kind, Tally};
+use crate::fleet::decides;
 use crate::*;
 
 /// Each way's added latency on the leaf links: a WAN.
 const WAN: Duration = Duration::from_millis(25);
-
-async fn site_engine(server: e2e::NatsServer) -> Engine {
-    let mut engine = Engine::on(server);
-    engine.spawn("policy-dispatcher", &["--fleet-hub", HUB_DOMAIN]);
-    engine.agent("acl", &[]);
-    engine
-        .wait_instances(bus::headers::DISPATCHER_SERVICE, 1)
-        .await;
-    engine.wait_instances("policy-agent-acl", 1).await;
-    engine
-}
-
-async fn decides(hook: &bus::Client, dst: &str) -> Result<Action, String> {
-    hook.new_connection(&conn("web", dst, &["p1"]))
-        .await
-        .map(|d| d.action)
-        .map_err(|e| e.to_string())
-}
 
 /// How long until `hook` decides `want` for `web -> dst` (polled every 10 ms, bounded).
 async fn time_until(hook: &bus::Client, dst: &str, want: Action, within: Duration) -> Duration {
@@ -49,6 +32,12 @@ async fn time_until(hook: &bus::Client, dst: &str, want: Action, within: Duratio
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The fleet change the tests make: allow `cache`.
+fn cache_ok() -> bus::Value {
+    doc(json!({"agent": "acl", "id": "cache-ok", "priority": 100,
+        "action": "allow", "match": {"dst_service": "cache"}}))
 }
 
 /// The fleet every test here starts from: the ACL on new connections, db denied and api
@@ -204,8 +193,8 @@ async fn a_site_cut_off_from_the_hub_keeps_deciding_and_catches_up_in_order() {
         ..
     } = FleetServers::start_via(&["site-a", "site-b"], leaf_port, |i| proxies[i].port());
     let hub = start_hub(hub, &["site-a", "site-b"]).await;
-    let site_b = site_engine(sites.pop().expect("site-b")).await;
-    let site_a = site_engine(sites.pop().expect("site-a")).await;
+    let site_b = start_site(sites.pop().expect("site-b")).await;
+    let site_a = start_site(sites.pop().expect("site-a")).await;
     apply_fleet(&hub).await;
     let (hook_a, hook_b) = (site_a.hook().await, site_b.hook().await);
     for hook in [&hook_a, &hook_b] {
@@ -232,10 +221,7 @@ async fn a_site_cut_off_from_the_hub_keeps_deciding_and_catches_up_in_order() {
     // The fleet changes while site A is cut off: B has each change at once.
     let fleet = hub.admin().await;
     fleet
-        .policy_add(vec![doc(
-            json!({"agent": "acl", "id": "cache-ok", "priority": 100,
-            "action": "allow", "match": {"dst_service": "cache"}}),
-        )])
+        .policy_add(vec![cache_ok()])
         .await
         .expect("fleet change");
     let at_b = time_until(&hook_b, "cache", Action::Allow, WAIT).await;
@@ -338,8 +324,8 @@ async fn with_the_hub_down_every_site_keeps_deciding() {
     } = FleetServers::start(&["site-a", "site-b"]);
     let mut hub = hub_engine(hub);
     hub.start(&["acl"]).await;
-    let site_b = site_engine(sites.pop().expect("site-b")).await;
-    let site_a = site_engine(sites.pop().expect("site-a")).await;
+    let site_b = start_site(sites.pop().expect("site-b")).await;
+    let site_a = start_site(sites.pop().expect("site-a")).await;
     apply_fleet(&hub).await;
     let (hook_a, hook_b) = (site_a.hook().await, site_b.hook().await);
     for hook in [&hook_a, &hook_b] {
@@ -356,10 +342,7 @@ async fn with_the_hub_down_every_site_keeps_deciding() {
     hub.wait_instances("policy-agent-acl", 1).await;
     let fleet = hub.admin().await;
     fleet
-        .policy_add(vec![doc(
-            json!({"agent": "acl", "id": "cache-ok", "priority": 100,
-            "action": "allow", "match": {"dst_service": "cache"}}),
-        )])
+        .policy_add(vec![cache_ok()])
         .await
         .expect("a fleet change once the hub is back");
     let at_a = time_until(&hook_a, "cache", Action::Allow, Duration::from_secs(30)).await;
@@ -390,7 +373,7 @@ async fn a_site_restarted_while_cut_off_decides_on_what_it_last_had() {
     } = FleetServers::start_via(&["site-a"], leaf_port, |_| proxy.port());
     let mut hub = hub_engine(hub);
     hub.start(&["acl"]).await;
-    let mut site = site_engine(sites.pop().expect("site-a")).await;
+    let mut site = start_site(sites.pop().expect("site-a")).await;
     apply_fleet(&hub).await;
     let hook = site.hook().await;
     time_until(&hook, "api", Action::Allow, WAIT).await;
@@ -399,10 +382,7 @@ async fn a_site_restarted_while_cut_off_decides_on_what_it_last_had() {
     proxy.cut();
     let fleet = hub.admin().await;
     fleet
-        .policy_add(vec![doc(
-            json!({"agent": "acl", "id": "cache-ok", "priority": 100,
-            "action": "allow", "match": {"dst_service": "cache"}}),
-        )])
+        .policy_add(vec![cache_ok()])
         .await
         .expect("fleet change");
     for name in ["policy-agent", "policy-dispatcher"] {
@@ -447,7 +427,7 @@ async fn a_site_that_never_had_the_fleets_configuration_fails_closed() {
     let mut hub = hub_engine(hub);
     hub.start(&["acl"]).await;
     apply_fleet(&hub).await;
-    let site = site_engine(sites.pop().expect("site-a")).await;
+    let site = start_site(sites.pop().expect("site-a")).await;
     let admin = site.admin().await;
     subscribe(&admin, &[sub("new-connection", "acl", 10)]).await;
     admin

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use e2e::{bin, free_port};
 
+use crate::faults::{ctrl_c_to_the_group, group_members};
+
 /// A port with the next two free as well: the hub's and the sites' client ports.
 fn three_free_ports() -> u16 {
     loop {
@@ -74,28 +76,9 @@ fn policyctl_up_sites_2_runs_a_fleet_and_ctrl_c_stops_all_of_it() {
         "{}",
         said.join("\n")
     );
-    let members = || {
-        let out = std::process::Command::new("pgrep")
-            .args(["-g", &pgid.to_string()])
-            .output()
-            .expect("pgrep");
-        String::from_utf8_lossy(&out.stdout).lines().count()
-    };
     assert!(
-        members() >= 1 + 3 + 3 * 6,
+        group_members(pgid) >= 1 + 3 + 3 * 6,
         "up, three nats-servers, and per engine a dispatcher and five agents"
     );
-    let pressed = Instant::now();
-    let _ = std::process::Command::new("kill")
-        .args(["-s", "INT", "--", &format!("-{pgid}")])
-        .status();
-    while up.try_wait().expect("wait").is_none() || members() > 0 {
-        assert!(
-            pressed.elapsed() < Duration::from_secs(15),
-            "{} processes left after 15 s",
-            members()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = up.wait();
+    ctrl_c_to_the_group(&mut up, Duration::from_secs(15));
 }
