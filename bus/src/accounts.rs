@@ -105,6 +105,17 @@ pub fn layout(s: &Subjects, roles: &[Role]) -> Vec<Account> {
             to: all.clone(),
         });
         if !owners.is_empty() {
+            exports.extend(
+                store
+                    .other_domain_reads(s)
+                    .into_iter()
+                    .map(|(subject, _)| Export {
+                        subject,
+                        service: true,
+                        streamed: true,
+                        to: owners.clone(),
+                    }),
+            );
             exports.extend(store.own_api(s).into_iter().map(|a| Export {
                 subject: format!("$JS.API.{a}"),
                 service: true,
@@ -159,6 +170,7 @@ pub fn layout(s: &Subjects, roles: &[Role]) -> Vec<Account> {
                     store
                         .write_subjects(s)
                         .into_iter()
+                        .chain(store.other_domain_reads(s))
                         .map(|(subject, local)| service(subject, local)),
                 );
             }
@@ -225,7 +237,9 @@ mod tests {
                     || e.subject.contains("STREAM.PURGE");
                 if writes {
                     let owner = match store {
-                        Store::Config | Store::Modules | Store::Log => "POLICY_AS_DISPATCHER",
+                        Store::Config | Store::Modules | Store::Log | Store::Sites => {
+                            "POLICY_AS_DISPATCHER"
+                        }
                         Store::Conns => "POLICY_AS_AGENT_CONN_LIMIT",
                         Store::Rates => "POLICY_AS_AGENT_RATE_LIMIT",
                     };

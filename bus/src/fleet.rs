@@ -82,6 +82,12 @@ pub fn check_domain(domain: &str) -> Result<(), InvalidName> {
     })
 }
 
+/// Where a site's dispatcher reaches the hub's JetStream API on the secured bus: its store
+/// identity imports the hub's direct gets under this prefix (see [`crate::accounts`]).
+pub fn hub_api_import(subjects: &Subjects, hub: &str) -> String {
+    crate::store::other_domain_api(subjects, hub)
+}
+
 /// The source a site's config bucket takes the fleet's documents from: the hub's config
 /// bucket (`subjects.fleet()`'s) in the hub's JetStream domain, each key under `fleet.`.
 pub fn source(subjects: &Subjects, hub_domain: &str) -> Source {
@@ -107,7 +113,19 @@ pub fn source(subjects: &Subjects, hub_domain: &str) -> Source {
 /// site). What crosses is JetStream's own traffic for the sources, under `$JS.<domain>.API`.
 pub fn leaf_denies(subjects: &Subjects) -> Vec<String> {
     let mut deny = vec![format!("{}.>", subjects.prefix())];
-    deny.extend(["$KV.>", "$O.>", "$SLOT.>", "$SRV.>"].map(String::from));
+    // A store write under another domain's API (`$JS.<domain>.API.$KV.…`) is one too: the
+    // server maps it to the store's subject there.
+    deny.extend(
+        [
+            "$KV.>",
+            "$O.>",
+            "$SLOT.>",
+            "$SRV.>",
+            "$JS.*.API.$KV.>",
+            "$JS.*.API.$O.>",
+        ]
+        .map(String::from),
+    );
     deny
 }
 
@@ -155,13 +173,22 @@ fn external(domain: &str) -> Option<External> {
     })
 }
 
+/// The hub's source of a site: its deliveries under the site's own prefix, so that on the
+/// secured bus a site may deliver into no other site's source (`crate::leaf`).
+fn from_site(site: &str) -> Option<External> {
+    Some(External {
+        api_prefix: format!("$JS.{site}.API"),
+        delivery_prefix: Some(crate::leaf::delivery_prefix(site)),
+    })
+}
+
 /// The source by which the hub's sites bucket (`hub.sites_bucket()`) takes a site's standing:
 /// its config bucket's `site.…` keys, under `<site>.…`.
 pub fn site_status_source(hub: &Subjects, sites: &Subjects, site: &str) -> Source {
     let (from, to) = (sites.config_bucket(), hub.sites_bucket());
     Source {
         name: format!("KV_{from}"),
-        external: external(site),
+        external: from_site(site),
         subject_transforms: vec![SubjectTransform {
             source: format!("$KV.{from}.site.>"),
             destination: format!("$KV.{to}.{site}.>"),
@@ -186,7 +213,7 @@ pub fn site_log_source(hub: &Subjects, sites: &Subjects, site: &str) -> Source {
     let to = hub.site_decision_log_wildcard(site);
     Source {
         name: sites.decisions_stream(),
-        external: external(site),
+        external: from_site(site),
         subject_transforms: vec![SubjectTransform {
             source: sites.decision_log_wildcard(),
             destination: to,
@@ -210,37 +237,48 @@ pub fn hub_conf(domain: &str, leaf_listen: &str) -> String {
 /// connection to the hub at `leaf_url`, carrying nothing of the engine's own
 /// ([`leaf_denies`]) and retried every second.
 pub fn site_conf(name: &str, leaf_url: &str, subjects: &Subjects) -> String {
+    format!(
+        "server_name: {name}\n\
+         jetstream {{ domain: {name}, store_dir: \"js\" }}\n\
+         {}",
+        site_leafnodes(leaf_url, subjects, &[])
+    )
+}
+
+/// A site's `leafnodes` block. Without `seeds`, one leaf connection in the global account (a
+/// bus without accounts); on the secured bus, one connection per link of `crate::leaf`, each
+/// binding the link's store account and logging in with the link's seed. Every connection
+/// denies [`leaf_denies`] both ways.
+pub fn site_leafnodes(
+    leaf_url: &str,
+    subjects: &Subjects,
+    seeds: &[(crate::leaf::Link, String)],
+) -> String {
     let deny = leaf_denies(subjects)
         .iter()
         .map(|s| format!("{s:?}"))
         .collect::<Vec<_>>()
         .join(", ");
+    let remote = |login: String| {
+        format!("{{ url: \"{leaf_url}\"{login}, deny_exports: [{deny}], deny_imports: [{deny}] }}")
+    };
+    let remotes: Vec<String> = match seeds {
+        [] => vec![remote(String::new())],
+        seeds => seeds
+            .iter()
+            .map(|(link, seed)| {
+                let account = link.site_store().account();
+                remote(format!(", account: {account}, nkey: \"{seed}\""))
+            })
+            .collect(),
+    };
     format!(
-        "server_name: {name}\n\
-         jetstream {{ domain: {name}, store_dir: \"js\" }}\n\
-         leafnodes {{\n  reconnect: 1\n  remotes [ {{ url: \"{leaf_url}\", deny_exports: [{deny}], deny_imports: [{deny}] }} ]\n}}\n"
+        "leafnodes {{\n  reconnect: 1\n  remotes [\n    {}\n  ]\n}}\n",
+        remotes.join("\n    ")
     )
 }
 
-/// Whether two sources take the same messages the same way (the server fills in defaults,
-/// such as an empty delivery prefix, in what it returns).
-pub fn same_source(a: &Source, b: &Source) -> bool {
-    let api = |s: &Source| s.external.as_ref().map(|e| e.api_prefix.clone());
-    let transforms = |s: &Source| {
-        let mut t: Vec<(String, String)> = s
-            .subject_transforms
-            .iter()
-            .map(|t| (t.source.clone(), t.destination.clone()))
-            .collect();
-        t.sort();
-        t
-    };
-    a.name == b.name
-        && api(a) == api(b)
-        && a.filter_subject.as_deref().unwrap_or_default()
-            == b.filter_subject.as_deref().unwrap_or_default()
-        && transforms(a) == transforms(b)
-}
+pub use crate::source::same_source;
 
 /// A site's view of its fleet .
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

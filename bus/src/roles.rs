@@ -135,6 +135,7 @@ impl Role {
                 (Store::Config, Use::Own),
                 (Store::Modules, Use::Own),
                 (Store::Log, Use::Own),
+                (Store::Sites, Use::Own),
             ],
             Role::Monitor => vec![(Store::Config, Use::Read)],
             Role::WasmHost => vec![(Store::Config, Use::Read), (Store::Modules, Use::Read)],
@@ -174,6 +175,8 @@ impl Role {
                 p.publish
                     .extend(store.own_api(s).into_iter().map(|a| format!("{api}.{a}")));
                 p.publish.extend(store.write_permissions(s));
+                p.publish
+                    .extend(store.other_domain_reads(s).into_iter().map(|(_, l)| l));
             }
         }
         if !p.publish.is_empty() {
@@ -390,7 +393,8 @@ mod tests {
                     .collect();
                 assert!(owned.contains(update), "{r}: {update}");
                 let slots = r.name() == "agent-conn-limit" && update.ends_with(".*");
-                assert!(update.contains("KV_") || slots, "{r}: {update}");
+                let log = r.name() == "dispatcher" && update.ends_with(".policy_decisions");
+                assert!(update.contains("KV_") || slots || log, "{r}: {update}");
             }
         }
         // Only the wasm host reads the modules; only the operator reads the decision log.

@@ -38,6 +38,12 @@ pub fn api_prefix(subjects: &Subjects) -> String {
     format!("{}._js.API", subjects.prefix())
 }
 
+/// Where a store identity reaches another JetStream domain's API through its imports (see
+/// [`Store::other_domain_reads`]): `<prefix>._js.fleet.<domain>.API`.
+pub fn other_domain_api(subjects: &Subjects, domain: &str) -> String {
+    format!("{}._js.fleet.{domain}.API", subjects.prefix())
+}
+
 /// Where a store's API and writes are imported in an identity account: [`api_prefix`], but for
 /// conn-limit's slots, `<prefix>._js.conns.API`. Its streams are named by policy, so its API is
 /// imported with a wildcard stream name (`STREAM.INFO.*`), which under the shared prefix would
@@ -64,6 +70,9 @@ pub enum Store {
     Conns,
     /// rate-limit's budgets: rate-limit alone.
     Rates,
+    /// At a fleet's hub, each site's standing, which the bucket sources from the sites
+    /// (`crate::fleet`): the dispatcher creates it, and nothing but the sources writes it.
+    Sites,
 }
 
 /// What a store account may hold: its streams (one, but conn-limit's: one per policy besides),
@@ -79,12 +88,13 @@ pub struct Limits {
 const MIB: i64 = 1024 * 1024;
 
 impl Store {
-    pub const ALL: [Store; 5] = [
+    pub const ALL: [Store; 6] = [
         Store::Config,
         Store::Modules,
         Store::Log,
         Store::Conns,
         Store::Rates,
+        Store::Sites,
     ];
 
     /// The stream's name.
@@ -95,6 +105,7 @@ impl Store {
             Store::Log => s.decisions_stream(),
             Store::Conns => format!("KV_{}", s.conn_bucket()),
             Store::Rates => format!("KV_{}", s.rate_bucket()),
+            Store::Sites => format!("KV_{}", s.sites_bucket()),
         }
     }
 
@@ -106,6 +117,7 @@ impl Store {
             Store::Log => "POLICY_STORE_LOG",
             Store::Conns => "POLICY_STORE_CONNS",
             Store::Rates => "POLICY_STORE_RATES",
+            Store::Sites => "POLICY_STORE_SITES",
         }
     }
 
@@ -116,6 +128,7 @@ impl Store {
             Store::Log => "the durable decision log",
             Store::Conns => "conn-limit's slots",
             Store::Rates => "rate-limit's budgets",
+            Store::Sites => "a fleet hub's view of its sites",
         }
     }
 
@@ -125,6 +138,7 @@ impl Store {
     pub fn limits(self) -> Limits {
         let (max_file, max_consumers) = match self {
             Store::Config => (256 * MIB, 512),
+            Store::Sites => (64 * MIB, 128),
             Store::Modules => (1024 * MIB, 128),
             Store::Log => (16 * 1024 * MIB, 128),
             Store::Conns | Store::Rates => (1024 * MIB, 128),
@@ -159,6 +173,8 @@ impl Store {
                 subjects
             }
             Store::Rates => kv(s.rate_bucket()),
+            // Its sources write it, with the server's rights.
+            Store::Sites => Vec::new(),
             Store::Modules => {
                 let subject = format!("$O.{}.>", s.modules_bucket());
                 vec![(subject.clone(), subject)]
@@ -225,7 +241,8 @@ impl Store {
     }
 
     /// The JetStream API its owner takes besides reading: create the stream; for a key-value
-    /// store, update it (to put back what routes messages, see [`repair`]); for the modules
+    /// store, update it (to put back what routes messages, see [`repair`]); for the decision
+    /// log and the sites bucket, update it (a fleet's hub makes them source the sites); for the modules
     /// store, purge the chunks of a replaced or removed module; for conn-limit's, create and
     /// update a policy's slot stream (its limit follows the policy) and delete a slot
     /// (a release). Nothing deletes a stream, and nothing updates or purges another role's.
@@ -234,15 +251,34 @@ impl Store {
         let mut api = vec![format!("STREAM.CREATE.{st}")];
         match self {
             Store::Modules => api.push(format!("STREAM.PURGE.{st}")),
-            Store::Config | Store::Rates => api.push(format!("STREAM.UPDATE.{st}")),
+            // The log and the sites bucket: to source the sites, at a fleet's hub.
+            Store::Config | Store::Rates | Store::Log | Store::Sites => {
+                api.push(format!("STREAM.UPDATE.{st}"))
+            }
             Store::Conns => {
                 api = ["STREAM.CREATE.*", "STREAM.UPDATE.*", "STREAM.MSG.DELETE.*"]
                     .map(String::from)
                     .to_vec();
             }
-            Store::Log => {}
         }
         api
+    }
+
+    /// What its owner reads of another JetStream domain through the store's account: `(subject
+    /// in the store account, subject in the owner's identity account)`. A fleet's site reaches
+    /// the hub's config bucket over the leaf connection of its own config account
+    /// (`crate::fleet`), and its dispatcher reads there, by direct get, the hub's newest
+    /// revision; the import keeps the domain a wildcard, so one configuration serves any hub.
+    pub fn other_domain_reads(self, s: &Subjects) -> Vec<(String, String)> {
+        if self != Store::Config {
+            return Vec::new();
+        }
+        let hub = format!("KV_{}", s.fleet().config_bucket());
+        let local = other_domain_api(s, "*");
+        [format!("DIRECT.GET.{hub}"), format!("DIRECT.GET.{hub}.>")]
+            .into_iter()
+            .map(|a| (format!("$JS.*.API.{a}"), format!("{local}.{a}")))
+            .collect()
     }
 
     /// Flow control of its push consumers: a consumer asks, the client answers here.
@@ -405,7 +441,7 @@ pub fn routing_differs(actual: &stream::Config, expected: &stream::Config) -> Ve
     if a.len() != e.len()
         || a.iter()
             .zip(e)
-            .any(|(a, e)| !crate::fleet::same_source(a, e))
+            .any(|(a, e)| !crate::source::same_source(a, e))
     {
         differs.push("sources");
     }
@@ -517,10 +553,11 @@ mod tests {
             assert_eq!(own.iter().any(deletes), st == Store::Conns);
             assert!(!st.read_api(&s).iter().any(|(a, _)| deletes(a)));
             assert!(!own.iter().any(|a| a.starts_with("STREAM.DELETE")));
-            // Only a key-value store's owner may update it (to repair its routing).
+            // Only a key-value store's owner may update it (to repair its routing), and the
+            // decision log's (a fleet's hub makes it source the sites').
             assert_eq!(
                 own.iter().any(|a| a.starts_with("STREAM.UPDATE")),
-                st.stream(&s).starts_with("KV_")
+                st.stream(&s).starts_with("KV_") || st == Store::Log
             );
         }
     }

@@ -189,7 +189,14 @@ pub(crate) async fn newest_revision<I>(
 
 /// Keeps the site's view of the fleet, and opens the site to decisions once it has synced.
 pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
-    let hub_js = jetstream::with_domain(d.jet.client().clone(), &fleet.hub);
+    // On the secured bus the store identity reaches the hub's API through its own import.
+    let hub_js = match d.jet.api() {
+        Some(_) => jetstream::with_prefix(
+            d.jet.client().clone(),
+            &bus::fleet::hub_api_import(&d.subjects, &fleet.hub),
+        ),
+        None => jetstream::with_domain(d.jet.client().clone(), &fleet.hub),
+    };
     let hub_bucket = d.subjects.fleet().config_bucket();
     // Since when the source is behind without moving, and the revision it is stuck at.
     let mut stalled: Option<(Instant, u64)> = None;

@@ -284,7 +284,9 @@ pub fn ensure(dir: &Path, subjects: &Subjects) -> anyhow::Result<Vec<PathBuf>> {
     for (public, jwt) in &preload {
         conf.push_str(&format!("  {public}: \"{jwt}\"\n"));
     }
-    conf.push_str("}\njetstream { store_dir: \"jetstream\" }\n");
+    // A process's CONNECT carries its user JWT, which holds its permissions: the dispatcher's
+    // store identity's exceed the default 4 KiB control line.
+    conf.push_str("}\njetstream { store_dir: \"jetstream\" }\nmax_control_line: 16384\n");
     let path = conf_file(dir);
     std::fs::write(&path, conf).with_context(|| format!("cannot write {}", path.display()))?;
     written.push(path);

@@ -335,6 +335,27 @@ pub enum AuthCommand {
     /// Print the permission set as a nats-server configuration template for your own NATS,
     /// with each role's public nkey taken from an environment variable.
     Template,
+    /// Write a secured fleet's files (docs/fleet.md): DIR/hub/ for the hub (its engine's
+    /// seeds, each site's leaf users) and DIR/<site>/ for each site (its engine's seeds, its
+    /// leaf seeds and connections); each folder's nats.conf runs that server. Existing seeds
+    /// are kept; run again with more sites to add them, then reload the hub.
+    Fleet {
+        /// The sites' names, which are their JetStream domains.
+        #[arg(long, value_delimiter = ',', required = true)]
+        sites: Vec<String>,
+        /// The hub's JetStream domain.
+        #[arg(long, default_value = "hub")]
+        hub_domain: String,
+        /// Where the hub takes the sites' leaf connections.
+        #[arg(long, default_value = "0.0.0.0:7422")]
+        leaf_listen: String,
+        /// Where the sites reach the hub's leaf port.
+        #[arg(long, default_value = "nats-leaf://hub:7422")]
+        hub_url: String,
+        /// Where the folders go.
+        #[arg(long, default_value = "policy-bus-fleet")]
+        auth_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

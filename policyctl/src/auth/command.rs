@@ -48,6 +48,27 @@ pub fn run(cmd: &AuthCommand, subjects: &bus::Subjects) -> anyhow::Result<()> {
             );
         }
         AuthCommand::Template => print!("{}", super::template(subjects, &Role::shipped())),
+        AuthCommand::Fleet {
+            sites,
+            hub_domain,
+            leaf_listen,
+            hub_url,
+            auth_dir,
+        } => {
+            let plan = super::fleet::Plan {
+                root: auth_dir,
+                hub: hub_domain,
+                sites,
+                leaf_listen,
+                hub_url,
+            };
+            for dir in super::fleet::write(&plan, subjects)? {
+                out!(
+                    "{}: run `nats-server -c nats.conf` there (seeds per role in <role>.nk)",
+                    dir.display()
+                );
+            }
+        }
     }
     Ok(())
 }

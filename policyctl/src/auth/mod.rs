@@ -16,6 +16,7 @@
 //! directory differs from the file's; and a reload is how a new agent kind's user goes live.
 
 pub mod command;
+pub mod fleet;
 
 use std::path::{Path, PathBuf};
 
@@ -110,10 +111,12 @@ pub fn ensure(dir: &Path, subjects: &Subjects, roles: &[Role]) -> anyhow::Result
         }
     }
     let accounts = accounts_file(dir);
-    std::fs::write(&accounts, render(subjects, &users(dir)?))
+    let leaves = fleet::leaf_users(dir, subjects)?;
+    std::fs::write(&accounts, render(subjects, &users(dir)?, &leaves))
         .with_context(|| format!("cannot write {}", accounts.display()))?;
+    let server = fleet::server_conf(dir, subjects)?;
     for (path, text) in [
-        (conf_file(dir), SERVER_CONF),
+        (conf_file(dir), server.as_deref().unwrap_or(SERVER_CONF)),
         (dir.join("README.txt"), README),
     ] {
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use bus::accounts::{self, Account};
+use bus::leaf::Link;
 use bus::roles::{Permissions, Role};
 use bus::Subjects;
 
@@ -58,12 +59,23 @@ fn render_permissions(out: &mut String, p: &Permissions) {
     let _ = writeln!(out, "          }}");
 }
 
+/// A site's leaf identity at its fleet's hub (`bus::leaf`): the user, in the hub's account of
+/// the link, that the site's leaf connection logs in as.
+#[derive(Debug, Clone)]
+pub struct LeafUser {
+    pub site: String,
+    pub link: Link,
+    pub nkey: String,
+    pub permissions: Permissions,
+}
+
 fn render_account(
     out: &mut String,
     subjects: &Subjects,
     account: &Account,
     users: &[User],
     roles: &[Role],
+    leaves: &[LeafUser],
 ) {
     let _ = writeln!(out, "  # {}", account.about);
     let _ = writeln!(out, "  {}: {{", account.name);
@@ -78,8 +90,26 @@ fn render_account(
         .iter()
         .filter(|(r, store, _)| account.users.contains(&(r.clone(), *store)))
         .collect();
-    if !here.is_empty() {
+    let leaves: Vec<&LeafUser> = leaves
+        .iter()
+        .filter(|l| l.link.hub_store().account() == account.name)
+        .collect();
+    if !here.is_empty() || !leaves.is_empty() {
         let _ = writeln!(out, "    users: [");
+        for leaf in leaves {
+            let _ = writeln!(
+                out,
+                "      # site {}'s leaf connection ({}): {}",
+                leaf.site,
+                leaf.link,
+                leaf.link.about()
+            );
+            let _ = writeln!(out, "      {{");
+            let _ = writeln!(out, "          nkey: {}", leaf.nkey);
+            let _ = writeln!(out, "          allowed_connection_types: [\"LEAFNODE\"]");
+            render_permissions(out, &leaf.permissions);
+            let _ = writeln!(out, "      }}");
+        }
         for (role, store, nkey) in here {
             let _ = writeln!(out, "      # {role}: {}", purpose(role, *store));
             let _ = writeln!(out, "      {{");
@@ -134,7 +164,7 @@ fn render_account(
 
 /// The accounts of `bus::accounts` for the roles that have a messaging identity in `users`,
 /// with every identity's user in its account.
-fn render_with(subjects: &Subjects, users: &[User], header: &str) -> String {
+fn render_with(subjects: &Subjects, users: &[User], leaves: &[LeafUser], header: &str) -> String {
     let mut roles: Vec<Role> = users
         .iter()
         .filter(|(_, store, _)| !store)
@@ -145,13 +175,13 @@ fn render_with(subjects: &Subjects, users: &[User], header: &str) -> String {
     out.push_str(header);
     let _ = writeln!(out, "accounts {{");
     for account in accounts::layout(subjects, &roles) {
-        render_account(&mut out, subjects, &account, users, &roles);
+        render_account(&mut out, subjects, &account, users, &roles, leaves);
     }
     let _ = writeln!(out, "}}");
     out
 }
 
-pub fn render(subjects: &Subjects, users: &[User]) -> String {
+pub fn render(subjects: &Subjects, users: &[User], leaves: &[LeafUser]) -> String {
     let quoted: Vec<User> = users
         .iter()
         .map(|(r, store, k)| (r.clone(), *store, format!("\"{k}\"")))
@@ -163,7 +193,14 @@ pub fn render(subjects: &Subjects, users: &[User]) -> String {
          # again: reload the server then (nats-server --signal reload, or SIGHUP).\n",
         subjects.prefix()
     );
-    render_with(subjects, &quoted, &header)
+    let leaves: Vec<LeafUser> = leaves
+        .iter()
+        .map(|l| LeafUser {
+            nkey: format!("\"{}\"", l.nkey),
+            ..l.clone()
+        })
+        .collect();
+    render_with(subjects, &quoted, &leaves, &header)
 }
 
 /// The environment variable the template reads an identity's public nkey from.
@@ -219,5 +256,5 @@ pub fn template(subjects: &Subjects, roles: &[Role]) -> String {
         subjects.prefix(),
         vars.join("\n#   ")
     );
-    render_with(subjects, &users, &header)
+    render_with(subjects, &users, &[], &header)
 }

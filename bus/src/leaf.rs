@@ -1,0 +1,149 @@
+//! A fleet's leaf connections on the secured bus (see `crate::fleet`). No store account has a
+//! user of the engine's, so each leaf connection binds one store account of a site to one of
+//! the hub, and carries only the JetStream traffic of the sources between them:
+//!
+//! | link | site's account | hub's account | who sources | what |
+//! | --- | --- | --- | --- | --- |
+//! | `config` | `POLICY_STORE_CONFIG` | `POLICY_STORE_CONFIG` | the site | the fleet's documents, and the hub's revision (a direct get) |
+//! | `status` | `POLICY_STORE_CONFIG` | `POLICY_STORE_SITES` | the hub | the site's standing (`site.…` keys) |
+//! | `log` | `POLICY_STORE_LOG` | `POLICY_STORE_LOG` | the hub | the site's decision log |
+//!
+//! The hub knows each link's identity (an nkey user that may only connect as a leaf node) and
+//! gives it permissions that name exactly the subjects its sources use, in each direction: the
+//! JetStream API of the one stream sourced, its flow control, API replies, and the deliveries
+//! of the hub's own sources under a prefix of the site's ([`delivery_prefix`]), so a site can
+//! deliver nothing into another site's source. What a site may send into the hub is never a
+//! store's subject (`$KV.…`, a log subject) nor the hub's JetStream API beyond creating a
+//! consumer on, and reading, the fleet's documents: the site's leaf identity cannot write,
+//! purge or delete anything at the hub, nor make the hub's JetStream write for it (a consumer's
+//! deliveries into its own stream are refused as a cycle, and the sites bucket and the log are
+//! in accounts of their own).
+
+use crate::roles::Permissions;
+use crate::store::Store;
+use crate::subject::Subjects;
+
+/// One leaf connection of a site to its hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Link {
+    /// The site sources the hub's config bucket (the fleet's documents).
+    Config,
+    /// The hub's sites bucket sources the site's standing.
+    Status,
+    /// The hub's decision log sources the site's.
+    Log,
+}
+
+impl Link {
+    pub const ALL: [Link; 3] = [Link::Config, Link::Status, Link::Log];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Link::Config => "config",
+            Link::Status => "status",
+            Link::Log => "log",
+        }
+    }
+
+    /// The store whose account the link binds at the site.
+    pub fn site_store(self) -> Store {
+        match self {
+            Link::Config | Link::Status => Store::Config,
+            Link::Log => Store::Log,
+        }
+    }
+
+    /// The store whose account the link binds at the hub.
+    pub fn hub_store(self) -> Store {
+        match self {
+            Link::Config => Store::Config,
+            Link::Status => Store::Sites,
+            Link::Log => Store::Log,
+        }
+    }
+
+    pub fn about(self) -> &'static str {
+        match self {
+            Link::Config => "the site takes the fleet's documents",
+            Link::Status => "the hub takes the site's standing",
+            Link::Log => "the hub takes the site's decision log",
+        }
+    }
+
+    /// The permissions of the link's identity at the hub, as a leaf node's: `publish` is what
+    /// the site may send into the hub's account, `subscribe` what the hub may send it. `sites`
+    /// are the sites' subjects, `site` and `hub` the JetStream domains.
+    pub fn permissions(self, sites: &Subjects, site: &str, hub: &str) -> Permissions {
+        // A JetStream API reply (`$JSC.R.…`) and a service import's (`_R_.…`) are random.
+        let replies = || vec!["$JSC.R.>".to_string()];
+        match self {
+            Link::Config => {
+                let stream = format!("KV_{}", sites.fleet().config_bucket());
+                let api = format!("$JS.{hub}.API");
+                Permissions {
+                    publish: vec![
+                        format!("{api}.CONSUMER.CREATE.{stream}"),
+                        format!("{api}.CONSUMER.CREATE.{stream}.>"),
+                        format!("{api}.DIRECT.GET.{stream}"),
+                        format!("{api}.DIRECT.GET.{stream}.>"),
+                        format!("$JS.FC.{stream}.>"),
+                    ],
+                    subscribe: vec![
+                        "$JS.S.>".to_string(),
+                        "$JSC.R.>".to_string(),
+                        "_R_.>".to_string(),
+                    ],
+                    deny_subscribe: Vec::new(),
+                }
+            }
+            Link::Status | Link::Log => {
+                let stream = self.site_store().stream(sites);
+                let api = format!("$JS.{site}.API");
+                let mut publish = replies();
+                publish.push(format!("{}.>", delivery_prefix(site)));
+                Permissions {
+                    publish,
+                    subscribe: vec![
+                        format!("{api}.CONSUMER.CREATE.{stream}"),
+                        format!("{api}.CONSUMER.CREATE.{stream}.>"),
+                        format!("$JS.FC.{stream}.>"),
+                    ],
+                    deny_subscribe: Vec::new(),
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where the hub's sources of a site have their messages delivered: a prefix of the site's
+/// own, which that site's leaf identities alone may publish to at the hub.
+pub fn delivery_prefix(site: &str) -> String {
+    format!("$FLEET.{site}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_site_sends_the_hub_no_write_and_no_other_sites_deliveries() {
+        let s = Subjects::default();
+        for link in Link::ALL {
+            let p = link.permissions(&s, "site-1", "hub");
+            for subject in &p.publish {
+                assert!(!subject.starts_with("$KV") && !subject.starts_with("policy."));
+                assert!(!subject.contains("STREAM.") && !subject.contains("$JS.hub.API.>"));
+                assert!(!subject.contains("site-2"), "{subject}");
+            }
+        }
+        let status = Link::Status.permissions(&s, "site-1", "hub");
+        assert!(status.publish.contains(&"$FLEET.site-1.>".to_string()));
+        assert!(!status.publish.iter().any(|p| p == "$FLEET.>"));
+    }
+}
