@@ -127,9 +127,35 @@ pub fn delivery_prefix(site: &str) -> String {
     format!("$FLEET.{site}")
 }
 
+/// Whether a hub on nats-server `version` (as `INFO` gives it) holds what a leaf node sends to
+/// the leaf identity's permissions (2.12.7 and later). An older server forwards a leaf's
+/// message wherever it has interest, without that check: the permissions still keep a site
+/// running nats-server from sending anything else (the hub shows it no interest), but not a
+/// site running a modified server.
+pub fn hub_checks_leaf_messages(version: &str) -> bool {
+    let mut parts = version
+        .split(['.', '-', '+'])
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let v = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    v >= (2, 12, 7)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hubs_check_leaf_messages_from_2_12_7() {
+        assert!(hub_checks_leaf_messages("2.12.8"));
+        assert!(hub_checks_leaf_messages("2.12.7"));
+        assert!(hub_checks_leaf_messages("2.14.0-RC.1"));
+        assert!(!hub_checks_leaf_messages("2.12.6"));
+        assert!(!hub_checks_leaf_messages("2.10.29"));
+    }
 
     #[test]
     fn a_site_sends_the_hub_no_write_and_no_other_sites_deliveries() {

@@ -74,6 +74,13 @@ impl Hub {
                 subjects.prefix()
             )));
         };
+        let version = jet.client().server_info().version;
+        if jet.api().is_some() && !bus::leaf::hub_checks_leaf_messages(&version) {
+            tracing::warn!(
+                %version,
+                "this hub's nats-server does not check what a site's leaf connection sends against its permissions (2.12.7 and later do): a site running a modified server could write here; run the hub on nats-server 2.12.7 or later"
+            );
+        }
         let status = |site: &String| fleet::site_status_source(subjects, &site_subjects, site);
         let status_sources: Vec<stream::Source> = sites.iter().map(status).collect();
         let config = kv::Config {

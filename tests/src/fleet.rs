@@ -4,10 +4,12 @@
 //! `bus::fleet::site_conf`), as `policyctl up --sites` writes it.
 
 use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
 
 use bus::Subjects;
 
-use crate::{free_port, Engine, NatsServer};
+use crate::{bin, free_port, AuthDir, Engine, NatsServer};
 
 /// The hub's JetStream domain.
 pub const HUB_DOMAIN: &str = "hub";
@@ -19,6 +21,8 @@ pub struct FleetServers {
     /// The port the hub takes leaf connections on.
     pub leaf_port: u16,
     pub confs: tempfile::TempDir,
+    /// On a secured fleet: what `policyctl auth fleet` wrote, a folder per server.
+    pub auth: Option<Arc<tempfile::TempDir>>,
 }
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
@@ -56,7 +60,49 @@ impl FleetServers {
             sites,
             leaf_port,
             confs,
+            auth: None,
         }
+    }
+
+    /// A secured fleet: `policyctl auth fleet` writes each server's folder (its engine's seeds,
+    /// and the leaf identities and permissions), and each server runs its folder's nats.conf.
+    pub fn start_secured(sites: &[&str]) -> Self {
+        let leaf_port = free_port();
+        let root = tempfile::tempdir().expect("temp dir");
+        let out = Command::new(bin("policyctl"))
+            .args(["auth", "fleet", "--sites", &sites.join(",")])
+            .args(["--hub-domain", HUB_DOMAIN])
+            .args(["--leaf-listen", &format!("127.0.0.1:{leaf_port}")])
+            .args(["--hub-url", &format!("nats-leaf://127.0.0.1:{leaf_port}")])
+            .arg("--auth-dir")
+            .arg(root.path())
+            .output()
+            .expect("run policyctl auth fleet");
+        assert!(
+            out.status.success(),
+            "policyctl auth fleet: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let conf = |name: &str| root.path().join(name).join("nats.conf");
+        let hub = NatsServer::start_with_conf(&conf("hub"), Vec::new());
+        let sites = sites
+            .iter()
+            .map(|name| NatsServer::start_with_conf(&conf(name), Vec::new()))
+            .collect();
+        FleetServers {
+            hub,
+            sites,
+            leaf_port,
+            confs: tempfile::tempdir().expect("temp dir"),
+            auth: Some(Arc::new(root)),
+        }
+    }
+
+    /// On a secured fleet, the folder of `name` (`hub` or a site's).
+    pub fn auth(&self, name: &str) -> Option<AuthDir> {
+        self.auth
+            .as_ref()
+            .map(|root| AuthDir::new(root.clone(), name))
     }
 
     /// Where the configuration files are.
@@ -75,14 +121,28 @@ pub fn hub_engine(hub: NatsServer) -> Engine {
 /// The hub's engine, running: its dispatcher following `sites`, and an ACL agent to validate
 /// the fleet's policies.
 pub async fn start_hub(hub: NatsServer, sites: &[&str]) -> Engine {
+    start_hub_as(hub, sites, None).await
+}
+
+/// [`start_hub`], its processes logging in with the seeds in `auth` on a secured fleet.
+pub async fn start_hub_as(hub: NatsServer, sites: &[&str], auth: Option<AuthDir>) -> Engine {
     let sites = sites.join(",");
-    with_acl(hub_engine(hub), &["--fleet-sites", &sites]).await
+    let mut engine = hub_engine(hub);
+    engine.auth = auth;
+    with_acl(engine, &["--fleet-sites", &sites]).await
 }
 
 /// A site's engine, running: its dispatcher takes the fleet's configuration from the hub's
 /// domain; an ACL agent decides.
 pub async fn start_site(server: NatsServer) -> Engine {
-    with_acl(Engine::on(server), &["--fleet-hub", HUB_DOMAIN]).await
+    start_site_as(server, None).await
+}
+
+/// [`start_site`], its processes logging in with the seeds in `auth` on a secured fleet.
+pub async fn start_site_as(server: NatsServer, auth: Option<AuthDir>) -> Engine {
+    let mut engine = Engine::on(server);
+    engine.auth = auth;
+    with_acl(engine, &["--fleet-hub", HUB_DOMAIN]).await
 }
 
 /// `engine` with a dispatcher (given `args`) and an ACL agent, both ready.

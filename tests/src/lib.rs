@@ -333,7 +333,7 @@ pub struct Engine {
     pub prefix: String,
     procs: Vec<Proc>,
     /// On a secured bus: the directory `policyctl auth init` wrote the seeds and nats.conf to.
-    pub auth: Option<tempfile::TempDir>,
+    pub auth: Option<AuthDir>,
     /// Whether processes and clients log in with `<role>.creds` (operator mode) rather than
     /// `<role>.nk`.
     pub creds: bool,
@@ -341,6 +341,36 @@ pub struct Engine {
     logs: tempfile::TempDir,
     /// Environment variables every process started from now on gets.
     pub env: Vec<(String, String)>,
+}
+
+/// Where a secured engine's seeds are: a temporary directory of its own, or one server's folder
+/// of a fleet's (which lives as long as any engine of the fleet does).
+#[derive(Clone)]
+pub struct AuthDir {
+    path: PathBuf,
+    _keep: std::sync::Arc<tempfile::TempDir>,
+}
+
+impl AuthDir {
+    pub fn new(root: std::sync::Arc<tempfile::TempDir>, folder: &str) -> Self {
+        AuthDir {
+            path: root.path().join(folder),
+            _keep: root,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl From<tempfile::TempDir> for AuthDir {
+    fn from(dir: tempfile::TempDir) -> Self {
+        AuthDir {
+            path: dir.path().to_path_buf(),
+            _keep: std::sync::Arc::new(dir),
+        }
+    }
 }
 
 /// Writes the roles' seeds and nats.conf with the real `policyctl auth init`.
@@ -428,7 +458,7 @@ impl Engine {
         auth_init(dir.path());
         let conf = dir.path().join("nats.conf");
         let mut engine = Self::on(NatsServer::start_with_conf(&conf, Vec::new()));
-        engine.auth = Some(dir);
+        engine.auth = Some(dir.into());
         engine
     }
 
@@ -449,7 +479,7 @@ impl Engine {
         );
         let conf = dir.path().join("nats-jwt.conf");
         let mut engine = Self::on(NatsServer::start_with_conf(&conf, Vec::new()));
-        engine.auth = Some(dir);
+        engine.auth = Some(dir.into());
         engine.creds = true;
         engine
     }
@@ -498,7 +528,7 @@ impl Engine {
         )
         .expect("write server.conf");
         let mut engine = Self::on(NatsServer::start_with_conf(&conf, envs));
-        engine.auth = Some(dir);
+        engine.auth = Some(dir.into());
         engine
     }
 

@@ -16,6 +16,7 @@ mod events;
 mod faults;
 mod fleet;
 mod fleet_faults;
+mod fleet_secure;
 mod fleet_up;
 mod integrity;
 mod labels;

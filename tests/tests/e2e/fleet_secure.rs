@@ -1,0 +1,239 @@
+//! A fleet on the secured bus: every server runs the folder `policyctl auth fleet` wrote, every
+//! process logs in with its own role's seed, and each site's leaf connections log in as the
+//! site's leaf identities at the hub, with the permissions of `bus::leaf`. What a site may send
+//! the hub is tried from a rogue site server that holds the site's real leaf seeds.
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use bus::roles::Role;
+use bus::store::{Jet, Store};
+use bus::Action;
+use e2e::fleet::{start_hub_as, start_site_as, FleetServers};
+use e2e::{Engine, NatsServer};
+use serde_json::json;
+
+use crate::fleet::decides;
+use crate::*;
+
+/// The fleet's policy every test here applies at the hub: no connection to db.
+async fn deny_db(hub: &Engine) {
+    let fleet = hub.admin().await;
+    subscribe(&fleet, &[sub("new-connection", "acl", 10)]).await;
+    fleet
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "no-db", "priority": 100,
+            "action": "deny", "match": {"dst_service": "db"}}),
+        )])
+        .await
+        .expect("fleet policy");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secured_fleet_carries_the_fleets_documents_and_the_sites_reports() {
+    let servers = FleetServers::start_secured(&["site-a", "site-b"]);
+    let (hub_auth, a_auth, b_auth) = (
+        servers.auth("hub"),
+        servers.auth("site-a"),
+        servers.auth("site-b"),
+    );
+    let FleetServers { hub, mut sites, .. } = servers;
+    let hub = start_hub_as(hub, &["site-a", "site-b"], hub_auth).await;
+    let site_b = start_site_as(sites.pop().expect("site-b"), b_auth).await;
+    let site_a = start_site_as(sites.pop().expect("site-a"), a_auth).await;
+    deny_db(&hub).await;
+
+    for (name, site) in [("site-a", &site_a), ("site-b", &site_b)] {
+        let hook = site.hook().await;
+        eventually(
+            &format!("{name} denies db by the fleet's policy"),
+            || async {
+                let d = hook
+                    .new_connection(&conn("web", "db", &["p1"]))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                (effects(&d.reasons, "acl") == [pair("no-db", "deny")])
+                    .then_some(())
+                    .ok_or(format!("{d:?}"))
+            },
+        )
+        .await;
+        assert_eq!(decides(&hook, "api").await, Ok(Action::Deny));
+    }
+    // The hub hears from both sites, through the status links, and has their decisions.
+    let admin = hub.admin().await;
+    eventually("the hub has both sites at its revision", || async {
+        let s = admin.status().await.map_err(|e| e.to_string())?;
+        let current = s.sites.iter().filter(|site| site.lag == Some(0)).count();
+        (current == 2).then_some(()).ok_or(format!("{:?}", s.sites))
+    })
+    .await;
+    eventually("the hub has both sites' decisions", || async {
+        let (_, out, err) = policyctl(&hub, &["log", "--site", "all"]);
+        let from = |site: &str| out.lines().any(|l| l.contains(&format!("[{site}]")));
+        (from("site-a") && from("site-b"))
+            .then_some(())
+            .ok_or(format!("{out}{err}"))
+    })
+    .await;
+}
+
+/// A rogue site server: the site's real leaf seeds (its `leaf.conf`), a user of the test's in
+/// each account the links bind, so that the test can send what it likes through them, and one
+/// (`rogue-api`) whose requests to the hub's API go through an import, as a site dispatcher's
+/// do, so that answers come back (the hub answers a site on a service import's reply alone).
+fn rogue_site(servers: &FleetServers, site: &str) -> NatsServer {
+    let auth = servers.auth(site).expect("a secured fleet");
+    let conf = auth.path().join("rogue.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server_name: {site}\n\
+             jetstream {{ domain: {site}, store_dir: \"jetstream\" }}\n\
+             include leaf.conf\n\
+             accounts {{\n\
+               POLICY_STORE_CONFIG: {{ jetstream: enabled, users: [{{ user: rogue, password: rogue }}], \
+                 exports: [{{ service: \"$JS.hub.API.>\" }}] }}\n\
+               POLICY_STORE_LOG: {{ jetstream: enabled, users: [{{ user: rogue-log, password: rogue }}] }}\n\
+               ROGUE: {{ users: [{{ user: rogue-api, password: rogue }}], \
+                 imports: [{{ service: {{ account: POLICY_STORE_CONFIG, subject: \"$JS.hub.API.>\" }} }}] }}\n\
+             }}\n"
+        ),
+    )
+    .expect("write the rogue configuration");
+    NatsServer::start_with_conf(&conf, Vec::new())
+}
+
+async fn login(server: &NatsServer, user: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), "rogue".into())
+        .connect(server.url())
+        .await
+        .expect("log in to the rogue site")
+}
+
+/// Sends `body` to `subject` and says whether anything answered within a second.
+async fn answered(client: &async_nats::Client, subject: &str, body: &str) -> Option<String> {
+    let request = client.request(subject.to_string(), body.to_string().into());
+    match tokio::time::timeout(Duration::from_secs(1), request).await {
+        Ok(Ok(m)) => Some(String::from_utf8_lossy(&m.payload).into_owned()),
+        _ => None,
+    }
+}
+
+/// A site's leaf identities reach what the sources need at the hub, and nothing else: from a
+/// server holding them, the fleet's documents can be read, but no write (straight to a store's
+/// subject, or through the hub's domain API), no stream change, no consumer whose deliveries
+/// land in a store, and no forged log record or delivery for another site reaches the hub.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sites_leaf_identities_cannot_write_at_the_hub_nor_make_it_write() {
+    let servers = FleetServers::start_secured(&["site-a", "site-b"]);
+    let rogue = rogue_site(&servers, "site-a");
+    let (hub_auth, b_auth) = (servers.auth("hub"), servers.auth("site-b"));
+    let FleetServers { hub, mut sites, .. } = servers;
+    let hub = start_hub_as(hub, &["site-a", "site-b"], hub_auth).await;
+    let _site_b = start_site_as(sites.pop().expect("site-b"), b_auth).await;
+    deny_db(&hub).await;
+
+    // What the hub holds, as its dispatcher's store identity reads it.
+    let subjects = hub.subjects();
+    let (client, _errors) = hub.watched_store_client(&Role::Dispatcher).await;
+    let jet = Jet::reach(&client, &subjects, Store::Config)
+        .await
+        .expect("reach the hub's config store");
+    let js = jet.context();
+    let stream = format!("KV_{}", subjects.config_bucket());
+    let mut config = js.get_stream(&stream).await.expect("the fleet's bucket");
+    let before = config.info().await.expect("info").state.clone();
+    assert!(before.messages >= 2, "{before:?}");
+
+    let rogue_config = login(&rogue, "rogue").await;
+    let rogue_api = login(&rogue, "rogue-api").await;
+    let bucket = subjects.config_bucket();
+    // The link works: the fleet's documents are there to read, as the site's dispatcher does.
+    eventually("the rogue site reads the fleet's deny", || async {
+        let get = format!("$JS.hub.API.DIRECT.GET.{stream}.$KV.{bucket}.pol.acl.no-db");
+        answered(&rogue_api, &get, "")
+            .await
+            .filter(|a| a.contains("no-db"))
+            .map(|_| ())
+            .ok_or_else(|| "no answer".to_string())
+    })
+    .await;
+    // Writes, straight and through the hub's domain API.
+    for subject in [
+        format!("$KV.{bucket}.pol.acl.evil"),
+        format!("$JS.hub.API.$KV.{bucket}.pol.acl.evil"),
+    ] {
+        let put = answered(&rogue_api, &subject, r#"{"id":"evil"}"#).await;
+        assert_eq!(put, None, "{subject} answered");
+        rogue_config
+            .publish(subject, r#"{"id":"evil"}"#.into())
+            .await
+            .expect("publish");
+    }
+    // The stream's API beyond reading: nothing answers.
+    for call in ["PURGE", "DELETE", "UPDATE", "INFO"] {
+        let subject = format!("$JS.hub.API.STREAM.{call}.{stream}");
+        let body = json!({"name": stream, "subjects": ["$KV.>"]}).to_string();
+        assert_eq!(
+            answered(&rogue_api, &subject, &body).await,
+            None,
+            "{subject}"
+        );
+    }
+    // A consumer the site may create, delivering into the fleet's bucket: refused as a cycle.
+    let create = json!({"stream_name": stream, "config": {
+        "deliver_subject": format!("$KV.{bucket}.pol.acl.cycled"),
+        "deliver_policy": "all", "ack_policy": "none"}});
+    let reply = answered(
+        &rogue_api,
+        &format!("$JS.hub.API.CONSUMER.CREATE.{stream}"),
+        &create.to_string(),
+    )
+    .await
+    .unwrap_or_default();
+    assert!(reply.contains("error"), "{reply}");
+    // The log link: a record forged under the hub's log subjects, or into another site's
+    // deliveries.
+    let rogue_log = login(&rogue, "rogue-log").await;
+    for subject in [
+        subjects
+            .decision_log_wildcard()
+            .replace('>', "new-connection"),
+        format!("{}.site.site-b.log.new-connection", subjects.prefix()),
+        "$FLEET.site-b.S.forged".to_string(),
+    ] {
+        rogue_log
+            .publish(subject, "forged".into())
+            .await
+            .expect("publish");
+    }
+    rogue_log.flush().await.expect("flush");
+    rogue_config.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let after = config.info().await.expect("info").state.clone();
+    assert_eq!(
+        (after.messages, after.last_sequence, after.first_sequence),
+        (before.messages, before.last_sequence, before.first_sequence),
+        "the fleet's bucket changed"
+    );
+    let log_jet = Jet::reach(&client, &subjects, Store::Log)
+        .await
+        .expect("reach the hub's log");
+    let log = log_jet
+        .context()
+        .get_stream(subjects.decisions_stream())
+        .await
+        .expect("the hub's log");
+    for subject in [
+        subjects.decision_log_wildcard(),
+        format!("{}.site.site-b.log.>", subjects.prefix()),
+    ] {
+        match log.get_last_raw_message_by_subject(&subject).await {
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+            Ok(m) => assert_ne!(&m.payload[..], b"forged", "{subject}"),
+            Err(e) => panic!("{subject}: {e}"),
+        }
+    }
+}
