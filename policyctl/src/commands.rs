@@ -38,6 +38,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     every: *every,
                     metrics_addr,
                     sites: usize::from(*sites),
+                    auth: secure.then(|| auth_dir.join("fleet")),
                 };
                 return crate::fleet_up::run(&cli.common, demo).await;
             }

@@ -24,13 +24,18 @@ pub struct Demo<'a> {
     pub every: Duration,
     pub metrics_addr: &'a str,
     pub sites: usize,
+    /// A secured fleet: where `auth fleet` keeps its folders (kept across runs).
+    pub auth: Option<std::path::PathBuf>,
 }
 
 /// One engine of the fleet: where it runs and as which prefix.
 struct Engine {
     name: String,
     common: daemon::Common,
+    /// The operator's connection.
     nats: async_nats::Client,
+    /// On a secured fleet: the engine's folder of seeds.
+    auth: Option<std::path::PathBuf>,
 }
 
 impl Engine {
@@ -47,10 +52,11 @@ fn start_engine(
     dispatcher_args: &[&str],
     metrics: SocketAddr,
 ) -> anyhow::Result<()> {
+    let auth = engine.auth.as_deref();
     spawn(
         stack,
         &engine.common,
-        None,
+        auth,
         "policy-dispatcher",
         dispatcher_args,
         &Role::Dispatcher,
@@ -63,7 +69,7 @@ fn start_engine(
         spawn(
             stack,
             &engine.common,
-            None,
+            auth,
             "policy-agent",
             &[&[kind][..], args].concat(),
             &role,
@@ -128,11 +134,18 @@ pub async fn run(common: &daemon::Common, demo: Demo<'_>) -> anyhow::Result<()> 
         stores: Vec::new(),
     };
     let result = async {
-        let fleet = crate::servers::start_fleet(first.host(), first.port(), demo.sites, &subjects)?;
+        let fleet = crate::servers::start_fleet(
+            first.host(),
+            first.port(),
+            demo.sites,
+            &subjects,
+            demo.auth.as_deref(),
+        )?;
         stack.children.extend(fleet.started.children);
         stack.stores.extend(fleet.started.stores);
         let connect = |name: &str, url: &str, subjects: &Subjects| {
-            let mut c = common.clone();
+            let auth = demo.auth.as_ref().map(|root| root.join(name));
+            let mut c = crate::up::as_role(common, auth.as_deref(), &Role::Operator);
             c.nats_url = url.to_string();
             c.prefix = subjects.prefix().to_string();
             let name = name.to_string();
@@ -143,6 +156,7 @@ pub async fn run(common: &daemon::Common, demo: Demo<'_>) -> anyhow::Result<()> 
                     name,
                     common: c,
                     nats,
+                    auth,
                 })
             }
         };
@@ -187,15 +201,39 @@ pub async fn run(common: &daemon::Common, demo: Demo<'_>) -> anyhow::Result<()> 
             let admin = AdminClient::new(site.nats.clone(), site.subjects()?);
             crate::demo::load_examples(&admin, demo.site_examples).await?;
         }
+        // On a secured fleet, each command logs in as the operator of the engine it acts on.
+        let login = |engine: &Engine| match &engine.auth {
+            Some(dir) => format!(
+                " --nkey-file {}",
+                crate::auth::seed_file(dir, &Role::Operator).display()
+            ),
+            None => String::new(),
+        };
+        if let Some(root) = &demo.auth {
+            eprintln!(
+                "secured fleet: each server's seeds, users and leaf identities in {}/<hub|site-N>/ (`policyctl auth fleet`)",
+                root.display()
+            );
+        }
         eprintln!(
-            "change the fleet's configuration at the hub: policyctl --nats-url {} --fleet apply PATH; a site's own: policyctl --nats-url {} apply PATH   (Ctrl-C here stops everything)",
+            "change the fleet's configuration at the hub: policyctl --nats-url {}{} --fleet apply PATH; a site's own: policyctl --nats-url {}{} apply PATH   (Ctrl-C here stops everything)",
             fleet.hub,
-            fleet.sites.first().map_or("", |(_, u)| u.as_str())
+            login(&hub),
+            fleet.sites.first().map_or("", |(_, u)| u.as_str()),
+            sites.first().map(login).unwrap_or_default()
         );
-        let traffic = sites.iter().map(|site| {
-            let hook = Client::new(site.nats.clone(), subjects.clone());
-            let label = format!("[{}] ", site.name);
-            async move { crate::demo::traffic(hook, demo.every, &label).await }
+        let mut hooks = Vec::new();
+        for site in &sites {
+            // Events come from a gateway, which on a secured fleet is a role of its own.
+            let gateway = crate::up::as_role(&site.common, site.auth.as_deref(), &Role::Gateway);
+            let nats = gateway.connect("policyctl", true, &Role::Gateway).await?;
+            hooks.push((
+                Client::new(nats, subjects.clone()),
+                format!("[{}] ", site.name),
+            ));
+        }
+        let traffic = hooks.into_iter().map(|(hook, label)| async move {
+            crate::demo::traffic(hook, demo.every, &label).await
         });
         futures::future::try_join_all(traffic).await.map(|_| ())
     };

@@ -256,7 +256,7 @@ pub enum Command {
         /// Start a local fleet instead (docs/fleet.md): a hub on --nats-url's port and this many
         /// sites on the next ports, each its own nats-server and engine, the sites leaf nodes
         /// of the hub. --examples go to the hub (the fleet's), --site-examples to every site.
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=9), conflicts_with_all = ["secure", "cluster"])]
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=9), conflicts_with = "cluster")]
         sites: Option<u16>,
         /// With --sites: every site's own documents.
         #[arg(long, default_value = "examples/fleet/site")]

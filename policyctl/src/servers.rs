@@ -126,23 +126,46 @@ pub struct Fleet {
 
 /// Starts a hub on `host:port` (JetStream domain [`bus::fleet`]'s `hub`) and `sites` sites on
 /// the next ports, named `site-1`, `site-2`, ..., each a leaf node of the hub with the
-/// configuration `bus::fleet::site_conf` writes.
+/// configuration `bus::fleet::site_conf` writes. With `auth`, a secured fleet: `auth fleet`
+/// (re)writes the folders under it, with this run's leaf port, and each server runs its own.
 pub fn start_fleet(
     host: &str,
     port: u16,
     sites: usize,
     subjects: &bus::Subjects,
+    auth: Option<&Path>,
 ) -> anyhow::Result<Fleet> {
     let bin = nats_server_bin()?;
     let leaf = free_ports(host, 1, u32::from(port)..u32::from(port) + sites as u32 + 1)?[0];
-    let mut confs = vec![(
-        HUB_DOMAIN.to_string(),
-        bus::fleet::hub_conf(HUB_DOMAIN, &format!("{host}:{leaf}")),
-    )];
-    for i in 1..=sites {
-        let name = format!("site-{i}");
-        let conf = bus::fleet::site_conf(&name, &format!("nats-leaf://{host}:{leaf}"), subjects);
-        confs.push((name, conf));
+    let names: Vec<String> = (1..=sites).map(|i| format!("site-{i}")).collect();
+    let leaf_listen = format!("{host}:{leaf}");
+    let leaf_url = format!("nats-leaf://{host}:{leaf}");
+    let mut confs: Vec<(String, Conf)> = Vec::new();
+    match auth {
+        Some(root) => {
+            let plan = crate::auth::fleet::Plan {
+                root,
+                hub: HUB_DOMAIN,
+                sites: &names,
+                leaf_listen: &leaf_listen,
+                hub_url: &leaf_url,
+            };
+            crate::auth::fleet::write(&plan, subjects)?;
+            for name in std::iter::once(HUB_DOMAIN.to_string()).chain(names) {
+                let file = std::path::absolute(crate::auth::conf_file(&root.join(&name)))?;
+                confs.push((name, Conf::File(file)));
+            }
+        }
+        None => {
+            confs.push((
+                HUB_DOMAIN.to_string(),
+                Conf::Text(bus::fleet::hub_conf(HUB_DOMAIN, &leaf_listen)),
+            ));
+            for name in names {
+                let conf = bus::fleet::site_conf(&name, &leaf_url, subjects);
+                confs.push((name, Conf::Text(conf)));
+            }
+        }
     }
     let mut started = Started {
         children: Vec::new(),
@@ -150,13 +173,20 @@ pub fn start_fleet(
         urls: String::new(),
     };
     let mut urls = Vec::new();
-    for (i, (name, conf)) in confs.iter().enumerate() {
+    for (i, (name, conf)) in confs.into_iter().enumerate() {
         let client_port = port
             .checked_add(i as u16)
             .ok_or_else(|| anyhow!("no room for {} ports above {port}", sites + 1))?;
         let store = tempfile::tempdir()?;
-        let file = store.path().join("nats.conf");
-        std::fs::write(&file, conf).with_context(|| format!("cannot write {}", file.display()))?;
+        let file = match conf {
+            Conf::File(file) => file,
+            Conf::Text(text) => {
+                let file = store.path().join("nats.conf");
+                std::fs::write(&file, text)
+                    .with_context(|| format!("cannot write {}", file.display()))?;
+                file
+            }
+        };
         let child = Command::new(&bin)
             .arg("-c")
             .arg(&file)
@@ -169,7 +199,7 @@ pub fn start_fleet(
             .with_context(|| format!("cannot start {} for {name}", bin.display()))?;
         started.children.push(("nats-server".into(), child));
         started.stores.push(store);
-        urls.push((name.clone(), format!("nats://{host}:{client_port}")));
+        urls.push((name, format!("nats://{host}:{client_port}")));
     }
     let mut urls = urls.into_iter();
     let (_, hub) = urls.next().ok_or_else(|| anyhow!("no hub"))?;
@@ -179,6 +209,12 @@ pub fn start_fleet(
         hub,
         sites: urls.collect(),
     })
+}
+
+/// A server's configuration: written for the run, or a folder's of `auth fleet`.
+enum Conf {
+    Text(String),
+    File(PathBuf),
 }
 
 /// The JetStream domain of the hub `up --sites` starts.

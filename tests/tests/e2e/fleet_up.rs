@@ -23,10 +23,35 @@ fn three_free_ports() -> u16 {
 
 #[test]
 fn policyctl_up_sites_2_runs_a_fleet_and_ctrl_c_stops_all_of_it() {
+    up_sites_2(None);
+}
+
+/// The same fleet secured: every server runs its folder of `auth fleet`, every process its
+/// role's seed, every leaf connection its site's leaf identity.
+#[test]
+fn policyctl_up_sites_2_secure_runs_a_secured_fleet() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let said = up_sites_2(Some(dir.path()));
+    assert!(said.iter().any(|l| l.contains("secured fleet")), "{said:?}");
+    for server in ["hub", "site-1", "site-2"] {
+        let conf = dir.path().join("fleet").join(server).join("nats.conf");
+        assert!(conf.exists(), "{}", conf.display());
+    }
+    let hub = std::fs::read_to_string(dir.path().join("fleet/hub/accounts.conf")).expect("hub");
+    assert!(hub.contains("site site-2's leaf connection (log)"), "{hub}");
+}
+
+/// Runs `up --sites 2` (secured with the seeds under `auth`) until both sites decide, and
+/// stops it with Ctrl-C; returns what it said.
+fn up_sites_2(auth: Option<&std::path::Path>) -> Vec<String> {
     let port = three_free_ports();
     let metrics = three_free_ports();
-    let mut up = std::process::Command::new(bin("policyctl"))
-        .args(["--nats-url", &format!("nats://127.0.0.1:{port}"), "up"])
+    let mut cmd = std::process::Command::new(bin("policyctl"));
+    cmd.args(["--nats-url", &format!("nats://127.0.0.1:{port}"), "up"]);
+    if let Some(dir) = auth {
+        cmd.arg("--secure").arg("--auth-dir").arg(dir);
+    }
+    let mut up = cmd
         .args(["--sites", "2", "--every", "50ms"])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
         .current_dir(env!("CARGO_MANIFEST_DIR").to_string() + "/..")
@@ -81,4 +106,5 @@ fn policyctl_up_sites_2_runs_a_fleet_and_ctrl_c_stops_all_of_it() {
         "up, three nats-servers, and per engine a dispatcher and five agents"
     );
     ctrl_c_to_the_group(&mut up, Duration::from_secs(15));
+    said
 }
