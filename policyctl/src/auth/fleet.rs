@@ -228,3 +228,56 @@ pub fn server_conf(dir: &Path, subjects: &Subjects) -> anyhow::Result<Option<Str
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fleets_folders_give_each_site_its_leaf_identities_and_keep_seeds() {
+        let root = tempfile::tempdir().unwrap();
+        let sites = vec!["site-a".to_string(), "site-b".to_string()];
+        let plan = Plan {
+            root: root.path(),
+            hub: "hub",
+            sites: &sites,
+            leaf_listen: "0.0.0.0:7422",
+            hub_url: "nats-leaf://hub:7422",
+        };
+        let s = Subjects::default();
+        write(&plan, &s).unwrap();
+        let read = |p: &str| std::fs::read_to_string(root.path().join(p)).unwrap();
+        let hub = read("hub/accounts.conf");
+        // Every link of every site has a user at the hub, as a leaf only, in its account.
+        assert_eq!(hub.matches("allowed_connection_types: [\"LEAFNODE\"]").count(), 6);
+        let key = read("site-a/leaf/status.nk");
+        let public = nkeys::KeyPair::from_seed(key.trim()).unwrap().public_key();
+        let sites_account = hub.find("POLICY_STORE_SITES: {").unwrap();
+        let user = hub.find(&public).unwrap();
+        assert!(user > sites_account, "the status link's user is in the sites account");
+        assert!(read("hub/nats.conf").contains("domain: hub"));
+        assert!(read("hub/nats.conf").contains("leafnodes { listen: \"0.0.0.0:7422\" }"));
+        // The site's engine is the sites' prefix; the hub's, the fleet's.
+        assert!(read("site-a/accounts.conf").contains("\"policy.event.>\""));
+        assert!(hub.contains("\"policy.fleet.event.>\""));
+        let leaf = read("site-a/leaf.conf");
+        assert_eq!(leaf.matches("url: \"nats-leaf://hub:7422\"").count(), 3);
+        assert!(leaf.contains(key.trim()));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(root.path().join("site-a/leaf.conf"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "leaf.conf holds seeds");
+        }
+        // Running again keeps every seed.
+        write(&plan, &s).unwrap();
+        assert_eq!(read("site-a/leaf/status.nk"), key);
+        assert_eq!(read("hub/accounts.conf"), hub);
+        // A site named as the hub is refused.
+        let clash = vec!["hub".to_string()];
+        assert!(write(&Plan { sites: &clash, ..plan }, &s).is_err());
+    }
+}
