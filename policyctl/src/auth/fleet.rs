@@ -249,12 +249,19 @@ mod tests {
         let read = |p: &str| std::fs::read_to_string(root.path().join(p)).unwrap();
         let hub = read("hub/accounts.conf");
         // Every link of every site has a user at the hub, as a leaf only, in its account.
-        assert_eq!(hub.matches("allowed_connection_types: [\"LEAFNODE\"]").count(), 6);
+        assert_eq!(
+            hub.matches("allowed_connection_types: [\"LEAFNODE\"]")
+                .count(),
+            6
+        );
         let key = read("site-a/leaf/status.nk");
         let public = nkeys::KeyPair::from_seed(key.trim()).unwrap().public_key();
         let sites_account = hub.find("POLICY_STORE_SITES: {").unwrap();
         let user = hub.find(&public).unwrap();
-        assert!(user > sites_account, "the status link's user is in the sites account");
+        assert!(
+            user > sites_account,
+            "the status link's user is in the sites account"
+        );
         assert!(read("hub/nats.conf").contains("domain: hub"));
         assert!(read("hub/nats.conf").contains("leafnodes { listen: \"0.0.0.0:7422\" }"));
         // The site's engine is the sites' prefix; the hub's, the fleet's.
@@ -278,6 +285,13 @@ mod tests {
         assert_eq!(read("hub/accounts.conf"), hub);
         // A site named as the hub is refused.
         let clash = vec!["hub".to_string()];
-        assert!(write(&Plan { sites: &clash, ..plan }, &s).is_err());
+        assert!(write(
+            &Plan {
+                sites: &clash,
+                ..plan
+            },
+            &s
+        )
+        .is_err());
     }
 }
