@@ -133,6 +133,12 @@ pub fn leaf_denies(subjects: &Subjects) -> Vec<String> {
 /// site has applied; the hub sources it (see [`site_status_source`]).
 pub const REVISION_KEY: &str = "site.fleet-revision";
 
+/// The key of a site's config bucket that records, for good, that the hub's bucket is not the
+/// one the site's fleet documents came from (its value: the site's revision then). Until the
+/// site's bucket is made again the site reports it; the hub sources it as it does
+/// [`REVISION_KEY`].
+pub const RESET_KEY: &str = "site.fleet-hub-reset";
+
 /// The header nats-server puts on a sourced message: `<stream>[:<hash>] <sequence> …`, the
 /// sequence being the message's in the stream it came from (at a site: the hub revision).
 pub const SOURCE_HEADER: &str = "Nats-Stream-Source";
@@ -140,6 +146,13 @@ pub const SOURCE_HEADER: &str = "Nats-Stream-Source";
 /// The sequence, in the stream it came from, of a sourced message's [`SOURCE_HEADER`] value.
 pub fn source_sequence(header: &str) -> Option<u64> {
     header.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The subject at the hub of a fleet document a site holds under `subject` (the source's
+/// transform, undone), if it is one.
+pub fn hub_subject(sites: &Subjects, subject: &str) -> Option<String> {
+    let key = subject.strip_prefix(&format!("$KV.{}.{FLEET_KEYS}", sites.config_bucket()))?;
+    Some(format!("$KV.{}.{key}", sites.fleet().config_bucket()))
 }
 
 /// The key filters of a config bucket's subscriptions and policies (the fleet's documents, at
@@ -156,6 +169,12 @@ pub fn fleet_documents_filter(sites: &Subjects) -> String {
 /// The key, in the hub's sites bucket, of a site's [`REVISION_KEY`].
 pub fn site_revision_key(site: &str) -> String {
     let key = REVISION_KEY.strip_prefix("site.").unwrap_or(REVISION_KEY);
+    format!("{site}.{key}")
+}
+
+/// The key, in the hub's sites bucket, of a site's [`RESET_KEY`].
+pub fn site_reset_key(site: &str) -> String {
+    let key = RESET_KEY.strip_prefix("site.").unwrap_or(RESET_KEY);
     format!("{site}.{key}")
 }
 
@@ -294,6 +313,10 @@ pub struct FleetStatus {
     pub hub_revision: Option<u64>,
     /// Hub revisions the site does not have yet.
     pub lag: u64,
+    /// The hub's bucket is not the one the site's fleet documents came from: it was made
+    /// again, its revisions started over (see docs/fleet.md, A hub made again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hub_reset: bool,
     /// Milliseconds since the hub last answered (absent: never, since this dispatcher started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub_seen_ms_ago: Option<u64>,
@@ -313,6 +336,9 @@ pub struct SiteStatus {
     /// Milliseconds since the hub last heard from the site (absent: never since it started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seen_ms_ago: Option<u64>,
+    /// The site's fleet documents came from an earlier bucket of the hub's ([`RESET_KEY`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hub_reset: bool,
 }
 
 #[cfg(test)]
@@ -364,6 +390,12 @@ mod tests {
         );
         assert_eq!(source_sequence("KV_x"), None);
         assert_eq!(site_revision_key("site-1"), "site-1.fleet-revision");
+        let s = Subjects::default();
+        assert_eq!(
+            hub_subject(&s, "$KV.policy_config.fleet.pol.acl.a").as_deref(),
+            Some("$KV.policy_fleet_config.pol.acl.a")
+        );
+        assert_eq!(hub_subject(&s, "$KV.policy_config.pol.acl.a"), None);
         let hub = Subjects::default().fleet();
         let sites = sites_of(&hub).expect("the sites' prefix");
         assert_eq!(sites, Subjects::default());

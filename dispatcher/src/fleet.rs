@@ -30,6 +30,10 @@ const STALLED_FOR: Duration = Duration::from_secs(3);
 pub(crate) struct Fleet {
     hub: String,
     synced: AtomicBool,
+    /// The hub's bucket is not the one this site's fleet documents came from: once seen,
+    /// recorded in the site's bucket ([`bus::fleet::RESET_KEY`]) and reported until the site's
+    /// bucket is made again (docs/fleet.md, A hub made again).
+    reset: AtomicBool,
     view: Mutex<View>,
 }
 
@@ -62,11 +66,12 @@ impl Fleet {
     /// restarted while cut off decides at once on what it had. A read that fails a few times
     /// leaves the site denying until [`follow`] can read it.
     pub(crate) async fn open(hub: String, store: &async_nats::jetstream::kv::Store) -> Self {
-        let mut synced = false;
+        let (mut synced, mut reset) = (false, false);
         for attempt in 1..=3 {
             match store.get(bus::fleet::SYNCED_KEY).await {
                 Ok(v) => {
                     synced = v.is_some();
+                    reset = matches!(store.get(bus::fleet::RESET_KEY).await, Ok(Some(_)));
                     break;
                 }
                 Err(e) => {
@@ -78,6 +83,7 @@ impl Fleet {
         Fleet {
             hub,
             synced: AtomicBool::new(synced),
+            reset: AtomicBool::new(reset),
             view: Mutex::new(View::default()),
         }
     }
@@ -112,6 +118,7 @@ impl Fleet {
             revision: v.revision,
             hub_revision: v.hub_revision,
             lag: v.lag(),
+            hub_reset: self.reset.load(Ordering::Acquire),
             hub_seen_ms_ago: v
                 .hub_seen
                 .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
@@ -187,6 +194,44 @@ pub(crate) async fn newest_revision<I>(
     Ok(newest_write)
 }
 
+/// Whether the hub's bucket was made again since this site took its newest fleet document,
+/// hub revision `revision` of subject `subject` there: the hub's revisions went back below
+/// it, or its message of that revision is another key's. (A message of that revision that is
+/// gone says nothing: a later write of the same key replaces it.)
+async fn made_again<I>(
+    stream: &stream::Stream<I>,
+    revision: u64,
+    subject: Option<&str>,
+    newest: u64,
+) -> Result<bool, String> {
+    if revision == 0 {
+        return Ok(false);
+    }
+    if newest < revision {
+        return Ok(true);
+    }
+    let Some(subject) = subject else {
+        return Ok(false);
+    };
+    match stream.direct_get(revision).await {
+        Ok(m) => Ok(m.subject.as_str() != subject),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Records, for good, that the hub's bucket is not the one this site's fleet documents came
+/// from. The site keeps deciding on what it has (dropping the fleet's denies would be worse);
+/// an operator makes the site's bucket again to take the new hub's (docs/fleet.md).
+async fn record_reset(d: &Dispatcher, fleet: &Fleet, revision: u64, hub_revision: u64) {
+    tracing::error!(hub = %fleet.hub, revision, hub_revision, "the hub's bucket is not the one this site's fleet documents came from (made again: its revisions started over); this site keeps deciding on the fleet's documents it has and takes none of the new bucket's below revision {revision}: see docs/fleet.md, A hub made again");
+    let value = revision.to_string().into_bytes();
+    match d.store.put(bus::fleet::RESET_KEY, value.into()).await {
+        Ok(_) => fleet.reset.store(true, Ordering::Release),
+        Err(e) => tracing::warn!(error = %e, "cannot record that the hub's bucket was made again"),
+    }
+}
+
 /// Keeps the site's view of the fleet, and opens the site to decisions once it has synced.
 pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
     // On the secured bus the store identity reaches the hub's API through its own import.
@@ -221,16 +266,21 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
         }
         ticks.tick().await;
         let site = d.store.stream.clone();
+        // The hub's subject of the newest fleet document here.
+        let mut newest_held: Option<String> = None;
         let held = match site
             .direct_get_last_for_subject(bus::fleet::fleet_documents_filter(&d.subjects))
             .await
         {
-            Ok(m) => Some((
-                m.sequence,
-                m.headers
-                    .get(bus::fleet::SOURCE_HEADER)
-                    .and_then(|v| bus::fleet::source_sequence(v.as_str())),
-            )),
+            Ok(m) => {
+                newest_held = bus::fleet::hub_subject(&d.subjects, &m.subject);
+                Some((
+                    m.sequence,
+                    m.headers
+                        .get(bus::fleet::SOURCE_HEADER)
+                        .and_then(|v| bus::fleet::source_sequence(v.as_str())),
+                ))
+            }
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read this site's fleet documents");
@@ -252,11 +302,18 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
                 .get_stream_no_info(format!("KV_{hub_bucket}"))
                 .await
                 .map_err(|e| e.to_string())?;
-            newest_revision(&stream, &hub_bucket).await
+            let newest = newest_revision(&stream, &hub_bucket).await?;
+            let reset = made_again(&stream, revision, newest_held.as_deref(), newest).await?;
+            Ok::<_, String>((newest, reset))
         })
         .await;
         let hub_revision = match hub {
-            Ok(Ok(r)) => Some(r),
+            Ok(Ok((r, reset))) => {
+                if reset && !fleet.reset.load(Ordering::Acquire) {
+                    record_reset(&d, &fleet, revision, r).await;
+                }
+                Some(r)
+            }
             Ok(Err(e)) => {
                 tracing::debug!(hub = %fleet.hub, error = %e, "the hub did not answer");
                 None
@@ -294,6 +351,7 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
                 view.revision,
                 view.lag(),
                 unreachable,
+                fleet.reset.load(Ordering::Acquire),
             );
         }
         // Behind, with the hub answering, and not moving: the server is waiting to try the

@@ -161,11 +161,16 @@ impl Hub {
                 .find(|s| expected.is_some_and(|e| crate::sources::is(s, e)))
                 .and_then(|s| s.active)
                 .map(|d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            let hub_reset = matches!(
+                self.bucket.get(fleet::site_reset_key(site)).await,
+                Ok(Some(_))
+            );
             out.push(SiteStatus {
                 name: site.clone(),
                 revision,
                 lag: revision.map(|r| newest.saturating_sub(r)),
                 seen_ms_ago: seen,
+                hub_reset,
             });
         }
         out

@@ -68,6 +68,7 @@ pub struct DispatcherMetrics {
     fleet_revision: Gauge,
     fleet_lag: Gauge,
     fleet_hub_age: Gauge,
+    fleet_hub_reset: Gauge,
     fleet_synced: Gauge,
     events: Names,
     agents: Names,
@@ -97,6 +98,7 @@ impl DispatcherMetrics {
             fleet_revision: Gauge::default(),
             fleet_lag: Gauge::default(),
             fleet_hub_age: Gauge::default(),
+            fleet_hub_reset: Gauge::default(),
             fleet_synced: Gauge::default(),
             events: Names::new(MAX_EVENTS),
             agents: Names::new(MAX_EVENTS),
@@ -167,6 +169,11 @@ impl DispatcherMetrics {
                 "At a site of a fleet: seconds since the hub last answered (0 while it answers)",
                 m.fleet_hub_age.clone(),
             );
+            r.register(
+                "fleet_hub_reset",
+                "At a site of a fleet: 1 when the hub's bucket is not the one this site's fleet documents came from (made again: its revisions started over)",
+                m.fleet_hub_reset.clone(),
+            );
         });
         m
     }
@@ -233,12 +240,14 @@ impl DispatcherMetrics {
         revision: u64,
         lag: u64,
         unreachable_for: std::time::Duration,
+        hub_reset: bool,
     ) {
         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.fleet_synced.set(i64::from(synced));
         self.fleet_revision.set(n(revision));
         self.fleet_lag.set(n(lag));
         self.fleet_hub_age.set(n(unreachable_for.as_secs()));
+        self.fleet_hub_reset.set(i64::from(hub_reset));
     }
 
     pub fn config(&self, revision: u64, subscriptions: usize) {

@@ -148,8 +148,13 @@ pub fn fleet_status(f: &bus::fleet::FleetStatus) -> String {
     } else {
         "; DENYING every event until it has had the fleet's configuration"
     };
+    let reset = if f.hub_reset {
+        "; THE HUB'S BUCKET WAS MADE AGAIN (its revisions started over): this site keeps the fleet's documents it has and takes none of the new bucket's below its revision (docs/fleet.md, A hub made again)"
+    } else {
+        ""
+    };
     format!(
-        "fleet: site of hub `{}` ({seen}): has fleet revision {}, {hub}{synced}",
+        "fleet: site of hub `{}` ({seen}): has fleet revision {}, {hub}{synced}{reset}",
         f.hub, f.revision
     )
 }
@@ -157,10 +162,15 @@ pub fn fleet_status(f: &bus::fleet::FleetStatus) -> String {
 /// A site as the hub sees it: name, revision applied, lag, when last heard from.
 pub fn site_row(s: &bus::fleet::SiteStatus) -> Vec<String> {
     let or_dash = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    // Its revisions are of a bucket the hub no longer has: its lag means nothing.
+    let lag = match s.hub_reset {
+        true => "hub made again".to_string(),
+        false => or_dash(s.lag),
+    };
     vec![
         s.name.clone(),
         or_dash(s.revision),
-        or_dash(s.lag),
+        lag,
         match s.seen_ms_ago {
             None => "never".to_string(),
             Some(ms) if ms < 5_000 => "now".to_string(),

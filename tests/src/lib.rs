@@ -221,6 +221,17 @@ impl NatsServer {
         }
     }
 
+    /// Stops the server, empties its store and starts it again on the same port: a server
+    /// rebuilt after its disk was lost.
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        let entries = std::fs::read_dir(self.store.path()).expect("read the store");
+        for path in entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
+            std::fs::remove_dir_all(&path).expect("empty the store");
+        }
+        self.spawn();
+    }
+
     /// Stops and starts the server on the same port and store, as an operator's restart would.
     pub fn restart(&mut self) {
         self.stop();

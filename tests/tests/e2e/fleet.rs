@@ -301,3 +301,87 @@ async fn a_dispatchers_identity_cannot_write_the_fleets_documents() {
         "nothing stored"
     );
 }
+
+/// A hub rebuilt without its store makes its bucket again, and its revisions start over: a
+/// site's source would take only what the new bucket writes past the revision the site had.
+/// The site says so, for good (status, metric), keeps deciding on the fleet's documents it
+/// has, and the hub shows it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_site_notices_a_hub_made_again_and_keeps_what_it_has() {
+    let FleetServers {
+        hub,
+        mut sites,
+        confs: _confs,
+        ..
+    } = FleetServers::start(&["site-a"]);
+    let mut hub = start_hub(hub, &["site-a"]).await;
+    let site = start_site(sites.pop().expect("site-a")).await;
+    let fleet = hub.admin().await;
+    subscribe(&fleet, &[sub("new-connection", "acl", 10)]).await;
+    fleet
+        .policy_add(vec![doc(
+            json!({"agent": "acl", "id": "no-db", "priority": 100,
+            "action": "deny", "match": {"dst_service": "db"}}),
+        )])
+        .await
+        .expect("fleet policy");
+    let hook = site.hook().await;
+    eventually_decides(&hook, "site-a", "db", Action::Deny).await;
+    let admin = site.admin().await;
+    let standing = || async {
+        admin
+            .status()
+            .await
+            .map_err(|e| e.to_string())?
+            .fleet
+            .ok_or_else(|| "no fleet status".to_string())
+    };
+    eventually("the site has the hub's revision", || async {
+        let f = standing().await?;
+        (f.synced && f.lag == 0 && f.hub_revision.is_some())
+            .then_some(())
+            .ok_or(format!("{f:?}"))
+    })
+    .await;
+    assert!(!standing().await.expect("status").hub_reset);
+
+    // The hub's server loses its store; its dispatcher makes the bucket again.
+    let old = hub.take("policy-dispatcher");
+    assert!(old.terminate(), "the hub's dispatcher stops");
+    hub.nats.restart_empty();
+    hub.spawn("policy-dispatcher", &["--fleet-sites", "site-a"]);
+    hub.wait_instances(bus::headers::DISPATCHER_SERVICE, 1)
+        .await;
+    eventually("the site says the hub was made again", || async {
+        let f = standing().await?;
+        f.hub_reset.then_some(()).ok_or(format!("{f:?}"))
+    })
+    .await;
+    let (code, out, err) = policyctl(&site, &["status"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("THE HUB'S BUCKET WAS MADE AGAIN"), "{out}");
+    // It keeps deciding on what it has: the fleet's deny holds.
+    assert_eq!(decides(&hook, "db").await, Ok(Action::Deny));
+    let hub_admin = hub.admin().await;
+    eventually(
+        "the hub shows the site's fleet documents are of its old bucket",
+        || async {
+            let s = hub_admin.status().await.map_err(|e| e.to_string())?;
+            s.sites
+                .iter()
+                .any(|site| site.name == "site-a" && site.hub_reset)
+                .then_some(())
+                .ok_or(format!("{:?}", s.sites))
+        },
+    )
+    .await;
+    // For good: the record is in the site's bucket, and a restarted dispatcher reads it.
+    let mut site = site;
+    let first = site.take("policy-dispatcher");
+    assert!(first.terminate(), "the site's dispatcher stops");
+    site.spawn("policy-dispatcher", &["--fleet-hub", HUB_DOMAIN]);
+    site.wait_instances(bus::headers::DISPATCHER_SERVICE, 1)
+        .await;
+    let f = standing().await.expect("status");
+    assert!(f.hub_reset, "{f:?}");
+}
