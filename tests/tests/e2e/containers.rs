@@ -1,6 +1,7 @@
 //! The container files, checked without a container engine: compose files against the
 //! compose-spec schema (check-jsonschema), the Dockerfile by hadolint, and what each must do.
 
+use bus::roles::Role;
 use std::path::PathBuf;
 
 fn root() -> PathBuf {
@@ -104,11 +105,13 @@ fn compose_checks_readiness_outlasts_the_drain_and_keeps_nats_off_the_host() {
     }
 }
 
-/// The fleet's compose file runs what `bus::fleet` describes: the servers' configurations are
-/// what it writes, the hub's engine has the fleet's prefix, and every site's dispatcher takes
-/// the fleet's configuration from the hub.
+/// The fleet's compose file runs a secured fleet as `auth fleet` writes it: one job writes every
+/// server's folder for the sites the hub follows, each server runs its own folder's nats.conf,
+/// every process logs in with its own role's seed from its engine's folder, the hub's engine
+/// has the fleet's prefix, and every site's dispatcher takes the fleet's configuration from
+/// the hub. The unsecured configurations in deploy/nats/fleet are what `bus::fleet` writes.
 #[test]
-fn the_fleet_compose_file_runs_a_hub_and_sites_as_bus_fleet_describes() {
+fn the_fleet_compose_file_runs_a_secured_hub_and_sites_as_auth_fleet_writes_them() {
     let body = |name: &str| {
         read(&format!("deploy/nats/fleet/{name}.conf"))
             .lines()
@@ -125,19 +128,77 @@ fn the_fleet_compose_file_runs_a_hub_and_sites_as_bus_fleet_describes() {
         );
     }
     let doc: serde_json::Value = serde_norway::from_str(&read("compose.fleet.yaml")).expect("yaml");
+    let services = doc["services"].as_object().expect("services");
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     let env = |service: &str, key: &str| {
         doc["services"][service]["environment"][key]
             .as_str()
             .map(str::to_string)
     };
+    let after = |args: &[String], flag: &str| {
+        args.windows(2)
+            .find(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .unwrap_or_else(|| panic!("no {flag} in {args:?}"))
+    };
+    let auth = strings(&doc["services"]["auth"]["entrypoint"]);
+    assert_eq!(auth[..3], ["policyctl", "auth", "fleet"]);
+    assert_eq!(after(&auth, "--auth-dir"), "/auth");
+    assert_eq!(after(&auth, "--hub-url"), "nats-leaf://nats-hub:7422");
+    assert_eq!(after(&auth, "--leaf-listen"), "0.0.0.0:7422");
     assert_eq!(
-        env("hub-dispatcher", "POLICY_PREFIX").as_deref(),
-        Some(subjects.fleet().prefix())
+        Some(after(&auth, "--sites")),
+        env("hub-dispatcher", "POLICY_FLEET_SITES"),
+        "the hub follows the sites auth fleet writes"
     );
+    for (engine, prefix) in [
+        ("hub", subjects.fleet().prefix()),
+        ("site-1", "policy"),
+        ("site-2", "policy"),
+    ] {
+        let server = strings(&doc["services"][&format!("nats-{engine}")]["command"]);
+        assert_eq!(after(&server, "-c"), format!("/auth/{engine}/nats.conf"));
+        let mut seen = Vec::new();
+        for (name, svc) in services
+            .iter()
+            .filter(|(n, _)| n.starts_with(&format!("{engine}-")))
+        {
+            let entry = strings(&svc["entrypoint"]);
+            let role = match entry.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+                ["policy-dispatcher", ..] => Role::Dispatcher,
+                ["policy-agent", kind, ..] => Role::of_kind(&bus::Kind::new(kind).expect("kind")),
+                ["policyctl", "load", ..] => Role::Operator,
+                _ => panic!("{name}: {entry:?}"),
+            };
+            assert_eq!(
+                env(name, "NATS_NKEY_FILE"),
+                Some(format!("/auth/{engine}/{}.nk", role.name())),
+                "{name}"
+            );
+            assert_eq!(
+                env(name, "POLICY_PREFIX").as_deref(),
+                Some(prefix),
+                "{name}"
+            );
+            seen.push(role);
+        }
+        for role in Role::shipped() {
+            if !matches!(role, Role::Gateway | Role::WasmHost) {
+                assert!(seen.contains(&role), "no {engine} service runs as {role}");
+            }
+        }
+    }
     assert_eq!(env("hub-dispatcher", "POLICY_FLEET_HUB"), None);
     for site in ["site-1", "site-2"] {
         let dispatcher = format!("{site}-dispatcher");
         assert_eq!(env(&dispatcher, "POLICY_FLEET_HUB").as_deref(), Some("hub"));
-        assert_eq!(env(&dispatcher, "POLICY_PREFIX").as_deref(), Some("policy"));
     }
 }
