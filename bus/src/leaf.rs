@@ -11,13 +11,14 @@
 //! The hub knows each link's identity (an nkey user that may only connect as a leaf node) and
 //! gives it permissions that name exactly the subjects its sources use, in each direction: the
 //! JetStream API of the one stream sourced, its flow control, API replies, and the deliveries
-//! of the hub's own sources under a prefix of the site's ([`delivery_prefix`]), so a site can
-//! deliver nothing into another site's source. What a site may send into the hub is never a
-//! store's subject (`$KV.…`, a log subject) nor the hub's JetStream API beyond creating a
-//! consumer on, and reading, the fleet's documents: the site's leaf identity cannot write,
-//! purge or delete anything at the hub, nor make the hub's JetStream write for it (a consumer's
-//! deliveries into its own stream are refused as a cycle, and the sites bucket and the log are
-//! in accounts of their own).
+//! of the hub's own sources under a prefix of the site's ([`delivery_prefix`]). What a site may
+//! send into the hub is never a store's subject (`$KV.…`, a log subject) nor the hub's
+//! JetStream API beyond creating a consumer on, and reading, the fleet's documents: the site's
+//! leaf identity cannot write, purge or delete anything at the hub through the API, and a
+//! consumer's deliveries into its own stream are refused as a cycle. Not closed yet (see
+//! docs/fleet.md, Known gaps): a site that forges its deliveries (a `$JS.ACK…@subject` reply)
+//! can store any subject in the sites bucket and the log, and sites share the hub's config
+//! account, where one may see and update another's consumers.
 
 use crate::roles::Permissions;
 use crate::store::Store;

@@ -26,6 +26,8 @@ const HUB_TIMEOUT: Duration = Duration::from_secs(2);
 /// nats-server 2.10 waits up to about 40 s before it tries a source again after a long cut;
 /// 2.12 catches up in about a second by itself.
 const STALLED_FOR: Duration = Duration::from_secs(3);
+/// How long every look must find the hub's bucket made again before the site records it.
+const RESET_AFTER: Duration = Duration::from_secs(5);
 
 pub(crate) struct Fleet {
     hub: String,
@@ -250,6 +252,12 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
         Ok(Some(v)) => String::from_utf8_lossy(&v).trim().parse().ok(),
         _ => None,
     };
+    // Since when every look at the hub has found its bucket made again.
+    let mut reset_since: Option<Instant> = None;
+    // Once more, in case the read when the dispatcher opened failed.
+    if matches!(d.store.get(bus::fleet::RESET_KEY).await, Ok(Some(_))) {
+        fleet.reset.store(true, Ordering::Release);
+    }
     let mut ticks = tokio::time::interval(CHECK_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -303,13 +311,24 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
                 .await
                 .map_err(|e| e.to_string())?;
             let newest = newest_revision(&stream, &hub_bucket).await?;
-            let reset = made_again(&stream, revision, newest_held.as_deref(), newest).await?;
+            // A failed look at the message says nothing of the bucket: the hub answered.
+            let reset = made_again(&stream, revision, newest_held.as_deref(), newest)
+                .await
+                .unwrap_or(false);
             Ok::<_, String>((newest, reset))
         })
         .await;
         let hub_revision = match hub {
             Ok(Ok((r, reset))) => {
-                if reset && !fleet.reset.load(Ordering::Acquire) {
+                // Seen on every look for a while: a replica of a clustered hub that answers a
+                // direct get may be a moment behind the one the site sourced from.
+                reset_since = match (reset, reset_since) {
+                    (false, _) => None,
+                    (true, None) => Some(Instant::now()),
+                    (true, since) => since,
+                };
+                let lasting = reset_since.is_some_and(|t| t.elapsed() >= RESET_AFTER);
+                if lasting && !fleet.reset.load(Ordering::Acquire) {
                     record_reset(&d, &fleet, revision, r).await;
                 }
                 Some(r)

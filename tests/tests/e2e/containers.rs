@@ -188,6 +188,14 @@ fn the_fleet_compose_file_runs_a_secured_hub_and_sites_as_auth_fleet_writes_them
                 Some(prefix),
                 "{name}"
             );
+            // Its own server's folder only: no other engine's seeds.
+            let mounts = svc["volumes"].as_array().cloned().unwrap_or_default();
+            assert!(!mounts.is_empty(), "{name} mounts no seeds");
+            for m in mounts {
+                assert_eq!(m["volume"]["subpath"].as_str(), Some(engine), "{name}: {m}");
+                let target = format!("/auth/{engine}");
+                assert_eq!(m["target"].as_str(), Some(target.as_str()), "{name}");
+            }
             seen.push(role);
         }
         for role in Role::shipped() {

@@ -78,26 +78,42 @@ async fn a_secured_fleet_carries_the_fleets_documents_and_the_sites_reports() {
     .await;
 }
 
-/// A rogue site server: the site's real leaf seeds (its `leaf.conf`), a user of the test's in
-/// each account the links bind, so that the test can send what it likes through them, and one
-/// (`rogue-api`) whose requests to the hub's API go through an import, as a site dispatcher's
-/// do, so that answers come back (the hub answers a site on a service import's reply alone).
+/// A rogue site server: the site's real leaf seeds, each link bound to its account as
+/// `policyctl auth fleet` binds it but with no deny list of its own (what reaches the hub is
+/// then up to the hub), a user of the test's in each account the links bind, so that the test
+/// can send what it likes through them, and one (`rogue-api`) whose requests to the hub's API
+/// go through an import, as a site dispatcher's do, so that answers come back (the hub answers
+/// a site on a service import's reply alone).
 fn rogue_site(servers: &FleetServers, site: &str) -> NatsServer {
     let auth = servers.auth(site).expect("a secured fleet");
+    let remotes: Vec<String> = bus::leaf::Link::ALL
+        .iter()
+        .map(|link| {
+            let seed = std::fs::read_to_string(auth.path().join(format!("leaf/{link}.nk")))
+                .expect("the site's leaf seed");
+            format!(
+                "{{ url: \"nats-leaf://127.0.0.1:{}\", account: {}, nkey: \"{}\" }}",
+                servers.leaf_port,
+                link.site_store().account(),
+                seed.trim()
+            )
+        })
+        .collect();
     let conf = auth.path().join("rogue.conf");
     std::fs::write(
         &conf,
         format!(
             "server_name: {site}\n\
              jetstream {{ domain: {site}, store_dir: \"jetstream\" }}\n\
-             include leaf.conf\n\
+             leafnodes {{ reconnect: 1, remotes: [{}] }}\n\
              accounts {{\n\
                POLICY_STORE_CONFIG: {{ jetstream: enabled, users: [{{ user: rogue, password: rogue }}], \
                  exports: [{{ service: \"$JS.hub.API.>\" }}] }}\n\
                POLICY_STORE_LOG: {{ jetstream: enabled, users: [{{ user: rogue-log, password: rogue }}] }}\n\
                ROGUE: {{ users: [{{ user: rogue-api, password: rogue }}], \
                  imports: [{{ service: {{ account: POLICY_STORE_CONFIG, subject: \"$JS.hub.API.>\" }} }}] }}\n\
-             }}\n"
+             }}\n",
+            remotes.join(", ")
         ),
     )
     .expect("write the rogue configuration");
@@ -126,7 +142,9 @@ async fn answered(client: &async_nats::Client, subject: &str, body: &str) -> Opt
 /// land in a store, and no forged log record or delivery for another site reaches the hub.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sites_leaf_identities_cannot_write_at_the_hub_nor_make_it_write() {
-    let servers = FleetServers::start_secured(&["site-a", "site-b"]);
+    let mut servers = FleetServers::start_secured(&["site-a", "site-b"]);
+    // The site's own server gives way to the rogue one, which has its leaf identities.
+    servers.sites[0].stop();
     let rogue = rogue_site(&servers, "site-a");
     let (hub_auth, b_auth) = (servers.auth("hub"), servers.auth("site-b"));
     let FleetServers { hub, mut sites, .. } = servers;
@@ -164,8 +182,10 @@ async fn a_sites_leaf_identities_cannot_write_at_the_hub_nor_make_it_write() {
         format!("$KV.{bucket}.pol.acl.evil"),
         format!("$JS.hub.API.$KV.{bucket}.pol.acl.evil"),
     ] {
-        let put = answered(&rogue_api, &subject, r#"{"id":"evil"}"#).await;
-        assert_eq!(put, None, "{subject} answered");
+        if subject.starts_with("$JS.") {
+            let put = answered(&rogue_api, &subject, r#"{"id":"evil"}"#).await;
+            assert_eq!(put, None, "{subject} answered");
+        }
         rogue_config
             .publish(subject, r#"{"id":"evil"}"#.into())
             .await
