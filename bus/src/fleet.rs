@@ -143,6 +143,21 @@ pub const RESET_KEY: &str = "site.fleet-hub-reset";
 /// sequence being the message's in the stream it came from (at a site: the hub revision).
 pub const SOURCE_HEADER: &str = "Nats-Stream-Source";
 
+/// Whether a sourced message came in through the source whose (one) subject transform has
+/// `destination`, by its [`SOURCE_HEADER`] value (`<source> <sequence> <filters>
+/// <destinations> …`). The hub's server writes that header from the source the message came
+/// in on, whatever subject the delivering site gave it: a site that forges its deliveries'
+/// subjects (the `$JS.ACK…@<subject>` of a reply) cannot make a record look like another
+/// site's, so the hub reads a site's records only when this holds (see `crate::leaf`).
+pub fn came_through(header: Option<&str>, destination: &str) -> bool {
+    header.is_some_and(|h| h.split(' ').nth(3) == Some(destination))
+}
+
+/// The destination of the hub's source of a site's standing ([`site_status_source`]).
+pub fn site_status_destination(hub: &Subjects, site: &str) -> String {
+    format!("$KV.{}.{site}.>", hub.sites_bucket())
+}
+
 /// The sequence, in the stream it came from, of a sourced message's [`SOURCE_HEADER`] value.
 pub fn source_sequence(header: &str) -> Option<u64> {
     header.split_whitespace().nth(1)?.parse().ok()
@@ -204,13 +219,13 @@ fn from_site(site: &str) -> Option<External> {
 /// The source by which the hub's sites bucket (`hub.sites_bucket()`) takes a site's standing:
 /// its config bucket's `site.…` keys, under `<site>.…`.
 pub fn site_status_source(hub: &Subjects, sites: &Subjects, site: &str) -> Source {
-    let (from, to) = (sites.config_bucket(), hub.sites_bucket());
+    let from = sites.config_bucket();
     Source {
         name: format!("KV_{from}"),
         external: from_site(site),
         subject_transforms: vec![SubjectTransform {
             source: format!("$KV.{from}.site.>"),
-            destination: format!("$KV.{to}.{site}.>"),
+            destination: site_status_destination(hub, site),
         }],
         ..Default::default()
     }
@@ -396,6 +411,17 @@ mod tests {
             Some("$KV.policy_fleet_config.pol.acl.a")
         );
         assert_eq!(hub_subject(&s, "$KV.policy_config.pol.acl.a"), None);
+        // The header as nats-server 2.12 writes it (2.10 leaves out the last field).
+        let genuine = "KV_policy_config:Xy1 4 $KV.policy_config.site.> $KV.policy_fleet_sites.site-b.> $KV.policy_config.site.fleet-revision";
+        let dest = site_status_destination(&Subjects::default().fleet(), "site-b");
+        assert!(came_through(Some(genuine), &dest));
+        assert!(came_through(
+            Some(&genuine[..genuine.rfind(' ').unwrap()]),
+            &dest
+        ));
+        let forged = genuine.replace("site-b.>", "site-a.>");
+        assert!(!came_through(Some(&forged), &dest));
+        assert!(!came_through(None, &dest));
         let hub = Subjects::default().fleet();
         let sites = sites_of(&hub).expect("the sites' prefix");
         assert_eq!(sites, Subjects::default());

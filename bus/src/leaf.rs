@@ -15,10 +15,11 @@
 //! send into the hub is never a store's subject (`$KV.…`, a log subject) nor the hub's
 //! JetStream API beyond creating a consumer on, and reading, the fleet's documents: the site's
 //! leaf identity cannot write, purge or delete anything at the hub through the API, and a
-//! consumer's deliveries into its own stream are refused as a cycle. Not closed yet (see
-//! docs/fleet.md, Known gaps): a site that forges its deliveries (a `$JS.ACK…@subject` reply)
-//! can store any subject in the sites bucket and the log, and sites share the hub's config
-//! account, where one may see and update another's consumers.
+//! consumer's deliveries into its own stream are refused as a cycle. A site that forges its
+//! deliveries' subjects (a `$JS.ACK…@subject` reply) does not pass for another: the hub reads a
+//! site's records only when they came in through its source (`crate::fleet::came_through`).
+//! Not closed yet (docs/fleet.md, Known gaps): sites share the hub's config account, where one
+//! may see and update another's consumers.
 
 use crate::roles::Permissions;
 use crate::store::Store;

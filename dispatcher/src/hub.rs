@@ -15,6 +15,7 @@ use bus::{store::Jet, Subjects};
 use crate::DispatcherError;
 
 pub(crate) struct Hub {
+    subjects: Subjects,
     sites: Vec<String>,
     bucket: kv::Store,
     /// The streams that source from the sites (the sites bucket's, the decision log's), each
@@ -58,7 +59,50 @@ async fn source_exactly(
     Ok(())
 }
 
+/// Makes a stream refuse rollups: a site could otherwise have one delivered (a forged
+/// delivery's header) and empty the sites bucket. Nothing of the engine's rolls it up.
+async fn forbid_rollups(jet: &Jet, name: &str) -> Result<(), DispatcherError> {
+    let js = jet.context();
+    let mut s = js.get_stream(name).await.map_err(|e| io(name, e))?;
+    let config = s.info().await.map_err(|e| io(name, e))?.config.clone();
+    if config.allow_rollup {
+        js.update_stream(stream::Config {
+            allow_rollup: false,
+            ..config
+        })
+        .await
+        .map_err(|e| io(name, e))?;
+    }
+    Ok(())
+}
+
 impl Hub {
+    /// A site's record `key` of the sites bucket, if it came in through that site's own source:
+    /// a record another site forged under this site's key is not this site's (see
+    /// `bus::fleet::came_through`).
+    async fn record(&self, site: &str, key: &str) -> Option<bytes::Bytes> {
+        let subject = format!("$KV.{}.{key}", self.subjects.sites_bucket());
+        let m = self
+            .bucket
+            .stream
+            .direct_get_last_for_subject(&subject)
+            .await
+            .ok()?;
+        let header = m.headers.get(fleet::SOURCE_HEADER).map(|v| v.as_str());
+        if !fleet::came_through(
+            header,
+            &fleet::site_status_destination(&self.subjects, site),
+        ) {
+            tracing::warn!(%site, %subject, "a record under this site's key did not come in through its source: ignored (another site forging records?)");
+            return None;
+        }
+        let deleted = m
+            .headers
+            .get("KV-Operation")
+            .is_some_and(|op| op.as_str() != "PUT");
+        (!deleted).then_some(m.payload)
+    }
+
     /// Opens the sites bucket, sourcing every site's standing, and makes the decision log (if
     /// this dispatcher keeps one) source every site's.
     pub(crate) async fn open(
@@ -103,7 +147,9 @@ impl Hub {
             source_exactly(jet, &subjects.decisions_stream(), logs.clone()).await?;
             streams.push((subjects.decisions_stream(), logs));
         }
+        forbid_rollups(jet, &format!("KV_{}", subjects.sites_bucket())).await?;
         Ok(Hub {
+            subjects: subjects.clone(),
             sites,
             bucket,
             streams,
@@ -147,10 +193,10 @@ impl Hub {
         };
         let mut out = Vec::new();
         for site in &self.sites {
-            let revision = match self.bucket.get(fleet::site_revision_key(site)).await {
-                Ok(Some(v)) => String::from_utf8_lossy(&v).trim().parse::<u64>().ok(),
-                _ => None,
-            };
+            let revision = self
+                .record(site, &fleet::site_revision_key(site))
+                .await
+                .and_then(|v| String::from_utf8_lossy(&v).trim().parse::<u64>().ok());
             let expected = self.streams.first().and_then(|(_, sources)| {
                 sources
                     .iter()
@@ -161,10 +207,10 @@ impl Hub {
                 .find(|s| expected.is_some_and(|e| crate::sources::is(s, e)))
                 .and_then(|s| s.active)
                 .map(|d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-            let hub_reset = matches!(
-                self.bucket.get(fleet::site_reset_key(site)).await,
-                Ok(Some(_))
-            );
+            let hub_reset = self
+                .record(site, &fleet::site_reset_key(site))
+                .await
+                .is_some();
             out.push(SiteStatus {
                 name: site.clone(),
                 revision,

@@ -128,13 +128,17 @@ pub async fn run(
         .messages()
         .await
         .context("cannot read the decision log")?;
-    let mut shown = 0usize;
+    let (mut shown, mut forged) = (0usize, 0usize);
     while pending > 0 && limit.is_none_or(|l| shown < l) {
         let Some(msg) = messages.next().await else {
             break;
         };
         let msg = msg.context("reading the decision log")?;
         pending = msg.info().map(|i| i.pending).unwrap_or(0);
+        if !genuine(subjects, &msg) {
+            forged += 1;
+            continue;
+        }
         let record: TapRecord = match codec::decode("decision record", &msg.payload) {
             Ok(r) => r,
             Err(e) => {
@@ -165,10 +169,29 @@ pub async fn run(
         }
         shown += 1;
     }
+    if forged > 0 {
+        eprintln!(
+            "policyctl: skipped {forged} records that did not come in as their subject says (a site's under another site's name, or a sourced one under the hub's own): a site forging records?"
+        );
+    }
     if shown == 0 {
         eprintln!("policyctl: no decision in the log matches");
     }
     Ok(())
+}
+
+/// Whether a record is what its subject says: at a fleet's hub, a site's record came in
+/// through that site's source, and the hub's own came from no source (`bus::fleet::came_through`).
+fn genuine(subjects: &bus::Subjects, msg: &async_nats::jetstream::Message) -> bool {
+    let header = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(bus::fleet::SOURCE_HEADER))
+        .map(|v| v.as_str());
+    match subjects.site_of_decision_log(&msg.subject) {
+        Some(site) => bus::fleet::came_through(header, &subjects.site_decision_log_wildcard(site)),
+        None => header.is_none(),
+    }
 }
 
 #[cfg(test)]

@@ -257,3 +257,146 @@ async fn a_sites_leaf_identities_cannot_write_at_the_hub_nor_make_it_write() {
         }
     }
 }
+
+/// Captures one delivery of the hub's source of the rogue site, in `account`'s view of the
+/// rogue server (its own JetStream delivers it to the hub through the leaf), and delivers a
+/// forged one after it, with the reply a real delivery has but the subject `forged_subject`
+/// (the `@<subject>` tail of a `$JS.ACK` reply, which the hub's server takes as the subject).
+async fn forge_after_a_real_delivery(
+    client: &async_nats::Client,
+    stream: &str,
+    subjects: &[&str],
+    write: (&str, &str),
+    forged_subject: &str,
+    payload: &str,
+) {
+    let mut deliveries = client
+        .subscribe("$FLEET.site-a.S.>")
+        .await
+        .expect("watch the deliveries");
+    client.flush().await.expect("flush");
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: stream.to_string(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    })
+    .await
+    .expect("the rogue's own stream");
+    js.publish(write.0.to_string(), write.1.to_string().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    // The hub's source reaches the stream (it retries a site not reached yet every 10 s).
+    let real = loop {
+        let m = tokio::time::timeout(
+            Duration::from_secs(40),
+            futures::StreamExt::next(&mut deliveries),
+        )
+        .await
+        .expect("a delivery of the hub's source")
+        .expect("subscription open");
+        match &m.reply {
+            Some(r) if r.starts_with("$JS.ACK.") => break m,
+            _ => continue,
+        }
+    };
+    let reply = real.reply.as_ref().expect("reply").to_string();
+    let t: Vec<&str> = reply.split('.').collect();
+    assert_eq!(t.len(), 9, "{reply}");
+    let bump = |s: &str| s.parse::<u64>().expect("a number") + 1;
+    let forged_reply = format!(
+        "$JS.ACK.{}.{}.1.{}.{}.{}.0@{forged_subject}",
+        t[2],
+        t[3],
+        bump(t[5]),
+        bump(t[6]),
+        t[7]
+    );
+    client
+        .publish_with_reply(
+            real.subject.clone(),
+            forged_reply,
+            payload.to_string().into(),
+        )
+        .await
+        .expect("publish the forged delivery");
+    client.flush().await.expect("flush");
+}
+
+/// A site that forges deliveries to the hub's sources (a client in the account its link binds,
+/// sending after a real delivery what the site's JetStream would, with another site's subject
+/// in the `$JS.ACK…@<subject>` of the reply) does not pass for that other site: the hub's status
+/// and `policyctl log --site` read a site's records only when they came in through that site's
+/// own source.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_site_forging_its_deliveries_does_not_pass_for_another_site() {
+    let mut servers = FleetServers::start_secured(&["site-a", "site-b"]);
+    servers.sites[0].stop();
+    let rogue = rogue_site(&servers, "site-a");
+    let (hub_auth, b_auth) = (servers.auth("hub"), servers.auth("site-b"));
+    let FleetServers { hub, mut sites, .. } = servers;
+    let hub = start_hub_as(hub, &["site-a", "site-b"], hub_auth).await;
+    let site_b = start_site_as(sites.pop().expect("site-b"), b_auth).await;
+    deny_db(&hub).await;
+    let admin = hub.admin().await;
+    eventually("the hub has site-b's revision", || async {
+        let s = admin.status().await.map_err(|e| e.to_string())?;
+        s.sites
+            .iter()
+            .any(|x| x.name == "site-b" && x.revision.is_some())
+            .then_some(())
+            .ok_or(format!("{:?}", s.sites))
+    })
+    .await;
+    let hook = site_b.hook().await;
+    assert_eq!(decides(&hook, "db").await, Ok(Action::Deny));
+
+    let subjects = hub.subjects();
+    let forged_key = format!("$KV.{}.site-b.fleet-revision", subjects.sites_bucket());
+    forge_after_a_real_delivery(
+        &login(&rogue, "rogue").await,
+        "KV_policy_config",
+        &["$KV.policy_config.>"],
+        ("$KV.policy_config.site.fleet-revision", "1"),
+        &forged_key,
+        "999",
+    )
+    .await;
+    let forged_log = format!("{}.site.site-b.log.new-connection", subjects.prefix());
+    forge_after_a_real_delivery(
+        &login(&rogue, "rogue-log").await,
+        "policy_decisions",
+        &["policy.log.>"],
+        ("policy.log.new-connection", "not a record"),
+        &forged_log,
+        "forged",
+    )
+    .await;
+
+    // Whether the server stored the forgery under site-b's name is its business (it did not,
+    // when this test was written: see the closing note of issue 20); the hub must not take it
+    // for site-b's either way.
+    let (client, _errors) = hub.watched_store_client(&Role::Dispatcher).await;
+    let jet = Jet::reach(&client, &subjects, Store::Sites)
+        .await
+        .expect("reach the sites bucket");
+    let sites_stream = jet
+        .context()
+        .get_stream(format!("KV_{}", subjects.sites_bucket()))
+        .await
+        .expect("the sites bucket");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stored = sites_stream
+        .direct_get_last_for_subject(&forged_key)
+        .await
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned());
+    eprintln!("site-b's revision record at the hub after the forgery: {stored:?}");
+    let s = admin.status().await.expect("status");
+    let b = s.sites.iter().find(|x| x.name == "site-b").expect("site-b");
+    assert_ne!(b.revision, Some(999), "{b:?}");
+    let (code, out, err) = policyctl(&hub, &["log", "--site", "site-b"]);
+    assert!(!out.contains("forged"), "{out}{err}");
+    assert!(code == Some(0) || err.contains("no decision"), "{err}");
+}
