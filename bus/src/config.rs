@@ -148,7 +148,6 @@ pub async fn open(
         history: HISTORY,
         max_bytes: MAX_BYTES,
         num_replicas: replicas.max(1),
-        sources: fleet_hub.map(|hub| vec![crate::fleet::source(subjects, hub)]),
         ..Default::default()
     };
     // On a server that can, the owner creates the bucket able to take atomic batches, so
@@ -159,6 +158,10 @@ pub async fn open(
     }
     let atomic = crate::batch::server_at_least(&client.server_info().version, 2, 12);
     let jet = Jet::reach(client, subjects, Store::Config).await?;
+    let config = kv::Config {
+        sources: fleet_hub.map(|hub| vec![crate::fleet::site_source(&jet, subjects, hub)]),
+        ..config
+    };
     open_or_create(&jet, config, access == Access::Owner, atomic).await
 }
 

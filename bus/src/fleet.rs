@@ -65,6 +65,15 @@ pub fn split_level(key: &str) -> (Level, &str) {
     }
 }
 
+/// [`source`] as a site's process that reaches its store through `jet` makes it: on the
+/// secured bus (a store identity), through the site's own account at the hub, named by the
+/// site's server's JetStream domain.
+pub fn site_source(jet: &crate::store::Jet, subjects: &Subjects, hub_domain: &str) -> Source {
+    let site = jet.client().server_info().domain;
+    let secured_as = jet.api().and(site.as_deref());
+    source(subjects, hub_domain, secured_as)
+}
+
 /// The key-space of the hub's config bucket a site takes: subscriptions and policies. A
 /// removed peer (`peer.…`) is a site's own gateway's news and stays at the hub.
 const FLEET_DOCUMENTS: [&str; 2] = ["sub", "pol"];
@@ -83,18 +92,29 @@ pub fn check_domain(domain: &str) -> Result<(), InvalidName> {
 }
 
 /// Where a site's dispatcher reaches the hub's JetStream API on the secured bus: its store
-/// identity imports the hub's direct gets under this prefix (see [`crate::accounts`]).
-pub fn hub_api_import(subjects: &Subjects, hub: &str) -> String {
-    crate::store::other_domain_api(subjects, hub)
+/// identity imports the hub's direct gets, as its site `site` reaches them, under this prefix
+/// (see [`crate::accounts`] and [`crate::leaf::site_api`]).
+pub fn hub_api_import(subjects: &Subjects, site: &str) -> String {
+    crate::store::other_domain_api(subjects, site)
 }
 
 /// The source a site's config bucket takes the fleet's documents from: the hub's config
-/// bucket (`subjects.fleet()`'s) in the hub's JetStream domain, each key under `fleet.`.
-pub fn source(subjects: &Subjects, hub_domain: &str) -> Source {
+/// bucket (`subjects.fleet()`'s) in the hub's JetStream domain, each key under `fleet.`. On the
+/// secured bus (`secured_as`: the site's name, its domain) through the site's own account at
+/// the hub, which imports the bucket's API under [`crate::leaf::site_api`] and exports the
+/// site's deliveries under [`crate::leaf::down_prefix`] to it alone.
+pub fn source(subjects: &Subjects, hub_domain: &str, secured_as: Option<&str>) -> Source {
     let (hub, site) = (subjects.fleet().config_bucket(), subjects.config_bucket());
+    let external = match secured_as {
+        Some(name) => Some(External {
+            api_prefix: crate::leaf::site_api(name),
+            delivery_prefix: Some(crate::leaf::down_prefix(name)),
+        }),
+        None => external(hub_domain),
+    };
     Source {
         name: format!("KV_{hub}"),
-        external: external(hub_domain),
+        external,
         subject_transforms: FLEET_DOCUMENTS
             .iter()
             .map(|tag| SubjectTransform {
@@ -212,7 +232,7 @@ fn external(domain: &str) -> Option<External> {
 fn from_site(site: &str) -> Option<External> {
     Some(External {
         api_prefix: format!("$JS.{site}.API"),
-        delivery_prefix: Some(crate::leaf::delivery_prefix(site)),
+        delivery_prefix: Some(crate::leaf::up_prefix(site)),
     })
 }
 
@@ -369,7 +389,7 @@ mod tests {
 
     #[test]
     fn the_source_takes_documents_only_under_fleet() {
-        let s = source(&Subjects::default(), "hub");
+        let s = source(&Subjects::default(), "hub", None);
         assert_eq!(s.name, "KV_policy_fleet_config");
         assert_eq!(
             s.external.as_ref().map(|e| e.api_prefix.as_str()),
@@ -394,7 +414,14 @@ mod tests {
             ]
         );
         assert!(same_source(&s, &s.clone()));
-        assert!(!same_source(&s, &source(&Subjects::default(), "other")));
+        assert!(!same_source(
+            &s,
+            &source(&Subjects::default(), "other", None)
+        ));
+        assert!(!same_source(
+            &s,
+            &source(&Subjects::default(), "hub", Some("site-1"))
+        ));
     }
 
     #[test]

@@ -4,22 +4,26 @@
 //!
 //! | link | site's account | hub's account | who sources | what |
 //! | --- | --- | --- | --- | --- |
-//! | `config` | `POLICY_STORE_CONFIG` | `POLICY_STORE_CONFIG` | the site | the fleet's documents, and the hub's revision (a direct get) |
+//! | `config` | `POLICY_STORE_CONFIG` | `POLICY_FLEET_<SITE>`, the site's own | the site | the fleet's documents, and the hub's revision (a direct get) |
 //! | `status` | `POLICY_STORE_CONFIG` | `POLICY_STORE_SITES` | the hub | the site's standing (`site.…` keys) |
 //! | `log` | `POLICY_STORE_LOG` | `POLICY_STORE_LOG` | the hub | the site's decision log |
+//!
+//! A site's `config` link binds an account of the site's own at the hub ([`site_account`]),
+//! which imports from the hub's config account only what the site's source and its
+//! dispatcher's direct gets use, and the deliveries of that site's source alone (under
+//! [`down_prefix`]): a site sees no other site's consumers, replies or deliveries, so it
+//! cannot name, let alone change, another site's consumer.
 //!
 //! The hub knows each link's identity (an nkey user that may only connect as a leaf node) and
 //! gives it permissions that name exactly the subjects its sources use, in each direction: the
 //! JetStream API of the one stream sourced, its flow control, API replies, and the deliveries
-//! of the hub's own sources under a prefix of the site's ([`delivery_prefix`]). What a site may
+//! of the hub's own sources under a prefix of the site's ([`up_prefix`]). What a site may
 //! send into the hub is never a store's subject (`$KV.…`, a log subject) nor the hub's
 //! JetStream API beyond creating a consumer on, and reading, the fleet's documents: the site's
 //! leaf identity cannot write, purge or delete anything at the hub through the API, and a
 //! consumer's deliveries into its own stream are refused as a cycle. A site that forges its
 //! deliveries' subjects (a `$JS.ACK…@subject` reply) does not pass for another: the hub reads a
 //! site's records only when they came in through its source (`crate::fleet::came_through`).
-//! Not closed yet (docs/fleet.md, Known gaps): sites share the hub's config account, where one
-//! may see and update another's consumers.
 
 use crate::roles::Permissions;
 use crate::store::Store;
@@ -55,12 +59,12 @@ impl Link {
         }
     }
 
-    /// The store whose account the link binds at the hub.
-    pub fn hub_store(self) -> Store {
+    /// The account the link binds at the hub: for `config`, the site's own.
+    pub fn hub_account(self, site: &str) -> String {
         match self {
-            Link::Config => Store::Config,
-            Link::Status => Store::Sites,
-            Link::Log => Store::Log,
+            Link::Config => site_account(site),
+            Link::Status => Store::Sites.account().to_string(),
+            Link::Log => Store::Log.account().to_string(),
         }
     }
 
@@ -74,24 +78,24 @@ impl Link {
 
     /// The permissions of the link's identity at the hub, as a leaf node's: `publish` is what
     /// the site may send into the hub's account, `subscribe` what the hub may send it. `sites`
-    /// are the sites' subjects, `site` and `hub` the JetStream domains.
-    pub fn permissions(self, sites: &Subjects, site: &str, hub: &str) -> Permissions {
+    /// are the sites' subjects, `site` the site's JetStream domain.
+    pub fn permissions(self, sites: &Subjects, site: &str) -> Permissions {
         // A JetStream API reply (`$JSC.R.…`) and a service import's (`_R_.…`) are random.
         let replies = || vec!["$JSC.R.>".to_string()];
         match self {
             Link::Config => {
                 let stream = format!("KV_{}", sites.fleet().config_bucket());
-                let api = format!("$JS.{hub}.API");
+                let api = site_api(site);
+                // The site's own account: what crosses is only the site's.
                 Permissions {
                     publish: vec![
                         format!("{api}.CONSUMER.CREATE.{stream}"),
-                        format!("{api}.CONSUMER.CREATE.{stream}.>"),
                         format!("{api}.DIRECT.GET.{stream}"),
                         format!("{api}.DIRECT.GET.{stream}.>"),
                         format!("$JS.FC.{stream}.>"),
                     ],
                     subscribe: vec![
-                        "$JS.S.>".to_string(),
+                        format!("{}.>", down_prefix(site)),
                         "$JSC.R.>".to_string(),
                         "_R_.>".to_string(),
                     ],
@@ -102,7 +106,7 @@ impl Link {
                 let stream = self.site_store().stream(sites);
                 let api = format!("$JS.{site}.API");
                 let mut publish = replies();
-                publish.push(format!("{}.>", delivery_prefix(site)));
+                publish.push(format!("{}.>", up_prefix(site)));
                 Permissions {
                     publish,
                     subscribe: vec![
@@ -125,8 +129,52 @@ impl std::fmt::Display for Link {
 
 /// Where the hub's sources of a site have their messages delivered: a prefix of the site's
 /// own, which that site's leaf identities alone may publish to at the hub.
-pub fn delivery_prefix(site: &str) -> String {
-    format!("$FLEET.{site}")
+pub fn up_prefix(site: &str) -> String {
+    format!("$FLEET.{site}.up")
+}
+
+/// Where a site's source of the fleet's documents has them delivered, which the hub's config
+/// account exports to that site's account alone.
+pub fn down_prefix(site: &str) -> String {
+    format!("$FLEET.{site}.down")
+}
+
+/// Where a site reaches the hub's JetStream API for the fleet's documents on the secured bus:
+/// an import of its own account at the hub. (Not the hub's domain API, `$JS.<hub>.API`: the
+/// hub's server maps that to `$JS.API` in every account, which in an account without
+/// JetStream answers nothing.)
+pub fn site_api(site: &str) -> String {
+    format!("$FLEET.{site}.api")
+}
+
+/// The hub's account of a site's `config` link: `POLICY_FLEET_<SITE>`.
+pub fn site_account(site: &str) -> String {
+    format!("POLICY_FLEET_{}", site.to_uppercase().replace('-', "_"))
+}
+
+/// What a site's account at the hub imports from the hub's config account: `(service,
+/// streamed, subject there, subject in the site's account)`. The JetStream API of the fleet's
+/// bucket that the site's source and its dispatcher's direct gets use, under [`site_api`] as
+/// the site sends it; flow control; and the site's own deliveries.
+pub fn site_account_imports(sites: &Subjects, site: &str) -> Vec<(bool, bool, String, String)> {
+    let stream = format!("KV_{}", sites.fleet().config_bucket());
+    let api = |call: &str, streamed: bool| {
+        (
+            true,
+            streamed,
+            format!("$JS.API.{call}"),
+            format!("{}.{call}", site_api(site)),
+        )
+    };
+    let fc = format!("$JS.FC.{stream}.>");
+    let down = format!("{}.>", down_prefix(site));
+    vec![
+        api(&format!("CONSUMER.CREATE.{stream}"), false),
+        api(&format!("DIRECT.GET.{stream}"), true),
+        api(&format!("DIRECT.GET.{stream}.>"), true),
+        (true, false, fc.clone(), fc),
+        (false, false, down.clone(), down),
+    ]
 }
 
 /// Whether a hub on nats-server `version` (as `INFO` gives it) holds what a leaf node sends to
@@ -163,15 +211,33 @@ mod tests {
     fn a_site_sends_the_hub_no_write_and_no_other_sites_deliveries() {
         let s = Subjects::default();
         for link in Link::ALL {
-            let p = link.permissions(&s, "site-1", "hub");
+            let p = link.permissions(&s, "site-1");
             for subject in &p.publish {
                 assert!(!subject.starts_with("$KV") && !subject.starts_with("policy."));
                 assert!(!subject.contains("STREAM.") && !subject.contains("$JS.hub.API.>"));
                 assert!(!subject.contains("site-2"), "{subject}");
             }
         }
-        let status = Link::Status.permissions(&s, "site-1", "hub");
-        assert!(status.publish.contains(&"$FLEET.site-1.>".to_string()));
+        let status = Link::Status.permissions(&s, "site-1");
+        assert!(status.publish.contains(&"$FLEET.site-1.up.>".to_string()));
         assert!(!status.publish.iter().any(|p| p == "$FLEET.>"));
+        // The config link: its own account, its own deliveries, no named consumer.
+        assert_eq!(Link::Config.hub_account("site-1"), "POLICY_FLEET_SITE_1");
+        let config = Link::Config.permissions(&s, "site-1");
+        assert!(config
+            .subscribe
+            .contains(&"$FLEET.site-1.down.>".to_string()));
+        assert!(!config
+            .publish
+            .iter()
+            .any(|p| p.contains("CREATE") && p.ends_with(".>")));
+        let imports = site_account_imports(&s, "site-1");
+        for (_, _, _, local) in &imports {
+            assert!(
+                config.publish.contains(&local.to_string())
+                    || local.starts_with("$FLEET.site-1.down"),
+                "{local}"
+            );
+        }
     }
 }

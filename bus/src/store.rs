@@ -266,9 +266,10 @@ impl Store {
 
     /// What its owner reads of another JetStream domain through the store's account: `(subject
     /// in the store account, subject in the owner's identity account)`. A fleet's site reaches
-    /// the hub's config bucket over the leaf connection of its own config account
-    /// (`crate::fleet`), and its dispatcher reads there, by direct get, the hub's newest
-    /// revision; the import keeps the domain a wildcard, so one configuration serves any hub.
+    /// the hub's config bucket over the leaf connection of its own config account, at
+    /// `$FLEET.<site>.api` (`crate::leaf`), and its dispatcher reads there, by direct get, the
+    /// hub's newest revision; the import keeps the site a wildcard, so one configuration serves
+    /// any site.
     pub fn other_domain_reads(self, s: &Subjects) -> Vec<(String, String)> {
         if self != Store::Config {
             return Vec::new();
@@ -277,7 +278,7 @@ impl Store {
         let local = other_domain_api(s, "*");
         [format!("DIRECT.GET.{hub}"), format!("DIRECT.GET.{hub}.>")]
             .into_iter()
-            .map(|a| (format!("$JS.*.API.{a}"), format!("{local}.{a}")))
+            .map(|a| (format!("$FLEET.*.api.{a}"), format!("{local}.{a}")))
             .collect()
     }
 

@@ -236,13 +236,19 @@ async fn record_reset(d: &Dispatcher, fleet: &Fleet, revision: u64, hub_revision
 
 /// Keeps the site's view of the fleet, and opens the site to decisions once it has synced.
 pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
-    // On the secured bus the store identity reaches the hub's API through its own import.
-    let hub_js = match d.jet.api() {
-        Some(_) => jetstream::with_prefix(
+    // On the secured bus the store identity reaches the hub's API through its own import, as
+    // its site (its server's JetStream domain) reaches it.
+    let site = d.jet.client().server_info().domain;
+    let hub_js = match (d.jet.api(), site) {
+        (Some(_), Some(site)) => jetstream::with_prefix(
             d.jet.client().clone(),
-            &bus::fleet::hub_api_import(&d.subjects, &fleet.hub),
+            &bus::fleet::hub_api_import(&d.subjects, &site),
         ),
-        None => jetstream::with_domain(d.jet.client().clone(), &fleet.hub),
+        (Some(_), None) => {
+            tracing::error!("this site's nats-server has no JetStream domain: a fleet's site needs one (its name), and cannot reach the hub without it");
+            jetstream::with_domain(d.jet.client().clone(), &fleet.hub)
+        }
+        (None, _) => jetstream::with_domain(d.jet.client().clone(), &fleet.hub),
     };
     let hub_bucket = d.subjects.fleet().config_bucket();
     // Since when the source is behind without moving, and the revision it is stuck at.
@@ -418,7 +424,7 @@ pub(crate) async fn follow(d: Arc<Dispatcher>, fleet: Arc<Fleet>) {
 
 /// Restarts the site bucket's source (see the caller), putting back the expected one.
 async fn restart_source(d: &Dispatcher, hub: &str) {
-    let expected = [bus::fleet::source(&d.subjects, hub)];
+    let expected = [bus::fleet::site_source(&d.jet, &d.subjects, hub)];
     let name = format!("KV_{}", d.subjects.config_bucket());
     match crate::sources::restart(&d.jet, &name, &expected, |_| true).await {
         Ok(_) => {

@@ -163,7 +163,7 @@ pub fn write(plan: &Plan<'_>, subjects: &Subjects) -> anyhow::Result<Vec<PathBuf
 
 /// The leaf users of a hub's accounts: every site's links, from the keys in `leaves/`.
 pub fn leaf_users(dir: &Path, hub_subjects: &Subjects) -> anyhow::Result<Vec<LeafUser>> {
-    let Some(Place::Hub { domain, sites, .. }) = place(dir)? else {
+    let Some(Place::Hub { sites, .. }) = place(dir)? else {
         return Ok(Vec::new());
     };
     let site_subjects = bus::fleet::sites_of(hub_subjects).ok_or_else(|| {
@@ -183,7 +183,7 @@ pub fn leaf_users(dir: &Path, hub_subjects: &Subjects) -> anyhow::Result<Vec<Lea
                 site: site.clone(),
                 link,
                 nkey: key.trim().to_string(),
-                permissions: link.permissions(&site_subjects, site, &domain),
+                permissions: link.permissions(&site_subjects, site),
             });
         }
     }
@@ -257,6 +257,17 @@ mod tests {
         let key = read("site-a/leaf/status.nk");
         let public = nkeys::KeyPair::from_seed(key.trim()).unwrap().public_key();
         let sites_account = hub.find("POLICY_STORE_SITES: {").unwrap();
+        // The config link's user is in the site's own account, which imports only its own.
+        let config_key = read("site-a/leaf/config.nk");
+        let config_public = nkeys::KeyPair::from_seed(config_key.trim())
+            .unwrap()
+            .public_key();
+        let own = hub.find("  POLICY_FLEET_SITE_A: {").unwrap();
+        assert!(hub.find(&config_public).unwrap() > own);
+        assert!(
+            hub.contains("{ stream: \"$FLEET.site-a.down.>\", accounts: [POLICY_FLEET_SITE_A] }"),
+            "{hub}"
+        );
         let user = hub.find(&public).unwrap();
         assert!(
             user > sites_account,

@@ -4,9 +4,10 @@
 
 use std::fmt::Write as _;
 
-use bus::accounts::{self, Account};
+use bus::accounts::{self, Account, Export, Import};
 use bus::leaf::Link;
 use bus::roles::{Permissions, Role};
+use bus::store::Store;
 use bus::Subjects;
 
 use super::User;
@@ -69,6 +70,57 @@ pub struct LeafUser {
     pub permissions: Permissions,
 }
 
+/// A hub's accounts for its sites' `config` links (`bus::leaf::site_account`): each imports
+/// from the hub's config account what that site's source uses, which the config account
+/// exports to it (to the site's account alone, for its deliveries).
+fn with_site_accounts(
+    subjects: &Subjects,
+    mut accounts: Vec<Account>,
+    leaves: &[LeafUser],
+) -> Vec<Account> {
+    let Some(sites_subjects) = bus::fleet::sites_of(subjects) else {
+        return accounts;
+    };
+    let config = Store::Config.account();
+    for leaf in leaves.iter().filter(|l| l.link == Link::Config) {
+        let name = bus::leaf::site_account(&leaf.site);
+        let imports = bus::leaf::site_account_imports(&sites_subjects, &leaf.site);
+        if let Some(store) = accounts.iter_mut().find(|a| a.name == config) {
+            for (service, streamed, subject, _) in &imports {
+                match store.exports.iter_mut().find(|e| &e.subject == subject) {
+                    Some(e) => e.to.push(name.clone()),
+                    None => store.exports.push(Export {
+                        subject: subject.clone(),
+                        service: *service,
+                        streamed: *streamed,
+                        to: vec![name.clone()],
+                    }),
+                }
+            }
+        }
+        accounts.push(Account {
+            name: name.clone(),
+            about: format!(
+                "site {}'s account for its config link: the fleet's documents, and nothing of another site's",
+                leaf.site
+            ),
+            jetstream: None,
+            exports: Vec::new(),
+            imports: imports
+                .into_iter()
+                .map(|(service, _, subject, local)| Import {
+                    service,
+                    account: config.to_string(),
+                    subject,
+                    local,
+                })
+                .collect(),
+            users: Vec::new(),
+        });
+    }
+    accounts
+}
+
 fn render_account(
     out: &mut String,
     subjects: &Subjects,
@@ -92,7 +144,7 @@ fn render_account(
         .collect();
     let leaves: Vec<&LeafUser> = leaves
         .iter()
-        .filter(|l| l.link.hub_store().account() == account.name)
+        .filter(|l| l.link.hub_account(&l.site) == account.name)
         .collect();
     if !here.is_empty() || !leaves.is_empty() {
         let _ = writeln!(out, "    users: [");
@@ -174,7 +226,7 @@ fn render_with(subjects: &Subjects, users: &[User], leaves: &[LeafUser], header:
     let mut out = String::new();
     out.push_str(header);
     let _ = writeln!(out, "accounts {{");
-    for account in accounts::layout(subjects, &roles) {
+    for account in with_site_accounts(subjects, accounts::layout(subjects, &roles), leaves) {
         render_account(&mut out, subjects, &account, users, &roles, leaves);
     }
     let _ = writeln!(out, "}}");

@@ -108,10 +108,11 @@ fn rogue_site(servers: &FleetServers, site: &str) -> NatsServer {
              leafnodes {{ reconnect: 1, remotes: [{}] }}\n\
              accounts {{\n\
                POLICY_STORE_CONFIG: {{ jetstream: enabled, users: [{{ user: rogue, password: rogue }}], \
-                 exports: [{{ service: \"$JS.hub.API.>\" }}] }}\n\
+                 exports: [{{ service: \"$JS.hub.API.>\" }}, {{ service: \"$FLEET.{site}.api.>\" }}] }}\n\
                POLICY_STORE_LOG: {{ jetstream: enabled, users: [{{ user: rogue-log, password: rogue }}] }}\n\
                ROGUE: {{ users: [{{ user: rogue-api, password: rogue }}], \
-                 imports: [{{ service: {{ account: POLICY_STORE_CONFIG, subject: \"$JS.hub.API.>\" }} }}] }}\n\
+                 imports: [{{ service: {{ account: POLICY_STORE_CONFIG, subject: \"$JS.hub.API.>\" }} }}, \
+                   {{ service: {{ account: POLICY_STORE_CONFIG, subject: \"$FLEET.{site}.api.>\" }} }}] }}\n\
              }}\n",
             remotes.join(", ")
         ),
@@ -149,8 +150,36 @@ async fn a_sites_leaf_identities_cannot_write_at_the_hub_nor_make_it_write() {
     let (hub_auth, b_auth) = (servers.auth("hub"), servers.auth("site-b"));
     let FleetServers { hub, mut sites, .. } = servers;
     let hub = start_hub_as(hub, &["site-a", "site-b"], hub_auth).await;
-    let _site_b = start_site_as(sites.pop().expect("site-b"), b_auth).await;
+    let site_b = start_site_as(sites.pop().expect("site-b"), b_auth).await;
+    // Whatever crosses the rogue's config link about another site: its deliveries, API
+    // replies, consumers.
+    let rogue_config = login(&rogue, "rogue").await;
+    let mut others = Vec::new();
+    for subject in ["$FLEET.site-b.>", "$JS.S.>", "$JSC.R.>", "_R_.>"] {
+        others.push(rogue_config.subscribe(subject).await.expect("subscribe"));
+    }
+    rogue_config.flush().await.expect("flush");
     deny_db(&hub).await;
+    let hook = site_b.hook().await;
+    eventually("site-b denies db by the fleet's policy", || async {
+        let got = decides(&hook, "db").await?;
+        (got == Action::Deny)
+            .then_some(())
+            .ok_or(format!("{got:?}"))
+    })
+    .await;
+    // Site-b took the fleet's documents (deliveries, consumer replies, direct gets): none of it
+    // reached the rogue's link, which is bound to an account of its own at the hub.
+    for mut sub in others {
+        let seen = tokio::time::timeout(
+            Duration::from_millis(500),
+            futures::StreamExt::next(&mut sub),
+        )
+        .await;
+        if let Ok(Some(m)) = seen {
+            panic!("the rogue site saw {} (another site's traffic)", m.subject);
+        }
+    }
 
     // What the hub holds, as its dispatcher's store identity reads it.
     let subjects = hub.subjects();
@@ -164,12 +193,11 @@ async fn a_sites_leaf_identities_cannot_write_at_the_hub_nor_make_it_write() {
     let before = config.info().await.expect("info").state.clone();
     assert!(before.messages >= 2, "{before:?}");
 
-    let rogue_config = login(&rogue, "rogue").await;
     let rogue_api = login(&rogue, "rogue-api").await;
     let bucket = subjects.config_bucket();
     // The link works: the fleet's documents are there to read, as the site's dispatcher does.
     eventually("the rogue site reads the fleet's deny", || async {
-        let get = format!("$JS.hub.API.DIRECT.GET.{stream}.$KV.{bucket}.pol.acl.no-db");
+        let get = format!("$FLEET.site-a.api.DIRECT.GET.{stream}.$KV.{bucket}.pol.acl.no-db");
         answered(&rogue_api, &get, "")
             .await
             .filter(|a| a.contains("no-db"))
@@ -191,15 +219,18 @@ async fn a_sites_leaf_identities_cannot_write_at_the_hub_nor_make_it_write() {
             .await
             .expect("publish");
     }
-    // The stream's API beyond reading: nothing answers.
-    for call in ["PURGE", "DELETE", "UPDATE", "INFO"] {
-        let subject = format!("$JS.hub.API.STREAM.{call}.{stream}");
-        let body = json!({"name": stream, "subjects": ["$KV.>"]}).to_string();
-        assert_eq!(
-            answered(&rogue_api, &subject, &body).await,
-            None,
-            "{subject}"
-        );
+    // The stream's API beyond reading, at the site's API and at the hub's domain API:
+    // nothing answers.
+    for api in ["$FLEET.site-a.api", "$JS.hub.API"] {
+        for call in ["PURGE", "DELETE", "UPDATE", "INFO"] {
+            let subject = format!("{api}.STREAM.{call}.{stream}");
+            let body = json!({"name": stream, "subjects": ["$KV.>"]}).to_string();
+            assert_eq!(
+                answered(&rogue_api, &subject, &body).await,
+                None,
+                "{subject}"
+            );
+        }
     }
     // A consumer the site may create, delivering into the fleet's bucket: refused as a cycle.
     let create = json!({"stream_name": stream, "config": {
@@ -207,7 +238,7 @@ async fn a_sites_leaf_identities_cannot_write_at_the_hub_nor_make_it_write() {
         "deliver_policy": "all", "ack_policy": "none"}});
     let reply = answered(
         &rogue_api,
-        &format!("$JS.hub.API.CONSUMER.CREATE.{stream}"),
+        &format!("$FLEET.site-a.api.CONSUMER.CREATE.{stream}"),
         &create.to_string(),
     )
     .await
@@ -221,7 +252,7 @@ async fn a_sites_leaf_identities_cannot_write_at_the_hub_nor_make_it_write() {
             .decision_log_wildcard()
             .replace('>', "new-connection"),
         format!("{}.site.site-b.log.new-connection", subjects.prefix()),
-        "$FLEET.site-b.S.forged".to_string(),
+        "$FLEET.site-b.up.S.forged".to_string(),
     ] {
         rogue_log
             .publish(subject, "forged".into())
@@ -271,7 +302,7 @@ async fn forge_after_a_real_delivery(
     payload: &str,
 ) {
     let mut deliveries = client
-        .subscribe("$FLEET.site-a.S.>")
+        .subscribe("$FLEET.site-a.up.S.>")
         .await
         .expect("watch the deliveries");
     client.flush().await.expect("flush");

@@ -21,15 +21,13 @@ fn three_free_ports() -> u16 {
     }
 }
 
+/// `up --sites 2`, then the same fleet secured (`--secure`): every server runs its folder of
+/// `auth fleet`, every process its role's seed, every leaf connection its site's leaf
+/// identity. One after the other, in one test: each takes ports next to each other, and two at
+/// once could take the same.
 #[test]
-fn policyctl_up_sites_2_runs_a_fleet_and_ctrl_c_stops_all_of_it() {
+fn policyctl_up_sites_2_runs_a_fleet_plain_and_secured_and_ctrl_c_stops_all_of_it() {
     up_sites_2(None);
-}
-
-/// The same fleet secured: every server runs its folder of `auth fleet`, every process its
-/// role's seed, every leaf connection its site's leaf identity.
-#[test]
-fn policyctl_up_sites_2_secure_runs_a_secured_fleet() {
     let dir = tempfile::tempdir().expect("temp dir");
     let said = up_sites_2(Some(dir.path()));
     assert!(said.iter().any(|l| l.contains("secured fleet")), "{said:?}");
