@@ -68,6 +68,12 @@ impl FleetServers {
     /// and the leaf identities and permissions), and each server runs its folder's nats.conf.
     pub fn start_secured(sites: &[&str]) -> Self {
         let leaf_port = free_port();
+        Self::start_secured_via(sites, leaf_port, |_| leaf_port)
+    }
+
+    /// [`Self::start_secured`], with the hub taking leaf connections on `leaf_port` and site
+    /// `i`'s going to the port `via(i)` (a proxy the test controls).
+    pub fn start_secured_via(sites: &[&str], leaf_port: u16, via: impl Fn(usize) -> u16) -> Self {
         let root = tempfile::tempdir().expect("temp dir");
         let out = Command::new(bin("policyctl"))
             .args(["auth", "fleet", "--sites", &sites.join(",")])
@@ -83,6 +89,13 @@ impl FleetServers {
             "policyctl auth fleet: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        for (i, name) in sites.iter().enumerate() {
+            let leaf = root.path().join(name).join("leaf.conf");
+            let text = std::fs::read_to_string(&leaf).expect("the site's leaf.conf");
+            let to = format!("nats-leaf://127.0.0.1:{}", via(i));
+            let text = text.replace(&format!("nats-leaf://127.0.0.1:{leaf_port}"), &to);
+            std::fs::write(&leaf, text).expect("point the site at its proxy");
+        }
         let conf = |name: &str| root.path().join(name).join("nats.conf");
         let hub = NatsServer::start_with_conf(&conf("hub"), Vec::new());
         let sites = sites

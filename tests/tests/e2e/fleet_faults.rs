@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bus::Action;
-use e2e::fleet::{hub_engine, start_hub, start_site, FleetServers, HUB_DOMAIN};
+use e2e::fleet::{hub_engine, start_hub_as, start_site, start_site_as, FleetServers, HUB_DOMAIN};
 use e2e::proxy::Proxy;
 use e2e::{free_port, Engine};
 use serde_json::json;
@@ -68,20 +68,21 @@ type Load = (
 
 /// A closed loop of `workers` gateways at one site, alternating `web -> db` (correct: the
 /// fleet's deny) and `web -> api` (correct: the fleet's allow), never retrying.
-fn load(site: &Engine, workers: usize) -> Load {
+async fn load(site: &Engine, workers: usize) -> Load {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let (url, subjects) = (site.url(), site.subjects());
-    let handles = (0..workers)
-        .map(|w| {
-            let (tally, stopped, url, subjects) = (
-                tally.clone(),
-                stopped.clone(),
-                url.clone(),
-                subjects.clone(),
-            );
+    let subjects = site.subjects();
+    // Each gateway its own connection, as the gateway role on a secured bus.
+    let mut clients = Vec::new();
+    for _ in 0..workers {
+        clients.push(site.client_as(&bus::roles::Role::Gateway).await);
+    }
+    let handles = clients
+        .into_iter()
+        .enumerate()
+        .map(|(w, nats)| {
+            let (tally, stopped, subjects) = (tally.clone(), stopped.clone(), subjects.clone());
             tokio::spawn(async move {
-                let nats = async_nats::connect(url).await.expect("connect");
                 let hook = bus::Client::new(nats, subjects).with_timeout(Duration::from_secs(2));
                 let mut i = w;
                 while !*stopped.borrow() {
@@ -136,8 +137,14 @@ async fn sourced_and_written(site: &Engine, hub: &Engine) -> (Vec<u64>, Vec<u64>
         engine: &Engine,
         stream: &str,
     ) -> Vec<async_nats::jetstream::message::StreamMessage> {
-        let js = async_nats::jetstream::new(engine.client().await);
-        let s = js.get_stream(stream).await.expect("stream");
+        // As the dispatcher's store identity, which reaches the config bucket on either bus.
+        let (client, _errors) = engine
+            .watched_store_client(&bus::roles::Role::Dispatcher)
+            .await;
+        let jet = bus::store::Jet::reach(&client, &engine.subjects(), bus::store::Store::Config)
+            .await
+            .expect("reach the config store");
+        let s = jet.context().get_stream(stream).await.expect("stream");
         let last = s.get_info().await.expect("info").state.last_sequence;
         let mut out = Vec::new();
         for seq in 1..=last {
@@ -181,20 +188,41 @@ async fn sourced_and_written(site: &Engine, hub: &Engine) -> (Vec<u64>, Vec<u64>
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_site_cut_off_from_the_hub_keeps_deciding_and_catches_up_in_order() {
+    cut_off(false).await;
+}
+
+/// The same on the secured bus: each site's three leaf connections (config, status, log) go
+/// through its proxy, and are cut together.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secured_site_cut_off_from_the_hub_keeps_deciding_and_catches_up_in_order() {
+    cut_off(true).await;
+}
+
+async fn cut_off(secured: bool) {
     let leaf_port = free_port();
     let proxies = [
         Proxy::start(leaf_port, WAN).await,
         Proxy::start(leaf_port, WAN).await,
     ];
+    let names = ["site-a", "site-b"];
+    let servers = match secured {
+        true => FleetServers::start_secured_via(&names, leaf_port, |i| proxies[i].port()),
+        false => FleetServers::start_via(&names, leaf_port, |i| proxies[i].port()),
+    };
+    let auth: Vec<_> = ["hub", "site-a", "site-b"]
+        .iter()
+        .map(|n| servers.auth(n))
+        .collect();
     let FleetServers {
         hub,
         mut sites,
         confs: _confs,
+        auth: _root,
         ..
-    } = FleetServers::start_via(&["site-a", "site-b"], leaf_port, |i| proxies[i].port());
-    let hub = start_hub(hub, &["site-a", "site-b"]).await;
-    let site_b = start_site(sites.pop().expect("site-b")).await;
-    let site_a = start_site(sites.pop().expect("site-a")).await;
+    } = servers;
+    let hub = start_hub_as(hub, &names, auth[0].clone()).await;
+    let site_b = start_site_as(sites.pop().expect("site-b"), auth[2].clone()).await;
+    let site_a = start_site_as(sites.pop().expect("site-a"), auth[1].clone()).await;
     apply_fleet(&hub).await;
     let (hook_a, hook_b) = (site_a.hook().await, site_b.hook().await);
     for hook in [&hook_a, &hook_b] {
@@ -213,7 +241,7 @@ async fn a_site_cut_off_from_the_hub_keeps_deciding_and_catches_up_in_order() {
         },
     )
     .await;
-    let (load_a, load_b) = (load(&site_a, 4), load(&site_b, 4));
+    let (load_a, load_b) = (load(&site_a, 4).await, load(&site_b, 4).await);
     tokio::time::sleep(Duration::from_secs(1)).await;
     proxies[0].cut();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -302,9 +330,10 @@ async fn a_site_cut_off_from_the_hub_keeps_deciding_and_catches_up_in_order() {
         "{out}"
     );
     eprintln!(
-        "fleet partition ({} ms each way): {a}; {b}; a fleet change reached the linked site in \
+        "fleet partition{} ({} ms each way): {a}; {b}; a fleet change reached the linked site in \
          {} ms, the cut site {} ms after healing; a site change applied at the cut site in {} ms; \
          {} fleet changes sourced in order",
+        if secured { ", secured" } else { "" },
         WAN.as_millis(),
         at_b.as_millis(),
         at_a.as_millis(),
@@ -332,7 +361,7 @@ async fn with_the_hub_down_every_site_keeps_deciding() {
         time_until(hook, "api", Action::Allow, WAIT).await;
         time_until(hook, "db", Action::Deny, WAIT).await;
     }
-    let (load_a, load_b) = (load(&site_a, 4), load(&site_b, 4));
+    let (load_a, load_b) = (load(&site_a, 4).await, load(&site_b, 4).await);
     tokio::time::sleep(Duration::from_secs(1)).await;
     hub.nats.stop();
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -395,7 +424,7 @@ async fn a_site_restarted_while_cut_off_decides_on_what_it_last_had() {
         .await;
     site.wait_instances("policy-agent-acl", 1).await;
 
-    let load_a = load(&site, 4);
+    let load_a = load(&site, 4).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let hook = site.hook().await;
     assert_eq!(decides(&hook, "cache").await, Ok(Action::Deny));
