@@ -5,6 +5,7 @@
 
 pub mod kind;
 pub mod kinds;
+pub mod label;
 pub mod metrics;
 pub mod pattern;
 pub mod runtime;

@@ -12,10 +12,7 @@ use std::collections::BTreeMap;
 use bus::event::Labels;
 use serde::Deserialize;
 
-/// The longest label key Kubernetes allows (a 253-byte prefix, `/`, a 63-byte name).
-const MAX_KEY: usize = 317;
-/// The longest label value Kubernetes allows.
-const MAX_VALUE: usize = 63;
+use crate::label::{check_key, check_value};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(
@@ -51,24 +48,16 @@ pub enum Operator {
 }
 
 impl Selector {
-    /// Checks what serde cannot: the operators' values, and the sizes Kubernetes allows.
+    /// Checks what serde cannot: the operators' values, and keys and values as Kubernetes
+    /// validates them (`crate::label`).
     pub fn validate(&self, field: &str) -> Result<(), String> {
-        let key_ok = |k: &str| !k.is_empty() && k.len() <= MAX_KEY;
-        let value_ok = |v: &str| v.len() <= MAX_VALUE;
         for (k, v) in &self.match_labels {
-            if !key_ok(k) || !value_ok(v) {
-                return Err(format!(
-                    "{field}.matchLabels: {k:?}: {v:?} is not a label (a key of 1 to {MAX_KEY} characters, a value of at most {MAX_VALUE})"
-                ));
-            }
+            check_key(k)
+                .and_then(|()| check_value(v))
+                .map_err(|e| format!("{field}.matchLabels: {e}"))?;
         }
         for r in &self.match_expressions {
-            if !key_ok(&r.key) {
-                return Err(format!(
-                    "{field}.matchExpressions: key {:?} must have 1 to {MAX_KEY} characters",
-                    r.key
-                ));
-            }
+            check_key(&r.key).map_err(|e| format!("{field}.matchExpressions: {e}"))?;
             match (r.operator, r.values.is_empty()) {
                 (Operator::In | Operator::NotIn, true) => {
                     return Err(format!(
@@ -84,11 +73,9 @@ impl Selector {
                 }
                 _ => {}
             }
-            if let Some(v) = r.values.iter().find(|v| !value_ok(v)) {
-                return Err(format!(
-                    "{field}.matchExpressions: value {v:?} of {:?} is longer than {MAX_VALUE} characters",
-                    r.key
-                ));
+            for v in &r.values {
+                check_value(v)
+                    .map_err(|e| format!("{field}.matchExpressions: {:?}: {e}", r.key))?;
             }
         }
         Ok(())
@@ -184,9 +171,25 @@ mod tests {
             ),
             (
                 r#"{"matchExpressions": [{"key": "", "operator": "Exists"}]}"#,
-                "1 to 317",
+                "is not a label key",
             ),
-            (r#"{"matchLabels": {"": "x"}}"#, "is not a label"),
+            (r#"{"matchLabels": {"": "x"}}"#, "is not a label key"),
+            (
+                r#"{"matchLabels": {"this is not a key": "x"}}"#,
+                "is not a label key",
+            ),
+            (
+                r#"{"matchLabels": {"app": "not a value"}}"#,
+                "is not a label value",
+            ),
+            (
+                r#"{"matchExpressions": [{"key": "app", "operator": "In", "values": ["a b"]}]}"#,
+                "is not a label value",
+            ),
+            (
+                r#"{"matchExpressions": [{"key": "Bad.Prefix/app", "operator": "Exists"}]}"#,
+                "its prefix",
+            ),
         ] {
             let err = selector(json).validate("dst_labels").expect_err(json);
             assert!(

@@ -209,3 +209,41 @@ async fn the_shipped_clusterlink_tiers_example_decides_in_clusterlinks_order() {
         );
     }
 }
+
+/// A selector Kubernetes would refuse (a key with spaces, a prefix in capitals, a value with a
+/// space) is refused when it is applied, naming the field and the rule, and nothing of the
+/// request is stored: before, it was stored and never matched.
+#[tokio::test(flavor = "multi_thread")]
+async fn selectors_kubernetes_refuses_are_refused_and_nothing_is_stored() {
+    let mut engine = Engine::new();
+    engine.start(&["acl"]).await;
+    let admin = engine.admin().await;
+    let good = doc(json!({"agent": "acl", "id": "fine", "priority": 0, "action": "allow",
+        "match": {"dst_labels": {"matchLabels": {"app.kubernetes.io/name": "db"}}}}));
+    for (selector, says) in [
+        (
+            json!({"matchLabels": {"this is not a key": "x"}}),
+            "\"this is not a key\" is not a label key",
+        ),
+        (
+            json!({"matchExpressions": [{"key": "Example.com/app", "operator": "Exists"}]}),
+            "its prefix \"Example.com\" must be a DNS subdomain",
+        ),
+        (
+            json!({"matchLabels": {"app": "not a value"}}),
+            "\"not a value\" is not a label value",
+        ),
+    ] {
+        let bad = doc(json!({"agent": "acl", "id": "bad", "priority": 0, "action": "deny",
+            "match": {"src_labels": selector}}));
+        let err = admin
+            .policy_add(vec![good.clone(), bad])
+            .await
+            .expect_err("refused");
+        let said = err.to_string();
+        assert!(said.contains(says) && said.contains("src_labels"), "{said}");
+    }
+    let stored = admin.policy_list(None).await.expect("list");
+    assert!(stored.is_empty(), "nothing stored: {stored:?}");
+    admin.policy_add(vec![good]).await.expect("a valid selector");
+}
