@@ -218,8 +218,10 @@ async fn selectors_kubernetes_refuses_are_refused_and_nothing_is_stored() {
     let mut engine = Engine::new();
     engine.start(&["acl"]).await;
     let admin = engine.admin().await;
-    let good = doc(json!({"agent": "acl", "id": "fine", "priority": 0, "action": "allow",
-        "match": {"dst_labels": {"matchLabels": {"app.kubernetes.io/name": "db"}}}}));
+    let good = doc(
+        json!({"agent": "acl", "id": "fine", "priority": 0, "action": "allow",
+        "match": {"dst_labels": {"matchLabels": {"app.kubernetes.io/name": "db"}}}}),
+    );
     for (selector, says) in [
         (
             json!({"matchLabels": {"this is not a key": "x"}}),
@@ -234,8 +236,10 @@ async fn selectors_kubernetes_refuses_are_refused_and_nothing_is_stored() {
             "\"not a value\" is not a label value",
         ),
     ] {
-        let bad = doc(json!({"agent": "acl", "id": "bad", "priority": 0, "action": "deny",
-            "match": {"src_labels": selector}}));
+        let bad = doc(
+            json!({"agent": "acl", "id": "bad", "priority": 0, "action": "deny",
+            "match": {"src_labels": selector}}),
+        );
         let err = admin
             .policy_add(vec![good.clone(), bad])
             .await
@@ -245,5 +249,8 @@ async fn selectors_kubernetes_refuses_are_refused_and_nothing_is_stored() {
     }
     let stored = admin.policy_list(None).await.expect("list");
     assert!(stored.is_empty(), "nothing stored: {stored:?}");
-    admin.policy_add(vec![good]).await.expect("a valid selector");
+    admin
+        .policy_add(vec![good])
+        .await
+        .expect("a valid selector");
 }
