@@ -304,8 +304,8 @@ async fn a_dispatchers_identity_cannot_write_the_fleets_documents() {
 
 /// A hub rebuilt without its store makes its bucket again, and its revisions start over: a
 /// site's source would take only what the new bucket writes past the revision the site had.
-/// The site says so, for good (status, metric), keeps deciding on the fleet's documents it
-/// has, and the hub shows it.
+/// The site says so, for good (its status, and `policyctl status`), keeps deciding on the
+/// fleet's documents it has, and the hub shows it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_site_notices_a_hub_made_again_and_keeps_what_it_has() {
     let FleetServers {
