@@ -388,6 +388,17 @@ async fn admin_typos_are_refused_with_a_suggestion_unless_forced() {
     assert!(msg.contains("did you mean `new-connection`"), "{msg}");
     let admin = engine.admin().await;
     assert!(admin.subscriptions(None).await.expect("list").is_empty());
+    // A shipped kind is known, though none of its instances runs yet: its subscription is
+    // stored, as an orderly start-up (configuration before agents) needs.
+    admin
+        .subscribe(&sub("new-connection", "lb", 2))
+        .await
+        .expect("a shipped kind with no instance yet");
+    assert_eq!(admin.subscriptions(None).await.expect("list").len(), 1);
+    admin
+        .unsubscribe("new-connection", "lb")
+        .await
+        .expect("unsubscribe");
 
     // The CLI says the same in one line, and --force stores it.
     let url = engine.nats.url();
