@@ -216,7 +216,7 @@ fn suggestion(word: &str, known: &[String]) -> String {
 
 /// Refuses what is almost surely a typo: an event neither in the contract nor subscribed, or
 /// a kind nobody knows with no live instance (a chain with a kind nobody runs denies every
-/// decision). A shipped kind, or one already subscribed to some event, is known: its
+/// decision). A shipped kind, a deployed module's, or one already subscribed to some event, is known: its
 /// subscription is stored before its instances start, as a GitOps or compose start-up order
 /// needs, and its events are denied (`no-live-instance`) until one answers.
 pub(crate) async fn check_subscribe(
@@ -245,9 +245,12 @@ pub(crate) async fn check_subscribe(
     let live = bus::client::any_instance(&d.nats, &service, PING_WINDOW)
         .await
         .unwrap_or(false);
-    let known_kind = SHIPPED_KINDS.contains(&kind.as_str())
-        || d.table.kinds().iter().any(|k| k == kind.as_str());
-    if !live && !known_kind {
+    let known_kind = || async {
+        SHIPPED_KINDS.contains(&kind.as_str())
+            || d.table.kinds().iter().any(|k| k == kind.as_str())
+            || crate::modules::deployed(d, kind).await
+    };
+    if !live && !known_kind().await {
         let mut known: Vec<String> = SHIPPED_KINDS.iter().map(|k| k.to_string()).collect();
         known.extend(d.table.kinds());
         return Err(ErrorReply::new(

@@ -113,6 +113,15 @@ pub(crate) async fn deploy(d: &Dispatcher, args: AgentDeploy) -> Result<Bytes, E
     reply(&bus::modules::describe(&info))
 }
 
+/// Whether a module is deployed as `kind` (a read that fails says no).
+pub(crate) async fn deployed(d: &Dispatcher, kind: &Kind) -> bool {
+    let Ok(store) = store(d).await else {
+        return false;
+    };
+    let info = tokio::time::timeout(STORE_TIMEOUT, store.info(kind.as_str())).await;
+    matches!(info, Ok(Ok(i)) if !i.deleted)
+}
+
 pub(crate) async fn remove(d: &Dispatcher, args: AgentRemove) -> Result<Bytes, ErrorReply> {
     let kind = module_kind(&args.kind)?;
     let store = store(d).await?;

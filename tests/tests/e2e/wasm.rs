@@ -271,3 +271,37 @@ async fn the_wasm_host_cannot_serve_a_native_kind_nor_take_its_name() {
     assert_eq!(code, Some(0), "{err}");
     engine.wait_instances("policy-agent-geo2", 1).await;
 }
+
+/// A deployed module's kind is known: with no wasm host running (a restart, a start-up order
+/// that brings the hosts last), its subscription is stored without `--force`, and its events
+/// are denied until a host serves it. A kind nobody knows is still refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployed_modules_kind_is_subscribed_before_a_host_serves_it() {
+    let mut engine = Engine::new();
+    engine.start(&["acl"]).await;
+    engine.agent("wasm", &[]);
+    engine
+        .wait_instances(bus::headers::WASM_HOST_SERVICE, 1)
+        .await;
+    let (code, _, err) = policyctl(
+        &engine,
+        &["agent", "deploy", "geo", &module("allow-v1.wat")],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        engine.take("policy-agent wasm").terminate(),
+        "the host stops"
+    );
+    let admin = engine.admin().await;
+    admin
+        .subscribe(&sub("new-connection", "geo", 20))
+        .await
+        .expect("a deployed module's kind, no host yet");
+    let err = admin
+        .subscribe(&sub("new-connection", "gea", 30))
+        .await
+        .expect_err("a kind nobody knows");
+    assert!(err.to_string().contains("no live instance"), "{err}");
+    let subs = admin.subscriptions(None).await.expect("list");
+    assert_eq!(subs.len(), 1, "{subs:?}");
+}
