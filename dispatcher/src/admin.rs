@@ -16,7 +16,6 @@ use bus::subject::{did_you_mean, SHIPPED_KINDS};
 use bus::{codec, ErrorCode, ErrorReply, Kind, Value};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use serde::Serialize;
 
 use crate::Dispatcher;
 
@@ -25,18 +24,7 @@ const VALIDATE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long `subscribe` waits for a kind's instance to answer `$SRV.PING`.
 const PING_WINDOW: Duration = Duration::from_millis(500);
 
-pub(crate) fn reply<T: Serialize>(value: &T) -> Result<Bytes, ErrorReply> {
-    codec::encode("admin reply", value)
-        .map(Bytes::from)
-        .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))
-}
-
-pub(crate) fn unavailable(e: impl std::fmt::Display) -> ErrorReply {
-    ErrorReply::new(
-        ErrorCode::Internal,
-        format!("config bucket unavailable: {e}"),
-    )
-}
+pub(crate) use crate::replies::{reply, unavailable};
 
 /// Refuses a site's write of a key the fleet holds (at a site of a fleet, `bus::fleet`): the
 /// fleet's document would shadow it, and the operator would think it applied. One key is one

@@ -12,7 +12,7 @@ use bus::{codec, ErrorCode, ErrorReply, Kind};
 use bytes::Bytes;
 use futures::TryStreamExt;
 
-use crate::admin::{reply, unavailable};
+use crate::replies::{reply, unavailable};
 use crate::Dispatcher;
 
 /// A host compiles a module before answering: text modules take a moment to parse.
