@@ -82,13 +82,7 @@ fn ensure_leaf_seeds(site_dir: &Path) -> anyhow::Result<Vec<(Link, String)>> {
     for link in Link::ALL {
         let path = leaf_seed(site_dir, link);
         if !path.exists() {
-            let pair = nkeys::KeyPair::new_user();
-            let seed = pair
-                .seed()
-                .map_err(|e| anyhow!("cannot generate an nkey: {e}"))?;
-            std::fs::write(&path, format!("{seed}\n"))
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            super::restrict(&path, 0o600)?;
+            super::new_seed(&path)?;
         }
         let pair = nkeys::KeyPair::from_seed(&read_seed(&path)?)
             .map_err(|e| anyhow!("{}: {e}", path.display()))?;

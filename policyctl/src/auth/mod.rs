@@ -97,15 +97,9 @@ pub fn ensure(dir: &Path, subjects: &Subjects, roles: &[Role]) -> anyhow::Result
             if path.exists() {
                 continue;
             }
-            let pair = nkeys::KeyPair::new_user();
-            let seed = pair
-                .seed()
-                .map_err(|e| anyhow!("cannot generate an nkey: {e}"))?;
-            std::fs::write(&path, format!("{seed}\n"))
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            restrict(&path, 0o600)?;
+            let key = new_seed(&path)?;
             let public = dir.join(format!("{}.pub", stem(role, store)));
-            std::fs::write(&public, format!("{}\n", pair.public_key()))
+            std::fs::write(&public, format!("{key}\n"))
                 .with_context(|| format!("cannot write {}", public.display()))?;
             written.push(path);
         }
@@ -122,6 +116,18 @@ pub fn ensure(dir: &Path, subjects: &Subjects, roles: &[Role]) -> anyhow::Result
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(written)
+}
+
+/// Writes a new user nkey's bare seed to `path` (mode 0600); returns its public key.
+pub(crate) fn new_seed(path: &Path) -> anyhow::Result<String> {
+    let pair = nkeys::KeyPair::new_user();
+    let seed = pair
+        .seed()
+        .map_err(|e| anyhow!("cannot generate an nkey: {e}"))?;
+    std::fs::write(path, format!("{seed}\n"))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    restrict(path, 0o600)?;
+    Ok(pair.public_key())
 }
 
 #[cfg(unix)]
