@@ -59,6 +59,7 @@ fn bench(c: &mut Criterion) {
         src_labels: None,
         dst_labels: None,
         peer_labels: None,
+        namespace: None,
     });
     let state = ev.initial_state();
     let mut group = c.benchmark_group("acl_decide_new_connection");
@@ -88,6 +89,7 @@ fn bench(c: &mut Criterion) {
         src_labels: labelled(&[("tier", "frontend"), ("team", "shop")]),
         dst_labels: labelled(&[("app", "app-7"), ("env", "prod")]),
         peer_labels: None,
+        namespace: None,
     });
     let state = ev.initial_state();
     let mut group = c.benchmark_group("acl_decide_mixed_labels");

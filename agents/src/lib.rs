@@ -3,6 +3,7 @@
 //! is unit-testable without NATS.
 #![forbid(unsafe_code)]
 
+pub mod clusterlink;
 pub mod kind;
 pub mod kinds;
 pub mod label;

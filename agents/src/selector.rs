@@ -10,24 +10,24 @@
 use std::collections::BTreeMap;
 
 use bus::event::Labels;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::label::{check_key, check_value};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
     deny_unknown_fields,
     rename_all = "camelCase",
     expecting = "a label selector: {matchLabels: {key: value}, matchExpressions: [{key, operator, values}]}"
 )]
 pub struct Selector {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub match_labels: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub match_expressions: Vec<Requirement>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
     deny_unknown_fields,
     expecting = "a selector term: {key, operator: In|NotIn|Exists|DoesNotExist, values}"
@@ -35,11 +35,11 @@ pub struct Selector {
 pub struct Requirement {
     pub key: String,
     pub operator: Operator,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub values: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Operator {
     In,
     NotIn,
@@ -83,7 +83,13 @@ impl Selector {
 
     /// Whether `labels` (none: no labels at all) satisfy every term.
     pub fn matches(&self, labels: Option<&Labels>) -> bool {
-        let get = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+        self.matches_with(|k| labels.and_then(|l| l.get(k)))
+    }
+
+    /// Whether the labels `get` finds by key satisfy every term: for attributes that are
+    /// spread over several maps (ClusterLink's destination: the service's and the peer's).
+    pub fn matches_with<'l>(&self, get: impl Fn(&str) -> Option<&'l String>) -> bool {
+        let get = |k: &str| get(k).map(String::as_str);
         self.match_labels
             .iter()
             .all(|(k, v)| get(k) == Some(v.as_str()))
@@ -97,6 +103,11 @@ impl Selector {
                     Operator::DoesNotExist => value.is_none(),
                 }
             })
+    }
+
+    /// No terms: matches everything (ClusterLink's `{}`).
+    pub fn is_empty(&self) -> bool {
+        self.match_labels.is_empty() && self.match_expressions.is_empty()
     }
 
     /// A `matchLabels` pair every matching label set has: the rule can be indexed by it.

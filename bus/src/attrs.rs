@@ -16,6 +16,7 @@ pub const DST_LABELS: &str = "dst_labels";
 pub const PEER_LABELS: &str = "peer_labels";
 pub const SERVICE_LABELS: &str = "service_labels";
 pub const SRC_PEER_LABELS: &str = "src_peer_labels";
+pub const NAMESPACE: &str = "namespace";
 /// The candidate lists an event may offer: `new-connection`'s peers, `expose-service`'s
 /// peers, `service-list-request`'s services. They seed the state's candidates.
 pub const DST_PEERS: &str = "dst_peers";

@@ -127,6 +127,11 @@ pub struct Reason {
     /// absent for a site's own, and for everything a single engine decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<crate::fleet::Level>,
+    /// The object the policy was made from, when it was made from another format's
+    /// (`AccessPolicy default/deny-gw1`, see [`crate::origin`]), so that an operator reads the
+    /// name they wrote rather than the generated id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 impl Reason {
@@ -137,11 +142,16 @@ impl Reason {
             effect,
             detail: None,
             level: None,
+            origin: None,
         }
     }
     /// Marks the reason as the fleet's when `level` is (a site's own stays unmarked).
     pub fn with_level(mut self, level: crate::fleet::Level) -> Self {
         self.level = (level == crate::fleet::Level::Fleet).then_some(level);
+        self
+    }
+    pub fn with_origin(mut self, origin: Option<&crate::origin::Origin>) -> Self {
+        self.origin = origin.map(ToString::to_string);
         self
     }
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
@@ -160,6 +170,9 @@ impl Reason {
         }
         if let Some(l) = self.level {
             m.push((Value::from("level"), Value::from(l.as_str())));
+        }
+        if let Some(o) = &self.origin {
+            m.push((Value::from("origin"), Value::from(o.as_str())));
         }
         Value::Map(m)
     }

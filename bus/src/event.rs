@@ -129,6 +129,10 @@ pub struct NewConnection {
     /// Labels of candidate peers, by peer name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_labels: Option<BTreeMap<String, Labels>>,
+    /// The namespace the connection belongs to, as ClusterLink scopes its AccessPolicies: the
+    /// Import's on the client's side, the Export's on the service's side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -392,6 +396,7 @@ mod tests {
             src_labels: None,
             dst_labels: None,
             peer_labels: None,
+            namespace: None,
         };
         let mut map: BTreeMap<String, Value> =
             codec::decode("t", &codec::encode("t", &nc).unwrap()).unwrap();

@@ -25,6 +25,7 @@ pub mod leaf;
 pub mod limits;
 pub mod merge;
 pub mod modules;
+pub mod origin;
 pub mod roles;
 pub mod slots;
 pub mod source;

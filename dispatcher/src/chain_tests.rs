@@ -13,6 +13,7 @@ fn connection(peers: &[&str]) -> Event {
         src_labels: None,
         dst_labels: None,
         peer_labels: None,
+        namespace: None,
     })
 }
 

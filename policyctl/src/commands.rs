@@ -235,11 +235,13 @@ async fn command(
             }
         }
         Command::Apply {
-            paths,
+            mut paths,
+            filename,
             dry_run,
             prune,
             force,
         } => {
+            paths.extend(filename);
             let options = crate::declarative::ApplyOptions {
                 dry_run,
                 prune,
@@ -258,7 +260,13 @@ async fn command(
                 out!("{l}");
             }
         }
-        Command::Diff { paths } => crate::declarative::diff(&admin, &paths).await?,
+        Command::Diff {
+            mut paths,
+            filename,
+        } => {
+            paths.extend(filename);
+            crate::declarative::diff(&admin, &paths).await?
+        }
         Command::Status { output } => {
             let status = admin.status().await?;
             output::print(output.get(), &status, || {

@@ -38,7 +38,9 @@ fn is_subscriptions_file(p: &Path) -> bool {
 pub fn read_inputs(paths: &[PathBuf]) -> anyhow::Result<Inputs> {
     let mut files = Vec::new();
     for path in paths {
-        if path.is_dir() {
+        if path == Path::new(crate::files::STDIN) {
+            files.push(path.clone());
+        } else if path.is_dir() {
             let mut found: Vec<PathBuf> = std::fs::read_dir(path)
                 .with_context(|| format!("cannot read {}", path.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -53,6 +55,14 @@ pub fn read_inputs(paths: &[PathBuf]) -> anyhow::Result<Inputs> {
         }
     }
     // A folder and a file in it name that file twice: read it once.
+    if paths
+        .iter()
+        .filter(|p| *p == Path::new(crate::files::STDIN))
+        .count()
+        > 1
+    {
+        bail!("standard input (-) can be read once");
+    }
     let mut seen = std::collections::HashSet::new();
     files.retain(|f| seen.insert(f.canonicalize().unwrap_or_else(|_| f.clone())));
     let (subs, policies): (Vec<PathBuf>, Vec<PathBuf>) =
@@ -86,7 +96,10 @@ pub fn read_inputs(paths: &[PathBuf]) -> anyhow::Result<Inputs> {
 fn shown(paths: &[PathBuf]) -> String {
     paths
         .iter()
-        .map(|p| p.display().to_string())
+        .map(|p| match p == Path::new(crate::files::STDIN) {
+            true => "standard input".to_string(),
+            false => p.display().to_string(),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -100,11 +100,12 @@ fn reason_line(r: &Json) -> String {
         Some(level) => format!(" ({level})"),
         None => String::new(),
     };
-    let mut s = format!(
-        "{}{level}: {}",
-        r["policy"].as_str().unwrap_or("?"),
-        r["effect"].as_str().unwrap_or("?")
-    );
+    // A policy made from another format's object is named by the object first.
+    let policy = match (r["origin"].as_str(), r["policy"].as_str().unwrap_or("?")) {
+        (Some(origin), id) => format!("{origin} [{id}]"),
+        (None, id) => id.to_string(),
+    };
+    let mut s = format!("{policy}{level}: {}", r["effect"].as_str().unwrap_or("?"));
     if let Some(d) = r["detail"].as_str() {
         s.push_str(&format!(" ({d})"));
     }
@@ -216,7 +217,7 @@ fn check_case(case: &Case) -> Result<(), String> {
     if let Some(r) = case.expect.get("reasons") {
         let listed = r.as_array().is_some_and(|l| l.iter().all(Json::is_object));
         if !listed {
-            return Err("expect.reasons must be a list of maps ({agent, policy, effect, detail}, any of them)".into());
+            return Err("expect.reasons must be a list of maps ({agent, policy, effect, detail, origin}, any of them)".into());
         }
     }
     Ok(())

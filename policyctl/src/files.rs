@@ -1,12 +1,19 @@
-//! Reading operator files: YAML policy documents (one or many, separated by `---`) and
-//! subscription lists, with errors that name the file and the document.
+//! Reading operator files: YAML or JSON policy documents (one or many, separated by `---`),
+//! ClusterLink's objects among them (see `agents::clusterlink`), and subscription lists, with
+//! errors that name the file, the document and, for ClusterLink's, the object.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use agents::clusterlink;
 use anyhow::{bail, Context};
 use bus::admin::{PolicyRef, Subscription};
+use bus::origin::Origin;
 use bus::Value;
 use serde::Deserialize;
+
+/// The path that stands for standard input, as kubectl's `-f -`.
+pub const STDIN: &str = "-";
 
 /// One policy document and where it came from, to name it in errors.
 #[derive(Debug)]
@@ -15,22 +22,44 @@ pub struct Doc {
     /// 1-based position in its file.
     pub index: usize,
     /// 1-based position in its document, when the document is a list (as `policy list -o
-    /// json` prints).
+    /// json` or `kubectl get -o yaml` print).
     pub item: Option<usize>,
+    /// The ClusterLink object the document was made from.
+    pub origin: Option<Origin>,
     pub value: Value,
 }
 
 impl Doc {
     pub fn place(&self) -> String {
-        match self.item {
-            Some(item) => format!(
-                "{}: document {}, item {item}",
-                self.file.display(),
-                self.index
-            ),
-            None => format!("{}: document {}", self.file.display(), self.index),
+        let mut s = format!("{}: document {}", shown(&self.file), self.index);
+        if let Some(item) = self.item {
+            s.push_str(&format!(", item {item}"));
         }
+        if let Some(origin) = &self.origin {
+            s.push_str(&format!(" ({origin})"));
+        }
+        s
     }
+}
+
+fn shown(file: &Path) -> String {
+    if file == Path::new(STDIN) {
+        "standard input".into()
+    } else {
+        file.display().to_string()
+    }
+}
+
+/// A file's text; `-` reads standard input.
+pub fn read_text(file: &Path) -> anyhow::Result<String> {
+    if file == Path::new(STDIN) {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read standard input")?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))
 }
 
 /// Reads every document of every file, checking the fields every policy needs (`agent`,
@@ -43,7 +72,7 @@ pub fn read_policies(files: &[PathBuf]) -> anyhow::Result<Vec<Doc>> {
             "no policy documents in {}",
             files
                 .iter()
-                .map(|f| f.display().to_string())
+                .map(|f| shown(f))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -51,39 +80,94 @@ pub fn read_policies(files: &[PathBuf]) -> anyhow::Result<Vec<Doc>> {
     Ok(docs)
 }
 
-/// [`read_policies`], where no document at all is not an error.
+/// [`read_policies`], where no document at all is not an error. ClusterLink's objects become
+/// the engine documents `agents::clusterlink` makes of them; Kubernetes lists (`kind: List`,
+/// `AccessPolicyList`, ...) are read item by item.
 pub fn read_policy_docs(files: &[PathBuf]) -> anyhow::Result<Vec<Doc>> {
     let mut docs = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
+        let text = read_text(file)?;
         for (i, de) in serde_norway::Deserializer::from_str(&text).enumerate() {
             let index = i + 1;
             let value = Value::deserialize(de).map_err(|e| {
-                anyhow::anyhow!("{}: document {index}: not valid YAML: {e}", file.display())
+                anyhow::anyhow!("{}: document {index}: not valid YAML: {e}", shown(file))
             })?;
             let items = match value {
                 Value::Nil => continue, // an empty document, as after a trailing `---`
-                Value::Array(items) => items
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, v)| (Some(i + 1), v))
-                    .collect(),
-                value => vec![(None, value)],
+                Value::Array(items) => numbered(items),
+                value => match list_items(&value) {
+                    Some(items) => numbered(items),
+                    None => vec![(None, value)],
+                },
             };
             for (item, value) in items {
-                let doc = Doc {
+                let at = Doc {
                     file: file.clone(),
                     index,
                     item,
+                    origin: None,
                     value,
                 };
-                PolicyRef::of(&doc.value).map_err(|e| anyhow::anyhow!("{}: {e}", doc.place()))?;
-                docs.push(doc);
+                if let Some(t) = clusterlink_object(&at)? {
+                    for value in t.policies {
+                        docs.push(Doc {
+                            origin: Some(t.origin.clone()),
+                            value,
+                            file: at.file.clone(),
+                            ..at
+                        });
+                    }
+                    continue;
+                }
+                PolicyRef::of(&at.value).map_err(|e| anyhow::anyhow!("{}: {e}", at.place()))?;
+                docs.push(at);
             }
         }
     }
     Ok(docs)
+}
+
+/// A Kubernetes list's items (`kind: List`, `AccessPolicyList`, ... with `items`), as
+/// `kubectl get ... -o yaml` prints them.
+fn list_items(value: &Value) -> Option<Vec<Value>> {
+    let Value::Map(entries) = value else {
+        return None;
+    };
+    let field = |name: &str| {
+        entries
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(name))
+            .map(|(_, v)| v)
+    };
+    let kind = field("kind")?.as_str()?;
+    match field("items")? {
+        Value::Array(items) if kind.ends_with("List") => Some(items.clone()),
+        _ => None,
+    }
+}
+
+/// The engine documents a ClusterLink object becomes; `None` for any other document.
+fn clusterlink_object(doc: &Doc) -> anyhow::Result<Option<clusterlink::Translated>> {
+    let is_map_with_api = matches!(&doc.value, Value::Map(m) if m.iter().any(|(k, _)| k.as_str() == Some("apiVersion")));
+    if !is_map_with_api {
+        return Ok(None);
+    }
+    let json = serde_json::to_value(&doc.value)
+        .map_err(|e| anyhow::anyhow!("{}: not a Kubernetes object: {e}", doc.place()))?;
+    if !clusterlink::is_clusterlink(&json) {
+        return Ok(None);
+    }
+    clusterlink::translate(&json)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", doc.place()))
+}
+
+fn numbered(items: Vec<Value>) -> Vec<(Option<usize>, Value)> {
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (Some(i + 1), v))
+        .collect()
 }
 
 /// The dispatcher names a bad document by its position in the request (`document K (...)`);
@@ -118,8 +202,7 @@ pub async fn add_policies(
 
 /// A subscriptions file: a YAML list of `{event, agent, priority, timeout_ms, failure, observe}`.
 pub fn read_subscriptions(file: &Path) -> anyhow::Result<Vec<Subscription>> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let text = read_text(file)?;
     let subs: Vec<Subscription> = serde_norway::from_str(&text)
         .with_context(|| format!("{}: not a list of subscriptions", file.display()))?;
     for s in &subs {

@@ -116,9 +116,14 @@ pub enum Command {
     /// subscriptions, every other *.yaml, *.yml or *.json policies): all validated first, then
     /// stored in one step or not at all. Prints each change as `diff` marks it.
     Apply {
-        /// Files and folders (a folder's configuration files are read, sorted by name).
-        #[arg(required = true)]
+        /// Files and folders (a folder's configuration files are read, sorted by name); `-`
+        /// reads policy documents from standard input. ClusterLink's AccessPolicy,
+        /// PrivilegedAccessPolicy and their lists are read as written (docs/clusterlink.md).
+        #[arg(required_unless_present = "filename")]
         paths: Vec<PathBuf>,
+        /// A file, folder or `-`, as kubectl's `-f` (repeatable).
+        #[arg(short = 'f', long)]
+        filename: Vec<PathBuf>,
         /// Validate and print what would change; store nothing.
         #[arg(long)]
         dry_run: bool,
@@ -140,9 +145,12 @@ pub enum Command {
     /// configuration: `+` added, `~` changed, `-` stored but not given. Exits 0 when equal, 1
     /// when they differ, 2 on an error.
     Diff {
-        /// Files and folders.
-        #[arg(required = true)]
+        /// Files and folders; `-` reads standard input.
+        #[arg(required_unless_present = "filename")]
         paths: Vec<PathBuf>,
+        /// A file, folder or `-`, as kubectl's `-f` (repeatable).
+        #[arg(short = 'f', long)]
+        filename: Vec<PathBuf>,
     },
     /// The configuration revision (every change to the stored configuration bumps it) and
     /// how much is stored.

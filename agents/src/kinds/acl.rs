@@ -29,6 +29,7 @@
 use bus::attrs;
 use bus::event::{Direction, Event, Labels};
 use bus::fleet::Level;
+use bus::origin::Origin;
 use bus::state::keys;
 use bus::{Action, Effect, Reason, State};
 use serde::Deserialize;
@@ -83,6 +84,32 @@ pub struct Match {
     pub dst_labels: Option<Selector>,
     pub dst_peer_labels: Option<Selector>,
     pub peer_labels: Option<Selector>,
+    /// ClusterLink's namespace rule: the connection's `namespace` must equal this.
+    pub namespace: Option<String>,
+    /// ClusterLink's `from`: the client's attributes (`src_labels`) match one of these.
+    pub from: Option<Vec<Selector>>,
+    /// ClusterLink's `to`: the destination's attributes (`dst_labels`, with the candidate
+    /// peer's labels over them) match one of these.
+    pub to: Option<Vec<Selector>>,
+}
+
+impl Match {
+    /// Whether the rule reads something only a connection has.
+    fn connections_only(&self) -> bool {
+        !(pattern::is_any(&self.src_service)
+            && pattern::is_any(&self.dst_peer)
+            && self.src_labels.is_none()
+            && self.dst_peer_labels.is_none()
+            && self.namespace.is_none()
+            && self.from.is_none()
+            && self.to.is_none())
+    }
+
+    /// A `from` term that selects by some attribute: with one, ClusterLink denies a connection
+    /// whose client it cannot name.
+    fn selects_clients(&self) -> bool {
+        self.from.iter().flatten().any(|s| !s.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -97,6 +124,9 @@ pub struct AclPolicy {
     pub matcher: Match,
     #[serde(default)]
     pub mode: Mode,
+    /// The object this policy was made from (see `bus::origin`).
+    #[serde(default)]
+    pub origin: Option<Origin>,
 }
 
 /// What a rule is checked against. `partial` marks expose and list checks, for which rules
@@ -109,6 +139,7 @@ struct Query<'a> {
     src_peer: Option<&'a str>,
     dst_peer: Option<&'a str>,
     direction: Option<Direction>,
+    namespace: Option<&'a str>,
     partial: bool,
     src_labels: Option<&'a Labels>,
     dst_labels: Option<&'a Labels>,
@@ -123,17 +154,13 @@ struct Rule {
     level: Level,
     action: Action,
     m: Match,
+    origin: Option<Origin>,
 }
 
 impl Rule {
-    fn matches(&self, q: &Query) -> bool {
+    fn matches<'a>(&self, q: &Query<'a>) -> bool {
         let m = &self.m;
-        if q.partial
-            && !(pattern::is_any(&m.src_service)
-                && pattern::is_any(&m.dst_peer)
-                && m.src_labels.is_none()
-                && m.dst_peer_labels.is_none())
-        {
+        if q.partial && m.connections_only() {
             return false;
         }
         if !q.partial && m.peer_labels.is_some() {
@@ -152,12 +179,30 @@ impl Rule {
             && selector::matches(&m.src_labels, q.src_labels)
             && selector::matches(&m.dst_peer_labels, q.dst_peer_labels)
             && selector::matches(&m.peer_labels, q.peer_labels)
+            && m.namespace
+                .as_deref()
+                .is_none_or(|ns| q.namespace == Some(ns))
+            && m.from
+                .as_ref()
+                .is_none_or(|any| any.iter().any(|s| s.matches(q.src_labels)))
+            && m.to.as_ref().is_none_or(|any| {
+                // ClusterLink's destination attributes: the service's and the peer's, in one
+                // map (their keys differ by prefix; on a clash the peer's count, as there).
+                let get = |k: &str| {
+                    let from = |l: Option<&'a Labels>| l.and_then(|l| l.get(k));
+                    from(q.dst_peer_labels).or_else(|| from(q.dst_labels))
+                };
+                any.iter().any(|s| s.matches_with(get))
+            })
     }
 }
 
 pub struct AclRules {
     enforce: Index,
     audit: Index,
+    /// The first enforce rule whose `from` selects clients by an attribute, if any: then a
+    /// connection without client attributes is denied, as ClusterLink denies it.
+    needs_client: Option<(String, Option<Origin>)>,
 }
 
 /// The ACL agent kind. `default` is what happens when no enforce rule matches.
@@ -180,7 +225,8 @@ struct Explain {
 }
 
 impl Explain {
-    fn add(&mut self, policy: &str, level: Option<Level>, effect: Effect, detail: Option<String>) {
+    fn add(&mut self, rule: Option<&Rule>, effect: Effect, detail: Option<String>) {
+        let policy = rule.map_or("default", |r| r.id.as_str());
         if let Some(r) = self.reasons.iter_mut().find(|r| r.policy == policy) {
             // A rule that allowed some candidates and removed others narrowed.
             if r.effect != effect && r.effect != Effect::Audit {
@@ -190,8 +236,8 @@ impl Explain {
         }
         let mut r = Reason::new(NAME, policy, effect);
         r.detail = detail;
-        if let Some(level) = level {
-            r = r.with_level(level);
+        if let Some(rule) = rule {
+            r = r.with_level(rule.level).with_origin(rule.origin.as_ref());
         }
         self.reasons.push(r);
     }
@@ -209,19 +255,16 @@ impl Acl {
         let mut allowed = Vec::with_capacity(candidates.len());
         for &c in candidates {
             let q = query(c);
-            let (id, level, action) = match rules.enforce.first_match(&q) {
-                Some(r) => (r.id.as_str(), Some(r.level), r.action),
-                None => ("default", None, self.default),
-            };
-            if action == Action::Allow {
+            let rule = rules.enforce.first_match(&q);
+            if rule.map_or(self.default, |r| r.action) == Action::Allow {
                 allowed.push(c);
-                explain.add(id, level, Effect::Allow, None);
+                explain.add(rule, Effect::Allow, None);
             } else {
-                explain.add(id, level, Effect::Deny, None);
+                explain.add(rule, Effect::Deny, None);
             }
             for r in rules.audit.candidates(&q).filter(|r| r.matches(&q)) {
                 let detail = format!("would {}", r.action.as_str());
-                explain.add(&r.id, Some(r.level), Effect::Audit, Some(detail));
+                explain.add(Some(r), Effect::Audit, Some(detail));
             }
         }
         (allowed, explain)
@@ -268,11 +311,21 @@ impl Acl {
         e: &bus::event::NewConnection,
         state: &State,
     ) -> State {
+        if let Some((id, origin)) = &rules.needs_client {
+            if e.src_labels.as_ref().is_none_or(Labels::is_empty) {
+                let reason = Reason::new(NAME, "unknown-client", Effect::Deny).with_detail(format!(
+                    "the connection carries no client attributes (src_labels), and {} selects clients by them",
+                    origin.as_ref().map_or_else(|| format!("policy {id}"), ToString::to_string)
+                ));
+                return kind::deny(reason);
+            }
+        }
         let base = Query {
             src_service: Some(&e.src_service),
             dst_service: Some(&e.dst_service),
             src_peer: e.src_peer.as_deref(),
             direction: Some(e.direction),
+            namespace: e.namespace.as_deref(),
             src_labels: e.src_labels.as_ref(),
             dst_labels: e.dst_labels.as_ref(),
             ..Query::default()
@@ -342,14 +395,29 @@ impl AgentKind for Acl {
                 s.validate(field)?;
             }
         }
-        if m.peer_labels.is_some() && (m.src_labels.is_some() || m.dst_peer_labels.is_some()) {
-            return Err("match.peer_labels applies to expose-service and service-list-request only, src_labels and dst_peer_labels to connections only: a rule with both never matches".into());
+        for (field, list) in [("match.from", &m.from), ("match.to", &m.to)] {
+            match list.as_deref() {
+                Some([]) => return Err(format!("{field}: an empty list matches no connection; give at least one selector ({{}} matches every one)")),
+                Some(list) => {
+                    for (i, s) in list.iter().enumerate() {
+                        s.validate(&format!("{field}[{i}]"))?;
+                    }
+                }
+                None => {}
+            }
+        }
+        if m.namespace.as_deref() == Some("") {
+            return Err("match.namespace: empty; leave it out to match every namespace".into());
+        }
+        if m.peer_labels.is_some() && m.connections_only() {
+            return Err("match.peer_labels applies to expose-service and service-list-request only, and this rule also reads what only a connection has (src_service, dst_peer, src_labels, dst_peer_labels, namespace, from or to): it never matches".into());
         }
         Ok(())
     }
 
     fn compile(&self, policies: Vec<Stored<AclPolicy>>) -> AclRules {
         let (mut enforce, mut audit) = (Vec::new(), Vec::new());
+        let mut needs_client: Option<((Level, i32, String), Option<Origin>)> = None;
         for Stored {
             id,
             level,
@@ -361,7 +429,17 @@ impl AgentKind for Acl {
                 level,
                 action: p.action,
                 m: p.matcher,
+                origin: p.origin,
             };
+            // The one named in the denial: the first in evaluation order, so that the name does
+            // not depend on the order policies were stored in.
+            let key = (rule.level, p.priority, rule.id.clone());
+            if p.mode == Mode::Enforce
+                && rule.m.selects_clients()
+                && needs_client.as_ref().is_none_or(|(k, _)| key < *k)
+            {
+                needs_client = Some((key, rule.origin.clone()));
+            }
             match p.mode {
                 Mode::Enforce => enforce.push((p.priority, rule)),
                 Mode::Audit => audit.push((p.priority, rule)),
@@ -370,6 +448,7 @@ impl AgentKind for Acl {
         AclRules {
             enforce: Index::new(enforce),
             audit: Index::new(audit),
+            needs_client: needs_client.map(|((_, _, id), origin)| (id, origin)),
         }
     }
 
@@ -391,6 +470,7 @@ impl AgentKind for Acl {
                     attrs::SRC_LABELS,
                     attrs::DST_LABELS,
                     attrs::PEER_LABELS,
+                    attrs::NAMESPACE,
                 ],
                 &[keys::DST_PEERS],
             ),

@@ -48,6 +48,7 @@ fn conn(src: &[(&str, &str)], dst: &[(&str, &str)], peers: &[(&str, &[(&str, &st
                 .map(|(p, l)| (p.to_string(), labels(l)))
                 .collect(),
         ),
+        namespace: None,
     })
 }
 

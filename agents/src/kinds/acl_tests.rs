@@ -53,6 +53,7 @@ fn conn(src: &str, dst: &str, peers: &[&str]) -> (Event, State) {
         src_labels: None,
         dst_labels: None,
         peer_labels: None,
+        namespace: None,
     };
     let ev = Event::NewConnection(e);
     let st = ev.initial_state();

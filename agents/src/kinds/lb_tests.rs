@@ -27,6 +27,7 @@ fn event(src: &str, peers: &[&str]) -> (Event, State) {
         src_labels: None,
         dst_labels: None,
         peer_labels: None,
+        namespace: None,
     });
     let st = ev.initial_state();
     (ev, st)

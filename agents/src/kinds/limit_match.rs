@@ -86,6 +86,7 @@ mod tests {
             src_labels: None,
             dst_labels: None,
             peer_labels: None,
+            namespace: None,
         }
     }
 

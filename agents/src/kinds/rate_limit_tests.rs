@@ -25,6 +25,7 @@ async fn a_fleet_limits_reason_says_it_is_the_fleets() {
         src_labels: None,
         dst_labels: None,
         peer_labels: None,
+        namespace: None,
     });
     let state = event.initial_state();
     let patch = limiter

@@ -144,7 +144,7 @@ async fn the_shipped_clusterlink_tiers_example_decides_in_clusterlinks_order() {
     subscribe(&admin, &[sub("new-connection", "acl", 10)]).await;
     let example = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../examples/clusterlink/tiers.yaml"
+        "/../examples/clusterlink/by-hand/tiers.yaml"
     );
     let out = engine
         .command("policyctl", &["policy", "add", "-f", example])

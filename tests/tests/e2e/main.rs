@@ -5,6 +5,7 @@ mod battery;
 mod cache;
 mod chain;
 mod cluster;
+mod clusterlink;
 mod containers;
 mod decision_log;
 mod decisions;
@@ -120,6 +121,7 @@ pub fn conn(src: &str, dst: &str, peers: &[&str]) -> NewConnection {
         src_labels: None,
         dst_labels: None,
         peer_labels: None,
+        namespace: None,
     }
 }
 
