@@ -1,5 +1,6 @@
 //! ClusterLink's own documents (group `clusterlink.net`, version `v1alpha1`) as the engine's
-//! policies: `AccessPolicy` and `PrivilegedAccessPolicy` become ACL rules ([`access`]). Each
+//! policies: `AccessPolicy` and `PrivilegedAccessPolicy` become ACL rules ([`access`]), an
+//! `Import` an LB policy ([`import`]). Each
 //! object becomes one engine document whose `origin` names it, so every tool can say
 //! `AccessPolicy default/deny-gw1` and `apply --prune` can tell ClusterLink's documents from
 //! hand-written ones. The mapping is docs/clusterlink.md's; this module is where it is decided.
@@ -8,6 +9,7 @@
 //! sees them: the engine then checks the documents they became as it checks any other.
 
 mod access;
+pub mod import;
 
 use bus::origin::Origin;
 use serde::de::DeserializeOwned;
@@ -41,14 +43,17 @@ pub struct Translated {
     pub policies: Vec<bus::Value>,
 }
 
+/// ClusterLink's group before v0.2 (`ConnectivityPolicy`), refused by name.
+const OLD_GROUP: &str = "clusterlink";
+
 /// Whether a document is one of ClusterLink's: its `apiVersion` is in the `clusterlink.net`
-/// group (a version the engine does not read is then refused by [`translate`], not mistaken
-/// for an engine document).
+/// group, or the older `clusterlink` (a version the engine does not read is then refused by
+/// [`translate`], not mistaken for an engine document).
 pub fn is_clusterlink(doc: &Json) -> bool {
     doc.get("apiVersion")
         .and_then(Json::as_str)
         .and_then(|v| v.split_once('/'))
-        .is_some_and(|(group, _)| group == GROUP)
+        .is_some_and(|(group, _)| group == GROUP || group == OLD_GROUP)
 }
 
 #[derive(Deserialize)]
@@ -70,14 +75,18 @@ pub fn translate(doc: &Json) -> Result<Translated, Error> {
         message,
     };
     if version != API_VERSION {
+        let older = match version.starts_with(&format!("{OLD_GROUP}/")) {
+            true => " (ClusterLink's format before v0.2, with ConnectivityPolicy; v0.4 writes AccessPolicy)",
+            false => "",
+        };
         return Err(refuse(
             kind.to_string(),
             "apiVersion",
-            format!("{version:?}: the engine reads {API_VERSION} only"),
+            format!("{version:?}: the engine reads {API_VERSION} only{older}"),
         ));
     }
     let scoped = match kind {
-        access::REGULAR | "Import" => true,
+        access::REGULAR | import::KIND => true,
         access::PRIVILEGED => false,
         other => {
             let name = doc
@@ -87,8 +96,8 @@ pub fn translate(doc: &Json) -> Result<Translated, Error> {
             return Err(refuse(
                 format!("{other} {name}").trim().to_string(),
                 "kind",
-                format!("not a kind the engine reads from {GROUP}: {}, {} (Peer, Export and Instance are the gateway's, not policies)",
-                    access::REGULAR, access::PRIVILEGED),
+                format!("not a kind the engine reads from {GROUP}: {}, {}, {} (Peer, Export and Instance are the gateway's, not policies)",
+                    access::REGULAR, access::PRIVILEGED, import::KIND),
             ));
         }
     };
@@ -124,13 +133,7 @@ pub fn translate(doc: &Json) -> Result<Translated, Error> {
     let id = policy_id(&origin).map_err(|m| refuse(object.clone(), "metadata.name", m))?;
     let spec = doc.get("spec").cloned().unwrap_or(Json::Null);
     let policies = match kind {
-        "Import" => {
-            return Err(refuse(
-                object,
-                "kind",
-                "Import is not read yet: its load balancing comes in a later release".into(),
-            ))
-        }
+        import::KIND => import::translate(&origin, id, spec),
         _ => access::translate(&origin, id, spec),
     }
     .map_err(|(field, message)| refuse(object.clone(), &field, message))?;

@@ -346,6 +346,13 @@ fn invalid_objects_are_refused_naming_the_object_and_the_field() {
     old["apiVersion"] = json!("clusterlink.net/v1beta9");
     assert!(is_clusterlink(&old));
     assert_eq!(translate(&old).unwrap_err().field, "apiVersion");
+    let older = json!({"apiVersion": "clusterlink/v1alpha1", "kind": "ConnectivityPolicy", "metadata": {"name": "x"}});
+    assert!(is_clusterlink(&older));
+    let e = translate(&older).unwrap_err();
+    assert!(
+        e.field == "apiVersion" && e.message.contains("before v0.2"),
+        "{e}"
+    );
 }
 
 #[test]

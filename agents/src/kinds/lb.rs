@@ -11,6 +11,12 @@
 //! - `consistent-hash`: rendezvous hashing of `hash_on` (`src_service` or `src_peer`) over the
 //!   candidates: the same key picks the same peer on every instance, and removing a peer only
 //!   moves the keys that were on it.
+//!
+//! With `sources` (an ordered list of peers, what a ClusterLink Import becomes), the pick is
+//! ClusterLink's own (`loadbalancer.go`): a start among the sources (`static`: the first;
+//! `random`: any; `round-robin`: the policy's counter), then onward in the sources' order to the
+//! first that is still a candidate, so a source the ACL denied or `peer-removed` took away fails
+//! over to the next. Only sources are picked; none left is a deny.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,6 +28,7 @@ use rand::Rng;
 use serde::Deserialize;
 
 use crate::kind::{self, AgentKind, Stored};
+use bus::origin::Origin;
 
 pub const NAME: &str = "lb";
 
@@ -56,6 +63,12 @@ pub struct LbPolicy {
     pub peer: Option<String>,
     #[serde(default)]
     pub hash_on: HashOn,
+    /// Ordered peers to pick among, ClusterLink's way (see the module's doc).
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// The object this policy was made from (see `bus::origin`).
+    #[serde(default)]
+    pub origin: Option<Origin>,
 }
 
 struct Compiled {
@@ -89,6 +102,46 @@ fn fnv1a(parts: &[&str]) -> u64 {
     h ^ (h >> 31)
 }
 
+/// ClusterLink's pick among `sources`: from a start, onward to the first source that is a
+/// candidate. Round-robin counts every attempt, as ClusterLink's counter does (its first pick
+/// is the second source). `Err` when no source is a candidate.
+fn pick_source<'c>(
+    c: &Compiled,
+    peers: &[&'c str],
+    dry_run: bool,
+) -> Result<(&'c str, Option<String>), String> {
+    let sources = &c.policy.sources;
+    let n = sources.len();
+    let start = match c.policy.scheme {
+        Scheme::RoundRobin if dry_run => c.next.load(Ordering::Relaxed) + 1,
+        Scheme::RoundRobin => c.next.fetch_add(1, Ordering::Relaxed) + 1,
+        Scheme::Random => rand::rng().random_range(0..n),
+        _ => 0,
+    };
+    for step in 0..n {
+        let source = &sources[(start + step) % n];
+        if let Some(&peer) = peers.iter().find(|p| **p == source.as_str()) {
+            if step > 0 && c.policy.scheme == Scheme::RoundRobin && !dry_run {
+                c.next.fetch_add(step, Ordering::Relaxed);
+            }
+            let detail = (step > 0).then(|| {
+                let skipped: Vec<&str> = (0..step)
+                    .map(|i| sources[(start + i) % n].as_str())
+                    .collect();
+                format!(
+                    "failed over past {} (denied, removed or not offered)",
+                    skipped.join(", ")
+                )
+            });
+            return Ok((peer, detail));
+        }
+    }
+    Err(format!(
+        "no source is a candidate: {} all denied, removed or not offered",
+        sources.join(", ")
+    ))
+}
+
 /// The peer `c` picks. A dry run (`dry_run`) answers as the next real pick would, without
 /// moving round-robin on.
 fn pick<'c>(
@@ -96,10 +149,13 @@ fn pick<'c>(
     e: &NewConnection,
     peers: &[&'c str],
     dry_run: bool,
-) -> (&'c str, Option<String>) {
+) -> Result<(&'c str, Option<String>), String> {
+    if !c.policy.sources.is_empty() {
+        return pick_source(c, peers, dry_run);
+    }
     let random = |peers: &[&'c str]| peers[rand::rng().random_range(0..peers.len())];
     let p = &c.policy;
-    match p.scheme {
+    Ok(match p.scheme {
         Scheme::Random => (random(peers), None),
         Scheme::RoundRobin => {
             let next = if dry_run {
@@ -113,16 +169,16 @@ fn pick<'c>(
             let weight = |peer: &str| u64::from(p.weights.get(peer).copied().unwrap_or(0));
             let total: u64 = peers.iter().map(|x| weight(x)).sum();
             if total == 0 {
-                return (
+                return Ok((
                     random(peers),
                     Some("no candidate has a weight: random".into()),
-                );
+                ));
             }
             let mut ticket = rand::rng().random_range(0..total);
             for &peer in peers {
                 let w = weight(peer);
                 if ticket < w {
-                    return (peer, None);
+                    return Ok((peer, None));
                 }
                 ticket -= w;
             }
@@ -154,7 +210,7 @@ fn pick<'c>(
                 .max_by_key(|peer| (fnv1a(&[key, peer]), *peer));
             (best.unwrap_or(peers[0]), None)
         }
-    }
+    })
 }
 
 impl AgentKind for Lb {
@@ -170,14 +226,18 @@ impl AgentKind for Lb {
         if p.dst_service.is_empty() {
             return Err("field `dst_service`: must name a service or be `*`".into());
         }
+        if !p.sources.is_empty() {
+            return check_sources(p);
+        }
         match p.scheme {
             Scheme::Weighted if p.weights.values().all(|w| *w == 0) => Err(
                 "field `weights`: scheme weighted needs at least one peer with a weight above 0"
                     .into(),
             ),
-            Scheme::Static if p.peer.as_deref().is_none_or(str::is_empty) => {
-                Err("field `peer`: scheme static needs the peer to send to".into())
-            }
+            Scheme::Static if p.peer.as_deref().is_none_or(str::is_empty) => Err(
+                "field `peer`: scheme static needs the peer to send to (or `sources`, in order)"
+                    .into(),
+            ),
             _ => Ok(()),
         }
     }
@@ -227,6 +287,7 @@ impl AgentKind for Lb {
         let peers = state.get_strings(keys::DST_PEERS).unwrap_or_default();
         let pure = match policy.policy.scheme {
             Scheme::ConsistentHash => true,
+            Scheme::Static if !policy.policy.sources.is_empty() => true,
             Scheme::Static => policy
                 .policy
                 .peer
@@ -262,20 +323,58 @@ impl AgentKind for Lb {
                 Reason::new(NAME, id, Effect::Deny).with_detail("no candidate peer left to pick"),
             );
         }
-        let (target, detail) = match policy {
+        let picked = match policy {
             Some(c) => pick(c, e, &peers, state.flag(keys::DRY_RUN)),
-            None => (peers[rand::rng().random_range(0..peers.len())], None),
+            None => Ok((peers[rand::rng().random_range(0..peers.len())], None)),
         };
-        let mut reason = Reason::new(NAME, id, Effect::Pick);
+        let with_policy = |mut r: Reason| {
+            if let Some(c) = policy {
+                r = r.with_level(c.level).with_origin(c.policy.origin.as_ref());
+            }
+            r
+        };
+        let (target, detail) = match picked {
+            Ok(picked) => picked,
+            Err(why) => {
+                return kind::deny(with_policy(
+                    Reason::new(NAME, id, Effect::Deny).with_detail(why),
+                ))
+            }
+        };
+        let mut reason = with_policy(Reason::new(NAME, id, Effect::Pick));
         reason.detail = detail;
-        if let Some(c) = policy {
-            reason = reason.with_level(c.level);
-        }
         let mut patch = State::new();
         patch.insert(keys::TARGET_PEER, target);
         patch.insert(keys::REASONS, kind::reasons([reason]));
         patch
     }
+}
+
+/// `sources` take ClusterLink's schemes, and nothing that belongs to another scheme.
+fn check_sources(p: &LbPolicy) -> Result<(), String> {
+    if !matches!(
+        p.scheme,
+        Scheme::Random | Scheme::RoundRobin | Scheme::Static
+    ) {
+        return Err(format!(
+            "field `sources`: takes scheme random, round-robin or static, not {:?}",
+            p.scheme
+        ));
+    }
+    if p.peer.is_some() || !p.weights.is_empty() {
+        return Err(
+            "field `sources`: the order is the sources'; leave `peer` and `weights` out".into(),
+        );
+    }
+    for (i, s) in p.sources.iter().enumerate() {
+        if s.is_empty() {
+            return Err(format!("field `sources[{i}]`: empty"));
+        }
+        if p.sources[..i].contains(s) {
+            return Err(format!("field `sources[{i}]`: {s:?} is listed twice"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

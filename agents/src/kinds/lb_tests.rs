@@ -13,6 +13,8 @@ fn policy(id: &str, service: &str, scheme: Scheme) -> LbPolicy {
         weights: Default::default(),
         peer: None,
         hash_on: HashOn::SrcService,
+        sources: Vec::new(),
+        origin: None,
     }
 }
 

@@ -58,6 +58,7 @@ async fn clusterlink_documents_apply_as_written_and_decide_as_clusterlink_decide
         "acl/cl-ap__default__deny-metering",
         "acl/cl-ap__default__allow-named-workloads",
         "acl/cl-ap__shop__web-to-eu-db",
+        "lb/cl-import__shop__db",
     ] {
         assert!(out.contains(&format!("+ policy {id}")), "{id}: {out}");
     }
@@ -67,7 +68,9 @@ async fn clusterlink_documents_apply_as_written_and_decide_as_clusterlink_decide
     // `diff` of part of the folder lists the rest as stored but not given, and nothing else.
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(
-        out.lines().all(|l| l.starts_with("- policy acl/cl-pap__")),
+        out.lines()
+            .all(|l| l.starts_with("- policy acl/cl-pap__")
+                || l.starts_with("- policy lb/cl-import__")),
         "{out}"
     );
 
@@ -83,7 +86,7 @@ async fn clusterlink_documents_apply_as_written_and_decide_as_clusterlink_decide
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(passed.0, Some(0), "{}\n{}", passed.1, passed.2);
-    assert!(passed.1.contains("9 cases: 9 passed"), "{}", passed.1);
+    assert!(passed.1.contains("10 cases: 10 passed"), "{}", passed.1);
 
     // The four layers, removed one by one from the top: each hands the decision down.
     let hook = engine.hook().await;
@@ -169,5 +172,130 @@ items:
         run(&["policy", "list", "acl", "--json"]).1,
         before,
         "nothing stored"
+    );
+}
+
+/// Imports on the real engine: `static` fails over in the sources' order, and a
+/// `peer-removed` moves it on until `peer-added`; round-robin keeps one counter per Import,
+/// starting at the second source as ClusterLink's does; random picks only sources.
+#[tokio::test(flavor = "multi_thread")]
+async fn imports_pick_clusterlinks_way_and_a_removed_peer_moves_failover_on() {
+    let engine = every_kind_engine().await;
+    let (code, out, err) = policyctl(&engine, &["apply", FOLDER]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let more = r#"
+apiVersion: clusterlink.net/v1alpha1
+kind: AccessPolicy
+metadata: {name: allow-cache, namespace: shop}
+spec:
+  action: allow
+  from: [{workloadSelector: {}}]
+  to: [{workloadSelector: {matchExpressions: [{key: export.clusterlink.net/name, operator: In, values: [cache, queue]}]}}]
+---
+apiVersion: clusterlink.net/v1alpha1
+kind: Import
+metadata: {name: cache, namespace: shop}
+spec: {port: 6379, sources: [{peer: c1}, {peer: c2}, {peer: c3}]}
+---
+apiVersion: clusterlink.net/v1alpha1
+kind: Import
+metadata: {name: queue, namespace: shop}
+spec: {port: 5672, lbScheme: random, sources: [{peer: q1}, {peer: q2}]}
+"#;
+    let (code, out, err) = policyctl_stdin(&engine, &["apply", "-f", "-"], more);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let hook = engine.hook().await;
+    let connect = |import: &str, peers: &[&str]| {
+        let mut c = conn("web", &format!("shop/{import}"), peers);
+        c.namespace = Some("shop".into());
+        c.src_labels = Some(labels(&[("client.clusterlink.net/labels.app", "web")]));
+        c.dst_labels = Some(labels(&[("export.clusterlink.net/name", import)]));
+        c.peer_labels = Some(
+            peers
+                .iter()
+                .map(|p| {
+                    let region = if p.contains("us") { "us" } else { "eu" };
+                    (
+                        p.to_string(),
+                        labels(&[("peer.clusterlink.net/labels.region", region)]),
+                    )
+                })
+                .collect(),
+        );
+        c
+    };
+    let target = |import: &'static str, peers: &'static [&'static str]| {
+        let (hook, c) = (hook.clone(), connect(import, peers));
+        async move {
+            let d = hook.new_connection(&c).await.map_err(|e| e.to_string())?;
+            let lb = d.reasons.iter().find(|r| r.agent == "lb");
+            match (
+                d.action,
+                &d.target_peer,
+                lb.and_then(|r| r.origin.as_deref()),
+            ) {
+                (Action::Allow, Some(p), Some(o)) if o == format!("Import shop/{import}") => {
+                    Ok(p.clone())
+                }
+                _ => Err(format!("{d:?}")),
+            }
+        }
+    };
+    const DB: &[&str] = &["peer-eu", "peer-eu-2", "peer-us"];
+    eventually("the Import picks its first source", || async {
+        (target("db", DB).await? == "peer-eu")
+            .then_some(())
+            .ok_or("not yet".into())
+    })
+    .await;
+    let change = |peer: &str| bus::clusterlink::PeerChange {
+        peer: peer.into(),
+        labels: None,
+    };
+    let _: bus::State = hook
+        .decide(bus::clusterlink::PEER_REMOVED, &change("peer-eu"))
+        .await
+        .expect("removal acknowledged");
+    for i in 0..10 {
+        assert_eq!(
+            target("db", DB).await.as_deref(),
+            Ok("peer-eu-2"),
+            "event {i} after the removal"
+        );
+    }
+    let _: bus::State = hook
+        .decide(bus::clusterlink::PEER_ADDED, &change("peer-eu"))
+        .await
+        .expect("addition acknowledged");
+    for i in 0..5 {
+        assert_eq!(
+            target("db", DB).await.as_deref(),
+            Ok("peer-eu"),
+            "event {i}: back"
+        );
+    }
+
+    const CACHE: &[&str] = &["c1", "c2", "c3"];
+    eventually("the cache Import applies", || async {
+        target("cache", CACHE).await.map(|_| ())
+    })
+    .await;
+    // Its counter moved once above; from here on it goes round, whatever other Imports do.
+    let mut seq = Vec::new();
+    for _ in 0..6 {
+        seq.push(target("cache", CACHE).await.expect("picked"));
+        let _ = target("queue", &["q1", "q2"]).await.expect("queue picked");
+    }
+    let start = CACHE.iter().position(|p| *p == seq[0]).expect("a source");
+    let round: Vec<&str> = (0..6).map(|i| CACHE[(start + i) % 3]).collect();
+    assert_eq!(seq, round, "one counter for the cache Import");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        seen.insert(target("queue", &["q1", "q2"]).await.expect("picked"));
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["q1", "q2"],
+        "random over the sources"
     );
 }
