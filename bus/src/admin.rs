@@ -185,6 +185,24 @@ pub struct Apply {
     /// Store subscriptions of kinds with no live instance, or of events nobody knows yet.
     #[serde(default)]
     pub force: bool,
+    /// Skip the policies their kinds refuse, store the rest, and list the skipped in
+    /// [`Applied::skipped`] (a stored document of a skipped one's id is kept, never pruned).
+    #[serde(default)]
+    pub keep_going: bool,
+    /// Stored policies to leave as they are, whatever `prune` says: the ones the client
+    /// itself skipped (an object it could not translate).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep: Vec<PolicyRef>,
+}
+
+/// A policy `apply` skipped under `keep_going`: its position among the given documents
+/// (1-based), its `agent/id` when it had one, and why its kind refused it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub document: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub error: String,
 }
 
 /// NATS stores an atomic batch of at most 1000 messages; one apply changes at most this many
@@ -254,6 +272,9 @@ pub struct Applied {
     /// all of it at once. Otherwise stored key by key, each compared-and-set, and rolled back
     /// if one failed.
     pub atomic: bool,
+    /// Under `keep_going`, the policies skipped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<Skipped>,
 }
 
 /// The reply of `status`: the configuration revision, which every change to the config bucket

@@ -26,6 +26,19 @@ pub struct Origin {
     pub source: Option<String>,
 }
 
+/// A document's `origin.source`, if it has one (`None`: written by hand). `apply --prune`
+/// removes only stored documents whose source is among the given documents'.
+pub fn source_of(doc: &crate::Value) -> Option<&str> {
+    field(field(doc, FIELD)?, "source")?.as_str()
+}
+
+fn field<'v>(v: &'v crate::Value, name: &str) -> Option<&'v crate::Value> {
+    v.as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(name))
+        .map(|(_, v)| v)
+}
+
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.namespace {
@@ -51,5 +64,25 @@ mod tests {
         o.kind = "PrivilegedAccessPolicy".into();
         o.namespace = None;
         assert_eq!(o.to_string(), "PrivilegedAccessPolicy deny-gw1");
+    }
+
+    #[test]
+    fn a_documents_source_is_read_where_the_origin_holds_it() {
+        let doc = |json: serde_json::Value| rmpv::ext::to_value(json).unwrap();
+        let cl = doc(
+            serde_json::json!({"agent": "acl", "origin": {"kind": "AccessPolicy", "name": "a", "source": "clusterlink"}}),
+        );
+        assert_eq!(source_of(&cl), Some("clusterlink"));
+        assert_eq!(source_of(&doc(serde_json::json!({"agent": "acl"}))), None);
+        assert_eq!(
+            source_of(&doc(
+                serde_json::json!({"origin": {"kind": "X", "name": "a"}})
+            )),
+            None
+        );
+        assert_eq!(
+            source_of(&doc(serde_json::json!({"origin": "clusterlink"}))),
+            None
+        );
     }
 }

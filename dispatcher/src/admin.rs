@@ -351,10 +351,20 @@ async fn validate(
 
 /// Reads each document's ref, refuses duplicates and asks every document's agent kind to
 /// validate it: a bad document fails the whole request before anything is stored.
+/// Policies validated and encoded, and (under `keep_going`) the ones their kinds refused.
+pub(crate) struct Prepared {
+    pub docs: Vec<(PolicyRef, Vec<u8>)>,
+    pub skipped: Vec<bus::admin::Skipped>,
+}
+
+/// Checks every document before any is stored: a bad one fails the request, or with
+/// `keep_going` is set aside with its error. A kind that cannot be asked (no live instance,
+/// no answer in time) fails the request either way: that is no document's fault.
 pub(crate) async fn prepare_policies(
     d: &Dispatcher,
     policies: &[Value],
-) -> Result<Vec<(PolicyRef, Vec<u8>)>, ErrorReply> {
+    keep_going: bool,
+) -> Result<Prepared, ErrorReply> {
     if policies.len() > bus::admin::MAX_POLICIES_PER_ADD {
         return Err(ErrorReply::new(
             ErrorCode::InvalidPolicy,
@@ -365,39 +375,72 @@ pub(crate) async fn prepare_policies(
             ),
         ));
     }
-    let mut docs = Vec::with_capacity(policies.len());
+    let mut skipped = Vec::new();
+    let mut skip = |document: usize, name: Option<String>, e: ErrorReply| {
+        if !keep_going || e.code != ErrorCode::InvalidPolicy {
+            return Err(e);
+        }
+        skipped.push(bus::admin::Skipped {
+            document,
+            name,
+            error: e.message,
+        });
+        Ok(())
+    };
+    let mut docs: Vec<(usize, PolicyRef, Vec<u8>)> = Vec::with_capacity(policies.len());
     for (i, doc) in policies.iter().enumerate() {
-        let r = PolicyRef::of(doc).map_err(|e| {
-            ErrorReply::new(ErrorCode::InvalidPolicy, format!("document {}: {e}", i + 1))
-        })?;
-        if let Some(j) = docs
-            .iter()
-            .position(|(other, _): &(PolicyRef, Vec<u8>)| *other == r)
-        {
-            return Err(ErrorReply::new(
+        let r = match PolicyRef::of(doc) {
+            Ok(r) => r,
+            Err(e) => {
+                let e =
+                    ErrorReply::new(ErrorCode::InvalidPolicy, format!("document {}: {e}", i + 1));
+                skip(i + 1, None, e)?;
+                continue;
+            }
+        };
+        if let Some((j, _, _)) = docs.iter().find(|(_, other, _)| *other == r) {
+            let e = ErrorReply::new(
                 ErrorCode::InvalidPolicy,
                 format!(
                     "document {}: {}/{} is also document {}",
                     i + 1,
                     r.agent,
                     r.id,
-                    j + 1
+                    j
                 ),
-            ));
+            );
+            skip(i + 1, Some(format!("{}/{}", r.agent, r.id)), e)?;
+            continue;
         }
         let bytes = codec::encode("policy", doc)
             .map_err(|e| ErrorReply::new(ErrorCode::InvalidPolicy, e.to_string()))?;
-        docs.push((r, bytes));
+        docs.push((i + 1, r, bytes));
     }
     // Every document is validated before any is stored: a bad file changes nothing.
+    let mut refused = vec![false; docs.len()];
     for (n, chunk) in docs.chunks(16).enumerate() {
         let checks = chunk
             .iter()
+            .map(|(position, r, bytes)| validate(d, *position - 1, r, bytes));
+        for (i, result) in futures::future::join_all(checks)
+            .await
+            .into_iter()
             .enumerate()
-            .map(|(i, (r, bytes))| validate(d, n * 16 + i, r, bytes));
-        futures::future::try_join_all(checks).await?;
+        {
+            if let Err(e) = result {
+                let (position, r, _) = &chunk[i];
+                skip(*position, Some(format!("{}/{}", r.agent, r.id)), e)?;
+                refused[n * 16 + i] = true;
+            }
+        }
     }
-    Ok(docs)
+    let docs = docs
+        .into_iter()
+        .zip(refused)
+        .filter(|(_, refused)| !refused)
+        .map(|((_, r, bytes), _)| (r, bytes))
+        .collect();
+    Ok(Prepared { docs, skipped })
 }
 
 pub(crate) async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, ErrorReply> {
@@ -407,7 +450,7 @@ pub(crate) async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, 
             "no policy documents given",
         ));
     }
-    let docs = prepare_policies(d, &add.policies).await?;
+    let docs = prepare_policies(d, &add.policies, false).await?.docs;
     // Every key first: a request with one of the fleet's ids stores nothing.
     let keys: Vec<String> = docs
         .iter()

@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use bus::admin::{Applied, Apply, ChangeOp, Planned, Section, Status, MAX_CHANGES_PER_APPLY};
+use bus::admin::{
+    Applied, Apply, ChangeOp, Planned, Section, Skipped, Status, MAX_CHANGES_PER_APPLY,
+};
 use bus::batch::{BatchError, Write};
 use bus::config::{ConfigKey, WRITE_TIMEOUT};
 use bus::{codec, ErrorCode, ErrorReply};
@@ -16,6 +18,7 @@ use futures::TryStreamExt;
 use crate::admin::{
     check_subscribe, not_the_fleets, prepare_policies, reply, seen_here, unavailable,
 };
+use crate::prune::Prune;
 use crate::Dispatcher;
 
 /// A key's stored value and revision.
@@ -46,9 +49,14 @@ fn name_of(key: &str) -> (Section, String) {
     }
 }
 
-/// The given configuration, validated and encoded, by key.
-async fn wanted(d: &Dispatcher, args: &Apply) -> Result<BTreeMap<String, Bytes>, ErrorReply> {
+/// The given configuration, validated and encoded, by key; and the policies skipped under
+/// `keep_going`.
+async fn wanted(
+    d: &Dispatcher,
+    args: &Apply,
+) -> Result<(BTreeMap<String, Bytes>, Vec<Skipped>), ErrorReply> {
     let mut out = BTreeMap::new();
+    let mut skipped = Vec::new();
     for s in args.subscriptions.iter().flatten() {
         let at = format!("subscription {}/{}", s.event, s.agent);
         let kind = s.validate().map_err(|e| bad(format!("{at}: {e}")))?;
@@ -65,13 +73,15 @@ async fn wanted(d: &Dispatcher, args: &Apply) -> Result<BTreeMap<String, Bytes>,
         }
     }
     if let Some(policies) = args.policies.as_deref().filter(|p| !p.is_empty()) {
-        for (r, value) in prepare_policies(d, policies).await? {
+        let prepared = prepare_policies(d, policies, args.keep_going).await?;
+        for (r, value) in prepared.docs {
             out.insert(ConfigKey::policy(&r.agent, &r.id), Bytes::from(value));
         }
+        skipped = prepared.skipped;
     }
     let keys: Vec<&str> = out.keys().map(String::as_str).collect();
     not_the_fleets(d, &keys).await?;
-    Ok(out)
+    Ok((out, skipped))
 }
 
 /// Every stored key under `prefix` with its value and revision.
@@ -126,7 +136,11 @@ struct Plan {
 
 /// Compares the wanted values with the stored ones. A new key's expected revision is left at
 /// 0: the caller looks up whether it had a delete marker.
-fn plan(wanted: &BTreeMap<String, Bytes>, have: &BTreeMap<String, Stored>, prune: bool) -> Plan {
+fn plan(
+    wanted: &BTreeMap<String, Bytes>,
+    have: &BTreeMap<String, Stored>,
+    removes: impl Fn(&str, &[u8]) -> bool,
+) -> Plan {
     let (mut steps, mut kept, mut unchanged) = (Vec::new(), Vec::new(), 0);
     let step = |op, key: &str, value: Option<&Bytes>, expected_revision, old: Option<&Bytes>| {
         let (section, name) = name_of(key);
@@ -158,7 +172,7 @@ fn plan(wanted: &BTreeMap<String, Bytes>, have: &BTreeMap<String, Stored>, prune
             continue;
         }
         let planned = step(ChangeOp::Remove, key, None, s.revision, Some(&s.value));
-        if prune {
+        if removes(key, &s.value) {
             steps.push(planned);
         } else {
             kept.push(planned.planned);
@@ -174,7 +188,8 @@ fn plan(wanted: &BTreeMap<String, Bytes>, have: &BTreeMap<String, Stored>, prune
 }
 
 pub(crate) async fn apply(d: &Dispatcher, args: Apply) -> Result<Bytes, ErrorReply> {
-    let wanted = wanted(d, &args).await?;
+    let (wanted, skipped) = wanted(d, &args).await?;
+    let prune = Prune::new(&args, &skipped);
     let revision_before = bus::watch::stream_state(&d.store)
         .await
         .map_err(unavailable)?
@@ -187,7 +202,7 @@ pub(crate) async fn apply(d: &Dispatcher, args: Apply) -> Result<Bytes, ErrorRep
         have.extend(stored(d, "pol.").await?);
     }
 
-    let mut plan = plan(&wanted, &have, args.prune);
+    let mut plan = plan(&wanted, &have, |key, value| prune.removes(key, value));
     if plan.steps.len() > MAX_CHANGES_PER_APPLY {
         return Err(bad(format!(
             "{} changes in one apply; the limit is {MAX_CHANGES_PER_APPLY}: apply in parts \
@@ -242,6 +257,7 @@ pub(crate) async fn apply(d: &Dispatcher, args: Apply) -> Result<Bytes, ErrorRep
         revision,
         dry_run: args.dry_run,
         atomic,
+        skipped,
     })
 }
 
@@ -414,7 +430,7 @@ mod tests {
             ("pol.acl.new", "n"),
             ("sub.new-connection.acl", "s"),
         ]);
-        let p = plan(&want, &have, false);
+        let p = plan(&want, &have, |_, _| false);
         assert_eq!(p.unchanged, 1);
         let seen: Vec<(ChangeOp, Section, &str, u64)> = p
             .steps
@@ -441,7 +457,7 @@ mod tests {
         assert_eq!(p.kept.len(), 1);
         assert_eq!(p.kept[0].name, "acl/gone");
 
-        let p = plan(&want, &have, true);
+        let p = plan(&want, &have, |_, _| true);
         assert!(p.kept.is_empty());
         let gone = p.steps.last().expect("a removal");
         assert_eq!(
@@ -454,7 +470,7 @@ mod tests {
         let p = plan(
             &wanted(&[("pol.acl.same", "a")]),
             &stored(&[("pol.acl.same", "a", 3)]),
-            true,
+            |_, _| true,
         );
         assert!(p.steps.is_empty() && p.kept.is_empty() && p.unchanged == 1);
     }

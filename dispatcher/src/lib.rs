@@ -12,6 +12,7 @@ mod hub;
 mod metrics;
 mod modules;
 mod peers;
+mod prune;
 mod replies;
 mod sources;
 pub mod table;

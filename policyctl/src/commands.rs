@@ -240,23 +240,33 @@ async fn command(
             dry_run,
             prune,
             force,
+            keep_going,
         } => {
             paths.extend(filename);
             let options = crate::declarative::ApplyOptions {
                 dry_run,
                 prune,
                 force,
+                keep_going,
             };
-            let inputs = crate::declarative::read_inputs(&paths)?;
+            let inputs = crate::declarative::read_inputs(&paths, keep_going)?;
             let applied = crate::declarative::apply(&admin, &inputs, options).await?;
-            for l in crate::declarative::report(&applied) {
+            for l in crate::declarative::report(&applied, &inputs) {
                 out!("{l}");
+            }
+            let skipped = inputs.refused.len() + applied.skipped.len();
+            if skipped > 0 {
+                return Err(crate::explain::Exit(
+                    1,
+                    format!("{skipped} documents skipped (listed above); the rest is stored"),
+                )
+                .into());
             }
         }
         Command::Load { dir } => {
-            let inputs = crate::declarative::read_inputs(&[dir])?;
+            let inputs = crate::declarative::read_inputs(&[dir], false)?;
             let applied = crate::declarative::apply(&admin, &inputs, Default::default()).await?;
-            for l in crate::declarative::report(&applied) {
+            for l in crate::declarative::report(&applied, &inputs) {
                 out!("{l}");
             }
         }

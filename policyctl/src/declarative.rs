@@ -23,6 +23,8 @@ use crate::files::Doc;
 pub struct Inputs {
     pub subscriptions: Option<Vec<Subscription>>,
     pub policies: Option<Vec<Doc>>,
+    /// Documents set aside before sending (only when read for `--keep-going`).
+    pub refused: Vec<crate::files::Refused>,
 }
 
 fn is_config_file(p: &Path) -> bool {
@@ -34,8 +36,9 @@ fn is_subscriptions_file(p: &Path) -> bool {
     p.file_stem().is_some_and(|s| s == "subscriptions")
 }
 
-/// Reads files and folders (a folder's configuration files, not its subfolders).
-pub fn read_inputs(paths: &[PathBuf]) -> anyhow::Result<Inputs> {
+/// Reads files and folders (a folder's configuration files, not its subfolders). With
+/// `keep_going`, a document refused on its own is set aside in `refused` instead of failing.
+pub fn read_inputs(paths: &[PathBuf], keep_going: bool) -> anyhow::Result<Inputs> {
     let mut files = Vec::new();
     for path in paths {
         if path == Path::new(crate::files::STDIN) {
@@ -83,13 +86,18 @@ pub fn read_inputs(paths: &[PathBuf]) -> anyhow::Result<Inputs> {
             Some(all)
         }
     };
-    let policies = match policies.is_empty() {
-        true => None,
-        false => Some(crate::files::read_policy_docs(&policies)?),
+    let (policies, refused) = match (policies.is_empty(), keep_going) {
+        (true, _) => (None, Vec::new()),
+        (false, false) => (Some(crate::files::read_policy_docs(&policies)?), Vec::new()),
+        (false, true) => {
+            let (docs, refused) = crate::files::read_policy_docs_skipping(&policies)?;
+            (Some(docs), refused)
+        }
     };
     Ok(Inputs {
         subscriptions,
         policies,
+        refused,
     })
 }
 
@@ -189,7 +197,7 @@ fn differences(stored: &Set, wanted: &Set) -> Vec<String> {
 
 /// Prints how the files differ from the store; exits 1 when they do.
 pub async fn diff(admin: &AdminClient, paths: &[PathBuf]) -> anyhow::Result<()> {
-    let inputs = read_inputs(paths).map_err(|e| Exit(2, format!("{e:#}")))?;
+    let inputs = read_inputs(paths, false).map_err(|e| Exit(2, format!("{e:#}")))?;
     let wanted = from_inputs(&inputs).map_err(|e| Exit(2, format!("{e:#}")))?;
     let stored = read_store(admin, &inputs)
         .await
@@ -218,6 +226,8 @@ pub struct ApplyOptions {
     pub dry_run: bool,
     pub prune: bool,
     pub force: bool,
+    /// Store what is valid and report the rest (`--keep-going`).
+    pub keep_going: bool,
 }
 
 /// Makes the stored configuration equal the files: validated whole by the dispatcher (every
@@ -228,7 +238,10 @@ pub async fn apply(
     options: ApplyOptions,
 ) -> anyhow::Result<Applied> {
     let docs = inputs.policies.as_deref().unwrap_or_default();
-    if options.prune && inputs.policies.as_ref().is_some_and(Vec::is_empty) {
+    if options.prune
+        && inputs.refused.is_empty()
+        && inputs.policies.as_ref().is_some_and(Vec::is_empty)
+    {
         bail!(
             "the policy files hold no documents, and --prune would remove every stored policy; \
              remove policies with `policyctl policy remove`, or give the ones to keep"
@@ -243,6 +256,12 @@ pub async fn apply(
         prune: options.prune,
         dry_run: options.dry_run,
         force: options.force,
+        keep_going: options.keep_going,
+        keep: inputs
+            .refused
+            .iter()
+            .filter_map(|r| r.keep.clone())
+            .collect(),
     };
     match admin.apply(&args).await {
         Ok(applied) => Ok(applied),
@@ -259,13 +278,27 @@ pub async fn apply(
     }
 }
 
-/// The lines `apply` prints: each change as `diff` marks it, then a summary.
-pub fn report(applied: &Applied) -> Vec<String> {
-    let mut out: Vec<String> = applied
-        .changes
+/// The lines `apply` prints: what was skipped, each change as `diff` marks it, then a
+/// summary. `docs` names a document the dispatcher skipped by its file and position.
+pub fn report(applied: &Applied, inputs: &Inputs) -> Vec<String> {
+    let docs = inputs.policies.as_deref().unwrap_or_default();
+    let mut out: Vec<String> = inputs
+        .refused
         .iter()
-        .map(|c| format!("{} {} {}", c.op.mark(), c.section.as_str(), c.name))
+        .map(|r| format!("skipped {}", r.message))
+        .chain(
+            applied
+                .skipped
+                .iter()
+                .map(|s| format!("skipped {}", crate::files::locate(&s.error, docs))),
+        )
         .collect();
+    out.extend(
+        applied
+            .changes
+            .iter()
+            .map(|c| format!("{} {} {}", c.op.mark(), c.section.as_str(), c.name)),
+    );
     let count = |op| applied.changes.iter().filter(|c| c.op == op).count();
     let counts = format!(
         "{} added, {} changed, {} removed, {} unchanged",
@@ -301,7 +334,7 @@ pub fn report(applied: &Applied) -> Vec<String> {
             .map(|c| format!("{} {}", c.section.as_str(), c.name))
             .collect();
         out.push(format!(
-            "kept {} stored but not given (--prune removes them): {}",
+            "kept {} stored but not given (--prune removes those from the given documents' source): {}",
             kept.len(),
             kept.join(", ")
         ));
@@ -376,7 +409,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.path().join("notes.txt"), "not configuration").unwrap();
-        let inputs = read_inputs(&[dir.path().to_path_buf()]).unwrap();
+        let inputs = read_inputs(&[dir.path().to_path_buf()], false).unwrap();
         assert!(
             inputs.subscriptions.is_none(),
             "no subscriptions file: left alone"
@@ -388,11 +421,13 @@ mod tests {
             "- {event: new-connection, agent: acl, priority: 10}\n",
         )
         .unwrap();
-        let inputs = read_inputs(std::slice::from_ref(&subs)).unwrap();
+        let inputs = read_inputs(std::slice::from_ref(&subs), false).unwrap();
         assert_eq!(inputs.subscriptions.as_ref().map(Vec::len), Some(1));
         assert!(inputs.policies.is_none());
         let empty = tempfile::tempdir().unwrap();
-        let err = read_inputs(&[empty.path().to_path_buf()]).err().unwrap();
+        let err = read_inputs(&[empty.path().to_path_buf()], false)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("no configuration files"), "{err}");
     }
 

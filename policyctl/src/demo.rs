@@ -10,7 +10,7 @@ use bus::{AdminClient, Client, State};
 use crate::print::{describe, parse_attributes};
 
 pub async fn load_examples(admin: &AdminClient, dir: &Path) -> anyhow::Result<()> {
-    let inputs = crate::declarative::read_inputs(&[dir.to_path_buf()])?;
+    let inputs = crate::declarative::read_inputs(&[dir.to_path_buf()], false)?;
     let applied = crate::declarative::apply(admin, &inputs, Default::default()).await?;
     let unchanged = match applied.unchanged {
         0 => String::new(),

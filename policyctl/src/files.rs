@@ -84,7 +84,28 @@ pub fn read_policies(files: &[PathBuf]) -> anyhow::Result<Vec<Doc>> {
 /// the engine documents `agents::clusterlink` makes of them; Kubernetes lists (`kind: List`,
 /// `AccessPolicyList`, ...) are read item by item.
 pub fn read_policy_docs(files: &[PathBuf]) -> anyhow::Result<Vec<Doc>> {
+    let (docs, refused) = read_policy_docs_skipping(files)?;
+    match refused.into_iter().next() {
+        Some(r) => Err(anyhow::anyhow!("{}", r.message)),
+        None => Ok(docs),
+    }
+}
+
+/// A document refused before anything was sent, under `--keep-going`.
+#[derive(Debug)]
+pub struct Refused {
+    /// Where it is and why, as the error without `--keep-going` would say.
+    pub message: String,
+    /// The stored policy it would have replaced, which stays as it is.
+    pub keep: Option<PolicyRef>,
+}
+
+/// [`read_policy_docs`], setting aside the documents that are refused one by one (a bad
+/// object, a document without `agent` or `id`) rather than failing: what `apply --keep-going`
+/// reads. A file that cannot be read or parsed still fails: nothing of it can be told apart.
+pub fn read_policy_docs_skipping(files: &[PathBuf]) -> anyhow::Result<(Vec<Doc>, Vec<Refused>)> {
     let mut docs = Vec::new();
+    let mut refused = Vec::new();
     for file in files {
         let text = read_text(file)?;
         for (i, de) in serde_norway::Deserializer::from_str(&text).enumerate() {
@@ -108,7 +129,17 @@ pub fn read_policy_docs(files: &[PathBuf]) -> anyhow::Result<Vec<Doc>> {
                     origin: None,
                     value,
                 };
-                if let Some(t) = clusterlink_object(&at)? {
+                let translated = match clusterlink_object(&at) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        refused.push(Refused {
+                            message: format!("{e:#}"),
+                            keep: clusterlink_id(&at.value),
+                        });
+                        continue;
+                    }
+                };
+                if let Some(t) = translated {
                     for value in t.policies {
                         docs.push(Doc {
                             origin: Some(t.origin.clone()),
@@ -119,12 +150,27 @@ pub fn read_policy_docs(files: &[PathBuf]) -> anyhow::Result<Vec<Doc>> {
                     }
                     continue;
                 }
-                PolicyRef::of(&at.value).map_err(|e| anyhow::anyhow!("{}: {e}", at.place()))?;
-                docs.push(at);
+                match PolicyRef::of(&at.value) {
+                    Ok(_) => docs.push(at),
+                    Err(e) => refused.push(Refused {
+                        message: format!("{}: {e}", at.place()),
+                        keep: None,
+                    }),
+                }
             }
         }
     }
-    Ok(docs)
+    Ok((docs, refused))
+}
+
+/// The engine policy a ClusterLink object would be, when its kind and name say.
+fn clusterlink_id(value: &Value) -> Option<PolicyRef> {
+    let json = serde_json::to_value(value).ok()?;
+    let (agent, id) = clusterlink::policy_of(&json)?;
+    Some(PolicyRef {
+        agent: agent.into(),
+        id,
+    })
 }
 
 /// A Kubernetes list's items (`kind: List`, `AccessPolicyList`, ... with `items`), as

@@ -134,6 +134,11 @@ pub enum Command {
         /// Store subscriptions of kinds with no live instance or of new events.
         #[arg(long)]
         force: bool,
+        /// Skip each document that is refused (reported, exit 1) and store the rest at once,
+        /// as ClusterLink's controllers take objects one by one. A skipped document's stored
+        /// version, if any, stays as it is; `--prune` does not remove it.
+        #[arg(long)]
+        keep_going: bool,
     },
     /// Add or update a folder of configuration, as `apply` without `--prune`: everything is
     /// validated before anything is stored, and nothing is removed.

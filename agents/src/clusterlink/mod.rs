@@ -140,6 +140,31 @@ pub fn translate(doc: &Json) -> Result<Translated, Error> {
     Ok(Translated { origin, policies })
 }
 
+/// The engine policy (`agent`, `id`) an object is or would be, from its kind and metadata
+/// alone: what stays stored when the object itself is refused (`apply --keep-going`).
+pub fn policy_of(doc: &Json) -> Option<(&'static str, String)> {
+    let kind = doc.get("kind")?.as_str()?;
+    let agent = match kind {
+        access::REGULAR | access::PRIVILEGED => crate::kinds::acl::NAME,
+        import::KIND => crate::kinds::lb::NAME,
+        _ => return None,
+    };
+    let name = doc.pointer("/metadata/name")?.as_str()?.to_string();
+    let namespace = (kind != access::PRIVILEGED).then(|| {
+        doc.pointer("/metadata/namespace")
+            .and_then(Json::as_str)
+            .unwrap_or(DEFAULT_NAMESPACE)
+            .to_string()
+    });
+    let origin = Origin {
+        kind: kind.into(),
+        namespace,
+        name,
+        source: None,
+    };
+    Some((agent, policy_id(&origin).ok()?))
+}
+
 /// Reads a spec with the path of a bad field in the error, ClusterLink's names.
 fn spec<T: DeserializeOwned>(spec: Json) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(spec).map_err(|e| {

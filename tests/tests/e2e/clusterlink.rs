@@ -299,3 +299,124 @@ spec: {port: 5672, lbScheme: random, sources: [{peer: q1}, {peer: q2}]}
         "random over the sources"
     );
 }
+
+/// `kubectl get … | policyctl apply -f - --prune` removes the ClusterLink objects that are
+/// gone and keeps hand-written policies; `--keep-going` stores the valid objects at once,
+/// reports the refused ones, and keeps a refused object's stored version.
+#[tokio::test(flavor = "multi_thread")]
+async fn prune_is_scoped_to_the_source_and_keep_going_stores_the_rest() {
+    let engine = every_kind_engine().await;
+    let run = |args: &[&str]| policyctl(&engine, args);
+    let (code, out, err) = run(&["apply", FOLDER]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mine = dir.path().join("mine.yaml");
+    std::fs::write(
+        &mine,
+        "agent: acl\nid: mine\npriority: 50\naction: allow\nmatch: {dst_service: ops}\n",
+    )
+    .expect("write");
+    let (code, _, err) = run(&["policy", "add", "-f", mine.to_str().expect("path")]);
+    assert_eq!(code, Some(0), "{err}");
+
+    let object = |kind: &str, ns: Option<&str>, name: &str, spec: &str| {
+        let ns = ns.map(|n| format!(", namespace: {n}")).unwrap_or_default();
+        format!("- apiVersion: clusterlink.net/v1alpha1\n  kind: {kind}\n  metadata: {{name: {name}{ns}}}\n  spec: {spec}\n")
+    };
+    let allow = "{action: allow, from: [{workloadSelector: {}}], to: [{workloadSelector: {}}]}";
+    let with_sets = "{action: allow, from: [{workloadSets: [a]}], to: [{workloadSelector: {}}]}";
+    let cluster =
+        |items: &[String]| format!("apiVersion: v1\nkind: List\nitems:\n{}", items.concat());
+    // The stored ids, one a line.
+    let stored = || {
+        let (_, out, _) = run(&["policy", "list", "--json"]);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("a JSON list");
+        list.iter()
+            .map(|d| {
+                format!(
+                    "{}/{}\n",
+                    d["agent"].as_str().unwrap_or("?"),
+                    d["id"].as_str().unwrap_or("?")
+                )
+            })
+            .collect::<String>()
+    };
+
+    // The cluster without deny-metering and the Import: both go, `mine` stays.
+    let now = cluster(&[
+        object("PrivilegedAccessPolicy", None, "deny-private-workloads-to-metering-on-prod", "{action: deny, from: [{workloadSelector: {matchLabels: {classification: private, environment: prod}}}], to: [{workloadSelector: {matchLabels: {workloadName: global-metering-service, environment: prod}}}]}"),
+        object("PrivilegedAccessPolicy", None, "allow-metering-on-prod", "{action: allow, from: [{workloadSelector: {}}], to: [{workloadSelector: {matchLabels: {workloadName: global-metering-service, environment: prod}}}]}"),
+        object("AccessPolicy", Some("default"), "allow-named-workloads", "{action: allow, from: [{workloadSelector: {}}], to: [{workloadSelector: {matchExpressions: [{key: workloadName, operator: Exists}]}}]}"),
+        object("AccessPolicy", Some("shop"), "web-to-eu-db", "{action: allow, from: [{workloadSelector: {matchLabels: {client.clusterlink.net/labels.app: web}}}], to: [{workloadSelector: {matchLabels: {export.clusterlink.net/name: db, peer.clusterlink.net/labels.region: eu}}}]}"),
+    ]);
+    let (code, out, err) = policyctl_stdin(&engine, &["apply", "-f", "-", "--prune"], &now);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let removed: Vec<&str> = out.lines().filter(|l| l.starts_with("- ")).collect();
+    assert_eq!(
+        removed,
+        [
+            "- policy acl/cl-ap__default__deny-metering",
+            "- policy lb/cl-import__shop__db"
+        ],
+        "{out}"
+    );
+    assert!(
+        stored().contains("acl/mine\n"),
+        "the hand-written policy stays"
+    );
+
+    // One object turned invalid, one new: without --keep-going nothing is stored.
+    let next: Vec<String> = vec![
+        object(
+            "AccessPolicy",
+            Some("default"),
+            "allow-named-workloads",
+            with_sets,
+        ),
+        object("AccessPolicy", Some("ops"), "allow-ops", allow),
+    ];
+    let before = stored();
+    let (code, _, err) =
+        policyctl_stdin(&engine, &["apply", "-f", "-", "--prune"], &cluster(&next));
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("AccessPolicy default/allow-named-workloads: spec.from[0].workloadSets"),
+        "{err}"
+    );
+    assert_eq!(stored(), before, "nothing stored");
+    // With it: the new one is stored, the refused one keeps its stored version, the rest of
+    // ClusterLink's is pruned, and `mine` stays.
+    let (code, out, err) = policyctl_stdin(
+        &engine,
+        &["apply", "-f", "-", "--prune", "--keep-going"],
+        &cluster(&next),
+    );
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("skipped standard input: document 1, item 1: AccessPolicy default/allow-named-workloads"), "{out}");
+    assert!(err.contains("1 documents skipped"), "{err}");
+    let after = stored();
+    for kept in [
+        "cl-ap__default__allow-named-workloads",
+        "cl-ap__ops__allow-ops",
+        "acl/mine\n",
+    ] {
+        assert!(after.contains(kept), "{kept}: {after}");
+    }
+    for gone in ["cl-pap__", "cl-ap__shop__web-to-eu-db"] {
+        assert!(!after.contains(gone), "{gone}: {after}");
+    }
+    // A document its kind refuses, among hand-written ones: skipped by file and position.
+    let hand = dir.path().join("hand.yaml");
+    std::fs::write(
+        &hand,
+        "agent: acl\nid: fine\naction: allow\n---\nagent: acl\nid: odd\naction: maybe\n",
+    )
+    .expect("write");
+    let (code, out, err) = run(&["apply", hand.to_str().expect("path"), "--keep-going"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains("skipped ") && out.contains("hand.yaml: document 2 (acl/odd)"),
+        "{out}"
+    );
+    assert!(out.contains("+ policy acl/fine"), "{out}");
+}
