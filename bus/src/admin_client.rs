@@ -99,7 +99,9 @@ impl AdminClient {
         &self,
         policies: Vec<Value>,
     ) -> Result<admin::PolicyAdded, ClientError> {
-        self.command(AdminCommand::PolicyAdd, &admin::PolicyAdd { policies })
+        // Validating up to `MAX_POLICIES_PER_ADD` documents takes their agents a while.
+        self.slow()
+            .command(AdminCommand::PolicyAdd, &admin::PolicyAdd { policies })
             .await
     }
 
@@ -131,11 +133,15 @@ impl AdminClient {
     /// Makes the stored configuration equal `args` (see [`admin::Apply`]). Validating a large
     /// set takes its agents a while, so this waits longer than the other commands.
     pub async fn apply(&self, args: &admin::Apply) -> Result<admin::Applied, ClientError> {
-        let slow = AdminClient {
+        self.slow().command(AdminCommand::Apply, args).await
+    }
+
+    /// This client, waiting as long as a bulk command may take.
+    fn slow(&self) -> AdminClient {
+        AdminClient {
             timeout: APPLY_TIMEOUT,
             ..self.clone()
-        };
-        slow.command(AdminCommand::Apply, args).await
+        }
     }
 
     /// The configuration revision and what is stored.

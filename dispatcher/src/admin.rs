@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bus::admin::{
-    Done, ListSubscriptions, Policies, PolicyAdd, PolicyAdded, PolicyList, PolicyRef, PolicyRemove,
-    Subscribe, Subscription, Subscriptions, Unsubscribe,
+    Done, ListSubscriptions, Policies, PolicyList, PolicyRef, PolicyRemove, Subscribe,
+    Subscription, Subscriptions, Unsubscribe,
 };
 use bus::client::{call, ClientError};
 use bus::config::{ConfigKey, WRITE_TIMEOUT};
@@ -351,6 +351,9 @@ async fn validate(
 
 /// Reads each document's ref, refuses duplicates and asks every document's agent kind to
 /// validate it: a bad document fails the whole request before anything is stored.
+/// Validations in flight at once for one request.
+const VALIDATIONS_AT_ONCE: usize = 64;
+
 /// Policies validated and encoded, and (under `keep_going`) the ones their kinds refused.
 pub(crate) struct Prepared {
     pub docs: Vec<(PolicyRef, Vec<u8>)>,
@@ -416,22 +419,23 @@ pub(crate) async fn prepare_policies(
             .map_err(|e| ErrorReply::new(ErrorCode::InvalidPolicy, e.to_string()))?;
         docs.push((i + 1, r, bytes));
     }
-    // Every document is validated before any is stored: a bad file changes nothing.
+    // Every document is validated before any is stored: a bad file changes nothing. Many at
+    // once: a bulk load waits on round trips to the agents, not on their work.
+    // Collected first: a stream holding the closure would not be `Send` for every lifetime.
+    let checks: Vec<_> = docs
+        .iter()
+        .map(|(position, r, bytes)| validate(d, *position - 1, r, bytes))
+        .collect();
+    let results: Vec<Result<(), ErrorReply>> = futures::stream::iter(checks)
+        .buffered(VALIDATIONS_AT_ONCE)
+        .collect()
+        .await;
     let mut refused = vec![false; docs.len()];
-    for (n, chunk) in docs.chunks(16).enumerate() {
-        let checks = chunk
-            .iter()
-            .map(|(position, r, bytes)| validate(d, *position - 1, r, bytes));
-        for (i, result) in futures::future::join_all(checks)
-            .await
-            .into_iter()
-            .enumerate()
-        {
-            if let Err(e) = result {
-                let (position, r, _) = &chunk[i];
-                skip(*position, Some(format!("{}/{}", r.agent, r.id)), e)?;
-                refused[n * 16 + i] = true;
-            }
+    for (i, result) in results.into_iter().enumerate() {
+        if let Err(e) = result {
+            let (position, r, _) = &docs[i];
+            skip(*position, Some(format!("{}/{}", r.agent, r.id)), e)?;
+            refused[i] = true;
         }
     }
     let docs = docs
@@ -441,36 +445,6 @@ pub(crate) async fn prepare_policies(
         .map(|((_, r, bytes), _)| (r, bytes))
         .collect();
     Ok(Prepared { docs, skipped })
-}
-
-pub(crate) async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, ErrorReply> {
-    if add.policies.is_empty() {
-        return Err(ErrorReply::new(
-            ErrorCode::InvalidPolicy,
-            "no policy documents given",
-        ));
-    }
-    let docs = prepare_policies(d, &add.policies, false).await?.docs;
-    // Every key first: a request with one of the fleet's ids stores nothing.
-    let keys: Vec<String> = docs
-        .iter()
-        .map(|(r, _)| ConfigKey::policy(&r.agent, &r.id))
-        .collect();
-    not_the_fleets(d, &keys.iter().map(String::as_str).collect::<Vec<_>>()).await?;
-    let (mut stored, mut unchanged) = (Vec::new(), Vec::new());
-    for (r, bytes) in docs {
-        let key = ConfigKey::policy(&r.agent, &r.id);
-        // The same document again is not written: no revision, no reload in every agent.
-        let same =
-            matches!(d.store.get(&key).await, Ok(Some(old)) if old.as_ref() == bytes.as_slice());
-        if same {
-            unchanged.push(r);
-        } else {
-            put(d, key, bytes).await?;
-            stored.push(r);
-        }
-    }
-    reply(&PolicyAdded { stored, unchanged })
 }
 
 pub(crate) async fn policy_remove(d: &Dispatcher, r: PolicyRemove) -> Result<Bytes, ErrorReply> {

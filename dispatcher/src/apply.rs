@@ -7,13 +7,14 @@
 use std::collections::BTreeMap;
 
 use bus::admin::{
-    Applied, Apply, ChangeOp, Planned, Section, Skipped, Status, MAX_CHANGES_PER_APPLY,
+    Applied, Apply, ChangeOp, Planned, PolicyAdd, PolicyAdded, PolicyRef, Section, Skipped, Status,
+    MAX_CHANGES_PER_APPLY,
 };
 use bus::batch::{BatchError, Write};
 use bus::config::{ConfigKey, WRITE_TIMEOUT};
 use bus::{codec, ErrorCode, ErrorReply};
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use crate::admin::{
     check_subscribe, not_the_fleets, prepare_policies, reply, seen_here, unavailable,
@@ -21,11 +22,9 @@ use crate::admin::{
 use crate::prune::Prune;
 use crate::Dispatcher;
 
-/// A key's stored value and revision.
-struct Stored {
-    value: Bytes,
-    revision: u64,
-}
+#[path = "apply_read.rs"]
+mod read;
+use read::{given, stored, tombstone, Stored, LOOKUPS_AT_ONCE};
 
 /// One planned write, with what to put back if a later one fails.
 struct Step {
@@ -84,35 +83,6 @@ async fn wanted(
     Ok((out, skipped))
 }
 
-/// Every stored key under `prefix` with its value and revision.
-async fn stored(d: &Dispatcher, prefix: &str) -> Result<BTreeMap<String, Stored>, ErrorReply> {
-    Ok(crate::admin::entries(d, prefix)
-        .await?
-        .into_iter()
-        .map(|(k, (value, revision))| (k, Stored { value, revision }))
-        .collect())
-}
-
-/// The revision a new key must be written at: its delete marker's, if it had one. A key that
-/// has a value now was written by someone else since the plan was read.
-async fn tombstone(d: &Dispatcher, key: &str) -> Result<u64, ErrorReply> {
-    let entry = tokio::time::timeout(WRITE_TIMEOUT, d.store.entry(key))
-        .await
-        .map_err(|_| unavailable("no answer from JetStream in time"))?
-        .map_err(unavailable)?;
-    match entry {
-        None => Ok(0),
-        Some(e) if e.operation != async_nats::jetstream::kv::Operation::Put => Ok(e.revision),
-        Some(_) => Err(ErrorReply::new(
-            ErrorCode::Internal,
-            format!(
-                "{key} was stored by someone else while this apply was planned; nothing was \
-                 stored: apply again"
-            ),
-        )),
-    }
-}
-
 /// The order writes go in, so that a reader that sees a key-by-key apply halfway never sees
 /// a subscription before the policies it needs, or policies gone before their subscription:
 /// policies added or changed, then subscriptions added or changed, then subscriptions
@@ -131,7 +101,8 @@ struct Plan {
     /// Sorted: subscriptions first, then by name.
     steps: Vec<Step>,
     kept: Vec<Planned>,
-    unchanged: usize,
+    /// The keys given that equal the stored ones.
+    unchanged: Vec<String>,
 }
 
 /// Compares the wanted values with the stored ones. A new key's expected revision is left at
@@ -141,7 +112,7 @@ fn plan(
     have: &BTreeMap<String, Stored>,
     removes: impl Fn(&str, &[u8]) -> bool,
 ) -> Plan {
-    let (mut steps, mut kept, mut unchanged) = (Vec::new(), Vec::new(), 0);
+    let (mut steps, mut kept, mut unchanged) = (Vec::new(), Vec::new(), Vec::new());
     let step = |op, key: &str, value: Option<&Bytes>, expected_revision, old: Option<&Bytes>| {
         let (section, name) = name_of(key);
         Step {
@@ -156,7 +127,7 @@ fn plan(
     };
     for (key, value) in wanted {
         match have.get(key) {
-            Some(s) if s.value == *value => unchanged += 1,
+            Some(s) if s.value == *value => unchanged.push(key.clone()),
             Some(s) => steps.push(step(
                 ChangeOp::Change,
                 key,
@@ -188,18 +159,85 @@ fn plan(
 }
 
 pub(crate) async fn apply(d: &Dispatcher, args: Apply) -> Result<Bytes, ErrorReply> {
-    let (wanted, skipped) = wanted(d, &args).await?;
-    let prune = Prune::new(&args, &skipped);
+    reply(&run(d, &args, Scope::Sections).await?.0)
+}
+
+/// `policy-add` is an apply that removes nothing: the same validation, one atomic batch (or
+/// key by key where the bucket takes none), and one confirmation from every dispatcher for
+/// the whole request rather than one a document.
+pub(crate) async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, ErrorReply> {
+    if add.policies.is_empty() {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidPolicy,
+            "no policy documents given",
+        ));
+    }
+    let args = Apply {
+        subscriptions: None,
+        policies: Some(add.policies),
+        prune: false,
+        dry_run: false,
+        force: false,
+        keep_going: false,
+        keep: Vec::new(),
+    };
+    let (applied, unchanged) = run(d, &args, Scope::Given).await?;
+    let policy_ref = |key: &str| match ConfigKey::parse(key) {
+        Some(ConfigKey::Policy { kind, id, .. }) => Some(PolicyRef {
+            agent: kind.to_string(),
+            id: id.to_string(),
+        }),
+        _ => None,
+    };
+    let stored = applied
+        .changes
+        .iter()
+        .filter_map(|c| {
+            let (agent, id) = c.name.split_once('/')?;
+            Some(PolicyRef {
+                agent: agent.into(),
+                id: id.into(),
+            })
+        })
+        .collect();
+    let unchanged = unchanged.iter().filter_map(|k| policy_ref(k)).collect();
+    reply(&PolicyAdded { stored, unchanged })
+}
+
+/// What a run compares the given configuration with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Every stored key of the sections given: what `apply` prunes or lists as kept.
+    Sections,
+    /// The given keys alone: `policy-add` removes nothing and lists nothing else, so a bulk
+    /// load reads what it writes, not the whole bucket.
+    Given,
+}
+
+/// Plans and stores `args`; the reply, and the keys given that were stored already.
+async fn run(
+    d: &Dispatcher,
+    args: &Apply,
+    scope: Scope,
+) -> Result<(Applied, Vec<String>), ErrorReply> {
+    let (wanted, skipped) = wanted(d, args).await?;
+    let prune = Prune::new(args, &skipped);
     let revision_before = bus::watch::stream_state(&d.store)
         .await
         .map_err(unavailable)?
         .last_sequence;
     let mut have = BTreeMap::new();
-    if args.subscriptions.is_some() {
-        have.extend(stored(d, "sub.").await?);
-    }
-    if args.policies.is_some() {
-        have.extend(stored(d, "pol.").await?);
+    let mut tombstones = BTreeMap::new();
+    match scope {
+        Scope::Sections => {
+            if args.subscriptions.is_some() {
+                have.extend(stored(d, "sub.").await?);
+            }
+            if args.policies.is_some() {
+                have.extend(stored(d, "pol.").await?);
+            }
+        }
+        Scope::Given => (have, tombstones) = given(d, wanted.keys()).await?,
     }
 
     let mut plan = plan(&wanted, &have, |key, value| prune.removes(key, value));
@@ -210,9 +248,33 @@ pub(crate) async fn apply(d: &Dispatcher, args: Apply) -> Result<Bytes, ErrorRep
             plan.steps.len()
         )));
     }
-    for s in plan.steps.iter_mut() {
-        if s.planned.op == ChangeOp::Add {
-            s.write.expected_revision = tombstone(d, &s.write.key).await?;
+    // Many new keys (a bulk load) are looked up together, not one round trip after another.
+    // Collected first: a stream holding the closure would not be `Send` for every lifetime.
+    let lookups: Vec<_> = plan
+        .steps
+        .iter()
+        .map(|s| {
+            let add = s.planned.op == ChangeOp::Add;
+            let known = tombstones.get(&s.write.key).copied();
+            (add, known, s.write.key.clone())
+        })
+        .map(|(add, known, key)| async move {
+            match (add, known, scope) {
+                (false, _, _) => Ok(None),
+                (true, Some(revision), _) => Ok(Some(revision)),
+                // Read with the plan: no marker then, none now (the write checks it).
+                (true, None, Scope::Given) => Ok(Some(0)),
+                (true, None, Scope::Sections) => tombstone(d, &key).await.map(Some),
+            }
+        })
+        .collect();
+    let revisions: Vec<Option<u64>> = futures::stream::iter(lookups)
+        .buffered(LOOKUPS_AT_ONCE)
+        .try_collect()
+        .await?;
+    for (s, revision) in plan.steps.iter_mut().zip(revisions) {
+        if let Some(r) = revision {
+            s.write.expected_revision = r;
         }
     }
     let Plan {
@@ -249,16 +311,17 @@ pub(crate) async fn apply(d: &Dispatcher, args: Apply) -> Result<Bytes, ErrorRep
             crate::verdicts::everywhere(d, revision).await;
         }
     }
-    reply(&Applied {
+    let applied = Applied {
         changes: steps.into_iter().map(|s| s.planned).collect(),
-        unchanged,
+        unchanged: unchanged.len(),
         kept,
         revision_before,
         revision,
         dry_run: args.dry_run,
         atomic,
         skipped,
-    })
+    };
+    Ok((applied, unchanged))
 }
 
 /// A refused batch changed nothing; most often someone else changed a key meanwhile.
@@ -391,113 +454,5 @@ pub(crate) async fn status(d: &Dispatcher) -> Result<Bytes, ErrorReply> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn stored(pairs: &[(&str, &str, u64)]) -> BTreeMap<String, Stored> {
-        pairs
-            .iter()
-            .map(|(k, v, revision)| {
-                let value = Bytes::copy_from_slice(v.as_bytes());
-                (
-                    k.to_string(),
-                    Stored {
-                        value,
-                        revision: *revision,
-                    },
-                )
-            })
-            .collect()
-    }
-
-    fn wanted(pairs: &[(&str, &str)]) -> BTreeMap<String, Bytes> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v.as_bytes())))
-            .collect()
-    }
-
-    #[test]
-    fn a_plan_adds_changes_keeps_and_prunes_against_each_revision() {
-        let have = stored(&[
-            ("pol.acl.same", "a", 3),
-            ("pol.acl.edit", "old", 4),
-            ("pol.acl.gone", "x", 5),
-        ]);
-        let want = wanted(&[
-            ("pol.acl.same", "a"),
-            ("pol.acl.edit", "new"),
-            ("pol.acl.new", "n"),
-            ("sub.new-connection.acl", "s"),
-        ]);
-        let p = plan(&want, &have, |_, _| false);
-        assert_eq!(p.unchanged, 1);
-        let seen: Vec<(ChangeOp, Section, &str, u64)> = p
-            .steps
-            .iter()
-            .map(|s| {
-                let r = s.write.expected_revision;
-                (s.planned.op, s.planned.section, s.planned.name.as_str(), r)
-            })
-            .collect();
-        assert_eq!(
-            seen,
-            [
-                (
-                    ChangeOp::Add,
-                    Section::Subscription,
-                    "new-connection/acl",
-                    0
-                ),
-                (ChangeOp::Add, Section::Policy, "acl/new", 0),
-                (ChangeOp::Change, Section::Policy, "acl/edit", 4),
-            ]
-        );
-        assert_eq!(p.steps[2].old.as_deref(), Some(&b"old"[..]));
-        assert_eq!(p.kept.len(), 1);
-        assert_eq!(p.kept[0].name, "acl/gone");
-
-        let p = plan(&want, &have, |_, _| true);
-        assert!(p.kept.is_empty());
-        let gone = p.steps.last().expect("a removal");
-        assert_eq!(
-            (gone.planned.op, gone.write.expected_revision),
-            (ChangeOp::Remove, 5)
-        );
-        assert!(gone.write.value.is_none());
-        assert_eq!(gone.old.as_deref(), Some(&b"x"[..]));
-
-        let p = plan(
-            &wanted(&[("pol.acl.same", "a")]),
-            &stored(&[("pol.acl.same", "a", 3)]),
-            |_, _| true,
-        );
-        assert!(p.steps.is_empty() && p.kept.is_empty() && p.unchanged == 1);
-    }
-
-    #[test]
-    fn writes_put_policies_before_their_subscriptions_and_remove_them_after() {
-        let p = |op, section| Planned {
-            op,
-            section,
-            name: String::new(),
-        };
-        let mut order = [
-            p(ChangeOp::Remove, Section::Policy),
-            p(ChangeOp::Add, Section::Subscription),
-            p(ChangeOp::Remove, Section::Subscription),
-            p(ChangeOp::Change, Section::Policy),
-        ];
-        order.sort_by_key(write_rank);
-        let got: Vec<(ChangeOp, Section)> = order.iter().map(|p| (p.op, p.section)).collect();
-        assert_eq!(
-            got,
-            [
-                (ChangeOp::Change, Section::Policy),
-                (ChangeOp::Add, Section::Subscription),
-                (ChangeOp::Remove, Section::Subscription),
-                (ChangeOp::Remove, Section::Policy),
-            ]
-        );
-    }
-}
+#[path = "apply_tests.rs"]
+mod tests;

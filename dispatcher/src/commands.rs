@@ -13,7 +13,7 @@ pub async fn handle(d: &Dispatcher, command: &str, payload: &[u8]) -> Result<Byt
         Request::Subscribe(a) => admin::subscribe(d, a).await,
         Request::Unsubscribe(a) => admin::unsubscribe(d, a).await,
         Request::Subscriptions(a) => admin::subscriptions(d, a).await,
-        Request::PolicyAdd(a) => admin::policy_add(d, a).await,
+        Request::PolicyAdd(a) => apply::policy_add(d, a).await,
         Request::PolicyRemove(a) => admin::policy_remove(d, a).await,
         Request::PolicyList(a) => admin::policy_list(d, a).await,
         Request::Apply(a) => apply::apply(d, a).await,

@@ -368,16 +368,17 @@ async fn start(common: &daemon::Common, options: Options) -> Result<Serving, Dis
                         any
                     }
                 };
+                let revision = match &update {
+                    watch::Update::Loaded(snap) => snap.revision,
+                    watch::Update::Changed(changes) => {
+                        changes.last().map_or(subs.revision, |c| c.revision())
+                    }
+                };
                 if subs_changed {
                     d.table.load(&d.subjects, &subs);
                 }
+                d.table.reached(revision);
                 if let Some(m) = &d.metrics {
-                    let revision = match &update {
-                        watch::Update::Loaded(snap) => snap.revision,
-                        watch::Update::Changed(changes) => {
-                            changes.last().map_or(subs.revision, |c| c.revision())
-                        }
-                    };
                     m.config(revision, subs.values.len());
                 }
                 // Before the verdicts: the revision they confirm covers the peers too.

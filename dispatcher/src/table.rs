@@ -71,6 +71,19 @@ impl Table {
         self.revision.subscribe()
     }
 
+    /// The watch got to `revision` with no subscription changed: the table, as it is,
+    /// reflects it. Without this, a command that wrote only policies would wait for a
+    /// subscription change that never comes.
+    pub fn reached(&self, revision: u64) {
+        self.revision.send_if_modified(|r| {
+            let newer = revision > *r;
+            if newer {
+                *r = revision;
+            }
+            newer
+        });
+    }
+
     pub fn chain(&self, event: &str) -> Option<Arc<Chain>> {
         self.chains
             .read()

@@ -229,21 +229,49 @@ pub fn locate(message: &str, docs: &[Doc]) -> String {
     }
 }
 
-/// Sends the documents in one `policy-add`, so that all are validated before any is stored,
-/// and reports a rejected one by its file and position.
+/// Sends the documents in `policy-add` requests of at most `MAX_POLICIES_PER_ADD` (the
+/// dispatcher's limit), each validated whole and stored in one step, and reports a rejected one
+/// by its file and position. A load of several batches says how far it got, on standard error,
+/// and which batches an error left stored.
 pub async fn add_policies(
     admin: &bus::AdminClient,
     docs: &[Doc],
 ) -> anyhow::Result<bus::admin::PolicyAdded> {
-    let values = docs.iter().map(|d| d.value.clone()).collect();
-    match admin.policy_add_detailed(values).await {
-        Ok(added) => Ok(added),
-        Err(bus::ClientError::Remote(e)) => Err(anyhow::anyhow!(
-            "{}; nothing was stored",
-            locate(&e.message, docs)
-        )),
-        Err(e) => Err(e.into()),
+    let batches: Vec<&[Doc]> = docs.chunks(bus::admin::MAX_POLICIES_PER_ADD).collect();
+    let mut all = bus::admin::PolicyAdded {
+        stored: Vec::new(),
+        unchanged: Vec::new(),
+    };
+    let mut done = 0;
+    for (n, batch) in batches.iter().enumerate() {
+        let values = batch.iter().map(|d| d.value.clone()).collect();
+        match admin.policy_add_detailed(values).await {
+            Ok(added) => {
+                all.stored.extend(added.stored);
+                all.unchanged.extend(added.unchanged);
+            }
+            Err(bus::ClientError::Remote(e)) => {
+                let left = match n {
+                    0 => "nothing was stored".to_string(),
+                    _ => format!(
+                        "nothing of this batch was stored; the {done} documents before it were"
+                    ),
+                };
+                return Err(anyhow::anyhow!("{}; {left}", locate(&e.message, batch)));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        done += batch.len();
+        if batches.len() > 1 {
+            eprintln!(
+                "stored {done} of {} documents (batch {} of {})",
+                docs.len(),
+                n + 1,
+                batches.len()
+            );
+        }
     }
+    Ok(all)
 }
 
 /// A subscriptions file: a YAML list of `{event, agent, priority, timeout_ms, failure, observe}`.
