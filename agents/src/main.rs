@@ -103,7 +103,7 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<(), runtime::AgentError> {
     let shutdown = daemon::shutdown_signal();
     let process = match &cli.kind {
-        KindCmd::Wasm { .. } => "policy-agent-wasm".to_string(),
+        KindCmd::Wasm { .. } => bus::headers::WASM_HOST_SERVICE.to_string(),
         KindCmd::Monitor => "policy-agent-monitor".to_string(),
         KindCmd::Acl { .. } => "policy-agent-acl".to_string(),
         KindCmd::Lb => "policy-agent-lb".to_string(),
@@ -131,6 +131,7 @@ async fn run(cli: Cli) -> Result<(), runtime::AgentError> {
         reload: None,
         metrics: Some(AgentMetrics::new(&telemetry)),
         telemetry: Some(telemetry.clone()),
+        service_metadata: None,
     };
     match cli.kind {
         KindCmd::Acl { default } => {

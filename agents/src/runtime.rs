@@ -318,6 +318,8 @@ pub struct Options {
     pub metrics: Option<Arc<AgentMetrics>>,
     /// The process's readiness, when this kind is the process (not one kind of a wasm host).
     pub telemetry: Option<Arc<Telemetry>>,
+    /// The kind's services API metadata: a wasm host says which module version it serves.
+    pub service_metadata: Option<daemon::service::Metadata>,
 }
 
 impl Default for Options {
@@ -329,6 +331,7 @@ impl Default for Options {
             reload: None,
             metrics: None,
             telemetry: None,
+            service_metadata: None,
         }
     }
 }
@@ -507,7 +510,7 @@ where
     };
     let _ = ready_rx.await;
 
-    let (service, mut endpoints) = Service::start(
+    let (service, mut endpoints) = Service::start_with(
         &client,
         &service_name,
         &format!("policy-bus {kind_name} agent"),
@@ -517,6 +520,7 @@ where
             subject: subjects.agent_wildcard(kind_name),
             queue_group: kind_name.to_string(),
         }],
+        options.service_metadata.clone(),
     )
     .await
     .map_err(|e| AgentError::Service(e.to_string()))?;

@@ -29,6 +29,11 @@ impl AdminClient {
         }
     }
 
+    /// The connection, for what the admin commands do not cover (the services API).
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
     pub async fn command<A: Serialize, R: DeserializeOwned>(
         &self,
         command: AdminCommand,

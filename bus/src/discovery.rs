@@ -27,11 +27,38 @@ pub async fn any_instance(
     Ok(ping(nats, service, window, 1).await? > 0)
 }
 
+/// The `$SRV.PING` answers of a NATS service's live instances within `window`: each names
+/// its instance (`id`) and says its `metadata`.
+pub async fn instances(
+    nats: &async_nats::Client,
+    service: &str,
+    window: Duration,
+) -> Result<Vec<serde_json::Value>, async_nats::Error> {
+    let mut out = Vec::new();
+    answers(nats, service, window, usize::MAX, |payload| {
+        if let Ok(v) = serde_json::from_slice(payload) {
+            out.push(v);
+        }
+    })
+    .await?;
+    Ok(out)
+}
+
 async fn ping(
     nats: &async_nats::Client,
     service: &str,
     window: Duration,
     enough: usize,
+) -> Result<usize, async_nats::Error> {
+    answers(nats, service, window, enough, |_| {}).await
+}
+
+async fn answers(
+    nats: &async_nats::Client,
+    service: &str,
+    window: Duration,
+    enough: usize,
+    mut each: impl FnMut(&[u8]),
 ) -> Result<usize, async_nats::Error> {
     use futures::StreamExt;
     let inbox = nats.new_inbox();
@@ -45,6 +72,7 @@ async fn ping(
         // With no instance at all the server answers "no responders" (a status, no payload):
         // that is not an instance.
         if msg.status.is_none() && !msg.payload.is_empty() {
+            each(&msg.payload);
             seen += 1;
             if seen >= enough {
                 break;

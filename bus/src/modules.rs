@@ -9,6 +9,11 @@ use crate::error::ConfigError;
 use crate::store::{Jet, Store};
 use crate::subject::Subjects;
 
+/// The services API metadata key under which a wasm host's kind says the digest of the
+/// module version it serves (as the store's object info gives it): `agent deploy` waits until
+/// every host's says the new one.
+pub const SERVED: &str = "module";
+
 /// Bytes the store may hold: every module with room for a new version of each.
 const MAX_BYTES: i64 = 256 * 1024 * 1024;
 

@@ -171,6 +171,10 @@ impl Endpoint {
     }
 }
 
+/// A service's metadata, read each time the services API is asked, so that it can say what
+/// changes while the instance runs (a wasm host's module version).
+pub type Metadata = Arc<dyn Fn() -> BTreeMap<String, String> + Send + Sync>;
+
 struct Info {
     name: String,
     id: String,
@@ -178,6 +182,7 @@ struct Info {
     description: String,
     started: String,
     endpoints: Vec<(EndpointSpec, Arc<Stats>)>,
+    metadata: Option<Metadata>,
 }
 
 /// Answers the services API's verbs for one service instance until dropped.
@@ -217,7 +222,7 @@ impl Info {
             "name": self.name,
             "id": self.id,
             "version": self.version,
-            "metadata": {},
+            "metadata": self.metadata.as_ref().map(|m| m()).unwrap_or_default(),
         });
         let mut v = base;
         match verb {
@@ -278,6 +283,18 @@ impl Service {
         version: &str,
         specs: Vec<EndpointSpec>,
     ) -> Result<(Service, Vec<Endpoint>), async_nats::SubscribeError> {
+        Self::start_with(client, name, description, version, specs, None).await
+    }
+
+    /// [`Self::start`], with metadata read at each answer.
+    pub async fn start_with(
+        client: &async_nats::Client,
+        name: &str,
+        description: &str,
+        version: &str,
+        specs: Vec<EndpointSpec>,
+        metadata: Option<Metadata>,
+    ) -> Result<(Service, Vec<Endpoint>), async_nats::SubscribeError> {
         let id = nuid::next().to_string();
         let mut endpoints = Vec::with_capacity(specs.len());
         let mut served = Vec::with_capacity(specs.len());
@@ -312,6 +329,7 @@ impl Service {
             description: description.to_string(),
             started: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
             endpoints: served,
+            metadata,
         };
         let answering = client.clone();
         let task = tokio::spawn(async move {

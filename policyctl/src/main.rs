@@ -384,6 +384,9 @@ pub enum AgentCommand {
         /// Store it although no wasm host is live to check it.
         #[arg(long)]
         force: bool,
+        /// How long to wait for every live wasm host to serve this version (0: do not wait).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
     },
     /// Remove a deployed module: every wasm host drains the kind and stops serving it.
     Remove {

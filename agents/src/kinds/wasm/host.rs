@@ -34,7 +34,9 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// A kind this host serves.
 struct Running {
     module: Current,
-    digest: String,
+    /// The version served, which the kind's services API metadata says
+    /// (`bus::modules::SERVED`), so a deploy can wait until every host serves it.
+    digest: Arc<std::sync::RwLock<String>>,
     /// Tells the kind's runtime to load its policies again (a new version may validate them
     /// otherwise).
     reload: Arc<tokio::sync::Notify>,
@@ -320,7 +322,12 @@ impl Kinds {
             return;
         }
         let digest = info.digest.clone().unwrap_or_default();
-        if self.running.get(&name).is_some_and(|r| r.digest == digest) {
+        let serving = |r: &Running| r.digest.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if self
+            .running
+            .get(&name)
+            .is_some_and(|r| serving(r) == digest)
+        {
             return;
         }
         let compiled = match fetch(store, &name).await {
@@ -336,7 +343,7 @@ impl Kinds {
         };
         if let Some(running) = self.running.get_mut(&name) {
             *running.module.write().unwrap_or_else(|e| e.into_inner()) = compiled;
-            running.digest = digest.clone();
+            *running.digest.write().unwrap_or_else(|e| e.into_inner()) = digest.clone();
             running.reload.notify_one();
             tracing::info!(kind = %name, %digest, "new module version swapped in");
             return;
@@ -351,8 +358,14 @@ impl Kinds {
         let reload = Arc::new(tokio::sync::Notify::new());
         let (stop, stopped) = oneshot::channel::<()>();
         let common = self.common.clone();
+        let served = Arc::new(std::sync::RwLock::new(digest.clone()));
+        let says = served.clone();
         let options = runtime::Options {
             reload: Some(reload.clone()),
+            service_metadata: Some(Arc::new(move || {
+                let digest = says.read().unwrap_or_else(|e| e.into_inner()).clone();
+                [(bus::modules::SERVED.to_string(), digest)].into()
+            })),
             ..self.options.clone()
         };
         let task = tokio::spawn(async move {
@@ -366,7 +379,7 @@ impl Kinds {
             name,
             Running {
                 module,
-                digest,
+                digest: served,
                 reload,
                 stop,
                 task,
