@@ -193,6 +193,10 @@ pub struct Apply {
     /// itself skipped (an object it could not translate).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keep: Vec<PolicyRef>,
+    /// With `prune`: remove only stored policies whose `origin.source` is this, rather than the
+    /// given documents' sources; so a source with no documents left can still be pruned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune_source: Option<String>,
 }
 
 /// A policy `apply` skipped under `keep_going`: its position among the given documents

@@ -180,6 +180,7 @@ pub(crate) async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, 
         force: false,
         keep_going: false,
         keep: Vec::new(),
+        prune_source: None,
     };
     let (applied, unchanged) = run(d, &args, Scope::Given).await?;
     let policy_ref = |key: &str| match ConfigKey::parse(key) {

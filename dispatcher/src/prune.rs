@@ -22,11 +22,15 @@ pub(crate) struct Prune {
 
 impl Prune {
     pub(crate) fn new(args: &Apply, skipped: &[Skipped]) -> Self {
-        let sources = args.policies.as_deref().filter(|p| !p.is_empty()).map(|p| {
+        let given = args.policies.as_deref().filter(|p| !p.is_empty()).map(|p| {
             p.iter()
                 .map(|d| bus::origin::source_of(d).map(str::to_owned))
                 .collect()
         });
+        let sources = match &args.prune_source {
+            Some(source) => Some(BTreeSet::from([Some(source.clone())])),
+            None => given,
+        };
         let named = |name: &str| {
             let (agent, id) = name.split_once('/')?;
             Some(ConfigKey::policy(agent, id))
@@ -85,6 +89,7 @@ mod tests {
             force: false,
             keep_going: false,
             keep: Vec::new(),
+            prune_source: None,
         }
     }
 
@@ -111,7 +116,14 @@ mod tests {
         assert!(
             both.removes(&key("a"), &bytes(cl)) && both.removes(&key("b"), &bytes(by_hand.clone()))
         );
-        assert!(!Prune::new(&apply(vec![], false), &[]).removes(&key("a"), &bytes(by_hand)));
+        assert!(!Prune::new(&apply(vec![], false), &[]).removes(&key("a"), &bytes(by_hand.clone())));
+        // A source named outright: pruned with no document of it given.
+        let mut named = apply(vec![], true);
+        named.prune_source = Some("clusterlink".into());
+        let named = Prune::new(&named, &[]);
+        let cl = json!({"agent": "acl", "id": "cl-y", "origin": {"kind": "AccessPolicy", "name": "y", "source": "clusterlink"}});
+        assert!(named.removes(&key("cl-y"), &bytes(cl)));
+        assert!(!named.removes(&key("mine"), &bytes(by_hand)));
     }
 
     #[test]

@@ -241,6 +241,7 @@ async fn command(
             prune,
             force,
             keep_going,
+            prune_source,
         } => {
             paths.extend(filename);
             let options = crate::declarative::ApplyOptions {
@@ -248,6 +249,7 @@ async fn command(
                 prune,
                 force,
                 keep_going,
+                prune_source,
             };
             let inputs = crate::declarative::read_inputs(&paths, keep_going)?;
             let applied = crate::declarative::apply(&admin, &inputs, options).await?;

@@ -221,13 +221,15 @@ pub async fn diff(admin: &AdminClient, paths: &[PathBuf]) -> anyhow::Result<()> 
 }
 
 /// How `apply` (and `load`, which never prunes) is asked.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ApplyOptions {
     pub dry_run: bool,
     pub prune: bool,
     pub force: bool,
     /// Store what is valid and report the rest (`--keep-going`).
     pub keep_going: bool,
+    /// Prune only what came from this source (`--prune-source`).
+    pub prune_source: Option<String>,
 }
 
 /// Makes the stored configuration equal the files: validated whole by the dispatcher (every
@@ -239,12 +241,14 @@ pub async fn apply(
 ) -> anyhow::Result<Applied> {
     let docs = inputs.policies.as_deref().unwrap_or_default();
     if options.prune
+        && options.prune_source.is_none()
         && inputs.refused.is_empty()
         && inputs.policies.as_ref().is_some_and(Vec::is_empty)
     {
         bail!(
             "the policy files hold no documents, and --prune would remove every stored policy; \
-             remove policies with `policyctl policy remove`, or give the ones to keep"
+             remove policies with `policyctl policy remove`, give the ones to keep, or name \
+             the source to prune (`--prune-source clusterlink`)"
         );
     }
     let args = bus::admin::Apply {
@@ -262,6 +266,7 @@ pub async fn apply(
             .iter()
             .filter_map(|r| r.keep.clone())
             .collect(),
+        prune_source: options.prune_source.clone(),
     };
     match admin.apply(&args).await {
         Ok(applied) => Ok(applied),

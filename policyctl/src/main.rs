@@ -139,6 +139,11 @@ pub enum Command {
         /// version, if any, stays as it is; `--prune` does not remove it.
         #[arg(long)]
         keep_going: bool,
+        /// With --prune, remove only stored policies from this source (`clusterlink` for the
+        /// documents made from ClusterLink's objects), even when no document of it is given:
+        /// a sync of a cluster whose last object was deleted.
+        #[arg(long, requires = "prune")]
+        prune_source: Option<String>,
     },
     /// Add or update a folder of configuration, as `apply` without `--prune`: everything is
     /// validated before anything is stored, and nothing is removed.

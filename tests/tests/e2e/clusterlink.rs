@@ -419,4 +419,31 @@ async fn prune_is_scoped_to_the_source_and_keep_going_stores_the_rest() {
         "{out}"
     );
     assert!(out.contains("+ policy acl/fine"), "{out}");
+    // The cluster's last objects deleted: an empty list, pruned by the source named.
+    let empty = "apiVersion: v1\nkind: List\nitems: []\n";
+    let (code, _, err) = policyctl_stdin(&engine, &["apply", "-f", "-", "--prune"], empty);
+    assert_ne!(
+        code,
+        Some(0),
+        "--prune alone cannot tell whose documents to remove"
+    );
+    assert!(err.contains("--prune-source"), "{err}");
+    let (code, out, err) = policyctl_stdin(
+        &engine,
+        &[
+            "apply",
+            "-f",
+            "-",
+            "--prune",
+            "--prune-source",
+            "clusterlink",
+        ],
+        empty,
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    let left = stored();
+    assert!(!left.contains("/cl-"), "{left}");
+    for kept in ["acl/mine\n", "acl/fine\n"] {
+        assert!(left.contains(kept), "{kept}: {left}");
+    }
 }

@@ -20,6 +20,7 @@ mod fleet_faults;
 mod fleet_secure;
 mod fleet_up;
 mod integrity;
+mod kubernetes;
 mod labels;
 mod layout;
 mod limits;
