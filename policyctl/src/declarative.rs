@@ -251,6 +251,16 @@ pub async fn apply(
              the source to prune (`--prune-source clusterlink`)"
         );
     }
+    if docs.len() > bus::admin::MAX_POLICIES_PER_ADD {
+        bail!(
+            "{} policy documents: one apply stores at most {} in one atomic step; \
+             `policyctl policy add -f` stores any number, in atomic batches of {} (it prunes \
+             nothing)",
+            docs.len(),
+            bus::admin::MAX_POLICIES_PER_ADD,
+            bus::admin::MAX_POLICIES_PER_ADD
+        );
+    }
     let args = bus::admin::Apply {
         subscriptions: inputs.subscriptions.clone(),
         policies: inputs

@@ -324,6 +324,58 @@ mod tests {
     }
 
     #[test]
+    fn clusterlink_objects_are_read_from_every_shape_kubectl_prints() {
+        let ap = |name: &str| {
+            format!(
+                r#"{{"apiVersion": "clusterlink.net/v1alpha1", "kind": "AccessPolicy",
+                    "metadata": {{"name": "{name}", "namespace": "ns"}},
+                    "spec": {{"action": "allow", "from": [{{"workloadSelector": {{}}}}],
+                              "to": [{{"workloadSelector": {{}}}}]}}}}"#
+            )
+        };
+        let typed_list = format!(
+            r#"{{"apiVersion": "clusterlink.net/v1alpha1", "kind": "AccessPolicyList", "items": [{}, {}]}}"#,
+            ap("a"),
+            ap("b")
+        );
+        let (_d, p) = write(&format!("{typed_list}\n---\n{}\n", ap("c")));
+        let docs = read_policies(std::slice::from_ref(&p)).unwrap();
+        let places: Vec<String> = docs.iter().map(Doc::place).collect();
+        assert_eq!(docs.len(), 3, "{places:?}");
+        assert!(
+            places[1].ends_with("document 1, item 2 (AccessPolicy ns/b)"),
+            "{places:?}"
+        );
+        assert!(
+            places[2].ends_with("document 2 (AccessPolicy ns/c)"),
+            "{places:?}"
+        );
+        assert_eq!(PolicyRef::of(&docs[2].value).unwrap().id, "cl-ap__ns__c");
+        // A plain engine list and a ClusterLink object side by side.
+        let (_d, p) = write(&format!(
+            "{}\n---\n[{{\"agent\": \"acl\", \"id\": \"x\"}}]\n",
+            ap("d")
+        ));
+        assert_eq!(read_policies(std::slice::from_ref(&p)).unwrap().len(), 2);
+        // Under --keep-going a refused object is set aside, naming what it would replace.
+        let bad = ap("e").replace("\"allow\"", "\"maybe\"");
+        let (_d, p) = write(&format!("{bad}\n---\n{}\n", ap("f")));
+        assert!(read_policy_docs(std::slice::from_ref(&p)).is_err());
+        let (docs, refused) = read_policy_docs_skipping(std::slice::from_ref(&p)).unwrap();
+        assert_eq!(docs.len(), 1);
+        assert!(
+            refused[0]
+                .message
+                .contains("AccessPolicy ns/e: spec.action"),
+            "{refused:?}"
+        );
+        assert_eq!(
+            refused[0].keep.as_ref().map(|r| r.id.as_str()),
+            Some("cl-ap__ns__e")
+        );
+    }
+
+    #[test]
     fn errors_name_file_and_document() {
         let (_d, p) = write("agent: acl\nid: a\n---\nagent: acl\naction: deny\n");
         let err = read_policies(std::slice::from_ref(&p))
