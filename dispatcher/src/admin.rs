@@ -391,6 +391,9 @@ pub(crate) async fn prepare_policies(
         Ok(())
     };
     let mut docs: Vec<(usize, PolicyRef, Vec<u8>)> = Vec::with_capacity(policies.len());
+    // Under `keep_going`, an id given twice skips every copy: which one was meant is unknown,
+    // so the stored document stays as it is.
+    let mut twice: Vec<usize> = Vec::new();
     for (i, doc) in policies.iter().enumerate() {
         let r = match PolicyRef::of(doc) {
             Ok(r) => r,
@@ -401,18 +404,21 @@ pub(crate) async fn prepare_policies(
                 continue;
             }
         };
-        if let Some((j, _, _)) = docs.iter().find(|(_, other, _)| *other == r) {
+        if let Some(k) = docs.iter().position(|(_, other, _)| *other == r) {
+            let j = docs[k].0;
             let e = ErrorReply::new(
                 ErrorCode::InvalidPolicy,
                 format!(
-                    "document {}: {}/{} is also document {}",
+                    "document {}: {}/{} is also document {j}",
                     i + 1,
                     r.agent,
                     r.id,
-                    j
                 ),
             );
             skip(i + 1, Some(format!("{}/{}", r.agent, r.id)), e)?;
+            if !twice.contains(&k) {
+                twice.push(k);
+            }
             continue;
         }
         let bytes = codec::encode("policy", doc)
@@ -431,7 +437,20 @@ pub(crate) async fn prepare_policies(
         .collect()
         .await;
     let mut refused = vec![false; docs.len()];
+    for k in twice {
+        let (position, r, _) = &docs[k];
+        let message = format!(
+            "document {position}: {}/{} is given again later: every copy is skipped",
+            r.agent, r.id
+        );
+        let e = ErrorReply::new(ErrorCode::InvalidPolicy, message);
+        skip(*position, Some(format!("{}/{}", r.agent, r.id)), e)?;
+        refused[k] = true;
+    }
     for (i, result) in results.into_iter().enumerate() {
+        if refused[i] {
+            continue;
+        }
         if let Err(e) = result {
             let (position, r, _) = &docs[i];
             skip(*position, Some(format!("{}/{}", r.agent, r.id)), e)?;

@@ -159,6 +159,17 @@ fn plan(
 }
 
 pub(crate) async fn apply(d: &Dispatcher, args: Apply) -> Result<Bytes, ErrorReply> {
+    // No policy given and no source named: every stored policy would be in scope.
+    if args.prune
+        && args.prune_source.is_none()
+        && args.policies.as_ref().is_some_and(Vec::is_empty)
+    {
+        return Err(bad(
+            "prune with no policy documents would remove every stored policy: give the ones to \
+             keep, or name the source to prune (prune_source)"
+                .into(),
+        ));
+    }
     reply(&run(d, &args, Scope::Sections).await?.0)
 }
 

@@ -421,7 +421,8 @@ async fn served(
             return Err(crate::explain::Exit(
                 1,
                 format!(
-                    "{} is stored, but {serving} of {hosts} wasm hosts serve this version after {};                      a host that cannot load it logs `deployed module does not load here`",
+                    "{} is stored, but {serving} of {hosts} wasm hosts serve this version after {}; \
+                     a host that cannot load it logs `deployed module does not load here`",
                     m.kind,
                     humantime::format_duration(wait)
                 ),

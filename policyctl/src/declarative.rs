@@ -25,6 +25,8 @@ pub struct Inputs {
     pub policies: Option<Vec<Doc>>,
     /// Documents set aside before sending (only when read for `--keep-going`).
     pub refused: Vec<crate::files::Refused>,
+    /// Top-level documents in the policy files, an empty list among them.
+    pub documents: usize,
 }
 
 fn is_config_file(p: &Path) -> bool {
@@ -86,18 +88,24 @@ pub fn read_inputs(paths: &[PathBuf], keep_going: bool) -> anyhow::Result<Inputs
             Some(all)
         }
     };
-    let (policies, refused) = match (policies.is_empty(), keep_going) {
-        (true, _) => (None, Vec::new()),
-        (false, false) => (Some(crate::files::read_policy_docs(&policies)?), Vec::new()),
-        (false, true) => {
-            let (docs, refused) = crate::files::read_policy_docs_skipping(&policies)?;
-            (Some(docs), refused)
+    let read = match policies.is_empty() {
+        true => None,
+        false => Some(crate::files::read_policy_docs_skipping(&policies)?),
+    };
+    let (policies, refused, documents) = match read {
+        None => (None, Vec::new(), 0),
+        Some(read) => {
+            if let (false, Some(r)) = (keep_going, read.refused.first()) {
+                bail!("{}", r.message);
+            }
+            (Some(read.docs), read.refused, read.documents)
         }
     };
     Ok(Inputs {
         subscriptions,
         policies,
         refused,
+        documents,
     })
 }
 
@@ -240,9 +248,15 @@ pub async fn apply(
     options: ApplyOptions,
 ) -> anyhow::Result<Applied> {
     let docs = inputs.policies.as_deref().unwrap_or_default();
+    if options.prune && inputs.policies.is_some() && inputs.documents == 0 {
+        bail!(
+            "the policy input holds no document at all (did the command feeding it fail?), and \
+             --prune never removes anything on an empty input; an empty list (`kind: List`, \
+             `items: []`) with --prune-source prunes that source's documents"
+        );
+    }
     if options.prune
         && options.prune_source.is_none()
-        && inputs.refused.is_empty()
         && inputs.policies.as_ref().is_some_and(Vec::is_empty)
     {
         bail!(

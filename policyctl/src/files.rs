@@ -2,7 +2,7 @@
 //! ClusterLink's objects among them (see `agents::clusterlink`), and subscription lists, with
 //! errors that name the file, the document and, for ClusterLink's, the object.
 
-use std::io::Read;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use agents::clusterlink;
@@ -84,10 +84,10 @@ pub fn read_policies(files: &[PathBuf]) -> anyhow::Result<Vec<Doc>> {
 /// the engine documents `agents::clusterlink` makes of them; Kubernetes lists (`kind: List`,
 /// `AccessPolicyList`, ...) are read item by item.
 pub fn read_policy_docs(files: &[PathBuf]) -> anyhow::Result<Vec<Doc>> {
-    let (docs, refused) = read_policy_docs_skipping(files)?;
-    match refused.into_iter().next() {
+    let read = read_policy_docs_skipping(files)?;
+    match read.refused.into_iter().next() {
         Some(r) => Err(anyhow::anyhow!("{}", r.message)),
-        None => Ok(docs),
+        None => Ok(read.docs),
     }
 }
 
@@ -103,9 +103,10 @@ pub struct Refused {
 /// [`read_policy_docs`], setting aside the documents that are refused one by one (a bad
 /// object, a document without `agent` or `id`) rather than failing: what `apply --keep-going`
 /// reads. A file that cannot be read or parsed still fails: nothing of it can be told apart.
-pub fn read_policy_docs_skipping(files: &[PathBuf]) -> anyhow::Result<(Vec<Doc>, Vec<Refused>)> {
+pub fn read_policy_docs_skipping(files: &[PathBuf]) -> anyhow::Result<Read> {
     let mut docs = Vec::new();
     let mut refused = Vec::new();
+    let mut documents = 0;
     for file in files {
         let text = read_text(file)?;
         for (i, de) in serde_norway::Deserializer::from_str(&text).enumerate() {
@@ -115,11 +116,17 @@ pub fn read_policy_docs_skipping(files: &[PathBuf]) -> anyhow::Result<(Vec<Doc>,
             })?;
             let items = match value {
                 Value::Nil => continue, // an empty document, as after a trailing `---`
-                Value::Array(items) => numbered(items),
-                value => match list_items(&value) {
-                    Some(items) => numbered(items),
-                    None => vec![(None, value)],
-                },
+                Value::Array(items) => {
+                    documents += 1;
+                    numbered(items)
+                }
+                value => {
+                    documents += 1;
+                    match list_items(&value) {
+                        Some(items) => numbered(items),
+                        None => vec![(None, value)],
+                    }
+                }
             };
             for (item, value) in items {
                 let at = Doc {
@@ -160,7 +167,20 @@ pub fn read_policy_docs_skipping(files: &[PathBuf]) -> anyhow::Result<(Vec<Doc>,
             }
         }
     }
-    Ok((docs, refused))
+    Ok(Read {
+        docs,
+        refused,
+        documents,
+    })
+}
+
+/// What [`read_policy_docs_skipping`] read.
+pub struct Read {
+    pub docs: Vec<Doc>,
+    pub refused: Vec<Refused>,
+    /// Top-level documents seen, an empty list among them: none at all means an empty input
+    /// (the command feeding it failed, say), which never prunes.
+    pub documents: usize,
 }
 
 /// The engine policy a ClusterLink object would be, when its kind and name say.
@@ -361,7 +381,8 @@ mod tests {
         let bad = ap("e").replace("\"allow\"", "\"maybe\"");
         let (_d, p) = write(&format!("{bad}\n---\n{}\n", ap("f")));
         assert!(read_policy_docs(std::slice::from_ref(&p)).is_err());
-        let (docs, refused) = read_policy_docs_skipping(std::slice::from_ref(&p)).unwrap();
+        let crate::files::Read { docs, refused, .. } =
+            read_policy_docs_skipping(std::slice::from_ref(&p)).unwrap();
         assert_eq!(docs.len(), 1);
         assert!(
             refused[0]

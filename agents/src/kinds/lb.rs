@@ -13,10 +13,9 @@
 //!   moves the keys that were on it.
 //!
 //! With `sources` (an ordered list of peers, what a ClusterLink Import becomes), the pick is
-//! ClusterLink's own (`loadbalancer.go`): a start among the sources (`static`: the first;
-//! `random`: any; `round-robin`: the policy's counter), then onward in the sources' order to the
-//! first that is still a candidate, so a source the ACL denied or `peer-removed` took away fails
-//! over to the next. Only sources are picked; none left is a deny.
+//! ClusterLink's own (`loadbalancer.go`, see `pick_source`): a source the ACL denied or
+//! `peer-removed` took away fails over to another. Only sources are picked; none left is a
+//! deny.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -102,9 +101,11 @@ fn fnv1a(parts: &[&str]) -> u64 {
     h ^ (h >> 31)
 }
 
-/// ClusterLink's pick among `sources`: from a start, onward to the first source that is a
-/// candidate. Round-robin counts every attempt, as ClusterLink's counter does (its first pick
-/// is the second source). `Err` when no source is a candidate.
+/// ClusterLink's pick among `sources` (its `loadbalancer.go`): attempt a source, and on one
+/// that is not a candidate attempt again. `static` and `round-robin` go on to the next source in
+/// order; round-robin counts every attempt, as ClusterLink's counter does (so its first pick is
+/// the second source). `random` draws again on every attempt and moves on past the sources
+/// already attempted. `Err` when no source is a candidate.
 fn pick_source<'c>(
     c: &Compiled,
     peers: &[&'c str],
@@ -112,34 +113,56 @@ fn pick_source<'c>(
 ) -> Result<(&'c str, Option<String>), String> {
     let sources = &c.policy.sources;
     let n = sources.len();
-    let start = match c.policy.scheme {
-        Scheme::RoundRobin if dry_run => c.next.load(Ordering::Relaxed) + 1,
-        Scheme::RoundRobin => c.next.fetch_add(1, Ordering::Relaxed) + 1,
-        Scheme::Random => rand::rng().random_range(0..n),
-        _ => 0,
-    };
-    for step in 0..n {
-        let source = &sources[(start + step) % n];
-        if let Some(&peer) = peers.iter().find(|p| **p == source.as_str()) {
-            if step > 0 && c.policy.scheme == Scheme::RoundRobin && !dry_run {
-                c.next.fetch_add(step, Ordering::Relaxed);
+    let candidate = |i: usize| peers.iter().copied().find(|p| *p == sources[i].as_str());
+    let mut tried: Vec<usize> = Vec::with_capacity(n);
+    let picked = match c.policy.scheme {
+        Scheme::Random => loop {
+            if tried.len() == n {
+                break None;
             }
-            let detail = (step > 0).then(|| {
-                let skipped: Vec<&str> = (0..step)
-                    .map(|i| sources[(start + i) % n].as_str())
-                    .collect();
-                format!(
-                    "failed over past {} (denied, removed or not offered)",
-                    skipped.join(", ")
-                )
+            let mut i = rand::rng().random_range(0..n);
+            while tried.contains(&i) {
+                i = (i + 1) % n;
+            }
+            tried.push(i);
+            if let Some(p) = candidate(i) {
+                break Some(p);
+            }
+        },
+        scheme => {
+            let start = match (scheme, dry_run) {
+                (Scheme::RoundRobin, true) => c.next.load(Ordering::Relaxed) + 1,
+                (Scheme::RoundRobin, false) => c.next.fetch_add(1, Ordering::Relaxed) + 1,
+                _ => 0,
+            };
+            let found = (0..n).find_map(|step| {
+                let i = (start + step) % n;
+                tried.push(i);
+                candidate(i)
             });
-            return Ok((peer, detail));
+            if scheme == Scheme::RoundRobin && !dry_run && tried.len() > 1 {
+                c.next.fetch_add(tried.len() - 1, Ordering::Relaxed);
+            }
+            found
         }
-    }
-    Err(format!(
-        "no source is a candidate: {} all denied, removed or not offered",
-        sources.join(", ")
-    ))
+    };
+    let Some(peer) = picked else {
+        return Err(format!(
+            "no source is a candidate: {} all denied, removed or not offered",
+            sources.join(", ")
+        ));
+    };
+    let passed: Vec<&str> = tried[..tried.len() - 1]
+        .iter()
+        .map(|i| sources[*i].as_str())
+        .collect();
+    let detail = (!passed.is_empty()).then(|| {
+        format!(
+            "failed over past {} (denied, removed or not offered)",
+            passed.join(", ")
+        )
+    });
+    Ok((peer, detail))
 }
 
 /// The peer `c` picks. A dry run (`dry_run`) answers as the next real pick would, without

@@ -419,6 +419,22 @@ async fn prune_is_scoped_to_the_source_and_keep_going_stores_the_rest() {
         "{out}"
     );
     assert!(out.contains("+ policy acl/fine"), "{out}");
+    // An id given twice: every copy is skipped, and the stored one stays as it was.
+    std::fs::write(
+        &hand,
+        "agent: acl\nid: fine\naction: deny\n---\nagent: acl\nid: fine\naction: deny\npriority: 3\n",
+    )
+    .expect("write");
+    let (code, out, err) = run(&["apply", hand.to_str().expect("path"), "--keep-going"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert_eq!(out.matches("skipped ").count(), 2, "{out}");
+    let (_, list, _) = run(&["policy", "list", "acl", "--json"]);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&list).expect("a JSON list");
+    let fine = list
+        .iter()
+        .find(|d| d["id"] == "fine")
+        .expect("fine is stored");
+    assert_eq!(fine["action"], "allow", "the stored version stays");
     // The cluster's last objects deleted: an empty list, pruned by the source named.
     let empty = "apiVersion: v1\nkind: List\nitems: []\n";
     let (code, _, err) = policyctl_stdin(&engine, &["apply", "-f", "-", "--prune"], empty);

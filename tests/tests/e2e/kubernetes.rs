@@ -152,6 +152,25 @@ fn the_kustomization_matches_policyctl_auth_and_every_process_has_its_role() {
             "{name}: {grace} s does not outlast the 10 s drain"
         );
     }
+    // The sync never pipes kubectl into policyctl: a failed kubectl would hand it an empty
+    // list to prune by.
+    let sync = yaml_docs("clusterlink-sync.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "CronJob")
+        .expect("the CronJob");
+    let script = sync["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        [0]
+    .as_str()
+    .expect("a script")
+    .to_string();
+    assert!(
+        script.starts_with("set -e;") && !script.contains('|'),
+        "{script}"
+    );
+    assert!(
+        script.contains("--prune-source clusterlink --keep-going"),
+        "{script}"
+    );
     // Every shipped role that runs a process has a Deployment; the operator and the gateway
     // are people and gateways, not processes here.
     for role in Role::shipped() {
