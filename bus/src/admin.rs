@@ -212,6 +212,9 @@ pub struct Skipped {
 /// NATS stores an atomic batch of at most 1000 messages; one apply changes at most this many
 /// keys.
 pub const MAX_CHANGES_PER_APPLY: usize = 1000;
+/// How the refusal of an apply over [`MAX_CHANGES_PER_APPLY`] changes ends, so that a client
+/// can tell it and apply in steps (`policyctl` does, for a large prune).
+pub const TOO_MANY_CHANGES: &str = "changes in one apply";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -132,7 +132,8 @@ impl AdminClient {
         let args = admin::PolicyList {
             agent: agent.map(str::to_owned),
         };
-        self.command(AdminCommand::PolicyList, &args).await
+        // A bulk-loaded store holds thousands of policies, each read on its own.
+        self.slow().command(AdminCommand::PolicyList, &args).await
     }
 
     /// Makes the stored configuration equal `args` (see [`admin::Apply`]). Validating a large

@@ -180,7 +180,7 @@ pub(crate) async fn entries_under(
         let mut out = std::collections::BTreeMap::new();
         let mut gets = futures::stream::iter(keys)
             .map(|k| async move { (k.clone(), d.store.entry(k).await) })
-            .buffer_unordered(32);
+            .buffer_unordered(READS_AT_ONCE);
         while let Some((key, entry)) = gets.next().await {
             if let Some(e) = entry.map_err(unavailable)? {
                 if e.operation == async_nats::jetstream::kv::Operation::Put {
@@ -190,7 +190,7 @@ pub(crate) async fn entries_under(
         }
         Ok(out)
     };
-    tokio::time::timeout(WRITE_TIMEOUT, read)
+    tokio::time::timeout(LIST_TIMEOUT, read)
         .await
         .map_err(|_| unavailable("no answer from JetStream in time"))?
 }
@@ -351,6 +351,12 @@ async fn validate(
 
 /// Reads each document's ref, refuses duplicates and asks every document's agent kind to
 /// validate it: a bad document fails the whole request before anything is stored.
+/// Entries read at once when a command lists the bucket: a bulk-loaded bucket holds
+/// thousands, and each is a round trip.
+const READS_AT_ONCE: usize = 256;
+/// A listing of a large bucket takes a while; the CLI waits longer for the commands that list.
+const LIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(25);
+
 /// Validations in flight at once for one request.
 const VALIDATIONS_AT_ONCE: usize = 64;
 

@@ -252,8 +252,8 @@ async fn command(
                 prune_source,
             };
             let inputs = crate::declarative::read_inputs(&paths, keep_going)?;
-            let applied = crate::declarative::apply(&admin, &inputs, options).await?;
-            for l in crate::declarative::report(&applied, &inputs) {
+            let (applied, steps) = crate::apply_parts::apply(&admin, &inputs, options).await?;
+            for l in crate::declarative::report(&applied, &inputs, steps) {
                 out!("{l}");
             }
             let skipped = inputs.refused.len() + applied.skipped.len();
@@ -267,8 +267,9 @@ async fn command(
         }
         Command::Load { dir } => {
             let inputs = crate::declarative::read_inputs(&[dir], false)?;
-            let applied = crate::declarative::apply(&admin, &inputs, Default::default()).await?;
-            for l in crate::declarative::report(&applied, &inputs) {
+            let (applied, steps) =
+                crate::apply_parts::apply(&admin, &inputs, Default::default()).await?;
+            for l in crate::declarative::report(&applied, &inputs, steps) {
                 out!("{l}");
             }
         }

@@ -267,11 +267,8 @@ pub async fn apply(
     }
     if docs.len() > bus::admin::MAX_POLICIES_PER_ADD {
         bail!(
-            "{} policy documents: one apply stores at most {} in one atomic step; \
-             `policyctl policy add -f` stores any number, in atomic batches of {} (it prunes \
-             nothing)",
+            "{} policy documents: one request holds at most {} (`crate::apply_parts` sends more)",
             docs.len(),
-            bus::admin::MAX_POLICIES_PER_ADD,
             bus::admin::MAX_POLICIES_PER_ADD
         );
     }
@@ -292,7 +289,16 @@ pub async fn apply(
             .collect(),
         prune_source: options.prune_source.clone(),
     };
-    match admin.apply(&args).await {
+    send(admin, &args, docs).await
+}
+
+/// Sends one `apply`; an error names the document of `docs` it is about.
+pub async fn send(
+    admin: &AdminClient,
+    args: &bus::admin::Apply,
+    docs: &[Doc],
+) -> anyhow::Result<Applied> {
+    match admin.apply(args).await {
         Ok(applied) => Ok(applied),
         Err(bus::ClientError::Remote(e)) => {
             let message = crate::files::locate(&e.message, docs);
@@ -309,7 +315,7 @@ pub async fn apply(
 
 /// The lines `apply` prints: what was skipped, each change as `diff` marks it, then a
 /// summary. `docs` names a document the dispatcher skipped by its file and position.
-pub fn report(applied: &Applied, inputs: &Inputs) -> Vec<String> {
+pub fn report(applied: &Applied, inputs: &Inputs, steps: usize) -> Vec<String> {
     let docs = inputs.policies.as_deref().unwrap_or_default();
     let mut out: Vec<String> = inputs
         .refused
@@ -347,9 +353,10 @@ pub fn report(applied: &Applied, inputs: &Inputs) -> Vec<String> {
             applied.revision
         ));
     } else {
-        let how = match applied.atomic {
-            true => "in one atomic batch",
-            false => "key by key",
+        let how = match (applied.atomic, steps) {
+            (true, 1) => "in one atomic batch".to_string(),
+            (true, n) => format!("in {n} steps, each one atomic batch"),
+            (false, _) => "key by key".to_string(),
         };
         out.push(format!(
             "{counts}; configuration revision {} -> {} ({how})",

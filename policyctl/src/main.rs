@@ -1,6 +1,7 @@
 //! `policyctl`: the operator's CLI for policy-bus.
 #![forbid(unsafe_code)]
 
+mod apply_parts;
 mod auth;
 mod bench;
 mod commands;

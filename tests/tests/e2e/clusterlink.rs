@@ -463,3 +463,75 @@ async fn prune_is_scoped_to_the_source_and_keep_going_stores_the_rest() {
         assert!(left.contains(kept), "{kept}: {left}");
     }
 }
+
+/// A cluster with more objects than one request holds: applied in parts (each validated
+/// before any is stored, then each stored atomically), then pruned by source in one last step.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_larger_than_one_request_is_applied_in_parts_and_pruned_by_source() {
+    let engine = every_kind_engine().await;
+    let run = |args: &[&str]| policyctl(&engine, args);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mine = dir.path().join("mine.yaml");
+    std::fs::write(&mine, "agent: acl\nid: mine\naction: allow\n").expect("write");
+    let (code, _, err) = run(&["policy", "add", "-f", mine.to_str().expect("path")]);
+    assert_eq!(code, Some(0), "{err}");
+    let cluster = |names: std::ops::Range<usize>, bad: bool| {
+        let mut items: Vec<String> = names
+            .map(|i| format!("- {{apiVersion: clusterlink.net/v1alpha1, kind: AccessPolicy, metadata: {{name: p{i}, namespace: big}}, spec: {{action: allow, from: [{{workloadSelector: {{}}}}], to: [{{workloadSelector: {{matchLabels: {{n: \"{i}\"}}}}}}]}}}}\n"))
+            .collect();
+        if bad {
+            items.push("- {apiVersion: clusterlink.net/v1alpha1, kind: AccessPolicy, metadata: {name: p0, namespace: big}, spec: {action: maybe, from: [], to: []}}\n".into());
+        }
+        format!("apiVersion: v1\nkind: List\nitems:\n{}", items.concat())
+    };
+    let count = || {
+        let (_, out, _) = run(&["policy", "list", "acl", "--json"]);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("a JSON list");
+        let ours = list
+            .iter()
+            .filter(|d| {
+                d["id"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with("cl-ap__big__"))
+            })
+            .count();
+        (ours, list.iter().any(|d| d["id"] == "mine"))
+    };
+    let (code, out, err) = policyctl_stdin(
+        &engine,
+        &["apply", "-f", "-", "--prune"],
+        &cluster(0..2400, false),
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(err.contains("stored part 3 of 3"), "{err}");
+    assert!(out.contains("2400 added, 0 changed, 0 removed"), "{out}");
+    assert_eq!(count(), (2400, true));
+    // Half of it deleted from the cluster, and p0 turned invalid: with --keep-going the rest
+    // is kept as given, the deleted half pruned, p0's stored version kept, `mine` untouched.
+    let (code, out, err) = policyctl_stdin(
+        &engine,
+        &["apply", "-f", "-", "--prune", "--keep-going"],
+        &cluster(1..1200, true),
+    );
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains("skipped standard input: document 1, item 1200 (AccessPolicy big/p0)")
+            || out.contains("AccessPolicy big/p0: spec.action"),
+        "{out}{err}"
+    );
+    assert!(out.contains("0 added, 0 changed, 1200 removed"), "{out}");
+    assert_eq!(count(), (1200, true), "p1..p1199 and p0's stored version");
+    // Ten objects left: one request, but a prune of 1 190, more than one request changes, goes
+    // in steps.
+    let (code, out, err) = policyctl_stdin(
+        &engine,
+        &["apply", "-f", "-", "--prune"],
+        &cluster(1..11, false),
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("1190 removed") && out.contains("steps, each one atomic batch"),
+        "{out}"
+    );
+    assert_eq!(count(), (10, true));
+}
