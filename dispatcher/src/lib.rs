@@ -210,21 +210,10 @@ impl Dispatcher {
             .admin_of(&req.message.subject)
             .unwrap_or_default()
             .to_string();
-        let reply = match commands::handle(&self, &command, &req.message.payload).await {
-            // A reply the server would refuse never arrives: say why instead.
-            Ok(body) if body.len() as i64 > self.nats.server_info().max_payload as i64 => {
-                let err = bus::ErrorReply::new(
-                    bus::ErrorCode::BadRequest,
-                    format!(
-                        "the answer is {} bytes, over the {} a NATS message may hold here: ask for \
-                         less (`policy list KIND`), or raise the server's max_payload",
-                        body.len(),
-                        self.nats.server_info().max_payload
-                    ),
-                );
-                tracing::warn!(%command, error = %err, "admin answer too large");
-                err.to_reply(HeaderMap::new())
-            }
+        let answer = commands::handle(&self, &command, &req.message.payload)
+            .await
+            .and_then(|body| replies::fitting(&self.nats, body));
+        let reply = match answer {
             Ok(body) => {
                 tracing::info!(%command, "admin command done");
                 (HeaderMap::new(), body)

@@ -11,6 +11,23 @@ pub(crate) fn reply<T: Serialize>(value: &T) -> Result<Bytes, ErrorReply> {
         .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))
 }
 
+/// An answer the server would refuse never arrives: one over `max_payload` becomes an error
+/// that says why.
+pub(crate) fn fitting(nats: &async_nats::Client, body: Bytes) -> Result<Bytes, ErrorReply> {
+    let max = nats.server_info().max_payload;
+    if body.len() <= max {
+        return Ok(body);
+    }
+    Err(ErrorReply::new(
+        ErrorCode::BadRequest,
+        format!(
+            "the answer is {} bytes, over the {max} a NATS message may hold here: ask for less \
+             (`policy list KIND`), or raise the server's max_payload",
+            body.len()
+        ),
+    ))
+}
+
 pub(crate) fn unavailable(e: impl std::fmt::Display) -> ErrorReply {
     ErrorReply::new(
         ErrorCode::Internal,

@@ -7,6 +7,7 @@ mod bench;
 mod commands;
 mod declarative;
 mod demo;
+mod deploy;
 mod explain;
 mod files;
 mod fleet_up;
