@@ -267,7 +267,7 @@ pub async fn apply(
     }
     if docs.len() > bus::admin::MAX_POLICIES_PER_ADD {
         bail!(
-            "{} policy documents: one request holds at most {} (`crate::apply_parts` sends more)",
+            "{} policy documents: one request holds at most {}; a larger set goes in parts",
             docs.len(),
             bus::admin::MAX_POLICIES_PER_ADD
         );
