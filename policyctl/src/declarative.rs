@@ -356,7 +356,8 @@ pub fn report(applied: &Applied, inputs: &Inputs, steps: usize) -> Vec<String> {
         let how = match (applied.atomic, steps) {
             (true, 1) => "in one atomic batch".to_string(),
             (true, n) => format!("in {n} steps, each one atomic batch"),
-            (false, _) => "key by key".to_string(),
+            (false, 1) => "key by key".to_string(),
+            (false, n) => format!("key by key, in {n} steps"),
         };
         out.push(format!(
             "{counts}; configuration revision {} -> {} ({how})",
