@@ -7,16 +7,8 @@ use bus::fleet::Level;
 use bus::roles::Role;
 use bus::{AdminClient, Client, EventName};
 
-use crate::print::{line, parse_attributes};
+use crate::print::{out, parse_attributes};
 use crate::{auth, files, output, AgentCommand, Cli, Command, PolicyCommand};
-
-/// Prints a line of a command's output; a reader that went away (`| head`) ends the command
-/// quietly instead of a panic.
-macro_rules! out {
-    ($($arg:tt)*) => {
-        line(&format!($($arg)*)).map_err(anyhow::Error::from)?
-    };
-}
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let subjects = cli.common.subjects()?;

@@ -3,14 +3,7 @@
 
 use bus::AdminClient;
 
-use crate::print::line;
-
-/// As `crate::commands`' `out!`: a reader that went away ends the command quietly.
-macro_rules! out {
-    ($($arg:tt)*) => {
-        line(&format!($($arg)*)).map_err(anyhow::Error::from)?
-    };
-}
+use crate::print::out;
 
 /// Waits until every live wasm host serves the deployed version (its kind's services API
 /// metadata says the digest), so that the next command (`subscribe`, `policy add`) finds it.

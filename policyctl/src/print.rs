@@ -19,6 +19,15 @@ pub fn line(text: &str) -> std::io::Result<()> {
     out.flush()
 }
 
+/// Prints a line of a command's output; a reader that went away (`| head`) ends the command
+/// quietly instead of a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::print::line(&format!($($arg)*)).map_err(anyhow::Error::from)?
+    };
+}
+pub(crate) use out;
+
 /// `key=value` pairs; a value in brackets (`[a,b]`) or braces is parsed as YAML, so lists and
 /// maps can be given, anything else is a string.
 pub fn parse_attributes(pairs: &[String]) -> anyhow::Result<State> {
