@@ -441,6 +441,20 @@ impl PolicyRef {
         check_policy_id(&id).map_err(|e| format!("field `id`: {e}"))?;
         Ok(PolicyRef { agent, id })
     }
+
+    /// `agent/id`: how replies (`Planned::name`, `Skipped::name`) and the CLI name a policy.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.agent, self.id)
+    }
+
+    /// The policy an `agent/id` name names.
+    pub fn from_name(name: &str) -> Option<PolicyRef> {
+        let (agent, id) = name.split_once('/')?;
+        Some(PolicyRef {
+            agent: agent.into(),
+            id: id.into(),
+        })
+    }
 }
 
 /// Policy ids become KV key tokens: `[A-Za-z0-9_-]`, at most 128 characters.

@@ -421,7 +421,7 @@ pub(crate) async fn prepare_policies(
                     r.id,
                 ),
             );
-            skip(i + 1, Some(format!("{}/{}", r.agent, r.id)), e)?;
+            skip(i + 1, Some(r.name()), e)?;
             if !twice.contains(&k) {
                 twice.push(k);
             }
@@ -450,7 +450,7 @@ pub(crate) async fn prepare_policies(
             r.agent, r.id
         );
         let e = ErrorReply::new(ErrorCode::InvalidPolicy, message);
-        skip(*position, Some(format!("{}/{}", r.agent, r.id)), e)?;
+        skip(*position, Some(r.name()), e)?;
         refused[k] = true;
     }
     for (i, result) in results.into_iter().enumerate() {
@@ -459,7 +459,7 @@ pub(crate) async fn prepare_policies(
         }
         if let Err(e) = result {
             let (position, r, _) = &docs[i];
-            skip(*position, Some(format!("{}/{}", r.agent, r.id)), e)?;
+            skip(*position, Some(r.name()), e)?;
             refused[i] = true;
         }
     }

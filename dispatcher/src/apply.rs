@@ -194,25 +194,16 @@ pub(crate) async fn policy_add(d: &Dispatcher, add: PolicyAdd) -> Result<Bytes, 
         prune_source: None,
     };
     let (applied, unchanged) = run(d, &args, Scope::Given).await?;
-    let policy_ref = |key: &str| match ConfigKey::parse(key) {
-        Some(ConfigKey::Policy { kind, id, .. }) => Some(PolicyRef {
-            agent: kind.to_string(),
-            id: id.to_string(),
-        }),
-        _ => None,
-    };
     let stored = applied
         .changes
         .iter()
-        .filter_map(|c| {
-            let (agent, id) = c.name.split_once('/')?;
-            Some(PolicyRef {
-                agent: agent.into(),
-                id: id.into(),
-            })
-        })
+        .filter_map(|c| PolicyRef::from_name(&c.name))
         .collect();
-    let unchanged = unchanged.iter().filter_map(|k| policy_ref(k)).collect();
+    // Keys to names as the plan names them (`name_of`).
+    let unchanged = unchanged
+        .iter()
+        .filter_map(|k| PolicyRef::from_name(&name_of(k).1))
+        .collect();
     reply(&PolicyAdded { stored, unchanged })
 }
 

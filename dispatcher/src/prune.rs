@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 
-use bus::admin::{Apply, Skipped};
+use bus::admin::{Apply, PolicyRef, Skipped};
 use bus::config::ConfigKey;
 use bus::{codec, Value};
 
@@ -31,13 +31,10 @@ impl Prune {
             Some(source) => Some(BTreeSet::from([Some(source.clone())])),
             None => given,
         };
-        let named = |name: &str| {
-            let (agent, id) = name.split_once('/')?;
-            Some(ConfigKey::policy(agent, id))
-        };
         let kept = skipped
             .iter()
-            .filter_map(|s| named(s.name.as_deref()?))
+            .filter_map(|s| PolicyRef::from_name(s.name.as_deref()?))
+            .map(|r| ConfigKey::policy(&r.agent, &r.id))
             .chain(args.keep.iter().map(|r| ConfigKey::policy(&r.agent, &r.id)))
             .collect();
         Prune {
@@ -69,7 +66,6 @@ impl Prune {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bus::admin::PolicyRef;
     use serde_json::json;
 
     fn doc(json: serde_json::Value) -> Value {

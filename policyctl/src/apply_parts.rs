@@ -97,59 +97,41 @@ pub async fn apply(
         // What the prune removes, planned by a dry run (which may plan more than one request
         // changes), then removed in steps: each keeps the given documents and the rest of what
         // goes.
-        let plan = Apply {
-            subscriptions: None,
+        let prune = |keep: Vec<PolicyRef>, dry_run: bool, subscriptions| Apply {
+            subscriptions,
             policies: Some(Vec::new()),
             prune: true,
-            dry_run: true,
+            dry_run,
             force: options.force,
             keep_going: options.keep_going,
-            keep: given.iter().cloned().collect(),
+            keep,
             prune_source: Some(source.clone()),
         };
+        let plan = prune(given.iter().cloned().collect(), true, None);
         let gone: Vec<PolicyRef> = send(admin, &plan, &[])
             .await?
             .changes
             .iter()
             .filter(|c| c.op == ChangeOp::Remove && c.section == Section::Policy)
-            .filter_map(|c| {
-                let (agent, id) = c.name.split_once('/')?;
-                Some(PolicyRef {
-                    agent: agent.into(),
-                    id: id.into(),
-                })
-            })
+            .filter_map(|c| PolicyRef::from_name(&c.name))
             .collect();
         let removals: Vec<&[PolicyRef]> = match gone.is_empty() {
             true => vec![&[]],
             false => gone.chunks(MAX_CHANGES_PER_APPLY).collect(),
         };
         for step in removals {
+            let now: HashSet<&PolicyRef> = step.iter().collect();
             let keep = given
                 .iter()
-                .chain(gone.iter().filter(|r| !step.contains(r)))
+                .chain(gone.iter().filter(|r| !now.contains(r)))
                 .cloned()
                 .collect();
-            let last = Apply {
-                subscriptions: inputs.subscriptions.clone(),
-                policies: Some(Vec::new()),
-                prune: true,
-                dry_run: options.dry_run,
-                force: options.force,
-                keep_going: options.keep_going,
-                keep,
-                prune_source: Some(source.clone()),
-            };
+            let last = prune(keep, options.dry_run, inputs.subscriptions.clone());
             let mut pruned = send(admin, &last, &[]).await?;
             // It was given no document: of what it kept, only what was not given is news.
             pruned.kept.retain(|k| {
-                let named = k.name.split_once('/');
-                !named.is_some_and(|(agent, id)| {
-                    given.contains(&PolicyRef {
-                        agent: agent.into(),
-                        id: id.into(),
-                    }) || gone.iter().any(|g| g.agent == agent && g.id == id)
-                })
+                PolicyRef::from_name(&k.name)
+                    .is_none_or(|r| !given.contains(&r) && !gone.contains(&r))
             });
             pruned.unchanged = 0;
             all = merge(Some(all), pruned);

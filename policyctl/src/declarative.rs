@@ -146,8 +146,7 @@ fn from_policies<'a>(
 ) -> anyhow::Result<()> {
     for d in docs {
         let r = PolicyRef::of(d).map_err(|e| anyhow::anyhow!("{e}"))?;
-        set.policies
-            .insert(format!("{}/{}", r.agent, r.id), serde_json::to_value(d)?);
+        set.policies.insert(r.name(), serde_json::to_value(d)?);
     }
     Ok(())
 }

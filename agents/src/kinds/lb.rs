@@ -114,54 +114,49 @@ fn pick_source<'c>(
     let sources = &c.policy.sources;
     let n = sources.len();
     let candidate = |i: usize| peers.iter().copied().find(|p| *p == sources[i].as_str());
-    let mut tried: Vec<usize> = Vec::with_capacity(n);
-    let picked = match c.policy.scheme {
-        Scheme::Random => loop {
-            if tried.len() == n {
-                break None;
-            }
+    // The sources attempted and passed over, for the reason's detail: named only on a failover,
+    // so the usual pick allocates nothing.
+    let passed = |attempts: &mut dyn Iterator<Item = usize>| {
+        let names: Vec<&str> = attempts.map(|i| sources[i].as_str()).collect();
+        format!(
+            "failed over past {} (denied, removed or not offered)",
+            names.join(", ")
+        )
+    };
+    let none = || {
+        format!(
+            "no source is a candidate: {} all denied, removed or not offered",
+            sources.join(", ")
+        )
+    };
+    if c.policy.scheme == Scheme::Random {
+        let mut tried: Vec<usize> = Vec::new();
+        while tried.len() < n {
             let mut i = rand::rng().random_range(0..n);
             while tried.contains(&i) {
                 i = (i + 1) % n;
             }
-            tried.push(i);
             if let Some(p) = candidate(i) {
-                break Some(p);
+                let detail = (!tried.is_empty()).then(|| passed(&mut tried.iter().copied()));
+                return Ok((p, detail));
             }
-        },
-        scheme => {
-            let start = match (scheme, dry_run) {
-                (Scheme::RoundRobin, true) => c.next.load(Ordering::Relaxed) + 1,
-                (Scheme::RoundRobin, false) => c.next.fetch_add(1, Ordering::Relaxed) + 1,
-                _ => 0,
-            };
-            let found = (0..n).find_map(|step| {
-                let i = (start + step) % n;
-                tried.push(i);
-                candidate(i)
-            });
-            if scheme == Scheme::RoundRobin && !dry_run && tried.len() > 1 {
-                c.next.fetch_add(tried.len() - 1, Ordering::Relaxed);
-            }
-            found
+            tried.push(i);
         }
+        return Err(none());
+    }
+    let start = match (c.policy.scheme, dry_run) {
+        (Scheme::RoundRobin, true) => c.next.load(Ordering::Relaxed) + 1,
+        (Scheme::RoundRobin, false) => c.next.fetch_add(1, Ordering::Relaxed) + 1,
+        _ => 0,
     };
-    let Some(peer) = picked else {
-        return Err(format!(
-            "no source is a candidate: {} all denied, removed or not offered",
-            sources.join(", ")
-        ));
-    };
-    let passed: Vec<&str> = tried[..tried.len() - 1]
-        .iter()
-        .map(|i| sources[*i].as_str())
-        .collect();
-    let detail = (!passed.is_empty()).then(|| {
-        format!(
-            "failed over past {} (denied, removed or not offered)",
-            passed.join(", ")
-        )
-    });
+    let found = (0..n).find_map(|step| candidate((start + step) % n).map(|p| (step, p)));
+    // Every attempt after the first counts too, as ClusterLink's counter does.
+    let attempts = found.map_or(n, |(step, _)| step + 1);
+    if c.policy.scheme == Scheme::RoundRobin && !dry_run && attempts > 1 {
+        c.next.fetch_add(attempts - 1, Ordering::Relaxed);
+    }
+    let (step, peer) = found.ok_or_else(none)?;
+    let detail = (step > 0).then(|| passed(&mut (0..step).map(|k| (start + k) % n)));
     Ok((peer, detail))
 }
 

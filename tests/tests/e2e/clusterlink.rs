@@ -5,19 +5,11 @@
 use std::io::Write;
 use std::process::Stdio;
 
-use bus::event::Labels;
 use bus::Action;
 
 use crate::*;
 
 const FOLDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/clusterlink");
-
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 /// `policyctl` with `input` on its standard input.
 fn policyctl_stdin(
@@ -77,14 +69,7 @@ async fn clusterlink_documents_apply_as_written_and_decide_as_clusterlink_decide
     // ClusterLink's decisions, as the shipped cases state them; the agents load the policies
     // a moment after they are stored.
     let cases = format!("{FOLDER}/tests/decisions.yaml");
-    let mut passed = (None, String::new(), String::new());
-    for _ in 0..50 {
-        passed = run(&["test", &cases]);
-        if passed.0 == Some(0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let passed = test_cases_pass(&engine, &cases).await;
     assert_eq!(passed.0, Some(0), "{}\n{}", passed.1, passed.2);
     assert!(passed.1.contains("10 cases: 10 passed"), "{}", passed.1);
 

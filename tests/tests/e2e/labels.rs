@@ -3,19 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use bus::event::{ExposeService, Labels, ServiceListRequest};
+use bus::event::{ExposeService, ServiceListRequest};
 use bus::Action;
 use e2e::Engine;
 use serde_json::json;
 
 use crate::*;
-
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn label_selectors_decide_connections_exposes_and_lists() {

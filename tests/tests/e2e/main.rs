@@ -78,6 +78,28 @@ pub fn policyctl(engine: &e2e::Engine, args: &[&str]) -> (Option<i32>, String, S
     )
 }
 
+/// Runs `policyctl test CASES` until it passes, for at most 5 s: the agents load policies a
+/// moment after they are stored. The last run's exit status, stdout and stderr.
+pub async fn test_cases_pass(engine: &e2e::Engine, cases: &str) -> (Option<i32>, String, String) {
+    let mut passed = (None, String::new(), String::new());
+    for _ in 0..50 {
+        passed = policyctl(engine, &["test", cases]);
+        if passed.0 == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    passed
+}
+
+/// Labels from pairs.
+pub fn labels(pairs: &[(&str, &str)]) -> bus::event::Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// A policy document from JSON, as `policyctl` would send one parsed from YAML.
 pub fn doc(json: serde_json::Value) -> Value {
     rmpv::ext::to_value(json).expect("json to msgpack value")
