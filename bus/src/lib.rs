@@ -8,6 +8,7 @@ pub mod admin;
 mod admin_client;
 pub mod attrs;
 pub mod batch;
+pub mod bucket;
 pub mod cache;
 pub mod client;
 pub mod clusterlink;

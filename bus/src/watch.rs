@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 
 use crate::error::ConfigError;
 
@@ -52,32 +52,15 @@ pub async fn load_and_watch(
     filters: &[String],
 ) -> Result<(Snapshot, impl Stream<Item = Result<Change, ConfigError>>), ConfigError> {
     let last = stream_state(store).await?.last_sequence;
-    let keys: Vec<String> = store
-        .keys()
-        .await
-        .map_err(io)?
-        .try_filter(|k| futures::future::ready(under(filters, k)))
-        .try_collect()
-        .await
-        .map_err(io)?;
+    let prefixes: Vec<&str> = filters.iter().map(|f| f.trim_end_matches('>')).collect();
     let mut current = Snapshot {
         values: BTreeMap::new(),
         revisions: BTreeMap::new(),
         revision: last,
     };
-    let mut gets = futures::stream::iter(keys)
-        .map(|k| async move {
-            let v = store.entry(&k).await;
-            (k, v)
-        })
-        .buffer_unordered(32);
-    while let Some((k, v)) = gets.next().await {
-        if let Some(e) = v.map_err(io)? {
-            if e.operation == kv::Operation::Put {
-                current.revisions.insert(k.clone(), e.revision);
-                current.values.insert(k, e.value);
-            }
-        }
+    for (key, (value, revision)) in crate::bucket::entries(store, &prefixes, 32).await? {
+        current.revisions.insert(key.clone(), revision);
+        current.values.insert(key, value);
     }
     // The whole bucket is watched, and changes outside `filters` dropped by the caller: so every
     // message of the stream passes here, and a watch that fell behind the stream (its consumer

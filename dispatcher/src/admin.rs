@@ -15,7 +15,7 @@ use bus::config::{ConfigKey, WRITE_TIMEOUT};
 use bus::subject::{did_you_mean, SHIPPED_KINDS};
 use bus::{codec, ErrorCode, ErrorReply, Kind, Value};
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use crate::Dispatcher;
 
@@ -168,27 +168,9 @@ pub(crate) async fn entries_under(
     prefixes: &[&str],
 ) -> Result<std::collections::BTreeMap<String, (Bytes, u64)>, ErrorReply> {
     let read = async {
-        let keys: Vec<String> = d
-            .store
-            .keys()
+        bus::bucket::entries(&d.store, prefixes, READS_AT_ONCE)
             .await
-            .map_err(unavailable)?
-            .try_filter(|k| futures::future::ready(prefixes.iter().any(|p| k.starts_with(p))))
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
-        let mut out = std::collections::BTreeMap::new();
-        let mut gets = futures::stream::iter(keys)
-            .map(|k| async move { (k.clone(), d.store.entry(k).await) })
-            .buffer_unordered(READS_AT_ONCE);
-        while let Some((key, entry)) = gets.next().await {
-            if let Some(e) = entry.map_err(unavailable)? {
-                if e.operation == async_nats::jetstream::kv::Operation::Put {
-                    out.insert(key, (e.value, e.revision));
-                }
-            }
-        }
-        Ok(out)
+            .map_err(unavailable)
     };
     tokio::time::timeout(LIST_TIMEOUT, read)
         .await
@@ -349,8 +331,6 @@ async fn validate(
     }
 }
 
-/// Reads each document's ref, refuses duplicates and asks every document's agent kind to
-/// validate it: a bad document fails the whole request before anything is stored.
 /// Entries read at once when a command lists the bucket: a bulk-loaded bucket holds
 /// thousands, and each is a round trip.
 const READS_AT_ONCE: usize = 256;

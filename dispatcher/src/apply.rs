@@ -427,18 +427,9 @@ pub(crate) async fn status(d: &Dispatcher) -> Result<Bytes, ErrorReply> {
         .await
         .map_err(unavailable)?
         .last_sequence;
-    let keys: Vec<String> = tokio::time::timeout(WRITE_TIMEOUT, async {
-        d.store
-            .keys()
-            .await
-            .map_err(unavailable)?
-            .try_collect::<Vec<String>>()
-            .await
-            .map_err(unavailable)
-    })
-    .await
-    .map_err(|_| unavailable("no answer from JetStream in time"))??;
-    let count = |prefix: &str| keys.iter().filter(|k| k.starts_with(prefix)).count();
+    // Deleted keys keep a marker in the stream: only the live ones are counted.
+    let keys = crate::admin::entries_under(d, &["sub.", "pol."]).await?;
+    let count = |prefix: &str| keys.keys().filter(|k| k.starts_with(prefix)).count();
     reply(&Status {
         revision,
         subscriptions: count("sub."),
