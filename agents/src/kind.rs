@@ -20,6 +20,9 @@ pub struct Attach<'a> {
     /// ids, attribute values), so the bucket refuses new writes when full rather than grow:
     /// the limiters then fail closed.
     pub max_bytes: i64,
+    /// The process's in-flight work, which its drain waits for: a kind that goes on working
+    /// for a request after answering it spawns that work here.
+    pub tasks: &'a daemon::TaskTracker,
 }
 
 /// A kind's own failure to start (its bucket, its tasks).

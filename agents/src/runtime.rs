@@ -349,8 +349,9 @@ where
     let subjects = common.subjects()?;
     let kind_name = Kind::new(kind.name()).map_err(daemon::DaemonError::from)?;
     tokio::pin!(shutdown);
+    let tracker = daemon::TaskTracker::new();
     // An agent still waiting for NATS or for the config bucket stops on a signal too.
-    let startup = start(kind, common, &options, &subjects, &kind_name);
+    let startup = start(kind, common, &options, &subjects, &kind_name, &tracker);
     let (client, agent, watcher, mut endpoint, _service) = tokio::select! {
         started = startup => started?,
         _ = &mut shutdown => {
@@ -359,7 +360,6 @@ where
         }
     };
 
-    let tracker = daemon::TaskTracker::new();
     let limit = Arc::new(tokio::sync::Semaphore::new(options.max_in_flight.max(1)));
     let mut drain = daemon::Drain::default();
     loop {
@@ -432,6 +432,7 @@ async fn start<K: AgentKind>(
     options: &Options,
     subjects: &Subjects,
     kind_name: &Kind,
+    tasks: &daemon::TaskTracker,
 ) -> Result<Started<K>, AgentError>
 where
     K::Policy: Clone,
@@ -460,6 +461,7 @@ where
         subjects,
         kv_replicas: common.kv_replicas,
         max_bytes: options.state_max_bytes,
+        tasks,
     })
     .await
     .map_err(|source| AgentError::Attach {

@@ -57,11 +57,17 @@ pub(crate) const STATE_KEY: &str = "conn_limit";
 pub struct ConnLimiter {
     pub lease: Duration,
     slots: Option<Arc<Slots<JetStore>>>,
+    /// Confirmations of admissions, run after their answers (see `conn_slots`).
+    after: daemon::TaskTracker,
 }
 
 impl ConnLimiter {
     pub fn new(lease: Duration) -> Self {
-        ConnLimiter { lease, slots: None }
+        ConnLimiter {
+            lease,
+            slots: None,
+            after: daemon::TaskTracker::new(),
+        }
     }
 
     async fn new_connection(&self, rules: &[Compiled], e: &NewConnection, state: &State) -> State {
@@ -89,22 +95,25 @@ impl ConnLimiter {
             run_of(state).unwrap_or_else(bus::event::new_id),
         );
         let mut held: Vec<&str> = Vec::new();
+        let mut took: Vec<String> = Vec::new();
         let mut reasons = Vec::new();
         let mut refused = None;
         for c in &matched {
             match slots.admit(&c.id, c.max, &conn, &run).await {
-                Ok(Admission::Took | Admission::Held) => {
+                Ok(a @ (Admission::Took | Admission::Held)) => {
                     held.push(&c.id);
-                    reasons.push(c.reason(Effect::Allow).with_detail(format!(
-                        "holds a slot; at most {} live connections",
-                        c.max
-                    )));
+                    if a == Admission::Took {
+                        took.push(c.id.clone());
+                    }
+                    reasons.push(
+                        c.reason(Effect::Allow).with_detail(format!(
+                            "holds a slot; at most {} live connections",
+                            c.max
+                        )),
+                    );
                 }
                 Ok(Admission::Full) => {
                     refused = Some((c, format!("limit of {} live connections reached", c.max)))
-                }
-                Ok(Admission::Gone) => {
-                    refused = Some((c, "the connection was closed, or its event denied, while this copy of its admission was under way".into()))
                 }
                 Err(why) => {
                     // The write may have landed, or land later: held until the run's undo
@@ -119,6 +128,19 @@ impl ConnLimiter {
             if refused.is_some() {
                 break;
             }
+        }
+        if !took.is_empty() {
+            // After the answer: the drain waits for it.
+            let (slots, conn, run) = (slots.clone(), conn.clone(), run.clone());
+            self.after.spawn(async move {
+                for policy in took {
+                    if let Err(e) = slots.confirm(&policy, &conn, &run).await {
+                        tracing::debug!(%policy, %conn, error = %e, "admission not confirmed; settling");
+                        let (slots, conn, run) = (slots.clone(), conn.clone(), run.clone());
+                        tokio::spawn(async move { slots.settle(&policy, &conn, &run).await });
+                    }
+                }
+            });
         }
         // What this copy holds stays held, refused or not: another copy's allow may be the
         // answer used. A denied event's undo frees it (see `conn_slots`).
@@ -308,6 +330,7 @@ impl AgentKind for ConnLimiter {
             jet.context().update_stream(info).await?;
         }
         let store = JetStore::new(&jet, ctx.subjects, self.lease, markers);
+        self.after = ctx.tasks.clone();
         self.slots = Some(Arc::new(Slots::new(store)));
         Ok(())
     }

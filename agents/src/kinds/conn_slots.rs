@@ -12,10 +12,15 @@
 //! The store enforces the limit and decides every race (see [`super::conn_store`]): a new slot
 //! is written only if none exists and fewer than the limit do, anything else only over the
 //! revision read. What it cannot see is a copy that writes *after* the close or the undo of
-//! its connection: so both first set a marker, then free, and every write that adds a run
-//! then reads the connection's markers and gives back at once what it wrote if they concern
-//! it. Either the
-//! write came before the free (and is freed by it) or after the marker (and gives itself back).
+//! its connection: so both first set a marker, then free, and every write that adds a run is
+//! then confirmed ([`Slots::confirm`]): the connection's markers are read, and what the write
+//! added is given back at once if they concern it. Either the write came before the free (and
+//! is freed by it) or after the marker (and gives itself back).
+//!
+//! The confirmation runs after the copy has answered, off the decision's path: once its
+//! connection is closed or its run undone, what a copy answers is used by no one (the gateway
+//! gave the connection up, or the dispatcher decided the event without it); only what it holds
+//! matters.
 //!
 //! Timing rule: a marker counts for [`bus::slots::MARKER_FOR`], which must exceed
 //! [`MAX_CALL`], the longest between a copy being sent and its last write, so no copy sent
@@ -51,15 +56,12 @@ const MAX_RUNS: usize = 8;
 /// What an admission under one policy came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// This copy wrote the slot (new, or its run added).
+    /// This copy wrote the slot (new, or its run added): to be confirmed.
     Took,
     /// Another copy of the run holds it already: nothing written.
     Held,
     /// Every slot is taken.
     Full,
-    /// The connection was closed, or its run undone, while this copy was under way: what it
-    /// wrote is given back.
-    Gone,
 }
 
 pub struct Slots<S> {
@@ -91,7 +93,7 @@ impl<S: SlotStore> Slots<S> {
             }
             let written = self.store.put(policy, connection, &runs, expected).await?;
             if written == Written::Yes {
-                return self.after_write(policy, connection, run).await;
+                return Ok(Admission::Took);
             }
             match self.store.get(policy, connection).await? {
                 Some(slot) if slot.runs.iter().any(|r| r == run) => return Ok(Admission::Held),
@@ -115,20 +117,20 @@ impl<S: SlotStore> Slots<S> {
         ))
     }
 
-    /// After a write that added `run`: gives it back if the connection was closed or the run
-    /// undone meanwhile (see the module's rule).
-    async fn after_write(
+    /// After an admission [`Admission::Took`]: gives back what it wrote if the connection was
+    /// closed or the run undone meanwhile (see the module's rule). `true`: given back.
+    pub async fn confirm(
         &self,
         policy: &str,
         connection: &str,
         run: &str,
-    ) -> Result<Admission, StoreError> {
+    ) -> Result<bool, StoreError> {
         if !self.store.marked(connection, run).await? {
-            return Ok(Admission::Took);
+            return Ok(false);
         }
         tracing::debug!(%policy, %connection, %run, "admitted after its close or undo: given back");
         self.leave(policy, connection, Some(run)).await?;
-        Ok(Admission::Gone)
+        Ok(true)
     }
 
     /// Takes `run` out of the connection's slot (every run, with `None`); the slot goes when

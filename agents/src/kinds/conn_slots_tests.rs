@@ -1,6 +1,6 @@
 //! The limiter's races, against an in-memory store that behaves as JetStream does for it
 //! (conditional writes, `discard: new` at the limit), with other instances' operations
-//! injected at the points where they hurt: between a copy's write and its marker check,
+//! injected at the points where they hurt: between a copy's write and its confirmation,
 //! between a read and the write that follows it.
 
 use std::collections::HashMap;
@@ -189,11 +189,13 @@ async fn hedged_copies_on_two_instances_hold_one_slot_and_the_limit_stays_exact(
 async fn a_copy_that_meets_its_twin_mid_write_shares_the_slot() {
     let mem = Mem::default();
     let (a, b) = (mem.instance(), mem.instance());
-    // The twin's copy arrives while this one is between its write and its marker check.
+    // The twin's copy arrives while this one is between its write and its confirmation.
     mem.after("put", move || {
         assert_eq!(block_on(b.admit("db", 5, "c1", "r")), Ok(Admission::Held));
     });
     assert_eq!(a.admit("db", 5, "c1", "r").await, Ok(Admission::Took));
+    // No close, no undo: the confirmation keeps it.
+    assert_eq!(a.confirm("db", "c1", "r").await, Ok(false));
     assert_eq!(mem.held("db"), [("c1".to_string(), vec!["r".to_string()])]);
 }
 
@@ -219,7 +221,9 @@ async fn a_close_before_the_admission_leaves_nothing_held() {
     // The gateway cancelled a connection whose decision never came; a copy of its admission
     // reaches the other instance afterwards.
     a.close("c1", &["db"]).await.unwrap();
-    assert_eq!(b.admit("db", 5, "c1", "r").await, Ok(Admission::Gone));
+    assert_eq!(b.admit("db", 5, "c1", "r").await, Ok(Admission::Took));
+    // Confirmed after the answer: given back.
+    assert_eq!(b.confirm("db", "c1", "r").await, Ok(true));
     assert!(mem.held("db").is_empty());
 }
 
@@ -227,19 +231,23 @@ async fn a_close_before_the_admission_leaves_nothing_held() {
 async fn a_close_that_races_its_own_admission_frees_it() {
     let mem = Mem::default();
     let (a, b) = (mem.instance(), mem.instance());
-    // The close lands between the admission's write and its marker check, and frees the slot
+    // The close lands between the admission's write and its confirmation, and frees the slot
     // before the admission looks: the admission finds the marker and nothing to give back.
     let closer = b;
     mem.after("put", move || {
         block_on(closer.close("c1", &["db"])).unwrap()
     });
-    assert_eq!(a.admit("db", 5, "c1", "r").await, Ok(Admission::Gone));
+    assert_eq!(a.admit("db", 5, "c1", "r").await, Ok(Admission::Took));
+    // Confirmed after the answer: given back.
+    assert_eq!(a.confirm("db", "c1", "r").await, Ok(true));
     assert!(mem.held("db").is_empty());
     // The close ran its free before the write instead: the marker catches the write.
     let mem = Mem::default();
     let (a, b) = (mem.instance(), mem.instance());
     b.close("c2", &["db"]).await.unwrap();
-    assert_eq!(a.admit("db", 5, "c2", "r").await, Ok(Admission::Gone));
+    assert_eq!(a.admit("db", 5, "c2", "r").await, Ok(Admission::Took));
+    // Confirmed after the answer: given back.
+    assert_eq!(a.confirm("db", "c2", "r").await, Ok(true));
     assert!(mem.held("db").is_empty());
 }
 
@@ -249,15 +257,19 @@ async fn an_undo_frees_the_run_wherever_and_whenever_its_copies_write() {
     let (a, b) = (mem.instance(), mem.instance());
     // The dispatcher timed out on conn-limit and undid the run; a copy writes afterwards.
     a.undo("c1", "r", &["db"]).await.unwrap();
-    assert_eq!(b.admit("db", 5, "c1", "r").await, Ok(Admission::Gone));
+    assert_eq!(b.admit("db", 5, "c1", "r").await, Ok(Admission::Took));
+    // Confirmed after the answer: given back.
+    assert_eq!(b.confirm("db", "c1", "r").await, Ok(true));
     // Another run of the same connection is not affected.
     assert_eq!(b.admit("db", 5, "c1", "r2").await, Ok(Admission::Took));
-    // An undo that lands between a copy's write and its check.
+    // An undo that lands between a copy's write and its confirmation.
     let undoer = a;
     mem.after("put", move || {
         block_on(undoer.undo("c3", "r", &["db"])).unwrap()
     });
-    assert_eq!(b.admit("db", 5, "c3", "r").await, Ok(Admission::Gone));
+    assert_eq!(b.admit("db", 5, "c3", "r").await, Ok(Admission::Took));
+    // Confirmed after the answer: given back.
+    assert_eq!(b.confirm("db", "c3", "r").await, Ok(true));
     assert_eq!(mem.held("db"), [("c1".to_string(), vec!["r2".to_string()])]);
 }
 
