@@ -24,7 +24,8 @@ pub type Entries = BTreeMap<String, (Bytes, u64)>;
 
 /// Every key under one of `prefixes` (each ends in `.`; `""` is the whole bucket) that has a
 /// message in the stream, in key order. A deleted key is listed too: its last message is the
-/// delete marker.
+/// delete marker, which stays (the config bucket has no `max_age`), so [`entries`] spends a
+/// direct get on it.
 pub async fn names(store: &kv::Store, prefixes: &[&str]) -> Result<Vec<String>, ConfigError> {
     let mut keys = Vec::new();
     for prefix in prefixes {

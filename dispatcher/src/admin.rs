@@ -333,7 +333,7 @@ async fn validate(
 
 /// Entries read at once when a command lists the bucket: a bulk-loaded bucket holds
 /// thousands, and each is a round trip.
-const READS_AT_ONCE: usize = 256;
+pub(crate) const READS_AT_ONCE: usize = 256;
 /// A listing of a large bucket takes a while; the CLI waits longer for the commands that list.
 const LIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(25);
 

@@ -130,12 +130,12 @@ impl ConnLimiter {
             }
         }
         if !took.is_empty() {
-            // After the answer: the drain waits for it.
+            // After the answer (the drain waits for it).
             let (slots, conn, run) = (slots.clone(), conn.clone(), run.clone());
             self.after.spawn(async move {
-                for policy in took {
-                    if let Err(e) = slots.confirm(&policy, &conn, &run).await {
-                        tracing::debug!(%policy, %conn, error = %e, "admission not confirmed; settling");
+                if let Err(e) = slots.confirm(&conn, &run, &took).await {
+                    tracing::debug!(%conn, error = %e, "admission not confirmed; settling");
+                    for policy in took {
                         let (slots, conn, run) = (slots.clone(), conn.clone(), run.clone());
                         tokio::spawn(async move { slots.settle(&policy, &conn, &run).await });
                     }

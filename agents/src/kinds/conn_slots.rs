@@ -23,8 +23,9 @@
 //! matters.
 //!
 //! Timing rule: a marker counts for [`bus::slots::MARKER_FOR`], which must exceed
-//! [`MAX_CALL`], the longest between a copy being sent and its last write, so no copy sent
-//! before a marker writes after it stops counting (checked below, at compile time).
+//! [`MAX_CALL`], the longest between a copy being sent and its confirmation's marker read, so
+//! no copy sent before a marker writes and confirms after it stops counting (checked below, at
+//! compile time).
 
 use std::time::{Duration, Instant};
 
@@ -33,13 +34,17 @@ use super::conn_store::{Marker, SlotStore, StoreError, Written};
 /// How long one admission may go on writing once started: past it, it fails instead of
 /// writing (a store slow enough to need more is failing anyway).
 pub const ADMIT_FOR: Duration = Duration::from_secs(10);
-/// The last write of an admission may itself take a request's timeout.
+/// The last write of an admission may itself take a request's timeout; so may the
+/// confirmation's marker read, which is given up past it (and handed to [`Slots::settle`]).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest between a copy being sent and its last write: the runtime starts no request
-/// past its `Policy-Deadline` (at most `MAX_TIMEOUT_MS` after it was sent), and a started
-/// admission writes for [`ADMIT_FOR`] at most, plus its last request.
+/// The longest between a copy being sent and its confirmation's marker read: the runtime
+/// starts no request past its `Policy-Deadline` (at most `MAX_TIMEOUT_MS` after it was sent),
+/// a started admission writes for [`ADMIT_FOR`] at most, plus its last request, and is
+/// confirmed at once, within a request's timeout.
 pub const MAX_CALL: Duration = Duration::from_millis(
-    bus::admin::MAX_TIMEOUT_MS + ADMIT_FOR.as_millis() as u64 + REQUEST_TIMEOUT.as_millis() as u64,
+    bus::admin::MAX_TIMEOUT_MS
+        + ADMIT_FOR.as_millis() as u64
+        + 2 * REQUEST_TIMEOUT.as_millis() as u64,
 );
 const _: () = assert!(bus::slots::MARKER_FOR.as_millis() > MAX_CALL.as_millis());
 
@@ -117,19 +122,27 @@ impl<S: SlotStore> Slots<S> {
         ))
     }
 
-    /// After an admission [`Admission::Took`]: gives back what it wrote if the connection was
-    /// closed or the run undone meanwhile (see the module's rule). `true`: given back.
+    /// After admissions that [`Admission::Took`] under `policies`: gives back what they wrote
+    /// if the connection was closed or the run undone meanwhile (see the module's rule), with
+    /// one marker read. `true`: given back.
     pub async fn confirm(
         &self,
-        policy: &str,
         connection: &str,
         run: &str,
+        policies: &[impl AsRef<str>],
     ) -> Result<bool, StoreError> {
-        if !self.store.marked(connection, run).await? {
+        let marked = tokio::time::timeout(REQUEST_TIMEOUT, self.store.marked(connection, run))
+            .await
+            .map_err(|_| {
+                format!("the markers of {connection}: no answer in {REQUEST_TIMEOUT:?}")
+            })??;
+        if !marked {
             return Ok(false);
         }
-        tracing::debug!(%policy, %connection, %run, "admitted after its close or undo: given back");
-        self.leave(policy, connection, Some(run)).await?;
+        tracing::debug!(%connection, %run, "admitted after its close or undo: given back");
+        for policy in policies {
+            self.leave(policy.as_ref(), connection, Some(run)).await?;
+        }
         Ok(true)
     }
 

@@ -195,7 +195,7 @@ async fn a_copy_that_meets_its_twin_mid_write_shares_the_slot() {
     });
     assert_eq!(a.admit("db", 5, "c1", "r").await, Ok(Admission::Took));
     // No close, no undo: the confirmation keeps it.
-    assert_eq!(a.confirm("db", "c1", "r").await, Ok(false));
+    assert_eq!(a.confirm("c1", "r", &["db"]).await, Ok(false));
     assert_eq!(mem.held("db"), [("c1".to_string(), vec!["r".to_string()])]);
 }
 
@@ -223,7 +223,7 @@ async fn a_close_before_the_admission_leaves_nothing_held() {
     a.close("c1", &["db"]).await.unwrap();
     assert_eq!(b.admit("db", 5, "c1", "r").await, Ok(Admission::Took));
     // Confirmed after the answer: given back.
-    assert_eq!(b.confirm("db", "c1", "r").await, Ok(true));
+    assert_eq!(b.confirm("c1", "r", &["db"]).await, Ok(true));
     assert!(mem.held("db").is_empty());
 }
 
@@ -239,7 +239,7 @@ async fn a_close_that_races_its_own_admission_frees_it() {
     });
     assert_eq!(a.admit("db", 5, "c1", "r").await, Ok(Admission::Took));
     // Confirmed after the answer: given back.
-    assert_eq!(a.confirm("db", "c1", "r").await, Ok(true));
+    assert_eq!(a.confirm("c1", "r", &["db"]).await, Ok(true));
     assert!(mem.held("db").is_empty());
     // The close ran its free before the write instead: the marker catches the write.
     let mem = Mem::default();
@@ -247,7 +247,7 @@ async fn a_close_that_races_its_own_admission_frees_it() {
     b.close("c2", &["db"]).await.unwrap();
     assert_eq!(a.admit("db", 5, "c2", "r").await, Ok(Admission::Took));
     // Confirmed after the answer: given back.
-    assert_eq!(a.confirm("db", "c2", "r").await, Ok(true));
+    assert_eq!(a.confirm("c2", "r", &["db"]).await, Ok(true));
     assert!(mem.held("db").is_empty());
 }
 
@@ -259,7 +259,7 @@ async fn an_undo_frees_the_run_wherever_and_whenever_its_copies_write() {
     a.undo("c1", "r", &["db"]).await.unwrap();
     assert_eq!(b.admit("db", 5, "c1", "r").await, Ok(Admission::Took));
     // Confirmed after the answer: given back.
-    assert_eq!(b.confirm("db", "c1", "r").await, Ok(true));
+    assert_eq!(b.confirm("c1", "r", &["db"]).await, Ok(true));
     // Another run of the same connection is not affected.
     assert_eq!(b.admit("db", 5, "c1", "r2").await, Ok(Admission::Took));
     // An undo that lands between a copy's write and its confirmation.
@@ -269,7 +269,7 @@ async fn an_undo_frees_the_run_wherever_and_whenever_its_copies_write() {
     });
     assert_eq!(b.admit("db", 5, "c3", "r").await, Ok(Admission::Took));
     // Confirmed after the answer: given back.
-    assert_eq!(b.confirm("db", "c3", "r").await, Ok(true));
+    assert_eq!(b.confirm("c3", "r", &["db"]).await, Ok(true));
     assert_eq!(mem.held("db"), [("c1".to_string(), vec!["r2".to_string()])]);
 }
 

@@ -114,9 +114,10 @@ async fn a_copy_admitted_after_its_undo_gives_its_slot_back_on_either_instance()
     for i in 0..16 {
         let (connection, run) = (format!("late-{i}"), format!("run-{i}"));
         undo(&engine, &connection, &run, &said("agent-timeout")).await;
-        // What the late copy answers is used by no one (its run was decided without it); what
-        // it wrote is given back right after its answer.
-        admit(&engine, &connection, &run).await;
+        // What the late copy answers is used by no one (its run was decided without it): it
+        // takes the slot, and gives it back right after its answer.
+        let late = admit(&engine, &connection, &run).await;
+        assert_eq!(verdicts(&late), [("db".to_string(), "allow".to_string())]);
         no_slot_held(
             &engine,
             Duration::from_secs(2),
@@ -139,7 +140,8 @@ async fn a_copy_admitted_after_its_undo_gives_its_slot_back_on_either_instance()
         let first = admit(&engine, &connection, &run).await;
         assert_eq!(verdicts(&first), [("db".to_string(), "allow".to_string())]);
         undo(&engine, &connection, &run, &first).await;
-        admit(&engine, &connection, &run).await;
+        let late = admit(&engine, &connection, &run).await;
+        assert_eq!(verdicts(&late), [("db".to_string(), "allow".to_string())]);
         no_slot_held(
             &engine,
             Duration::from_secs(2),
