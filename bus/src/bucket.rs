@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
@@ -42,27 +43,65 @@ pub async fn names(store: &kv::Store, prefixes: &[&str]) -> Result<Vec<String>, 
     Ok(keys)
 }
 
+/// Which replica answers a value's read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// A direct get, answered by any replica from its own store as it is: cheap, but a
+    /// replica that is behind answers with an older value (or none).
+    AnyReplica,
+    /// A `STREAM.MSG.GET`, answered by the stream's leader: what a watcher that goes on from
+    /// the leader's last sequence must load, or a change at or below it could be missed for
+    /// good.
+    Leader,
+}
+
 /// The current value of every live key under one of `prefixes` (see [`names`]), with
-/// `at_once` direct gets in flight.
+/// `at_once` reads in flight.
 pub async fn entries(
     store: &kv::Store,
     prefixes: &[&str],
     at_once: usize,
+    read: Read,
 ) -> Result<Entries, ConfigError> {
     let keys = names(store, prefixes).await?;
     let mut out = Entries::new();
     let mut gets = futures::stream::iter(keys)
         .map(|k| async move {
-            let entry = store.entry(&k).await;
+            let entry = match read {
+                Read::AnyReplica => store.entry(&k).await.map_err(io).map(|e| {
+                    e.filter(|e| e.operation == kv::Operation::Put)
+                        .map(|e| (e.value, e.revision))
+                }),
+                Read::Leader => from_leader(store, &k).await,
+            };
             (k, entry)
         })
         .buffer_unordered(at_once);
     while let Some((key, entry)) = gets.next().await {
-        if let Some(e) = entry.map_err(io)? {
-            if e.operation == kv::Operation::Put {
-                out.insert(key, (e.value, e.revision));
-            }
+        if let Some(value) = entry? {
+            out.insert(key, value);
         }
     }
     Ok(out)
 }
+
+/// A key's value and revision as the stream's leader has it; `None` if deleted or absent.
+async fn from_leader(store: &kv::Store, key: &str) -> Result<Option<(Bytes, u64)>, ConfigError> {
+    let subject = format!("{}{key}", store.prefix);
+    match store.stream.get_last_raw_message_by_subject(&subject).await {
+        // A delete or purge marker carries the operation in a header (async-nats' KV layout).
+        Ok(m)
+            if m.headers
+                .get(KV_OPERATION)
+                .is_some_and(|op| ["DEL", "PURGE"].contains(&op.as_str())) =>
+        {
+            Ok(None)
+        }
+        Ok(m) => Ok(Some((m.payload, m.sequence))),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// The header of a key-value delete or purge marker (a put carries none).
+const KV_OPERATION: &str = "KV-Operation";

@@ -58,7 +58,9 @@ pub async fn load_and_watch(
         revisions: BTreeMap::new(),
         revision: last,
     };
-    for (key, (value, revision)) in crate::bucket::entries(store, &prefixes, 32).await? {
+    for (key, (value, revision)) in
+        crate::bucket::entries(store, &prefixes, 32, crate::bucket::Read::Leader).await?
+    {
         current.revisions.insert(key.clone(), revision);
         current.values.insert(key, value);
     }

@@ -168,9 +168,14 @@ pub(crate) async fn entries_under(
     prefixes: &[&str],
 ) -> Result<std::collections::BTreeMap<String, (Bytes, u64)>, ErrorReply> {
     let read = async {
-        bus::bucket::entries(&d.store, prefixes, READS_AT_ONCE)
-            .await
-            .map_err(unavailable)
+        bus::bucket::entries(
+            &d.store,
+            prefixes,
+            READS_AT_ONCE,
+            bus::bucket::Read::AnyReplica,
+        )
+        .await
+        .map_err(unavailable)
     };
     tokio::time::timeout(LIST_TIMEOUT, read)
         .await

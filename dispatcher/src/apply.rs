@@ -431,7 +431,12 @@ pub(crate) async fn status(d: &Dispatcher) -> Result<Bytes, ErrorReply> {
     // operator's (default) timeout.
     let keys = tokio::time::timeout(
         WRITE_TIMEOUT,
-        bus::bucket::entries(&d.store, &["sub.", "pol."], crate::admin::READS_AT_ONCE),
+        bus::bucket::entries(
+            &d.store,
+            &["sub.", "pol."],
+            crate::admin::READS_AT_ONCE,
+            bus::bucket::Read::AnyReplica,
+        ),
     )
     .await
     .map_err(|_| unavailable("no answer from JetStream in time"))?
