@@ -2,6 +2,7 @@
 //! binaries, and the typed clients of the `bus` crate.
 
 mod battery;
+mod bucket;
 mod cache;
 mod chain;
 mod cluster;
