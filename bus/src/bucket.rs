@@ -16,10 +16,6 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::error::ConfigError;
 
-fn io(e: impl std::error::Error + Send + Sync + 'static) -> ConfigError {
-    ConfigError::Io(Box::new(e))
-}
-
 /// A key's current value and the bucket revision that wrote it.
 pub type Entries = BTreeMap<String, (Bytes, u64)>;
 
@@ -31,8 +27,12 @@ pub async fn names(store: &kv::Store, prefixes: &[&str]) -> Result<Vec<String>, 
     let mut keys = Vec::new();
     for prefix in prefixes {
         let filter = format!("{}{prefix}>", store.prefix);
-        let mut subjects = store.stream.info_with_subjects(&filter).await.map_err(io)?;
-        while let Some((subject, _)) = subjects.try_next().await.map_err(io)? {
+        let mut subjects = store
+            .stream
+            .info_with_subjects(&filter)
+            .await
+            .map_err(ConfigError::io)?;
+        while let Some((subject, _)) = subjects.try_next().await.map_err(ConfigError::io)? {
             if let Some(key) = subject.strip_prefix(store.prefix.as_str()) {
                 keys.push(key.to_string());
             }
@@ -68,7 +68,7 @@ pub async fn entries(
     let mut gets = futures::stream::iter(keys)
         .map(|k| async move {
             let entry = match read {
-                Read::AnyReplica => store.entry(&k).await.map_err(io).map(|e| {
+                Read::AnyReplica => store.entry(&k).await.map_err(ConfigError::io).map(|e| {
                     e.filter(|e| e.operation == kv::Operation::Put)
                         .map(|e| (e.value, e.revision))
                 }),
@@ -99,7 +99,7 @@ async fn from_leader(store: &kv::Store, key: &str) -> Result<Option<(Bytes, u64)
         }
         Ok(m) => Ok(Some((m.payload, m.sequence))),
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(io(e)),
+        Err(e) => Err(ConfigError::io(e)),
     }
 }
 

@@ -149,6 +149,13 @@ pub enum ConfigError {
     Io(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+impl ConfigError {
+    /// A store request that failed.
+    pub fn io(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ConfigError::Io(Box::new(e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,10 +17,6 @@ pub const SERVED: &str = "module";
 /// Bytes the store may hold: every module with room for a new version of each.
 const MAX_BYTES: i64 = 256 * 1024 * 1024;
 
-fn io(e: impl std::error::Error + Send + Sync + 'static) -> ConfigError {
-    ConfigError::Io(Box::new(e))
-}
-
 /// Opens the modules store; `create` (the dispatcher) creates it on first use.
 pub async fn open(
     client: &async_nats::Client,
@@ -53,9 +49,12 @@ pub async fn open(
         ..Default::default()
     };
     match js.create_stream(crate::store::object_stream(config)).await {
-        Ok(_) => js.get_object_store(&bucket).await.map_err(io),
+        Ok(_) => js.get_object_store(&bucket).await.map_err(ConfigError::io),
         // Another dispatcher may have created it meanwhile.
-        Err(e) => js.get_object_store(&bucket).await.map_err(|_| io(e)),
+        Err(e) => js
+            .get_object_store(&bucket)
+            .await
+            .map_err(|_| ConfigError::io(e)),
     }
 }
 

@@ -11,10 +11,6 @@ use futures::{FutureExt, Stream, StreamExt};
 
 use crate::error::ConfigError;
 
-fn io(e: impl std::error::Error + Send + Sync + 'static) -> ConfigError {
-    ConfigError::Io(Box::new(e))
-}
-
 /// One change to the watched keys, with the bucket revision it brings the watcher to.
 #[derive(Debug, Clone)]
 pub enum Change {
@@ -34,7 +30,12 @@ pub enum Change {
 pub async fn stream_state(
     store: &kv::Store,
 ) -> Result<async_nats::jetstream::stream::State, ConfigError> {
-    Ok(store.stream.get_info().await.map_err(io)?.state)
+    Ok(store
+        .stream
+        .get_info()
+        .await
+        .map_err(ConfigError::io)?
+        .state)
 }
 
 /// Whether a key is under one of the filters (`a.b.>` style prefixes, or `>` for all).
@@ -67,9 +68,12 @@ pub async fn load_and_watch(
     // The whole bucket is watched, and changes outside `filters` dropped by the caller: so every
     // message of the stream passes here, and a watch that fell behind the stream (its consumer
     // lost with a node, say) shows as such.
-    let watch = store.watch_from_revision(">", last + 1).await.map_err(io)?;
+    let watch = store
+        .watch_from_revision(">", last + 1)
+        .await
+        .map_err(ConfigError::io)?;
     let changes = watch.map(|entry| {
-        let entry = entry.map_err(io)?;
+        let entry = entry.map_err(ConfigError::io)?;
         Ok(match entry.operation {
             kv::Operation::Put => Change::Put {
                 key: entry.key,

@@ -167,19 +167,25 @@ pub(crate) async fn entries_under(
     d: &Dispatcher,
     prefixes: &[&str],
 ) -> Result<std::collections::BTreeMap<String, (Bytes, u64)>, ErrorReply> {
-    let read = async {
-        bus::bucket::entries(
-            &d.store,
-            prefixes,
-            READS_AT_ONCE,
-            bus::bucket::Read::AnyReplica,
-        )
-        .await
-        .map_err(unavailable)
-    };
-    tokio::time::timeout(LIST_TIMEOUT, read)
+    entries_within(d, prefixes, LIST_TIMEOUT).await
+}
+
+/// [`entries_under`], answered within `within` or "unavailable".
+pub(crate) async fn entries_within(
+    d: &Dispatcher,
+    prefixes: &[&str],
+    within: std::time::Duration,
+) -> Result<std::collections::BTreeMap<String, (Bytes, u64)>, ErrorReply> {
+    let read = bus::bucket::entries(
+        &d.store,
+        prefixes,
+        READS_AT_ONCE,
+        bus::bucket::Read::AnyReplica,
+    );
+    tokio::time::timeout(within, read)
         .await
         .map_err(|_| unavailable("no answer from JetStream in time"))?
+        .map_err(unavailable)
 }
 
 /// ` (did you mean `x`?)` when a known name is close to a mistyped one.
@@ -338,7 +344,7 @@ async fn validate(
 
 /// Entries read at once when a command lists the bucket: a bulk-loaded bucket holds
 /// thousands, and each is a round trip.
-pub(crate) const READS_AT_ONCE: usize = 256;
+const READS_AT_ONCE: usize = 256;
 /// A listing of a large bucket takes a while; the CLI waits longer for the commands that list.
 const LIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(25);
 
@@ -384,7 +390,10 @@ pub(crate) async fn prepare_policies(
     let mut docs: Vec<(usize, PolicyRef, Vec<u8>)> = Vec::with_capacity(policies.len());
     // Under `keep_going`, an id given twice skips every copy: which one was meant is unknown,
     // so the stored document stays as it is.
-    let mut twice: Vec<usize> = Vec::new();
+    let mut twice = std::collections::BTreeSet::new();
+    // Each ref's index in `docs`: a bulk load holds thousands.
+    let mut seen: std::collections::HashMap<PolicyRef, usize> =
+        std::collections::HashMap::with_capacity(policies.len());
     for (i, doc) in policies.iter().enumerate() {
         let r = match PolicyRef::of(doc) {
             Ok(r) => r,
@@ -395,25 +404,24 @@ pub(crate) async fn prepare_policies(
                 continue;
             }
         };
-        if let Some(k) = docs.iter().position(|(_, other, _)| *other == r) {
-            let j = docs[k].0;
-            let e = ErrorReply::new(
-                ErrorCode::InvalidPolicy,
-                format!(
-                    "document {}: {}/{} is also document {j}",
-                    i + 1,
-                    r.agent,
-                    r.id,
-                ),
+        if let Some(&k) = seen.get(&r) {
+            let message = format!(
+                "document {}: {} is also document {}",
+                i + 1,
+                r.name(),
+                docs[k].0
             );
-            skip(i + 1, Some(r.name()), e)?;
-            if !twice.contains(&k) {
-                twice.push(k);
-            }
+            skip(
+                i + 1,
+                Some(r.name()),
+                ErrorReply::new(ErrorCode::InvalidPolicy, message),
+            )?;
+            twice.insert(k);
             continue;
         }
         let bytes = codec::encode("policy", doc)
             .map_err(|e| ErrorReply::new(ErrorCode::InvalidPolicy, e.to_string()))?;
+        seen.insert(r.clone(), docs.len());
         docs.push((i + 1, r, bytes));
     }
     // Every document is validated before any is stored: a bad file changes nothing. Many at
@@ -431,8 +439,8 @@ pub(crate) async fn prepare_policies(
     for k in twice {
         let (position, r, _) = &docs[k];
         let message = format!(
-            "document {position}: {}/{} is given again later: every copy is skipped",
-            r.agent, r.id
+            "document {position}: {} is given again later: every copy is skipped",
+            r.name()
         );
         let e = ErrorReply::new(ErrorCode::InvalidPolicy, message);
         skip(*position, Some(r.name()), e)?;

@@ -427,20 +427,9 @@ pub(crate) async fn status(d: &Dispatcher) -> Result<Bytes, ErrorReply> {
         .await
         .map_err(unavailable)?
         .last_sequence;
-    // Deleted keys keep a marker in the stream: only the live ones are counted. Within the
+    // Deleted keys keep a marker in the stream: only the live ones are counted, within the
     // operator's (default) timeout.
-    let keys = tokio::time::timeout(
-        WRITE_TIMEOUT,
-        bus::bucket::entries(
-            &d.store,
-            &["sub.", "pol."],
-            crate::admin::READS_AT_ONCE,
-            bus::bucket::Read::AnyReplica,
-        ),
-    )
-    .await
-    .map_err(|_| unavailable("no answer from JetStream in time"))?
-    .map_err(unavailable)?;
+    let keys = crate::admin::entries_within(d, &["sub.", "pol."], WRITE_TIMEOUT).await?;
     let count = |prefix: &str| keys.keys().filter(|k| k.starts_with(prefix)).count();
     reply(&Status {
         revision,

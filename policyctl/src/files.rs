@@ -116,18 +116,13 @@ pub fn read_policy_docs_skipping(files: &[PathBuf]) -> anyhow::Result<Read> {
             })?;
             let items = match value {
                 Value::Nil => continue, // an empty document, as after a trailing `---`
-                Value::Array(items) => {
-                    documents += 1;
-                    numbered(items)
-                }
-                value => {
-                    documents += 1;
-                    match list_items(&value) {
-                        Some(items) => numbered(items),
-                        None => vec![(None, value)],
-                    }
-                }
+                Value::Array(items) => numbered(items),
+                value => match list_items(&value) {
+                    Some(items) => numbered(items),
+                    None => vec![(None, value)],
+                },
             };
+            documents += 1;
             for (item, value) in items {
                 let at = Doc {
                     file: file.clone(),

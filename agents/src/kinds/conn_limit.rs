@@ -119,9 +119,7 @@ impl ConnLimiter {
                     // The write may have landed, or land later: held until the run's undo
                     // says otherwise, and watched until then (see `Slots::settle`).
                     held.push(&c.id);
-                    let (slots, policy, conn, run) =
-                        (slots.clone(), c.id.clone(), conn.clone(), run.clone());
-                    tokio::spawn(async move { slots.settle(&policy, &conn, &run).await });
+                    settle_later(slots, c.id.clone(), &conn, &run);
                     refused = Some((c, format!("slot store unavailable, failing closed: {why}")));
                 }
             }
@@ -136,8 +134,7 @@ impl ConnLimiter {
                 if let Err(e) = slots.confirm(&conn, &run, &took).await {
                     tracing::debug!(%conn, error = %e, "admission not confirmed; settling");
                     for policy in took {
-                        let (slots, conn, run) = (slots.clone(), conn.clone(), run.clone());
-                        tokio::spawn(async move { slots.settle(&policy, &conn, &run).await });
+                        settle_later(&slots, policy, &conn, &run);
                     }
                 }
             });
@@ -170,6 +167,13 @@ impl ConnLimiter {
     fn policies(rules: &[Compiled]) -> Vec<&str> {
         rules.iter().map(|c| c.id.as_str()).collect()
     }
+}
+
+/// [`Slots::settle`] in the background: for a write of unknown outcome, or an admission whose
+/// confirmation could not read the markers.
+fn settle_later(slots: &Arc<Slots<JetStore>>, policy: String, conn: &str, run: &str) {
+    let (slots, conn, run) = (slots.clone(), conn.to_string(), run.to_string());
+    tokio::spawn(async move { slots.settle(&policy, &conn, &run).await });
 }
 
 /// What an admission would come to, taking nothing: a dry run.

@@ -390,31 +390,29 @@ async fn prune_is_scoped_to_the_source_and_keep_going_stores_the_rest() {
     for gone in ["cl-pap__", "cl-ap__shop__web-to-eu-db"] {
         assert!(!after.contains(gone), "{gone}: {after}");
     }
-    // A document its kind refuses, among hand-written ones: skipped by file and position.
+    // Hand-written documents applied with --keep-going, which skips some (exit status 1).
     let hand = dir.path().join("hand.yaml");
-    std::fs::write(
-        &hand,
+    let apply_hand = |text: &str| {
+        std::fs::write(&hand, text).expect("write");
+        let (code, out, err) = run(&["apply", hand.to_str().expect("path"), "--keep-going"]);
+        assert_eq!(code, Some(1), "{out}{err}");
+        out
+    };
+    // A document its kind refuses: skipped by file and position.
+    let out = apply_hand(
         "agent: acl\nid: fine\naction: allow\n---\nagent: acl\nid: odd\naction: maybe\n",
-    )
-    .expect("write");
-    let (code, out, err) = run(&["apply", hand.to_str().expect("path"), "--keep-going"]);
-    assert_eq!(code, Some(1), "{out}{err}");
+    );
     assert!(
         out.contains("skipped ") && out.contains("hand.yaml: document 2 (acl/odd)"),
         "{out}"
     );
     assert!(out.contains("+ policy acl/fine"), "{out}");
     // An id given twice: every copy is skipped, and the stored one stays as it was.
-    std::fs::write(
-        &hand,
+    let out = apply_hand(
         "agent: acl\nid: fine\naction: deny\n---\nagent: acl\nid: fine\naction: deny\npriority: 3\n",
-    )
-    .expect("write");
-    let (code, out, err) = run(&["apply", hand.to_str().expect("path"), "--keep-going"]);
-    assert_eq!(code, Some(1), "{out}{err}");
+    );
     assert_eq!(out.matches("skipped ").count(), 2, "{out}");
-    let (_, list, _) = run(&["policy", "list", "acl", "--json"]);
-    let list: Vec<serde_json::Value> = serde_json::from_str(&list).expect("a JSON list");
+    let list = stored_acl(&engine);
     let fine = list
         .iter()
         .find(|d| d["id"] == "fine")
@@ -470,8 +468,7 @@ async fn a_cluster_larger_than_one_request_is_applied_in_parts_and_pruned_by_sou
         format!("apiVersion: v1\nkind: List\nitems:\n{}", items.concat())
     };
     let count = || {
-        let (_, out, _) = run(&["policy", "list", "acl", "--json"]);
-        let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("a JSON list");
+        let list = stored_acl(&engine);
         let ours = list
             .iter()
             .filter(|d| {
@@ -520,4 +517,10 @@ async fn a_cluster_larger_than_one_request_is_applied_in_parts_and_pruned_by_sou
         "{out}"
     );
     assert_eq!(count(), (10, true));
+}
+
+/// The acl policies stored, as `policyctl policy list acl --json` prints them.
+fn stored_acl(engine: &e2e::Engine) -> Vec<serde_json::Value> {
+    let (_, out, _) = policyctl(engine, &["policy", "list", "acl", "--json"]);
+    serde_json::from_str(&out).expect("a JSON list")
 }

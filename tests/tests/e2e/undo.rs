@@ -104,6 +104,24 @@ async fn undo(engine: &Engine, connection: &str, run: &str, answered: &State) {
     assert!(reply.is_ok(), "undo of {connection}: {reply:?}");
 }
 
+/// A copy of `run`'s admission that arrives after the run was undone. What it answers is used
+/// by no one (the run was decided without it): it takes the slot, and gives it back right
+/// after its answer.
+async fn late_copy_gives_its_slot_back(engine: &Engine, connection: &str, run: &str, what: &str) {
+    let late = admit(engine, connection, run).await;
+    assert_eq!(
+        verdicts(&late),
+        [("db".to_string(), "allow".to_string())],
+        "{what}"
+    );
+    no_slot_held(
+        engine,
+        Duration::from_secs(2),
+        &format!("{what} after its undo"),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copy_admitted_after_its_undo_gives_its_slot_back_on_either_instance() {
     let engine = limited_engine(2).await;
@@ -114,16 +132,7 @@ async fn a_copy_admitted_after_its_undo_gives_its_slot_back_on_either_instance()
     for i in 0..16 {
         let (connection, run) = (format!("late-{i}"), format!("run-{i}"));
         undo(&engine, &connection, &run, &said("agent-timeout")).await;
-        // What the late copy answers is used by no one (its run was decided without it): it
-        // takes the slot, and gives it back right after its answer.
-        let late = admit(&engine, &connection, &run).await;
-        assert_eq!(verdicts(&late), [("db".to_string(), "allow".to_string())]);
-        no_slot_held(
-            &engine,
-            Duration::from_secs(2),
-            &format!("copy {i} admitted after its run was undone"),
-        )
-        .await;
+        late_copy_gives_its_slot_back(&engine, &connection, &run, &format!("late copy {i}")).await;
     }
     // A hedged call whose first answer was a refusal, while another copy admitted: the undo
     // of the refusal frees the other copy's slot, wherever it was taken.
@@ -140,14 +149,8 @@ async fn a_copy_admitted_after_its_undo_gives_its_slot_back_on_either_instance()
         let first = admit(&engine, &connection, &run).await;
         assert_eq!(verdicts(&first), [("db".to_string(), "allow".to_string())]);
         undo(&engine, &connection, &run, &first).await;
-        let late = admit(&engine, &connection, &run).await;
-        assert_eq!(verdicts(&late), [("db".to_string(), "allow".to_string())]);
-        no_slot_held(
-            &engine,
-            Duration::from_secs(2),
-            &format!("a copy of answered run {i} after its undo"),
-        )
-        .await;
+        late_copy_gives_its_slot_back(&engine, &connection, &run, &format!("answered run {i}"))
+            .await;
     }
     no_slot_held(&engine, Duration::from_secs(2), "undone runs").await;
 }
