@@ -333,7 +333,13 @@ impl AgentKind for ConnLimiter {
             info.max_age = bus::slots::MARKER_FOR;
             jet.context().update_stream(info).await?;
         }
-        let store = JetStore::new(&jet, ctx.subjects, self.lease, markers);
+        let store = JetStore::new(
+            &jet,
+            ctx.subjects,
+            self.lease,
+            markers,
+            super::conn_slots::REQUEST_TIMEOUT,
+        );
         self.after = ctx.tasks.clone();
         self.slots = Some(Arc::new(Slots::new(store)));
         Ok(())

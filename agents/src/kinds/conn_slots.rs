@@ -36,7 +36,7 @@ use super::conn_store::{Marker, SlotStore, StoreError, Written};
 pub const ADMIT_FOR: Duration = Duration::from_secs(10);
 /// The last write of an admission may itself take a request's timeout; so may the
 /// confirmation's marker read, which is given up past it (and handed to [`Slots::settle`]).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest between a copy being sent and its confirmation's marker read: the runtime
 /// starts no request past its `Policy-Deadline` (at most `MAX_TIMEOUT_MS` after it was sent),
 /// a started admission writes for [`ADMIT_FOR`] at most, plus its last request, and is

@@ -85,12 +85,14 @@ const MARK_ATTEMPTS: usize = 8;
 /// The lines of a connection's markers, if they still count.
 fn live_lines(entry: &kv::Entry) -> Option<Vec<String>> {
     let at = SystemTime::from(entry.created);
-    (at.elapsed().unwrap_or_default() < slots::MARKER_FOR).then(|| {
-        String::from_utf8_lossy(&entry.value)
-            .lines()
-            .map(str::to_string)
-            .collect()
-    })
+    (at.elapsed().unwrap_or_default() < slots::MARKER_FOR).then(|| lines(&entry.value))
+}
+
+fn lines(value: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(value)
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 /// JetStream: a stream per policy whose limits are the limit (see `bus::slots`), and the
@@ -102,6 +104,8 @@ pub struct JetStore {
     subjects: Subjects,
     lease: Duration,
     markers: kv::Store,
+    /// Markers' batched reader, where the server has batched gets.
+    lasts: Option<bus::bucket::Lasts>,
     /// Streams opened, with the limit they were made for. Shared, not cloned: a
     /// `stream::Stream` carries its whole cached info, and every admission looks one up.
     streams: Mutex<HashMap<String, (u32, Arc<stream::Stream>)>>,
@@ -126,13 +130,18 @@ const STORE_FAILED: u64 = 10077;
 const SUBJECT_IN_FLIGHT: [u64; 2] = [10163, 10164];
 
 impl JetStore {
+    /// `read_within`: how long a batched read of markers may take before it fails (and the
+    /// marker is read by itself).
     pub fn new(
         jet: &bus::store::Jet,
         subjects: &Subjects,
         lease: Duration,
         markers: kv::Store,
+        read_within: Duration,
     ) -> Self {
+        let lasts = bus::bucket::Lasts::spawn(jet, &markers.stream_name, read_within);
         JetStore {
+            lasts,
             js: jet.context(),
             api: jet.api().map(str::to_string),
             subjects: subjects.clone(),
@@ -416,19 +425,31 @@ impl SlotStore for JetStore {
     }
 
     async fn marked(&self, connection: &str, run: &str) -> Result<bool, StoreError> {
-        // One direct get: on one replica (the store's default) it is the leader's answer, so a
-        // marker written before this call is seen.
+        // A direct get: on one replica (the store's default) it is the leader's answer, so a
+        // marker written before this call is seen. Batched with the other admissions'
+        // confirmations where the server can (see `bus::bucket::Lasts`); a marker older than
+        // `MARKER_FOR` that the bucket has not dropped yet still counts then, which is
+        // harmless: connection and run ids are never used again.
         let key = slots::gone_key(connection);
-        let entry = self
-            .markers
-            .entry(&key)
-            .await
-            .map_err(|e| format!("could not read {key}: {e}"))?;
+        let batched = match &self.lasts {
+            Some(lasts) => lasts
+                .last(format!("{}{key}", self.markers.prefix))
+                .await
+                .ok(),
+            None => None,
+        };
+        let lines = match batched {
+            Some(value) => value.map(|v| lines(&v)),
+            None => self
+                .markers
+                .entry(&key)
+                .await
+                .map_err(|e| format!("could not read {key}: {e}"))?
+                .as_ref()
+                .and_then(live_lines),
+        };
         let undone = slots::undone_line(run);
-        Ok(entry
-            .as_ref()
-            .and_then(live_lines)
-            .is_some_and(|lines| lines.iter().any(|l| l == slots::CLOSED || *l == undone)))
+        Ok(lines.is_some_and(|lines| lines.iter().any(|l| l == slots::CLOSED || *l == undone)))
     }
 
     async fn in_use(&self, policy: &str) -> Result<u64, StoreError> {

@@ -4,7 +4,8 @@
 //! id wins). No policy means `random`. No candidate left means deny, with a reason; an event
 //! that offered no `dst_peers` at all gets no pick (the gateway chooses).
 //! - `random`: uniform.
-//! - `round-robin`: a counter per policy, per agent instance (instances do not coordinate).
+//! - `round-robin`: a counter per policy, per agent instance (instances do not coordinate),
+//!   moved once per run: a hedged copy of a call picks what the run's first call picked.
 //! - `weighted`: random in proportion to `weights`; candidates without a weight get none, and
 //!   when no candidate has one the pick falls back to random (said in the reason).
 //! - `static`: `peer`, or another candidate when that peer is not one (said in the reason).
@@ -17,8 +18,9 @@
 //! `peer-removed` took away fails over to another. Only sources are picked; none left is a
 //! deny.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use bus::event::{Event, NewConnection};
 use bus::state::keys;
@@ -75,7 +77,54 @@ struct Compiled {
     /// Said in the pick's reason when the fleet's (see `bus::fleet`).
     level: bus::fleet::Level,
     policy: LbPolicy,
+    turn: Turn,
+}
+
+/// Round-robin's position, moved once per run of an event. The dispatcher sends a slow call
+/// again (a hedged copy, with the same run id), and the instance that answers both must not
+/// move on twice, or the next connection would skip a peer. Instances do not coordinate, so a
+/// copy answered by another instance moves that instance's own position, as any call would.
+#[derive(Default)]
+struct Turn {
     next: AtomicUsize,
+    /// The position each recent run started at, oldest first; copies arrive within a call's
+    /// timeout, long before this many other runs have passed at any realistic rate.
+    recent: Mutex<(HashMap<String, usize>, VecDeque<String>)>,
+}
+
+impl Turn {
+    const REMEMBERED: usize = 4096;
+
+    /// The position this run starts at, and whether it is the run's first call (only a first
+    /// call moves on). A dry run reads the next position and moves nothing; so does a call
+    /// without a run id (from a dispatcher that sets none): it moves on every time.
+    fn start(&self, run: Option<&str>, dry_run: bool) -> (usize, bool) {
+        if dry_run {
+            return (self.next.load(Ordering::Relaxed), false);
+        }
+        let Some(run) = run else {
+            return (self.next.fetch_add(1, Ordering::Relaxed), true);
+        };
+        // A poisoned lock only means another pick panicked mid-way: the map is still whole.
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let (seen, order) = &mut *recent;
+        if let Some(start) = seen.get(run) {
+            return (*start, false);
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        if order.len() == Self::REMEMBERED {
+            if let Some(old) = order.pop_front() {
+                seen.remove(&old);
+            }
+        }
+        seen.insert(run.to_string(), start);
+        order.push_back(run.to_string());
+        (start, true)
+    }
+
+    fn skip(&self, by: usize) {
+        self.next.fetch_add(by, Ordering::Relaxed);
+    }
 }
 
 pub struct LbRules {
@@ -109,7 +158,7 @@ fn fnv1a(parts: &[&str]) -> u64 {
 fn pick_source<'c>(
     c: &Compiled,
     peers: &[&'c str],
-    dry_run: bool,
+    (run, dry_run): (Option<&str>, bool),
 ) -> Result<(&'c str, Option<String>), String> {
     let sources = &c.policy.sources;
     let n = sources.len();
@@ -144,45 +193,40 @@ fn pick_source<'c>(
         }
         return Err(none());
     }
-    let start = match (c.policy.scheme, dry_run) {
-        (Scheme::RoundRobin, true) => c.next.load(Ordering::Relaxed) + 1,
-        (Scheme::RoundRobin, false) => c.next.fetch_add(1, Ordering::Relaxed) + 1,
-        _ => 0,
+    let (start, first) = match c.policy.scheme {
+        Scheme::RoundRobin => {
+            let (start, first) = c.turn.start(run, dry_run);
+            (start + 1, first)
+        }
+        _ => (0, false),
     };
     let found = (0..n).find_map(|step| candidate((start + step) % n).map(|p| (step, p)));
     // Every attempt after the first counts too, as ClusterLink's counter does.
     let attempts = found.map_or(n, |(step, _)| step + 1);
-    if c.policy.scheme == Scheme::RoundRobin && !dry_run && attempts > 1 {
-        c.next.fetch_add(attempts - 1, Ordering::Relaxed);
+    if first && attempts > 1 {
+        c.turn.skip(attempts - 1);
     }
     let (step, peer) = found.ok_or_else(none)?;
     let detail = (step > 0).then(|| passed(&mut (0..step).map(|k| (start + k) % n)));
     Ok((peer, detail))
 }
 
-/// The peer `c` picks. A dry run (`dry_run`) answers as the next real pick would, without
-/// moving round-robin on.
+/// The peer `c` picks for one call of a run (`run`: its id, `dry_run`: whether a dry run, which
+/// answers as the next real pick would without moving round-robin on; see `Turn`).
 fn pick<'c>(
     c: &Compiled,
     e: &NewConnection,
     peers: &[&'c str],
-    dry_run: bool,
+    call: (Option<&str>, bool),
 ) -> Result<(&'c str, Option<String>), String> {
     if !c.policy.sources.is_empty() {
-        return pick_source(c, peers, dry_run);
+        return pick_source(c, peers, call);
     }
     let random = |peers: &[&'c str]| peers[rand::rng().random_range(0..peers.len())];
     let p = &c.policy;
     Ok(match p.scheme {
         Scheme::Random => (random(peers), None),
-        Scheme::RoundRobin => {
-            let next = if dry_run {
-                c.next.load(Ordering::Relaxed)
-            } else {
-                c.next.fetch_add(1, Ordering::Relaxed)
-            };
-            (peers[next % peers.len()], None)
-        }
+        Scheme::RoundRobin => (peers[c.turn.start(call.0, call.1).0 % peers.len()], None),
         Scheme::Weighted => {
             let weight = |peer: &str| u64::from(p.weights.get(peer).copied().unwrap_or(0));
             let total: u64 = peers.iter().map(|x| weight(x)).sum();
@@ -272,7 +316,7 @@ impl AgentKind for Lb {
             let c = Compiled {
                 id,
                 level,
-                next: AtomicUsize::new(0),
+                turn: Turn::default(),
                 policy,
             };
             if c.policy.dst_service == "*" {
@@ -342,7 +386,12 @@ impl AgentKind for Lb {
             );
         }
         let picked = match policy {
-            Some(c) => pick(c, e, &peers, state.flag(keys::DRY_RUN)),
+            Some(c) => pick(
+                c,
+                e,
+                &peers,
+                (state.get_str(keys::RUN_ID), state.flag(keys::DRY_RUN)),
+            ),
             None => Ok((peers[rand::rng().random_range(0..peers.len())], None)),
         };
         let with_policy = |mut r: Reason| {

@@ -47,6 +47,51 @@ fn picks(rules: &LbRules, src: &str, peers: &[&str], n: usize) -> HashMap<String
     counts
 }
 
+/// A call of run `run`, as the dispatcher sends it (and sends it again when it hedges).
+fn call(rules: &LbRules, peers: &[&str], run: &str) -> String {
+    let (ev, mut st) = event("a", peers);
+    st.insert(keys::RUN_ID, run);
+    let patch = Lb.decide(rules, &ev, &st);
+    patch.get_str(keys::TARGET_PEER).unwrap().to_string()
+}
+
+#[test]
+fn a_hedged_copy_picks_as_its_run_did_and_moves_round_robin_on_once() {
+    let mut by_sources = policy("rr", "db", Scheme::RoundRobin);
+    by_sources.sources = vec!["p1".into(), "p2".into(), "p3".into()];
+    for p in [policy("rr", "db", Scheme::RoundRobin), by_sources] {
+        let rules = Lb.compile(vec![Stored::site("rr", p)]);
+        let peers = ["p1", "p2", "p3"];
+        let first = call(&rules, &peers, "r1");
+        assert_eq!(call(&rules, &peers, "r1"), first, "the copy of r1");
+        let second = call(&rules, &peers, "r2");
+        let third = call(&rules, &peers, "r3");
+        assert_eq!(call(&rules, &peers, "r2"), second, "a late copy of r2");
+        let mut all = vec![first, second, third];
+        all.sort();
+        assert_eq!(
+            all,
+            ["p1", "p2", "p3"],
+            "three runs, three peers, none skipped"
+        );
+    }
+}
+
+#[test]
+fn a_copy_whose_run_passed_over_a_source_does_not_pass_over_it_again() {
+    let mut p = policy("rr", "db", Scheme::RoundRobin);
+    p.sources = vec!["p1".into(), "p2".into(), "p3".into()];
+    let rules = Lb.compile(vec![Stored::site("rr", p)]);
+    // p2 is not offered: r1 attempts it (counted, as ClusterLink counts) and fails over to p3.
+    assert_eq!(call(&rules, &["p1", "p3"], "r1"), "p3");
+    assert_eq!(call(&rules, &["p1", "p3"], "r1"), "p3", "the copy");
+    assert_eq!(
+        call(&rules, &["p1", "p2", "p3"], "r2"),
+        "p1",
+        "after r1's two attempts"
+    );
+}
+
 #[test]
 fn round_robin_cycles() {
     let rules = Lb.compile(vec![Stored::site(
