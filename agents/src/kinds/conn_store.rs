@@ -432,10 +432,13 @@ impl SlotStore for JetStore {
         // harmless: connection and run ids are never used again.
         let key = slots::gone_key(connection);
         let batched = match &self.lasts {
-            Some(lasts) => lasts
-                .last(format!("{}{key}", self.markers.prefix))
-                .await
-                .ok(),
+            Some(lasts) => match lasts.last(format!("{}{key}", self.markers.prefix)).await {
+                Ok(value) => Some(value),
+                Err(e) => {
+                    tracing::warn!(error = %e, "markers read key by key instead");
+                    None
+                }
+            },
             None => None,
         };
         let lines = match batched {

@@ -87,17 +87,18 @@ struct Compiled {
 #[derive(Default)]
 struct Turn {
     next: AtomicUsize,
-    /// The position each recent run started at, oldest first; copies arrive within a call's
-    /// timeout, long before this many other runs have passed at any realistic rate.
-    recent: Mutex<(HashMap<String, usize>, VecDeque<String>)>,
+    /// The position each recent run started at, by a hash of its id, oldest first; copies
+    /// arrive within a call's timeout, long before this many other runs have passed at any
+    /// realistic rate.
+    recent: Mutex<(HashMap<u64, usize>, VecDeque<u64>)>,
 }
 
 impl Turn {
     const REMEMBERED: usize = 4096;
 
     /// The position this run starts at, and whether it is the run's first call (only a first
-    /// call moves on). A dry run reads the next position and moves nothing; so does a call
-    /// without a run id (from a dispatcher that sets none): it moves on every time.
+    /// call moves on). A dry run reads the next position and moves nothing; a call without a
+    /// run id (from a dispatcher that sets none) moves on every time.
     fn start(&self, run: Option<&str>, dry_run: bool) -> (usize, bool) {
         if dry_run {
             return (self.next.load(Ordering::Relaxed), false);
@@ -105,10 +106,11 @@ impl Turn {
         let Some(run) = run else {
             return (self.next.fetch_add(1, Ordering::Relaxed), true);
         };
+        let run = fnv1a(&[run]);
         // A poisoned lock only means another pick panicked mid-way: the map is still whole.
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         let (seen, order) = &mut *recent;
-        if let Some(start) = seen.get(run) {
+        if let Some(start) = seen.get(&run) {
             return (*start, false);
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -117,8 +119,8 @@ impl Turn {
                 seen.remove(&old);
             }
         }
-        seen.insert(run.to_string(), start);
-        order.push_back(run.to_string());
+        seen.insert(run, start);
+        order.push_back(run);
         (start, true)
     }
 
