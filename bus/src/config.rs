@@ -224,13 +224,14 @@ async fn open_or_create(
     let missing = match js.get_key_value(&bucket).await {
         // Its owner runs only on a bucket that routes messages as the engine makes it.
         Ok(store) if create => {
-            return crate::store::repair(&js, store, &crate::store::kv_stream(config, atomic)).await
+            return crate::streams::repair(&js, store, &crate::streams::kv_stream(config, atomic))
+                .await
         }
         Ok(store) => return Ok(store),
         Err(e) => e,
     };
     let source: Box<dyn std::error::Error + Send + Sync> = if create {
-        let created = crate::store::create_bucket(&js, config, atomic)
+        let created = crate::streams::create_bucket(&js, config, atomic)
             .await
             .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) });
         match created {

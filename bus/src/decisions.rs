@@ -41,7 +41,7 @@ pub async fn ensure(
         // Oldest first: an audit log keeps the recent past, and a full one never refuses.
         discard: stream::DiscardPolicy::Old,
         num_replicas: replicas.max(1),
-        consumer_limits: Some(crate::store::consumer_limits()),
+        consumer_limits: Some(crate::streams::consumer_limits()),
         ..Default::default()
     };
     match js.create_stream(config).await {

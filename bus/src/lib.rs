@@ -32,6 +32,7 @@ pub mod slots;
 pub mod source;
 pub mod state;
 pub mod store;
+pub mod streams;
 pub mod subject;
 pub mod tap;
 pub mod transport;

@@ -48,7 +48,10 @@ pub async fn open(
         num_replicas: replicas.max(1),
         ..Default::default()
     };
-    match js.create_stream(crate::store::object_stream(config)).await {
+    match js
+        .create_stream(crate::streams::object_stream(config))
+        .await
+    {
         Ok(_) => js.get_object_store(&bucket).await.map_err(ConfigError::io),
         // Another dispatcher may have created it meanwhile.
         Err(e) => js

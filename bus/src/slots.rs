@@ -58,7 +58,7 @@ pub fn undone_line(run: &str) -> String {
 }
 
 /// The stream of one policy's slots, as conn-limit creates it (with the stores' consumer
-/// limits, `crate::store::consumer_limits`, and its replicas).
+/// limits, `crate::streams::consumer_limits`, and its replicas).
 pub fn stream_config(s: &Subjects, policy: &str, max: u32, lease: Duration) -> stream::Config {
     stream::Config {
         name: stream(s, policy),

@@ -225,7 +225,7 @@ impl SlotStore for JetStore {
         }
         let mut expected = slots::stream_config(&self.subjects, policy, max, self.lease);
         expected.num_replicas = SLOT_REPLICAS;
-        expected.consumer_limits = Some(bus::store::consumer_limits());
+        expected.consumer_limits = Some(bus::streams::consumer_limits());
         let name = expected.name.clone();
         let opened = match self.js.get_stream(&name).await {
             Ok(mut s) => {
@@ -237,8 +237,8 @@ impl SlotStore for JetStore {
                     .clone();
                 // Its limits follow the policy, and what routes messages is put back: a role
                 // that may create it may have created it otherwise first (see
-                // `bus::store::repair`). A mirror takes no writes: admissions fail closed.
-                let routes = bus::store::routing_differs(&actual, &expected);
+                // `bus::streams::repair`). A mirror takes no writes: admissions fail closed.
+                let routes = bus::streams::routing_differs(&actual, &expected);
                 let limits = actual.max_messages != expected.max_messages
                     || actual.max_messages_per_subject != 1
                     || actual.discard != stream::DiscardPolicy::New
