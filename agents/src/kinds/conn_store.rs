@@ -4,10 +4,10 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use async_nats::jetstream::context::{GetStreamErrorKind, PublishErrorKind};
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::stream::{DeleteMessageErrorKind, LastRawMessageErrorKind};
 use async_nats::jetstream::{self, kv, stream};
 use bus::{slots, Subjects};
@@ -106,9 +106,8 @@ pub struct JetStore {
     markers: kv::Store,
     /// Markers' batched reader, where the server has batched gets.
     lasts: Option<bus::bucket::Lasts>,
-    /// Streams opened, with the limit they were made for. Shared, not cloned: a
-    /// `stream::Stream` carries its whole cached info, and every admission looks one up.
-    streams: Mutex<HashMap<String, (u32, Arc<stream::Stream>)>>,
+    /// Streams this process made sure of, with the limit they were made for.
+    prepared: Mutex<HashMap<String, u32>>,
 }
 
 /// Replicas of a slot stream: one. nats-server 2.12 checks a replicated stream's `max_msgs`
@@ -147,53 +146,24 @@ impl JetStore {
             subjects: subjects.clone(),
             lease,
             markers,
-            streams: Mutex::new(HashMap::new()),
+            prepared: Mutex::new(HashMap::new()),
         }
     }
 
     /// Forgets a stream that was deleted (or could not be reached): the next admission makes
     /// it again.
     fn forget(&self, policy: &str) {
-        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        streams.remove(policy);
+        let mut prepared = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        prepared.remove(policy);
     }
 
-    fn cached(&self, policy: &str) -> Option<Arc<stream::Stream>> {
-        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        streams.get(policy).map(|(_, s)| s.clone())
-    }
-
-    /// Whether the policy's stream is open with room for `max`: no lookup of the stream.
-    fn prepared(&self, policy: &str, max: u32) -> bool {
-        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        streams.get(policy).is_some_and(|(m, _)| *m == max)
-    }
-
-    /// The policy's stream, opened once and kept; `None` if it was never made (nothing is held
-    /// there).
-    async fn stream(&self, policy: &str) -> Result<Option<Arc<stream::Stream>>, StoreError> {
-        if let Some(s) = self.cached(policy) {
-            return Ok(Some(s));
-        }
-        match self
-            .js
-            .get_stream(slots::stream(&self.subjects, policy))
+    /// The policy's stream, without a request: one that was never made answers "stream not
+    /// found", which every call below takes as nothing held there.
+    async fn stream(&self, policy: &str) -> Result<stream::Stream<()>, StoreError> {
+        self.js
+            .get_stream_no_info(slots::stream(&self.subjects, policy))
             .await
-        {
-            Ok(s) => {
-                // Kept for the next call, with no limit known: `prepare` still checks it.
-                let s = Arc::new(s);
-                let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-                streams
-                    .entry(policy.to_string())
-                    .or_insert_with(|| (0, s.clone()));
-                Ok(Some(s))
-            }
-            Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code().0 == STREAM_NOT_FOUND) => {
-                Ok(None)
-            }
-            Err(e) => Err(format!("the slots of {policy} cannot be opened: {e}")),
-        }
+            .map_err(|e| format!("the slots of {policy} cannot be opened: {e}"))
     }
 }
 
@@ -220,14 +190,20 @@ fn found_nothing(e: &stream::LastRawMessageError) -> bool {
 
 impl SlotStore for JetStore {
     async fn prepare(&self, policy: &str, max: u32) -> Result<(), StoreError> {
-        if self.prepared(policy, max) {
+        if self
+            .prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(policy)
+            == Some(&max)
+        {
             return Ok(());
         }
         let mut expected = slots::stream_config(&self.subjects, policy, max, self.lease);
         expected.num_replicas = SLOT_REPLICAS;
         expected.consumer_limits = Some(bus::streams::consumer_limits());
         let name = expected.name.clone();
-        let opened = match self.js.get_stream(&name).await {
+        match self.js.get_stream(&name).await {
             Ok(mut s) => {
                 let actual = s
                     .info()
@@ -261,23 +237,21 @@ impl SlotStore for JetStore {
                         .await
                         .map_err(|e| format!("{name}: {e}"))?;
                 }
-                s
             }
-            Err(_) => self
-                .js
-                .get_or_create_stream(expected)
-                .await
-                .map_err(|e| format!("the slots of {policy} cannot be created: {e}"))?,
-        };
-        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        streams.insert(policy.to_string(), (max, Arc::new(opened)));
+            Err(_) => {
+                self.js
+                    .get_or_create_stream(expected)
+                    .await
+                    .map_err(|e| format!("the slots of {policy} cannot be created: {e}"))?;
+            }
+        }
+        let mut prepared = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        prepared.insert(policy.to_string(), max);
         Ok(())
     }
 
     async fn get(&self, policy: &str, connection: &str) -> Result<Option<Slot>, StoreError> {
-        let Some(s) = self.stream(policy).await? else {
-            return Ok(None);
-        };
+        let s = self.stream(policy).await?;
         let subject = slots::subject(&self.subjects, policy, connection);
         match s.get_last_raw_message_by_subject(&subject).await {
             Ok(m) => Ok(Some(Slot {
@@ -359,10 +333,7 @@ impl SlotStore for JetStore {
         connection: &str,
         revision: u64,
     ) -> Result<Written, StoreError> {
-        let Some(s) = self.stream(policy).await? else {
-            return Ok(Written::Yes);
-        };
-        match s.delete_message(revision).await {
+        match self.stream(policy).await?.delete_message(revision).await {
             Ok(_) => Ok(Written::Yes),
             // Written again since (or expired): no longer the slot read.
             Err(e)
@@ -456,12 +427,10 @@ impl SlotStore for JetStore {
     }
 
     async fn in_use(&self, policy: &str) -> Result<u64, StoreError> {
-        let Some(s) = self.stream(policy).await? else {
-            return Ok(0);
-        };
-        s.get_info()
-            .await
-            .map(|i| i.state.messages)
-            .map_err(|e| format!("could not count {policy}'s slots: {e}"))
+        match self.stream(policy).await?.get_info().await {
+            Ok(info) => Ok(info.state.messages),
+            Err(e) if jet_error(&e).is_some_and(|j| j.error_code().0 == STREAM_NOT_FOUND) => Ok(0),
+            Err(e) => Err(format!("could not count {policy}'s slots: {e}")),
+        }
     }
 }
