@@ -22,6 +22,7 @@ pub mod event;
 pub mod fleet;
 pub mod headers;
 pub mod hedge;
+pub mod lasts;
 pub mod leaf;
 pub mod limits;
 pub mod merge;

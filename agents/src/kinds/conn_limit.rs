@@ -338,7 +338,9 @@ impl AgentKind for ConnLimiter {
             ctx.subjects,
             self.lease,
             markers,
-            super::conn_slots::REQUEST_TIMEOUT,
+            // A marker read waits for the batch in flight, then its own, then may read the
+            // key by itself: all three within the confirmation's timeout.
+            super::conn_slots::REQUEST_TIMEOUT / 3,
         );
         self.after = ctx.tasks.clone();
         self.slots = Some(Arc::new(Slots::new(store)));

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -82,17 +83,14 @@ pub trait SlotStore: Send + Sync + 'static {
 /// Markers' writes of one connection that may lose to another before one lands.
 const MARK_ATTEMPTS: usize = 8;
 
-/// The lines of a connection's markers, if they still count.
-fn live_lines(entry: &kv::Entry) -> Option<Vec<String>> {
-    let at = SystemTime::from(entry.created);
-    (at.elapsed().unwrap_or_default() < slots::MARKER_FOR).then(|| lines(&entry.value))
-}
-
-fn lines(value: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(value)
-        .lines()
-        .map(str::to_string)
-        .collect()
+/// The lines of a connection's markers written at `written`, if they still count.
+fn live(written: SystemTime, value: &[u8]) -> Option<Vec<String>> {
+    (written.elapsed().unwrap_or_default() < slots::MARKER_FOR).then(|| {
+        String::from_utf8_lossy(value)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    })
 }
 
 /// JetStream: a stream per policy whose limits are the limit (see `bus::slots`), and the
@@ -105,7 +103,9 @@ pub struct JetStore {
     lease: Duration,
     markers: kv::Store,
     /// Markers' batched reader, where the server has batched gets.
-    lasts: Option<bus::bucket::Lasts>,
+    lasts: Option<bus::lasts::Lasts>,
+    /// Whether a batched read failed yet (said once).
+    fell_back: AtomicBool,
     /// Streams this process made sure of, with the limit they were made for.
     prepared: Mutex<HashMap<String, u32>>,
 }
@@ -138,9 +138,10 @@ impl JetStore {
         markers: kv::Store,
         read_within: Duration,
     ) -> Self {
-        let lasts = bus::bucket::Lasts::spawn(jet, &markers.stream_name, read_within);
+        let lasts = bus::lasts::Lasts::spawn(jet, &markers.stream_name, read_within);
         JetStore {
             lasts,
+            fell_back: AtomicBool::new(false),
             js: jet.context(),
             api: jet.api().map(str::to_string),
             subjects: subjects.clone(),
@@ -373,7 +374,10 @@ impl SlotStore for JetStore {
         }
         for _ in 0..MARK_ATTEMPTS {
             let entry = self.markers.entry(&key).await.map_err(|e| failed(&e))?;
-            let lines = entry.as_ref().and_then(live_lines).unwrap_or_default();
+            let lines = entry
+                .as_ref()
+                .and_then(|e| live(SystemTime::from(e.created), &e.value))
+                .unwrap_or_default();
             if lines.iter().any(|l| *l == line || l == slots::CLOSED) {
                 return Ok(());
             }
@@ -397,30 +401,32 @@ impl SlotStore for JetStore {
 
     async fn marked(&self, connection: &str, run: &str) -> Result<bool, StoreError> {
         // A direct get: on one replica (the store's default) it is the leader's answer, so a
-        // marker written before this call is seen. Batched with the other admissions'
-        // confirmations where the server can (see `bus::bucket::Lasts`); a marker older than
-        // `MARKER_FOR` that the bucket has not dropped yet still counts then, which is
-        // harmless: connection and run ids are never used again.
+        // marker written before this call is seen (on three, any replica answers, and one that
+        // is behind may not have it yet). Batched with the other admissions' confirmations
+        // where the server can (see `bus::lasts::Lasts`).
         let key = slots::gone_key(connection);
         let batched = match &self.lasts {
             Some(lasts) => match lasts.last(format!("{}{key}", self.markers.prefix)).await {
-                Ok(value) => Some(value),
+                Ok(last) => Some(last),
                 Err(e) => {
-                    tracing::warn!(error = %e, "markers read key by key instead");
+                    // Once loudly: a cluster with a replica before 2.11 refuses a share of the
+                    // batches for as long as it runs.
+                    if !self.fell_back.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "markers read key by key instead");
+                    }
                     None
                 }
             },
             None => None,
         };
         let lines = match batched {
-            Some(value) => value.map(|v| lines(&v)),
+            Some(last) => last.and_then(|l| live(l.written, &l.payload)),
             None => self
                 .markers
                 .entry(&key)
                 .await
                 .map_err(|e| format!("could not read {key}: {e}"))?
-                .as_ref()
-                .and_then(live_lines),
+                .and_then(|e| live(SystemTime::from(e.created), &e.value)),
         };
         let undone = slots::undone_line(run);
         Ok(lines.is_some_and(|lines| lines.iter().any(|l| l == slots::CLOSED || *l == undone)))
