@@ -160,41 +160,68 @@ async fn one_batch(
         .publish_with_reply(to.to_string(), reply.to_string(), body.into())
         .await
         .map_err(|e| LastsError::Send(e.to_string()))?;
-    let mut found = HashMap::new();
-    // The sequence of the batch's previous message: each names it.
-    let mut previous = 0;
+    let mut chain = Chain::default();
     while let Some(m) = answers.next().await {
         // An answer to an earlier batch that gave up waiting.
         if m.subject.as_str() != reply {
             continue;
         }
-        let chained = number(&m, LAST_SEQUENCE) == Some(previous);
-        match m.status.map(|s| s.as_u16()) {
-            None if chained => {
-                let m = StreamMessage::try_from(m)
-                    .map_err(|e| LastsError::Incomplete(e.to_string()))?;
-                previous = m.sequence;
-                let last = Last {
-                    payload: m.payload,
-                    written: SystemTime::from(m.time),
-                };
-                found.insert(m.subject.to_string(), last);
-            }
-            None => return Err(LastsError::Incomplete("a message is missing".into())),
-            Some(204) if chained && number(&m, NUM_PENDING) == Some(0) => return Ok(found),
-            Some(204) => return Err(LastsError::Incomplete("the batch ended early".into())),
-            Some(404) if found.is_empty() && m.description.as_deref() == Some("No Results") => {
-                return Ok(found)
-            }
-            // A 404 with another description is a message that failed to load: an error,
-            // not an absence.
-            Some(code) => {
-                return Err(LastsError::Status(format!(
-                    "{code} {}",
-                    m.description.unwrap_or_default()
-                )))
-            }
+        if let Some(done) = chain.take(m) {
+            return done;
         }
     }
     Err(LastsError::Stopped)
 }
+
+/// A batch's answer as it arrives.
+#[derive(Default)]
+struct Chain {
+    found: HashMap<String, Last>,
+    /// The sequence of the batch's previous message: each names it.
+    previous: u64,
+}
+
+impl Chain {
+    /// Takes the next message of the answer: `Some` once the answer is complete or broken.
+    fn take(
+        &mut self,
+        m: async_nats::Message,
+    ) -> Option<Result<HashMap<String, Last>, LastsError>> {
+        let chained = number(&m, LAST_SEQUENCE) == Some(self.previous);
+        let broken = |why: &str| Some(Err(LastsError::Incomplete(why.into())));
+        match m.status.map(|s| s.as_u16()) {
+            None if chained => match StreamMessage::try_from(m) {
+                Ok(m) => {
+                    self.previous = m.sequence;
+                    let last = Last {
+                        payload: m.payload,
+                        written: SystemTime::from(m.time),
+                    };
+                    self.found.insert(m.subject.to_string(), last);
+                    None
+                }
+                Err(e) => broken(&e.to_string()),
+            },
+            None => broken("a message is missing"),
+            Some(204) if chained && number(&m, NUM_PENDING) == Some(0) => {
+                Some(Ok(std::mem::take(&mut self.found)))
+            }
+            Some(204) => broken("the batch ended early"),
+            Some(404)
+                if self.found.is_empty() && m.description.as_deref() == Some("No Results") =>
+            {
+                Some(Ok(HashMap::new()))
+            }
+            // A 404 with another description is a message that failed to load: an error, not
+            // an absence.
+            Some(code) => Some(Err(LastsError::Status(format!(
+                "{code} {}",
+                m.description.unwrap_or_default()
+            )))),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "lasts_tests.rs"]
+mod tests;
