@@ -6,8 +6,9 @@
 //! `404 No Results`.
 //!
 //! A batch's answer is a chain: each message names the sequence of the one before it
-//! (`Nats-Last-Sequence`), and the end (`204 EOB`) the last one and how many were left out
-//! (`Nats-Num-Pending`). A chain with a gap (a message lost on the way, or a batch cut short
+//! (`Nats-Last-Sequence`) and how many are still to come after it (`Nats-Num-Pending`), and the
+//! end (`204 EOB`) names the last one; the last message must have said none was to come. A
+//! chain with a gap (a message lost on the way, or a batch cut short
 //! by the server's byte limit) is an error, never an absence: a caller that reads markers
 //! must not take "not found" for an answer it did not get.
 
@@ -106,8 +107,9 @@ async fn read_in_batches(
     };
     let mut batch: u64 = 0;
     while let Some(first) = rx.recv().await {
-        // By subject: each is asked once (nats-server before 2.13 can miss a subject of a
-        // batch that names another one twice). A reader that gave up is not asked for.
+        // By subject: each is asked once (nats-server, every release so far, can miss a
+        // subject of a batch that names another one twice). A reader that gave up is not
+        // asked for.
         let mut waiting: HashMap<String, Vec<oneshot::Sender<Answer>>> = HashMap::new();
         let mut next = Some(first);
         while let Some((subject, tx)) = next.take() {
@@ -142,9 +144,10 @@ async fn read_in_batches(
     }
 }
 
-/// A header's value as a number.
+/// A header's value as a number: the last one, which the server set (a stored message's own
+/// headers come first).
 fn number(m: &async_nats::Message, name: &str) -> Option<u64> {
-    m.headers.as_ref()?.get(name)?.as_str().parse().ok()
+    m.headers.as_ref()?.get_last(name)?.as_str().parse().ok()
 }
 
 /// One batched get of `subjects`: their last messages, by subject.
@@ -179,6 +182,9 @@ struct Chain {
     found: HashMap<String, Last>,
     /// The sequence of the batch's previous message: each names it.
     previous: u64,
+    /// How many messages the previous one said were still to come. The end's own count is
+    /// not enough: 2.11 counts one short there.
+    pending: Option<u64>,
 }
 
 impl Chain {
@@ -188,11 +194,13 @@ impl Chain {
         m: async_nats::Message,
     ) -> Option<Result<HashMap<String, Last>, LastsError>> {
         let chained = number(&m, LAST_SEQUENCE) == Some(self.previous);
+        let pending = number(&m, NUM_PENDING);
         let broken = |why: &str| Some(Err(LastsError::Incomplete(why.into())));
         match m.status.map(|s| s.as_u16()) {
-            None if chained => match StreamMessage::try_from(m) {
+            None if chained && pending.is_some() => match StreamMessage::try_from(m) {
                 Ok(m) => {
                     self.previous = m.sequence;
+                    self.pending = pending;
                     let last = Last {
                         payload: m.payload,
                         written: SystemTime::from(m.time),
@@ -203,7 +211,7 @@ impl Chain {
                 Err(e) => broken(&e.to_string()),
             },
             None => broken("a message is missing"),
-            Some(204) if chained && number(&m, NUM_PENDING) == Some(0) => {
+            Some(204) if chained && pending == Some(0) && self.pending == Some(0) => {
                 Some(Ok(std::mem::take(&mut self.found)))
             }
             Some(204) => broken("the batch ended early"),
