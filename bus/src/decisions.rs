@@ -47,9 +47,6 @@ pub async fn ensure(
     match js.create_stream(config).await {
         Ok(s) => Ok(s),
         // Another dispatcher may have created it meanwhile.
-        Err(e) => js
-            .get_stream(&name)
-            .await
-            .map_err(|_| ConfigError::Io(Box::new(e))),
+        Err(e) => js.get_stream(&name).await.map_err(|_| ConfigError::io(e)),
     }
 }

@@ -322,7 +322,7 @@ impl Jet {
                     api: None,
                 })
             }
-            Err(e) => Err(ConfigError::Io(Box::new(e))),
+            Err(e) => Err(ConfigError::io(e)),
         }
     }
 

@@ -137,9 +137,7 @@ pub async fn repair(
         .await
         .map_err(|e| ConfigError::Io(format!("cannot put back {name}'s settings: {e}").into()))?;
     let bucket = name.trim_start_matches("KV_").to_string();
-    js.get_key_value(&bucket)
-        .await
-        .map_err(|e| ConfigError::Io(Box::new(e)))
+    js.get_key_value(&bucket).await.map_err(ConfigError::io)
 }
 
 /// Creates a key-value bucket with [`kv_stream`] and opens it.
@@ -151,10 +149,8 @@ pub async fn create_bucket(
     let bucket = config.bucket.clone();
     js.create_stream(kv_stream(config, atomic))
         .await
-        .map_err(|e| ConfigError::Io(Box::new(e)))?;
-    js.get_key_value(&bucket)
-        .await
-        .map_err(|e| ConfigError::Io(Box::new(e)))
+        .map_err(ConfigError::io)?;
+    js.get_key_value(&bucket).await.map_err(ConfigError::io)
 }
 
 #[cfg(test)]

@@ -151,11 +151,16 @@ impl JetStore {
         }
     }
 
+    /// The streams made sure of. A poisoned lock only means a call panicked holding it: the
+    /// map is still whole.
+    fn prepared(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.prepared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Forgets a stream that was deleted (or could not be reached): the next admission makes
     /// it again.
     fn forget(&self, policy: &str) {
-        let mut prepared = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
-        prepared.remove(policy);
+        self.prepared().remove(policy);
     }
 
     /// The policy's stream, without a request: one that was never made answers "stream not
@@ -191,13 +196,7 @@ fn found_nothing(e: &stream::LastRawMessageError) -> bool {
 
 impl SlotStore for JetStore {
     async fn prepare(&self, policy: &str, max: u32) -> Result<(), StoreError> {
-        if self
-            .prepared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(policy)
-            == Some(&max)
-        {
+        if self.prepared().get(policy) == Some(&max) {
             return Ok(());
         }
         let mut expected = slots::stream_config(&self.subjects, policy, max, self.lease);
@@ -246,8 +245,7 @@ impl SlotStore for JetStore {
                     .map_err(|e| format!("the slots of {policy} cannot be created: {e}"))?;
             }
         }
-        let mut prepared = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
-        prepared.insert(policy.to_string(), max);
+        self.prepared().insert(policy.to_string(), max);
         Ok(())
     }
 
@@ -406,17 +404,17 @@ impl SlotStore for JetStore {
         // where the server can (see `bus::lasts::Lasts`).
         let key = slots::gone_key(connection);
         let batched = match &self.lasts {
-            Some(lasts) => match lasts.last(format!("{}{key}", self.markers.prefix)).await {
-                Ok(last) => Some(last),
-                Err(e) => {
-                    // Once loudly: a cluster with a replica before 2.11 refuses a share of the
-                    // batches for as long as it runs.
+            Some(lasts) => {
+                let last = lasts.last(format!("{}{key}", self.markers.prefix)).await;
+                // Said once: a cluster with a replica before 2.11 refuses a share of the
+                // batches for as long as it runs.
+                last.inspect_err(|e| {
                     if !self.fell_back.swap(true, Ordering::Relaxed) {
                         tracing::warn!(error = %e, "markers read key by key instead");
                     }
-                    None
-                }
-            },
+                })
+                .ok()
+            }
             None => None,
         };
         let lines = match batched {
